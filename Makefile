@@ -1,0 +1,53 @@
+# culvert — build, test and install. Every target installs what it needs first (`deps`),
+# so `make demo` and `make test` work on a fresh Debian 12 machine with Swift.
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+SWIFT ?= swift
+PYTHON ?= python3
+RELEASE_FLAGS = -c release --static-swift-stdlib
+BIN = .build/release/culvert
+# Build and test dependencies from apt; installed only when missing.
+APT_PACKAGES = libssl-dev zlib1g-dev pkg-config python3 iproute2 procps
+
+.PHONY: all deps build test unit-test e2e-test demo install uninstall clean bench
+
+all: build
+
+deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pytest >/dev/null 2>&1; \
+		 $(PYTHON) -c 'import pytest' 2>/dev/null) || \
+		$(PYTHON) -m pip install --quiet pytest || \
+		$(PYTHON) -m pip install --quiet --break-system-packages pytest
+
+build: deps
+	$(SWIFT) build $(RELEASE_FLAGS)
+
+unit-test: deps
+	$(SWIFT) test
+
+e2e-test: build
+	CULVERT_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q -p no:cacheprovider Tests/e2e
+
+test: unit-test e2e-test
+
+demo: build
+	CULVERT_BIN=$(abspath $(BIN)) $(PYTHON) Tests/demo/demo.py
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/culvert
+	install -m 0644 man/culvert.1 $(DESTDIR)$(PREFIX)/share/man/man1/culvert.1
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/culvert $(DESTDIR)$(PREFIX)/share/man/man1/culvert.1
+
+clean:
+	rm -rf .build

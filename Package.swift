@@ -1,0 +1,51 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "culvert",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "culvert", targets: ["culvert"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        .target(name: "CCulvert"),
+        .systemLibrary(
+            name: "COpenSSL",
+            pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]
+        ),
+        .systemLibrary(
+            name: "CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
+        .target(name: "Reactor", dependencies: ["CCulvert"]),
+        .target(
+            name: "Transfer",
+            dependencies: ["CCulvert", "Reactor", "COpenSSL", "CZlib"]
+        ),
+        .target(
+            name: "Culvert",
+            dependencies: [
+                "Reactor", "Transfer", "COpenSSL",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "culvert",
+            dependencies: [
+                "Culvert", "Reactor", "Transfer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "ReactorTests", dependencies: ["Reactor", "CCulvert"]),
+        .testTarget(name: "TransferTests", dependencies: ["Transfer", "Reactor", "CCulvert"]),
+        .testTarget(name: "CulvertTests", dependencies: ["Culvert", "Transfer", "Reactor"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

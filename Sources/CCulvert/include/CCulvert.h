@@ -1,0 +1,40 @@
+#ifndef CULVERT_CCULVERT_H
+#define CULVERT_CCULVERT_H
+
+// What Swift's Glibc module does not export: splice, pipe2, accept4, signalfd, the
+// GNU-only flags, and variadic calls Swift cannot make. The header stays free of
+// _GNU_SOURCE (it would change libc types under Swift's Glibc module); shim.c defines it.
+
+#include <stddef.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+extern const unsigned int CULVERT_SPLICE_F_MOVE;
+extern const unsigned int CULVERT_SPLICE_F_NONBLOCK;
+extern const unsigned int CULVERT_SPLICE_F_MORE;
+extern const int CULVERT_F_SETPIPE_SZ;
+extern const int CULVERT_F_GETPIPE_SZ;
+extern const int CULVERT_SOCK_NONBLOCK;
+extern const int CULVERT_SOCK_CLOEXEC;
+extern const int CULVERT_O_NONBLOCK;
+extern const int CULVERT_O_CLOEXEC;
+
+ssize_t culvert_splice(int fd_in, int fd_out, size_t len, unsigned int flags);
+int culvert_pipe2(int fds[2], int flags);
+int culvert_fcntl_int(int fd, int cmd, int arg);
+int culvert_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags);
+
+/// A non-blocking signalfd for the given signals, which are also blocked in the calling
+/// thread (threads created afterwards inherit the mask).
+int culvert_signalfd(const int *signals, int count);
+/// Blocks the given signals in the calling thread.
+int culvert_block_signals(const int *signals, int count);
+/// Reads one signal number from a signalfd, or -1 when none is pending.
+int culvert_signalfd_read(int fd);
+void culvert_ignore_sigpipe(void);
+
+#endif

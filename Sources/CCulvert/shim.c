@@ -1,0 +1,56 @@
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+#include "CCulvert.h"
+
+const unsigned int CULVERT_SPLICE_F_MOVE = SPLICE_F_MOVE;
+const unsigned int CULVERT_SPLICE_F_NONBLOCK = SPLICE_F_NONBLOCK;
+const unsigned int CULVERT_SPLICE_F_MORE = SPLICE_F_MORE;
+const int CULVERT_F_SETPIPE_SZ = F_SETPIPE_SZ;
+const int CULVERT_F_GETPIPE_SZ = F_GETPIPE_SZ;
+const int CULVERT_SOCK_NONBLOCK = SOCK_NONBLOCK;
+const int CULVERT_SOCK_CLOEXEC = SOCK_CLOEXEC;
+const int CULVERT_O_NONBLOCK = O_NONBLOCK;
+const int CULVERT_O_CLOEXEC = O_CLOEXEC;
+
+ssize_t culvert_splice(int fd_in, int fd_out, size_t len, unsigned int flags) {
+    return splice(fd_in, NULL, fd_out, NULL, len, flags);
+}
+
+int culvert_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
+
+int culvert_fcntl_int(int fd, int cmd, int arg) { return fcntl(fd, cmd, arg); }
+
+int culvert_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
+    return accept4(fd, addr, len, flags);
+}
+
+static void fill_set(sigset_t *set, const int *signals, int count) {
+    sigemptyset(set);
+    for (int i = 0; i < count; i++) sigaddset(set, signals[i]);
+}
+
+int culvert_signalfd(const int *signals, int count) {
+    sigset_t set;
+    fill_set(&set, signals, count);
+    if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0) return -1;
+    return signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+}
+
+int culvert_block_signals(const int *signals, int count) {
+    sigset_t set;
+    fill_set(&set, signals, count);
+    return pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
+int culvert_signalfd_read(int fd) {
+    struct signalfd_siginfo info;
+    ssize_t n = read(fd, &info, sizeof info);
+    if (n != (ssize_t)sizeof info) return -1;
+    return (int)info.ssi_signo;
+}
+
+void culvert_ignore_sigpipe(void) { signal(SIGPIPE, SIG_IGN); }

@@ -1,0 +1,10 @@
+#ifndef CULVERT_COPENSSL_SHIM_H
+#define CULVERT_COPENSSL_SHIM_H
+#include <openssl/ssl.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+#include <openssl/crypto.h>
+#include <openssl/kdf.h>
+#endif

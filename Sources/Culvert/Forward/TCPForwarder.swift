@@ -1,0 +1,159 @@
+import Logging
+import Reactor
+import Synchronization
+import Transfer
+
+/// `culvert forward tcp`: listens on one address (one SO_REUSEPORT socket per loop, so
+/// a connection and its target connection live on the same loop and the data plane takes
+/// no locks) and relays each connection to a target chosen by the balance strategy.
+public final class TCPForwarder: DrainableService, @unchecked Sendable {
+    public let config: TCPForwardConfig
+    let logger: Logger
+    let targets: TargetSet
+    private let group: LoopGroup
+    private var workers: [ForwardWorker] = []
+    private let active = Atomic<Int>(0)
+    /// The addresses actually bound (port 0 resolved), one per listen address.
+    public private(set) var boundAddresses: [SocketAddress] = []
+
+    private init(config: TCPForwardConfig, group: LoopGroup, targets: TargetSet, logger: Logger) {
+        self.config = config
+        self.group = group
+        self.targets = targets
+        self.logger = logger
+    }
+
+    /// Connections accepted and not yet closed, across all loops.
+    public var activeConnections: Int { active.load(ordering: .relaxed) }
+
+    /// Resolves addresses (off-loop), binds the listeners, hands them to the loops and
+    /// prints one ready line per listening address. Runs on the main loop.
+    public static func start(config: TCPForwardConfig, group: LoopGroup, logger: Logger) async throws -> TCPForwarder {
+        let main = group.main
+        var resolvedTargets: [TargetSet.Target] = []
+        for spec in config.targets {
+            let addrs = try await Resolver.resolve(host: spec.host ?? "127.0.0.1", port: spec.port, passive: false, on: main)
+            resolvedTargets.append(TargetSet.Target(spec: spec, addresses: addrs))
+        }
+        let listenAddrs = try await Resolver.resolve(host: config.listen.host, port: config.listen.port, passive: true, on: main)
+        let forwarder = TCPForwarder(config: config, group: group,
+                                     targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
+                                     logger: logger)
+        forwarder.workers = group.loops.map { ForwardWorker(loop: $0, forwarder: forwarder) }
+
+        var perLoop: [[(fd: Int32, address: SocketAddress)]] = Array(repeating: [], count: group.loops.count)
+        do {
+            for requested in listenAddrs {
+                var address = requested
+                for i in group.loops.indices {
+                    let fd = try Net.listen(address, reusePort: true)
+                    if i == 0 {
+                        address = try Net.localAddress(fd)
+                        forwarder.boundAddresses.append(address)
+                    }
+                    perLoop[i].append((fd, address))
+                }
+            }
+        } catch {
+            for fds in perLoop { for l in fds { Posix.close(l.fd) } }
+            throw ListenError(address: config.listen, error: error)
+        }
+        for (worker, listeners) in zip(forwarder.workers, perLoop) {
+            worker.loop.execute { worker.startAccepting(listeners: listeners) }
+        }
+        for address in forwarder.boundAddresses {
+            ReadyLine.print("listening tcp \(address) -> \(forwarder.targets.summary)")
+        }
+        return forwarder
+    }
+
+    /// Stops accepting, waits for in-flight connections to finish, and resets whatever is
+    /// left when `timeout` passes. Runs on the main loop; returns once every loop is idle.
+    public func drain(timeout: Duration) async {
+        let main = group.main
+        logger.notice("draining", metadata: ["connections": "\(activeConnections)", "deadline": "\(DurationSpec.format(timeout))"])
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            var deadline: Timer?
+            let barrier = Barrier(count: workers.count) {
+                deadline?.cancel()
+                done.resume()
+            }
+            deadline = main.schedule(after: timeout) { [workers, logger] in
+                logger.warning("drain deadline passed, closing remaining connections")
+                for w in workers { w.loop.execute { w.abortAll(.drainTimeout) } }
+            }
+            for w in workers {
+                w.loop.execute { w.beginDrain { main.execute { barrier.arrive() } } }
+            }
+        }
+    }
+
+    // MARK: used by the workers
+
+    /// Counts a new connection; false when the limit is reached (the caller refuses it).
+    func admit() -> Bool {
+        let now = active.wrappingAdd(1, ordering: .relaxed).newValue
+        if config.maxConnections > 0 && now > config.maxConnections {
+            active.wrappingSubtract(1, ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
+    func release() { active.wrappingSubtract(1, ordering: .relaxed) }
+
+    func targetFailed(_ attempt: TargetSet.Attempt, error: SystemError, now: UInt64) {
+        let wasDown = targets.isDown(attempt.target, now: now)
+        let backoff = targets.markDown(attempt.target, now: now)
+        let level: Logger.Level = wasDown ? .debug : .warning
+        logger.log(level: level, "target unreachable", metadata: [
+            "target": "\(attempt.address)", "error": "\(error)",
+            "backoff": "\(DurationSpec.format(.nanoseconds(Int64(backoff))))",
+        ])
+    }
+
+    func logClose(peer: String, target: String, relay: CopyBidirectional, reason: CloseReason) {
+        var metadata: Logger.Metadata = [
+            "peer": "\(peer)", "target": "\(target)",
+            "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
+            "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
+            "reason": "\(reason.label)",
+        ]
+        if case .reset(let e) = reason { metadata["error"] = "\(e)" }
+        logger.info("connection closed", metadata: metadata)
+    }
+}
+
+/// A failure to bind a listening address: exit status 1, not a usage error.
+public struct ListenError: Error, CustomStringConvertible {
+    public let address: HostPort
+    public let error: SystemError
+    public var description: String { "cannot listen on \(address): \(error)" }
+}
+
+/// Counts arrivals on the main loop and runs `onComplete` once all have arrived.
+final class Barrier: @unchecked Sendable {
+    private var remaining: Int
+    private let onComplete: () -> Void
+
+    init(count: Int, onComplete: @escaping () -> Void) {
+        remaining = count
+        self.onComplete = onComplete
+    }
+
+    func arrive() {
+        remaining -= 1
+        if remaining == 0 { onComplete() }
+    }
+}
+
+/// A duration that logs as `0.012s` in text and as a plain number of seconds in JSON.
+public struct LoggedSeconds: CustomStringConvertible, Sendable {
+    public let value: Double
+    public init(nanoseconds: UInt64) { value = Double(nanoseconds) / 1e9 }
+    public var number: String {
+        let ms = (value * 1000).rounded() / 1000
+        return "\(ms)"
+    }
+    public var description: String { number + "s" }
+}

@@ -1,0 +1,76 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import Reactor
+
+/// A running feature (forwarder, tunnel end) that can finish its work and stop.
+public protocol DrainableService: AnyObject {
+    /// Stops taking new work, lets in-flight work finish, force-closes after `timeout`.
+    func drain(timeout: Duration) async
+}
+
+/// Runs a service on a loop group from start-up to exit: starts it with `async` code on
+/// the main loop, turns SIGINT/SIGTERM into a graceful drain (a second signal exits at
+/// once), and returns the process exit status.
+public enum ServiceRunner {
+    private final class State: @unchecked Sendable {
+        var service: DrainableService?
+        var stopping = false
+        var exitStatus: Int32 = 0
+    }
+
+    public static func run(threads: Int, drainTimeout: Duration, logger: Logger,
+                           start: @escaping (LoopGroup) async throws -> DrainableService) -> Int32 {
+        let group: LoopGroup
+        let signals: SignalSource
+        do {
+            group = try LoopGroup(threads: threads)
+            // Before any loop thread exists, so every thread inherits the blocked signals.
+            let state = State()
+            signals = try SignalSource(loop: group.main) { signo in
+                signalReceived(signo, state: state, group: group, drainTimeout: drainTimeout, logger: logger)
+            }
+            Task(executorPreference: group.main) {
+                do {
+                    let service = try await start(group)
+                    state.service = service
+                    if state.stopping {
+                        await service.drain(timeout: drainTimeout)
+                        group.stop()
+                    }
+                } catch {
+                    logger.error("\(error)")
+                    state.exitStatus = 1
+                    group.stop()
+                }
+            }
+            group.run()
+            signals.close()
+            return state.exitStatus
+        } catch {
+            logger.error("cannot start event loops: \(error)")
+            return 1
+        }
+    }
+
+    private static func signalReceived(_ signo: Int32, state: State, group: LoopGroup, drainTimeout: Duration, logger: Logger) {
+        if signo == SIGHUP {
+            logger.notice("SIGHUP received; nothing to reload for this command")
+            return
+        }
+        let name = signo == SIGINT ? "SIGINT" : "SIGTERM"
+        if state.stopping {
+            logger.warning("\(name) received again, exiting without waiting")
+            group.stop()
+            return
+        }
+        state.stopping = true
+        logger.notice("\(name) received, shutting down")
+        guard let service = state.service else { return }
+        Task(executorPreference: group.main) {
+            await service.drain(timeout: drainTimeout)
+            group.stop()
+        }
+    }
+}

@@ -1,0 +1,289 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+import CCulvert
+
+/// What a registered file descriptor's owner implements: called on the loop thread with
+/// the epoll event bits and the tag given at registration (so one handler can own
+/// several fds). Edge-triggered: the handler must read/write until EAGAIN or remember
+/// that it stopped early.
+public protocol EventHandler: AnyObject {
+    func handleEvents(_ events: UInt32, tag: UInt8)
+}
+
+/// Readiness a registration asks for.
+public struct Interest: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+
+    public static let read = Interest(rawValue: EPOLLIN.rawValue | EPOLLRDHUP.rawValue)
+    public static let write = Interest(rawValue: EPOLLOUT.rawValue)
+    public static let readWrite: Interest = [.read, .write]
+}
+
+/// Event bits handed to `EventHandler.handleEvents`.
+public enum EventBits {
+    public static let readable = EPOLLIN.rawValue
+    public static let writable = EPOLLOUT.rawValue
+    public static let readHangup = EPOLLRDHUP.rawValue
+    public static let hangup = EPOLLHUP.rawValue
+    public static let error = EPOLLERR.rawValue
+}
+
+/// A handle on one fd's registration; stale handles (after deregistration) are ignored.
+public struct Registration: Equatable, Sendable {
+    let slot: UInt32
+    let generation: UInt32
+    var token: UInt64 { UInt64(generation) << 32 | UInt64(slot) }
+}
+
+/// One edge-triggered epoll loop, run by exactly one thread.
+///
+/// Thread confinement: registrations, timers and `deferred` work are touched only on the
+/// loop's own thread (checked by `precondition(inEventLoop)` in debug builds). The only
+/// entry points safe from other threads are `execute(_:)`, `stop()` and the executor
+/// `enqueue`, which go through a lock-protected queue and an eventfd wake-up.
+public final class EventLoop: @unchecked Sendable {
+    public let id: Int
+    private let epollFD: Int32
+    private let wakeFD: Int32
+    private var handlers: [EventHandler?] = []
+    private var generations: [UInt32] = []
+    private var tags: [UInt8] = []
+    private var freeSlots: [UInt32] = []
+    private let timers = TimerHeap()
+    private var deferred: [() -> Void] = []
+    private let inbox = Mutex<[() -> Void]>([])
+    private let stopRequested = Atomic<Bool>(false)
+    private var thread: pthread_t?
+    private let maxEvents: Int32 = 256
+    private let events: UnsafeMutablePointer<epoll_event>
+    /// The loop's notion of now, refreshed once per iteration (cheap for hot paths).
+    public private(set) var now: UInt64 = MonotonicClock.now()
+
+    private static let wakeToken: UInt64 = .max
+
+    public init(id: Int = 0) throws(SystemError) {
+        self.id = id
+        epollFD = try Posix.check("epoll_create1", epoll_create1(Int32(EPOLL_CLOEXEC)))
+        let efd = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
+        if efd < 0 {
+            let e = errno
+            Posix.close(epollFD)
+            throw SystemError("eventfd", errno: e)
+        }
+        wakeFD = efd
+        events = .allocate(capacity: Int(maxEvents))
+        var ev = epoll_event()
+        ev.events = EPOLLIN.rawValue | EPOLLET.rawValue
+        ev.data.u64 = EventLoop.wakeToken
+        _ = try Posix.check("epoll_ctl", epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &ev))
+    }
+
+    deinit {
+        Posix.close(wakeFD)
+        Posix.close(epollFD)
+        events.deallocate()
+    }
+
+    /// True on the thread that runs this loop.
+    public var inEventLoop: Bool {
+        guard let thread else { return false }
+        return pthread_equal(thread, pthread_self()) != 0
+    }
+
+    /// Live registrations, for tests and leak checks.
+    public var registrationCount: Int { handlers.count - freeSlots.count }
+    /// Pending timers, for tests and leak checks.
+    public var timerCount: Int { timers.count }
+
+    // MARK: registrations
+
+    /// Adds `fd` to the epoll set (edge-triggered); the loop keeps `handler` alive until
+    /// `deregister`.
+    public func register(fd: Int32, interest: Interest, handler: EventHandler, tag: UInt8 = 0) throws(SystemError) -> Registration {
+        assert(thread == nil || inEventLoop)
+        let slot: UInt32
+        if let free = freeSlots.popLast() {
+            slot = free
+            handlers[Int(slot)] = handler
+            tags[Int(slot)] = tag
+        } else {
+            slot = UInt32(handlers.count)
+            handlers.append(handler)
+            generations.append(0)
+            tags.append(tag)
+        }
+        let reg = Registration(slot: slot, generation: generations[Int(slot)])
+        var ev = epoll_event()
+        ev.events = interest.rawValue | EPOLLET.rawValue
+        ev.data.u64 = reg.token
+        if epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev) < 0 {
+            let e = errno
+            release(reg)
+            throw SystemError("epoll_ctl(ADD)", errno: e)
+        }
+        return reg
+    }
+
+    /// Changes what `fd` waits for.
+    public func modify(fd: Int32, registration: Registration, interest: Interest) throws(SystemError) {
+        assert(inEventLoop || thread == nil)
+        var ev = epoll_event()
+        ev.events = interest.rawValue | EPOLLET.rawValue
+        ev.data.u64 = registration.token
+        _ = try Posix.check("epoll_ctl(MOD)", epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev))
+    }
+
+    /// Removes `fd` from the epoll set and drops the handler. Call before closing `fd`.
+    /// Events already fetched for it in this iteration are discarded.
+    public func deregister(fd: Int32, registration: Registration) {
+        assert(inEventLoop || thread == nil)
+        var ev = epoll_event()
+        _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, fd, &ev)
+        release(registration)
+    }
+
+    private func release(_ reg: Registration) {
+        let i = Int(reg.slot)
+        guard i < handlers.count, generations[i] == reg.generation else { return }
+        handlers[i] = nil
+        generations[i] &+= 1
+        freeSlots.append(reg.slot)
+    }
+
+    // MARK: timers and tasks
+
+    /// Runs `action` on this loop after `delay`. Loop thread only.
+    @discardableResult
+    public func schedule(after delay: Duration, _ action: @escaping () -> Void) -> Timer {
+        assert(inEventLoop || thread == nil)
+        let timer = Timer(deadline: MonotonicClock.now() &+ delay.nanoseconds, action: action)
+        timers.insert(timer)
+        return timer
+    }
+
+    /// Moves a pending timer to `delay` from now (or schedules it again if it fired).
+    public func reschedule(_ timer: Timer, after delay: Duration) {
+        assert(inEventLoop || thread == nil)
+        timers.remove(timer)
+        timer.deadline = now &+ delay.nanoseconds
+        if timer.action != nil { timers.insert(timer) }
+    }
+
+    /// Runs `task` on this loop after the current batch of events. Loop thread only.
+    public func deferTask(_ task: @escaping () -> Void) {
+        assert(inEventLoop || thread == nil)
+        deferred.append(task)
+    }
+
+    /// Runs `task` on this loop; safe from any thread.
+    public func execute(_ task: @escaping @Sendable () -> Void) {
+        let wasEmpty = inbox.withLock { queue in
+            queue.append(task)
+            return queue.count == 1
+        }
+        if wasEmpty { wake() }
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+    }
+
+    /// Asks the loop to return from `run()`; safe from any thread.
+    public func stop() {
+        stopRequested.store(true, ordering: .releasing)
+        wake()
+    }
+
+    // MARK: running
+
+    /// Runs the loop on the calling thread until `stop()`.
+    public func run() {
+        thread = pthread_self()
+        defer { thread = nil }
+        while !stopRequested.load(ordering: .acquiring) {
+            let timeout = nextTimeoutMillis()
+            let n = epoll_wait(epollFD, events, maxEvents, timeout)
+            now = MonotonicClock.now()
+            if n < 0 {
+                if errno == EINTR { continue }
+                fatalError("epoll_wait: \(SystemError("epoll_wait", errno: errno))")
+            }
+            for i in 0..<Int(n) {
+                let ev = events[i]
+                let token = ev.data.u64
+                if token == EventLoop.wakeToken {
+                    var value: UInt64 = 0
+                    _ = read(wakeFD, &value, 8)
+                    continue
+                }
+                let slot = Int(token & 0xffff_ffff)
+                guard slot < handlers.count, generations[slot] == UInt32(token >> 32),
+                      let handler = handlers[slot] else { continue }
+                handler.handleEvents(ev.events, tag: tags[slot])
+            }
+            runDueTimers()
+            runInbox()
+            runDeferred()
+        }
+    }
+
+    private func nextTimeoutMillis() -> Int32 {
+        if !deferred.isEmpty { return 0 }
+        guard let first = timers.earliest else { return -1 }
+        let current = MonotonicClock.now()
+        if first.deadline <= current { return 0 }
+        let ms = (first.deadline - current + 999_999) / 1_000_000
+        return Int32(min(ms, UInt64(Int32.max)))
+    }
+
+    private func runDueTimers() {
+        let current = MonotonicClock.now()
+        while let timer = timers.popDue(now: current) {
+            let action = timer.action
+            timer.action = nil
+            action?()
+        }
+    }
+
+    private func runInbox() {
+        let tasks = inbox.withLock { queue -> [() -> Void] in
+            let taken = queue
+            queue.removeAll(keepingCapacity: true)
+            return taken
+        }
+        for task in tasks { task() }
+    }
+
+    private func runDeferred() {
+        // Tasks deferred while running these run in the next iteration, after new events.
+        let batch = deferred
+        deferred = []
+        for task in batch { task() }
+    }
+}
+
+// MARK: Swift concurrency
+
+/// The loop is a serial executor, so `async` control-plane code (start-up, shutdown)
+/// can run on it and touch loop-confined state without hopping threads.
+extension EventLoop: SerialExecutor, TaskExecutor {
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let unowned = UnownedJob(job)
+        execute { [unowned self] in
+            unowned.runSynchronously(isolatedTo: self.asUnownedSerialExecutor(),
+                                     taskExecutor: self.asUnownedTaskExecutor())
+        }
+    }
+
+    public func asUnownedSerialExecutor() -> UnownedSerialExecutor {
+        UnownedSerialExecutor(ordinary: self)
+    }
+
+    public func checkIsolated() {
+        precondition(inEventLoop, "not on event loop \(id)")
+    }
+}

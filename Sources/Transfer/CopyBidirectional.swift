@@ -1,0 +1,160 @@
+import Reactor
+
+/// Why a relayed connection ended; the label is what the close log line says.
+public enum CloseReason: Equatable, CustomStringConvertible, Sendable {
+    /// Both directions reached EOF and were passed on.
+    case eof
+    /// A side reset or failed; the other side was reset too.
+    case reset(SystemError)
+    case idleTimeout
+    case drainTimeout
+
+    public var label: String {
+        switch self {
+        case .eof: return "eof"
+        case .reset: return "reset"
+        case .idleTimeout: return "idle-timeout"
+        case .drainTimeout: return "drain-timeout"
+        }
+    }
+
+    public var description: String {
+        if case .reset(let e) = self { return "reset (\(e))" }
+        return label
+    }
+}
+
+/// Relays bytes both ways between two connected streams until both directions end.
+///
+/// Half-close passes through (EOF one way shuts down the write side of the other end
+/// while the opposite direction keeps going); a reset or error on either side aborts
+/// both; each direction reads only while its carrier has room, so a slow reader slows
+/// the writer (backpressure). Plain sockets on both ends splice through a pooled pipe;
+/// any layered stream uses the buffered copier behind the same `CopyDirection`.
+///
+/// Thread confinement: created, driven and closed on one event loop.
+public final class CopyBidirectional: EventHandler {
+    private static let tagA: UInt8 = 0
+    private static let tagB: UInt8 = 1
+    /// Bytes one direction may move per wake-up before yielding to other connections.
+    private static let budget = 4 << 20
+
+    public let loop: EventLoop
+    private let resources: LoopResources
+    private let a: Duplex
+    private let b: Duplex
+    private var aToB: CopyDirection
+    private var bToA: CopyDirection
+    private var registrationA: Registration?
+    private var registrationB: Registration?
+    private var idleTimer: Timer?
+    private let idleTimeout: Duration?
+    private var lastActivity: UInt64
+    private var pumpScheduled = false
+    public private(set) var isClosed = false
+    public let startedAt: UInt64
+    private let onClose: (CopyBidirectional, CloseReason) -> Void
+
+    /// Bytes delivered from `a` to `b` and from `b` to `a`.
+    public var bytesAToB: UInt64 { aToB.bytes }
+    public var bytesBToA: UInt64 { bToA.bytes }
+    public var usesSplice: Bool { aToB.useSplice }
+
+    /// - Parameters:
+    ///   - preferSplice: splice when both ends allow it; false forces the buffered copier.
+    ///   - onClose: called once, on the loop, after both descriptors are closed.
+    public init(loop: EventLoop, resources: LoopResources, a: Duplex, b: Duplex, preferSplice: Bool = true,
+                idleTimeout: Duration? = nil, onClose: @escaping (CopyBidirectional, CloseReason) -> Void) {
+        self.loop = loop
+        self.resources = resources
+        self.a = a
+        self.b = b
+        let splice = preferSplice && a.isSpliceable && b.isSpliceable
+        aToB = CopyDirection(useSplice: splice)
+        bToA = CopyDirection(useSplice: splice)
+        self.idleTimeout = idleTimeout
+        self.onClose = onClose
+        startedAt = loop.now
+        lastActivity = loop.now
+    }
+
+    /// Registers both ends and starts moving bytes. On failure both ends are closed.
+    public func start() throws(SystemError) {
+        do {
+            registrationA = try loop.register(fd: a.fd, interest: .readWrite, handler: self, tag: Self.tagA)
+            registrationB = try loop.register(fd: b.fd, interest: .readWrite, handler: self, tag: Self.tagB)
+        } catch {
+            teardown(reset: true)
+            throw error
+        }
+        if let idleTimeout {
+            idleTimer = loop.schedule(after: idleTimeout) { [unowned self] in self.checkIdle() }
+        }
+        pump()
+    }
+
+    public func handleEvents(_ events: UInt32, tag: UInt8) {
+        let side = tag == Self.tagA ? a : b
+        if events & (EventBits.readable | EventBits.readHangup | EventBits.hangup | EventBits.error) != 0 {
+            side.readReady = true
+        }
+        if events & (EventBits.writable | EventBits.hangup | EventBits.error) != 0 {
+            side.writeReady = true
+        }
+        pump()
+    }
+
+    /// Ends the relay now, resetting both ends (idle timeout, drain deadline).
+    public func abort(_ reason: CloseReason) {
+        guard !isClosed else { return }
+        finish(reason, reset: true)
+    }
+
+    private func pump() {
+        guard !isClosed else { return }
+        let before = aToB.bytes &+ bToA.bytes
+        let first = aToB.pump(from: a, to: b, resources: resources, budget: Self.budget)
+        if case .failed(let e) = first { return finish(.reset(e), reset: true) }
+        let second = bToA.pump(from: b, to: a, resources: resources, budget: Self.budget)
+        if case .failed(let e) = second { return finish(.reset(e), reset: true) }
+        if aToB.bytes &+ bToA.bytes != before { lastActivity = loop.now }
+        if aToB.isDone && bToA.isDone { return finish(.eof, reset: false) }
+        if (first == .yielded || second == .yielded) && !pumpScheduled {
+            pumpScheduled = true
+            loop.deferTask { [self] in
+                pumpScheduled = false
+                pump()
+            }
+        }
+    }
+
+    private func checkIdle() {
+        guard !isClosed, let idleTimeout, let timer = idleTimer else { return }
+        let idleFor = loop.now &- lastActivity
+        if idleFor >= idleTimeout.nanoseconds {
+            finish(.idleTimeout, reset: true)
+        } else {
+            loop.reschedule(timer, after: .nanoseconds(Int64(idleTimeout.nanoseconds - idleFor)))
+        }
+    }
+
+    private func finish(_ reason: CloseReason, reset: Bool) {
+        teardown(reset: reset)
+        onClose(self, reason)
+    }
+
+    private func teardown(reset: Bool) {
+        guard !isClosed else { return }
+        isClosed = true
+        idleTimer?.cancel()
+        idleTimer = nil
+        if let r = registrationA { loop.deregister(fd: a.fd, registration: r) }
+        if let r = registrationB { loop.deregister(fd: b.fd, registration: r) }
+        registrationA = nil
+        registrationB = nil
+        aToB.abandon(resources)
+        bToA.abandon(resources)
+        a.close(reset: reset)
+        b.close(reset: reset)
+    }
+}

@@ -1,0 +1,60 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Culvert
+import Logging
+import Reactor
+
+/// `culvert`: the root command.
+struct CulvertCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "culvert",
+        abstract: "Fast, safe TCP/UDP forwarding and tunneling.",
+        discussion: """
+            Every command prints a ready line on stdout once it is listening and logs to \
+            stderr. Exit status: 0 on success and after SIGINT/SIGTERM, 1 on a runtime \
+            failure, 2 on a usage error. See culvert(1).
+            """,
+        version: "0.1.0",
+        subcommands: [ForwardCommand.self]
+    )
+}
+
+/// `culvert forward`: layer-4 forwarders.
+struct ForwardCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "forward",
+        abstract: "Listen here and relay to one or more targets.",
+        subcommands: [ForwardTCPCommand.self]
+    )
+}
+
+/// Logging flags every long-running command shares.
+struct LoggingOptions: ParsableArguments {
+    @Option(help: "Least severe level logged: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .info
+
+    @Option(help: "Log line format on stderr: text or json.")
+    var logFormat: LogFormat = .text
+
+    func makeLogger() -> Logger {
+        StderrLogHandler.bootstrap(level: logLevel, format: logFormat)
+        return Logger(label: "culvert")
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {
+    public static var allValueStrings: [String] { allCases.map(\.rawValue) }
+}
+
+extension LogFormat: ExpressibleByArgument {}
+
+extension BalanceStrategy: ExpressibleByArgument {}
+
+/// stderr output for the entry point, which has no logger yet.
+enum FileHandleStderr {
+    static func write(_ message: String) {
+        fputs(message.hasSuffix("\n") ? message : message + "\n", stderr)
+    }
+}

@@ -1,0 +1,94 @@
+import ArgumentParser
+import Culvert
+import Reactor
+
+/// `culvert forward tcp LISTEN TARGET...`
+struct ForwardTCPCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tcp",
+        abstract: "Forward TCP connections from LISTEN to one or more TARGETs.",
+        discussion: """
+            Addresses are HOST:PORT, [IPv6]:PORT, PORT (loopback only, like ssh -L) or \
+            :PORT / *:PORT (all interfaces). LISTEN may use port 0: the ready line \
+            'listening tcp ADDR -> TARGETS' on stdout shows the port actually bound. \
+            With several targets, a target that refuses or times out is skipped and marked \
+            down for a backoff (1 s, doubling up to 60 s). Plain TCP is relayed with \
+            splice(2), without copying through user space.
+            """
+    )
+
+    @Argument(help: "Address to listen on.", transform: parseHostPort)
+    var listen: HostPort
+
+    @Argument(help: "Target address(es) to relay to.", transform: parseHostPort)
+    var targets: [HostPort] = []
+
+    @Option(help: "How a connection picks a target: round-robin, random, first (failover in order).")
+    var balance: BalanceStrategy = .roundRobin
+
+    @Option(help: "Time allowed to connect to one target before trying the next (e.g. 500ms; default: 5s).",
+            transform: parseDuration)
+    var connectTimeout: Duration = .seconds(5)
+
+    @Option(help: "Close a connection with no traffic either way for this long (default off).",
+            transform: parseOptionalDuration)
+    var idleTimeout: Duration?? = nil
+
+    @Option(help: "Refuse new connections beyond this many open ones (0: no limit).")
+    var maxConnections: Int = 0
+
+    @Option(help: "On SIGINT/SIGTERM, time in-flight connections get to finish before they are reset (default: 30s).",
+            transform: parseDuration)
+    var drainTimeout: Duration = .seconds(30)
+
+    @Option(help: "Event loop threads (default: number of cores).")
+    var threads: Int = LoopGroup.coreCount
+
+    @Flag(help: "Copy through user-space buffers instead of splice(2).")
+    var noSplice = false
+
+    @OptionGroup var logging: LoggingOptions
+
+    func validate() throws {
+        if targets.isEmpty {
+            throw ValidationError("missing <targets>: give at least one TARGET address to relay to")
+        }
+        if threads < 1 || threads > 1024 {
+            throw ValidationError("--threads must be between 1 and 1024, got \(threads)")
+        }
+        if maxConnections < 0 {
+            throw ValidationError("--max-connections must be 0 (no limit) or more, got \(maxConnections)")
+        }
+        if connectTimeout == .zero {
+            throw ValidationError("--connect-timeout must be more than 0")
+        }
+    }
+
+    func run() throws {
+        var config = TCPForwardConfig(listen: listen, targets: targets)
+        config.balance = balance
+        config.connectTimeout = connectTimeout
+        config.idleTimeout = idleTimeout ?? nil
+        config.maxConnections = maxConnections
+        config.drainTimeout = drainTimeout
+        config.threads = threads
+        config.splice = !noSplice
+        let logger = logging.makeLogger()
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group in
+            try await TCPForwarder.start(config: config, group: group, logger: logger)
+        }
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+func parseHostPort(_ text: String) throws -> HostPort {
+    do { return try HostPort.parse(text) } catch { throw ValidationError(error.description) }
+}
+
+func parseDuration(_ text: String) throws -> Duration {
+    do { return try DurationSpec.parse(text) } catch { throw ValidationError(error.description) }
+}
+
+func parseOptionalDuration(_ text: String) throws -> Duration? {
+    do { return try DurationSpec.parseOptional(text) } catch { throw ValidationError(error.description) }
+}
