@@ -10,7 +10,7 @@ BIN = .build/release/culvert
 # Build and test dependencies from apt; installed only when missing.
 APT_PACKAGES = libssl-dev zlib1g-dev pkg-config python3 iproute2 procps
 
-.PHONY: all deps build test unit-test e2e-test demo install uninstall clean bench
+.PHONY: all deps build test unit-test e2e-test demo install uninstall clean
 
 all: build
 

@@ -3,7 +3,6 @@ import PackageDescription
 
 let package = Package(
     name: "culvert",
-    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "culvert", targets: ["culvert"]),
     ],

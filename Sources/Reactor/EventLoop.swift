@@ -157,15 +157,15 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Runs `action` on this loop after `delay`. Loop thread only.
     @discardableResult
-    public func schedule(after delay: Duration, _ action: @escaping () -> Void) -> Timer {
+    public func schedule(after delay: Duration, _ action: @escaping () -> Void) -> LoopTimer {
         assert(inEventLoop || thread == nil)
-        let timer = Timer(deadline: MonotonicClock.now() &+ delay.nanoseconds, action: action)
+        let timer = LoopTimer(deadline: MonotonicClock.now() &+ delay.nanoseconds, action: action)
         timers.insert(timer)
         return timer
     }
 
     /// Moves a pending timer to `delay` from now (or schedules it again if it fired).
-    public func reschedule(_ timer: Timer, after delay: Duration) {
+    public func reschedule(_ timer: LoopTimer, after delay: Duration) {
         assert(inEventLoop || thread == nil)
         timers.remove(timer)
         timer.deadline = now &+ delay.nanoseconds

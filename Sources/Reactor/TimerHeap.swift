@@ -1,7 +1,7 @@
 /// A one-shot timer owned by one event loop. Cancel it to release what its closure holds.
 ///
 /// Thread confinement: created, fired and cancelled on its loop's thread only.
-public final class Timer {
+public final class LoopTimer {
     public internal(set) var deadline: UInt64
     fileprivate var sequence: UInt64 = 0
     fileprivate var heapIndex: Int = -1
@@ -27,13 +27,13 @@ public final class Timer {
 /// deadline fire in the order they were scheduled. Removal is O(log n) because each
 /// timer knows its index: connect and idle timers are usually cancelled, not fired.
 final class TimerHeap {
-    private var items: [Timer] = []
+    private var items: [LoopTimer] = []
     private var nextSequence: UInt64 = 0
 
     var count: Int { items.count }
-    var earliest: Timer? { items.first }
+    var earliest: LoopTimer? { items.first }
 
-    func insert(_ timer: Timer) {
+    func insert(_ timer: LoopTimer) {
         precondition(timer.heapIndex < 0, "timer already scheduled")
         timer.sequence = nextSequence
         nextSequence &+= 1
@@ -43,7 +43,7 @@ final class TimerHeap {
         siftUp(items.count - 1)
     }
 
-    func remove(_ timer: Timer) {
+    func remove(_ timer: LoopTimer) {
         let i = timer.heapIndex
         guard i >= 0, i < items.count, items[i] === timer else { return }
         let last = items.count - 1
@@ -59,13 +59,13 @@ final class TimerHeap {
     }
 
     /// Removes and returns the earliest timer if it is due at `now`.
-    func popDue(now: UInt64) -> Timer? {
+    func popDue(now: UInt64) -> LoopTimer? {
         guard let first = items.first, first.deadline <= now else { return nil }
         remove(first)
         return first
     }
 
-    private func less(_ a: Timer, _ b: Timer) -> Bool {
+    private func less(_ a: LoopTimer, _ b: LoopTimer) -> Bool {
         a.deadline != b.deadline ? a.deadline < b.deadline : a.sequence < b.sequence
     }
 

@@ -14,7 +14,7 @@ public final class Acceptor: EventHandler {
     public let fd: Int32
     public let address: SocketAddress
     private var registration: Registration?
-    private var retryTimer: Timer?
+    private var retryTimer: LoopTimer?
     private let onAccept: (Int32, SocketAddress?) -> Void
     private let onError: (SystemError) -> Void
     public static let pauseAfterDescriptorExhaustion: Duration = .milliseconds(100)

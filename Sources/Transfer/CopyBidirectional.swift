@@ -47,7 +47,7 @@ public final class CopyBidirectional: EventHandler {
     private var bToA: CopyDirection
     private var registrationA: Registration?
     private var registrationB: Registration?
-    private var idleTimer: Timer?
+    private var idleTimer: LoopTimer?
     private let idleTimeout: Duration?
     private var lastActivity: UInt64
     private var pumpScheduled = false

@@ -41,7 +41,7 @@ struct ForwardTCPCommand: ParsableCommand {
             transform: parseDuration)
     var drainTimeout: Duration = .seconds(30)
 
-    @Option(help: "Event loop threads (default: number of cores).")
+    @Option(help: "Event loop threads (defaults to the number of cores).")
     var threads: Int = LoopGroup.coreCount
 
     @Flag(help: "Copy through user-space buffers instead of splice(2).")
@@ -65,6 +65,8 @@ struct ForwardTCPCommand: ParsableCommand {
     }
 
     func run() throws {
+        // A target written as :PORT means this host, like a bare PORT.
+        let targets = targets.map { $0.host == nil ? HostPort(host: "127.0.0.1", port: $0.port) : $0 }
         var config = TCPForwardConfig(listen: listen, targets: targets)
         config.balance = balance
         config.connectTimeout = connectTimeout

@@ -9,6 +9,8 @@ final class Dialer: EventHandler {
     enum Outcome {
         case connected(fd: Int32, attempt: TargetSet.Attempt)
         case exhausted(tried: Int)
+        /// Given up from outside before a target answered (drain deadline).
+        case cancelled
     }
 
     private let loop: EventLoop
@@ -17,7 +19,7 @@ final class Dialer: EventHandler {
     private let onTargetFailure: (TargetSet.Attempt, SystemError) -> Void
     private let onDone: (Dialer, Outcome) -> Void
     private var next = 0
-    private var current: (fd: Int32, registration: Registration, timer: Timer, attempt: TargetSet.Attempt)?
+    private var current: (fd: Int32, registration: Registration, timer: LoopTimer, attempt: TargetSet.Attempt)?
     private var finished = false
 
     init(loop: EventLoop, attempts: [TargetSet.Attempt], connectTimeout: Duration,
@@ -32,11 +34,11 @@ final class Dialer: EventHandler {
 
     func start() { tryNext() }
 
-    /// Gives up at once (drain deadline); reports `exhausted`.
+    /// Gives up at once (drain deadline); reports `cancelled`.
     func cancel() {
         guard !finished else { return }
         releaseCurrent(closeSocket: true)
-        finish(.exhausted(tried: next))
+        finish(.cancelled)
     }
 
     private func tryNext() {

@@ -49,7 +49,7 @@ final class ForwardWorker {
             if loop.now &- lastLimitLog >= 1_000_000_000 {
                 lastLimitLog = loop.now
                 forwarder.logger.warning("connection refused: limit reached",
-                    metadata: ["peer": "\(peerText)", "max": "\(forwarder.config.maxConnections)", "reason": "limit"])
+                    metadata: ["peer": "\(peerText)", "max": .stringConvertible(forwarder.config.maxConnections), "reason": "limit"])
             }
             return
         }
@@ -71,7 +71,12 @@ final class ForwardWorker {
         case .exhausted(let tried):
             Net.closeWithReset(client)
             forwarder.release()
-            forwarder.logger.error("no target reachable", metadata: ["peer": "\(peer)", "tried": "\(tried)", "reason": "connect-failed"])
+            forwarder.logger.error("no target reachable", metadata: ["peer": "\(peer)", "tried": .stringConvertible(tried), "reason": "connect-failed"])
+            checkIdle()
+        case .cancelled:
+            Net.closeWithReset(client)
+            forwarder.release()
+            forwarder.logger.info("connection closed", metadata: ["peer": "\(peer)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
             checkIdle()
         case .connected(let fd, let attempt):
             forwarder.targets.markUp(attempt.target)

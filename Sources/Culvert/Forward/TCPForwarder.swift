@@ -71,15 +71,17 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
     /// left when `timeout` passes. Runs on the main loop; returns once every loop is idle.
     public func drain(timeout: Duration) async {
         let main = group.main
-        logger.notice("draining", metadata: ["connections": "\(activeConnections)", "deadline": "\(DurationSpec.format(timeout))"])
+        logger.notice("draining", metadata: ["connections": .stringConvertible(activeConnections), "deadline": "\(DurationSpec.format(timeout))"])
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            var deadline: Timer?
+            var deadline: LoopTimer?
             let barrier = Barrier(count: workers.count) {
                 deadline?.cancel()
                 done.resume()
             }
-            deadline = main.schedule(after: timeout) { [workers, logger] in
-                logger.warning("drain deadline passed, closing remaining connections")
+            deadline = main.schedule(after: timeout) { [workers, logger, self] in
+                guard activeConnections > 0 else { return }
+                logger.warning("drain deadline passed, closing remaining connections",
+                               metadata: ["connections": .stringConvertible(activeConnections)])
                 for w in workers { w.loop.execute { w.abortAll(.drainTimeout) } }
             }
             for w in workers {
