@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <errno.h>
 #include <unistd.h>
 #include "CCulvert.h"
 
@@ -54,3 +55,51 @@ int culvert_signalfd_read(int fd) {
 }
 
 void culvert_ignore_sigpipe(void) { signal(SIGPIPE, SIG_IGN); }
+
+#define CULVERT_MAX_BATCH 64
+
+int culvert_recv_batch(int fd, struct culvert_dgram *slots, int count) {
+    struct mmsghdr msgs[CULVERT_MAX_BATCH];
+    struct iovec iov[CULVERT_MAX_BATCH];
+    if (count > CULVERT_MAX_BATCH) count = CULVERT_MAX_BATCH;
+    for (int i = 0; i < count; i++) {
+        iov[i].iov_base = slots[i].buf;
+        iov[i].iov_len = slots[i].cap;
+        msgs[i].msg_hdr.msg_name = &slots[i].addr;
+        msgs[i].msg_hdr.msg_namelen = sizeof(slots[i].addr);
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = NULL;
+        msgs[i].msg_hdr.msg_controllen = 0;
+        msgs[i].msg_hdr.msg_flags = 0;
+        msgs[i].msg_len = 0;
+    }
+    int n;
+    do { n = recvmmsg(fd, msgs, (unsigned)count, MSG_DONTWAIT, NULL); } while (n < 0 && errno == EINTR);
+    for (int i = 0; i < n; i++) {
+        slots[i].len = msgs[i].msg_len;
+        slots[i].addrlen = msgs[i].msg_hdr.msg_namelen;
+        slots[i].truncated = (msgs[i].msg_hdr.msg_flags & MSG_TRUNC) != 0;
+    }
+    return n;
+}
+
+int culvert_send_batch(int fd, struct culvert_dgram *slots, int count) {
+    struct mmsghdr msgs[CULVERT_MAX_BATCH];
+    struct iovec iov[CULVERT_MAX_BATCH];
+    if (count > CULVERT_MAX_BATCH) count = CULVERT_MAX_BATCH;
+    for (int i = 0; i < count; i++) {
+        iov[i].iov_base = slots[i].buf;
+        iov[i].iov_len = slots[i].len;
+        msgs[i].msg_hdr.msg_name = slots[i].addrlen ? &slots[i].addr : NULL;
+        msgs[i].msg_hdr.msg_namelen = slots[i].addrlen;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = NULL;
+        msgs[i].msg_hdr.msg_controllen = 0;
+        msgs[i].msg_hdr.msg_flags = 0;
+    }
+    int n;
+    do { n = sendmmsg(fd, msgs, (unsigned)count, MSG_DONTWAIT | MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    return n;
+}

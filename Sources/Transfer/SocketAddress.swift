@@ -92,11 +92,31 @@ public enum SocketAddress: Equatable, Hashable, CustomStringConvertible, Sendabl
         }
     }
 
+    // Compared and hashed on the raw address and port: UDP session lookup does this per
+    // datagram, so no string formatting here.
     public static func == (l: SocketAddress, r: SocketAddress) -> Bool {
-        l.description == r.description
+        switch (l, r) {
+        case (.v4(let a), .v4(let b)):
+            return a.sin_port == b.sin_port && a.sin_addr.s_addr == b.sin_addr.s_addr
+        case (.v6(let a), .v6(let b)):
+            return a.sin6_port == b.sin6_port && a.sin6_scope_id == b.sin6_scope_id
+                && withUnsafeBytes(of: a.sin6_addr) { x in withUnsafeBytes(of: b.sin6_addr) { y in x.elementsEqual(y) } }
+        default:
+            return false
+        }
     }
 
-    public func hash(into hasher: inout Hasher) { hasher.combine(description) }
+    public func hash(into hasher: inout Hasher) {
+        switch self {
+        case .v4(let a):
+            hasher.combine(a.sin_addr.s_addr)
+            hasher.combine(a.sin_port)
+        case .v6(let a):
+            withUnsafeBytes(of: a.sin6_addr) { hasher.combine(bytes: $0) }
+            hasher.combine(a.sin6_port)
+            hasher.combine(a.sin6_scope_id)
+        }
+    }
 }
 
 extension sockaddr_in: @unchecked @retroactive Sendable {}

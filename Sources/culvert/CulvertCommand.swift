@@ -26,7 +26,7 @@ struct ForwardCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "forward",
         abstract: "Listen here and relay to one or more targets.",
-        subcommands: [ForwardTCPCommand.self]
+        subcommands: [ForwardTCPCommand.self, ForwardUDPCommand.self]
     )
 }
 

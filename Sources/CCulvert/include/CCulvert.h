@@ -37,4 +37,23 @@ int culvert_block_signals(const int *signals, int count);
 int culvert_signalfd_read(int fd);
 void culvert_ignore_sigpipe(void);
 
+/// One datagram slot for batched UDP I/O: a caller-owned buffer, its length, and the
+/// peer address (source on receive, destination on send when `addrlen` is non-zero).
+struct culvert_dgram {
+    void *buf;
+    size_t cap;
+    size_t len;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    int truncated;
+};
+
+/// recvmmsg(2) into up to `count` slots without blocking. Returns the number received
+/// (0 with errno EAGAIN when none), or -1. A datagram larger than its slot is marked
+/// `truncated`.
+int culvert_recv_batch(int fd, struct culvert_dgram *slots, int count);
+/// sendmmsg(2) of `count` slots without blocking; slots with addrlen 0 go to the
+/// connected peer. Returns the number sent, or -1.
+int culvert_send_batch(int fd, struct culvert_dgram *slots, int count);
+
 #endif

@@ -30,36 +30,18 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
     /// prints one ready line per listening address. Runs on the main loop.
     public static func start(config: TCPForwardConfig, group: LoopGroup, logger: Logger) async throws -> TCPForwarder {
         let main = group.main
-        var resolvedTargets: [TargetSet.Target] = []
-        for spec in config.targets {
-            let addrs = try await Resolver.resolve(host: spec.host ?? "127.0.0.1", port: spec.port, passive: false, on: main)
-            resolvedTargets.append(TargetSet.Target(spec: spec, addresses: addrs))
-        }
+        let resolvedTargets = try await resolveTargets(config.targets, on: main)
         let listenAddrs = try await Resolver.resolve(host: config.listen.host, port: config.listen.port, passive: true, on: main)
         let forwarder = TCPForwarder(config: config, group: group,
                                      targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
                                      logger: logger)
         forwarder.workers = group.loops.map { ForwardWorker(loop: $0, forwarder: forwarder) }
-
-        var perLoop: [[(fd: Int32, address: SocketAddress)]] = Array(repeating: [], count: group.loops.count)
-        do {
-            for requested in listenAddrs {
-                var address = requested
-                for i in group.loops.indices {
-                    let fd = try Net.listen(address, reusePort: true)
-                    if i == 0 {
-                        address = try Net.localAddress(fd)
-                        forwarder.boundAddresses.append(address)
-                    }
-                    perLoop[i].append((fd, address))
-                }
-            }
-        } catch {
-            for fds in perLoop { for l in fds { Posix.close(l.fd) } }
-            throw ListenError(address: config.listen, error: error)
+        let listeners = try LoopListeners.bind(listenAddrs, loops: group.loops.count, spec: config.listen) { (a) throws(SystemError) in
+            try Net.listen(a, reusePort: true)
         }
-        for (worker, listeners) in zip(forwarder.workers, perLoop) {
-            worker.loop.execute { worker.startAccepting(listeners: listeners) }
+        forwarder.boundAddresses = listeners.bound
+        for (worker, mine) in zip(forwarder.workers, listeners.perLoop) {
+            worker.loop.execute { worker.startAccepting(listeners: mine) }
         }
         for address in forwarder.boundAddresses {
             ReadyLine.print("listening tcp \(address) -> \(forwarder.targets.summary)")
@@ -124,13 +106,6 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
         if case .reset(let e) = reason { metadata["error"] = "\(e)" }
         logger.info("connection closed", metadata: metadata)
     }
-}
-
-/// A failure to bind a listening address: exit status 1, not a usage error.
-public struct ListenError: Error, CustomStringConvertible {
-    public let address: HostPort
-    public let error: SystemError
-    public var description: String { "cannot listen on \(address): \(error)" }
 }
 
 /// Counts arrivals on the main loop and runs `onComplete` once all have arrived.

@@ -1,0 +1,92 @@
+import Logging
+import Reactor
+import Synchronization
+import Transfer
+
+/// Everything `culvert forward udp` needs.
+public struct UDPForwardConfig: Sendable {
+    public var listen: HostPort
+    public var targets: [HostPort]
+    public var balance: BalanceStrategy = .roundRobin
+    /// A session with no datagram either way for this long is closed.
+    public var idleTimeout: Duration = .seconds(60)
+    /// 0 means unlimited.
+    public var maxSessions: Int = 0
+    /// SO_RCVBUF/SO_SNDBUF for every socket.
+    public var socketBuffer: Int = 4 << 20
+    public var threads: Int = LoopGroup.coreCount
+
+    public init(listen: HostPort, targets: [HostPort]) {
+        self.listen = listen
+        self.targets = targets
+    }
+}
+
+/// `culvert forward udp`: datagrams from each client address form a session with its own
+/// connected upstream socket, so replies go back to the right client and an ICMP error
+/// from the target ends that session alone.
+public final class UDPForwarder: DrainableService, @unchecked Sendable {
+    public let config: UDPForwardConfig
+    let logger: Logger
+    let targets: TargetSet
+    private let group: LoopGroup
+    private var workers: [UDPWorker] = []
+    private let sessions = Atomic<Int>(0)
+    public private(set) var boundAddresses: [SocketAddress] = []
+
+    private init(config: UDPForwardConfig, group: LoopGroup, targets: TargetSet, logger: Logger) {
+        self.config = config
+        self.group = group
+        self.targets = targets
+        self.logger = logger
+    }
+
+    public var activeSessions: Int { sessions.load(ordering: .relaxed) }
+
+    public static func start(config: UDPForwardConfig, group: LoopGroup, logger: Logger) async throws -> UDPForwarder {
+        let main = group.main
+        let resolvedTargets = try await resolveTargets(config.targets, on: main)
+        let listenAddrs = try await Resolver.resolve(host: config.listen.host, port: config.listen.port, passive: true, on: main)
+        let forwarder = UDPForwarder(config: config, group: group,
+                                     targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
+                                     logger: logger)
+        forwarder.workers = group.loops.map { UDPWorker(loop: $0, forwarder: forwarder) }
+        let listeners = try LoopListeners.bind(listenAddrs, loops: group.loops.count, spec: config.listen) { (a) throws(SystemError) in
+            try Net.udpListen(a, reusePort: true, bufferSize: config.socketBuffer)
+        }
+        forwarder.boundAddresses = listeners.bound
+        for (worker, mine) in zip(forwarder.workers, listeners.perLoop) {
+            worker.loop.execute { worker.start(listeners: mine) }
+        }
+        for address in listeners.bound {
+            ReadyLine.print("listening udp \(address) -> \(forwarder.targets.summary)")
+        }
+        return forwarder
+    }
+
+    /// UDP has nothing in flight to wait for: stop receiving and close every session.
+    public func drain(timeout: Duration) async {
+        let main = group.main
+        logger.notice("closing sessions", metadata: ["sessions": .stringConvertible(activeSessions)])
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let barrier = Barrier(count: workers.count) { done.resume() }
+            for w in workers {
+                w.loop.execute {
+                    w.stop()
+                    main.execute { barrier.arrive() }
+                }
+            }
+        }
+    }
+
+    func admitSession() -> Bool {
+        let now = sessions.wrappingAdd(1, ordering: .relaxed).newValue
+        if config.maxSessions > 0 && now > config.maxSessions {
+            sessions.wrappingSubtract(1, ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
+    func releaseSession() { sessions.wrappingSubtract(1, ordering: .relaxed) }
+}

@@ -1,0 +1,84 @@
+import ArgumentParser
+import Culvert
+import Reactor
+
+/// `culvert forward udp LISTEN TARGET...`
+struct ForwardUDPCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "udp",
+        abstract: "Forward UDP datagrams from LISTEN to one or more TARGETs.",
+        discussion: """
+            Datagrams from each client address form a session with its own socket \
+            connected to one target, so replies reach the right client and an ICMP error \
+            from the target ends only that session. Datagram boundaries are kept; sizes \
+            up to 65,507 bytes (IPv4) pass. Addresses as for 'forward tcp'. The ready line \
+            is 'listening udp ADDR -> TARGETS'. On SIGINT/SIGTERM every session is closed \
+            and logged, then the process exits 0.
+            """
+    )
+
+    @Argument(help: "Address to listen on.", transform: parseHostPort)
+    var listen: HostPort
+
+    @Argument(help: "Target address(es) to relay to.", transform: parseHostPort)
+    var targets: [HostPort] = []
+
+    @Option(help: "How a new session picks a target: round-robin, random, first (failover in order).")
+    var balance: BalanceStrategy = .roundRobin
+
+    @Option(help: "Close a session with no datagram either way for this long (default: 60s).",
+            transform: parseDuration)
+    var idleTimeout: Duration = .seconds(60)
+
+    @Option(help: "Drop datagrams from new clients beyond this many sessions (0: no limit).")
+    var maxSessions: Int = 0
+
+    @Option(help: "SO_RCVBUF/SO_SNDBUF per socket in bytes, suffixes K and M allowed (default: 4M).",
+            transform: parseByteSize)
+    var socketBuffer: Int = 4 << 20
+
+    @Option(help: "Event loop threads (defaults to the number of cores).")
+    var threads: Int = LoopGroup.coreCount
+
+    @OptionGroup var logging: LoggingOptions
+
+    func validate() throws {
+        if targets.isEmpty {
+            throw ValidationError("missing <targets>: give at least one TARGET address to relay to")
+        }
+        if threads < 1 || threads > 1024 {
+            throw ValidationError("--threads must be between 1 and 1024, got \(threads)")
+        }
+        if maxSessions < 0 {
+            throw ValidationError("--max-sessions must be 0 (no limit) or more, got \(maxSessions)")
+        }
+        if idleTimeout == .zero {
+            throw ValidationError("--idle-timeout must be more than 0")
+        }
+    }
+
+    func run() throws {
+        let targets = targets.map { $0.host == nil ? HostPort(host: "127.0.0.1", port: $0.port) : $0 }
+        var config = UDPForwardConfig(listen: listen, targets: targets)
+        config.balance = balance
+        config.idleTimeout = idleTimeout
+        config.maxSessions = maxSessions
+        config.socketBuffer = socketBuffer
+        config.threads = threads
+        let logger = logging.makeLogger()
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: .seconds(1), logger: logger) { group in
+            try await UDPForwarder.start(config: config, group: group, logger: logger)
+        }
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+func parseByteSize(_ text: String) throws -> Int {
+    let s = text.uppercased()
+    let (digits, scale): (Substring, Int) =
+        s.hasSuffix("K") ? (s.dropLast(), 1 << 10) : s.hasSuffix("M") ? (s.dropLast(), 1 << 20) : (Substring(s), 1)
+    guard let n = Int(digits), n >= 0, n <= (1 << 30) / scale else {
+        throw ValidationError("invalid size '\(text)': use bytes, or a number with K or M (at most 1024M)")
+    }
+    return n * scale
+}
