@@ -22,10 +22,11 @@ let package = Package(
             pkgConfig: "zlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
+        .target(name: "CCulvertTLS", dependencies: ["COpenSSL"]),
         .target(name: "Reactor", dependencies: ["CCulvert"]),
         .target(
             name: "Transfer",
-            dependencies: ["CCulvert", "Reactor", "COpenSSL", "CZlib"]
+            dependencies: ["CCulvert", "CCulvertTLS", "Reactor", "COpenSSL", "CZlib"]
         ),
         .target(
             name: "Culvert",

@@ -59,6 +59,8 @@ public final class EventLoop: @unchecked Sendable {
     private var thread: pthread_t?
     private let maxEvents: Int32 = 256
     private let events: UnsafeMutablePointer<epoll_event>
+    /// Runs async tasks on this loop: `Task(executorPreference: loop.tasks)`.
+    public let tasks = LoopTaskExecutor()
     /// The loop's notion of now, refreshed once per iteration (cheap for hot paths).
     public private(set) var now: UInt64 = MonotonicClock.now()
 
@@ -79,6 +81,7 @@ public final class EventLoop: @unchecked Sendable {
         ev.events = EPOLLIN.rawValue | EPOLLET.rawValue
         ev.data.u64 = EventLoop.wakeToken
         _ = try Posix.check("epoll_ctl", epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &ev))
+        tasks.loop = self
     }
 
     deinit {
@@ -268,15 +271,12 @@ public final class EventLoop: @unchecked Sendable {
 
 // MARK: Swift concurrency
 
-/// The loop is a serial executor, so `async` control-plane code (start-up, shutdown)
-/// can run on it and touch loop-confined state without hopping threads.
-extension EventLoop: SerialExecutor, TaskExecutor {
+/// The loop is a serial executor, so actors and `async` control-plane code can be pinned
+/// to it and touch loop-confined state without hopping threads.
+extension EventLoop: SerialExecutor {
     public func enqueue(_ job: consuming ExecutorJob) {
         let unowned = UnownedJob(job)
-        execute { [unowned self] in
-            unowned.runSynchronously(isolatedTo: self.asUnownedSerialExecutor(),
-                                     taskExecutor: self.asUnownedTaskExecutor())
-        }
+        execute { [unowned self] in unowned.runSynchronously(on: self.asUnownedSerialExecutor()) }
     }
 
     public func asUnownedSerialExecutor() -> UnownedSerialExecutor {
@@ -285,5 +285,29 @@ extension EventLoop: SerialExecutor, TaskExecutor {
 
     public func checkIsolated() {
         precondition(inEventLoop, "not on event loop \(id)")
+    }
+}
+
+/// The loop as a task executor: `Task(executorPreference: loop.tasks) { ... }` runs the
+/// task's nonisolated async code on the loop thread (start-up, handshakes, drain).
+///
+/// Kept apart from the serial-executor conformance because a job must be run the way
+/// it was enqueued: a task-executor job run as if isolated to a serial executor makes
+/// the runtime hop back to the task executor, forever.
+public final class LoopTaskExecutor: TaskExecutor, @unchecked Sendable {
+    unowned var loop: EventLoop!
+
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let unowned = UnownedJob(job)
+        loop.execute { [unowned self] in unowned.runSynchronously(on: self.asUnownedTaskExecutor()) }
+    }
+}
+
+extension EventLoop {
+    /// Suspends the calling task (running on this loop) for `delay`.
+    public func sleep(for delay: Duration) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            schedule(after: delay) { c.resume() }
+        }
     }
 }

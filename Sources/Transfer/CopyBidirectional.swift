@@ -95,6 +95,12 @@ public final class CopyBidirectional: EventHandler {
 
     public func handleEvents(_ events: UInt32, tag: UInt8) {
         let side = tag == Self.tagA ? a : b
+        if !side.isSpliceable {
+            // A layered stream (TLS) may need to write in order to read or the other way
+            // round, so any readiness is a reason to try both.
+            side.readReady = true
+            side.writeReady = true
+        }
         if events & (EventBits.readable | EventBits.readHangup | EventBits.hangup | EventBits.error) != 0 {
             side.readReady = true
         }

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Reactor
 
 /// One direction of a copy-bidirectional relay: bytes from `source` to `destination`.
@@ -69,14 +72,14 @@ struct CopyDirection {
                 case .wouldBlock:
                     destination.writeReady = false
                 case .eof:
-                    return .failed(SystemError("write", errno: 32 /* EPIPE */))
+                    return .failed(SystemError("write", errno: EPIPE))
                 case .failed(let e):
                     return .failed(e)
                 }
             }
             if pending == 0 && state == .flushing {
                 state = .done
-                if let e = destination.shutdownWrite(), e.errno != 107 /* ENOTCONN: peer already gone */ {
+                if let e = destination.shutdownWrite(), e.errno != ENOTCONN /* the peer is already gone */ {
                     return .failed(e)
                 }
                 return .finished

@@ -76,7 +76,7 @@ struct ForwardTCPCommand: ParsableCommand {
         config.threads = threads
         config.splice = !noSplice
         let logger = logging.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
             try await TCPForwarder.start(config: config, group: group, logger: logger)
         }
         if status != 0 { throw ExitCode(status) }

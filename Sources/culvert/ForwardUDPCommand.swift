@@ -66,7 +66,7 @@ struct ForwardUDPCommand: ParsableCommand {
         config.socketBuffer = socketBuffer
         config.threads = threads
         let logger = logging.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: .seconds(1), logger: logger) { group in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: .seconds(1), logger: logger) { group, _ in
             try await UDPForwarder.start(config: config, group: group, logger: logger)
         }
         if status != 0 { throw ExitCode(status) }

@@ -118,7 +118,7 @@ final class EventLoopTests: XCTestCase {
         let loop = runner.loop
         let result = Mutex<[Bool]>([])
         let done = expectation(description: "task finished")
-        Task(executorPreference: loop) {
+        Task(executorPreference: loop.tasks) {
             result.withLock { $0.append(loop.inEventLoop) }
             // A value computed off-loop comes back to the loop.
             let v = await Offload.run(on: loop) { () -> Int in

@@ -335,6 +335,7 @@ class TcpServer:
         self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._local = threading.local()
         self.accepted = 0
         self.errors: list[BaseException] = []
         self._conns: list[socket.socket] = []
@@ -358,14 +359,15 @@ class TcpServer:
                     return
                 continue
             conn.settimeout(self.handler_timeout)
-            t = threading.Thread(target=self._run_handler, args=(conn,), daemon=True)
             with self._lock:
                 self.accepted += 1
+                t = threading.Thread(target=self._run_handler, args=(conn, self.accepted), daemon=True)
                 self._conns.append(conn)
                 self._threads.append(t)
             t.start()
 
-    def _run_handler(self, conn: socket.socket) -> None:
+    def _run_handler(self, conn: socket.socket, index: int) -> None:
+        self._local.index = index  # 1-based accept order, for handlers that care
         try:
             self.handle(conn)
         except (OSError, ValueError) as exc:
@@ -454,14 +456,24 @@ class SlowServer(TcpServer):
     a time with `delay` seconds between chunks, then closes.  With a client that
     does not read, the transfer stays in flight (bounded by handler_timeout)."""
 
-    def __init__(self, payload: bytes, chunk: int = 64 * 1024, delay: float = 0.0, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        payload: bytes,
+        chunk: int = 64 * 1024,
+        delay: float = 0.0,
+        host: str = "127.0.0.1",
+        serve_first: int | None = None,
+    ):
         self.payload = payload
         self.chunk = chunk
         self.delay = delay
+        self.serve_first = serve_first  # connections after this many: closed at once
         self.finished = 0
         super().__init__(host)
 
     def handle(self, conn: socket.socket) -> None:
+        if self.serve_first is not None and self._local.index > self.serve_first:
+            return
         view = memoryview(self.payload)
         for off in range(0, len(view), self.chunk):
             if self._stop.is_set():
@@ -560,6 +572,18 @@ def expect_closed(sock: socket.socket, timeout: float) -> str:
         if not data:
             return "eof"
     raise AssertionError(f"connection not closed within {timeout}s")
+
+
+def connect_expect_closed(addr: tuple[str, int], timeout: float) -> str:
+    """Connect and wait for the peer to close or reset the connection.  A reset
+    can already surface from connect() when the server accepts and aborts at
+    once, before the client's connect completes; that counts as 'reset'."""
+    try:
+        s = connect(addr, timeout)
+    except (ConnectionResetError, ConnectionAbortedError):
+        return "reset"
+    with s:
+        return expect_closed(s, timeout)
 
 
 def echo_once(addr: tuple[str, int], payload: bytes = b"ping", timeout: float = 10.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import random
 import re
 import signal
@@ -20,9 +21,9 @@ from conftest import (
     EchoServer,
     RespondAfterEofServer,
     SlowServer,
-    TcpServer,
     connect,
     echo_once,
+    connect_expect_closed,
     expect_closed,
     fmt_addr,
     free_port,
@@ -177,11 +178,10 @@ def test_target_down_closes_connection_and_logs(start_culvert):
     dead = f"127.0.0.1:{free_port()}"
     c = start_culvert("127.0.0.1:0", dead, opts=["--connect-timeout", "2s"])
 
-    with connect(c.addr) as s:
-        t0 = time.monotonic()
-        outcome = expect_closed(s, timeout=4.0)
-        assert outcome in ("eof", "reset")
-        assert time.monotonic() - t0 < 4.0
+    t0 = time.monotonic()
+    outcome = connect_expect_closed(c.addr, timeout=4.0)
+    assert outcome in ("eof", "reset")
+    assert time.monotonic() - t0 < 4.0
 
     unreachable = c.wait_stderr(r"target unreachable", timeout=5)
     assert dead in unreachable[0], unreachable[0]
@@ -189,8 +189,7 @@ def test_target_down_closes_connection_and_logs(start_culvert):
 
     # still alive and still accepting
     assert c.running()
-    with connect(c.addr) as s:
-        expect_closed(s, timeout=4.0)
+    assert connect_expect_closed(c.addr, timeout=4.0) in ("eof", "reset")
     c.wait_stderr(r"no target reachable", timeout=5, count=2)
     assert c.running()
     assert c.terminate() == 0
@@ -274,27 +273,44 @@ def test_port_zero_ipv6(start_culvert, servers):
 # 7. graceful shutdown
 
 
-def _refused_or_closed(addr, timeout: float = 3.0) -> str:
-    """A new connection after SIGTERM must be refused, or closed without service."""
-    try:
-        s = connect(addr, timeout=timeout)
-    except (ConnectionRefusedError, ConnectionResetError):
-        return "refused"
-    except socket.timeout:
-        raise AssertionError("connect after SIGTERM timed out (neither refused nor closed)")
-    with s:
+def _wait_until_refused(addr, timeout: float = 3.0) -> int:
+    """After SIGTERM, new connections must soon be refused.  Signal handling is
+    asynchronous, so a probe that is still accepted in the short window after the
+    signal is tolerated as long as it is closed without being served (the target
+    closes every connection after the first at once).  Returns the number of such
+    probes; fails if connections are still accepted at the deadline."""
+    deadline = time.monotonic() + timeout
+    accepted = 0
+    while time.monotonic() < deadline:
         try:
-            s.sendall(b"hello?")
-        except OSError:
-            return "reset"
-        return expect_closed(s, timeout)
+            s = connect(addr, timeout=2.0)
+        except ConnectionRefusedError:
+            return accepted
+        except (ConnectionResetError, ConnectionAbortedError):
+            accepted += 1
+            continue
+        except socket.timeout:
+            raise AssertionError("connect after SIGTERM timed out (neither refused nor closed)")
+        accepted += 1
+        with s:
+            s.settimeout(2.0)
+            try:
+                data = s.recv(65536)
+            except (ConnectionResetError, ConnectionAbortedError):
+                data = b""
+            except socket.timeout:
+                raise AssertionError("connection made after SIGTERM neither refused nor closed")
+            if data:
+                raise AssertionError(f"connection made after SIGTERM was served ({len(data)} bytes)")
+        time.sleep(0.05)
+    raise AssertionError(f"new connections still accepted {timeout}s after SIGTERM ({accepted} probes)")
 
 
 def test_sigterm_during_transfer_completes_it(start_culvert, servers):
     size = 64 * MiB
     payload = random.Random("big").randbytes(size)
     want = hashlib.sha256(payload).hexdigest()
-    server = servers(SlowServer(payload, chunk=256 * 1024))
+    server = servers(SlowServer(payload, chunk=256 * 1024, serve_first=1))
     c = start_culvert("127.0.0.1:0", server.address, opts=["--drain-timeout", "30s"])
     addr = c.addr
 
@@ -304,6 +320,7 @@ def test_sigterm_during_transfer_completes_it(start_culvert, servers):
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     s.settimeout(30)
     s.connect((host, port))
+    local = fmt_addr(*s.getsockname()[:2])
     try:
         h = hashlib.sha256()
         got = 0
@@ -319,8 +336,7 @@ def test_sigterm_during_transfer_completes_it(start_culvert, servers):
         drain = c.wait_stderr(r"draining", timeout=5)
         assert "connections=1" in drain[0], drain[0]
 
-        outcome = _refused_or_closed(addr)
-        assert outcome in ("refused", "eof", "reset")
+        _wait_until_refused(addr)
         assert c.running(), f"culvert exited with the transfer still in flight\n{c.describe()}"
         assert server.finished == 0, "transfer finished while the client was not reading"
 
@@ -340,8 +356,8 @@ def test_sigterm_during_transfer_completes_it(start_culvert, servers):
     assert got == size, f"got {got} bytes, want {size}"
     assert h.hexdigest() == want
     assert c.wait_exit(timeout=15) == 0
-    closed = c.closed_records()
-    assert len(closed) == 1, closed
+    closed = [r for r in c.closed_records() if r.get("peer") == local]
+    assert len(closed) == 1, c.describe()
     assert int(closed[0]["down"]) == size and int(closed[0]["up"]) == 0
     assert closed[0]["reason"] == "eof"
 
@@ -402,30 +418,45 @@ def test_bind_failure_exits_1(culvert_path, echo_server):
 # 9. fd leaks
 
 
-def stable_fd_count(c, samples: int = 5, interval: float = 0.1, timeout: float = 5.0) -> int:
-    """fd count once it has stayed the same for `samples` readings (sockets may
+def fd_kinds(c) -> dict[str, int]:
+    """Open fds of culvert by kind: 'socket', 'pipe', and everything else by target."""
+    kinds: dict[str, int] = {}
+    fd_dir = f"/proc/{c.pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except FileNotFoundError:  # closed while listing
+            continue
+        kind = target.split(":", 1)[0] if target.startswith(("socket:", "pipe:")) else target
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def stable_fd_kinds(c, samples: int = 5, interval: float = 0.1, timeout: float = 5.0) -> dict[str, int]:
+    """fd_kinds once it has stayed the same for `samples` readings (sockets may
     be closed just after the close line is logged)."""
     deadline = time.monotonic() + timeout
-    last, same = c.fd_count(), 1
+    last, same = fd_kinds(c), 1
     while same < samples and time.monotonic() < deadline:
         time.sleep(interval)
-        now = c.fd_count()
+        now = fd_kinds(c)
         same = same + 1 if now == last else 1
         last = now
     return last
 
 
-def test_no_fd_leak_after_thousand_connections(start_culvert, echo_server):
-    c = start_culvert("127.0.0.1:0", echo_server.address)
+@pytest.mark.parametrize("copier", COPIERS)
+def test_no_fd_leak_after_thousand_connections(start_culvert, echo_server, copier):
+    c = start_culvert("127.0.0.1:0", echo_server.address, opts=copier)
     addr = c.addr
+    total, batch = 1000, 20
 
     warmup = 4  # a few, so every event loop has served a connection
     for i in range(warmup):
         echo_once(addr, b"warm up %d" % i)
     c.wait_stderr(r"connection closed", timeout=10, count=warmup)
-    baseline = stable_fd_count(c)
+    baseline = stable_fd_kinds(c)
 
-    total, batch = 1000, 20
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -452,13 +483,27 @@ def test_no_fd_leak_after_thousand_connections(start_culvert, echo_server):
     assert not errors, f"{len(errors)} errors, first: {errors[:5]}"
 
     c.wait_stderr(r"connection closed", timeout=20, count=warmup + total)
+    assert len(c.closed_records()) == warmup + total
+
+    # splice(2) pipes may be kept in a pool for reuse: allow at most one pipe
+    # (2 fds) per direction per connection that was ever open at once.
+    pipe_slack = 0 if copier == ["--no-splice"] else 2 * 2 * (batch + warmup)
+
+    def ok(now: dict[str, int]) -> bool:
+        others_now = {k: v for k, v in now.items() if k != "pipe"}
+        others_base = {k: v for k, v in baseline.items() if k != "pipe"}
+        return others_now == others_base and now.get("pipe", 0) <= baseline.get("pipe", 0) + pipe_slack
 
     # closing the last target sockets may trail the log line slightly
     fd_deadline = time.monotonic() + 5
-    while c.fd_count() != baseline and time.monotonic() < fd_deadline:
+    now = fd_kinds(c)
+    while not ok(now) and time.monotonic() < fd_deadline:
         time.sleep(0.05)
-    now = c.fd_count()
-    assert now == baseline, f"fd count {now} != baseline {baseline} after {total} connections"
+        now = fd_kinds(c)
+    assert ok(now), (
+        f"fds after {total} connections {now} vs baseline {baseline} "
+        f"(pipe fds may grow by at most {pipe_slack})"
+    )
     assert c.running()
     assert c.terminate() == 0
 
@@ -467,8 +512,13 @@ def test_no_fd_leak_after_thousand_connections(start_culvert, echo_server):
 # 10. idle timeout
 
 
-def test_idle_timeout_closes_idle_connection(start_culvert, echo_server):
-    c = start_culvert("127.0.0.1:0", echo_server.address, opts=["--idle-timeout", "1s"])
+@pytest.mark.parametrize(
+    "threads",
+    [pytest.param([], id="default-threads"), pytest.param(["--threads", "1"], id="one-thread")],
+)
+def test_idle_timeout_closes_idle_connection(start_culvert, echo_server, threads):
+    # with one thread the idle and the active connection share an event loop
+    c = start_culvert("127.0.0.1:0", echo_server.address, opts=["--idle-timeout", "1s", *threads])
     active_errors: list[str] = []
 
     def active() -> None:
@@ -517,10 +567,9 @@ def test_max_connections_refuses_beyond_limit(start_culvert, echo_server):
             held.append(s)
             round_trip(s, b"held %d" % i)
 
-        with connect(c.addr) as fourth:
-            t0 = time.monotonic()
-            assert expect_closed(fourth, timeout=3.0) in ("eof", "reset")
-            assert time.monotonic() - t0 < 1.5, "4th connection was not closed at once"
+        t0 = time.monotonic()
+        assert connect_expect_closed(c.addr, timeout=3.0) in ("eof", "reset")
+        assert time.monotonic() - t0 < 1.5, "4th connection was not closed at once"
         limit = c.wait_stderr(r"limit", timeout=5)
         assert "max=3" in limit[0], limit[0]
         assert echo_server.accepted == 3

@@ -10,6 +10,14 @@ public protocol DrainableService: AnyObject {
     func drain(timeout: Duration) async
 }
 
+/// Lets a running service end the process (a fatal condition such as failed
+/// authentication) with an exit status.
+public struct ServiceControl: Sendable {
+    let stop: @Sendable (Int32) -> Void
+    /// Stops every loop; the process exits with `status`.
+    public func exit(status: Int32) { stop(status) }
+}
+
 /// Runs a service on a loop group from start-up to exit: starts it with `async` code on
 /// the main loop, turns SIGINT/SIGTERM into a graceful drain (a second signal exits at
 /// once), and returns the process exit status.
@@ -21,7 +29,7 @@ public enum ServiceRunner {
     }
 
     public static func run(threads: Int, drainTimeout: Duration, logger: Logger,
-                           start: @escaping (LoopGroup) async throws -> DrainableService) -> Int32 {
+                           start: @escaping (LoopGroup, ServiceControl) async throws -> DrainableService) -> Int32 {
         let group: LoopGroup
         let signals: SignalSource
         do {
@@ -31,9 +39,15 @@ public enum ServiceRunner {
             signals = try SignalSource(loop: group.main) { signo in
                 signalReceived(signo, state: state, group: group, drainTimeout: drainTimeout, logger: logger)
             }
-            Task(executorPreference: group.main) {
+            let control = ServiceControl { status in
+                group.main.execute {
+                    state.exitStatus = status
+                    group.stop()
+                }
+            }
+            Task(executorPreference: group.main.tasks) {
                 do {
-                    let service = try await start(group)
+                    let service = try await start(group, control)
                     state.service = service
                     if state.stopping {
                         await service.drain(timeout: drainTimeout)
@@ -68,7 +82,7 @@ public enum ServiceRunner {
         state.stopping = true
         logger.notice("\(name) received, shutting down")
         guard let service = state.service else { return }
-        Task(executorPreference: group.main) {
+        Task(executorPreference: group.main.tasks) {
             await service.drain(timeout: drainTimeout)
             group.stop()
         }

@@ -1,0 +1,27 @@
+#ifndef CULVERT_CCULVERTTLS_H
+#define CULVERT_CCULVERTTLS_H
+
+// OpenSSL set-up that needs C callbacks (TLS 1.3 external PSK) or is clearer in C.
+// Every context is TLS 1.3 only.
+
+#include <stddef.h>
+#include <openssl/ssl.h>
+
+/// Server context authenticating clients by an external PSK (identity `culvert/1`),
+/// with (EC)DHE key exchange so past sessions stay secret if the key leaks.
+SSL_CTX *culvert_tls_server_psk(const unsigned char *key, size_t key_len);
+/// Client context offering the same external PSK.
+SSL_CTX *culvert_tls_client_psk(const unsigned char *key, size_t key_len);
+/// Server context with an X.509 certificate chain and key (PEM files).
+SSL_CTX *culvert_tls_server_cert(const char *cert_file, const char *key_file);
+/// Client context verifying the server against `ca_file`, or verifying nothing when
+/// `ca_file` is NULL (the caller then pins the fingerprint after the handshake).
+SSL_CTX *culvert_tls_client_cert(const char *ca_file);
+/// SHA-256 of the peer certificate's DER encoding; 0 on success.
+int culvert_tls_peer_fingerprint(SSL *ssl, unsigned char out[32]);
+/// SHA-256 of the first certificate in a PEM file; 0 on success.
+int culvert_tls_file_fingerprint(const char *cert_file, unsigned char out[32]);
+/// The oldest queued OpenSSL error as text (queue cleared); empty when none.
+void culvert_tls_last_error(char *buf, size_t len);
+
+#endif

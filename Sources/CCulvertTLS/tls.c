@@ -1,0 +1,154 @@
+#include <string.h>
+#include <stdlib.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include "CCulvertTLS.h"
+
+static const unsigned char psk_identity[] = "culvert/1";
+static const unsigned char tls13_aes128gcmsha256_id[] = {0x13, 0x01};
+static int key_index = -1;
+
+struct psk_key {
+    size_t len;
+    unsigned char bytes[64];
+};
+
+static void free_key(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp) {
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    if (ptr) { OPENSSL_cleanse(ptr, sizeof(struct psk_key)); free(ptr); }
+}
+
+static SSL_SESSION *session_for(SSL *ssl) {
+    SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+    struct psk_key *key = SSL_CTX_get_ex_data(ctx, key_index);
+    const SSL_CIPHER *cipher = SSL_CIPHER_find(ssl, tls13_aes128gcmsha256_id);
+    if (key == NULL || cipher == NULL) return NULL;
+    SSL_SESSION *sess = SSL_SESSION_new();
+    if (sess == NULL) return NULL;
+    if (!SSL_SESSION_set1_master_key(sess, key->bytes, key->len)
+        || !SSL_SESSION_set_cipher(sess, cipher)
+        || !SSL_SESSION_set_protocol_version(sess, TLS1_3_VERSION)) {
+        SSL_SESSION_free(sess);
+        return NULL;
+    }
+    return sess;
+}
+
+static int find_session(SSL *ssl, const unsigned char *identity, size_t identity_len, SSL_SESSION **sess) {
+    if (identity_len != sizeof(psk_identity) - 1 || memcmp(identity, psk_identity, identity_len) != 0) {
+        *sess = NULL;  /* unknown identity: no PSK, the handshake fails for lack of a certificate */
+        return 1;
+    }
+    *sess = session_for(ssl);
+    return *sess != NULL;
+}
+
+static int use_session(SSL *ssl, const EVP_MD *md, const unsigned char **id, size_t *idlen, SSL_SESSION **sess) {
+    (void)md;
+    *sess = session_for(ssl);
+    if (*sess == NULL) return 0;
+    *id = psk_identity;
+    *idlen = sizeof(psk_identity) - 1;
+    return 1;
+}
+
+static SSL_CTX *new_ctx(const SSL_METHOD *method) {
+    SSL_CTX *ctx = SSL_CTX_new(method);
+    if (ctx == NULL) return NULL;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+    /* No session tickets: every connection authenticates afresh. */
+    SSL_CTX_set_num_tickets(ctx, 0);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    return ctx;
+}
+
+static SSL_CTX *with_key(SSL_CTX *ctx, const unsigned char *key, size_t key_len) {
+    if (ctx == NULL) return NULL;
+    if (key_index < 0) key_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, free_key);
+    struct psk_key *k = calloc(1, sizeof *k);
+    if (k == NULL || key_len > sizeof k->bytes) { free(k); SSL_CTX_free(ctx); return NULL; }
+    memcpy(k->bytes, key, key_len);
+    k->len = key_len;
+    SSL_CTX_set_ex_data(ctx, key_index, k);
+    /* The PSK is bound to SHA-256: a SHA-384 suite chosen first would make the server
+       ignore the PSK and look for a certificate it does not have. */
+    SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256");
+    return ctx;
+}
+
+SSL_CTX *culvert_tls_server_psk(const unsigned char *key, size_t key_len) {
+    SSL_CTX *ctx = with_key(new_ctx(TLS_server_method()), key, key_len);
+    if (ctx) SSL_CTX_set_psk_find_session_callback(ctx, find_session);
+    return ctx;
+}
+
+SSL_CTX *culvert_tls_client_psk(const unsigned char *key, size_t key_len) {
+    SSL_CTX *ctx = with_key(new_ctx(TLS_client_method()), key, key_len);
+    if (ctx) {
+        SSL_CTX_set_psk_use_session_callback(ctx, use_session);
+        /* The PSK authenticates the server; there is no certificate to check. */
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+    }
+    return ctx;
+}
+
+SSL_CTX *culvert_tls_server_cert(const char *cert_file, const char *key_file) {
+    SSL_CTX *ctx = new_ctx(TLS_server_method());
+    if (ctx == NULL) return NULL;
+    if (SSL_CTX_use_certificate_chain_file(ctx, cert_file) != 1
+        || SSL_CTX_use_PrivateKey_file(ctx, key_file, SSL_FILETYPE_PEM) != 1
+        || SSL_CTX_check_private_key(ctx) != 1) {
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+SSL_CTX *culvert_tls_client_cert(const char *ca_file) {
+    SSL_CTX *ctx = new_ctx(TLS_client_method());
+    if (ctx == NULL) return NULL;
+    if (ca_file != NULL) {
+        if (SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1) {
+            SSL_CTX_free(ctx);
+            return NULL;
+        }
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    } else {
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+    }
+    return ctx;
+}
+
+static int digest_cert(X509 *cert, unsigned char out[32]) {
+    unsigned int len = 0;
+    int ok = cert != NULL && X509_digest(cert, EVP_sha256(), out, &len) == 1 && len == 32;
+    return ok ? 0 : -1;
+}
+
+int culvert_tls_peer_fingerprint(SSL *ssl, unsigned char out[32]) {
+    X509 *cert = SSL_get1_peer_certificate(ssl);
+    int rc = digest_cert(cert, out);
+    X509_free(cert);
+    return rc;
+}
+
+int culvert_tls_file_fingerprint(const char *cert_file, unsigned char out[32]) {
+    FILE *f = fopen(cert_file, "r");
+    if (f == NULL) return -1;
+    X509 *cert = PEM_read_X509(f, NULL, NULL, NULL);
+    fclose(f);
+    int rc = digest_cert(cert, out);
+    X509_free(cert);
+    return rc;
+}
+
+void culvert_tls_last_error(char *buf, size_t len) {
+    unsigned long e = ERR_get_error();
+    if (e == 0) { if (len) buf[0] = 0; }
+    else ERR_error_string_n(e, buf, len);
+    ERR_clear_error();
+}

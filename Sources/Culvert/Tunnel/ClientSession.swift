@@ -1,0 +1,185 @@
+import Logging
+import Reactor
+import Transfer
+
+/// One authenticated control session of the client: registers the services, opens the
+/// data channels the server asks for, and answers heartbeats.
+///
+/// Thread confinement: lives on the client's loop.
+final class ClientSession {
+    private unowned let client: TunnelClient
+    private let control: AsyncDuplex
+    private let id: [UInt8]
+    private let key: [UInt8]
+    /// Data channels opened and waiting for a visitor.
+    private var pooled: [ObjectIdentifier: AsyncDuplex] = [:]
+    private var heartbeatTimer: LoopTimer?
+    private var retryTimers: [LoopTimer] = []
+    private var lastHeard: UInt64
+    private var ended = false
+    private var logger: Logger { client.logger }
+    private var loop: EventLoop { client.loop }
+    /// Seconds between retries of a service the server refused after a reconnect.
+    private static let registrationRetry: Duration = .seconds(5)
+
+    init(client: TunnelClient, control: AsyncDuplex, id: [UInt8], key: [UInt8]) {
+        self.client = client
+        self.control = control
+        self.id = id
+        self.key = key
+        lastHeard = client.loop.now
+    }
+
+    /// Serves the control channel until it dies. Throws `FatalClientError` when a
+    /// service is refused on the first session.
+    func run(firstSession: Bool) async throws {
+        let services = client.config.services
+        for (i, spec) in services.enumerated() { register(spec, id: UInt32(i)) }
+        scheduleHeartbeat()
+        defer { end() }
+        do {
+            while !ended {
+                let message = try await TunnelProtocol.read(from: control)
+                lastHeard = loop.now
+                switch message {
+                case .serviceAccepted(let sid, let address):
+                    guard Int(sid) < services.count else { continue }
+                    client.serviceExposed(services[Int(sid)], id: sid, address: address)
+                case .serviceRefused(let sid, let reason):
+                    guard Int(sid) < services.count else { continue }
+                    let spec = services[Int(sid)]
+                    try client.serviceRefused(spec, reason: reason, firstSession: firstSession)
+                    retryTimers.append(loop.schedule(after: Self.registrationRetry) { [weak self] in
+                        self?.register(spec, id: sid)
+                    })
+                case .openData(let nonce):
+                    Task(executorPreference: loop.tasks) { await self.openDataChannel(nonce: nonce) }
+                case .ping(let x):
+                    control.send(TunnelProtocol.encode(.pong(x)))
+                case .pong:
+                    break
+                case .refused(let reason):
+                    throw ChannelError.protocolViolation("server closed the session: \(reason)")
+                default:
+                    throw ChannelError.protocolViolation("unexpected frame on control channel")
+                }
+            }
+        } catch let fatal as FatalClientError {
+            throw fatal
+        } catch {
+            if !ended { logger.warning("control channel lost", metadata: ["error": "\(error)"]) }
+        }
+    }
+
+    private func register(_ spec: ServiceSpec, id sid: UInt32) {
+        guard !ended else { return }
+        control.send(TunnelProtocol.encode(.registerService(TunnelProtocol.ServiceRequest(
+            id: sid, kind: .tcp, bindHost: spec.bindHost ?? "", port: spec.remotePort))))
+    }
+
+    /// Opens one data channel for the server's nonce, waits in the pool until the server
+    /// sends a visitor, then connects to the local service and relays.
+    private func openDataChannel(nonce: [UInt8]) async {
+        let channel: AsyncDuplex
+        do {
+            channel = try await client.openChannel()
+        } catch {
+            logger.warning("cannot open data channel", metadata: ["error": "\(error)"])
+            return
+        }
+        guard !ended else { return channel.close() }
+        let key = ObjectIdentifier(channel)
+        pooled[key] = channel
+        defer { pooled[key] = nil }
+        let serviceID: UInt32
+        let visitor: String
+        do {
+            channel.send(TunnelProtocol.encode(.dataHello(
+                version: TunnelProtocol.version, sessionID: id, channelNonce: nonce,
+                proof: TunnelProtocol.dataProof(sessionKey: self.key, sessionID: id, channelNonce: nonce))))
+            guard case .connect(let sid, let who) = try await TunnelProtocol.read(from: channel) else {
+                throw ChannelError.protocolViolation("expected connect on data channel")
+            }
+            serviceID = sid
+            visitor = who
+        } catch {
+            if !ended && error as? ChannelError != .closed {
+                logger.debug("pooled data channel closed", metadata: ["error": "\(error)"])
+            }
+            channel.fail(.closed)
+            return
+        }
+        let services = client.config.services
+        guard Int(serviceID) < services.count else {
+            return channel.fail(.protocolViolation("unknown service \(serviceID)"))
+        }
+        let spec = services[Int(serviceID)]
+        let localFD: Int32
+        do {
+            let addresses = try await Resolver.resolve(host: spec.localHost, port: spec.localPort, passive: false, on: loop)
+            localFD = try await connectFirst(addresses)
+        } catch {
+            logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
+            return channel.fail(.closed)
+        }
+        startRelay(channel.detach(), localFD: localFD, visitor: visitor, target: spec.localDescription)
+    }
+
+    private func connectFirst(_ addresses: [SocketAddress]) async throws -> Int32 {
+        var last: Error = ChannelError.closed
+        for a in addresses {
+            do { return try await AsyncConnect.connect(to: a, timeout: client.config.connectTimeout, on: loop) } catch { last = error }
+        }
+        throw last
+    }
+
+    private func startRelay(_ data: Duplex, localFD: Int32, visitor: String, target: String) {
+        let client = self.client
+        let relay = CopyBidirectional(loop: loop, resources: client.resources, a: data, b: TCPStream(fd: localFD)) { relay, reason in
+            client.activeRelays[ObjectIdentifier(relay)] = nil
+            var metadata: Logger.Metadata = [
+                "peer": "\(visitor)", "target": "\(target)",
+                "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
+                "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
+                "reason": "\(reason.label)",
+            ]
+            if case .reset(let e) = reason { metadata["error"] = "\(e)" }
+            client.logger.info("connection closed", metadata: metadata)
+            client.relayEnded()
+        }
+        client.activeRelays[ObjectIdentifier(relay)] = relay
+        do {
+            try relay.start()
+        } catch {
+            client.activeRelays[ObjectIdentifier(relay)] = nil
+            logger.warning("cannot start relay", metadata: ["peer": "\(visitor)", "error": "\(error)"])
+        }
+    }
+
+    private func scheduleHeartbeat() {
+        let hb = client.config.heartbeat
+        heartbeatTimer = loop.schedule(after: hb.interval) { [weak self] in
+            guard let self, !self.ended else { return }
+            if self.loop.now &- self.lastHeard > hb.deadAfter.nanoseconds {
+                self.logger.warning("server stopped answering", metadata: ["missed": .stringConvertible(hb.misses)])
+                self.control.fail(.timedOut("heartbeat"))
+                return
+            }
+            self.control.send(TunnelProtocol.encode(.ping(self.loop.now)))
+            self.scheduleHeartbeat()
+        }
+    }
+
+    /// Closes the control channel and every pooled data channel; running relays go on.
+    func end() {
+        guard !ended else { return }
+        ended = true
+        heartbeatTimer?.cancel()
+        heartbeatTimer = nil
+        for t in retryTimers { t.cancel() }
+        retryTimers.removeAll()
+        for c in pooled.values { c.fail(.closed) }
+        pooled.removeAll()
+        control.close()
+    }
+}

@@ -1,0 +1,236 @@
+import Logging
+import Reactor
+import Transfer
+
+/// One authenticated client on the server: its control channel, exposed services,
+/// outstanding data-channel nonces, pooled data channels and waiting visitors.
+///
+/// Thread confinement: lives on the server's loop.
+final class ServerSession {
+    /// A visitor accepted on an exposed port, waiting for a data channel.
+    private struct WaitingVisitor {
+        let fd: Int32
+        let peer: String
+        let service: UInt32
+        let timer: LoopTimer
+    }
+
+    private final class ExposedService {
+        let request: TunnelProtocol.ServiceRequest
+        let acceptor: Acceptor
+        init(request: TunnelProtocol.ServiceRequest, acceptor: Acceptor) {
+            self.request = request
+            self.acceptor = acceptor
+        }
+    }
+
+    let id: [UInt8]
+    let peer: String
+    private unowned let server: TunnelServer
+    private let control: AsyncDuplex
+    private let sessionKey: [UInt8]
+    private let poolSize: Int
+    private var services: [UInt32: ExposedService] = [:]
+    /// Nonces sent in openData and not yet used: each opens exactly one data channel.
+    private var outstandingNonces: Set<[UInt8]> = []
+    private var idleChannels: [AsyncDuplex] = []
+    private var waiting: [WaitingVisitor] = []
+    private var heartbeatTimer: LoopTimer?
+    private var lastHeard: UInt64
+    private var ended = false
+    private var logger: Logger { server.logger }
+    private var loop: EventLoop { server.loop }
+
+    init(server: TunnelServer, control: AsyncDuplex, id: [UInt8], peer: String, sessionKey: [UInt8], poolSize: Int) {
+        self.server = server
+        self.control = control
+        self.id = id
+        self.peer = peer
+        self.sessionKey = sessionKey
+        self.poolSize = poolSize
+        lastHeard = server.loop.now
+    }
+
+    /// Serves the control channel until it dies; then releases everything the client had.
+    func run() async {
+        requestChannels()
+        scheduleHeartbeat()
+        var reason = "control channel closed"
+        do {
+            while !ended {
+                let message = try await TunnelProtocol.read(from: control)
+                lastHeard = loop.now
+                switch message {
+                case .registerService(let request): register(request)
+                case .ping(let x): control.send(TunnelProtocol.encode(.pong(x)))
+                case .pong: break
+                default: throw ChannelError.protocolViolation("unexpected frame on control channel")
+                }
+            }
+        } catch {
+            reason = "\(error)"
+        }
+        end(reason: reason)
+    }
+
+    private func register(_ request: TunnelProtocol.ServiceRequest) {
+        if services[request.id] != nil {
+            return refuse(request, ServiceRefusal("service id \(request.id) registered twice"))
+        }
+        guard services.count < server.config.maxServicesPerClient else {
+            return refuse(request, ServiceRefusal("too many services (limit \(server.config.maxServicesPerClient))"))
+        }
+        switch server.bindService(request) {
+        case .failure(let refusal):
+            refuse(request, refusal)
+        case .success(let (fd, address)):
+            let acceptor = Acceptor(loop: loop, fd: fd, address: address,
+                onAccept: { [weak self] fd, visitor in
+                    guard let self else { return Net.closeWithReset(fd) }
+                    self.visitorArrived(fd, peer: visitor?.description ?? "?", service: request.id)
+                },
+                onError: { [weak self] error in self?.logger.warning("accept failed", metadata: ["listen": "\(address)", "error": "\(error)"]) })
+            do {
+                try acceptor.start()
+            } catch {
+                acceptor.stop()
+                return refuse(request, ServiceRefusal("cannot watch \(address): \(error)"))
+            }
+            services[request.id] = ExposedService(request: request, acceptor: acceptor)
+            control.send(TunnelProtocol.encode(.serviceAccepted(id: request.id, address: address.description)))
+            logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "\(address)"])
+        }
+    }
+
+    private func refuse(_ request: TunnelProtocol.ServiceRequest, _ refusal: ServiceRefusal) {
+        control.send(TunnelProtocol.encode(.serviceRefused(id: request.id, reason: refusal.reason)))
+        logger.warning("service refused", metadata: ["peer": "\(peer)", "port": .stringConvertible(request.port), "reason": "\(refusal.reason)"])
+    }
+
+    // MARK: data channels
+
+    /// Asks the client for enough data channels to cover the pool and every waiting visitor.
+    private func requestChannels() {
+        guard !ended else { return }
+        while idleChannels.count + outstandingNonces.count < poolSize + waiting.count {
+            let nonce = TunnelCrypto.random(TunnelProtocol.channelNonceSize)
+            outstandingNonces.insert(nonce)
+            control.send(TunnelProtocol.encode(.openData(channelNonce: nonce)))
+        }
+    }
+
+    /// Checks a data channel's one-time proof and uses up its nonce.
+    func accept(nonce: [UInt8], proof: [UInt8]) -> Bool {
+        guard !ended, outstandingNonces.contains(nonce) else { return false }
+        let expected = TunnelProtocol.dataProof(sessionKey: sessionKey, sessionID: id, channelNonce: nonce)
+        guard TunnelCrypto.constantTimeEqual(proof, expected) else { return false }
+        outstandingNonces.remove(nonce)
+        return true
+    }
+
+    func dataChannelArrived(_ channel: AsyncDuplex) {
+        guard !ended else { return channel.close() }
+        if waiting.isEmpty {
+            idleChannels.append(channel)
+        } else {
+            let visitor = waiting.removeFirst()
+            visitor.timer.cancel()
+            pair(channel, visitor.fd, peer: visitor.peer, service: visitor.service)
+        }
+    }
+
+    private func visitorArrived(_ fd: Int32, peer visitor: String, service: UInt32) {
+        if let channel = idleChannels.popLast() {
+            pair(channel, fd, peer: visitor, service: service)
+        } else {
+            let timer = loop.schedule(after: server.config.visitorTimeout) { [weak self] in
+                self?.visitorTimedOut(fd)
+            }
+            waiting.append(WaitingVisitor(fd: fd, peer: visitor, service: service, timer: timer))
+        }
+        requestChannels()
+    }
+
+    private func visitorTimedOut(_ fd: Int32) {
+        guard let i = waiting.firstIndex(where: { $0.fd == fd }) else { return }
+        let v = waiting.remove(at: i)
+        Net.closeWithReset(fd)
+        logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(v.peer)", "timeout": "\(DurationSpec.format(server.config.visitorTimeout))"])
+    }
+
+    /// Tells the client which service the visitor wants, then relays raw bytes.
+    private func pair(_ channel: AsyncDuplex, _ visitorFD: Int32, peer visitor: String, service: UInt32) {
+        let server = self.server
+        let listen = services[service]?.acceptor.address.description ?? "?"
+        channel.send(TunnelProtocol.encode(.connect(serviceID: service, visitor: visitor)))
+        Task(executorPreference: loop.tasks) {
+            do {
+                try await channel.flush()
+            } catch {
+                Net.closeWithReset(visitorFD)
+                server.logger.warning("data channel failed before use", metadata: ["peer": "\(visitor)", "error": "\(error)"])
+                return
+            }
+            let relay = CopyBidirectional(loop: server.loop, resources: server.resources,
+                                          a: TCPStream(fd: visitorFD), b: channel.detach()) { relay, reason in
+                server.activeRelays[ObjectIdentifier(relay)] = nil
+                var metadata: Logger.Metadata = [
+                    "peer": "\(visitor)", "listen": "\(listen)",
+                    "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
+                    "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
+                    "reason": "\(reason.label)",
+                ]
+                if case .reset(let e) = reason { metadata["error"] = "\(e)" }
+                server.logger.info("connection closed", metadata: metadata)
+                server.relayEnded()
+            }
+            server.activeRelays[ObjectIdentifier(relay)] = relay
+            do {
+                try relay.start()
+            } catch {
+                server.activeRelays[ObjectIdentifier(relay)] = nil
+                server.logger.warning("cannot start relay", metadata: ["peer": "\(visitor)", "error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: liveness and ending
+
+    private func scheduleHeartbeat() {
+        let hb = server.config.heartbeat
+        heartbeatTimer = loop.schedule(after: hb.interval) { [weak self] in
+            guard let self, !self.ended else { return }
+            if self.loop.now &- self.lastHeard > hb.deadAfter.nanoseconds {
+                self.control.fail(.timedOut("heartbeat (\(hb.misses) missed)"))
+                return
+            }
+            self.control.send(TunnelProtocol.encode(.ping(self.loop.now)))
+            self.scheduleHeartbeat()
+        }
+    }
+
+    /// Closes the exposed ports (for a graceful drain), keeping running relays.
+    func stopAccepting() {
+        for s in services.values { s.acceptor.stop() }
+        services.removeAll()
+    }
+
+    /// Releases the client's ports, pooled channels and waiting visitors.
+    func end(reason: String) {
+        guard !ended else { return }
+        ended = true
+        heartbeatTimer?.cancel()
+        heartbeatTimer = nil
+        stopAccepting()
+        for c in idleChannels { c.close() }
+        idleChannels.removeAll()
+        for v in waiting {
+            v.timer.cancel()
+            Net.closeWithReset(v.fd)
+        }
+        waiting.removeAll()
+        outstandingNonces.removeAll()
+        control.close()
+        logger.info("client disconnected", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
+    }
+}

@@ -1,0 +1,156 @@
+import Reactor
+
+/// How tunnel connections are protected.
+public enum TunnelTransport: String, CaseIterable, Sendable {
+    /// TLS 1.3: an external PSK from the token, or X.509 when the server has a certificate.
+    case tls
+    /// No encryption: only when both ends ask for it; data channels then splice.
+    case plain
+}
+
+/// Allowed public ports, e.g. `20000-20100,8080`.
+public struct PortRanges: Equatable, CustomStringConvertible, Sendable {
+    public let ranges: [ClosedRange<UInt16>]
+
+    public init(_ ranges: [ClosedRange<UInt16>]) { self.ranges = ranges }
+
+    public static let unprivileged = PortRanges([1024...65535])
+
+    public struct ParseError: Error, CustomStringConvertible {
+        public let input: String
+        public let reason: String
+        public var description: String { "invalid port list '\(input)': \(reason)" }
+    }
+
+    public static func parse(_ text: String) throws(ParseError) -> PortRanges {
+        var out: [ClosedRange<UInt16>] = []
+        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let item = String(part).trimmingWhitespace()
+            let bounds = item.split(separator: "-", omittingEmptySubsequences: false)
+            guard (1...2).contains(bounds.count), let lo = UInt16(bounds[0]), let hi = UInt16(bounds.last!), lo >= 1 else {
+                throw ParseError(input: text, reason: "'\(item)' is not a port (1-65535) or a range like 20000-20100")
+            }
+            guard lo <= hi else { throw ParseError(input: text, reason: "range '\(item)' runs backwards") }
+            out.append(lo...hi)
+        }
+        return PortRanges(out)
+    }
+
+    public func contains(_ port: UInt16) -> Bool { ranges.contains { $0.contains(port) } }
+
+    /// True when every port the kernel hands out for port 0 is allowed.
+    public var coversEphemeralRange: Bool { ranges.contains { $0.lowerBound <= 32768 && $0.upperBound >= 60999 } }
+
+    public var description: String {
+        ranges.map { $0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)" }.joined(separator: ",")
+    }
+}
+
+/// One service a client exposes: `-R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`.
+public struct ServiceSpec: Equatable, Sendable {
+    public var name: String
+    /// nil: the server's default bind address.
+    public var bindHost: String?
+    /// 0: the server picks a free allowed port.
+    public var remotePort: UInt16
+    public var localHost: String
+    public var localPort: UInt16
+
+    public init(name: String, bindHost: String?, remotePort: UInt16, localHost: String, localPort: UInt16) {
+        self.name = name
+        self.bindHost = bindHost
+        self.remotePort = remotePort
+        self.localHost = localHost
+        self.localPort = localPort
+    }
+
+    public struct ParseError: Error, CustomStringConvertible {
+        public let input: String
+        public let reason: String
+        public var description: String { "invalid -R '\(input)': \(reason); expected [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT" }
+    }
+
+    /// Parses ssh's -R form; IPv6 hosts go in brackets.
+    public static func parse(_ text: String) throws(ParseError) -> ServiceSpec {
+        var fields: [String] = []
+        var current = ""
+        var inBrackets = false
+        for ch in text {
+            switch ch {
+            case "[" where !inBrackets: inBrackets = true
+            case "]" where inBrackets: inBrackets = false
+            case ":" where !inBrackets:
+                fields.append(current)
+                current = ""
+            default: current.append(ch)
+            }
+        }
+        fields.append(current)
+        if inBrackets { throw ParseError(input: text, reason: "missing ']'") }
+        guard fields.count == 3 || fields.count == 4 else {
+            throw ParseError(input: text, reason: "expected 3 or 4 fields separated by ':'")
+        }
+        let bind: String? = fields.count == 4 ? (fields[0].isEmpty || fields[0] == "*" ? nil : fields[0]) : nil
+        let rest = fields.suffix(3).map { $0 }
+        guard let remote = UInt16(rest[0]) else {
+            throw ParseError(input: text, reason: "remote port '\(rest[0])' is not a number 0-65535")
+        }
+        guard !rest[1].isEmpty else { throw ParseError(input: text, reason: "empty LOCAL_HOST") }
+        guard let local = UInt16(rest[2]), local > 0 else {
+            throw ParseError(input: text, reason: "local port '\(rest[2])' is not a number 1-65535")
+        }
+        return ServiceSpec(name: text, bindHost: bind, remotePort: remote, localHost: rest[1], localPort: local)
+    }
+
+    /// `127.0.0.1:22`, as the exposed line shows the local end.
+    public var localDescription: String { HostPort(host: localHost, port: localPort).description }
+}
+
+/// Heartbeat timing shared by both ends.
+public struct Heartbeat: Sendable {
+    public var interval: Duration = .seconds(5)
+    /// Missed intervals after which the peer is declared dead.
+    public var misses: Int = 3
+    public init() {}
+    public var deadAfter: Duration { interval * misses }
+}
+
+/// Everything `culvert server` needs, from flags or a config file.
+public struct TunnelServerConfig: Sendable {
+    public var listen: [HostPort] = [HostPort(host: nil, port: 7000)]
+    public var token: String = ""
+    public var transport: TunnelTransport = .tls
+    public var certFile: String?
+    public var keyFile: String?
+    public var allowPorts: PortRanges = .unprivileged
+    /// Addresses services may bind; empty means any address the server has.
+    public var bindAddresses: [String] = []
+    public var maxClients: Int = 64
+    public var maxServicesPerClient: Int = 32
+    public var maxUnauthenticated: Int = 128
+    public var handshakeTimeout: Duration = .seconds(10)
+    /// How long a visitor waits for a data channel before it is closed.
+    public var visitorTimeout: Duration = .seconds(10)
+    public var heartbeat = Heartbeat()
+    public var drainTimeout: Duration = .seconds(30)
+    public init() {}
+}
+
+/// Everything `culvert client` needs, from flags or a config file.
+public struct TunnelClientConfig: Sendable {
+    public var server: HostPort = HostPort(host: "127.0.0.1", port: 7000)
+    public var token: String = ""
+    public var transport: TunnelTransport = .tls
+    public var caFile: String?
+    /// SHA-256 of the server certificate's DER, pinned.
+    public var fingerprint: [UInt8]?
+    public var services: [ServiceSpec] = []
+    public var pool: Int = 2
+    public var heartbeat = Heartbeat()
+    public var handshakeTimeout: Duration = .seconds(10)
+    public var connectTimeout: Duration = .seconds(5)
+    public var reconnectInitial: Duration = .milliseconds(500)
+    public var reconnectMax: Duration = .seconds(30)
+    public var drainTimeout: Duration = .seconds(30)
+    public init() {}
+}

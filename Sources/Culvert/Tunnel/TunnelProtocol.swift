@@ -1,0 +1,211 @@
+import Transfer
+
+/// The culvert tunnel wire protocol, version 1 (docs/PROTOCOL.md): every message of the
+/// control and data channels, their encoding, and the proofs. This file is the codec;
+/// nothing else knows byte layouts.
+///
+/// Frame: u32 big-endian length of what follows (type byte + body), u8 type, body.
+/// Integers are big-endian; strings and byte strings are u16 length + bytes.
+enum TunnelProtocol {
+    static let version: UInt16 = 1
+    /// Hard limit on a frame (type + body); larger frames end the connection.
+    static let maxFrame = 16 * 1024
+    static let nonceSize = 32
+    static let channelNonceSize = 16
+    static let sessionIDSize = 16
+    static let proofSize = 32
+
+    enum ServiceKind: UInt8 {
+        case tcp = 1
+    }
+
+    /// One registered service as the client asks for it.
+    struct ServiceRequest: Equatable {
+        var id: UInt32
+        var kind: ServiceKind
+        /// Empty: the server's default bind address.
+        var bindHost: String
+        /// 0: the server picks a free allowed port.
+        var port: UInt16
+    }
+
+    enum Message: Equatable {
+        /// client → server, first frame of a control channel.
+        case controlHello(version: UInt16, clientNonce: [UInt8])
+        /// server → client: its nonce and its proof of the token.
+        case challenge(version: UInt16, serverNonce: [UInt8], serverProof: [UInt8])
+        /// client → server: the client's proof, its pool size and heartbeat interval (ms).
+        case clientAuth(clientProof: [UInt8], poolSize: UInt16, heartbeatMillis: UInt32)
+        /// server → client: authenticated; the session's id.
+        case welcome(sessionID: [UInt8])
+        /// Either way: refusal with a reason, then the connection closes.
+        case refused(reason: String)
+        case registerService(ServiceRequest)
+        case serviceAccepted(id: UInt32, address: String)
+        case serviceRefused(id: UInt32, reason: String)
+        /// server → client on the control channel: open one data channel with this nonce.
+        case openData(channelNonce: [UInt8])
+        /// client → server, first frame of a data channel: one-time proof for the nonce.
+        case dataHello(version: UInt16, sessionID: [UInt8], channelNonce: [UInt8], proof: [UInt8])
+        /// server → client on a data channel: a visitor for this service; raw bytes follow.
+        case connect(serviceID: UInt32, visitor: String)
+        case ping(UInt64)
+        case pong(UInt64)
+    }
+
+    private enum TypeCode: UInt8 {
+        case controlHello = 0x01, challenge = 0x02, clientAuth = 0x03, welcome = 0x04, refused = 0x05
+        case registerService = 0x10, serviceAccepted = 0x11, serviceRefused = 0x12
+        case openData = 0x20, dataHello = 0x21, connect = 0x22
+        case ping = 0x30, pong = 0x31
+    }
+
+    // MARK: proofs
+
+    static func serverProof(key: [UInt8], clientNonce: [UInt8], serverNonce: [UInt8]) -> [UInt8] {
+        TunnelCrypto.hmacSHA256(key: key, Array("culvert/1 server".utf8), be(version), clientNonce, serverNonce)
+    }
+
+    static func clientProof(key: [UInt8], clientNonce: [UInt8], serverNonce: [UInt8]) -> [UInt8] {
+        TunnelCrypto.hmacSHA256(key: key, Array("culvert/1 client".utf8), be(version), clientNonce, serverNonce)
+    }
+
+    /// The per-session key for data-channel proofs; never sent.
+    static func sessionKey(key: [UInt8], clientNonce: [UInt8], serverNonce: [UInt8]) -> [UInt8] {
+        TunnelCrypto.hmacSHA256(key: key, Array("culvert/1 session".utf8), be(version), clientNonce, serverNonce)
+    }
+
+    static func dataProof(sessionKey: [UInt8], sessionID: [UInt8], channelNonce: [UInt8]) -> [UInt8] {
+        TunnelCrypto.hmacSHA256(key: sessionKey, Array("culvert/1 data".utf8), sessionID, channelNonce)
+    }
+
+    // MARK: encoding
+
+    static func encode(_ message: Message) -> [UInt8] {
+        var body: [UInt8] = []
+        let type: TypeCode
+        switch message {
+        case .controlHello(let v, let n):
+            type = .controlHello; body = be(v) + n
+        case .challenge(let v, let n, let p):
+            type = .challenge; body = be(v) + n + p
+        case .clientAuth(let p, let pool, let hb):
+            type = .clientAuth; body = p + be(pool) + be(hb)
+        case .welcome(let id):
+            type = .welcome; body = id
+        case .refused(let reason):
+            type = .refused; body = string(reason)
+        case .registerService(let s):
+            type = .registerService; body = be(s.id) + [s.kind.rawValue] + string(s.bindHost) + be(s.port)
+        case .serviceAccepted(let id, let address):
+            type = .serviceAccepted; body = be(id) + string(address)
+        case .serviceRefused(let id, let reason):
+            type = .serviceRefused; body = be(id) + string(reason)
+        case .openData(let n):
+            type = .openData; body = n
+        case .dataHello(let v, let id, let n, let p):
+            type = .dataHello; body = be(v) + id + n + p
+        case .connect(let id, let visitor):
+            type = .connect; body = be(id) + string(visitor)
+        case .ping(let x):
+            type = .ping; body = be(x)
+        case .pong(let x):
+            type = .pong; body = be(x)
+        }
+        return be(UInt32(body.count + 1)) + [type.rawValue] + body
+    }
+
+    /// Reads one frame exactly (never past its end) and decodes it.
+    static func read(from channel: AsyncDuplex) async throws -> Message {
+        let header = try await channel.readExactly(4)
+        let length = Int(UInt32(header[0]) << 24 | UInt32(header[1]) << 16 | UInt32(header[2]) << 8 | UInt32(header[3]))
+        guard length >= 1 else { throw ChannelError.protocolViolation("empty frame") }
+        guard length <= maxFrame else {
+            throw ChannelError.protocolViolation("frame of \(length) bytes exceeds the limit of \(maxFrame)")
+        }
+        let frame = try await channel.readExactly(length)
+        return try decode(type: frame[0], body: frame[1...])
+    }
+
+    static func decode(type raw: UInt8, body: ArraySlice<UInt8>) throws(ChannelError) -> Message {
+        guard let type = TypeCode(rawValue: raw) else {
+            throw ChannelError.protocolViolation("unknown frame type 0x\(String(raw, radix: 16))")
+        }
+        var r = Reader(bytes: body)
+        let message: Message
+        switch type {
+        case .controlHello:
+            message = .controlHello(version: try r.u16(), clientNonce: try r.bytes(nonceSize))
+        case .challenge:
+            message = .challenge(version: try r.u16(), serverNonce: try r.bytes(nonceSize), serverProof: try r.bytes(proofSize))
+        case .clientAuth:
+            message = .clientAuth(clientProof: try r.bytes(proofSize), poolSize: try r.u16(), heartbeatMillis: try r.u32())
+        case .welcome:
+            message = .welcome(sessionID: try r.bytes(sessionIDSize))
+        case .refused:
+            message = .refused(reason: try r.string())
+        case .registerService:
+            let id = try r.u32()
+            guard let kind = ServiceKind(rawValue: try r.u8()) else { throw ChannelError.protocolViolation("unknown service kind") }
+            message = .registerService(ServiceRequest(id: id, kind: kind, bindHost: try r.string(), port: try r.u16()))
+        case .serviceAccepted:
+            message = .serviceAccepted(id: try r.u32(), address: try r.string())
+        case .serviceRefused:
+            message = .serviceRefused(id: try r.u32(), reason: try r.string())
+        case .openData:
+            message = .openData(channelNonce: try r.bytes(channelNonceSize))
+        case .dataHello:
+            message = .dataHello(version: try r.u16(), sessionID: try r.bytes(sessionIDSize),
+                                 channelNonce: try r.bytes(channelNonceSize), proof: try r.bytes(proofSize))
+        case .connect:
+            message = .connect(serviceID: try r.u32(), visitor: try r.string())
+        case .ping:
+            message = .ping(try r.u64())
+        case .pong:
+            message = .pong(try r.u64())
+        }
+        guard r.isAtEnd else { throw ChannelError.protocolViolation("trailing bytes in frame type 0x\(String(raw, radix: 16))") }
+        return message
+    }
+
+    // MARK: primitives
+
+    private static func be<T: FixedWidthInteger>(_ v: T) -> [UInt8] {
+        withUnsafeBytes(of: v.bigEndian) { Array($0) }
+    }
+
+    private static func string(_ s: String) -> [UInt8] {
+        let utf8 = Array(s.utf8.prefix(1024))
+        return be(UInt16(utf8.count)) + utf8
+    }
+
+    private struct Reader {
+        var bytes: ArraySlice<UInt8>
+        var isAtEnd: Bool { bytes.isEmpty }
+
+        mutating func bytes(_ n: Int) throws(ChannelError) -> [UInt8] {
+            guard bytes.count >= n else { throw ChannelError.protocolViolation("truncated frame") }
+            let out = Array(bytes.prefix(n))
+            bytes = bytes.dropFirst(n)
+            return out
+        }
+
+        mutating func int<T: FixedWidthInteger>(_: T.Type) throws(ChannelError) -> T {
+            let raw = try bytes(MemoryLayout<T>.size)
+            return raw.reduce(T(0)) { $0 << 8 | T($1) }
+        }
+
+        mutating func u8() throws(ChannelError) -> UInt8 { try int(UInt8.self) }
+        mutating func u16() throws(ChannelError) -> UInt16 { try int(UInt16.self) }
+        mutating func u32() throws(ChannelError) -> UInt32 { try int(UInt32.self) }
+        mutating func u64() throws(ChannelError) -> UInt64 { try int(UInt64.self) }
+
+        mutating func string() throws(ChannelError) -> String {
+            let n = Int(try u16())
+            guard let s = String(validating: try bytes(n), as: UTF8.self) else {
+                throw ChannelError.protocolViolation("string is not UTF-8")
+            }
+            return s
+        }
+    }
+}

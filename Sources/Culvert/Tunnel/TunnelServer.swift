@@ -1,0 +1,268 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import Reactor
+import Transfer
+
+/// `culvert server`: accepts tunnel clients, authenticates them, exposes their services
+/// on public ports and pairs each visitor with a data channel from its client.
+///
+/// Every connection of the tunnel lives on the main loop: control channels, data
+/// channels and visitors pair up without crossing threads. (One loop moves several
+/// Gbit/s with splice; spreading sessions over loops is a later step.)
+///
+/// Thread confinement: everything runs on `loop`.
+public final class TunnelServer: DrainableService, @unchecked Sendable {
+    let config: TunnelServerConfig
+    let loop: EventLoop
+    let logger: Logger
+    let keys: TokenKeys
+    private let tls: TLSContext?
+    let resources = LoopResources()
+    private var acceptors: [Acceptor] = []
+    private var sessions: [[UInt8]: ServerSession] = [:]
+    private var unauthenticated = 0
+    private var draining = false
+    /// Relays of visitors still running (for drain).
+    var activeRelays: [ObjectIdentifier: CopyBidirectional] = [:]
+    private var onIdle: (() -> Void)?
+    public private(set) var boundAddresses: [SocketAddress] = []
+
+    private init(config: TunnelServerConfig, loop: EventLoop, logger: Logger, tls: TLSContext?) {
+        self.config = config
+        self.loop = loop
+        self.logger = logger
+        self.tls = tls
+        keys = TokenKeys(token: config.token)
+    }
+
+    public static func start(config: TunnelServerConfig, group: LoopGroup, logger: Logger) async throws -> TunnelServer {
+        let loop = group.main
+        let keys = TokenKeys(token: config.token)
+        let tls: TLSContext?
+        switch config.transport {
+        case .plain:
+            tls = nil
+        case .tls:
+            if let cert = config.certFile, let key = config.keyFile {
+                tls = try TLSContext.server(certificate: cert, key: key)
+            } else {
+                tls = try TLSContext.psk(key: keys.tlsPSK, server: true)
+            }
+        }
+        let server = TunnelServer(config: config, loop: loop, logger: logger, tls: tls)
+        var fds: [(Int32, SocketAddress)] = []
+        do {
+            for spec in config.listen {
+                let addresses = try await Resolver.resolve(host: spec.host, port: spec.port, passive: true, on: loop)
+                for address in addresses {
+                    do {
+                        let fd = try Net.listen(address, reusePort: false)
+                        fds.append((fd, try Net.localAddress(fd)))
+                    } catch {
+                        throw ListenError(address: spec, error: error)
+                    }
+                }
+            }
+        } catch {
+            for (fd, _) in fds { Posix.close(fd) }
+            throw error
+        }
+        for (fd, address) in fds {
+            let acceptor = Acceptor(loop: loop, fd: fd, address: address,
+                onAccept: { [unowned server] fd, peer in server.accepted(fd, peer: peer) },
+                onError: { [unowned server] error in server.logger.warning("accept failed", metadata: ["error": "\(error)"]) })
+            try acceptor.start()
+            server.acceptors.append(acceptor)
+            server.boundAddresses.append(address)
+            ReadyLine.print("listening tunnel \(address)")
+        }
+        if config.transport == .plain {
+            logger.warning("transport is plain: tunnel traffic is not encrypted")
+        }
+        return server
+    }
+
+    // MARK: new connections
+
+    private func accepted(_ fd: Int32, peer: SocketAddress?) {
+        let peerText = peer?.description ?? "?"
+        guard unauthenticated < config.maxUnauthenticated, !draining else {
+            Net.closeWithReset(fd)
+            logger.warning("connection refused: too many unauthenticated connections",
+                           metadata: ["peer": "\(peerText)", "max": .stringConvertible(config.maxUnauthenticated)])
+            return
+        }
+        unauthenticated += 1
+        Task(executorPreference: loop.tasks) { await self.handshake(fd: fd, peer: peerText) }
+    }
+
+    /// Reads the first frame of a new connection (after TLS) and hands it to the control
+    /// or data-channel path; the whole exchange must finish within the handshake timeout.
+    private func handshake(fd: Int32, peer: String) async {
+        let channel: AsyncDuplex
+        do {
+            let stream: Duplex = try tls.map { try TLSStream(fd: fd, context: $0) } ?? TCPStream(fd: fd)
+            channel = try AsyncDuplex(loop: loop, duplex: stream)
+        } catch {
+            Posix.close(fd)
+            unauthenticated -= 1
+            logger.warning("cannot set up connection", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            return
+        }
+        let timer = loop.schedule(after: config.handshakeTimeout) {
+            channel.fail(.timedOut("handshake"))
+        }
+        var counted = true
+        defer {
+            timer.cancel()
+            if counted { unauthenticated -= 1 }
+        }
+        do {
+            try await channel.handshake()
+            switch try await TunnelProtocol.read(from: channel) {
+            case .controlHello(let version, let clientNonce):
+                guard let session = try await authenticateControl(channel, peer: peer, version: version, clientNonce: clientNonce) else { return }
+                timer.cancel()
+                counted = false
+                unauthenticated -= 1
+                await session.run()
+                sessions[session.id] = nil
+                checkIdle()
+            case .dataHello(let version, let sessionID, let nonce, let proof):
+                guard version == TunnelProtocol.version,
+                      let session = sessions[sessionID], session.accept(nonce: nonce, proof: proof) else {
+                    logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(peer)"])
+                    channel.fail(.protocolViolation("data channel rejected"))
+                    return
+                }
+                session.dataChannelArrived(channel)
+            default:
+                throw ChannelError.protocolViolation("unexpected first frame")
+            }
+        } catch {
+            logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            channel.fail(error as? ChannelError ?? .closed)
+        }
+    }
+
+    /// The mutual proof exchange; nil (connection closed) when the client fails it.
+    private func authenticateControl(_ channel: AsyncDuplex, peer: String, version: UInt16, clientNonce: [UInt8]) async throws -> ServerSession? {
+        guard version == TunnelProtocol.version else {
+            channel.send(TunnelProtocol.encode(.refused(reason: "unsupported protocol version \(version); this server speaks \(TunnelProtocol.version)")))
+            try? await channel.flush()
+            channel.close()
+            logger.warning("client refused: protocol version", metadata: ["peer": "\(peer)", "version": .stringConvertible(version)])
+            return nil
+        }
+        let serverNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
+        channel.send(TunnelProtocol.encode(.challenge(
+            version: TunnelProtocol.version, serverNonce: serverNonce,
+            serverProof: TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce))))
+        guard case .clientAuth(let proof, let pool, _) = try await TunnelProtocol.read(from: channel) else {
+            throw ChannelError.protocolViolation("expected client authentication")
+        }
+        let expected = TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
+        guard TunnelCrypto.constantTimeEqual(proof, expected) else {
+            logger.warning("authentication failed", metadata: ["peer": "\(peer)"])
+            channel.send(TunnelProtocol.encode(.refused(reason: "authentication failed")))
+            try? await channel.flush()
+            channel.close()
+            return nil
+        }
+        guard sessions.count < config.maxClients, !draining else {
+            channel.send(TunnelProtocol.encode(.refused(reason: "server full: \(config.maxClients) clients connected")))
+            try? await channel.flush()
+            channel.close()
+            logger.warning("client refused: limit reached", metadata: ["peer": "\(peer)", "max": .stringConvertible(config.maxClients)])
+            return nil
+        }
+        let id = TunnelCrypto.random(TunnelProtocol.sessionIDSize)
+        let session = ServerSession(
+            server: self, control: channel, id: id, peer: peer,
+            sessionKey: TunnelProtocol.sessionKey(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
+            poolSize: min(Int(pool), 64))
+        sessions[id] = session
+        channel.send(TunnelProtocol.encode(.welcome(sessionID: id)))
+        logger.info("client connected", metadata: ["peer": "\(peer)"])
+        return session
+    }
+
+    // MARK: policy
+
+    /// Binds a listener for a service request, or says why not.
+    func bindService(_ request: TunnelProtocol.ServiceRequest) -> Result<(Int32, SocketAddress), ServiceRefusal> {
+        let host = request.bindHost.isEmpty ? (config.bindAddresses.first ?? "0.0.0.0") : request.bindHost
+        if !config.bindAddresses.isEmpty && !config.bindAddresses.contains(host) {
+            return .failure(ServiceRefusal("bind address \(host) is not allowed (allowed: \(config.bindAddresses.joined(separator: ",")))"))
+        }
+        guard let base = SocketAddress(numericHost: host, port: 0) else {
+            return .failure(ServiceRefusal("bind address '\(host)' is not a numeric IP address"))
+        }
+        if request.port != 0 {
+            guard config.allowPorts.contains(request.port) else {
+                return .failure(ServiceRefusal("port \(request.port) is not allowed (allowed: \(config.allowPorts))"))
+            }
+            do {
+                let fd = try Net.listen(base.withPort(request.port), reusePort: false)
+                return .success((fd, try Net.localAddress(fd)))
+            } catch {
+                return .failure(ServiceRefusal(error.errno == EADDRINUSE ? "port \(request.port) is already in use" : "cannot listen on \(base.withPort(request.port)): \(error)"))
+            }
+        }
+        if config.allowPorts.coversEphemeralRange,
+           let fd = try? Net.listen(base, reusePort: false), let address = try? Net.localAddress(fd) {
+            return .success((fd, address))
+        }
+        let candidates = config.allowPorts.ranges.flatMap { $0 }.shuffled().prefix(256)
+        for port in candidates {
+            if let fd = try? Net.listen(base.withPort(port), reusePort: false), let address = try? Net.localAddress(fd) {
+                return .success((fd, address))
+            }
+        }
+        return .failure(ServiceRefusal("no free port in the allowed ranges (\(config.allowPorts))"))
+    }
+
+    // MARK: draining
+
+    public func drain(timeout: Duration) async {
+        draining = true
+        logger.notice("draining", metadata: ["connections": .stringConvertible(activeRelays.count), "clients": .stringConvertible(sessions.count)])
+        for a in acceptors { a.stop() }
+        acceptors.removeAll()
+        for s in Array(sessions.values) { s.stopAccepting() }
+        if activeRelays.isEmpty { return closeSessions() }
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let deadline = loop.schedule(after: timeout) { [self] in
+                logger.warning("drain deadline passed, closing remaining connections")
+                for r in Array(activeRelays.values) { r.abort(.drainTimeout) }
+            }
+            onIdle = {
+                deadline.cancel()
+                done.resume()
+            }
+            checkIdle()
+        }
+        closeSessions()
+    }
+
+    private func closeSessions() {
+        for s in Array(sessions.values) { s.end(reason: "server shutting down") }
+    }
+
+    func relayEnded() { checkIdle() }
+
+    private func checkIdle() {
+        guard draining, activeRelays.isEmpty, let done = onIdle else { return }
+        onIdle = nil
+        done()
+    }
+}
+
+/// Why the server would not expose a service; sent to the client as is.
+struct ServiceRefusal: Error, CustomStringConvertible {
+    let reason: String
+    init(_ reason: String) { self.reason = reason }
+    var description: String { reason }
+}

@@ -1,0 +1,182 @@
+import Reactor
+
+/// Why an `AsyncDuplex` operation ended early.
+public enum ChannelError: Error, Equatable, CustomStringConvertible, Sendable {
+    case closed
+    case eof
+    case io(SystemError)
+    case timedOut(String)
+    case protocolViolation(String)
+
+    public var description: String {
+        switch self {
+        case .closed: return "connection closed"
+        case .eof: return "connection closed by peer"
+        case .io(let e): return "\(e)"
+        case .timedOut(let what): return "\(what) timed out"
+        case .protocolViolation(let why): return why
+        }
+    }
+}
+
+/// A `Duplex` driven by async code on its loop: the control-plane view of a connection
+/// (handshakes, framed messages), before it is handed to a relay with `detach()`.
+///
+/// Reads suspend until the loop reports readiness; `send` queues bytes and flushes them
+/// as the socket allows, so heartbeats and requests from timers never block.
+///
+/// Thread confinement: used only from tasks running on `loop` (its executor) and from
+/// the loop's callbacks.
+public final class AsyncDuplex: EventHandler {
+    public let loop: EventLoop
+    public private(set) var duplex: Duplex
+    private var registration: Registration?
+    private var readWaiter: CheckedContinuation<Void, Error>?
+    private var writeWaiter: CheckedContinuation<Void, Error>?
+    private var outgoing: [UInt8] = []
+    private var outgoingOffset = 0
+    private var failure: ChannelError?
+
+    public init(loop: EventLoop, duplex: Duplex) throws(SystemError) {
+        self.loop = loop
+        self.duplex = duplex
+        registration = try loop.register(fd: duplex.fd, interest: .readWrite, handler: self)
+    }
+
+    public var isOpen: Bool { failure == nil && registration != nil }
+
+    public func handleEvents(_ events: UInt32, tag: UInt8) {
+        // Any readiness may unblock either side of a layered stream; retrying is cheap.
+        duplex.readReady = true
+        duplex.writeReady = true
+        flushOutgoing()
+        resume(&readWaiter)
+        if outgoing.isEmpty { resume(&writeWaiter) }
+    }
+
+    private func resume(_ waiter: inout CheckedContinuation<Void, Error>?) {
+        guard let w = waiter else { return }
+        waiter = nil
+        if let failure { w.resume(throwing: failure) } else { w.resume() }
+    }
+
+    private func waitForReadiness() async throws {
+        if let failure { throw failure }
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
+            readWaiter = c
+        }
+    }
+
+    // MARK: reading
+
+    /// Reads at least one byte, at most `max`.
+    public func read(max: Int) async throws -> [UInt8] {
+        while true {
+            if let failure { throw failure }
+            var out = [UInt8](repeating: 0, count: max)
+            let r = out.withUnsafeMutableBytes { duplex.read(into: $0.baseAddress!, count: max) }
+            switch r {
+            case .bytes(let n):
+                out.removeSubrange(n...)
+                return out
+            case .eof: throw ChannelError.eof
+            case .failed(let e): throw ChannelError.io(e)
+            case .wouldBlock: try await waitForReadiness()
+            }
+        }
+    }
+
+    /// Reads exactly `count` bytes, never more: what follows stays in the socket (or the
+    /// TLS layer) for whoever reads next.
+    public func readExactly(_ count: Int) async throws -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(count)
+        while out.count < count {
+            out += try await read(max: count - out.count)
+        }
+        return out
+    }
+
+    // MARK: writing
+
+    /// Queues `bytes` and writes what the socket takes now; the rest goes out as it drains.
+    public func send(_ bytes: [UInt8]) {
+        guard failure == nil else { return }
+        outgoing += bytes
+        flushOutgoing()
+    }
+
+    /// Waits until everything sent has been written to the socket.
+    public func flush() async throws {
+        while !outgoing.isEmpty {
+            if let failure { throw failure }
+            try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
+                writeWaiter = c
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    private func flushOutgoing() {
+        while outgoingOffset < outgoing.count && failure == nil {
+            let r = outgoing.withUnsafeBytes {
+                duplex.write(from: $0.baseAddress! + outgoingOffset, count: outgoing.count - outgoingOffset)
+            }
+            switch r {
+            case .bytes(let n): outgoingOffset += n
+            case .wouldBlock: return
+            case .eof: fail(.eof)
+            case .failed(let e): fail(.io(e))
+            }
+        }
+        if outgoingOffset == outgoing.count {
+            outgoing.removeAll(keepingCapacity: false)
+            outgoingOffset = 0
+        }
+    }
+
+    // MARK: TLS
+
+    /// Runs the TLS handshake of a `TLSStream` duplex to completion.
+    public func handshake() async throws {
+        guard let tls = duplex as? TLSStream else { return }
+        while true {
+            if let failure { throw failure }
+            switch try tls.handshakeStep() {
+            case .done: return
+            case .wantRead, .wantWrite: try await waitForReadiness()
+            }
+        }
+    }
+
+    // MARK: ending
+
+    /// Fails pending and future operations with `error` (a timeout, a protocol error)
+    /// and closes the connection.
+    public func fail(_ error: ChannelError, reset: Bool = true) {
+        guard failure == nil else { return }
+        failure = error
+        resume(&readWaiter)
+        resume(&writeWaiter)
+        release()
+        duplex.close(reset: reset)
+    }
+
+    public func close() { fail(.closed, reset: false) }
+
+    /// Stops watching the connection and hands it over (to a relay); nothing may be
+    /// queued for sending.
+    public func detach() -> Duplex {
+        precondition(outgoing.isEmpty, "detach with unsent bytes")
+        release()
+        failure = .closed
+        return duplex
+    }
+
+    private func release() {
+        if let r = registration {
+            loop.deregister(fd: duplex.fd, registration: r)
+            registration = nil
+        }
+    }
+}

@@ -1,0 +1,164 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CCulvertTLS
+import COpenSSL
+import Reactor
+
+/// A TLS failure with OpenSSL's reason text.
+public struct TLSError: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    /// True when the peer answered with a TLS alert (it spoke TLS and refused us), as
+    /// opposed to the connection failing underneath.
+    public let isRejection: Bool
+    public var description: String { message }
+
+    static func last(_ context: String, rejection: Bool = false) -> TLSError {
+        var buf = [CChar](repeating: 0, count: 256)
+        culvert_tls_last_error(&buf, buf.count)
+        let detail = String(cString: buf)
+        return TLSError(message: detail.isEmpty ? context : "\(context): \(detail)", isRejection: rejection)
+    }
+}
+
+/// An OpenSSL context (TLS 1.3 only), shared by every connection of one role.
+public final class TLSContext: @unchecked Sendable {
+    let ctx: OpaquePointer
+    public let isServer: Bool
+
+    private init(_ ctx: OpaquePointer?, isServer: Bool, what: String) throws(TLSError) {
+        guard let ctx else { throw TLSError.last(what) }
+        self.ctx = ctx
+        self.isServer = isServer
+    }
+
+    deinit { SSL_CTX_free(ctx) }
+
+    /// External-PSK contexts: no certificates, (EC)DHE for forward secrecy.
+    public static func psk(key: [UInt8], server: Bool) throws(TLSError) -> TLSContext {
+        let ctx = server ? culvert_tls_server_psk(key, key.count) : culvert_tls_client_psk(key, key.count)
+        return try TLSContext(ctx, isServer: server, what: "cannot set up TLS with a pre-shared key")
+    }
+
+    public static func server(certificate: String, key: String) throws(TLSError) -> TLSContext {
+        try TLSContext(culvert_tls_server_cert(certificate, key), isServer: true,
+                       what: "cannot load certificate '\(certificate)' and key '\(key)'")
+    }
+
+    /// A client context that verifies the server against `caFile`, or (nil) verifies
+    /// nothing during the handshake because the caller pins a fingerprint afterwards.
+    public static func client(caFile: String?) throws(TLSError) -> TLSContext {
+        try TLSContext(culvert_tls_client_cert(caFile), isServer: false,
+                       what: caFile.map { "cannot load CA file '\($0)'" } ?? "cannot set up TLS")
+    }
+
+    /// SHA-256 over the DER of the first certificate in a PEM file.
+    public static func fingerprint(ofCertificateFile path: String) -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: 32)
+        return culvert_tls_file_fingerprint(path, &out) == 0 ? out : nil
+    }
+}
+
+/// TLS over a non-blocking TCP socket, as a `Duplex`: the buffered copier moves its
+/// plaintext. Half-close sends close_notify and then FIN; TLS 1.3 lets the other
+/// direction go on.
+public final class TLSStream: Duplex {
+    public let fd: Int32
+    private let ssl: OpaquePointer
+    public var readReady = true
+    public var writeReady = true
+    private var isClosed = false
+
+    /// What the handshake needs next.
+    public enum HandshakeStep { case done, wantRead, wantWrite }
+
+    /// - Parameter serverName: sent as SNI and, with a CA-verifying context, checked
+    ///   against the certificate.
+    public init(fd: Int32, context: TLSContext, serverName: String? = nil) throws(TLSError) {
+        guard let ssl = SSL_new(context.ctx) else { throw TLSError.last("SSL_new") }
+        self.ssl = ssl
+        self.fd = fd
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        SSL_set_fd(ssl, fd)
+        if context.isServer {
+            SSL_set_accept_state(ssl)
+        } else {
+            SSL_set_connect_state(ssl)
+            if let serverName {
+                if SocketAddress(numericHost: serverName, port: 0) == nil {
+                    _ = serverName.withCString { SSL_ctrl(ssl, SSL_CTRL_SET_TLSEXT_HOSTNAME, Int(TLSEXT_NAMETYPE_host_name), UnsafeMutableRawPointer(mutating: $0)) }
+                }
+                _ = SSL_set1_host(ssl, serverName)
+            }
+        }
+    }
+
+    deinit {
+        SSL_free(ssl)
+        if !isClosed { Posix.close(fd) }
+    }
+
+    public var isSpliceable: Bool { false }
+
+    public func handshakeStep() throws(TLSError) -> HandshakeStep {
+        ERR_clear_error()
+        let rc = SSL_do_handshake(ssl)
+        if rc == 1 { return .done }
+        switch SSL_get_error(ssl, rc) {
+        case SSL_ERROR_WANT_READ: return .wantRead
+        case SSL_ERROR_WANT_WRITE: return .wantWrite
+        case SSL_ERROR_SYSCALL:
+            let e = errno
+            throw TLSError(message: e == 0 ? "TLS handshake: connection closed by peer" : "TLS handshake: \(SystemError("recv", errno: e))",
+                           isRejection: false)
+        default:
+            throw TLSError.last("TLS handshake failed", rejection: true)
+        }
+    }
+
+    /// SHA-256 of the peer's certificate, once the handshake is done.
+    public func peerFingerprint() -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: 32)
+        return culvert_tls_peer_fingerprint(ssl, &out) == 0 ? out : nil
+    }
+
+    public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {
+        ERR_clear_error()
+        var n = 0
+        if SSL_read_ex(ssl, buffer, count, &n) == 1 { return .bytes(n) }
+        return result(of: SSL_get_error(ssl, 0), call: "SSL_read")
+    }
+
+    public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
+        ERR_clear_error()
+        var n = 0
+        if SSL_write_ex(ssl, buffer, count, &n) == 1 { return .bytes(n) }
+        return result(of: SSL_get_error(ssl, 0), call: "SSL_write")
+    }
+
+    private func result(of error: Int32, call: String) -> IOResult {
+        switch error {
+        case SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE: return .wouldBlock
+        case SSL_ERROR_ZERO_RETURN: return .eof
+        case SSL_ERROR_SYSCALL:
+            let e = errno
+            return e == 0 ? .eof : .failed(SystemError(call, errno: e))
+        default:
+            ERR_clear_error()
+            return .failed(SystemError(call, errno: EPROTO))
+        }
+    }
+
+    public func shutdownWrite() -> SystemError? {
+        ERR_clear_error()
+        _ = SSL_shutdown(ssl)
+        return Net.shutdownWrite(fd)
+    }
+
+    public func close(reset: Bool) {
+        guard !isClosed else { return }
+        isClosed = true
+        if reset { Net.closeWithReset(fd) } else { Posix.close(fd) }
+    }
+}

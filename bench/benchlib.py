@@ -1,0 +1,503 @@
+"""Building blocks of the culvert benchmark harness: output parsers, /proc readers,
+process management (every started process is tracked and killed on every exit path),
+statistics and ratios. No benchmark runs from here; see run.py."""
+import atexit
+import json
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Failed:
+    """A measurement that did not produce a number. Never turned into 0."""
+
+    def __init__(self, reason):
+        self.reason = str(reason)[:300]
+
+    def __repr__(self):
+        return f"Failed({self.reason!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, Failed) and other.reason == self.reason
+
+
+class StartError(Exception):
+    """A forwarder or back end did not come up."""
+
+
+# --------------------------------------------------------------------------- parsers
+
+def parse_iperf3_json(text):
+    """iperf3 -J output -> {'bps': received bits/s, 'bytes': received bytes}."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"iperf3: not JSON ({e})")
+    if isinstance(doc, dict) and doc.get("error"):
+        raise ValueError(f"iperf3: {doc['error']}")
+    try:
+        recv = doc["end"]["sum_received"]
+        bps = float(recv["bits_per_second"])
+        nbytes = float(recv["bytes"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("iperf3: no end.sum_received in output")
+    if bps <= 0 or nbytes <= 0:
+        raise ValueError("iperf3: zero bytes received")
+    return {"bps": bps, "bytes": nbytes}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def parse_sockperf(text):
+    """sockperf pp output -> {'p50': us, 'p99': us, 'avg': us}."""
+    clean = _ANSI.sub("", text)
+    out = {}
+    for key, pct in (("p50", "50.000"), ("p99", "99.000")):
+        m = re.search(r"percentile\s+" + re.escape(pct) + r"\s*=\s*([0-9.]+)", clean)
+        if not m:
+            raise ValueError(f"sockperf: no percentile {pct} in output")
+        out[key] = float(m.group(1))
+    m = re.search(r"avg-(?:latency|rtt)\s*=\s*([0-9.]+)", clean)
+    out["avg"] = float(m.group(1)) if m else None
+    m = re.search(r"Total\s+(\d+)\s+observations", clean)
+    if m and int(m.group(1)) == 0:
+        raise ValueError("sockperf: zero observations")
+    return out
+
+
+def parse_wrk(text):
+    """wrk output -> {'rps', 'requests', 'errors'} (errors = socket errors + non-2xx/3xx)."""
+    m = re.search(r"Requests/sec:\s*([0-9.]+)", text)
+    if not m:
+        raise ValueError("wrk: no Requests/sec in output")
+    rps = float(m.group(1))
+    m = re.search(r"(\d+)\s+requests in", text)
+    requests = int(m.group(1)) if m else None
+    errors = 0
+    m = re.search(r"Socket errors:\s*connect\s+(\d+),\s*read\s+(\d+),\s*write\s+(\d+),\s*timeout\s+(\d+)",
+                  text)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
+    if m:
+        errors += int(m.group(1))
+    if rps <= 0 or requests == 0:
+        raise ValueError("wrk: zero requests completed")
+    return {"rps": rps, "requests": requests, "errors": errors}
+
+
+def parse_proc_stat(text):
+    """/proc/PID/stat -> dict(ppid, utime, stime, cutime, cstime) (times in clock ticks).
+    The comm field may contain spaces and ')' so split after the LAST ')'."""
+    rest = text[text.rindex(")") + 2:].split()
+    # rest[0] is field 3 (state); utime is field 14 -> rest[11]
+    return {"state": rest[0], "ppid": int(rest[1]), "utime": int(rest[11]),
+            "stime": int(rest[12]), "cutime": int(rest[13]), "cstime": int(rest[14]),
+            "session": int(rest[3]), "starttime": int(rest[19])}
+
+
+def parse_status_kib(text, field="VmRSS"):
+    """/proc/PID/status -> value of `field` in KiB (None if absent, e.g. zombie)."""
+    m = re.search(r"^" + field + r":\s+(\d+)\s+kB", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def parse_sockstat_tcp_mem(text):
+    """/proc/net/sockstat -> TCP 'mem' in pages."""
+    m = re.search(r"^TCP:.*\bmem\s+(\d+)", text, re.M)
+    if not m:
+        raise ValueError("sockstat: no TCP mem")
+    return int(m.group(1))
+
+
+def parse_listening_ports(text):
+    """/proc/net/tcp or tcp6 text -> set of local ports in LISTEN state (0A)."""
+    ports = set()
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) > 3 and f[3] == "0A":
+            ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def parse_ready_line(line):
+    """culvert ready line -> port. `listening tcp 127.0.0.1:PORT -> TARGET`."""
+    m = re.match(r"listening tcp (\S+):(\d+) -> ", line)
+    if not m:
+        raise ValueError(f"not a ready line: {line!r}")
+    return int(m.group(2))
+
+
+# --------------------------------------------------------------------------- /proc readers
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def all_pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _children(pid):
+    """Direct children from /proc/PID/task/*/children; None if the kernel lacks it."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out += [int(x) for x in _read(f"/proc/{pid}/task/{tid}/children").split()]
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue
+            return None
+        except OSError:
+            continue
+    return out
+
+
+def descendants(root_pids):
+    """All live descendants of the given pids (not including them)."""
+    out, stack, seen = [], list(root_pids), set(root_pids)
+    children_map = None
+    while stack:
+        pid = stack.pop()
+        kids = _children(pid)
+        if kids is None:  # no children files: build the map from every ppid once
+            if children_map is None:
+                children_map = {}
+                for p in all_pids():
+                    try:
+                        pp = parse_proc_stat(_read(f"/proc/{p}/stat"))["ppid"]
+                    except (OSError, ValueError, IndexError):
+                        continue
+                    children_map.setdefault(pp, []).append(p)
+            kids = children_map.get(pid, [])
+        for c in kids:
+            if c not in seen:
+                seen.add(c)
+                out.append(c)
+                stack.append(c)
+    return out
+
+
+def tree_pids(root_pids):
+    """The roots, their live descendants, and every process in the roots' sessions
+    (each tool is started in a session of its own). The session catches children that
+    a forking tool double-forks away (redir's are re-parented to init), the descendants
+    catch those that call setsid() (sshd's)."""
+    roots = list(root_pids)
+    members = roots + descendants(roots)
+    sids = set(roots)
+    seen = set(members)
+    extra = []
+    for pid in all_pids():
+        if pid in seen:
+            continue
+        try:
+            if parse_proc_stat(_read(f"/proc/{pid}/stat"))["session"] in sids:
+                extra.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    if extra:
+        members += extra + [d for d in descendants(extra) if d not in seen]
+    return list(dict.fromkeys(members))
+
+
+def _cpu_sample(root_pids):
+    """{(pid, starttime): own utime+stime ticks} for the tool's processes (tree_pids)."""
+    out = {}
+    for pid in tree_pids(root_pids):
+        try:
+            s = parse_proc_stat(_read(f"/proc/{pid}/stat"))
+        except (OSError, ValueError, IndexError):
+            continue
+        out[(pid, s["starttime"])] = s["utime"] + s["stime"]
+    return out
+
+
+class CpuMeter:
+    """CPU seconds used by a process tree between start() and stop().
+
+    Sums each process's OWN utime+stime, polled every `interval` s in a thread, so a
+    per-connection child that exits still counts up to its last sample even when its
+    parent ignores SIGCHLD (auto-reaped children never reach the parent's cutime).
+    cutime/cstime are deliberately not used: they would count reaped children twice.
+    A child's last < interval s of life can be missed."""
+
+    def __init__(self, root_pids, interval=0.2):
+        import threading
+        self.roots, self.interval = list(root_pids), interval
+        self.first, self.last = {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _take(self):
+        for k, v in _cpu_sample(self.roots).items():
+            self.first.setdefault(k, 0)  # processes born after start() begin at 0
+            self.last[k] = v
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self._take()
+
+    def start(self):
+        self.first = _cpu_sample(self.roots)
+        self.last = dict(self.first)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._take()
+        return sum(self.last[k] - self.first[k] for k in self.last) / CLK_TCK
+
+
+def rss_kib(root_pids, include_children=True):
+    """Sum of VmRSS over the tool's processes (tree_pids) in KiB, plus process count."""
+    pids = tree_pids(root_pids) if include_children else list(root_pids)
+    total, n = 0, 0
+    for pid in pids:
+        try:
+            v = parse_status_kib(_read(f"/proc/{pid}/status"))
+        except OSError:
+            continue
+        if v is not None:
+            total += v
+            n += 1
+    return total, n
+
+
+def pss_kib(root_pids, include_children=True):
+    """Sum of Pss (proportional set size; shared pages split between sharers) in KiB."""
+    pids = tree_pids(root_pids) if include_children else list(root_pids)
+    total = 0
+    for pid in pids:
+        try:
+            v = parse_status_kib(_read(f"/proc/{pid}/smaps_rollup"), "Pss")
+        except OSError:
+            continue
+        if v is not None:
+            total += v
+    return total
+
+
+def sockstat_tcp_mem_kib():
+    return parse_sockstat_tcp_mem(_read("/proc/net/sockstat")) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+def listening_ports():
+    ports = set()
+    for p in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            ports |= parse_listening_ports(_read(p))
+        except OSError:
+            pass
+    return ports
+
+
+def free_port():
+    """A free high port on 127.0.0.1 (bind port 0, read it, close)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- processes
+
+_LIVE = {}  # pid -> Popen; everything started and not yet reaped
+
+
+def _raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def spawn(cmd, log_path=None, stdout_pipe=False, stdin_pipe=False, cwd=None, env=None):
+    """Start a tracked process in its own session (so its group can be killed).
+    stderr (and stdout unless piped) go to log_path, never to an unread pipe."""
+    log = open(log_path or os.devnull, "ab")
+    try:
+        p = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else log, stderr=log,
+            start_new_session=True, preexec_fn=_raise_nofile, cwd=cwd, env=env)
+    finally:
+        log.close()
+    p.log_path = log_path
+    _LIVE[p.pid] = p
+    return p
+
+
+def kill_proc(p, grace=3.0):
+    """SIGTERM the process, its process group and every descendant (by pid); SIGKILL
+    whatever is still alive after `grace` seconds; reap."""
+    if p is None:
+        return
+    try:
+        targets = tree_pids([p.pid])
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except OSError:
+                pass
+            for pid in targets[1:]:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            end = time.monotonic() + grace
+            while time.monotonic() < end:
+                if p.poll() is not None and not any(_alive(x) for x in targets[1:]):
+                    break
+                time.sleep(0.05)
+            if p.poll() is not None and not any(_alive(x) for x in targets[1:]):
+                break
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        for f in (p.stdin, p.stdout):
+            try:
+                if f:
+                    f.close()
+            except OSError:
+                pass
+        _LIVE.pop(p.pid, None)
+
+
+def _alive(pid):
+    try:
+        st = parse_proc_stat(_read(f"/proc/{pid}/stat"))["state"]
+        return st != "Z"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def kill_all():
+    for p in list(_LIVE.values()):
+        kill_proc(p, grace=1.0)
+
+
+atexit.register(kill_all)
+
+
+def install_signal_handlers():
+    """Turn SIGTERM/SIGHUP into SystemExit so finally blocks and atexit run."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, handler)
+
+
+def run_cmd(cmd, timeout, cwd=None):
+    """Run to completion with a timeout; returns (rc, stdout, stderr). Kills the whole
+    group on timeout. rc is None on timeout."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd,
+                         preexec_fn=_raise_nofile, text=True)
+    _LIVE[p.pid] = p
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return p.returncode, out, err
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        out, err = p.communicate()
+        return None, out, err
+    finally:
+        _LIVE.pop(p.pid, None)
+
+
+def tail(path, n=400):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - n))
+            return f.read().decode(errors="replace").strip().replace("\n", " | ")
+    except (OSError, TypeError):
+        return ""
+
+
+def wait_listening(port, procs, timeout):
+    """Wait until `port` is in LISTEN state; StartError if any proc exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for p in procs:
+            if p.poll() is not None:
+                raise StartError(f"exited with status {p.returncode} before listening"
+                                 + (f": {tail(p.log_path)}" if tail(p.log_path) else ""))
+        if port in listening_ports():
+            return
+        time.sleep(0.05)
+    raise StartError(f"port {port} not listening after {timeout:g}s")
+
+
+def read_ready_line(p, timeout):
+    """Read culvert's ready line from p.stdout within timeout -> port."""
+    end = time.monotonic() + timeout
+    buf = b""
+    fd = p.stdout.fileno()
+    while time.monotonic() < end:
+        r, _, _ = select.select([fd], [], [], max(0.0, min(0.2, end - time.monotonic())))
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            if b"\n" in buf:
+                return parse_ready_line(buf.split(b"\n", 1)[0].decode(errors="replace"))
+        elif p.poll() is not None:
+            break
+    p.poll()
+    if p.returncode is not None:
+        raise StartError(f"exited with status {p.returncode} without a ready line"
+                         + (f": {tail(p.log_path)}" if tail(p.log_path) else ""))
+    raise StartError(f"no ready line within {timeout:g}s")
+
+
+# --------------------------------------------------------------------------- statistics
+
+def summarize(values):
+    """values: list of float | Failed -> dict. status FAILED only if no run succeeded."""
+    ok = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    fails = [v.reason for v in values if isinstance(v, Failed)]
+    if not ok:
+        return {"status": "FAILED", "median": None, "min": None, "max": None,
+                "n_ok": 0, "n_failed": len(fails), "errors": fails}
+    return {"status": "ok", "median": statistics.median(ok), "min": min(ok), "max": max(ok),
+            "n_ok": len(ok), "n_failed": len(fails), "errors": fails}
+
+
+def ratio(a, b):
+    """a/b, or None when either is missing/failed or b is 0. Never falls back to 0/1."""
+    if a is None or b is None or isinstance(a, Failed) or isinstance(b, Failed):
+        return None
+    if b == 0:
+        return None
+    return a / b
+
+
+def best_of(values, higher_better):
+    """values: {name: number|None} -> (name, value) of the best, or (None, None)."""
+    cand = [(n, v) for n, v in values.items() if v is not None]
+    if not cand:
+        return None, None
+    return (max if higher_better else min)(cand, key=lambda nv: nv[1])

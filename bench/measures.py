@@ -1,0 +1,345 @@
+"""Measurements. A measurement group = a back end (started once per group, on
+127.0.0.1) + one function `run(ctx, fwd, backend) -> {metric: value}` called once per
+(run, tool) with a fresh forwarder in front of the back end. Values are numbers,
+Failed(reason) or NA. The metrics a group produces are listed in METRICS.
+
+To add a measurement: write a back end (or reuse one), a run function, and add a
+Group(...) to GROUPS and its Metric(...)s to METRICS."""
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from benchlib import (CpuMeter, Failed, StartError, free_port, kill_proc,
+                      parse_iperf3_json, parse_sockperf, parse_wrk, pss_kib, rss_kib,
+                      run_cmd, sockstat_tcp_mem_kib, spawn, wait_listening)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _NA:
+    def __repr__(self):
+        return "NA"
+
+
+NA = _NA()  # metric does not apply to this tool (e.g. CPU of "direct")
+
+
+# --------------------------------------------------------------------------- back ends
+
+class Backend:
+    """A server process on 127.0.0.1:port, restartable on the same port."""
+    name = "backend"
+
+    def __init__(self, ctx):
+        self.ctx, self.proc, self.port = ctx, None, free_port()
+
+    def cmd(self):
+        raise NotImplementedError
+
+    def prepare(self):
+        pass
+
+    def start(self):
+        self.prepare()
+        self.proc = spawn(self.cmd(), os.path.join(self.ctx.tmp, f"{self.name}.log"))
+        try:
+            wait_listening(self.port, [self.proc], self.ctx.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self):
+        kill_proc(self.proc)
+        self.proc = None
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def check(self):
+        if self.proc is None or self.proc.poll() is not None:
+            raise StartError(f"back end {self.name} is not running")
+
+
+class IperfServer(Backend):
+    name = "iperf3-server"
+
+    def cmd(self):
+        return ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.port)]
+
+
+class SockperfServer(Backend):
+    name = "sockperf-server"
+
+    def cmd(self):
+        return ["sockperf", "sr", "--tcp", "-i", "127.0.0.1", "-p", str(self.port)]
+
+
+NGINX_CONF = """\
+{user}
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log error;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    default_type text/html;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {d}/www;
+    }}
+}}
+"""
+SMALL_FILE = "small.html"
+
+
+class Nginx(Backend):
+    name = "nginx"
+
+    def prepare(self):
+        d = os.path.join(self.ctx.tmp, "nginx")
+        os.makedirs(os.path.join(d, "www"), exist_ok=True)
+        with open(os.path.join(d, "www", SMALL_FILE), "w") as f:
+            f.write("<html><body>" + "culvert bench " * 40 + "</body></html>\n")  # ~600 B
+        self.conf = os.path.join(d, "nginx.conf")
+        user = "user root;" if os.geteuid() == 0 else ""
+        with open(self.conf, "w") as f:
+            f.write(NGINX_CONF.format(d=d, port=self.port, user=user))
+
+    def cmd(self):
+        return ["nginx", "-c", self.conf, "-p", os.path.dirname(self.conf)]
+
+
+class Sink(Backend):
+    """Python asyncio sink (bench/memload.py) that reports its open connection count."""
+    name = "sink"
+
+    def prepare(self):
+        self.status = os.path.join(self.ctx.tmp, "sink.count")
+
+    def cmd(self):
+        return [sys.executable, os.path.join(HERE, "memload.py"), "sink",
+                "--port", str(self.port), "--status", self.status]
+
+    def count(self):
+        try:
+            with open(self.status) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def wait_count(self, n, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.count() == n:
+                return True
+            self.check()
+            time.sleep(0.1)
+        return False
+
+
+# --------------------------------------------------------------------------- run functions
+
+def _iperf(ctx, port, streams):
+    cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(ctx.tput_seconds),
+           "-P", str(streams), "-J", "--connect-timeout", "5000"]
+    rc, out, err = run_cmd(cmd, timeout=ctx.tput_seconds + 25)
+    if rc is None:
+        raise ValueError("iperf3 timed out")
+    try:
+        return parse_iperf3_json(out)
+    except ValueError as e:
+        raise ValueError(f"{e} (rc={rc}{', ' + err.strip()[:200] if err.strip() else ''})")
+
+
+def run_throughput(ctx, fwd, be):
+    """iperf3 1 stream (with CPU accounting of the forwarder) then 8 streams."""
+    be.restart()  # a fresh iperf3 server: a stuck one must not poison the next tool
+    out = {}
+    pids = fwd.root_pids()
+    meter = CpuMeter(pids).start() if pids else None
+    try:
+        r1 = _iperf(ctx, fwd.port, 1)
+        out["tput1_gbps"] = r1["bps"] / 1e9
+        if meter:
+            time.sleep(0.2)  # let the forwarder finish closing the connections
+            out["cpu_s_per_gb"] = meter.stop() / (r1["bytes"] / 1e9)
+        else:
+            out["cpu_s_per_gb"] = NA
+    except ValueError as e:
+        out["tput1_gbps"] = out["cpu_s_per_gb"] = Failed(e)
+    finally:
+        if meter:
+            meter.stop()
+    try:
+        out["tput8_gbps"] = _iperf(ctx, fwd.port, 8)["bps"] / 1e9
+    except ValueError as e:
+        out["tput8_gbps"] = Failed(e)
+    return out
+
+
+def run_latency(ctx, fwd, be):
+    be.check()
+    cmd = ["sockperf", "pp", "--tcp", "-i", "127.0.0.1", "-p", str(fwd.port),
+           "-t", str(ctx.lat_seconds), "--full-rtt"]
+    rc, out, err = run_cmd(cmd, timeout=ctx.lat_seconds + 20)
+    if rc != 0:
+        f = Failed(f"sockperf rc={rc}: {(err or out).strip()[-200:]}")
+        return {"rtt_p50_us": f, "rtt_p99_us": f}
+    try:
+        r = parse_sockperf(out)
+    except ValueError as e:
+        return {"rtt_p50_us": Failed(e), "rtt_p99_us": Failed(e)}
+    return {"rtt_p50_us": r["p50"], "rtt_p99_us": r["p99"]}
+
+
+def run_connrate(ctx, fwd, be):
+    be.check()
+    url = f"http://127.0.0.1:{fwd.port}/{SMALL_FILE}"
+    cmd = ["wrk", "-t1", f"-c{ctx.wrk_conns}", f"-d{ctx.wrk_seconds}s", "--timeout", "5s",
+           "-H", "Connection: close", url]
+    rc, out, err = run_cmd(cmd, timeout=ctx.wrk_seconds + 20)
+    if rc != 0:
+        return {"conn_per_s": Failed(f"wrk rc={rc}: {(err or out).strip()[-200:]}")}
+    try:
+        r = parse_wrk(out)
+    except ValueError as e:
+        return {"conn_per_s": Failed(e)}
+    res = {"conn_per_s": r["rps"]}
+    if r["errors"]:
+        res["_notes"] = [f"wrk reported {r['errors']} errors of {r['requests']} requests"]
+    return res
+
+
+MEM_KEYS = ("rss_idle_mib", "rss_loaded_mib", "kib_per_conn", "pss_kib_per_conn",
+            "sock_mem_mib")
+
+
+def run_memory(ctx, fwd, be):
+    n = ctx.mem_conns
+    fail = lambda why: {k: Failed(why) for k in MEM_KEYS}  # noqa: E731
+    if not be.wait_count(0, 15):
+        return fail(f"sink still has {be.count()} connections from the previous tool")
+    pids = fwd.root_pids()
+    time.sleep(0.5)
+    idle, _ = rss_kib(pids)
+    pss_idle = pss_kib(pids)
+    sock0 = sockstat_tcp_mem_kib()
+    timeout = ctx.mem_timeout
+    client = spawn([sys.executable, os.path.join(HERE, "memload.py"), "client",
+                    "--port", str(fwd.port), "--n", str(n), "--timeout", str(timeout)],
+                   os.path.join(ctx.tmp, "memload-client.log"), stdout_pipe=True,
+                   stdin_pipe=True)
+    notes = []
+    try:
+        line = _readline(client, timeout + 10)
+        if not line.startswith("connected"):
+            return fail(f"client: {line or 'no answer'} (wanted {n})")
+        # the forwarder has accepted all; wait until it also connected all to the sink
+        if not be.wait_count(n, timeout):
+            return fail(f"sink saw only {be.count()}/{n} forwarded connections")
+        time.sleep(1.0)
+        loaded, nprocs = rss_kib(pids)
+        pss_loaded = pss_kib(pids)
+        sock1 = sockstat_tcp_mem_kib()
+        if fwd.exited():
+            return fail(fwd.exited())
+        if nprocs > 1:
+            notes.append(f"{nprocs} processes while loaded (sum of their RSS; PSS shown too)")
+    finally:
+        try:
+            client.stdin.write(b"close\n")
+            client.stdin.flush()
+            client.wait(timeout=30)
+        except Exception:
+            pass
+        kill_proc(client)
+    be.wait_count(0, 15)
+    return {"rss_idle_mib": idle / 1024, "rss_loaded_mib": loaded / 1024,
+            "kib_per_conn": (loaded - idle) / n, "pss_kib_per_conn": (pss_loaded - pss_idle) / n,
+            "sock_mem_mib": (sock1 - sock0) / 1024, "_notes": notes}
+
+
+def _readline(p, timeout):
+    import select
+    end, buf, fd = time.monotonic() + timeout, b"", p.stdout.fileno()
+    while time.monotonic() < end and b"\n" not in buf:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        elif p.poll() is not None:
+            break
+    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_better: bool
+    fmt: str = "{:.1f}"
+    vs_direct: bool = False   # has a direct baseline -> ratio-to-direct column
+    suspicious_above_direct: bool = False  # > 1.05x direct is flagged
+    chart: bool = False
+
+
+METRICS = [
+    Metric("tput1_gbps", "throughput 1 stream", "Gbit/s", True, "{:.2f}", True, True, True),
+    Metric("tput8_gbps", "throughput 8 streams", "Gbit/s", True, "{:.2f}", True, True, True),
+    Metric("rtt_p50_us", "RTT p50", "µs", False, "{:.1f}", True, chart=True),
+    Metric("rtt_p99_us", "RTT p99", "µs", False, "{:.1f}", True),
+    Metric("conn_per_s", "connections/s (wrk, Connection: close)", "req/s", True, "{:.0f}",
+           True, chart=True),
+    Metric("cpu_s_per_gb", "CPU per GB (1 stream)", "CPU-s/GB", False, "{:.2f}", chart=True),
+    Metric("rss_idle_mib", "RSS idle", "MiB", False, "{:.1f}"),
+    Metric("rss_loaded_mib", "RSS with N idle conns", "MiB", False, "{:.1f}"),
+    Metric("kib_per_conn", "RSS per connection", "KiB", False, "{:.1f}", chart=True),
+    Metric("pss_kib_per_conn", "PSS per connection", "KiB", False, "{:.1f}"),
+    Metric("sock_mem_mib", "kernel TCP socket mem (delta)", "MiB", False, "{:.1f}"),
+]
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+
+# Derived from medians after all runs: forwarded minus direct.
+DERIVED = [
+    ("added_p50_us", "added RTT p50 vs direct", "rtt_p50_us"),
+    ("added_p99_us", "added RTT p99 vs direct", "rtt_p99_us"),
+]
+
+
+@dataclass
+class Group:
+    name: str
+    backend: type
+    run: callable
+    metrics: list
+    est_seconds: callable  # estimated wall time of one (run, tool), for the time budget
+    na_tools: set = field(default_factory=set)
+
+
+GROUPS = [
+    Group("throughput", IperfServer, run_throughput,
+          ["tput1_gbps", "tput8_gbps", "cpu_s_per_gb"],
+          lambda ctx: 2 * ctx.tput_seconds + 6),
+    Group("latency", SockperfServer, run_latency, ["rtt_p50_us", "rtt_p99_us"],
+          lambda ctx: ctx.lat_seconds + 3),
+    Group("connrate", Nginx, run_connrate, ["conn_per_s"],
+          lambda ctx: ctx.wrk_seconds + 3),
+    Group("memory", Sink, run_memory, list(MEM_KEYS),
+          lambda ctx: 15),
+]

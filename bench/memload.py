@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Helpers for the memory measurement (run as separate processes by bench/run.py).
+
+    memload.py sink   --port P --status FILE
+        asyncio TCP sink on 127.0.0.1:P; accepts connections, reads and discards
+        whatever arrives, and rewrites FILE with the number of currently open
+        connections every 100 ms.
+
+    memload.py client --port P --n N --timeout S [--concurrency C]
+        opens N connections to 127.0.0.1:P (at most C connects in flight), prints
+        `connected K` on stdout once all N are up (or `partial K reason` at the
+        deadline), then holds them idle until a line arrives on stdin (or stdin
+        closes), closes them all and exits.
+
+Both raise RLIMIT_NOFILE soft -> hard first. Traffic goes to 127.0.0.1 only.
+"""
+import argparse
+import asyncio
+import os
+import resource
+import sys
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+async def sink(port, status_path):
+    open_count = 0
+
+    async def handle(reader, writer):
+        nonlocal open_count
+        open_count += 1
+        try:
+            while await reader.read(65536):
+                pass
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            open_count -= 1
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096,
+                                        reuse_address=True)
+    tmp = status_path + ".tmp"
+    last = None
+    async with server:
+        while True:
+            if open_count != last:
+                with open(tmp, "w") as f:
+                    f.write(str(open_count))
+                os.replace(tmp, status_path)
+                last = open_count
+            await asyncio.sleep(0.1)
+
+
+async def client(port, n, timeout, concurrency):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    sem = asyncio.Semaphore(concurrency)
+    writers = []
+    errors = []
+
+    async def one():
+        async with sem:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                errors.append("deadline")
+                return
+            try:
+                _, w = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port), remaining)
+                writers.append(w)
+            except (OSError, asyncio.TimeoutError) as e:
+                errors.append(type(e).__name__ + ": " + str(e))
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    if len(writers) == n:
+        print(f"connected {len(writers)}", flush=True)
+    else:
+        reason = errors[0] if errors else "unknown"
+        print(f"partial {len(writers)} {reason}", flush=True)
+    # hold idle until told to close (a line on stdin, or EOF)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    for w in writers:
+        w.close()
+    for w in writers:
+        try:
+            await asyncio.wait_for(w.wait_closed(), 2)
+        except Exception:
+            pass
+    print("closed", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("sink")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--status", required=True)
+    c = sub.add_parser("client")
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--n", type=int, required=True)
+    c.add_argument("--timeout", type=float, default=60)
+    c.add_argument("--concurrency", type=int, default=200)
+    a = ap.parse_args()
+    raise_nofile()
+    if a.mode == "sink":
+        asyncio.run(sink(a.port, a.status))
+    else:
+        asyncio.run(client(a.port, a.n, a.timeout, a.concurrency))
+
+
+if __name__ == "__main__":
+    main()
