@@ -237,7 +237,8 @@ def run_memory(ctx, fwd, be):
     sock0 = sockstat_tcp_mem_kib()
     timeout = ctx.mem_timeout
     client = spawn([sys.executable, os.path.join(HERE, "memload.py"), "client",
-                    "--port", str(fwd.port), "--n", str(n), "--timeout", str(timeout)],
+                    "--port", str(fwd.port), "--n", str(n), "--timeout", str(timeout),
+                    "--batch", "100", "--sink-status", be.status],
                    os.path.join(ctx.tmp, "memload-client.log"), stdout_pipe=True,
                    stdin_pipe=True)
     notes = []

@@ -6,8 +6,11 @@
         whatever arrives, and rewrites FILE with the number of currently open
         connections every 100 ms.
 
-    memload.py client --port P --n N --timeout S [--concurrency C]
-        opens N connections to 127.0.0.1:P (at most C connects in flight), prints
+    memload.py client --port P --n N --timeout S [--batch B] [--sink-status FILE]
+        opens N connections to 127.0.0.1:P in batches of B; with --sink-status it
+        waits after each batch until the sink has seen every connection so far (so
+        a forwarder's listen backlog never overflows: an overflowed handshake of a
+        client that then sends nothing can stay half-open forever). Prints
         `connected K` on stdout once all N are up (or `partial K reason` at the
         deadline), then holds them idle until a line arrives on stdin (or stdin
         closes), closes them all and exits.
@@ -54,30 +57,44 @@ async def sink(port, status_path):
                     f.write(str(open_count))
                 os.replace(tmp, status_path)
                 last = open_count
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.02)
 
 
-async def client(port, n, timeout, concurrency):
+def _sink_count(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+async def client(port, n, timeout, batch, sink_status):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    sem = asyncio.Semaphore(concurrency)
     writers = []
     errors = []
 
     async def one():
-        async with sem:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                errors.append("deadline")
-                return
-            try:
-                _, w = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port), remaining)
-                writers.append(w)
-            except (OSError, asyncio.TimeoutError) as e:
-                errors.append(type(e).__name__ + ": " + str(e))
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            errors.append("deadline")
+            return
+        try:
+            _, w = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port), remaining)
+            writers.append(w)
+        except (OSError, asyncio.TimeoutError) as e:
+            errors.append(type(e).__name__ + ": " + str(e))
 
-    await asyncio.gather(*(one() for _ in range(n)))
+    while len(writers) < n and not errors:
+        await asyncio.gather(*(one() for _ in range(min(batch, n - len(writers)))))
+        if sink_status:
+            while _sink_count(sink_status) < len(writers):
+                if loop.time() > deadline:
+                    errors.append(f"sink saw only {_sink_count(sink_status)} of "
+                                  f"{len(writers)} connections")
+                    break
+                await asyncio.sleep(0.005)
     if len(writers) == n:
         print(f"connected {len(writers)}", flush=True)
     else:
@@ -105,13 +122,14 @@ def main():
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--n", type=int, required=True)
     c.add_argument("--timeout", type=float, default=60)
-    c.add_argument("--concurrency", type=int, default=200)
+    c.add_argument("--batch", type=int, default=100)
+    c.add_argument("--sink-status")
     a = ap.parse_args()
     raise_nofile()
     if a.mode == "sink":
         asyncio.run(sink(a.port, a.status))
     else:
-        asyncio.run(client(a.port, a.n, a.timeout, a.concurrency))
+        asyncio.run(client(a.port, a.n, a.timeout, a.batch, a.sink_status))
 
 
 if __name__ == "__main__":

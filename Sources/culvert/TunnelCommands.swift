@@ -14,6 +14,13 @@ struct TokenOptions: ParsableArguments {
     @Option(help: "The shared token itself. Visible in the process list: prefer --token-file or CULVERT_TOKEN.")
     var token: String?
 
+    init() {}
+
+    init(tokenFile: String?, token: String?) {
+        self.tokenFile = tokenFile
+        self.token = token
+    }
+
     /// The token, or nil when none was given anywhere.
     func resolve(logger: Logger) throws -> String? {
         if let tokenFile {
@@ -71,35 +78,71 @@ struct TokenCommand: ParsableCommand {
     }
 }
 
-/// Shared flags of server and client.
+/// Shared flags of server and client. Each is optional so a config file can supply it;
+/// the defaults live in the config models.
 struct TunnelCommonOptions: ParsableArguments {
+    @Option(name: [.customShort("c"), .customLong("config")],
+            help: ArgumentHelp("TOML config file; flags given on the command line override it.", valueName: "file"))
+    var config: String?
+
     @Option(help: "tls (default; TLS 1.3, a PSK from the token unless certificates are set) or plain (both ends must ask; not encrypted).")
-    var transport: TunnelTransport = .tls
+    var transport: TunnelTransport?
 
     @Option(help: "Heartbeat interval (default: 5s).", transform: parseDuration)
-    var heartbeatInterval: Duration = .seconds(5)
+    var heartbeatInterval: Duration?
 
     @Option(help: "Missed heartbeats after which the peer counts as dead (default: 3).")
-    var heartbeatMisses: Int = 3
+    var heartbeatMisses: Int?
 
     @Option(help: "Time a new connection gets to finish its handshake (default: 10s).", transform: parseDuration)
-    var handshakeTimeout: Duration = .seconds(10)
+    var handshakeTimeout: Duration?
 
     @Option(help: "On SIGINT/SIGTERM, time tunneled connections get to finish (default: 30s).", transform: parseDuration)
-    var drainTimeout: Duration = .seconds(30)
+    var drainTimeout: Duration?
 
     func validate() throws {
-        if heartbeatMisses < 1 { throw ValidationError("--heartbeat-misses must be at least 1") }
+        if let m = heartbeatMisses, m < 1 { throw ValidationError("--heartbeat-misses must be at least 1") }
         if heartbeatInterval == .zero { throw ValidationError("--heartbeat-interval must be more than 0") }
         if handshakeTimeout == .zero { throw ValidationError("--handshake-timeout must be more than 0") }
     }
 
-    var heartbeat: Heartbeat {
-        var hb = Heartbeat()
-        hb.interval = heartbeatInterval
-        hb.misses = heartbeatMisses
-        return hb
+    func apply(transport t: inout TunnelTransport, heartbeat: inout Heartbeat, handshake: inout Duration, drain: inout Duration) {
+        if let transport { t = transport }
+        if let heartbeatInterval { heartbeat.interval = heartbeatInterval }
+        if let heartbeatMisses { heartbeat.misses = heartbeatMisses }
+        if let handshakeTimeout { handshake = handshakeTimeout }
+        if let drainTimeout { drain = drainTimeout }
     }
+}
+
+/// Loads a config file's shared part and turns its errors into usage errors (exit 2).
+private func loadConfig<C>(_ path: String?, into config: inout C,
+                           _ load: (String, inout C) throws(ConfigError) -> TunnelConfigFile.Common) throws -> TunnelConfigFile.Common? {
+    guard let path else { return nil }
+    do { return try load(path, &config) } catch { throw ValidationError("config \(error)") }
+}
+
+/// The logger from flags, else the config file, else the defaults.
+private func makeLogger(_ logging: LoggingOptions, _ common: TunnelConfigFile.Common?) throws -> Logger {
+    var options = logging
+    if !CommandLine.arguments.contains("--log-level"), let level = common?.logLevel {
+        guard let parsed = Logger.Level(rawValue: level) else { throw ValidationError("config: log_level '\(level)' is not a log level") }
+        options.logLevel = parsed
+    }
+    if !CommandLine.arguments.contains("--log-format"), let format = common?.logFormat {
+        guard let parsed = LogFormat(rawValue: format) else { throw ValidationError("config: log_format '\(format)' is not text or json") }
+        options.logFormat = parsed
+    }
+    return options.makeLogger()
+}
+
+/// The token from flags/environment, else from the config file.
+private func resolveToken(_ options: TokenOptions, _ common: TunnelConfigFile.Common?, logger: Logger) throws -> String? {
+    if let token = try options.resolve(logger: logger) { return token }
+    if let file = common?.tokenFile {
+        return try TokenOptions(tokenFile: file, token: nil).resolve(logger: logger)
+    }
+    return common?.token
 }
 
 /// `culvert server`
@@ -110,7 +153,8 @@ struct ServerCommand: ParsableCommand {
         discussion: """
             Clients authenticate with the shared token (never sent: both sides prove it \
             with HMAC-SHA256 over fresh nonces). Prints 'listening tunnel ADDR' per \
-            listening address. The token comes from --token-file, CULVERT_TOKEN or --token.
+            listening address. The token comes from --token-file, CULVERT_TOKEN, --token \
+            or the config file.
             """)
 
     @Option(name: .customLong("listen"), parsing: .singleValue,
@@ -128,56 +172,60 @@ struct ServerCommand: ParsableCommand {
     var key: String?
 
     @Option(help: "Ports services may use, e.g. 20000-20100,8080 (default: 1024-65535).", transform: parsePortRanges)
-    var allowPorts: PortRanges = .unprivileged
+    var allowPorts: PortRanges?
 
     @Option(name: .customLong("bind-addr"), parsing: .singleValue,
             help: "Address services may bind; repeat for several (default: any; services without BIND get the first, or 0.0.0.0).")
     var bindAddr: [String] = []
 
     @Option(help: "Most clients connected at once (default: 64).")
-    var maxClients: Int = 64
+    var maxClients: Int?
 
     @Option(help: "Most services per client (default: 32).")
-    var maxServices: Int = 32
+    var maxServices: Int?
 
     @Option(help: "Most connections still in their handshake (default: 128).")
-    var maxUnauthenticated: Int = 128
+    var maxUnauthenticated: Int?
 
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
         if (cert == nil) != (key == nil) { throw ValidationError("--cert and --key go together") }
         if cert != nil && common.transport == .plain { throw ValidationError("--cert needs --transport tls") }
-        for a in bindAddr where SocketAddressCheck.isNumeric(a) == false {
+        for a in bindAddr where !SocketAddressCheck.isNumeric(a) {
             throw ValidationError("--bind-addr '\(a)' is not a numeric IP address")
         }
-        if maxClients < 1 || maxServices < 1 || maxUnauthenticated < 1 {
-            throw ValidationError("--max-clients, --max-services and --max-unauthenticated must be at least 1")
+        for (name, value) in [("--max-clients", maxClients), ("--max-services", maxServices), ("--max-unauthenticated", maxUnauthenticated)] {
+            if let v = value, v < 1 { throw ValidationError("\(name) must be at least 1, got \(v)") }
         }
     }
 
     func run() throws {
-        let logger = logging.makeLogger()
-        guard let tokenValue = try token.resolve(logger: logger) else {
+        var config = TunnelServerConfig()
+        let file = try loadConfig(common.config, into: &config, TunnelConfigFile.loadServer)
+        let logger = try makeLogger(logging, file)
+        guard let tokenValue = try resolveToken(token, file, logger: logger) else {
             throw ValidationError("no token: give --token-file FILE or set CULVERT_TOKEN (make one with 'culvert token')")
         }
         if tokenValue.utf8.count < 16 {
             logger.warning("the token is short (\(tokenValue.utf8.count) bytes); use at least 16, e.g. from 'culvert token'")
         }
-        var config = TunnelServerConfig()
-        if !listen.isEmpty { config.listen = listen }
         config.token = tokenValue
-        config.transport = common.transport
-        config.certFile = cert
-        config.keyFile = key
-        config.allowPorts = allowPorts
-        config.bindAddresses = bindAddr
-        config.maxClients = maxClients
-        config.maxServicesPerClient = maxServices
-        config.maxUnauthenticated = maxUnauthenticated
-        config.handshakeTimeout = common.handshakeTimeout
-        config.heartbeat = common.heartbeat
-        config.drainTimeout = common.drainTimeout
+        if !listen.isEmpty { config.listen = listen }
+        common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
+                     handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
+        if let cert, let key {
+            config.certFile = cert
+            config.keyFile = key
+        }
+        if config.certFile != nil && config.transport == .plain {
+            throw ValidationError("a certificate needs transport tls")
+        }
+        if let allowPorts { config.allowPorts = allowPorts }
+        if !bindAddr.isEmpty { config.bindAddresses = bindAddr }
+        if let maxClients { config.maxClients = maxClients }
+        if let maxServices { config.maxServicesPerClient = maxServices }
+        if let maxUnauthenticated { config.maxUnauthenticated = maxUnauthenticated }
         let status = ServiceRunner.run(threads: 1, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
             try await TunnelServer.start(config: config, group: group, logger: logger)
         }
@@ -197,8 +245,9 @@ struct ClientCommand: ParsableCommand {
             exits 1 on authentication failure or when a service is refused at first start.
             """)
 
-    @Argument(help: "Server address, HOST[:PORT] (default port 7000).", transform: parseServerAddress)
-    var server: HostPort
+    @Argument(help: "Server address, HOST[:PORT] (default port 7000; may come from the config file).",
+              transform: parseServerAddress)
+    var server: HostPort?
 
     @Option(name: .customShort("R"), parsing: .singleValue,
             help: "Service to expose: [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT; repeat for several.",
@@ -211,47 +260,55 @@ struct ClientCommand: ParsableCommand {
     @Option(help: "CA certificate (PEM) to verify a server that uses --cert; the server name is checked.")
     var ca: String?
 
-    @Option(help: "Pinned SHA-256 fingerprint of the server certificate: sha256:HEX.", transform: parseFingerprint)
+    @Option(help: "Pinned SHA-256 fingerprint of the server certificate: sha256:HEX.", transform: parseFingerprintArgument)
     var fingerprint: [UInt8]?
 
     @Option(help: "Pre-opened data channels kept ready (default: 2).")
-    var pool: Int = 2
+    var pool: Int?
 
     @Option(help: "Time allowed to connect to the server or a local service (default: 5s).", transform: parseDuration)
-    var connectTimeout: Duration = .seconds(5)
+    var connectTimeout: Duration?
 
     @Option(help: "Longest wait between reconnect attempts (default: 30s).", transform: parseDuration)
-    var reconnectMax: Duration = .seconds(30)
+    var reconnectMax: Duration?
 
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
-        if services.isEmpty { throw ValidationError("nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT") }
-        if pool < 0 || pool > 64 { throw ValidationError("--pool must be between 0 and 64, got \(pool)") }
+        if let pool, pool < 0 || pool > 64 { throw ValidationError("--pool must be between 0 and 64, got \(pool)") }
         if ca != nil && fingerprint != nil { throw ValidationError("give --ca or --fingerprint, not both") }
         if (ca != nil || fingerprint != nil) && common.transport == .plain {
             throw ValidationError("--ca and --fingerprint need --transport tls")
         }
+        if common.config == nil {
+            if server == nil { throw ValidationError("missing <server>: give HOST[:PORT] of the culvert server") }
+            if services.isEmpty { throw ValidationError("nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT") }
+        }
     }
 
     func run() throws {
-        let logger = logging.makeLogger()
-        guard let tokenValue = try token.resolve(logger: logger) else {
+        var config = TunnelClientConfig()
+        let file = try loadConfig(common.config, into: &config, TunnelConfigFile.loadClient)
+        let logger = try makeLogger(logging, file)
+        guard let tokenValue = try resolveToken(token, file, logger: logger) else {
             throw ValidationError("no token: give --token-file FILE or set CULVERT_TOKEN")
         }
-        var config = TunnelClientConfig()
-        config.server = server
         config.token = tokenValue
-        config.transport = common.transport
-        config.caFile = ca
-        config.fingerprint = fingerprint
-        config.services = services
-        config.pool = pool
-        config.heartbeat = common.heartbeat
-        config.handshakeTimeout = common.handshakeTimeout
-        config.connectTimeout = connectTimeout
-        config.reconnectMax = reconnectMax
-        config.drainTimeout = common.drainTimeout
+        if let server { config.server = server }
+        config.services += services
+        if config.services.isEmpty {
+            throw ValidationError("nothing to expose: give -R or [services.NAME] in the config file")
+        }
+        common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
+                     handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
+        if let ca { config.caFile = ca; config.fingerprint = nil }
+        if let fingerprint { config.fingerprint = fingerprint; config.caFile = nil }
+        if let pool { config.pool = pool }
+        if let connectTimeout { config.connectTimeout = connectTimeout }
+        if let reconnectMax { config.reconnectMax = reconnectMax }
+        if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
+            throw ValidationError("ca and fingerprint need transport tls")
+        }
         let status = ServiceRunner.run(threads: 1, drainTimeout: config.drainTimeout, logger: logger) { group, control in
             try await TunnelClient.start(config: config, group: group, logger: logger, control: control)
         }
@@ -260,14 +317,7 @@ struct ClientCommand: ParsableCommand {
 }
 
 func parseServerAddress(_ text: String) throws -> HostPort {
-    if let parsed = try? HostPort.parse(text), parsed.host != "127.0.0.1" || text.contains(":") { return parsed }
-    // A bare host name or address: the default port.
-    let host = text.hasPrefix("[") && text.hasSuffix("]") ? String(text.dropFirst().dropLast()) : text
-    guard !host.isEmpty, !host.contains(" ") else { throw ValidationError("invalid server address '\(text)'") }
-    if host.contains(":") && SocketAddressCheck.isNumeric(host) == false {
-        throw ValidationError("invalid server address '\(text)': write IPv6 addresses in brackets, e.g. [::1]:7000")
-    }
-    return HostPort(host: host, port: 7000)
+    do { return try TunnelConfigFile.parseServer(text) } catch { throw ValidationError(error.description) }
 }
 
 func parseServiceSpec(_ text: String) throws -> ServiceSpec {
@@ -278,18 +328,6 @@ func parsePortRanges(_ text: String) throws -> PortRanges {
     do { return try PortRanges.parse(text) } catch { throw ValidationError(error.description) }
 }
 
-func parseFingerprint(_ text: String) throws -> [UInt8] {
-    let lower = text.lowercased()
-    guard lower.hasPrefix("sha256:") else { throw ValidationError("fingerprint '\(text)' must start with sha256:") }
-    let hex = lower.dropFirst(7).filter { $0 != ":" }
-    guard hex.count == 64 else { throw ValidationError("fingerprint '\(text)' must have 64 hex digits after sha256:") }
-    var out: [UInt8] = []
-    var i = hex.startIndex
-    while i < hex.endIndex {
-        let j = hex.index(i, offsetBy: 2)
-        guard let byte = UInt8(hex[i..<j], radix: 16) else { throw ValidationError("fingerprint '\(text)' is not hex") }
-        out.append(byte)
-        i = j
-    }
-    return out
+func parseFingerprintArgument(_ text: String) throws -> [UInt8] {
+    do { return try parseFingerprint(text) } catch { throw ValidationError(error.description) }
 }

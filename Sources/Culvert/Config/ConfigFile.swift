@@ -1,0 +1,117 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import TOMLKit
+
+/// A configuration problem, naming the file, the key and what is wrong (exit status 2).
+public struct ConfigError: Error, CustomStringConvertible {
+    public let file: String
+    public let key: String?
+    public let message: String
+    public var description: String {
+        if let key { return "\(file): \(key): \(message)" }
+        return "\(file): \(message)"
+    }
+}
+
+/// A parsed TOML file with typed look-ups whose errors name the file and key. Every key
+/// must be read or it is reported as unknown, so typos do not pass silently.
+public final class ConfigFile {
+    public let path: String
+    private let root: TOMLTable
+    private var used: Set<String> = []
+
+    public init(path: String) throws(ConfigError) {
+        self.path = path
+        guard let text = ConfigFile.read(path) else {
+            throw ConfigError(file: path, key: nil, message: "cannot read the file")
+        }
+        do {
+            root = try TOMLTable(string: text)
+        } catch let e as TOMLParseError {
+            throw ConfigError(file: path, key: nil, message: "line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
+        } catch {
+            throw ConfigError(file: path, key: nil, message: "\(error)")
+        }
+    }
+
+    private static func read(_ path: String) -> String? {
+        guard let f = fopen(path, "r") else { return nil }
+        defer { fclose(f) }
+        var bytes: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 8192)
+        while true {
+            let n = fread(&buf, 1, buf.count, f)
+            if n > 0 { bytes += buf[0..<n] }
+            if n < buf.count { break }
+        }
+        return String(validating: bytes, as: UTF8.self)
+    }
+
+    func error(_ key: String, _ message: String) -> ConfigError {
+        ConfigError(file: path, key: key, message: message)
+    }
+
+    private func value(_ key: String, in table: TOMLTable? = nil, prefix: String = "") -> TOMLValueConvertible? {
+        used.insert(prefix + key)
+        return (table ?? root)[key]
+    }
+
+    public func string(_ key: String, in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) -> String? {
+        guard let v = value(key, in: table, prefix: prefix) else { return nil }
+        guard let s = v.string else { throw error(prefix + key, "expected a string, got \(v.type)") }
+        return s
+    }
+
+    public func int(_ key: String, range: ClosedRange<Int>, in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) -> Int? {
+        guard let v = value(key, in: table, prefix: prefix) else { return nil }
+        guard let i = v.int else { throw error(prefix + key, "expected an integer, got \(v.type)") }
+        guard range.contains(i) else { throw error(prefix + key, "\(i) is out of range \(range.lowerBound)-\(range.upperBound)") }
+        return i
+    }
+
+    /// A string or an array of strings.
+    public func strings(_ key: String, in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) -> [String]? {
+        guard let v = value(key, in: table, prefix: prefix) else { return nil }
+        if let s = v.string { return [s] }
+        guard let a = v.array else { throw error(prefix + key, "expected a string or an array of strings, got \(v.type)") }
+        var out: [String] = []
+        for item in a {
+            guard let s = item.string else { throw error(prefix + key, "expected strings in the array, got \(item.type)") }
+            out.append(s)
+        }
+        return out
+    }
+
+    public func duration(_ key: String, in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) -> Duration? {
+        guard let v = value(key, in: table, prefix: prefix) else { return nil }
+        if let i = v.int, i >= 0 { return .seconds(i) }
+        guard let s = v.string else { throw error(prefix + key, "expected a duration like \"5s\" or \"500ms\", got \(v.type)") }
+        do { return try DurationSpec.parse(s) } catch { throw self.error(prefix + key, error.description) }
+    }
+
+    /// Sub-tables of `key` (e.g. `[services.ssh]`), by name in file order.
+    public func tables(_ key: String) throws(ConfigError) -> [(name: String, table: TOMLTable)] {
+        guard let v = value(key) else { return [] }
+        guard let t = v.table else { throw error(key, "expected a table of named entries, got \(v.type)") }
+        var out: [(String, TOMLTable)] = []
+        for name in t.keys {
+            guard let sub = t[name]?.table else { throw error("\(key).\(name)", "expected a table") }
+            out.append((name, sub))
+        }
+        return out
+    }
+
+    /// Fails on keys nobody asked for (`table`: a sub-table checked under `prefix`).
+    public func rejectUnknownKeys(in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) {
+        for key in (table ?? root).keys where !used.contains(prefix + key) {
+            throw error(prefix + key, "unknown key")
+        }
+    }
+
+    /// Parses a typed value with a parser whose error text becomes the message.
+    public func parse<T, E: Error & CustomStringConvertible>(_ key: String, _ text: String?, _ parser: (String) throws(E) -> T) throws(ConfigError) -> T? {
+        guard let text else { return nil }
+        do { return try parser(text) } catch { throw self.error(key, error.description) }
+    }
+}

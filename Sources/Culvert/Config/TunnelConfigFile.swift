@@ -1,0 +1,136 @@
+/// Reads `culvert server -c FILE` and `culvert client -c FILE` into the same config
+/// models the flags fill; flags given on the command line override the file.
+///
+/// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
+/// max_clients, max_services, max_unauthenticated, handshake_timeout,
+/// heartbeat_interval, heartbeat_misses, drain_timeout, log_level, log_format.
+/// Client keys: server, token, token_file, transport, ca, fingerprint, pool,
+/// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
+/// heartbeat_misses, drain_timeout, log_level, log_format, and `[services.NAME]` tables
+/// with remote_port, local, bind.
+public enum TunnelConfigFile {
+    /// What both commands read besides their model: where the token and logs come from.
+    public struct Common {
+        public var token: String?
+        public var tokenFile: String?
+        public var logLevel: String?
+        public var logFormat: String?
+    }
+
+    public static func loadServer(_ path: String, into config: inout TunnelServerConfig) throws(ConfigError) -> Common {
+        let file = try ConfigFile(path: path)
+        if let listen = try file.strings("listen") {
+            var specs: [HostPort] = []
+            for l in listen { if let spec = try file.parse("listen", l, HostPort.parse) { specs.append(spec) } }
+            config.listen = specs
+        }
+        if let t = try file.parse("transport", try file.string("transport"), parseTransport) { config.transport = t }
+        config.certFile = try file.string("cert") ?? config.certFile
+        config.keyFile = try file.string("key") ?? config.keyFile
+        if let ports = try file.parse("allow_ports", try file.string("allow_ports"), PortRanges.parse) { config.allowPorts = ports }
+        if let binds = try file.strings("bind_addr") {
+            for b in binds where !SocketAddressCheck.isNumeric(b) {
+                throw file.error("bind_addr", "'\(b)' is not a numeric IP address")
+            }
+            config.bindAddresses = binds
+        }
+        config.maxClients = try file.int("max_clients", range: 1...100_000) ?? config.maxClients
+        config.maxServicesPerClient = try file.int("max_services", range: 1...10_000) ?? config.maxServicesPerClient
+        config.maxUnauthenticated = try file.int("max_unauthenticated", range: 1...100_000) ?? config.maxUnauthenticated
+        config.handshakeTimeout = try file.duration("handshake_timeout") ?? config.handshakeTimeout
+        config.drainTimeout = try file.duration("drain_timeout") ?? config.drainTimeout
+        config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
+        config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
+        let common = try readCommon(file)
+        try file.rejectUnknownKeys()
+        if (config.certFile == nil) != (config.keyFile == nil) {
+            throw ConfigError(file: path, key: config.certFile == nil ? "cert" : "key", message: "cert and key go together")
+        }
+        return common
+    }
+
+    public static func loadClient(_ path: String, into config: inout TunnelClientConfig) throws(ConfigError) -> Common {
+        let file = try ConfigFile(path: path)
+        if let server = try file.string("server") {
+            config.server = try file.parse("server", server, parseServer)!
+        }
+        if let t = try file.parse("transport", try file.string("transport"), parseTransport) { config.transport = t }
+        config.caFile = try file.string("ca") ?? config.caFile
+        if let fp = try file.parse("fingerprint", try file.string("fingerprint"), parseFingerprint) { config.fingerprint = fp }
+        config.pool = try file.int("pool", range: 0...64) ?? config.pool
+        config.connectTimeout = try file.duration("connect_timeout") ?? config.connectTimeout
+        config.reconnectMax = try file.duration("reconnect_max") ?? config.reconnectMax
+        config.handshakeTimeout = try file.duration("handshake_timeout") ?? config.handshakeTimeout
+        config.drainTimeout = try file.duration("drain_timeout") ?? config.drainTimeout
+        config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
+        config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
+        var services: [ServiceSpec] = []
+        for (name, table) in try file.tables("services") {
+            let prefix = "services.\(name)."
+            guard let remote = try file.int("remote_port", range: 0...65535, in: table, prefix: prefix) else {
+                throw file.error(prefix + "remote_port", "missing (0 lets the server pick)")
+            }
+            guard let localText = try file.string("local", in: table, prefix: prefix) else {
+                throw file.error(prefix + "local", "missing, e.g. local = \"127.0.0.1:22\"")
+            }
+            let local = try file.parse(prefix + "local", localText, HostPort.parse)!
+            let bind = try file.string("bind", in: table, prefix: prefix)
+            if let bind, !SocketAddressCheck.isNumeric(bind) {
+                throw file.error(prefix + "bind", "'\(bind)' is not a numeric IP address")
+            }
+            try file.rejectUnknownKeys(in: table, prefix: prefix)
+            services.append(ServiceSpec(name: name, bindHost: bind, remotePort: UInt16(remote),
+                                        localHost: local.host ?? "127.0.0.1", localPort: local.port))
+        }
+        config.services += services
+        let common = try readCommon(file)
+        try file.rejectUnknownKeys()
+        if config.caFile != nil && config.fingerprint != nil {
+            throw ConfigError(file: path, key: "fingerprint", message: "give ca or fingerprint, not both")
+        }
+        return common
+    }
+
+    private static func readCommon(_ file: ConfigFile) throws(ConfigError) -> Common {
+        Common(token: try file.string("token"), tokenFile: try file.string("token_file"),
+               logLevel: try file.string("log_level"), logFormat: try file.string("log_format"))
+    }
+
+    /// A value that does not parse; the text names the value and the fix.
+    public struct InvalidValue: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    static func parseTransport(_ text: String) throws(InvalidValue) -> TunnelTransport {
+        guard let t = TunnelTransport(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not tls or plain") }
+        return t
+    }
+
+    /// `HOST[:PORT]` with 7000 as the default port; IPv6 in brackets.
+    public static func parseServer(_ text: String) throws(InvalidValue) -> HostPort {
+        if text.hasPrefix("[") && text.hasSuffix("]") { return HostPort(host: String(text.dropFirst().dropLast()), port: 7000) }
+        if text.contains(":") {
+            do { return try HostPort.parse(text) } catch { throw InvalidValue(description: error.description) }
+        }
+        guard !text.isEmpty, text.allSatisfy({ $0.isLetter || $0.isNumber || ".-_".contains($0) }) else {
+            throw InvalidValue(description: "invalid server address '\(text)'")
+        }
+        return HostPort(host: text, port: 7000)
+    }
+}
+
+/// `sha256:HEX` (colons between bytes allowed) to 32 bytes.
+public func parseFingerprint(_ text: String) throws(TunnelConfigFile.InvalidValue) -> [UInt8] {
+    let lower = text.lowercased()
+    guard lower.hasPrefix("sha256:") else { throw .init(description: "fingerprint '\(text)' must start with sha256:") }
+    let hex = Array(lower.dropFirst(7).filter { $0 != ":" })
+    guard hex.count == 64 else { throw .init(description: "fingerprint '\(text)' must have 64 hex digits after sha256:") }
+    var out: [UInt8] = []
+    for i in stride(from: 0, to: 64, by: 2) {
+        guard let byte = UInt8(String(hex[i...i + 1]), radix: 16) else {
+            throw .init(description: "fingerprint '\(text)' is not hexadecimal")
+        }
+        out.append(byte)
+    }
+    return out
+}

@@ -1,0 +1,527 @@
+"""Helpers for the end-to-end tests of `culvert server` / `culvert client`.
+
+Only the CLI contract is used: ready lines on stdout, log lines on stderr, exit
+codes, plus the documented wire framing for the protocol tests.  Everything
+runs on loopback (the netns test builds its own private topology).  Every wait
+is bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.dont_write_bytecode = True
+
+from conftest import (  # noqa: E402  (read-only use of the shared helpers)
+    Culvert,
+    EchoServer,
+    TcpServer,
+    culvert_bin,
+    fmt_addr,
+    parse_addr,
+)
+
+LISTENING_RE = re.compile(r"^listening tunnel (\S+)$")
+EXPOSED_RE = re.compile(r"^exposed tcp (\S+) -> (\S+)$")
+
+MODES = ["tls-psk", "tls-cert", "plain"]
+
+# frame types (docs: u32 BE length of type+body, u8 type, body)
+HELLO, CHALLENGE, CLIENT_AUTH, WELCOME, REFUSED = 0x01, 0x02, 0x03, 0x04, 0x05
+DATA_HELLO, CONNECT = 0x21, 0x22
+MAX_FRAME = 16384
+
+
+# --------------------------------------------------------------------------
+# binary
+
+
+def wait_for_binary(timeout: float = 180.0) -> str:
+    """The culvert binary path; waits (bounded) while someone else rebuilds it."""
+    path = culvert_bin()
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+        if time.monotonic() > deadline:
+            pytest.fail(f"culvert binary not found or not executable: {path} (set CULVERT_BIN)", pytrace=False)
+        time.sleep(0.5)
+
+
+def clean_env() -> dict:
+    env = dict(os.environ)
+    env.pop("CULVERT_TOKEN", None)
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 15.0, env: dict | None = None,
+            prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    path = wait_for_binary()
+    try:
+        return subprocess.run(
+            [*(prefix or []), path, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=timeout, text=True, errors="replace",
+            env=clean_env() if env is None else env,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"culvert {args!r} did not exit within {timeout}s; stderr={exc.stderr!r}")
+
+
+def new_token() -> str:
+    r = run_cli(["token"])
+    assert r.returncode == 0 and r.stdout.strip(), f"culvert token failed: {r!r}"
+    return r.stdout.strip()
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+class TunnelProc(Culvert):
+    """A running culvert server or client (optionally behind a prefix such as
+    `ip netns exec NS`)."""
+
+    def __init__(self, path: str, args: list[str], prefix: list[str] | None = None):
+        if prefix:
+            super().__init__(prefix[0], [*prefix[1:], path, *args])
+        else:
+            super().__init__(path, args)
+
+    def wait_stdout(self, pattern: re.Pattern, count: int = 1, timeout: float = 15.0) -> list[re.Match]:
+        def have():
+            hits = [m for m in (pattern.match(l) for l in self.stdout_lines) if m]
+            if len(hits) >= count:
+                return hits
+            if self.proc.poll() is not None and self._eof["stdout"] and self._eof["stderr"]:
+                raise AssertionError(
+                    f"culvert exited with {self.proc.returncode} before printing {count} line(s) "
+                    f"matching {pattern.pattern!r}\n{self.describe()}")
+            return None
+
+        return self._wait_for(have, timeout, f"{count} stdout line(s) matching {pattern.pattern!r}")
+
+    def listen_addrs(self, count: int = 1, timeout: float = 15.0) -> list[tuple[str, int]]:
+        return [parse_addr(m.group(1)) for m in self.wait_stdout(LISTENING_RE, count, timeout)]
+
+    def exposed(self, count: int = 1, timeout: float = 15.0) -> dict[str, tuple[str, int]]:
+        """{LOCAL: (host, port)} from the `exposed tcp ADDR -> LOCAL` lines."""
+        return {m.group(2): parse_addr(m.group(1)) for m in self.wait_stdout(EXPOSED_RE, count, timeout)}
+
+    def stderr_text(self) -> str:
+        with self._cond:
+            return "\n".join(self.stderr_lines)
+
+    def wait_exit_code(self, timeout: float) -> int:
+        return self.wait_exit(timeout)
+
+
+# --------------------------------------------------------------------------
+# certificates (openssl CLI)
+
+
+@dataclass
+class Certs:
+    dir: Path
+    ca: str
+    cert: str
+    key: str
+    other_ca: str
+    fingerprint: str  # sha256:HEX of the server certificate's DER
+
+
+def _openssl(*args: str, cwd: Path, input: bytes | None = None) -> bytes:
+    r = subprocess.run(["openssl", *args], cwd=cwd, input=input, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60)
+    assert r.returncode == 0, f"openssl {' '.join(args)} failed: {r.stderr.decode(errors='replace')}"
+    return r.stdout
+
+
+def make_certs(d: Path) -> Certs:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available")
+    d.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for name in ("ca", "other-ca"):
+        _openssl("req", "-x509", *ec, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+                 "-subj", f"/CN=culvert e2e {name}",
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _openssl("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    (d / "ext.cnf").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
+    os.chmod(d / "server.key", 0o600)
+    der = _openssl("x509", "-in", "server.pem", "-outform", "DER", cwd=d)
+    fp = "sha256:" + hashlib.sha256(der).hexdigest()
+    return Certs(d, str(d / "ca.pem"), str(d / "server.pem"), str(d / "server.key"), str(d / "other-ca.pem"), fp)
+
+
+# --------------------------------------------------------------------------
+# the kit: token, processes, local services; everything torn down at the end
+
+
+class TunnelKit:
+    def __init__(self, tmp: Path, certs_factory):
+        self.tmp = tmp
+        self._certs_factory = certs_factory
+        self.path = wait_for_binary()
+        self.procs: list[TunnelProc] = []
+        self.servers: list[TcpServer] = []
+        self.token = new_token()
+        self.token_file = self.write_token(self.token, "token")
+
+    @property
+    def certs(self) -> Certs:
+        return self._certs_factory()
+
+    def write_token(self, token: str, name: str) -> str:
+        p = self.tmp / name
+        p.write_text(token + "\n")
+        os.chmod(p, 0o600)
+        return str(p)
+
+    def local(self, server: TcpServer) -> TcpServer:
+        self.servers.append(server)
+        return server
+
+    def echo(self) -> EchoServer:
+        return self.local(EchoServer())
+
+    # -- mode-dependent flags ---------------------------------------------
+
+    def server_mode_args(self, mode: str) -> list[str]:
+        if mode == "plain":
+            return ["--transport", "plain"]
+        if mode == "tls-cert":
+            return ["--cert", self.certs.cert, "--key", self.certs.key]
+        assert mode == "tls-psk", mode
+        return []
+
+    def client_mode_args(self, mode: str) -> list[str]:
+        if mode == "plain":
+            return ["--transport", "plain"]
+        if mode == "tls-cert":
+            return ["--ca", self.certs.ca]
+        return []
+
+    @staticmethod
+    def server_host(mode: str) -> str:
+        return "localhost" if mode == "tls-cert" else "127.0.0.1"
+
+    # -- processes ----------------------------------------------------------
+
+    def spawn(self, args: list[str], prefix: list[str] | None = None) -> TunnelProc:
+        p = TunnelProc(self.path, args, prefix)
+        self.procs.append(p)
+        return p
+
+    def start_server(self, mode: str = "tls-psk", opts: list[str] = (), port: int = 0,
+                     token_file: str | None = None, wait: bool = True) -> TunnelProc:
+        args = ["server", "--listen", f"127.0.0.1:{port}", "--bind-addr", "127.0.0.1",
+                "--token-file", token_file or self.token_file, *self.server_mode_args(mode), *opts]
+        p = self.spawn(args)
+        if wait:
+            p.server_addr = p.listen_addrs(1)[0]
+        return p
+
+    def start_client(self, server: tuple[str, int] | str, services: list[str], mode: str = "tls-psk",
+                     opts: list[str] = (), token_file: str | None = None, ready: bool = True,
+                     mode_args: list[str] | None = None) -> TunnelProc:
+        if isinstance(server, tuple):
+            server = f"{self.server_host(mode)}:{server[1]}"
+        args = ["client", server]
+        for s in services:
+            args += ["-R", s]
+        args += ["--token-file", token_file or self.token_file]
+        args += self.client_mode_args(mode) if mode_args is None else mode_args
+        args += list(opts)
+        p = self.spawn(args)
+        if ready:
+            p.exposed_map = p.exposed(len(services))
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for s in self.servers:
+            s.close()
+        for p in self.procs:
+            print(p.describe(tail=40))
+
+
+# --------------------------------------------------------------------------
+# raw wire access
+
+
+def frame(ftype: int, body: bytes = b"") -> bytes:
+    return struct.pack(">IB", len(body) + 1, ftype) + body
+
+
+def hello(nonce: bytes, version: int = 1) -> bytes:
+    return frame(HELLO, struct.pack(">H", version) + nonce)
+
+
+def read_exact(sock: socket.socket, n: int, deadline: float) -> bytes | None:
+    """n bytes, or None on EOF/reset; AssertionError at the deadline."""
+    buf = bytearray()
+    while len(buf) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out reading {n} bytes (have {len(buf)})")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(n - len(buf))
+        except (ConnectionResetError, ConnectionAbortedError):
+            return None
+        except socket.timeout:
+            continue
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def read_frame(sock: socket.socket, deadline: float) -> tuple[int, bytes] | None:
+    """(type, body) or None when the peer closed."""
+    hdr = read_exact(sock, 4, deadline)
+    if hdr is None:
+        return None
+    (length,) = struct.unpack(">I", hdr)
+    assert 1 <= length <= MAX_FRAME, f"server sent a frame announcing {length} bytes"
+    data = read_exact(sock, length, deadline)
+    if data is None:
+        return None
+    return data[0], data[1:]
+
+
+def split_frames(data: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    i = 0
+    while i + 5 <= len(data):
+        (length,) = struct.unpack(">I", data[i:i + 4])
+        if length < 1 or i + 4 + length > len(data):
+            break
+        out.append((data[i + 4], data[i + 5:i + 4 + length]))
+        i += 4 + length
+    return out
+
+
+def frames_until_close(sock: socket.socket, timeout: float) -> tuple[list[tuple[int, bytes]], bool]:
+    """All frames the peer sends until it closes; (frames, closed)."""
+    deadline = time.monotonic() + timeout
+    frames = []
+    try:
+        while len(frames) < 1000:
+            f = read_frame(sock, deadline)
+            if f is None:
+                return frames, True
+            frames.append(f)
+    except AssertionError:
+        return frames, False
+    return frames, False
+
+
+def wait_closed_no_data(sock: socket.socket, timeout: float) -> tuple[bool, bytes]:
+    """Wait for the peer to close; returns (closed, bytes received before)."""
+    deadline = time.monotonic() + timeout
+    got = bytearray()
+    while time.monotonic() < deadline and len(got) < 1 << 20:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+            return True, bytes(got)
+        except socket.timeout:
+            break
+        if not chunk:
+            return True, bytes(got)
+        got += chunk
+    return False, bytes(got)
+
+
+def raw_connect(addr: tuple[str, int], timeout: float = 5.0) -> socket.socket:
+    s = socket.create_connection(addr, timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+# --------------------------------------------------------------------------
+# a recording TCP relay (loopback) between a real client and the server
+
+
+class RecordingRelay:
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        # one entry per connection: {"c2s": bytearray, "s2c": bytearray}
+        self.conns: list[dict] = []
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        t = threading.Thread(target=self._accept_loop, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            r, _, _ = select.select([self.sock], [], [], 0.1)
+            if not r:
+                continue
+            try:
+                down, _ = self.sock.accept()
+                up = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                continue
+            rec = {"c2s": bytearray(), "s2c": bytearray()}
+            with self.lock:
+                self.conns.append(rec)
+                self._socks += [down, up]
+            for src, dst, key in ((down, up, "c2s"), (up, down, "s2c")):
+                t = threading.Thread(target=self._pump, args=(src, dst, rec[key]), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, sink: bytearray) -> None:
+        src.settimeout(None)
+        try:
+            while not self._stop.is_set():
+                r, _, _ = select.select([src], [], [], 0.1)
+                if not r:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    sink += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            return [{"c2s": bytes(c["c2s"]), "s2c": bytes(c["s2c"])} for c in self.conns]
+
+    def close(self) -> None:
+        self._stop.set()
+        for s in [self.sock, *self._socks]:
+            try:
+                s.close()
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(timeout=2)
+
+
+# --------------------------------------------------------------------------
+# sockets and fds of a process
+
+
+def close_wait_pids() -> dict[int, int]:
+    """{pid: number of CLOSE_WAIT TCP sockets it owns}."""
+    r = subprocess.run(["ss", "-tanp", "state", "close-wait"], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, text=True, timeout=10)
+    out: dict[int, int] = {}
+    for pid in re.findall(r"pid=(\d+)", r.stdout):
+        out[int(pid)] = out.get(int(pid), 0) + 1
+    return out
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settle_fd_count(pid: int, timeout: float = 10.0, stable_for: int = 6, step: float = 0.1) -> int:
+    """Poll /proc/PID/fd until the count is unchanged for `stable_for` samples."""
+    deadline = time.monotonic() + timeout
+    last, same = fd_count(pid), 0
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        now = fd_count(pid)
+        same = same + 1 if now == last else 0
+        last = now
+        if same >= stable_for:
+            return now
+    raise AssertionError(f"fd count of pid {pid} did not settle within {timeout}s (last {last})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_refused(addr: tuple[str, int]) -> bool:
+    try:
+        s = socket.create_connection(addr, timeout=2)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    s.close()
+    return False
+
+
+def poll(predicate, timeout: float, what: str, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        try:
+            v = predicate()
+            if v:
+                return v
+        except (OSError, AssertionError) as exc:
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+        time.sleep(step)
+
+
+def run_threads(threads: list[threading.Thread], deadline: float) -> None:
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, f"{len(alive)} thread(s) still running at the deadline: {alive[:5]}"
+
+
+class CloseFirstServer(TcpServer):
+    """Sends a greeting and closes at once (the local side closes first)."""
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.sendall(b"bye\n")
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
