@@ -129,6 +129,15 @@ def parse_listening_ports(text):
     return ports
 
 
+def parse_ss_backlog(text):
+    """`ss -Hltn sport = :PORT` -> listen backlog (Send-Q of the LISTEN line) or None."""
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 4 and f[0] == "LISTEN":
+            return int(f[2])
+    return None
+
+
 def parse_ready_line(line):
     """culvert ready line -> port. `listening tcp 127.0.0.1:PORT -> TARGET`."""
     m = re.match(r"listening tcp (\S+):(\d+) -> ", line)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from benchlib import (CpuMeter, Failed, StartError, free_port, kill_proc,
-                      parse_iperf3_json, parse_sockperf, parse_wrk, pss_kib, rss_kib,
+                      parse_iperf3_json, parse_sockperf, parse_ss_backlog, parse_wrk, pss_kib, rss_kib,
                       run_cmd, sockstat_tcp_mem_kib, spawn, wait_listening)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -236,9 +236,11 @@ def run_memory(ctx, fwd, be):
     pss_idle = pss_kib(pids)
     sock0 = sockstat_tcp_mem_kib()
     timeout = ctx.mem_timeout
+    backlog = listen_backlog(fwd.port)
+    batch = max(1, min(100, backlog // 2)) if backlog else 8
     client = spawn([sys.executable, os.path.join(HERE, "memload.py"), "client",
                     "--port", str(fwd.port), "--n", str(n), "--timeout", str(timeout),
-                    "--batch", "100", "--sink-status", be.status],
+                    "--batch", str(batch), "--sink-status", be.status],
                    os.path.join(ctx.tmp, "memload-client.log"), stdout_pipe=True,
                    stdin_pipe=True)
     notes = []
@@ -269,6 +271,14 @@ def run_memory(ctx, fwd, be):
     return {"rss_idle_mib": idle / 1024, "rss_loaded_mib": loaded / 1024,
             "kib_per_conn": (loaded - idle) / n, "pss_kib_per_conn": (pss_loaded - pss_idle) / n,
             "sock_mem_mib": (sock1 - sock0) / 1024, "_notes": notes}
+
+
+def listen_backlog(port):
+    """Listen backlog of the socket on 127.0.0.1:port (ss's Send-Q), or None."""
+    rc, out, _ = run_cmd(["ss", "-Hltn", f"sport = :{port}"], timeout=10)
+    if rc != 0:
+        return None
+    return parse_ss_backlog(out)
 
 
 def _readline(p, timeout):

@@ -57,7 +57,7 @@ async def sink(port, status_path):
                     f.write(str(open_count))
                 os.replace(tmp, status_path)
                 last = open_count
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
 
 
 def _sink_count(path):

@@ -246,9 +246,9 @@ public final class EventLoop: @unchecked Sendable {
     private func runDueTimers() {
         let current = MonotonicClock.now()
         while let timer = timers.popDue(now: current) {
-            let action = timer.action
-            timer.action = nil
-            action?()
+            timer.action?()
+            // Release what the closure holds unless it rescheduled its own timer.
+            if !timer.isPending { timer.action = nil }
         }
     }
 

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CCulvert
 import Reactor
 
 /// Name resolution with getaddrinfo, which blocks: it runs on an offload thread and the

@@ -213,3 +213,23 @@ final class ReadinessTests: XCTestCase {
         XCTAssertEqual(runner.sync { second.total }, 2)
     }
 }
+
+final class TimerRescheduleFromActionTests: XCTestCase {
+    func testTimerRescheduledFromItsOwnActionFiresAgain() throws {
+        let runner = try LoopRunner()
+        defer { runner.stop() }
+        let fired = Mutex<Int>(0)
+        let done = expectation(description: "fired three times")
+        runner.sync {
+            let loop = runner.loop
+            var timer: LoopTimer?
+            timer = loop.schedule(after: .milliseconds(10)) {
+                let n = fired.withLock { $0 += 1; return $0 }
+                if n < 3 { loop.reschedule(timer!, after: .milliseconds(10)) } else { done.fulfill() }
+            }
+        }
+        wait(for: [done], timeout: 5)
+        XCTAssertEqual(fired.withLock { $0 }, 3)
+        XCTAssertEqual(runner.sync { runner.loop.timerCount }, 0)
+    }
+}
