@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Reactor
 
 /// Why a relayed connection ended; the label is what the close log line says.
@@ -45,8 +48,10 @@ public final class CopyBidirectional: EventHandler {
     private let b: Duplex
     private var aToB: CopyDirection
     private var bToA: CopyDirection
-    private var registrationA: Registration?
-    private var registrationB: Registration?
+    /// (fd, registration) pairs: one per socket, two for a side with separate read and
+    /// write descriptors (stdin/stdout).
+    private var registrations: [(Int32, Registration)] = []
+    private let endsWithBToA: Bool
     private var idleTimer: LoopTimer?
     private let idleTimeout: Duration?
     private var lastActivity: UInt64
@@ -62,9 +67,12 @@ public final class CopyBidirectional: EventHandler {
 
     /// - Parameters:
     ///   - preferSplice: splice when both ends allow it; false forces the buffered copier.
+    ///   - endsWithBToA: end the relay as soon as `b` has sent EOF and it reached `a`
+    ///     (`culvert pipe`: the remote closing ends the command), not when both are done.
     ///   - onClose: called once, on the loop, after both descriptors are closed.
     public init(loop: EventLoop, resources: LoopResources, a: Duplex, b: Duplex, preferSplice: Bool = true,
-                idleTimeout: Duration? = nil, onClose: @escaping (CopyBidirectional, CloseReason) -> Void) {
+                idleTimeout: Duration? = nil, endsWithBToA: Bool = false,
+                onClose: @escaping (CopyBidirectional, CloseReason) -> Void) {
         self.loop = loop
         self.resources = resources
         self.a = a
@@ -73,6 +81,7 @@ public final class CopyBidirectional: EventHandler {
         aToB = CopyDirection(useSplice: splice)
         bToA = CopyDirection(useSplice: splice)
         self.idleTimeout = idleTimeout
+        self.endsWithBToA = endsWithBToA
         self.onClose = onClose
         startedAt = loop.now
         lastActivity = loop.now
@@ -81,8 +90,8 @@ public final class CopyBidirectional: EventHandler {
     /// Registers both ends and starts moving bytes. On failure both ends are closed.
     public func start() throws(SystemError) {
         do {
-            registrationA = try loop.register(fd: a.fd, interest: .readWrite, handler: self, tag: Self.tagA)
-            registrationB = try loop.register(fd: b.fd, interest: .readWrite, handler: self, tag: Self.tagB)
+            try register(a, tag: Self.tagA)
+            try register(b, tag: Self.tagB)
         } catch {
             teardown(reset: true)
             throw error
@@ -91,6 +100,21 @@ public final class CopyBidirectional: EventHandler {
             idleTimer = loop.schedule(after: idleTimeout) { [unowned self] in self.checkIdle() }
         }
         pump()
+    }
+
+    private func register(_ side: Duplex, tag: UInt8) throws(SystemError) {
+        let separate = side.writeFD != side.fd
+        try watch(side.fd, separate ? .read : .readWrite, tag: tag)
+        if separate { try watch(side.writeFD, .write, tag: tag) }
+    }
+
+    private func watch(_ fd: Int32, _ interest: Interest, tag: UInt8) throws(SystemError) {
+        do {
+            registrations.append((fd, try loop.register(fd: fd, interest: interest, handler: self, tag: tag)))
+        } catch where error.errno == EPERM {
+            // A regular file cannot be polled; it is always ready, and the copier reads
+            // or writes it until EOF without waiting.
+        }
     }
 
     public func handleEvents(_ events: UInt32, tag: UInt8) {
@@ -124,7 +148,7 @@ public final class CopyBidirectional: EventHandler {
         let second = bToA.pump(from: b, to: a, resources: resources, budget: Self.budget)
         if case .failed(let e) = second { return finish(.reset(e), reset: true) }
         if aToB.bytes &+ bToA.bytes != before { lastActivity = loop.now }
-        if aToB.isDone && bToA.isDone { return finish(.eof, reset: false) }
+        if bToA.isDone && (aToB.isDone || endsWithBToA) { return finish(.eof, reset: false) }
         if (first == .yielded || second == .yielded) && !pumpScheduled {
             pumpScheduled = true
             loop.deferTask { [self] in
@@ -154,10 +178,8 @@ public final class CopyBidirectional: EventHandler {
         isClosed = true
         idleTimer?.cancel()
         idleTimer = nil
-        if let r = registrationA { loop.deregister(fd: a.fd, registration: r) }
-        if let r = registrationB { loop.deregister(fd: b.fd, registration: r) }
-        registrationA = nil
-        registrationB = nil
+        for (fd, r) in registrations { loop.deregister(fd: fd, registration: r) }
+        registrations.removeAll()
         aToB.abandon(resources)
         bToA.abandon(resources)
         a.close(reset: reset)

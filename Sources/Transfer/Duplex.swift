@@ -7,8 +7,10 @@ import Reactor
 /// today, a TLS or zlib layer over one later. Readiness is edge-triggered, so each end
 /// remembers whether it may be read or written until a call says EAGAIN.
 public protocol Duplex: AnyObject {
-    /// The descriptor to register with the loop.
+    /// The descriptor to register with the loop (and to read from).
     var fd: Int32 { get }
+    /// The descriptor written to; differs from `fd` only for stdin/stdout.
+    var writeFD: Int32 { get }
     /// True when the socket's bytes are the stream's bytes (no layer), so splice may move them.
     var isSpliceable: Bool { get }
     var readReady: Bool { get set }
@@ -19,6 +21,10 @@ public protocol Duplex: AnyObject {
     func shutdownWrite() -> SystemError?
     /// Releases the descriptor; `reset` makes the peer see RST instead of FIN.
     func close(reset: Bool)
+}
+
+extension Duplex {
+    public var writeFD: Int32 { fd }
 }
 
 /// A connected, non-blocking TCP socket.
@@ -52,5 +58,59 @@ public final class TCPStream: Duplex {
         guard !isClosed else { return }
         isClosed = true
         if reset { Net.closeWithReset(fd) } else { Posix.close(fd) }
+    }
+}
+
+/// The process's stdin and stdout as one stream (`culvert pipe`). Both are made
+/// non-blocking while culvert runs and put back as they were on close, so a terminal
+/// is not left in non-blocking mode.
+public final class StdioStream: Duplex {
+    public let fd: Int32 = 0
+    public let writeFD: Int32 = 1
+    public var readReady = true
+    public var writeReady = true
+    private let savedFlags: (Int32, Int32)
+    private var isClosed = false
+
+    public init() {
+        savedFlags = (fcntl(0, F_GETFL), fcntl(1, F_GETFL))
+        _ = fcntl(0, F_SETFL, savedFlags.0 | O_NONBLOCK)
+        _ = fcntl(1, F_SETFL, savedFlags.1 | O_NONBLOCK)
+    }
+
+    deinit { close(reset: false) }
+
+    public var isSpliceable: Bool { false }
+
+    public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {
+        Net.read(0, buffer, count)
+    }
+
+    public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
+        while true {
+            let n = Glibc.write(1, buffer, count)
+            if n >= 0 { return .bytes(n) }
+            if errno == EINTR { continue }
+            if errno == EAGAIN { return .wouldBlock }
+            return .failed(SystemError("write", errno: errno))
+        }
+    }
+
+    /// EOF for whoever reads our stdout.
+    public func shutdownWrite() -> SystemError? {
+        _ = fcntl(1, F_SETFL, savedFlags.1)
+        let devnull = open("/dev/null", O_WRONLY)
+        if devnull >= 0 {
+            _ = dup2(devnull, 1)
+            Posix.close(devnull)
+        }
+        return nil
+    }
+
+    public func close(reset: Bool) {
+        guard !isClosed else { return }
+        isClosed = true
+        _ = fcntl(0, F_SETFL, savedFlags.0)
+        _ = fcntl(1, F_SETFL, savedFlags.1)
     }
 }

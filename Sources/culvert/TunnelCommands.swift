@@ -14,24 +14,9 @@ struct TokenOptions: ParsableArguments {
     @Option(help: "The shared token itself. Visible in the process list: prefer --token-file or CULVERT_TOKEN.")
     var token: String?
 
-    init() {}
-
-    init(tokenFile: String?, token: String?) {
-        self.tokenFile = tokenFile
-        self.token = token
-    }
-
     /// The token, or nil when none was given anywhere.
     func resolve(logger: Logger) throws -> String? {
-        if let tokenFile {
-            guard let text = readWholeFile(tokenFile) else {
-                throw ValidationError("--token-file: cannot read '\(tokenFile)'")
-            }
-            let firstLine = text.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
-            let token = firstLine.trimmingCharacters()
-            guard !token.isEmpty else { throw ValidationError("--token-file: '\(tokenFile)' is empty") }
-            return token
-        }
+        if let tokenFile { return try readToken(from: tokenFile, option: "--token-file") }
         if let env = getenv("CULVERT_TOKEN"), case let token = String(cString: env), !token.isEmpty {
             return token
         }
@@ -41,6 +26,17 @@ struct TokenOptions: ParsableArguments {
         }
         return nil
     }
+}
+
+/// The first line of a token file, trimmed; `option` names where the path came from.
+func readToken(from path: String, option: String) throws -> String {
+    guard let text = readWholeFile(path) else {
+        throw ValidationError("\(option): cannot read '\(path)'")
+    }
+    let firstLine = text.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
+    let token = firstLine.trimmingCharacters()
+    guard !token.isEmpty else { throw ValidationError("\(option): '\(path)' is empty") }
+    return token
 }
 
 func readWholeFile(_ path: String) -> String? {
@@ -139,9 +135,7 @@ private func makeLogger(_ logging: LoggingOptions, _ common: TunnelConfigFile.Co
 /// The token from flags/environment, else from the config file.
 private func resolveToken(_ options: TokenOptions, _ common: TunnelConfigFile.Common?, logger: Logger) throws -> String? {
     if let token = try options.resolve(logger: logger) { return token }
-    if let file = common?.tokenFile {
-        return try TokenOptions(tokenFile: file, token: nil).resolve(logger: logger)
-    }
+    if let file = common?.tokenFile { return try readToken(from: file, option: "token_file") }
     return common?.token
 }
 
