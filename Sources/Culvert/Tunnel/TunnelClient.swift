@@ -21,11 +21,9 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     let config: TunnelClientConfig
     let loop: EventLoop
     let logger: Logger
-    private let keys: TokenKeys
-    private let tls: TLSContext?
+    private let connector: TunnelConnector
     private let control: ServiceControl
     let resources = LoopResources()
-    private var serverAddresses: [SocketAddress] = []
     private var everConnected = false
     private var announced: Set<UInt32> = []
     private var stopping = false
@@ -33,31 +31,20 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     var activeRelays: [ObjectIdentifier: CopyBidirectional] = [:]
     private var onIdle: (() -> Void)?
 
-    private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, tls: TLSContext?, control: ServiceControl) {
+    private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connector: TunnelConnector, control: ServiceControl) {
         self.config = config
         self.loop = loop
         self.logger = logger
-        self.tls = tls
+        self.connector = connector
         self.control = control
-        keys = TokenKeys(token: config.token)
     }
 
     public static func start(config: TunnelClientConfig, group: LoopGroup, logger: Logger, control: ServiceControl) async throws -> TunnelClient {
-        let keys = TokenKeys(token: config.token)
-        let tls: TLSContext?
-        switch config.transport {
-        case .plain: tls = nil
-        case .tls:
-            if config.caFile != nil || config.fingerprint != nil {
-                tls = try TLSContext.client(caFile: config.caFile)
-            } else {
-                tls = try TLSContext.psk(key: keys.tlsPSK, server: false)
-            }
-        }
+        let connector = try TunnelConnector(loop: group.main, config: config)
         if config.transport == .plain {
             logger.warning("transport is plain: tunnel traffic is not encrypted")
         }
-        let client = TunnelClient(config: config, loop: group.main, logger: logger, tls: tls, control: control)
+        let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client
     }
@@ -68,9 +55,6 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         var failures = 0
         while !stopping {
             do {
-                if serverAddresses.isEmpty {
-                    serverAddresses = try await Resolver.resolve(host: config.server.host ?? "127.0.0.1", port: config.server.port, passive: false, on: loop)
-                }
                 let established = try await runSession()
                 if established { failures = 0 }
             } catch let fatal as FatalClientError {
@@ -80,7 +64,7 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
                 return
             } catch {
                 logger.warning("cannot reach server", metadata: ["target": "\(config.server)", "error": "\(error)"])
-                serverAddresses = []
+                connector.forgetAddresses()
             }
             if stopping { return }
             failures += 1
@@ -92,86 +76,18 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         }
     }
 
-    /// Opens a connection to the server, TLS included, and checks a pinned fingerprint.
+    /// Opens a data channel: a fresh connection with TLS, before its DataHello.
     func openChannel() async throws -> AsyncDuplex {
-        var lastError: Error = ChannelError.closed
-        for address in serverAddresses {
-            let fd: Int32
-            do {
-                fd = try await AsyncConnect.connect(to: address, timeout: config.connectTimeout, on: loop)
-            } catch {
-                lastError = error
-                continue
-            }
-            let stream: Duplex
-            do {
-                stream = try tls.map { try TLSStream(fd: fd, context: $0, serverName: config.caFile == nil ? nil : config.server.host) } ?? TCPStream(fd: fd)
-            } catch {
-                Posix.close(fd)
-                throw error
-            }
-            let channel = try AsyncDuplex(loop: loop, duplex: stream)
-            let timer = loop.schedule(after: config.handshakeTimeout) { channel.fail(.timedOut("TLS handshake")) }
-            defer { timer.cancel() }
-            do {
-                try await channel.handshake()
-            } catch let e as TLSError where e.isRejection {
-                channel.fail(.closed)
-                throw FatalClientError(message: "authentication failed: the server rejected the TLS handshake (\(e.message)); check the token, --ca or --fingerprint")
-            }
-            if let pinned = config.fingerprint, let tlsStream = stream as? TLSStream {
-                guard let actual = tlsStream.peerFingerprint(), TunnelCrypto.constantTimeEqual(actual, pinned) else {
-                    channel.fail(.closed)
-                    throw FatalClientError(message: "authentication failed: server certificate fingerprint does not match --fingerprint")
-                }
-            }
-            return channel
-        }
-        throw lastError
+        try await connector.openChannel()
     }
 
     /// One control session: handshake, service registration, then serving requests until
     /// the channel dies. Returns whether the session got as far as authentication.
     private func runSession() async throws -> Bool {
-        let channel = try await openChannel()
-        let timer = loop.schedule(after: config.handshakeTimeout) { channel.fail(.timedOut("handshake")) }
-        let clientNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
-        let sessionID: [UInt8]
-        let sessionKey: [UInt8]
-        do {
-            channel.send(TunnelProtocol.encode(.controlHello(version: TunnelProtocol.version, clientNonce: clientNonce)))
-            let challenge = try await TunnelProtocol.read(from: channel)
-            if case .refused(let reason) = challenge { throw FatalClientError(message: "server refused: \(reason)") }
-            guard case .challenge(_, let serverNonce, let serverProof) = challenge else {
-                throw ChannelError.protocolViolation("expected a challenge from the server")
-            }
-            let expected = TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
-            guard TunnelCrypto.constantTimeEqual(serverProof, expected) else {
-                channel.close()
-                throw FatalClientError(message: "authentication failed: the server could not prove it knows the token")
-            }
-            channel.send(TunnelProtocol.encode(.clientAuth(
-                clientProof: TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
-                poolSize: UInt16(config.pool), heartbeatMillis: UInt32(config.heartbeat.interval.nanoseconds / 1_000_000))))
-            switch try await TunnelProtocol.read(from: channel) {
-            case .welcome(let id):
-                sessionID = id
-            case .refused(let reason):
-                channel.close()
-                if reason == "authentication failed" { throw FatalClientError(message: "authentication failed") }
-                throw ChannelError.protocolViolation("server refused: \(reason)")
-            default:
-                throw ChannelError.protocolViolation("expected welcome from the server")
-            }
-            sessionKey = TunnelProtocol.sessionKey(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
-            timer.cancel()
-        } catch {
-            timer.cancel()
-            channel.fail(.closed)
-            throw error
-        }
+        let channel = try await connector.openChannel()
+        let auth = try await connector.authenticate(channel, poolSize: config.pool, heartbeat: config.heartbeat)
         logger.info("connected to server", metadata: ["target": "\(config.server)"])
-        let session = ClientSession(client: self, control: channel, id: sessionID, key: sessionKey)
+        let session = ClientSession(client: self, control: channel, id: auth.id, key: auth.key)
         current = session
         let firstSession = !everConnected
         everConnected = true
