@@ -248,6 +248,21 @@ struct ClientCommand: ParsableCommand {
             transform: parseServiceSpec)
     var services: [ServiceSpec] = []
 
+    @Option(name: .customLong("secret"), parsing: .singleValue,
+            help: "Secret service with no public port: NAME=LOCAL_HOST:LOCAL_PORT; visitors reach it with --visit NAME. Repeat for several.",
+            transform: parseSecretSpec)
+    var secrets: [ServiceSpec] = []
+
+    @Option(help: "File with the token of the secret services (--secret) or of the visited one (--visit); default: the client's token.")
+    var serviceTokenFile: String?
+
+    @Option(help: "Visit the secret service NAME instead of exposing services; needs -L.")
+    var visit: String?
+
+    @Option(name: .customShort("L"), help: "With --visit: local address to listen on, [BIND:]PORT (default bind: 127.0.0.1).",
+            transform: parseHostPort)
+    var localListen: HostPort?
+
     @OptionGroup var token: TokenOptions
     @OptionGroup var common: TunnelCommonOptions
 
@@ -274,9 +289,17 @@ struct ClientCommand: ParsableCommand {
         if (ca != nil || fingerprint != nil) && common.transport == .plain {
             throw ValidationError("--ca and --fingerprint need --transport tls")
         }
+        if visit != nil {
+            if localListen == nil { throw ValidationError("--visit needs -L [BIND:]PORT to listen on") }
+            if !services.isEmpty || !secrets.isEmpty { throw ValidationError("--visit cannot be combined with -R or --secret") }
+        } else if localListen != nil {
+            throw ValidationError("-L only works with --visit NAME")
+        }
         if common.config == nil {
             if server == nil { throw ValidationError("missing <server>: give HOST[:PORT] of the culvert server") }
-            if services.isEmpty { throw ValidationError("nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT") }
+            if services.isEmpty && secrets.isEmpty && visit == nil {
+                throw ValidationError("nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT or --secret NAME=HOST:PORT")
+            }
         }
     }
 
@@ -289,9 +312,15 @@ struct ClientCommand: ParsableCommand {
         }
         config.token = tokenValue
         if let server { config.server = server }
+        let serviceToken = try serviceTokenFile.map { try readToken(from: $0, option: "--service-token-file") }
         config.services += services
-        if config.services.isEmpty {
-            throw ValidationError("nothing to expose: give -R or [services.NAME] in the config file")
+        config.services += secrets.map { spec in
+            var s = spec
+            s.serviceToken = serviceToken
+            return s
+        }
+        if config.services.isEmpty && visit == nil {
+            throw ValidationError("nothing to expose: give -R, --secret or [services.NAME] in the config file")
         }
         common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
                      handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
@@ -303,11 +332,21 @@ struct ClientCommand: ParsableCommand {
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
             throw ValidationError("ca and fingerprint need transport tls")
         }
+        let visit = self.visit
+        let localListen = self.localListen
         let status = ServiceRunner.run(threads: 1, drainTimeout: config.drainTimeout, logger: logger) { group, control in
-            try await TunnelClient.start(config: config, group: group, logger: logger, control: control)
+            if let visit, let localListen {
+                return try await VisitorListener.start(config: config, name: visit, serviceToken: serviceToken,
+                                                       listen: localListen, group: group, logger: logger)
+            }
+            return try await TunnelClient.start(config: config, group: group, logger: logger, control: control)
         }
         if status != 0 { throw ExitCode(status) }
     }
+}
+
+func parseSecretSpec(_ text: String) throws -> ServiceSpec {
+    do { return try ServiceSpec.parseSecret(text) } catch { throw ValidationError(error.description) }
 }
 
 func parseServerAddress(_ text: String) throws -> HostPort {

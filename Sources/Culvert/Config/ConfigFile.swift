@@ -83,6 +83,20 @@ public final class ConfigFile {
         return out
     }
 
+    public func bool(_ key: String, in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) -> Bool? {
+        guard let v = value(key, in: table, prefix: prefix) else { return nil }
+        guard let b = v.bool else { throw error(prefix + key, "expected true or false, got \(v.type)") }
+        return b
+    }
+
+    /// The first line of a token file named by `key`.
+    public func tokenFromFile(_ path: String, key: String) throws(ConfigError) -> String {
+        guard let text = ConfigFile.read(path) else { throw error(key, "cannot read '\(path)'") }
+        let first = text.split(whereSeparator: \.isNewline).first.map(String.init)?.trimmingWhitespace() ?? ""
+        guard !first.isEmpty else { throw error(key, "'\(path)' is empty") }
+        return first
+    }
+
     public func duration(_ key: String, in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) -> Duration? {
         guard let v = value(key, in: table, prefix: prefix) else { return nil }
         if let i = v.int, i >= 0 { return .seconds(i) }

@@ -7,7 +7,8 @@
 /// Client keys: server, token, token_file, transport, ca, fingerprint, pool,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, log_level, log_format, and `[services.NAME]` tables
-/// with remote_port, local, bind.
+/// with remote_port, local, bind — or secret = true, local, and optionally token or
+/// token_file (the service's own token; default: the client's token).
 public enum TunnelConfigFile {
     /// What both commands read besides their model: where the token and logs come from.
     public struct Common {
@@ -67,8 +68,10 @@ public enum TunnelConfigFile {
         var services: [ServiceSpec] = []
         for (name, table) in try file.tables("services") {
             let prefix = "services.\(name)."
-            guard let remote = try file.int("remote_port", range: 0...65535, in: table, prefix: prefix) else {
-                throw file.error(prefix + "remote_port", "missing (0 lets the server pick)")
+            let secret = try file.bool("secret", in: table, prefix: prefix) ?? false
+            let remote = try file.int("remote_port", range: 0...65535, in: table, prefix: prefix)
+            if remote == nil && !secret {
+                throw file.error(prefix + "remote_port", "missing (0 lets the server pick), or set secret = true")
             }
             guard let localText = try file.string("local", in: table, prefix: prefix) else {
                 throw file.error(prefix + "local", "missing, e.g. local = \"127.0.0.1:22\"")
@@ -78,9 +81,18 @@ public enum TunnelConfigFile {
             if let bind, !SocketAddressCheck.isNumeric(bind) {
                 throw file.error(prefix + "bind", "'\(bind)' is not a numeric IP address")
             }
+            var spec = ServiceSpec(name: name, bindHost: bind, remotePort: UInt16(remote ?? 0),
+                                   localHost: local.host ?? "127.0.0.1", localPort: local.port)
+            spec.isSecret = secret
+            if let tokenFile = try file.string("token_file", in: table, prefix: prefix) {
+                spec.serviceToken = try file.tokenFromFile(tokenFile, key: prefix + "token_file")
+            }
+            if let token = try file.string("token", in: table, prefix: prefix) { spec.serviceToken = token }
+            if spec.serviceToken != nil && !secret {
+                throw file.error(prefix + "token", "only secret services have their own token")
+            }
             try file.rejectUnknownKeys(in: table, prefix: prefix)
-            services.append(ServiceSpec(name: name, bindHost: bind, remotePort: UInt16(remote),
-                                        localHost: local.host ?? "127.0.0.1", localPort: local.port))
+            services.append(spec)
         }
         config.services += services
         let common = try readCommon(file)

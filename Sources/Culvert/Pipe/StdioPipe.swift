@@ -10,29 +10,46 @@ public final class StdioPipe: DrainableService, @unchecked Sendable {
 
     private init() {}
 
+    /// Stdin/stdout to `HOST:PORT`.
     public static func start(target: HostPort, connectTimeout: Duration, group: LoopGroup, logger: Logger,
                              control: ServiceControl) async throws -> StdioPipe {
         let loop = group.main
         let addresses = try await Resolver.resolve(host: target.host ?? "127.0.0.1", port: target.port, passive: false, on: loop)
-        var fd: Int32?
         var lastError: Error = SystemError("connect", errno: 111)
         for address in addresses {
             do {
-                fd = try await AsyncConnect.connect(to: address, timeout: connectTimeout, on: loop)
-                break
+                let fd = try await AsyncConnect.connect(to: address, timeout: connectTimeout, on: loop)
+                return try join(TCPStream(fd: fd), name: "\(target)", loop: loop, logger: logger, control: control)
             } catch {
                 lastError = error
             }
         }
-        guard let fd else { throw PipeError(target: target, underlying: lastError) }
+        throw PipeError(target: "\(target)", underlying: lastError)
+    }
+
+    /// Stdin/stdout to the secret service `name` behind a culvert server.
+    public static func start(visiting name: String, serviceToken: String?, config: TunnelClientConfig, group: LoopGroup,
+                             logger: Logger, control: ServiceControl) async throws -> StdioPipe {
+        let loop = group.main
+        let connector = try TunnelConnector(loop: loop, config: config)
+        let remote: Duplex
+        do {
+            remote = try await SecretVisit.open(connector, name: name, serviceToken: serviceToken ?? config.token, heartbeat: config.heartbeat)
+        } catch let e as FatalClientError {
+            throw PipeError(target: "secret:\(name)", underlying: e)
+        }
+        return try join(remote, name: "secret:\(name)", loop: loop, logger: logger, control: control)
+    }
+
+    private static func join(_ remote: Duplex, name: String, loop: EventLoop, logger: Logger, control: ServiceControl) throws -> StdioPipe {
         let pipe = StdioPipe()
-        let relay = CopyBidirectional(loop: loop, resources: LoopResources(), a: StdioStream(), b: TCPStream(fd: fd),
+        let relay = CopyBidirectional(loop: loop, resources: LoopResources(), a: StdioStream(), b: remote,
                                       preferSplice: false, endsWithBToA: true) { relay, reason in
             logger.debug("connection closed", metadata: [
-                "target": "\(target)", "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
+                "target": "\(name)", "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
                 "reason": "\(reason.label)",
             ])
-            if case .reset(let e) = reason { logger.error("connection to \(target) failed: \(e)") }
+            if case .reset(let e) = reason { logger.error("connection to \(name) failed: \(e)") }
             control.exit(status: reason == .eof ? 0 : 1)
         }
         pipe.relay = relay
@@ -47,7 +64,7 @@ public final class StdioPipe: DrainableService, @unchecked Sendable {
 
 /// The pipe's target could not be reached.
 struct PipeError: Error, CustomStringConvertible {
-    let target: HostPort
+    let target: String
     let underlying: Error
     var description: String { "cannot connect to \(target): \(underlying)" }
 }

@@ -73,8 +73,12 @@ final class ClientSession {
 
     private func register(_ spec: ServiceSpec, id sid: UInt32) {
         guard !ended else { return }
-        control.send(TunnelProtocol.encode(.registerService(TunnelProtocol.ServiceRequest(
-            id: sid, kind: .tcp, bindHost: spec.bindHost ?? "", port: spec.remotePort))))
+        if spec.isSecret {
+            control.send(TunnelProtocol.encode(.registerSecret(id: sid, name: spec.name)))
+        } else {
+            control.send(TunnelProtocol.encode(.registerService(TunnelProtocol.ServiceRequest(
+                id: sid, kind: .tcp, bindHost: spec.bindHost ?? "", port: spec.remotePort))))
+        }
     }
 
     /// Opens one data channel for the server's nonce, waits in the pool until the server
@@ -114,15 +118,66 @@ final class ClientSession {
             return channel.fail(.protocolViolation("unknown service \(serviceID)"))
         }
         let spec = services[Int(serviceID)]
+        if spec.isSecret {
+            // The visitor must prove the service token before anything local is touched.
+            do {
+                let key = TunnelProtocol.secretKey(serviceToken: spec.serviceToken ?? client.config.token, name: spec.name)
+                try await challengeVisitor(channel, spec: spec, key: key)
+            } catch {
+                logger.warning("visitor refused", metadata: ["peer": "\(visitor)", "service": "\(spec.name)", "error": "\(error)"])
+                return
+            }
+        }
         let localFD: Int32
         do {
             let addresses = try await Resolver.resolve(host: spec.localHost, port: spec.localPort, passive: false, on: loop)
             localFD = try await connectFirst(addresses)
         } catch {
             logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
+            if spec.isSecret {
+                channel.send(TunnelProtocol.encode(.refused(reason: "local service unreachable")))
+                try? await channel.flush()
+            }
             return channel.fail(.closed)
         }
+        if spec.isSecret {
+            channel.send(TunnelProtocol.encode(.serviceReady))
+            do {
+                try await channel.flush()
+            } catch {
+                Posix.close(localFD)
+                return channel.fail(.closed)
+            }
+        }
         startRelay(channel.detach(), localFD: localFD, visitor: visitor, target: spec.localDescription)
+    }
+
+    /// The exposer's half of the end-to-end service-token proof. On a wrong proof the
+    /// visitor is told so and the channel closed.
+    private func challengeVisitor(_ channel: AsyncDuplex, spec: ServiceSpec, key: [UInt8]) async throws {
+        let timer = loop.schedule(after: client.config.handshakeTimeout) { channel.fail(.timedOut("visitor handshake")) }
+        defer { timer.cancel() }
+        do {
+            guard case .serviceHello(let visitorNonce) = try await TunnelProtocol.read(from: channel) else {
+                throw ChannelError.protocolViolation("expected the visitor's hello")
+            }
+            let exposerNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
+            channel.send(TunnelProtocol.encode(.serviceChallenge(
+                exposerNonce: exposerNonce,
+                exposerProof: TunnelProtocol.exposerProof(key: key, name: spec.name, visitorNonce: visitorNonce, exposerNonce: exposerNonce))))
+            guard case .serviceProof(let proof) = try await TunnelProtocol.read(from: channel) else {
+                throw ChannelError.protocolViolation("expected the visitor's proof")
+            }
+            let expected = TunnelProtocol.visitorProof(key: key, name: spec.name, visitorNonce: visitorNonce, exposerNonce: exposerNonce)
+            guard TunnelCrypto.constantTimeEqual(proof, expected) else {
+                channel.send(TunnelProtocol.encode(.refused(reason: "wrong service token")))
+                try? await channel.flush()
+                throw ChannelError.protocolViolation("wrong service token")
+            }
+        } catch {
+            channel.fail(.closed)
+            throw error
+        }
     }
 
     private func connectFirst(_ addresses: [SocketAddress]) async throws -> Int32 {

@@ -7,12 +7,18 @@ import Transfer
 ///
 /// Thread confinement: lives on the server's loop.
 final class ServerSession {
-    /// A visitor accepted on an exposed port, waiting for a data channel.
-    private struct WaitingVisitor {
-        let fd: Int32
+    /// A visitor (accepted on an exposed port, or a secret service's visitor arriving
+    /// through the tunnel) waiting for a data channel.
+    private final class WaitingVisitor {
+        let stream: Duplex
         let peer: String
         let service: UInt32
-        let timer: LoopTimer
+        var timer: LoopTimer?
+        init(stream: Duplex, peer: String, service: UInt32) {
+            self.stream = stream
+            self.peer = peer
+            self.service = service
+        }
     }
 
     private final class ExposedService {
@@ -31,6 +37,8 @@ final class ServerSession {
     private let sessionKey: [UInt8]
     private let poolSize: Int
     private var services: [UInt32: ExposedService] = [:]
+    /// Secret services of this client: id → name.
+    private var secrets: [UInt32: String] = [:]
     /// Nonces sent in openData and not yet used: each opens exactly one data channel.
     private var outstandingNonces: Set<[UInt8]> = []
     private var idleChannels: [AsyncDuplex] = []
@@ -62,6 +70,10 @@ final class ServerSession {
                 lastHeard = loop.now
                 switch message {
                 case .registerService(let request): register(request)
+                case .registerSecret(let sid, let name): registerSecret(sid, name: name)
+                case .visit(let name):
+                    try await visit(name)
+                    return
                 case .ping(let x): control.send(TunnelProtocol.encode(.pong(x)))
                 case .pong: break
                 default: throw ChannelError.protocolViolation("unexpected frame on control channel")
@@ -87,7 +99,7 @@ final class ServerSession {
             let acceptor = Acceptor(loop: loop, fd: fd, address: address,
                 onAccept: { [weak self] fd, visitor in
                     guard let self else { return Net.closeWithReset(fd) }
-                    self.visitorArrived(fd, peer: visitor?.description ?? "?", service: request.id)
+                    self.visitorArrived(TCPStream(fd: fd), peer: visitor?.description ?? "?", service: request.id)
                 },
                 onError: { [weak self] error in self?.logger.warning("accept failed", metadata: ["listen": "\(address)", "error": "\(error)"]) })
             do {
@@ -105,6 +117,43 @@ final class ServerSession {
     private func refuse(_ request: TunnelProtocol.ServiceRequest, _ refusal: ServiceRefusal) {
         control.send(TunnelProtocol.encode(.serviceRefused(id: request.id, reason: refusal.reason)))
         logger.warning("service refused", metadata: ["peer": "\(peer)", "port": .stringConvertible(request.port), "reason": "\(refusal.reason)"])
+    }
+
+    private func registerSecret(_ sid: UInt32, name: String) {
+        let request = TunnelProtocol.ServiceRequest(id: sid, kind: .tcp, bindHost: "", port: 0)
+        if services[sid] != nil || secrets[sid] != nil {
+            return refuse(request, ServiceRefusal("service id \(sid) registered twice"))
+        }
+        guard services.count + secrets.count < server.config.maxServicesPerClient else {
+            return refuse(request, ServiceRefusal("too many services (limit \(server.config.maxServicesPerClient))"))
+        }
+        guard !name.isEmpty, server.secretServices[name] == nil else {
+            return refuse(request, ServiceRefusal("secret service '\(name)' is already registered by another client"))
+        }
+        secrets[sid] = name
+        server.secretServices[name] = (self, sid)
+        control.send(TunnelProtocol.encode(.serviceAccepted(id: sid, address: "secret:\(name)")))
+        logger.info("secret service registered", metadata: ["peer": "\(peer)", "service": "\(name)"])
+    }
+
+    /// This session is a visitor: hand its connection to the secret service's client.
+    /// The visitor and that client then prove the service token to each other end to
+    /// end; the server only pairs the two connections.
+    private func visit(_ name: String) async throws {
+        guard let (exposer, sid) = server.secretServices[name], exposer !== self else {
+            control.send(TunnelProtocol.encode(.refused(reason: "no secret service named '\(name)'")))
+            try? await control.flush()
+            logger.warning("visit refused: unknown secret service", metadata: ["peer": "\(peer)", "service": "\(name)"])
+            end(reason: "visit refused")
+            return
+        }
+        ended = true
+        heartbeatTimer?.cancel()
+        heartbeatTimer = nil
+        control.send(TunnelProtocol.encode(.visitAccepted))
+        try await control.flush()
+        logger.info("visitor connected", metadata: ["peer": "\(peer)", "service": "\(name)"])
+        exposer.visitorArrived(control.detach(), peer: peer, service: sid)
     }
 
     // MARK: data channels
@@ -134,45 +183,46 @@ final class ServerSession {
             idleChannels.append(channel)
         } else {
             let visitor = waiting.removeFirst()
-            visitor.timer.cancel()
-            pair(channel, visitor.fd, peer: visitor.peer, service: visitor.service)
+            visitor.timer?.cancel()
+            pair(channel, visitor.stream, peer: visitor.peer, service: visitor.service)
         }
     }
 
-    private func visitorArrived(_ fd: Int32, peer visitor: String, service: UInt32) {
+    func visitorArrived(_ stream: Duplex, peer visitor: String, service: UInt32) {
         if let channel = idleChannels.popLast() {
-            pair(channel, fd, peer: visitor, service: service)
+            pair(channel, stream, peer: visitor, service: service)
         } else {
-            let timer = loop.schedule(after: server.config.visitorTimeout) { [weak self] in
-                self?.visitorTimedOut(fd)
+            let waiter = WaitingVisitor(stream: stream, peer: visitor, service: service)
+            waiter.timer = loop.schedule(after: server.config.visitorTimeout) { [weak self, unowned waiter] in
+                self?.visitorTimedOut(waiter)
             }
-            waiting.append(WaitingVisitor(fd: fd, peer: visitor, service: service, timer: timer))
+            waiting.append(waiter)
         }
         requestChannels()
     }
 
-    private func visitorTimedOut(_ fd: Int32) {
-        guard let i = waiting.firstIndex(where: { $0.fd == fd }) else { return }
-        let v = waiting.remove(at: i)
-        Net.closeWithReset(fd)
-        logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(v.peer)", "timeout": "\(DurationSpec.format(server.config.visitorTimeout))"])
+    private func visitorTimedOut(_ waiter: WaitingVisitor) {
+        guard let i = waiting.firstIndex(where: { $0 === waiter }) else { return }
+        waiting.remove(at: i)
+        waiter.stream.close(reset: true)
+        logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": "\(DurationSpec.format(server.config.visitorTimeout))"])
     }
 
     /// Tells the client which service the visitor wants, then relays raw bytes.
-    private func pair(_ channel: AsyncDuplex, _ visitorFD: Int32, peer visitor: String, service: UInt32) {
+    private func pair(_ channel: AsyncDuplex, _ visitorStream: Duplex, peer visitor: String, service: UInt32) {
         let server = self.server
-        let listen = services[service]?.acceptor.address.description ?? "?"
+        let listen = services[service]?.acceptor.address.description ?? secrets[service].map { "secret:\($0)" } ?? "?"
         channel.send(TunnelProtocol.encode(.connect(serviceID: service, visitor: visitor)))
         Task(executorPreference: loop.tasks) {
             do {
                 try await channel.flush()
             } catch {
-                Net.closeWithReset(visitorFD)
+                visitorStream.close(reset: true)
                 server.logger.warning("data channel failed before use", metadata: ["peer": "\(visitor)", "error": "\(error)"])
                 return
             }
             let relay = CopyBidirectional(loop: server.loop, resources: server.resources,
-                                          a: TCPStream(fd: visitorFD), b: channel.detach()) { relay, reason in
+                                          a: visitorStream, b: channel.detach()) { relay, reason in
                 server.activeRelays[ObjectIdentifier(relay)] = nil
                 var metadata: Logger.Metadata = [
                     "peer": "\(visitor)", "listen": "\(listen)",
@@ -213,6 +263,8 @@ final class ServerSession {
     func stopAccepting() {
         for s in services.values { s.acceptor.stop() }
         services.removeAll()
+        for name in secrets.values { server.secretServices[name] = nil }
+        secrets.removeAll()
     }
 
     /// Releases the client's ports, pooled channels and waiting visitors.
@@ -225,8 +277,8 @@ final class ServerSession {
         for c in idleChannels { c.close() }
         idleChannels.removeAll()
         for v in waiting {
-            v.timer.cancel()
-            Net.closeWithReset(v.fd)
+            v.timer?.cancel()
+            v.stream.close(reset: true)
         }
         waiting.removeAll()
         outstandingNonces.removeAll()

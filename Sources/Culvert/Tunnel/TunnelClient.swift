@@ -98,6 +98,11 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
 
     /// Prints the ready line the first time a service becomes reachable.
     func serviceExposed(_ spec: ServiceSpec, id: UInt32, address: String) {
+        if spec.isSecret {
+            logger.info("secret service registered", metadata: ["service": "\(spec.name)", "target": "\(spec.localDescription)"])
+            if announced.insert(id).inserted { ReadyLine.print("exposed secret \(spec.name) -> \(spec.localDescription)") }
+            return
+        }
         var shown = address
         if let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" {
             shown = HostPort(host: config.server.host, port: bound.port).description

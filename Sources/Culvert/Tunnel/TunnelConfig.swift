@@ -46,9 +46,14 @@ public struct PortRanges: Equatable, CustomStringConvertible, Sendable {
     }
 }
 
-/// One service a client exposes: `-R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`.
+/// One service a client exposes: `-R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`, or a
+/// secret service (`--secret NAME=LOCAL_HOST:LOCAL_PORT`) with no public port.
 public struct ServiceSpec: Equatable, Sendable {
     public var name: String
+    /// A secret service is reached only by visitors proving `serviceToken`.
+    public var isSecret = false
+    /// The secret service's own token; nil means the client's token.
+    public var serviceToken: String?
     /// nil: the server's default bind address.
     public var bindHost: String?
     /// 0: the server picks a free allowed port.
@@ -100,6 +105,24 @@ public struct ServiceSpec: Equatable, Sendable {
             throw ParseError(input: text, reason: "local port '\(rest[2])' is not a number 1-65535")
         }
         return ServiceSpec(name: text, bindHost: bind, remotePort: remote, localHost: rest[1], localPort: local)
+    }
+
+    public struct SecretParseError: Error, CustomStringConvertible {
+        public let input: String
+        public var description: String { "invalid --secret '\(input)': expected NAME=LOCAL_HOST:LOCAL_PORT" }
+    }
+
+    /// Parses `NAME=LOCAL_HOST:LOCAL_PORT`.
+    public static func parseSecret(_ text: String) throws(SecretParseError) -> ServiceSpec {
+        guard let eq = text.firstIndex(of: "="), eq != text.startIndex else { throw SecretParseError(input: text) }
+        let name = String(text[..<eq])
+        guard name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }),
+              let local = try? HostPort.parse(String(text[text.index(after: eq)...])), local.port > 0 else {
+            throw SecretParseError(input: text)
+        }
+        var spec = ServiceSpec(name: name, bindHost: nil, remotePort: 0, localHost: local.host ?? "127.0.0.1", localPort: local.port)
+        spec.isSecret = true
+        return spec
     }
 
     /// `127.0.0.1:22`, as the exposed line shows the local end.

@@ -51,6 +51,20 @@ enum TunnelProtocol {
         case connect(serviceID: UInt32, visitor: String)
         case ping(UInt64)
         case pong(UInt64)
+        /// client → server: a secret service, reachable only by visitors who know its token.
+        case registerSecret(id: UInt32, name: String)
+        /// visitor → server after welcome: pair this connection with the named secret service.
+        case visit(name: String)
+        /// server → visitor: paired; what follows is the exposing client's end.
+        case visitAccepted
+        /// visitor → exposer, end to end through the server: the visitor's nonce.
+        case serviceHello(visitorNonce: [UInt8])
+        /// exposer → visitor: its nonce and its proof of the service token.
+        case serviceChallenge(exposerNonce: [UInt8], exposerProof: [UInt8])
+        /// visitor → exposer: the visitor's proof of the service token.
+        case serviceProof(visitorProof: [UInt8])
+        /// exposer → visitor: accepted and connected to the local service; raw bytes follow.
+        case serviceReady
     }
 
     private enum TypeCode: UInt8 {
@@ -58,6 +72,8 @@ enum TunnelProtocol {
         case registerService = 0x10, serviceAccepted = 0x11, serviceRefused = 0x12
         case openData = 0x20, dataHello = 0x21, connect = 0x22
         case ping = 0x30, pong = 0x31
+        case registerSecret = 0x13, visit = 0x14, visitAccepted = 0x15
+        case serviceHello = 0x40, serviceChallenge = 0x41, serviceProof = 0x42, serviceReady = 0x43
     }
 
     // MARK: proofs
@@ -77,6 +93,19 @@ enum TunnelProtocol {
 
     static func dataProof(sessionKey: [UInt8], sessionID: [UInt8], channelNonce: [UInt8]) -> [UInt8] {
         TunnelCrypto.hmacSHA256(key: sessionKey, Array("culvert/1 data".utf8), sessionID, channelNonce)
+    }
+
+    /// The key both ends of a secret service derive from its token; the server never has it.
+    static func secretKey(serviceToken: String, name: String) -> [UInt8] {
+        TunnelCrypto.hkdf(secret: Array(serviceToken.utf8), info: "culvert/1 secret service \(name)")
+    }
+
+    static func exposerProof(key: [UInt8], name: String, visitorNonce: [UInt8], exposerNonce: [UInt8]) -> [UInt8] {
+        TunnelCrypto.hmacSHA256(key: key, Array("culvert/1 exposer".utf8), Array(name.utf8), visitorNonce, exposerNonce)
+    }
+
+    static func visitorProof(key: [UInt8], name: String, visitorNonce: [UInt8], exposerNonce: [UInt8]) -> [UInt8] {
+        TunnelCrypto.hmacSHA256(key: key, Array("culvert/1 visitor".utf8), Array(name.utf8), visitorNonce, exposerNonce)
     }
 
     // MARK: encoding
@@ -111,6 +140,20 @@ enum TunnelProtocol {
             type = .ping; body = be(x)
         case .pong(let x):
             type = .pong; body = be(x)
+        case .registerSecret(let id, let name):
+            type = .registerSecret; body = be(id) + string(name)
+        case .visit(let name):
+            type = .visit; body = string(name)
+        case .visitAccepted:
+            type = .visitAccepted
+        case .serviceHello(let n):
+            type = .serviceHello; body = n
+        case .serviceChallenge(let n, let p):
+            type = .serviceChallenge; body = n + p
+        case .serviceProof(let p):
+            type = .serviceProof; body = p
+        case .serviceReady:
+            type = .serviceReady
         }
         return be(UInt32(body.count + 1)) + [type.rawValue] + body
     }
@@ -163,6 +206,20 @@ enum TunnelProtocol {
             message = .ping(try r.u64())
         case .pong:
             message = .pong(try r.u64())
+        case .registerSecret:
+            message = .registerSecret(id: try r.u32(), name: try r.string())
+        case .visit:
+            message = .visit(name: try r.string())
+        case .visitAccepted:
+            message = .visitAccepted
+        case .serviceHello:
+            message = .serviceHello(visitorNonce: try r.bytes(nonceSize))
+        case .serviceChallenge:
+            message = .serviceChallenge(exposerNonce: try r.bytes(nonceSize), exposerProof: try r.bytes(proofSize))
+        case .serviceProof:
+            message = .serviceProof(visitorProof: try r.bytes(proofSize))
+        case .serviceReady:
+            message = .serviceReady
         }
         guard r.isAtEnd else { throw ChannelError.protocolViolation("trailing bytes in frame type 0x\(String(raw, radix: 16))") }
         return message

@@ -22,6 +22,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     let resources = LoopResources()
     private var acceptors: [Acceptor] = []
     private var sessions: [[UInt8]: ServerSession] = [:]
+    /// Secret services by name: the session that registered each and its service id.
+    var secretServices: [String: (ServerSession, UInt32)] = [:]
     private var unauthenticated = 0
     private var draining = false
     /// Relays of visitors still running (for drain).

@@ -1,0 +1,159 @@
+import Logging
+import Reactor
+import Transfer
+
+/// A visit to a secret service failed for a reason the user should see.
+public struct VisitError: Error, CustomStringConvertible {
+    public let message: String
+    public var description: String { message }
+}
+
+/// The visitor's side of a secret service: authenticate to the server as a client, ask
+/// for the service by name, then prove the service token to the exposing client (and
+/// check its proof) end to end. The result is a raw stream to the service.
+enum SecretVisit {
+    static func open(_ connector: TunnelConnector, name: String, serviceToken: String, heartbeat: Heartbeat) async throws -> Duplex {
+        let channel = try await connector.openChannel()
+        _ = try await connector.authenticate(channel, poolSize: 0, heartbeat: heartbeat)
+        let timer = connector.loop.schedule(after: connector.handshakeTimeout) { channel.fail(.timedOut("visit")) }
+        defer { timer.cancel() }
+        do {
+            channel.send(TunnelProtocol.encode(.visit(name: name)))
+            switch try await TunnelProtocol.read(from: channel) {
+            case .visitAccepted: break
+            case .refused(let reason): throw VisitError(message: "server refused the visit: \(reason)")
+            default: throw ChannelError.protocolViolation("expected the server's answer to the visit")
+            }
+            let key = TunnelProtocol.secretKey(serviceToken: serviceToken, name: name)
+            let visitorNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
+            channel.send(TunnelProtocol.encode(.serviceHello(visitorNonce: visitorNonce)))
+            switch try await TunnelProtocol.read(from: channel) {
+            case .serviceChallenge(let exposerNonce, let exposerProof):
+                let expected = TunnelProtocol.exposerProof(key: key, name: name, visitorNonce: visitorNonce, exposerNonce: exposerNonce)
+                guard TunnelCrypto.constantTimeEqual(exposerProof, expected) else {
+                    throw VisitError(message: "wrong service token: the exposing client could not prove the token of '\(name)'")
+                }
+                channel.send(TunnelProtocol.encode(.serviceProof(visitorProof: TunnelProtocol.visitorProof(
+                    key: key, name: name, visitorNonce: visitorNonce, exposerNonce: exposerNonce))))
+            case .refused(let reason): throw VisitError(message: "service '\(name)' refused the visit: \(reason)")
+            default: throw ChannelError.protocolViolation("expected the service's challenge")
+            }
+            switch try await TunnelProtocol.read(from: channel) {
+            case .serviceReady: break
+            case .refused(let reason): throw VisitError(message: "service '\(name)' refused the visit: \(reason)")
+            default: throw ChannelError.protocolViolation("expected the service to be ready")
+            }
+            try await channel.flush()
+            return channel.detach()
+        } catch {
+            channel.fail(.closed)
+            throw error
+        }
+    }
+}
+
+/// `culvert client SERVER --visit NAME -L [BIND:]PORT`: a local listener whose every
+/// connection is relayed to the secret service NAME through the server.
+public final class VisitorListener: DrainableService, @unchecked Sendable {
+    private let connector: TunnelConnector
+    private let name: String
+    private let serviceToken: String
+    private let config: TunnelClientConfig
+    private let logger: Logger
+    private let loop: EventLoop
+    private let resources = LoopResources()
+    private var acceptors: [Acceptor] = []
+    private var relays: [ObjectIdentifier: CopyBidirectional] = [:]
+    private var pending = 0
+    private var onIdle: (() -> Void)?
+
+    private init(connector: TunnelConnector, name: String, serviceToken: String, config: TunnelClientConfig, logger: Logger, loop: EventLoop) {
+        self.connector = connector
+        self.name = name
+        self.serviceToken = serviceToken
+        self.config = config
+        self.logger = logger
+        self.loop = loop
+    }
+
+    public static func start(config: TunnelClientConfig, name: String, serviceToken: String?, listen: HostPort,
+                             group: LoopGroup, logger: Logger) async throws -> VisitorListener {
+        let loop = group.main
+        let visitor = VisitorListener(connector: try TunnelConnector(loop: loop, config: config), name: name,
+                                      serviceToken: serviceToken ?? config.token, config: config, logger: logger, loop: loop)
+        let addresses = try await Resolver.resolve(host: listen.host, port: listen.port, passive: true, on: loop)
+        for address in addresses {
+            let fd: Int32
+            let bound: SocketAddress
+            do {
+                fd = try Net.listen(address, reusePort: false)
+                bound = try Net.localAddress(fd)
+            } catch {
+                visitor.stopAccepting()
+                throw ListenError(address: listen, error: error)
+            }
+            let acceptor = Acceptor(loop: loop, fd: fd, address: bound,
+                onAccept: { [unowned visitor] fd, peer in visitor.accepted(fd, peer: peer?.description ?? "?") },
+                onError: { error in logger.warning("accept failed", metadata: ["error": "\(error)"]) })
+            try acceptor.start()
+            visitor.acceptors.append(acceptor)
+            ReadyLine.print("listening visit \(bound) -> \(name)")
+        }
+        return visitor
+    }
+
+    private func accepted(_ fd: Int32, peer: String) {
+        pending += 1
+        Task(executorPreference: loop.tasks) { [self] in
+            defer {
+                pending -= 1
+                checkIdle()
+            }
+            let remote: Duplex
+            do {
+                remote = try await SecretVisit.open(connector, name: name, serviceToken: serviceToken, heartbeat: config.heartbeat)
+            } catch {
+                Net.closeWithReset(fd)
+                logger.error("visit failed", metadata: ["peer": "\(peer)", "service": "\(name)", "error": "\(error)"])
+                return
+            }
+            let relay = CopyBidirectional(loop: loop, resources: resources, a: TCPStream(fd: fd), b: remote) { [self] relay, reason in
+                relays[ObjectIdentifier(relay)] = nil
+                logger.info("connection closed", metadata: [
+                    "peer": "\(peer)", "target": "secret:\(name)",
+                    "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
+                    "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
+                    "reason": "\(reason.label)",
+                ])
+                checkIdle()
+            }
+            relays[ObjectIdentifier(relay)] = relay
+            do { try relay.start() } catch { relays[ObjectIdentifier(relay)] = nil }
+        }
+    }
+
+    private func stopAccepting() {
+        for a in acceptors { a.stop() }
+        acceptors.removeAll()
+    }
+
+    private func checkIdle() {
+        guard relays.isEmpty, pending == 0, let done = onIdle else { return }
+        onIdle = nil
+        done()
+    }
+
+    public func drain(timeout: Duration) async {
+        stopAccepting()
+        if relays.isEmpty && pending == 0 { return }
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let deadline = loop.schedule(after: timeout) { [self] in
+                for r in Array(relays.values) { r.abort(.drainTimeout) }
+            }
+            onIdle = {
+                deadline.cancel()
+                done.resume()
+            }
+        }
+    }
+}
