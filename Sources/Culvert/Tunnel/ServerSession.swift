@@ -23,11 +23,12 @@ final class ServerSession {
 
     private final class ExposedService {
         let request: TunnelProtocol.ServiceRequest
-        let acceptor: Acceptor
-        init(request: TunnelProtocol.ServiceRequest, acceptor: Acceptor) {
+        let acceptors: [Acceptor]
+        init(request: TunnelProtocol.ServiceRequest, acceptors: [Acceptor]) {
             self.request = request
-            self.acceptor = acceptor
+            self.acceptors = acceptors
         }
+        var listen: String { acceptors.map { $0.address.description }.joined(separator: ",") }
     }
 
     let id: [UInt8]
@@ -95,22 +96,28 @@ final class ServerSession {
         switch server.bindService(request) {
         case .failure(let refusal):
             refuse(request, refusal)
-        case .success(let (fd, address)):
-            let acceptor = Acceptor(loop: loop, fd: fd, address: address,
-                onAccept: { [weak self] fd, visitor in
-                    guard let self else { return Net.closeWithReset(fd) }
-                    self.visitorArrived(TCPStream(fd: fd), peer: visitor?.description ?? "?", service: request.id)
-                },
-                onError: { [weak self] error in self?.logger.warning("accept failed", metadata: ["listen": "\(address)", "error": "\(error)"]) })
-            do {
-                try acceptor.start()
-            } catch {
-                acceptor.stop()
-                return refuse(request, ServiceRefusal("cannot watch \(address): \(error)"))
+        case .success(let listeners):
+            var acceptors: [Acceptor] = []
+            for (fd, address) in listeners {
+                let acceptor = Acceptor(loop: loop, fd: fd, address: address,
+                    onAccept: { [weak self] fd, visitor in
+                        guard let self else { return Net.closeWithReset(fd) }
+                        self.visitorArrived(TCPStream(fd: fd), peer: visitor?.description ?? "?", service: request.id)
+                    },
+                    onError: { [weak self] error in self?.logger.warning("accept failed", metadata: ["listen": "\(address)", "error": "\(error)"]) })
+                do {
+                    try acceptor.start()
+                    acceptors.append(acceptor)
+                } catch {
+                    acceptor.stop()
+                    for a in acceptors { a.stop() }
+                    return refuse(request, ServiceRefusal("cannot watch \(address): \(error)"))
+                }
             }
-            services[request.id] = ExposedService(request: request, acceptor: acceptor)
-            control.send(TunnelProtocol.encode(.serviceAccepted(id: request.id, address: address.description)))
-            logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "\(address)"])
+            let exposed = ExposedService(request: request, acceptors: acceptors)
+            services[request.id] = exposed
+            control.send(TunnelProtocol.encode(.serviceAccepted(id: request.id, address: acceptors[0].address.description)))
+            logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "\(exposed.listen)"])
         }
     }
 
@@ -211,7 +218,7 @@ final class ServerSession {
     /// Tells the client which service the visitor wants, then relays raw bytes.
     private func pair(_ channel: AsyncDuplex, _ visitorStream: Duplex, peer visitor: String, service: UInt32) {
         let server = self.server
-        let listen = services[service]?.acceptor.address.description ?? secrets[service].map { "secret:\($0)" } ?? "?"
+        let listen = services[service]?.listen ?? secrets[service].map { "secret:\($0)" } ?? "?"
         channel.send(TunnelProtocol.encode(.connect(serviceID: service, visitor: visitor)))
         Task(executorPreference: loop.tasks) {
             do {
@@ -261,7 +268,7 @@ final class ServerSession {
 
     /// Closes the exposed ports (for a graceful drain), keeping running relays.
     func stopAccepting() {
-        for s in services.values { s.acceptor.stop() }
+        for s in services.values { for a in s.acceptors { a.stop() } }
         services.removeAll()
         for name in secrets.values { server.secretServices[name] = nil }
         secrets.removeAll()

@@ -193,37 +193,65 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
 
     // MARK: policy
 
-    /// Binds a listener for a service request, or says why not.
-    func bindService(_ request: TunnelProtocol.ServiceRequest) -> Result<(Int32, SocketAddress), ServiceRefusal> {
-        let host = request.bindHost.isEmpty ? (config.bindAddresses.first ?? "0.0.0.0") : request.bindHost
-        if !config.bindAddresses.isEmpty && !config.bindAddresses.contains(host) {
-            return .failure(ServiceRefusal("bind address \(host) is not allowed (allowed: \(config.bindAddresses.joined(separator: ",")))"))
+    /// Binds the listeners for a service request, or says why not. Without a BIND (and
+    /// without --bind-addr) a service listens on every address, IPv4 and IPv6, on one port.
+    func bindService(_ request: TunnelProtocol.ServiceRequest) -> Result<[(Int32, SocketAddress)], ServiceRefusal> {
+        let wildcard = request.bindHost.isEmpty && config.bindAddresses.isEmpty
+        let hosts = wildcard ? ["0.0.0.0", "::"] : [request.bindHost.isEmpty ? config.bindAddresses[0] : request.bindHost]
+        if !config.bindAddresses.isEmpty && !config.bindAddresses.contains(hosts[0]) {
+            return .failure(ServiceRefusal("bind address \(hosts[0]) is not allowed (allowed: \(config.bindAddresses.joined(separator: ",")))"))
         }
-        guard let base = SocketAddress(numericHost: host, port: 0) else {
-            return .failure(ServiceRefusal("bind address '\(host)' is not a numeric IP address"))
+        var bases: [SocketAddress] = []
+        for host in hosts {
+            guard let base = SocketAddress(numericHost: host, port: 0) else {
+                return .failure(ServiceRefusal("bind address '\(host)' is not a numeric IP address"))
+            }
+            bases.append(base)
         }
+        let ports: [UInt16]
         if request.port != 0 {
             guard config.allowPorts.contains(request.port) else {
                 return .failure(ServiceRefusal("port \(request.port) is not allowed (allowed: \(config.allowPorts))"))
             }
-            do {
-                let fd = try Net.listen(base.withPort(request.port), reusePort: false)
-                return .success((fd, try Net.localAddress(fd)))
-            } catch {
-                return .failure(ServiceRefusal(error.errno == EADDRINUSE ? "port \(request.port) is already in use" : "cannot listen on \(base.withPort(request.port)): \(error)"))
+            ports = [request.port]
+        } else {
+            let candidates = Array(config.allowPorts.ranges.flatMap { $0 }.shuffled().prefix(256))
+            ports = config.allowPorts.coversEphemeralRange ? [0] + candidates : candidates
+        }
+        var lastError: SystemError?
+        for port in ports {
+            switch bindAll(bases, port: port, ipv6Optional: wildcard) {
+            case .success(let bound): return .success(bound)
+            case .failure(let error): lastError = error
             }
         }
-        if config.allowPorts.coversEphemeralRange,
-           let fd = try? Net.listen(base, reusePort: false), let address = try? Net.localAddress(fd) {
-            return .success((fd, address))
-        }
-        let candidates = config.allowPorts.ranges.flatMap { $0 }.shuffled().prefix(256)
-        for port in candidates {
-            if let fd = try? Net.listen(base.withPort(port), reusePort: false), let address = try? Net.localAddress(fd) {
-                return .success((fd, address))
-            }
+        if request.port != 0, let lastError {
+            return .failure(ServiceRefusal(lastError.errno == EADDRINUSE ? "port \(request.port) is already in use"
+                                                                         : "cannot listen on port \(request.port): \(lastError)"))
         }
         return .failure(ServiceRefusal("no free port in the allowed ranges (\(config.allowPorts))"))
+    }
+
+    /// Listens on every base address with one port (0: the kernel's choice for the
+    /// first, then the same for the rest); all or nothing.
+    private func bindAll(_ bases: [SocketAddress], port: UInt16, ipv6Optional: Bool) -> Result<[(Int32, SocketAddress)], SystemError> {
+        var bound: [(Int32, SocketAddress)] = []
+        var chosen = port
+        for base in bases {
+            do throws(SystemError) {
+                let fd = try Net.listen(base.withPort(chosen), reusePort: false)
+                let address: SocketAddress
+                do { address = try Net.localAddress(fd) } catch { Posix.close(fd); throw error }
+                chosen = address.port
+                bound.append((fd, address))
+            } catch where ipv6Optional && base.family == AF_INET6 && (error.errno == EAFNOSUPPORT || error.errno == EADDRNOTAVAIL) {
+                continue  // no IPv6 on this host: IPv4 alone
+            } catch {
+                for (fd, _) in bound { Posix.close(fd) }
+                return .failure(error)
+            }
+        }
+        return .success(bound)
     }
 
     // MARK: draining
