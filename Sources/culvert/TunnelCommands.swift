@@ -256,6 +256,9 @@ struct ClientCommand: ParsableCommand {
     @Option(help: "File with the token of the secret services (--secret) or of the visited one (--visit); default: the client's token.")
     var serviceTokenFile: String?
 
+    @Flag(help: "Deflate the data channels of the -R services (zlib, flushed per write).")
+    var compress = false
+
     @Option(help: "Visit the secret service NAME instead of exposing services; needs -L.")
     var visit: String?
 
@@ -313,7 +316,11 @@ struct ClientCommand: ParsableCommand {
         config.token = tokenValue
         if let server { config.server = server }
         let serviceToken = try serviceTokenFile.map { try readToken(from: $0, option: "--service-token-file") }
-        config.services += services
+        config.services += services.map { spec in
+            var s = spec
+            s.compress = compress
+            return s
+        }
         config.services += secrets.map { spec in
             var s = spec
             s.serviceToken = serviceToken

@@ -7,7 +7,7 @@
 /// Client keys: server, token, token_file, transport, ca, fingerprint, pool,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, log_level, log_format, and `[services.NAME]` tables
-/// with remote_port, local, bind — or secret = true, local, and optionally token or
+/// with remote_port, local, bind, compress — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
 public enum TunnelConfigFile {
     /// What both commands read besides their model: where the token and logs come from.
@@ -66,6 +66,7 @@ public enum TunnelConfigFile {
         config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
         config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
         var services: [ServiceSpec] = []
+        let compressAll = try file.bool("compress") ?? false
         for (name, table) in try file.tables("services") {
             let prefix = "services.\(name)."
             let secret = try file.bool("secret", in: table, prefix: prefix) ?? false
@@ -84,6 +85,8 @@ public enum TunnelConfigFile {
             var spec = ServiceSpec(name: name, bindHost: bind, remotePort: UInt16(remote ?? 0),
                                    localHost: local.host ?? "127.0.0.1", localPort: local.port)
             spec.isSecret = secret
+            spec.compress = try file.bool("compress", in: table, prefix: prefix) ?? compressAll
+            if spec.compress && secret { throw file.error(prefix + "compress", "secret services cannot be compressed") }
             if let tokenFile = try file.string("token_file", in: table, prefix: prefix) {
                 spec.serviceToken = try file.tokenFromFile(tokenFile, key: prefix + "token_file")
             }

@@ -77,7 +77,7 @@ final class ClientSession {
             control.send(TunnelProtocol.encode(.registerSecret(id: sid, name: spec.name)))
         } else {
             control.send(TunnelProtocol.encode(.registerService(TunnelProtocol.ServiceRequest(
-                id: sid, kind: .tcp, bindHost: spec.bindHost ?? "", port: spec.remotePort))))
+                id: sid, kind: .tcp, bindHost: spec.bindHost ?? "", port: spec.remotePort, compress: spec.compress))))
         }
     }
 
@@ -149,7 +149,17 @@ final class ClientSession {
                 return channel.fail(.closed)
             }
         }
-        startRelay(channel.detach(), localFD: localFD, visitor: visitor, target: spec.localDescription)
+        var data = channel.detach()
+        if spec.compress {
+            do {
+                data = try ZlibStream(wrapping: data)
+            } catch {
+                data.close(reset: true)
+                Posix.close(localFD)
+                return
+            }
+        }
+        startRelay(data, localFD: localFD, visitor: visitor, target: spec.localDescription)
     }
 
     /// The exposer's half of the end-to-end service-token proof. On a wrong proof the

@@ -219,6 +219,7 @@ final class ServerSession {
     private func pair(_ channel: AsyncDuplex, _ visitorStream: Duplex, peer visitor: String, service: UInt32) {
         let server = self.server
         let listen = services[service]?.listen ?? secrets[service].map { "secret:\($0)" } ?? "?"
+        let compress = services[service]?.request.compress ?? false
         channel.send(TunnelProtocol.encode(.connect(serviceID: service, visitor: visitor)))
         Task(executorPreference: loop.tasks) {
             do {
@@ -228,8 +229,20 @@ final class ServerSession {
                 server.logger.warning("data channel failed before use", metadata: ["peer": "\(visitor)", "error": "\(error)"])
                 return
             }
+            var data = channel.detach()
+            var zlib: ZlibStream?
+            if compress {
+                do {
+                    zlib = try ZlibStream(wrapping: data)
+                    data = zlib!
+                } catch {
+                    data.close(reset: true)
+                    visitorStream.close(reset: true)
+                    return
+                }
+            }
             let relay = CopyBidirectional(loop: server.loop, resources: server.resources,
-                                          a: visitorStream, b: channel.detach()) { relay, reason in
+                                          a: visitorStream, b: data) { relay, reason in
                 server.activeRelays[ObjectIdentifier(relay)] = nil
                 var metadata: Logger.Metadata = [
                     "peer": "\(visitor)", "listen": "\(listen)",
@@ -238,6 +251,11 @@ final class ServerSession {
                     "reason": "\(reason.label)",
                 ]
                 if case .reset(let e) = reason { metadata["error"] = "\(e)" }
+                if let zlib {
+                    // What crossed the tunnel, compressed, next to the visitor's bytes.
+                    metadata["wire_up"] = .stringConvertible(zlib.compressedOut)
+                    metadata["wire_down"] = .stringConvertible(zlib.compressedIn)
+                }
                 server.logger.info("connection closed", metadata: metadata)
                 server.relayEnded()
             }

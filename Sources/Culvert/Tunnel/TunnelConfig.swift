@@ -54,6 +54,8 @@ public struct ServiceSpec: Equatable, Sendable {
     public var isSecret = false
     /// The secret service's own token; nil means the client's token.
     public var serviceToken: String?
+    /// Deflate the data channels of this service (not for secret services).
+    public var compress = false
     /// nil: the server's default bind address.
     public var bindHost: String?
     /// 0: the server picks a free allowed port.

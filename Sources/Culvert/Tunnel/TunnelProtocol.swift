@@ -27,6 +27,8 @@ enum TunnelProtocol {
         var bindHost: String
         /// 0: the server picks a free allowed port.
         var port: UInt16
+        /// Data channels of this service carry deflate-compressed bytes.
+        var compress: Bool = false
     }
 
     enum Message: Equatable {
@@ -125,7 +127,7 @@ enum TunnelProtocol {
         case .refused(let reason):
             type = .refused; body = string(reason)
         case .registerService(let s):
-            type = .registerService; body = be(s.id) + [s.kind.rawValue] + string(s.bindHost) + be(s.port)
+            type = .registerService; body = be(s.id) + [s.kind.rawValue] + string(s.bindHost) + be(s.port) + [s.compress ? 1 : 0]
         case .serviceAccepted(let id, let address):
             type = .serviceAccepted; body = be(id) + string(address)
         case .serviceRefused(let id, let reason):
@@ -190,7 +192,10 @@ enum TunnelProtocol {
         case .registerService:
             let id = try r.u32()
             guard let kind = ServiceKind(rawValue: try r.u8()) else { throw ChannelError.protocolViolation("unknown service kind") }
-            message = .registerService(ServiceRequest(id: id, kind: kind, bindHost: try r.string(), port: try r.u16()))
+            let bindHost = try r.string()
+            let port = try r.u16()
+            let flags = try r.u8()
+            message = .registerService(ServiceRequest(id: id, kind: kind, bindHost: bindHost, port: port, compress: flags & 1 != 0))
         case .serviceAccepted:
             message = .serviceAccepted(id: try r.u32(), address: try r.string())
         case .serviceRefused:
