@@ -7,7 +7,7 @@
 /// Client keys: server, token, token_file, transport, ca, fingerprint, pool,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, log_level, log_format, and `[services.NAME]` tables
-/// with remote_port, local, bind, compress — or secret = true, local, and optionally token or
+/// with remote_port, local, bind, compress, protocol (tcp or udp) — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
 public enum TunnelConfigFile {
     /// What both commands read besides their model: where the token and logs come from.
@@ -85,6 +85,12 @@ public enum TunnelConfigFile {
             var spec = ServiceSpec(name: name, bindHost: bind, remotePort: UInt16(remote ?? 0),
                                    localHost: local.host ?? "127.0.0.1", localPort: local.port)
             spec.isSecret = secret
+            switch try file.string("protocol", in: table, prefix: prefix) ?? "tcp" {
+            case "tcp": break
+            case "udp" where !secret: spec.isUDP = true
+            case "udp": throw file.error(prefix + "protocol", "secret services are TCP only")
+            case let other: throw file.error(prefix + "protocol", "'\(other)' is not tcp or udp")
+            }
             spec.compress = try file.bool("compress", in: table, prefix: prefix) ?? compressAll
             if spec.compress && secret { throw file.error(prefix + "compress", "secret services cannot be compressed") }
             if let tokenFile = try file.string("token_file", in: table, prefix: prefix) {

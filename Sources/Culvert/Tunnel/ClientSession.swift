@@ -13,6 +13,8 @@ final class ClientSession {
     private let key: [UInt8]
     /// Data channels opened and waiting for a visitor.
     private var pooled: [ObjectIdentifier: AsyncDuplex] = [:]
+    /// Data channels carrying UDP services.
+    private var udpRelays: [ObjectIdentifier: ClientUDPRelay] = [:]
     private var heartbeatTimer: LoopTimer?
     private var retryTimers: [LoopTimer] = []
     private var lastHeard: UInt64
@@ -77,7 +79,7 @@ final class ClientSession {
             control.send(TunnelProtocol.encode(.registerSecret(id: sid, name: spec.name)))
         } else {
             control.send(TunnelProtocol.encode(.registerService(TunnelProtocol.ServiceRequest(
-                id: sid, kind: .tcp, bindHost: spec.bindHost ?? "", port: spec.remotePort, compress: spec.compress))))
+                id: sid, kind: spec.isUDP ? .udp : .tcp, bindHost: spec.bindHost ?? "", port: spec.remotePort, compress: spec.compress))))
         }
     }
 
@@ -118,6 +120,7 @@ final class ClientSession {
             return channel.fail(.protocolViolation("unknown service \(serviceID)"))
         }
         let spec = services[Int(serviceID)]
+        if spec.isUDP { return await startUDPRelay(channel, spec: spec) }
         if spec.isSecret {
             // The visitor must prove the service token before anything local is touched.
             do {
@@ -149,16 +152,7 @@ final class ClientSession {
                 return channel.fail(.closed)
             }
         }
-        var data = channel.detach()
-        if spec.compress {
-            do {
-                data = try ZlibStream(wrapping: data)
-            } catch {
-                data.close(reset: true)
-                Posix.close(localFD)
-                return
-            }
-        }
+        guard let data = wrap(channel.detach(), compress: spec.compress) else { return Posix.close(localFD) }
         startRelay(data, localFD: localFD, visitor: visitor, target: spec.localDescription)
     }
 
@@ -187,6 +181,40 @@ final class ClientSession {
         } catch {
             channel.fail(.closed)
             throw error
+        }
+    }
+
+    /// The data channel, compressed when the service asks for it; nil (closed) on failure.
+    private func wrap(_ stream: Duplex, compress: Bool) -> Duplex? {
+        guard compress else { return stream }
+        do {
+            return try ZlibStream(wrapping: stream)
+        } catch {
+            stream.close(reset: true)
+            return nil
+        }
+    }
+
+    /// A UDP service's data channel: per-visitor sessions to the local service until the
+    /// channel closes (the server then asks for a new one).
+    private func startUDPRelay(_ channel: AsyncDuplex, spec: ServiceSpec) async {
+        let target: [SocketAddress]
+        do {
+            target = try await Resolver.resolve(host: spec.localHost, port: spec.localPort, passive: false, on: loop)
+        } catch {
+            logger.warning("local service unreachable", metadata: ["target": "\(spec.localDescription)", "error": "\(error)"])
+            return channel.fail(.closed)
+        }
+        guard let data = wrap(channel.detach(), compress: spec.compress) else { return }
+        let relay = ClientUDPRelay(loop: loop, logger: logger, stream: data, target: target,
+                                   idleTimeout: client.config.udpIdleTimeout) { [weak self] relay in
+            self?.udpRelays[ObjectIdentifier(relay)] = nil
+        }
+        udpRelays[ObjectIdentifier(relay)] = relay
+        do {
+            try relay.start()
+        } catch {
+            relay.closeAll()
         }
     }
 
@@ -245,6 +273,7 @@ final class ClientSession {
         retryTimers.removeAll()
         for c in pooled.values { c.fail(.closed) }
         pooled.removeAll()
+        for r in Array(udpRelays.values) { r.closeAll() }
         control.close()
     }
 }

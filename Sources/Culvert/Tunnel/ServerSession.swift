@@ -38,6 +38,10 @@ final class ServerSession {
     private let sessionKey: [UInt8]
     private let poolSize: Int
     private var services: [UInt32: ExposedService] = [:]
+    /// UDP services: id → (service, compressed).
+    private var udpServices: [UInt32: (ServerUDPService, Bool)] = [:]
+    /// UDP services waiting for a data channel to carry their datagrams.
+    private var udpWaiting: [ServerUDPService] = []
     /// Secret services of this client: id → name.
     private var secrets: [UInt32: String] = [:]
     /// Nonces sent in openData and not yet used: each opens exactly one data channel.
@@ -90,12 +94,26 @@ final class ServerSession {
         if services[request.id] != nil {
             return refuse(request, ServiceRefusal("service id \(request.id) registered twice"))
         }
-        guard services.count < server.config.maxServicesPerClient else {
+        guard services.count + udpServices.count + secrets.count < server.config.maxServicesPerClient else {
             return refuse(request, ServiceRefusal("too many services (limit \(server.config.maxServicesPerClient))"))
         }
         switch server.bindService(request) {
         case .failure(let refusal):
             refuse(request, refusal)
+        case .success(let listeners) where request.kind == .udp:
+            let service = ServerUDPService(id: request.id, loop: loop, logger: logger, batch: server.datagramBatch) { [weak self] lost in
+                self?.udpNeedsChannel(lost)
+            }
+            do {
+                try service.start(listeners)
+            } catch {
+                service.close()
+                return refuse(request, ServiceRefusal("cannot watch UDP port: \(error)"))
+            }
+            udpServices[request.id] = (service, request.compress)
+            control.send(TunnelProtocol.encode(.serviceAccepted(id: request.id, address: listeners[0].1.description)))
+            logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "udp \(service.listen)"])
+            udpNeedsChannel(service)
         case .success(let listeners):
             var acceptors: [Acceptor] = []
             for (fd, address) in listeners {
@@ -168,7 +186,7 @@ final class ServerSession {
     /// Asks the client for enough data channels to cover the pool and every waiting visitor.
     private func requestChannels() {
         guard !ended else { return }
-        while idleChannels.count + outstandingNonces.count < poolSize + waiting.count {
+        while idleChannels.count + outstandingNonces.count < poolSize + waiting.count + udpWaiting.count {
             let nonce = TunnelCrypto.random(TunnelProtocol.channelNonceSize)
             outstandingNonces.insert(nonce)
             control.send(TunnelProtocol.encode(.openData(channelNonce: nonce)))
@@ -186,13 +204,48 @@ final class ServerSession {
 
     func dataChannelArrived(_ channel: AsyncDuplex) {
         guard !ended else { return channel.close() }
-        if waiting.isEmpty {
+        if !udpWaiting.isEmpty {
+            attachUDP(udpWaiting.removeFirst(), channel)
+        } else if waiting.isEmpty {
             idleChannels.append(channel)
         } else {
             let visitor = waiting.removeFirst()
             visitor.timer?.cancel()
             pair(channel, visitor.stream, peer: visitor.peer, service: visitor.service)
         }
+    }
+
+    private func udpNeedsChannel(_ service: ServerUDPService) {
+        guard !ended, udpServices[service.id] != nil else { return }
+        if let channel = idleChannels.popLast() {
+            attachUDP(service, channel)
+        } else {
+            udpWaiting.append(service)
+        }
+        requestChannels()
+    }
+
+    /// Dedicates a data channel to a UDP service's datagrams.
+    private func attachUDP(_ service: ServerUDPService, _ channel: AsyncDuplex) {
+        let compress = udpServices[service.id]?.1 ?? false
+        channel.send(TunnelProtocol.encode(.connect(serviceID: service.id, visitor: "udp")))
+        Task(executorPreference: loop.tasks) {
+            do {
+                try await channel.flush()
+            } catch {
+                return self.udpNeedsChannel(service)
+            }
+            var stream = channel.detach()
+            if compress {
+                guard let z = try? ZlibStream(wrapping: stream) else {
+                    stream.close(reset: true)
+                    return self.udpNeedsChannel(service)
+                }
+                stream = z
+            }
+            service.attach(stream)
+        }
+        requestChannels()
     }
 
     func visitorArrived(_ stream: Duplex, peer visitor: String, service: UInt32) {
@@ -288,6 +341,10 @@ final class ServerSession {
     func stopAccepting() {
         for s in services.values { for a in s.acceptors { a.stop() } }
         services.removeAll()
+        let udp = udpServices.values.map(\.0)
+        udpServices.removeAll()
+        udpWaiting.removeAll()
+        for s in udp { s.close() }
         for name in secrets.values { server.secretServices[name] = nil }
         secrets.removeAll()
     }

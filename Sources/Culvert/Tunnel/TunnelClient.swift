@@ -109,7 +109,7 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         }
         logger.info("service exposed", metadata: ["listen": "\(shown)", "target": "\(spec.localDescription)"])
         if announced.insert(id).inserted {
-            ReadyLine.print("exposed tcp \(shown) -> \(spec.localDescription)")
+            ReadyLine.print("exposed \(spec.kindName) \(shown) -> \(spec.localDescription)")
         }
     }
 

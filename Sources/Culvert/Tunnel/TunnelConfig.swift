@@ -56,6 +56,8 @@ public struct ServiceSpec: Equatable, Sendable {
     public var serviceToken: String?
     /// Deflate the data channels of this service (not for secret services).
     public var compress = false
+    /// A UDP service: datagrams ride one data channel, framed with the visitor's address.
+    public var isUDP = false
     /// nil: the server's default bind address.
     public var bindHost: String?
     /// 0: the server picks a free allowed port.
@@ -74,11 +76,21 @@ public struct ServiceSpec: Equatable, Sendable {
     public struct ParseError: Error, CustomStringConvertible {
         public let input: String
         public let reason: String
-        public var description: String { "invalid -R '\(input)': \(reason); expected [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT" }
+        public var description: String { "invalid -R '\(input)': \(reason); expected [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT" }
     }
 
-    /// Parses ssh's -R form; IPv6 hosts go in brackets.
+    /// Parses ssh's -R form, optionally prefixed `udp:` or `tcp:`; IPv6 hosts go in brackets.
     public static func parse(_ text: String) throws(ParseError) -> ServiceSpec {
+        for (prefix, udp) in [("udp:", true), ("tcp:", false)] where text.hasPrefix(prefix) {
+            do {
+                var spec = try parse(String(text.dropFirst(prefix.count)))
+                spec.isUDP = udp
+                spec.name = text
+                return spec
+            } catch {
+                throw ParseError(input: text, reason: error.reason)
+            }
+        }
         var fields: [String] = []
         var current = ""
         var inBrackets = false
@@ -126,6 +138,9 @@ public struct ServiceSpec: Equatable, Sendable {
         spec.isSecret = true
         return spec
     }
+
+    /// `tcp` or `udp`, as ready lines and logs name the kind.
+    public var kindName: String { isUDP ? "udp" : "tcp" }
 
     /// `127.0.0.1:22`, as the exposed line shows the local end.
     public var localDescription: String { HostPort(host: localHost, port: localPort).description }
@@ -177,5 +192,7 @@ public struct TunnelClientConfig: Sendable {
     public var reconnectInitial: Duration = .milliseconds(500)
     public var reconnectMax: Duration = .seconds(30)
     public var drainTimeout: Duration = .seconds(30)
+    /// A UDP visitor's session to the local service ends after this long without traffic.
+    public var udpIdleTimeout: Duration = .seconds(60)
     public init() {}
 }

@@ -17,6 +17,8 @@ enum TunnelProtocol {
 
     enum ServiceKind: UInt8 {
         case tcp = 1
+        /// Datagrams, framed with the visitor's address on one data channel.
+        case udp = 2
     }
 
     /// One registered service as the client asks for it.

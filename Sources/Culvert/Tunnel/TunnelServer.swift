@@ -22,6 +22,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     let resources = LoopResources()
     private var acceptors: [Acceptor] = []
     private var sessions: [[UInt8]: ServerSession] = [:]
+    /// One datagram batch for every UDP service of the server (they share the loop).
+    let datagramBatch = DatagramBatch()
     /// Secret services by name: the session that registered each and its service id.
     var secretServices: [String: (ServerSession, UInt32)] = [:]
     private var unauthenticated = 0
@@ -218,9 +220,10 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             let candidates = Array(config.allowPorts.ranges.flatMap { $0 }.shuffled().prefix(256))
             ports = config.allowPorts.coversEphemeralRange ? [0] + candidates : candidates
         }
+        let udp = request.kind == .udp
         var lastError: SystemError?
         for port in ports {
-            switch bindAll(bases, port: port, ipv6Optional: wildcard) {
+            switch bindAll(bases, port: port, ipv6Optional: wildcard, udp: udp) {
             case .success(let bound): return .success(bound)
             case .failure(let error): lastError = error
             }
@@ -234,12 +237,13 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
 
     /// Listens on every base address with one port (0: the kernel's choice for the
     /// first, then the same for the rest); all or nothing.
-    private func bindAll(_ bases: [SocketAddress], port: UInt16, ipv6Optional: Bool) -> Result<[(Int32, SocketAddress)], SystemError> {
+    private func bindAll(_ bases: [SocketAddress], port: UInt16, ipv6Optional: Bool, udp: Bool) -> Result<[(Int32, SocketAddress)], SystemError> {
         var bound: [(Int32, SocketAddress)] = []
         var chosen = port
         for base in bases {
             do throws(SystemError) {
-                let fd = try Net.listen(base.withPort(chosen), reusePort: false)
+                let fd = udp ? try Net.udpListen(base.withPort(chosen), reusePort: false, bufferSize: 4 << 20)
+                             : try Net.listen(base.withPort(chosen), reusePort: false)
                 let address: SocketAddress
                 do { address = try Net.localAddress(fd) } catch { Posix.close(fd); throw error }
                 chosen = address.port

@@ -1,0 +1,206 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import Reactor
+import Transfer
+
+/// Server side of a UDP service exposed through the tunnel: the public UDP sockets and
+/// the data channel that carries their datagrams, framed with each visitor's address,
+/// to the client and back.
+///
+/// Thread confinement: lives on the server's loop.
+final class ServerUDPService: EventHandler {
+    let id: UInt32
+    private let loop: EventLoop
+    private let logger: Logger
+    private let batch: DatagramBatch
+    private var listeners: [(fd: Int32, address: SocketAddress, registration: Registration?)] = []
+    private var channel: DatagramChannel?
+    /// Datagrams that arrived while no data channel was attached.
+    private(set) var droppedWithoutChannel = 0
+    private let onChannelLost: (ServerUDPService) -> Void
+
+    init(id: UInt32, loop: EventLoop, logger: Logger, batch: DatagramBatch, onChannelLost: @escaping (ServerUDPService) -> Void) {
+        self.id = id
+        self.loop = loop
+        self.logger = logger
+        self.batch = batch
+        self.onChannelLost = onChannelLost
+    }
+
+    var listen: String { listeners.map { $0.address.description }.joined(separator: ",") }
+
+    func start(_ sockets: [(Int32, SocketAddress)]) throws(SystemError) {
+        for (i, (fd, address)) in sockets.enumerated() {
+            listeners.append((fd, address, nil))
+            listeners[i].registration = try loop.register(fd: fd, interest: .read, handler: self, tag: UInt8(i))
+        }
+    }
+
+    func attach(_ stream: Duplex) {
+        let channel = DatagramChannel(loop: loop, stream: stream,
+            onDatagram: { [unowned self] peer, payload in reply(payload, to: peer) },
+            onClose: { [weak self] error in
+                guard let self else { return }
+                self.channel = nil
+                if let error { self.logger.warning("UDP data channel lost", metadata: ["listen": "\(self.listen)", "error": "\(error)"]) }
+                self.onChannelLost(self)
+            })
+        do {
+            try channel.start()
+            self.channel = channel
+        } catch {
+            channel.close(.io(error))
+        }
+    }
+
+    func handleEvents(_ events: UInt32, tag: UInt8) {
+        let fd = listeners[Int(tag)].fd
+        for _ in 0..<8 {
+            guard let n = try? batch.receive(from: fd), n > 0 else { return }
+            for i in 0..<n {
+                guard let peer = batch.address(i), !batch.isTruncated(i) else { continue }
+                if let channel {
+                    channel.send(batch.payload(i), peer: peer)
+                } else {
+                    droppedWithoutChannel += 1
+                }
+            }
+            if n < batch.capacity { return }
+        }
+        loop.deferTask { [weak self] in self?.handleEvents(0, tag: tag) }
+    }
+
+    private func reply(_ payload: UnsafeRawBufferPointer, to peer: SocketAddress) {
+        guard let listener = listeners.first(where: { $0.address.family == peer.family }) else { return }
+        _ = try? peer.withSockAddr { (sa, len) throws(SystemError) in
+            sendto(listener.fd, payload.baseAddress, payload.count, Int32(MSG_DONTWAIT), sa, len)
+        }
+    }
+
+    func close() {
+        channel?.close()
+        channel = nil
+        for l in listeners {
+            if let r = l.registration { loop.deregister(fd: l.fd, registration: r) }
+            Posix.close(l.fd)
+        }
+        listeners.removeAll()
+    }
+}
+
+/// Client side of a UDP service: datagrams from the data channel go to the local
+/// service through one connected socket per visitor (a session, closed after the idle
+/// timeout), and replies go back framed with that visitor's address.
+///
+/// Thread confinement: lives on the client's loop.
+final class ClientUDPRelay {
+    private final class Session: EventHandler {
+        let visitor: SocketAddress
+        let fd: Int32
+        var registration: Registration?
+        var lastActivity: UInt64
+        unowned let relay: ClientUDPRelay
+        init(visitor: SocketAddress, fd: Int32, now: UInt64, relay: ClientUDPRelay) {
+            self.visitor = visitor
+            self.fd = fd
+            self.lastActivity = now
+            self.relay = relay
+        }
+        func handleEvents(_ events: UInt32, tag: UInt8) { relay.repliesReady(self) }
+    }
+
+    private let loop: EventLoop
+    private let logger: Logger
+    private let target: [SocketAddress]
+    private let idleTimeout: Duration
+    private var channel: DatagramChannel!
+    private var sessions: [SocketAddress: Session] = [:]
+    private var sweep: LoopTimer?
+    private var buffer = [UInt8](repeating: 0, count: 65536)
+    private var finished = false
+    private let onClose: (ClientUDPRelay) -> Void
+
+    init(loop: EventLoop, logger: Logger, stream: Duplex, target: [SocketAddress], idleTimeout: Duration,
+         onClose: @escaping (ClientUDPRelay) -> Void) {
+        self.loop = loop
+        self.logger = logger
+        self.target = target
+        self.idleTimeout = idleTimeout
+        self.onClose = onClose
+        channel = DatagramChannel(loop: loop, stream: stream,
+            onDatagram: { [unowned self] visitor, payload in forward(payload, from: visitor) },
+            onClose: { [unowned self] _ in closeAll() })
+    }
+
+    func start() throws(SystemError) {
+        try channel.start()
+        scheduleSweep()
+    }
+
+    private func forward(_ payload: UnsafeRawBufferPointer, from visitor: SocketAddress) {
+        guard let session = sessions[visitor] ?? open(visitor) else { return }
+        session.lastActivity = loop.now
+        _ = send(session.fd, payload.baseAddress, payload.count, Int32(MSG_DONTWAIT))
+    }
+
+    private func open(_ visitor: SocketAddress) -> Session? {
+        for address in target {
+            guard let fd = try? Net.udpConnect(address, bufferSize: 1 << 20) else { continue }
+            let session = Session(visitor: visitor, fd: fd, now: loop.now, relay: self)
+            guard let reg = try? loop.register(fd: fd, interest: .read, handler: session) else {
+                Posix.close(fd)
+                continue
+            }
+            session.registration = reg
+            sessions[visitor] = session
+            return session
+        }
+        logger.warning("local UDP service unreachable", metadata: ["peer": "\(visitor)"])
+        return nil
+    }
+
+    private func repliesReady(_ session: Session) {
+        while session.registration != nil {
+            let n = buffer.withUnsafeMutableBytes { recv(session.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n < 0 {
+                if errno == EAGAIN || errno == EINTR { return }
+                // ICMP from the local service (ECONNREFUSED): end this visitor's session.
+                return close(session)
+            }
+            session.lastActivity = loop.now
+            buffer.withUnsafeBytes { channel.send(UnsafeRawBufferPointer(rebasing: $0[0..<n]), peer: session.visitor) }
+        }
+    }
+
+    private func close(_ session: Session) {
+        guard let r = session.registration else { return }
+        loop.deregister(fd: session.fd, registration: r)
+        session.registration = nil
+        Posix.close(session.fd)
+        sessions[session.visitor] = nil
+    }
+
+    private func scheduleSweep() {
+        let interval = min(max(idleTimeout / 4, .milliseconds(50)), .seconds(5))
+        sweep = loop.schedule(after: interval) { [weak self] in
+            guard let self else { return }
+            for s in Array(self.sessions.values) where self.loop.now &- s.lastActivity >= self.idleTimeout.nanoseconds {
+                self.close(s)
+            }
+            self.scheduleSweep()
+        }
+    }
+
+    /// Ends every session; the relay is finished.
+    func closeAll() {
+        guard !finished else { return }
+        finished = true
+        sweep?.cancel()
+        sweep = nil
+        for s in Array(sessions.values) { close(s) }
+        if !channel.isClosed { channel.close() }
+        onClose(self)
+    }
+}
