@@ -146,9 +146,15 @@ int culvert_tls_file_fingerprint(const char *cert_file, unsigned char out[32]) {
     return rc;
 }
 
-void culvert_tls_last_error(char *buf, size_t len) {
+void culvert_tls_last_error(char *buf, size_t len, int *refused) {
     unsigned long e = ERR_get_error();
+    int reason = ERR_GET_REASON(e);
+    if (refused) *refused = e != 0 && (reason >= SSL_AD_REASON_OFFSET || reason == SSL_R_CERTIFICATE_VERIFY_FAILED);
     if (e == 0) { if (len) buf[0] = 0; }
     else ERR_error_string_n(e, buf, len);
     ERR_clear_error();
+}
+
+int culvert_tls_used_psk(SSL *ssl) {
+    return SSL_session_reused(ssl) == 1;
 }

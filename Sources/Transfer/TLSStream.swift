@@ -13,11 +13,14 @@ public struct TLSError: Error, CustomStringConvertible, Sendable {
     public let isRejection: Bool
     public var description: String { message }
 
-    static func last(_ context: String, rejection: Bool = false) -> TLSError {
+    /// The queued OpenSSL error; a rejection only when the peer sent an alert or its
+    /// certificate failed verification (a connection cut mid-handshake is not one).
+    static func last(_ context: String) -> TLSError {
         var buf = [CChar](repeating: 0, count: 256)
-        culvert_tls_last_error(&buf, buf.count)
+        var refused: Int32 = 0
+        culvert_tls_last_error(&buf, buf.count, &refused)
         let detail = String(cString: buf)
-        return TLSError(message: detail.isEmpty ? context : "\(context): \(detail)", isRejection: rejection)
+        return TLSError(message: detail.isEmpty ? context : "\(context): \(detail)", isRejection: refused != 0)
     }
 }
 
@@ -113,9 +116,14 @@ public final class TLSStream: Duplex {
             throw TLSError(message: e == 0 ? "TLS handshake: connection closed by peer" : "TLS handshake: \(SystemError("recv", errno: e))",
                            isRejection: false)
         default:
-            throw TLSError.last("TLS handshake failed", rejection: true)
+            throw TLSError.last("TLS handshake failed")
         }
     }
+
+    /// Whether the finished handshake authenticated with the external PSK. A PSK client
+    /// must check this: a server with a certificate ignores the PSK, and nothing would
+    /// have verified that certificate.
+    public var usedPSK: Bool { culvert_tls_used_psk(ssl) == 1 }
 
     /// SHA-256 of the peer's certificate, once the handshake is done.
     public func peerFingerprint() -> [UInt8]? {

@@ -22,6 +22,10 @@ int culvert_tls_peer_fingerprint(SSL *ssl, unsigned char out[32]);
 /// SHA-256 of the first certificate in a PEM file; 0 on success.
 int culvert_tls_file_fingerprint(const char *cert_file, unsigned char out[32]);
 /// The oldest queued OpenSSL error as text (queue cleared); empty when none.
-void culvert_tls_last_error(char *buf, size_t len);
+/// `*refused` is set to 1 when the error means the peer refused us (a TLS alert from
+/// it, or its certificate failing verification), 0 when the connection merely broke.
+void culvert_tls_last_error(char *buf, size_t len, int *refused);
+/// 1 when the handshake authenticated with the external PSK (not a certificate).
+int culvert_tls_used_psk(SSL *ssl);
 
 #endif

@@ -11,6 +11,8 @@ final class TunnelConnector {
     let server: HostPort
     private let keys: TokenKeys
     private let tls: TLSContext?
+    /// True when TLS authenticates the server by the token's PSK (no --ca, no --fingerprint).
+    private let expectsPSK: Bool
     private let caFile: String?
     private let fingerprint: [UInt8]?
     let connectTimeout: Duration
@@ -31,6 +33,7 @@ final class TunnelConnector {
         fingerprint = config.fingerprint
         connectTimeout = config.connectTimeout
         handshakeTimeout = config.handshakeTimeout
+        expectsPSK = config.transport == .tls && config.caFile == nil && config.fingerprint == nil
         switch config.transport {
         case .plain: tls = nil
         case .tls:
@@ -74,6 +77,10 @@ final class TunnelConnector {
             } catch let e as TLSError where e.isRejection {
                 channel.fail(.closed)
                 throw FatalClientError(message: "authentication failed: the server rejected the TLS handshake (\(e.message)); check the token, --ca or --fingerprint")
+            }
+            if expectsPSK, let tlsStream = stream as? TLSStream, !tlsStream.usedPSK {
+                channel.fail(.closed)
+                throw FatalClientError(message: "authentication failed: the server presented a certificate instead of using the token; give --ca FILE or --fingerprint sha256:HEX to verify it")
             }
             if let pinned = fingerprint, let tlsStream = stream as? TLSStream {
                 guard let actual = tlsStream.peerFingerprint(), TunnelCrypto.constantTimeEqual(actual, pinned) else {
