@@ -8,9 +8,9 @@ PYTHON ?= python3
 RELEASE_FLAGS = -c release --static-swift-stdlib
 BIN = .build/release/culvert
 # Build and test dependencies from apt; installed only when missing.
-APT_PACKAGES = libssl-dev zlib1g-dev pkg-config python3 iproute2 procps
+APT_PACKAGES = libssl-dev zlib1g-dev pkg-config python3 iproute2 procps nftables openssh-server openssh-client openssl
 
-.PHONY: all deps build test unit-test e2e-test demo install uninstall clean
+.PHONY: all deps build test unit-test e2e-test demo install uninstall clean bench
 
 all: build
 
@@ -40,6 +40,9 @@ test: unit-test e2e-test
 
 demo: build
 	CULVERT_BIN=$(abspath $(BIN)) $(PYTHON) Tests/demo/demo.py
+
+bench: build
+	$(PYTHON) bench/run.py $(if $(QUICK),--quick,)
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1

@@ -8,7 +8,7 @@ Group(...) to GROUPS and its Metric(...)s to METRICS."""
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from benchlib import (CpuMeter, Failed, StartError, free_port, kill_proc,
                       parse_iperf3_json, parse_sockperf, parse_ss_backlog, parse_wrk, pss_kib, rss_kib,
@@ -320,8 +320,8 @@ METRICS = [
     Metric("cpu_s_per_gb", "CPU per GB (1 stream)", "CPU-s/GB", False, "{:.2f}", chart=True),
     Metric("rss_idle_mib", "RSS idle", "MiB", False, "{:.1f}"),
     Metric("rss_loaded_mib", "RSS with N idle conns", "MiB", False, "{:.1f}"),
-    Metric("kib_per_conn", "RSS per connection", "KiB", False, "{:.1f}", chart=True),
-    Metric("pss_kib_per_conn", "PSS per connection", "KiB", False, "{:.1f}"),
+    Metric("kib_per_conn", "RSS per connection", "KiB", False, "{:.2f}"),
+    Metric("pss_kib_per_conn", "PSS per connection", "KiB", False, "{:.2f}", chart=True),
     Metric("sock_mem_mib", "kernel TCP socket mem (delta)", "MiB", False, "{:.1f}"),
 ]
 METRIC_BY_KEY = {m.key: m for m in METRICS}
@@ -340,7 +340,6 @@ class Group:
     run: callable
     metrics: list
     est_seconds: callable  # estimated wall time of one (run, tool), for the time budget
-    na_tools: set = field(default_factory=set)
 
 
 GROUPS = [

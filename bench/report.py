@@ -76,6 +76,9 @@ def build(raw, notes, tool_names, baseline, meta):
             getv = lambda t: med(t, key)  # noqa: E731
         if "culvert" not in tool_names:
             continue
+        if not any(getv(t) is not None for t in tool_names) and not any(
+                key in res["tools"][t]["metrics"] for t in tool_names):
+            continue  # metric not measured in this invocation (--groups)
         name, best = best_of({p: getv(p) for p in peers}, hb)
         cv = getv("culvert")
         r = ratio(cv, best)
@@ -208,17 +211,17 @@ def chart(res, png_path, workdir, timeout=60):
             for j, t in enumerate(tools):
                 s = res["tools"][t]["metrics"].get(m.key, {})
                 if s.get("status") == "ok":
-                    f.write(f'{j} "{t}" {s["median"]} {s["min"]} {s["max"]}\n')
+                    f.write(f'{j} "{t}" {s["median"]} {s["min"]} {s["max"]} ""\n')
                 else:
                     label = "FAILED" if s.get("status") == "FAILED" else "n/a"
-                    f.write(f'{j} "{t}" ? ? ?\n')
-                    f.write(f'# {t}: {label}\n')
+                    f.write(f'{j} "{t}" ? ? ? "{label}"\n')
         better = "higher" if m.higher_better else "lower"
         plots.append(
             f'set title "{m.label} ({m.unit}), {better} is better" noenhanced\n'
             f'set xrange [-0.6:{len(tools) - 0.4}]\nset yrange [0:*]\n'
             f'plot "{dat}" using 1:3:xtic(2) with boxes lc rgb "#4472c4" notitle, '
-            f'"" using 1:3:4:5 with yerrorbars lc rgb "black" pt 0 notitle')
+            f'"" using 1:3:4:5 with yerrorbars lc rgb "black" pt 0 notitle, '
+            f'"" using 1:(0):6 with labels offset 0,1 tc rgb "red" notitle')
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     script = "\n".join([

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import Failed, StartError, install_signal_handlers, kill_all, run_cmd  # noqa: E402
-from measures import GROUPS, METRICS, NA  # noqa: E402
+from measures import GROUPS, NA  # noqa: E402
 import report  # noqa: E402
 from tools import EXTRA_TOOLS, TOOLS  # noqa: E402
 
@@ -178,8 +178,10 @@ def main(argv=None):
     ap.add_argument("--culvert", default=os.environ.get(
         "CULVERT_BIN", os.path.join(ROOT, ".build", "release", "culvert")))
     ap.add_argument("--budget", type=float, help="seconds; later measurements are FAILED "
-                    "as 'skipped' past it (default 840, QUICK 170)")
+                    "as 'skipped' past it (default 840, QUICK 150)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get missing peers")
+    ap.add_argument("--mem-conns", type=int, help="idle connections for the memory test "
+                    "(default 7000, QUICK 2000)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     a = ap.parse_args(argv)
 
@@ -187,7 +189,7 @@ def main(argv=None):
     t_start = time.monotonic()
     q = a.quick
     runs = a.runs or (1 if q else 2)
-    budget = a.budget or (170 if q else 840)
+    budget = a.budget or (150 if q else 840)
     all_tools = TOOLS + EXTRA_TOOLS
     if a.tools:
         want = [x.strip() for x in a.tools.split(",")]
@@ -209,9 +211,9 @@ def main(argv=None):
         atexit.register(shutil.rmtree, tmp, True)
     ctx = SimpleNamespace(
         tmp=tmp, culvert=os.path.abspath(a.culvert), start_timeout=10.0,
-        tput_seconds=3 if q else 10, lat_seconds=3 if q else 5,
-        wrk_seconds=3 if q else 5, wrk_conns=50,
-        mem_conns=2000 if q else 7000, mem_timeout=60)
+        tput_seconds=3 if q else 10, lat_seconds=2 if q else 5,
+        wrk_seconds=2 if q else 5, wrk_conns=50,
+        mem_conns=a.mem_conns or (2000 if q else 7000), mem_timeout=60)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(),
             "config": {"quick": q, "runs": runs, "tput_seconds": ctx.tput_seconds,

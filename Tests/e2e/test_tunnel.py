@@ -6,6 +6,7 @@ import base64
 import hashlib
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -217,7 +218,11 @@ def test_cert_server_unverifiable_client_fails(kit, how):
     mode_args = [] if how == "no-ca-no-fingerprint" else ["--ca", kit.certs.other_ca]
     cli = kit.start_client(f"localhost:{srv.server_addr[1]}", ["0:127.0.0.1:9"], "tls-cert",
                            mode_args=mode_args, ready=False)
-    rc = cli.wait_exit(10)
+    poll(lambda: cli.proc.poll() is not None or cli.stdout_lines, 10, "the client to exit (or to succeed)")
+    assert not cli.stdout_lines, (
+        "client trusted a server certificate it could not verify and exposed a service\n"
+        f"{cli.describe()}\n{srv.describe()}")
+    rc = cli.wait_exit(5)
     assert rc == 1, cli.describe()
     assert "authentication failed" in cli.stderr_text(), cli.describe()
     assert not cli.stdout_lines, cli.describe()
@@ -394,6 +399,32 @@ def test_token_never_on_wire_plain(kit, recorded):
                 assert f not in c[direction], f"token ({name}) seen in connection {i} {direction}"
 
 
+@pytest.mark.parametrize("tls_mode", ["tls-psk", "tls-cert"])
+def test_tls_wire_is_encrypted(kit, tls_mode):
+    echo = kit.echo()
+    srv = kit.start_server(tls_mode)
+    relay = RecordingRelay(srv.server_addr)
+    try:
+        cli = kit.start_client(f"{kit.server_host(tls_mode)}:{relay.port}", [f"0:{local_of(echo)}"], tls_mode)
+        marker = b"culvert-plaintext-marker-" * 2000
+        echo_once(cli.exposed_map[local_of(echo)], marker)
+        srv.wait_stderr(r"connection closed", count=1)
+        # pool channels may still be mid-handshake: wait until every one got answers
+        conns = poll(lambda: (lambda cs: cs if all(c["c2s"] and c["s2c"] for c in cs) else None)(relay.snapshot()),
+                     5, "every relayed connection to carry bytes both ways")
+    finally:
+        relay.close()
+    assert len(conns) >= 2, f"expected control + data connections, got {len(conns)}"
+    for i, c in enumerate(conns):
+        # TLS handshake records both ways (content type 22, legacy version 3.x)
+        assert c["c2s"][:2] == b"\x16\x03", f"connection {i} c2s does not start with a TLS record: {c['c2s'][:8]!r}"
+        assert c["s2c"][:2] == b"\x16\x03", f"connection {i} s2c does not start with a TLS record: {c['s2c'][:8]!r}"
+        for direction in ("c2s", "s2c"):
+            assert b"culvert-plaintext-marker" not in c[direction], f"plaintext visible in connection {i} {direction}"
+            assert kit.token.encode() not in c[direction]
+            assert b"authentication failed" not in c[direction]
+
+
 # --------------------------------------------------------------------------
 # 4. hostile connections
 
@@ -521,6 +552,90 @@ def test_client_kill9_frees_port_then_reclaimed(kit):
     assert cli2.exposed_map[local_of(echo)] == addr
     echo_once(addr, b"second client")
     assert freed_after < 5
+
+
+def test_heartbeat_frozen_client_frees_port_and_recovers(kit):
+    """SIGSTOP leaves the TCP connections open: only heartbeats can tell."""
+    echo = kit.echo()
+    rport = free_port()
+    srv = kit.start_server("tls-psk", opts=["--heartbeat-interval", "1s", "--heartbeat-misses", "2"])
+    cli = kit.start_client(srv.server_addr, [f"{rport}:{local_of(echo)}"], "tls-psk",
+                           opts=["--heartbeat-interval", "1s", "--heartbeat-misses", "2", "--reconnect-max", "1s"])
+    addr = cli.exposed_map[local_of(echo)]
+    echo_once(addr, b"alive")
+    cli.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        srv.wait_stderr(r"client disconnected", timeout=8)
+        poll(lambda: connect_refused(addr), 3, "the exposed port to be freed")
+        assert time.monotonic() - t0 < 8
+    finally:
+        cli.send_signal(signal.SIGCONT)
+    # the client notices, reconnects and gets its port back
+    cli.wait_stderr(r"connected to server", count=2, timeout=10)
+
+    def works():
+        echo_once(addr, b"back", timeout=3)
+        return True
+
+    poll(works, 10, "the service to work again after SIGCONT", step=0.2)
+
+
+def test_heartbeat_frozen_server_detected(kit):
+    echo = kit.echo()
+    srv = kit.start_server("tls-psk")
+    cli = kit.start_client(srv.server_addr, [f"0:{local_of(echo)}"], "tls-psk",
+                           opts=["--heartbeat-interval", "1s", "--heartbeat-misses", "2", "--reconnect-max", "1s",
+                                 "--handshake-timeout", "1s", "--connect-timeout", "1s"])
+    echo_once(cli.exposed_map[local_of(echo)], b"alive")
+    srv.send_signal(signal.SIGSTOP)
+    try:
+        cli.wait_stderr(r"server stopped answering", timeout=8)
+        assert cli.running()
+    finally:
+        srv.send_signal(signal.SIGCONT)
+    cli.wait_stderr(r"connected to server", count=2, timeout=15)
+    assert cli.running()
+
+
+def test_client_retries_when_tls_handshake_is_cut(kit):
+    """A listener that accepts and closes at once (a crashing server, a proxy whose
+    backend is down) is an unreachable server, not an authentication failure: the
+    client must keep retrying, and connect once the real server is there."""
+    port = free_port()
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", port))
+    lsock.listen(16)
+    stop = threading.Event()
+    accepted = []
+
+    def slam():
+        while not stop.is_set():
+            r, _, _ = select.select([lsock], [], [], 0.05)
+            if r:
+                c, _ = lsock.accept()
+                accepted.append(1)
+                c.close()
+
+    t = threading.Thread(target=slam, daemon=True)
+    t.start()
+    echo = kit.echo()
+    try:
+        cli = kit.start_client(("127.0.0.1", port), [f"0:{local_of(echo)}"], "tls-psk",
+                               opts=["--reconnect-max", "1s"], ready=False)
+        poll(lambda: len(accepted) >= 3 or cli.proc.poll() is not None, 10, "three connection attempts")
+        assert cli.running(), (
+            f"client gave up after {len(accepted)} cut TLS handshake(s) (exit {cli.proc.returncode}) "
+            f"instead of retrying\n{cli.describe()}")
+        cli.wait_stderr(r"reconnecting", count=2, timeout=5)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        lsock.close()
+    kit.start_server("tls-psk", port=port)
+    addr = cli.exposed(1, timeout=10)[local_of(echo)]
+    echo_once(addr, b"connected after all")
 
 
 def test_sigterm_exits_zero(kit):

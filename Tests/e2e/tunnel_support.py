@@ -8,6 +8,7 @@ is bounded by a deadline.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -71,15 +72,21 @@ def clean_env() -> dict:
 
 def run_cli(args: list[str], timeout: float = 15.0, env: dict | None = None,
             prefix: list[str] | None = None) -> subprocess.CompletedProcess:
-    path = wait_for_binary()
-    try:
-        return subprocess.run(
-            [*(prefix or []), path, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, timeout=timeout, text=True, errors="replace",
-            env=clean_env() if env is None else env,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"culvert {args!r} did not exit within {timeout}s; stderr={exc.stderr!r}")
+    deadline = time.monotonic() + 120
+    while True:
+        path = wait_for_binary()
+        try:
+            return subprocess.run(
+                [*(prefix or []), path, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, timeout=timeout, text=True, errors="replace",
+                env=clean_env() if env is None else env,
+            )
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"culvert {args!r} did not exit within {timeout}s; stderr={exc.stderr!r}")
+        except OSError as exc:  # the binary is being relinked
+            if exc.errno not in (errno.ETXTBSY, errno.ENOENT) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def new_token() -> str:
@@ -97,10 +104,20 @@ class TunnelProc(Culvert):
     `ip netns exec NS`)."""
 
     def __init__(self, path: str, args: list[str], prefix: list[str] | None = None):
-        if prefix:
-            super().__init__(prefix[0], [*prefix[1:], path, *args])
-        else:
-            super().__init__(path, args)
+        # another engineer may be relinking the binary: retry briefly on ETXTBSY/ENOENT
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if prefix:
+                    super().__init__(prefix[0], [*prefix[1:], path, *args])
+                else:
+                    super().__init__(path, args)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ETXTBSY, errno.ENOENT) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+                wait_for_binary()
 
     def wait_stdout(self, pattern: re.Pattern, count: int = 1, timeout: float = 15.0) -> list[re.Match]:
         def have():

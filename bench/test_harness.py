@@ -1,0 +1,379 @@
+"""Self-test of the benchmark harness: parsers, /proc readers, failure paths, ratios and
+the report. Runs in seconds, starts no real benchmark (only tiny sh/python processes).
+
+    python3 -m pytest -q bench/test_harness.py
+"""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+import tools  # noqa: E402
+from benchlib import Failed, StartError  # noqa: E402
+from measures import NA, Group  # noqa: E402
+
+# --------------------------------------------------------------------------- samples
+
+IPERF_OK = json.dumps({
+    "start": {"connected": [{"socket": 5}]},
+    "end": {"sum_sent": {"bytes": 2568355840, "bits_per_second": 20.5e9},
+            "sum_received": {"start": 0, "end": 1.0006, "seconds": 1.0006,
+                             "bytes": 2568355840, "bits_per_second": 20533971919.6,
+                             "sender": True}}})
+IPERF_ERR = ('{\n\t"start":\t{\n\t\t"connected":\t[]\n\t},\n\t"intervals":\t[],\n\t"end":\t{\n\t},'
+             '\n\t"error":\t"unable to connect to server: Connection refused"\n}\n')
+
+SOCKPERF_OUT = """\
+sockperf: [Total Run] RunTime=2.000 sec; Warm up time=400 msec; SentMessages=57033; ReceivedMessages=57032
+sockperf: ========= Printing statistics for Server No: 0
+sockperf: [Valid Duration] RunTime=1.550 sec; SentMessages=45389; ReceivedMessages=45389
+sockperf: \x1b[2;35m====> avg-rtt=34.122 (std-dev=40.464)\x1b[0m
+sockperf: # dropped messages = 0; # duplicated messages = 0; # out-of-order messages = 0
+sockperf: Summary: Round trip is 34.122 usec
+sockperf: \x1b[2;35mTotal 45389 observations\x1b[0m; each percentile contains 453.89 observations
+sockperf: ---> <MAX> observation = 2745.630
+sockperf: ---> percentile 99.999 = 2745.630
+sockperf: ---> percentile 99.990 = 2090.140
+sockperf: ---> percentile 99.900 =  161.128
+sockperf: ---> percentile 99.000 =   92.776
+sockperf: ---> percentile 90.000 =   64.374
+sockperf: ---> percentile 75.000 =   53.518
+sockperf: ---> percentile 50.000 =   14.620
+sockperf: ---> percentile 25.000 =   13.670
+sockperf: ---> <MIN> observation =   13.428
+"""
+
+WRK_OK = """\
+Running 5s test @ http://127.0.0.1:40000/small.html
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     4.12ms    2.69ms  59.35ms   85.50%
+    Req/Sec    11.97k     1.77k   13.22k    70.00%
+  59655 requests in 5.01s, 47.60MB read
+Requests/sec:  11907.38
+Transfer/sec:      9.50MB
+"""
+WRK_ERRORS = """\
+Running 5s test @ http://127.0.0.1:40000/small.html
+  1 threads and 50 connections
+  59655 requests in 5.01s, 47.60MB read
+  Socket errors: connect 0, read 12, write 3, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  11907.38
+Transfer/sec:      9.50MB
+"""
+WRK_NONE = """\
+Running 5s test @ http://127.0.0.1:40000/small.html
+  1 threads and 50 connections
+  0 requests in 5.01s, 0.00B read
+  Socket errors: connect 50, read 0, write 0, timeout 0
+Requests/sec:      0.00
+Transfer/sec:       0.00B
+"""
+
+PROC_STAT = ("4242 (we ird) (name) S 1 4242 4242 0 -1 4194560 500 0 0 0 "
+             "150 25 7 3 20 0 3 0 123456 10000000 2000 18446744073709551615 "
+             "1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0")
+PROC_STATUS = "Name:\tculvert\nState:\tS (sleeping)\nVmPeak:\t  30000 kB\nVmRSS:\t   11776 kB\n"
+SOCKSTAT = ("sockets: used 49\nTCP: inuse 25 orphan 0 tw 7584 alloc 27 mem 17\n"
+            "UDP: inuse 0 mem 0\n")
+PROC_NET_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:4A39 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 0100007F:9C40 0100007F:4A39 01 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1
+"""
+
+
+# --------------------------------------------------------------------------- parsers
+
+def test_iperf3_ok():
+    r = benchlib.parse_iperf3_json(IPERF_OK)
+    assert r["bps"] == pytest.approx(20533971919.6)
+    assert r["bytes"] == 2568355840
+
+
+@pytest.mark.parametrize("text", [IPERF_ERR, "", "iperf3: error", '{"end": {}}',
+                                  '{"end": {"sum_received": {"bits_per_second": 0, "bytes": 0}}}'])
+def test_iperf3_bad(text):
+    with pytest.raises(ValueError):
+        benchlib.parse_iperf3_json(text)
+
+
+def test_sockperf():
+    r = benchlib.parse_sockperf(SOCKPERF_OUT)
+    assert r == {"p50": 14.62, "p99": 92.776, "avg": 34.122}
+
+
+def test_sockperf_bad():
+    with pytest.raises(ValueError):
+        benchlib.parse_sockperf("sockperf: ERROR: connect failed\n")
+
+
+def test_wrk():
+    assert benchlib.parse_wrk(WRK_OK) == {"rps": 11907.38, "requests": 59655, "errors": 0}
+    assert benchlib.parse_wrk(WRK_ERRORS)["errors"] == 12 + 3 + 1 + 4
+    for bad in (WRK_NONE, "unable to connect to 127.0.0.1:1 Connection refused\n"):
+        with pytest.raises(ValueError):
+            benchlib.parse_wrk(bad)
+
+
+def test_proc_parsers():
+    s = benchlib.parse_proc_stat(PROC_STAT)
+    assert (s["state"], s["ppid"], s["utime"], s["stime"], s["cutime"], s["cstime"]) == \
+        ("S", 1, 150, 25, 7, 3)
+    assert s["session"] == 4242 and s["starttime"] == 123456
+    assert benchlib.parse_status_kib(PROC_STATUS) == 11776
+    assert benchlib.parse_status_kib("Name:\tzombie\n") is None
+    assert benchlib.parse_sockstat_tcp_mem(SOCKSTAT) == 17
+    assert benchlib.parse_listening_ports(PROC_NET_TCP) == {0x4A39, 2024}
+    assert benchlib.parse_ss_backlog("LISTEN 0      10         127.0.0.1:21003      0.0.0.0:*\n") == 10
+    assert benchlib.parse_ss_backlog("") is None
+    assert benchlib.parse_ready_line("listening tcp 127.0.0.1:40321 -> 127.0.0.1:8080") == 40321
+    with pytest.raises(ValueError):
+        benchlib.parse_ready_line("info something else")
+
+
+def test_proc_readers_on_self():
+    rss, n = benchlib.rss_kib([os.getpid()], include_children=False)
+    assert rss > 1000 and n == 1
+    assert isinstance(benchlib.sockstat_tcp_mem_kib(), int)
+
+
+# --------------------------------------------------------------------------- stats, ratios
+
+def test_summarize():
+    s = benchlib.summarize([3.0, 1.0, 2.0])
+    assert (s["status"], s["median"], s["min"], s["max"]) == ("ok", 2.0, 1.0, 3.0)
+    s = benchlib.summarize([Failed("x"), 4.0])
+    assert s["status"] == "ok" and s["median"] == 4.0 and s["n_failed"] == 1
+    s = benchlib.summarize([Failed("a"), Failed("b")])
+    assert s["status"] == "FAILED" and s["median"] is None and s["errors"] == ["a", "b"]
+
+
+def test_ratio():
+    assert benchlib.ratio(5.0, 10.0) == 0.5
+    assert benchlib.ratio(5.0, None) is None
+    assert benchlib.ratio(None, 10.0) is None
+    assert benchlib.ratio(5.0, Failed("x")) is None
+    assert benchlib.ratio(5.0, 0) is None
+    assert benchlib.best_of({"a": 1.0, "b": 3.0, "c": None}, True) == ("b", 3.0)
+    assert benchlib.best_of({"a": 1.0, "b": 3.0}, False) == ("a", 1.0)
+    assert benchlib.best_of({"a": None}, True) == (None, None)
+
+
+META = {"date": "2026-01-01T00:00:00+00:00",
+        "machine": {"nproc": 2, "kernel": "6.x", "cpu_model": "test", "loadavg_start": "0.1"},
+        "config": {"quick": True, "runs": 2, "tput_seconds": 3, "lat_seconds": 3,
+                   "wrk_seconds": 3, "wrk_conns": 50, "mem_conns": 10, "baseline": "direct"}}
+
+
+def test_report_missing_direct_and_failed_tool():
+    raw = {"direct": {"tput1_gbps": [Failed("iperf3 timed out")] * 2,
+                      "rtt_p50_us": [10.0, 12.0]},
+           "culvert": {"tput1_gbps": [Failed("culvert did not start: exited")] * 2,
+                       "rtt_p50_us": [20.0, 22.0], "cpu_s_per_gb": [Failed("x")] * 2},
+           "socat": {"tput1_gbps": [5.0, 7.0], "rtt_p50_us": [30.0, 40.0],
+                     "cpu_s_per_gb": [1.0, 2.0], "rss_idle_mib": [NA, NA]}}
+    res = report.build(raw, {}, ["direct", "culvert", "socat"], "direct", META)
+    # direct failed -> no ratio, never a ratio to 0 or a made-up baseline
+    assert res["ratios_to_direct"]["tput1_gbps"] == {"culvert": None, "socat": None}
+    assert res["ratios_to_direct"]["rtt_p50_us"]["culvert"] == pytest.approx(21 / 11)
+    assert res["derived"]["added_p50_us"]["socat"] == pytest.approx(35 - 11)
+    c = res["tools"]["culvert"]["metrics"]["tput1_gbps"]
+    assert c["status"] == "FAILED" and c["median"] is None
+    assert res["tools"]["socat"]["metrics"]["rss_idle_mib"]["status"] == "n/a"
+    assert res["culvert_vs_best_peer"]["tput1_gbps"]["ratio"] is None
+    assert res["culvert_vs_best_peer"]["tput1_gbps"]["best_peer"] == "socat"
+    md = report.markdown(res)
+    row = next(line for line in md.splitlines() if line.startswith("| culvert |"))
+    assert "FAILED" in row and "| 0" not in row
+    assert "culvert did not start" in md
+    json.dumps(res)  # serialisable
+
+
+def test_report_without_direct_tool():
+    raw = {"culvert": {"tput1_gbps": [5.0, 6.0]}}
+    res = report.build(raw, {}, ["culvert"], None, META)
+    assert res["ratios_to_direct"]["tput1_gbps"] == {"culvert": None}
+    report.markdown(res)
+
+
+@pytest.mark.skipif(not shutil.which("gnuplot"), reason="gnuplot not installed")
+def test_chart_with_failed_values(tmp_path):
+    raw = {"direct": {"tput1_gbps": [10.0, 11.0], "pss_kib_per_conn": [NA, NA]},
+           "culvert": {"tput1_gbps": [Failed("y")] * 2, "pss_kib_per_conn": [1.0, 2.0]}}
+    res = report.build(raw, {}, ["direct", "culvert"], "direct", META)
+    png = tmp_path / "c.png"
+    assert report.chart(res, str(png), str(tmp_path)) is None
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_suspicious_throughput_flag():
+    raw = {"direct": {"tput1_gbps": [10.0, 10.0]}, "culvert": {"tput1_gbps": [11.0, 11.0]},
+           "redir": {"tput1_gbps": [10.4, 10.4]}}
+    res = report.build(raw, {}, ["direct", "culvert", "redir"], "direct", META)
+    assert res["tools"]["culvert"]["metrics"]["tput1_gbps"].get("suspicious")
+    assert not res["tools"]["redir"]["metrics"]["tput1_gbps"].get("suspicious")
+    assert any("suspicious" in f for f in res["flags"])
+    assert "⚠suspicious" in report.markdown(res)
+
+
+# --------------------------------------------------------------------------- failure paths
+
+@pytest.fixture
+def ctx(tmp_path):
+    return SimpleNamespace(tmp=str(tmp_path), culvert=str(tmp_path / "culvert"),
+                           start_timeout=3.0)
+
+
+def test_forwarder_that_exits_at_once(ctx):
+    with pytest.raises(StartError, match="exited with status 3"):
+        tools._start_listening(ctx, "bogus", ["sh", "-c", "echo boom >&2; exit 3"],
+                               benchlib.free_port())
+
+
+def test_culvert_that_exits_at_once(ctx, tmp_path):
+    fake = tmp_path / "culvert"
+    fake.write_text("#!/bin/sh\necho 'error: cannot listen' >&2\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(StartError, match="exited with status 1 without a ready line"):
+        tools.start_culvert(ctx, 9)
+
+
+def test_culvert_missing_binary(ctx):
+    with pytest.raises(StartError, match="not found"):
+        tools.start_culvert(ctx, 9)
+
+
+def test_forwarder_that_never_listens(ctx):
+    ctx.start_timeout = 0.5
+    with pytest.raises(StartError, match="not listening"):
+        tools._start_listening(ctx, "sleepy", ["sleep", "30"], benchlib.free_port())
+    assert not benchlib._LIVE  # the sleeper was killed
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, ctx):
+        self.port = benchlib.free_port()
+
+    def start(self):
+        return self
+
+    def stop(self):
+        pass
+
+
+def test_failed_row_end_to_end(ctx, tmp_path):
+    """A forwarder whose command exits at once -> FAILED cells in JSON and Markdown,
+    while the baseline still gets its number and the run goes on."""
+    def start_broken(c, target_port):
+        return tools.Forwarder("broken", 1, [tools._start_listening(
+            c, "broken", ["sh", "-c", "exit 7"], benchlib.free_port())])
+
+    calls = []
+
+    def run_fn(c, fwd, be):
+        calls.append(fwd.name)
+        return {"tput1_gbps": 42.0}
+
+    g = Group("throughput", FakeBackend, run_fn, ["tput1_gbps"], lambda c: 0)
+    tl = [tools.Tool("direct", tools.start_direct, baseline=True),
+          tools.Tool("broken", start_broken)]
+    raw, notes = run.run_all(ctx, tl, [g], 2, time.monotonic() + 60)
+    assert raw["direct"]["tput1_gbps"] == [42.0, 42.0]
+    assert all(isinstance(v, Failed) and "did not start" in v.reason
+               for v in raw["broken"]["tput1_gbps"])
+    assert calls == ["direct", "direct"]
+    res = report.build(raw, notes, ["direct", "broken"], "direct", META)
+    assert res["tools"]["broken"]["metrics"]["tput1_gbps"]["status"] == "FAILED"
+    assert res["tools"]["broken"]["metrics"]["tput1_gbps"]["values"][0]["failed"]
+    assert res["ratios_to_direct"]["tput1_gbps"]["broken"] is None
+    row = next(line for line in report.markdown(res).splitlines()
+               if line.startswith("| broken |"))
+    assert "FAILED" in row and "42" not in row
+
+
+def test_measurement_exception_and_budget(ctx):
+    def boom(c, fwd, be):
+        raise RuntimeError("parser exploded")
+
+    g = Group("latency", FakeBackend, boom, ["rtt_p50_us"], lambda c: 0)
+    tl = [tools.Tool("direct", tools.start_direct, baseline=True)]
+    raw, _ = run.run_all(ctx, tl, [g], 1, time.monotonic() + 60)
+    assert "parser exploded" in raw["direct"]["rtt_p50_us"][0].reason
+    g2 = Group("latency", FakeBackend, boom, ["rtt_p50_us"], lambda c: 100)
+    raw, _ = run.run_all(ctx, tl, [g2], 1, time.monotonic() + 1)
+    assert "time budget" in raw["direct"]["rtt_p50_us"][0].reason
+
+
+def test_na_group_for_tool(ctx):
+    g = Group("memory", FakeBackend, lambda c, f, b: {"kib_per_conn": 1.0},
+              ["kib_per_conn"], lambda c: 0)
+    tl = [tools.Tool("direct", tools.start_direct, na={"memory"}, baseline=True)]
+    raw, _ = run.run_all(ctx, tl, [g], 2, time.monotonic() + 60)
+    assert raw["direct"]["kib_per_conn"] == [NA, NA]
+
+
+# --------------------------------------------------------------------------- processes
+
+def test_kill_proc_kills_forked_children(tmp_path):
+    p = benchlib.spawn(["sh", "-c", "sleep 60 & sleep 60 & wait"], str(tmp_path / "l"))
+    time.sleep(0.3)
+    kids = benchlib.tree_pids([p.pid])
+    assert len(kids) >= 3
+    benchlib.kill_proc(p, grace=2)
+    time.sleep(0.2)
+    assert not any(benchlib._alive(k) for k in kids)
+
+
+def test_cpu_meter_counts_exited_children(tmp_path):
+    # a child that burns ~0.3 s of CPU and exits; parent never waits for it
+    # (SIGCHLD ignored, as in redir), so its time never reaches cutime
+    code = ("import os,signal,time\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+            "if os.fork()==0:\n  t=time.process_time()\n"
+            "  while time.process_time()-t<0.3: pass\n  os._exit(0)\ntime.sleep(3)\n")
+    p = benchlib.spawn([sys.executable, "-c", code], str(tmp_path / "l"))
+    try:
+        m = benchlib.CpuMeter([p.pid], interval=0.05).start()
+        time.sleep(1.0)
+        used = m.stop()
+    finally:
+        benchlib.kill_proc(p)
+    assert 0.2 < used < 1.0
+
+
+def test_run_cmd_timeout():
+    t = time.monotonic()
+    rc, _, _ = benchlib.run_cmd(["sleep", "30"], timeout=0.3)
+    assert rc is None and time.monotonic() - t < 5
+
+
+def test_memload_roundtrip(tmp_path):
+    """The memory helper: sink + client over loopback with a handful of connections."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    port, status = benchlib.free_port(), str(tmp_path / "count")
+    sink = benchlib.spawn([sys.executable, os.path.join(here, "memload.py"), "sink",
+                           "--port", str(port), "--status", status], str(tmp_path / "s"))
+    try:
+        benchlib.wait_listening(port, [sink], 10)
+        c = subprocess.run([sys.executable, os.path.join(here, "memload.py"), "client",
+                            "--port", str(port), "--n", "20", "--batch", "7",
+                            "--sink-status", status, "--timeout", "10"],
+                           input="close\n", capture_output=True, text=True, timeout=30)
+        assert c.stdout.splitlines()[0] == "connected 20"
+    finally:
+        benchlib.kill_proc(sink)
