@@ -148,6 +148,27 @@ public final class EventLoop: @unchecked Sendable {
         release(registration)
     }
 
+    /// Drops the handler without epoll_ctl(DEL), for an fd about to be closed: closing
+    /// removes it from the epoll set anyway, and the slot's new generation stops stale
+    /// events. Only for descriptors that are never duplicated.
+    public func forget(registration: Registration) {
+        assert(inEventLoop || thread == nil)
+        release(registration)
+    }
+
+    /// Hands a registered fd to another handler (one epoll_ctl(MOD) instead of DEL+ADD),
+    /// e.g. from the code that connected it to the relay that will use it.
+    public func transfer(fd: Int32, registration: Registration, to handler: EventHandler, tag: UInt8,
+                         interest: Interest) throws(SystemError) -> Registration {
+        assert(inEventLoop || thread == nil)
+        let i = Int(registration.slot)
+        precondition(i < handlers.count && generations[i] == registration.generation, "stale registration")
+        handlers[i] = handler
+        tags[i] = tag
+        try modify(fd: fd, registration: registration, interest: interest)
+        return registration
+    }
+
     private func release(_ reg: Registration) {
         let i = Int(reg.slot)
         guard i < handlers.count, generations[i] == reg.generation else { return }

@@ -88,11 +88,21 @@ public final class CopyBidirectional: EventHandler {
     }
 
     /// Registers both ends and starts moving bytes. On failure both ends are closed.
-    public func start() throws(SystemError) {
+    /// - Parameter registrationOfB: `b`'s fd is already registered (by the code that
+    ///   connected it); the relay takes that registration over.
+    public func start(adopting registrationOfB: Registration? = nil) throws(SystemError) {
         do {
             try register(a, tag: Self.tagA)
-            try register(b, tag: Self.tagB)
+            if let registrationOfB {
+                registrations.append((b.fd, try loop.transfer(fd: b.fd, registration: registrationOfB, to: self,
+                                                             tag: Self.tagB, interest: .readWrite)))
+            } else {
+                try register(b, tag: Self.tagB)
+            }
         } catch {
+            if let r = registrationOfB, !registrations.contains(where: { $0.1 == r }) {
+                loop.forget(registration: r)
+            }
             teardown(reset: true)
             throw error
         }
@@ -178,7 +188,11 @@ public final class CopyBidirectional: EventHandler {
         isClosed = true
         idleTimer?.cancel()
         idleTimer = nil
-        for (fd, r) in registrations { loop.deregister(fd: fd, registration: r) }
+        // Descriptors closed right below leave epoll by themselves: no epoll_ctl needed.
+        let closing = a.closesDescriptors && b.closesDescriptors
+        for (fd, r) in registrations {
+            if closing { loop.forget(registration: r) } else { loop.deregister(fd: fd, registration: r) }
+        }
         registrations.removeAll()
         aToB.abandon(resources)
         bToA.abandon(resources)

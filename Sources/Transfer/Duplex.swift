@@ -11,6 +11,8 @@ public protocol Duplex: AnyObject {
     var fd: Int32 { get }
     /// The descriptor written to; differs from `fd` only for stdin/stdout.
     var writeFD: Int32 { get }
+    /// Whether `close` closes the descriptors (so epoll forgets them by itself).
+    var closesDescriptors: Bool { get }
     /// True when the socket's bytes are the stream's bytes (no layer), so splice may move them.
     var isSpliceable: Bool { get }
     var readReady: Bool { get set }
@@ -25,6 +27,7 @@ public protocol Duplex: AnyObject {
 
 extension Duplex {
     public var writeFD: Int32 { fd }
+    public var closesDescriptors: Bool { true }
 }
 
 /// A connected, non-blocking TCP socket.
@@ -34,10 +37,14 @@ public final class TCPStream: Duplex {
     public var writeReady = true
     private var isClosed = false
 
-    public init(fd: Int32) {
+    /// - Parameter noDelay: set TCP_NODELAY; false for accepted sockets, which inherit
+    ///   it from a listener that has it.
+    public init(fd: Int32, noDelay: Bool = true) {
         self.fd = fd
-        var one: Int32 = 1
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        if noDelay {
+            var one: Int32 = 1
+            _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        }
     }
 
     deinit { if !isClosed { Posix.close(fd) } }
@@ -67,6 +74,7 @@ public final class TCPStream: Duplex {
 public final class StdioStream: Duplex {
     public let fd: Int32 = 0
     public let writeFD: Int32 = 1
+    public var closesDescriptors: Bool { false }
     public var readReady = true
     public var writeReady = true
     private let savedFlags: (Int32, Int32)

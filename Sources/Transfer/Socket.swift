@@ -32,6 +32,8 @@ public enum Net {
             try setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
             if reusePort { try setOption(fd, SOL_SOCKET, SO_REUSEPORT, 1) }
             if address.family == AF_INET6 { try setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, 1) }
+            // Accepted sockets inherit it: one setsockopt per listener, not per connection.
+            try setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1)
             _ = try address.withSockAddr { (sa, len) throws(SystemError) in
                 try Posix.check("bind", Glibc.bind(fd, sa, len))
             }

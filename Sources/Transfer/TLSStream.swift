@@ -167,6 +167,14 @@ public final class TLSStream: Duplex {
     public func close(reset: Bool) {
         guard !isClosed else { return }
         isClosed = true
-        if reset { Net.closeWithReset(fd) } else { Posix.close(fd) }
+        if reset {
+            Net.closeWithReset(fd)
+        } else {
+            // An orderly end says so (close_notify), best effort on a non-blocking socket.
+            ERR_clear_error()
+            _ = SSL_shutdown(ssl)
+            ERR_clear_error()
+            Posix.close(fd)
+        }
     }
 }

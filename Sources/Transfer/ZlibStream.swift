@@ -45,6 +45,7 @@ public final class ZlibStream: Duplex {
 
     public var fd: Int32 { inner.fd }
     public var writeFD: Int32 { inner.writeFD }
+    public var closesDescriptors: Bool { inner.closesDescriptors }
     public var isSpliceable: Bool { false }
     public var readReady: Bool {
         get { inner.readReady }

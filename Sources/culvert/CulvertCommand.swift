@@ -30,16 +30,18 @@ struct ForwardCommand: ParsableCommand {
     )
 }
 
-/// Logging flags every long-running command shares.
+/// Logging flags every long-running command shares. Optional, so a config file's
+/// log_level/log_format apply unless a flag is given.
 struct LoggingOptions: ParsableArguments {
-    @Option(help: "Least severe level logged: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: Logger.Level = .info
+    @Option(help: "Least severe level logged: trace, debug, info, notice, warning, error, critical (default: info).")
+    var logLevel: Logger.Level?
 
-    @Option(help: "Log line format on stderr: text or json.")
-    var logFormat: LogFormat = .text
+    @Option(help: "Log line format on stderr: text or json (default: text).")
+    var logFormat: LogFormat?
 
-    func makeLogger() -> Logger {
-        StderrLogHandler.bootstrap(level: logLevel, format: logFormat)
+    /// Installs the log handler: flags first, then the given fallbacks, then the defaults.
+    func makeLogger(fallbackLevel: Logger.Level? = nil, fallbackFormat: LogFormat? = nil) -> Logger {
+        StderrLogHandler.bootstrap(level: logLevel ?? fallbackLevel ?? .info, format: logFormat ?? fallbackFormat ?? .text)
         return Logger(label: "culvert")
     }
 }

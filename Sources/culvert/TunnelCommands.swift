@@ -120,16 +120,17 @@ private func loadConfig<C>(_ path: String?, into config: inout C,
 
 /// The logger from flags, else the config file, else the defaults.
 private func makeLogger(_ logging: LoggingOptions, _ common: TunnelConfigFile.Common?) throws -> Logger {
-    var options = logging
-    if !CommandLine.arguments.contains("--log-level"), let level = common?.logLevel {
-        guard let parsed = Logger.Level(rawValue: level) else { throw ValidationError("config: log_level '\(level)' is not a log level") }
-        options.logLevel = parsed
+    var level: Logger.Level?
+    var format: LogFormat?
+    if let text = common?.logLevel {
+        guard let parsed = Logger.Level(rawValue: text) else { throw ValidationError("config: log_level '\(text)' is not a log level") }
+        level = parsed
     }
-    if !CommandLine.arguments.contains("--log-format"), let format = common?.logFormat {
-        guard let parsed = LogFormat(rawValue: format) else { throw ValidationError("config: log_format '\(format)' is not text or json") }
-        options.logFormat = parsed
+    if let text = common?.logFormat {
+        guard let parsed = LogFormat(rawValue: text) else { throw ValidationError("config: log_format '\(text)' is not text or json") }
+        format = parsed
     }
-    return options.makeLogger()
+    return logging.makeLogger(fallbackLevel: level, fallbackFormat: format)
 }
 
 /// The token from flags/environment, else from the config file.
@@ -314,7 +315,11 @@ struct ClientCommand: ParsableCommand {
             throw ValidationError("no token: give --token-file FILE or set CULVERT_TOKEN")
         }
         config.token = tokenValue
-        if let server { config.server = server }
+        if let server {
+            config.server = server
+        } else if file?.hasServer != true {
+            throw ValidationError("missing <server>: give HOST[:PORT] or server = \"HOST:PORT\" in the config file")
+        }
         let serviceToken = try serviceTokenFile.map { try readToken(from: $0, option: "--service-token-file") }
         config.services += services.map { spec in
             var s = spec

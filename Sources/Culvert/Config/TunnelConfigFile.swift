@@ -16,6 +16,8 @@ public enum TunnelConfigFile {
         public var tokenFile: String?
         public var logLevel: String?
         public var logFormat: String?
+        /// Whether the file named the server (client files).
+        public var hasServer = false
     }
 
     public static func loadServer(_ path: String, into config: inout TunnelServerConfig) throws(ConfigError) -> Common {
@@ -52,8 +54,12 @@ public enum TunnelConfigFile {
 
     public static func loadClient(_ path: String, into config: inout TunnelClientConfig) throws(ConfigError) -> Common {
         let file = try ConfigFile(path: path)
+        let hasServer: Bool
         if let server = try file.string("server") {
             config.server = try file.parse("server", server, parseServer)!
+            hasServer = true
+        } else {
+            hasServer = false
         }
         if let t = try file.parse("transport", try file.string("transport"), parseTransport) { config.transport = t }
         config.caFile = try file.string("ca") ?? config.caFile
@@ -104,7 +110,8 @@ public enum TunnelConfigFile {
             services.append(spec)
         }
         config.services += services
-        let common = try readCommon(file)
+        var common = try readCommon(file)
+        common.hasServer = hasServer
         try file.rejectUnknownKeys()
         if config.caFile != nil && config.fingerprint != nil {
             throw ConfigError(file: path, key: "fingerprint", message: "give ca or fingerprint, not both")

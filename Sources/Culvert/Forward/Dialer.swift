@@ -7,7 +7,9 @@ import Transfer
 /// Thread confinement: lives on its worker's loop.
 final class Dialer: EventHandler {
     enum Outcome {
-        case connected(fd: Int32, attempt: TargetSet.Attempt)
+        /// `registration` is the fd's live registration (nil when connect finished at
+        /// once); the caller takes it over.
+        case connected(fd: Int32, registration: Registration?, attempt: TargetSet.Attempt)
         case exhausted(tried: Int)
         /// Given up from outside before a target answered (drain deadline).
         case cancelled
@@ -47,7 +49,7 @@ final class Dialer: EventHandler {
             next += 1
             do throws(SystemError) {
                 let (fd, connected) = try Net.startConnect(attempt.address)
-                if connected { return finish(.connected(fd: fd, attempt: attempt)) }
+                if connected { return finish(.connected(fd: fd, registration: nil, attempt: attempt)) }
                 let registration: Registration
                 do {
                     registration = try loop.register(fd: fd, interest: .write, handler: self)
@@ -71,8 +73,9 @@ final class Dialer: EventHandler {
         guard let c = current else { return }
         let err = Net.pendingError(c.fd)
         if err == 0 {
-            releaseCurrent(closeSocket: false)
-            finish(.connected(fd: c.fd, attempt: c.attempt))
+            current = nil
+            c.timer.cancel()
+            finish(.connected(fd: c.fd, registration: c.registration, attempt: c.attempt))
         } else if err != EINPROGRESS && err != EALREADY {
             currentFailed(SystemError("connect", errno: err))
         }
@@ -89,8 +92,12 @@ final class Dialer: EventHandler {
         guard let c = current else { return }
         current = nil
         c.timer.cancel()
-        loop.deregister(fd: c.fd, registration: c.registration)
-        if closeSocket { Posix.close(c.fd) }
+        if closeSocket {
+            loop.forget(registration: c.registration)
+            Posix.close(c.fd)
+        } else {
+            loop.deregister(fd: c.fd, registration: c.registration)
+        }
     }
 
     private func finish(_ outcome: Outcome) {

@@ -78,11 +78,11 @@ final class ForwardWorker {
             forwarder.release()
             forwarder.logger.info("connection closed", metadata: ["peer": "\(peer)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
             checkIdle()
-        case .connected(let fd, let attempt):
+        case .connected(let fd, let registration, let attempt):
             forwarder.targets.markUp(attempt.target)
             let target = attempt.address.description
             let relay = CopyBidirectional(loop: loop, resources: resources,
-                                          a: TCPStream(fd: client), b: TCPStream(fd: fd),
+                                          a: TCPStream(fd: client, noDelay: false), b: TCPStream(fd: fd),
                                           preferSplice: forwarder.config.splice,
                                           idleTimeout: forwarder.config.idleTimeout) { [unowned self] relay, reason in
                 relays[ObjectIdentifier(relay)] = nil
@@ -92,7 +92,7 @@ final class ForwardWorker {
             }
             relays[ObjectIdentifier(relay)] = relay
             do {
-                try relay.start()
+                try relay.start(adopting: registration)
             } catch {
                 // start() closed both sockets; onClose is not called for a relay that never ran.
                 relays[ObjectIdentifier(relay)] = nil

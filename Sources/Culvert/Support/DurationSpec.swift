@@ -41,6 +41,6 @@ public enum DurationSpec {
         let s = d.inSeconds
         if s < 1 { return "\(Int((s * 1000).rounded()))ms" }
         if s == s.rounded() { return "\(Int(s))s" }
-        return "\(s)s"
+        return "\((s * 1000).rounded() / 1000)s"
     }
 }
