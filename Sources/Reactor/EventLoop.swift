@@ -156,16 +156,15 @@ public final class EventLoop: @unchecked Sendable {
         release(registration)
     }
 
-    /// Hands a registered fd to another handler (one epoll_ctl(MOD) instead of DEL+ADD),
-    /// e.g. from the code that connected it to the relay that will use it.
-    public func transfer(fd: Int32, registration: Registration, to handler: EventHandler, tag: UInt8,
-                         interest: Interest) throws(SystemError) -> Registration {
+    /// Hands a registered fd to another handler without any epoll_ctl, e.g. from the
+    /// code that connected it to the relay that will use it; the interest stays as
+    /// registered.
+    public func transfer(registration: Registration, to handler: EventHandler, tag: UInt8) -> Registration {
         assert(inEventLoop || thread == nil)
         let i = Int(registration.slot)
         precondition(i < handlers.count && generations[i] == registration.generation, "stale registration")
         handlers[i] = handler
         tags[i] = tag
-        try modify(fd: fd, registration: registration, interest: interest)
         return registration
     }
 

@@ -88,14 +88,13 @@ public final class CopyBidirectional: EventHandler {
     }
 
     /// Registers both ends and starts moving bytes. On failure both ends are closed.
-    /// - Parameter registrationOfB: `b`'s fd is already registered (by the code that
-    ///   connected it); the relay takes that registration over.
+    /// - Parameter registrationOfB: `b`'s fd is already registered for reading and
+    ///   writing (by the code that connected it); the relay takes that registration over.
     public func start(adopting registrationOfB: Registration? = nil) throws(SystemError) {
         do {
             try register(a, tag: Self.tagA)
             if let registrationOfB {
-                registrations.append((b.fd, try loop.transfer(fd: b.fd, registration: registrationOfB, to: self,
-                                                             tag: Self.tagB, interest: .readWrite)))
+                registrations.append((b.fd, loop.transfer(registration: registrationOfB, to: self, tag: Self.tagB)))
             } else {
                 try register(b, tag: Self.tagB)
             }
@@ -153,9 +152,10 @@ public final class CopyBidirectional: EventHandler {
     private func pump() {
         guard !isClosed else { return }
         let before = aToB.bytes &+ bToA.bytes
-        let first = aToB.pump(from: a, to: b, resources: resources, budget: Self.budget)
+        let first = aToB.pump(from: a, to: b, resources: resources, budget: Self.budget, closingAfter: bToA.isDone)
         if case .failed(let e) = first { return finish(.reset(e), reset: true) }
-        let second = bToA.pump(from: b, to: a, resources: resources, budget: Self.budget)
+        let second = bToA.pump(from: b, to: a, resources: resources, budget: Self.budget,
+                               closingAfter: aToB.isDone || endsWithBToA)
         if case .failed(let e) = second { return finish(.reset(e), reset: true) }
         if aToB.bytes &+ bToA.bytes != before { lastActivity = loop.now }
         if bToA.isDone && (aToB.isDone || endsWithBToA) { return finish(.eof, reset: false) }

@@ -51,7 +51,10 @@ struct CopyDirection {
     var isDone: Bool { state == .done }
 
     /// Moves bytes until both ends would block, the budget runs out, or the direction ends.
-    mutating func pump(from source: Duplex, to destination: Duplex, resources: LoopResources, budget: Int) -> Step {
+    /// - Parameter closingAfter: the relay closes both ends as soon as this direction is
+    ///   done (the other one already is), so the FIN that close sends replaces shutdown.
+    mutating func pump(from source: Duplex, to destination: Duplex, resources: LoopResources, budget: Int,
+                       closingAfter: Bool = false) -> Step {
         if state == .done { return .waiting }
         var moved = 0
         // Set when a splice into the pipe said EAGAIN while the pipe held bytes: the pipe
@@ -79,6 +82,7 @@ struct CopyDirection {
             }
             if pending == 0 && state == .flushing {
                 state = .done
+                if closingAfter && destination.closesDescriptors { return .finished }
                 if let e = destination.shutdownWrite(), e.errno != ENOTCONN /* the peer is already gone */ {
                     return .failed(e)
                 }

@@ -52,7 +52,9 @@ final class Dialer: EventHandler {
                 if connected { return finish(.connected(fd: fd, registration: nil, attempt: attempt)) }
                 let registration: Registration
                 do {
-                    registration = try loop.register(fd: fd, interest: .write, handler: self)
+                    // Both directions from the start, so the relay can take the
+                    // registration over without another epoll_ctl.
+                    registration = try loop.register(fd: fd, interest: .readWrite, handler: self)
                 } catch {
                     Posix.close(fd)
                     throw error
@@ -71,7 +73,9 @@ final class Dialer: EventHandler {
 
     func handleEvents(_ events: UInt32, tag: UInt8) {
         guard let c = current else { return }
-        let err = Net.pendingError(c.fd)
+        // Writable without error or hang-up means connected; only failures need SO_ERROR.
+        let failed = events & (EventBits.error | EventBits.hangup) != 0
+        let err = failed ? Net.pendingError(c.fd) : (events & EventBits.writable != 0 ? 0 : EINPROGRESS)
         if err == 0 {
             current = nil
             c.timer.cancel()

@@ -170,7 +170,7 @@ final class ClientUDPRelay {
                 return close(session)
             }
             session.lastActivity = loop.now
-            buffer.withUnsafeBytes { channel.send(UnsafeRawBufferPointer(rebasing: $0[0..<n]), peer: session.visitor) }
+            _ = buffer.withUnsafeBytes { channel.send(UnsafeRawBufferPointer(rebasing: $0[0..<n]), peer: session.visitor) }
         }
     }
 
