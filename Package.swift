@@ -1,6 +1,13 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+// The data plane is written so that no two accesses to a stored property overlap (debug
+// builds and the tests keep Swift's runtime exclusivity checks on); release builds drop
+// the checks, which cost about a fifth of the instructions per forwarded connection.
+let dataPlaneSettings: [SwiftSetting] = [
+    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+]
+
 let package = Package(
     name: "culvert",
     products: [
@@ -24,10 +31,11 @@ let package = Package(
             providers: [.apt(["zlib1g-dev"])]
         ),
         .target(name: "CCulvertTLS", dependencies: ["COpenSSL"]),
-        .target(name: "Reactor", dependencies: ["CCulvert"]),
+        .target(name: "Reactor", dependencies: ["CCulvert"], swiftSettings: dataPlaneSettings),
         .target(
             name: "Transfer",
-            dependencies: ["CCulvert", "CCulvertTLS", "Reactor", "COpenSSL", "CZlib"]
+            dependencies: ["CCulvert", "CCulvertTLS", "Reactor", "COpenSSL", "CZlib"],
+            swiftSettings: dataPlaneSettings
         ),
         .target(
             name: "Culvert",
@@ -35,7 +43,8 @@ let package = Package(
                 "Reactor", "Transfer", "COpenSSL",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
-            ]
+            ],
+            swiftSettings: dataPlaneSettings
         ),
         .executableTarget(
             name: "culvert",

@@ -119,5 +119,10 @@ public enum SocketAddress: Equatable, Hashable, CustomStringConvertible, Sendabl
     }
 }
 
+extension Optional where Wrapped == SocketAddress {
+    /// The address for a log line, `?` when the kernel gave none.
+    public var logDescription: String { map(\.description) ?? "?" }
+}
+
 extension sockaddr_in: @unchecked @retroactive Sendable {}
 extension sockaddr_in6: @unchecked @retroactive Sendable {}

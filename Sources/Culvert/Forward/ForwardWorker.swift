@@ -43,13 +43,14 @@ final class ForwardWorker {
     }
 
     private func accepted(_ fd: Int32, peer: SocketAddress?) {
-        let peerText = peer?.description ?? "?"
+        // Addresses are formatted only when a line is logged: most connections log nothing
+        // below info, and inet_ntop plus string building per connection adds up.
         guard forwarder.admit() else {
             Net.closeWithReset(fd)
             if loop.now &- lastLimitLog >= 1_000_000_000 {
                 lastLimitLog = loop.now
                 forwarder.logger.warning("connection refused: limit reached",
-                    metadata: ["peer": "\(peerText)", "max": .stringConvertible(forwarder.config.maxConnections), "reason": "limit"])
+                    metadata: ["peer": "\(peer.logDescription)", "max": .stringConvertible(forwarder.config.maxConnections), "reason": "limit"])
             }
             return
         }
@@ -60,27 +61,27 @@ final class ForwardWorker {
             },
             onDone: { [unowned self] dialer, outcome in
                 dialers[ObjectIdentifier(dialer)] = nil
-                connectFinished(client: fd, peer: peerText, outcome: outcome)
+                connectFinished(client: fd, peer: peer, outcome: outcome)
             })
         dialers[ObjectIdentifier(dialer)] = dialer
         dialer.start()
     }
 
-    private func connectFinished(client: Int32, peer: String, outcome: Dialer.Outcome) {
+    private func connectFinished(client: Int32, peer: SocketAddress?, outcome: Dialer.Outcome) {
         switch outcome {
         case .exhausted(let tried):
             Net.closeWithReset(client)
             forwarder.release()
-            forwarder.logger.error("no target reachable", metadata: ["peer": "\(peer)", "tried": .stringConvertible(tried), "reason": "connect-failed"])
+            forwarder.logger.error("no target reachable", metadata: ["peer": "\(peer.logDescription)", "tried": .stringConvertible(tried), "reason": "connect-failed"])
             checkIdle()
         case .cancelled:
             Net.closeWithReset(client)
             forwarder.release()
-            forwarder.logger.info("connection closed", metadata: ["peer": "\(peer)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
+            forwarder.logger.info("connection closed", metadata: ["peer": "\(peer.logDescription)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
             checkIdle()
         case .connected(let fd, let registration, let attempt):
             forwarder.targets.markUp(attempt.target)
-            let target = attempt.address.description
+            let target = attempt.address
             let relay = CopyBidirectional(loop: loop, resources: resources,
                                           a: TCPStream(fd: client, noDelay: false), b: TCPStream(fd: fd),
                                           preferSplice: forwarder.config.splice,
@@ -97,7 +98,7 @@ final class ForwardWorker {
                 // start() closed both sockets; onClose is not called for a relay that never ran.
                 relays[ObjectIdentifier(relay)] = nil
                 forwarder.release()
-                forwarder.logger.error("cannot register connection", metadata: ["peer": "\(peer)", "error": "\(error)"])
+                forwarder.logger.error("cannot register connection", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
                 checkIdle()
             }
         }

@@ -96,9 +96,10 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
         ])
     }
 
-    func logClose(peer: String, target: String, relay: CopyBidirectional, reason: CloseReason) {
+    func logClose(peer: SocketAddress?, target: SocketAddress, relay: CopyBidirectional, reason: CloseReason) {
+        guard logger.logLevel <= .info else { return }
         var metadata: Logger.Metadata = [
-            "peer": "\(peer)", "target": "\(target)",
+            "peer": "\(peer.logDescription)", "target": "\(target)",
             "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
             "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
             "reason": "\(reason.label)",
