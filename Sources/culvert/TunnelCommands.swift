@@ -30,35 +30,7 @@ struct TokenOptions: ParsableArguments {
 
 /// The first line of a token file, trimmed; `option` names where the path came from.
 func readToken(from path: String, option: String) throws -> String {
-    guard let text = readWholeFile(path) else {
-        throw ValidationError("\(option): cannot read '\(path)'")
-    }
-    let firstLine = text.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
-    let token = firstLine.trimmingCharacters()
-    guard !token.isEmpty else { throw ValidationError("\(option): '\(path)' is empty") }
-    return token
-}
-
-func readWholeFile(_ path: String) -> String? {
-    guard let f = fopen(path, "r") else { return nil }
-    defer { fclose(f) }
-    var bytes: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = fread(&buf, 1, buf.count, f)
-        if n > 0 { bytes += buf[0..<n] }
-        if n < buf.count { break }
-    }
-    return String(validating: bytes, as: UTF8.self)
-}
-
-extension String {
-    func trimmingCharacters() -> String {
-        var s = Substring(self)
-        while let f = s.first, f.isWhitespace { s.removeFirst() }
-        while let l = s.last, l.isWhitespace { s.removeLast() }
-        return String(s)
-    }
+    do { return try TextFile.token(at: path, what: option) } catch { throw ValidationError(error.description) }
 }
 
 extension TunnelTransport: ExpressibleByArgument {}

@@ -23,7 +23,7 @@ public final class ConfigFile {
 
     public init(path: String) throws(ConfigError) {
         self.path = path
-        guard let text = ConfigFile.read(path) else {
+        guard let text = TextFile.read(path) else {
             throw ConfigError(file: path, key: nil, message: "cannot read the file")
         }
         do {
@@ -33,19 +33,6 @@ public final class ConfigFile {
         } catch {
             throw ConfigError(file: path, key: nil, message: "\(error)")
         }
-    }
-
-    private static func read(_ path: String) -> String? {
-        guard let f = fopen(path, "r") else { return nil }
-        defer { fclose(f) }
-        var bytes: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 8192)
-        while true {
-            let n = fread(&buf, 1, buf.count, f)
-            if n > 0 { bytes += buf[0..<n] }
-            if n < buf.count { break }
-        }
-        return String(validating: bytes, as: UTF8.self)
     }
 
     func error(_ key: String, _ message: String) -> ConfigError {
@@ -91,10 +78,7 @@ public final class ConfigFile {
 
     /// The first line of a token file named by `key`.
     public func tokenFromFile(_ path: String, key: String) throws(ConfigError) -> String {
-        guard let text = ConfigFile.read(path) else { throw error(key, "cannot read '\(path)'") }
-        let first = text.split(whereSeparator: \.isNewline).first.map(String.init)?.trimmingWhitespace() ?? ""
-        guard !first.isEmpty else { throw error(key, "'\(path)' is empty") }
-        return first
+        do { return try TextFile.token(at: path, what: key) } catch { throw ConfigError(file: self.path, key: nil, message: error.description) }
     }
 
     public func duration(_ key: String, in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) -> Duration? {

@@ -97,15 +97,7 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
     }
 
     func logClose(peer: SocketAddress?, target: SocketAddress, relay: CopyBidirectional, reason: CloseReason) {
-        guard logger.logLevel <= .info else { return }
-        var metadata: Logger.Metadata = [
-            "peer": "\(peer.logDescription)", "target": "\(target)",
-            "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
-            "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
-            "reason": "\(reason.label)",
-        ]
-        if case .reset(let e) = reason { metadata["error"] = "\(e)" }
-        logger.info("connection closed", metadata: metadata)
+        logger.connectionClosed(peer: peer.logDescription, ("target", "\(target)"), relay: relay, reason: reason)
     }
 }
 

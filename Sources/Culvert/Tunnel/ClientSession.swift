@@ -230,14 +230,7 @@ final class ClientSession {
         let client = self.client
         let relay = CopyBidirectional(loop: loop, resources: client.resources, a: data, b: TCPStream(fd: localFD)) { relay, reason in
             client.activeRelays[ObjectIdentifier(relay)] = nil
-            var metadata: Logger.Metadata = [
-                "peer": "\(visitor)", "target": "\(target)",
-                "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
-                "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
-                "reason": "\(reason.label)",
-            ]
-            if case .reset(let e) = reason { metadata["error"] = "\(e)" }
-            client.logger.info("connection closed", metadata: metadata)
+            client.logger.connectionClosed(peer: visitor, ("target", target), relay: relay, reason: reason)
             client.relayEnded()
         }
         client.activeRelays[ObjectIdentifier(relay)] = relay

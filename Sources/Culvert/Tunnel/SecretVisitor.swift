@@ -119,12 +119,7 @@ public final class VisitorListener: DrainableService, @unchecked Sendable {
             }
             let relay = CopyBidirectional(loop: loop, resources: resources, a: TCPStream(fd: fd), b: remote) { [self] relay, reason in
                 relays[ObjectIdentifier(relay)] = nil
-                logger.info("connection closed", metadata: [
-                    "peer": "\(peer)", "target": "secret:\(name)",
-                    "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
-                    "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
-                    "reason": "\(reason.label)",
-                ])
+                logger.connectionClosed(peer: peer, ("target", "secret:\(name)"), relay: relay, reason: reason)
                 checkIdle()
             }
             relays[ObjectIdentifier(relay)] = relay

@@ -297,19 +297,11 @@ final class ServerSession {
             let relay = CopyBidirectional(loop: server.loop, resources: server.resources,
                                           a: visitorStream, b: data) { relay, reason in
                 server.activeRelays[ObjectIdentifier(relay)] = nil
-                var metadata: Logger.Metadata = [
-                    "peer": "\(visitor)", "listen": "\(listen)",
-                    "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
-                    "duration": .stringConvertible(LoggedSeconds(nanoseconds: relay.loop.now &- relay.startedAt)),
-                    "reason": "\(reason.label)",
-                ]
-                if case .reset(let e) = reason { metadata["error"] = "\(e)" }
-                if let zlib {
-                    // What crossed the tunnel, compressed, next to the visitor's bytes.
-                    metadata["wire_up"] = .stringConvertible(zlib.compressedOut)
-                    metadata["wire_down"] = .stringConvertible(zlib.compressedIn)
-                }
-                server.logger.info("connection closed", metadata: metadata)
+                // With compression, what crossed the tunnel next to the visitor's bytes.
+                let wire: Logger.Metadata = zlib.map {
+                    ["wire_up": .stringConvertible($0.compressedOut), "wire_down": .stringConvertible($0.compressedIn)]
+                } ?? [:]
+                server.logger.connectionClosed(peer: visitor, ("listen", listen), relay: relay, reason: reason, extra: wire)
                 server.relayEnded()
             }
             server.activeRelays[ObjectIdentifier(relay)] = relay
