@@ -17,7 +17,12 @@ final class ServerUDPService: EventHandler {
     private let batch: DatagramBatch
     private var listeners: [(fd: Int32, address: SocketAddress, registration: Registration?)] = []
     private var channel: DatagramChannel?
-    /// Datagrams that arrived while no data channel was attached.
+    /// Datagrams that arrive while no data channel is attached (right after the service
+    /// is exposed, or while a lost channel is replaced) wait here, within bounds.
+    private var waiting: [(SocketAddress, [UInt8])] = []
+    private var waitingBytes = 0
+    private static let waitingLimit = (count: 1024, bytes: 4 << 20)
+    /// Datagrams dropped because the waiting queue was full.
     private(set) var droppedWithoutChannel = 0
     private let onChannelLost: (ServerUDPService) -> Void
 
@@ -52,7 +57,13 @@ final class ServerUDPService: EventHandler {
             self.channel = channel
         } catch {
             channel.close(.io(error))
+            return
         }
+        for (peer, payload) in waiting {
+            payload.withUnsafeBytes { _ = channel.send($0, peer: peer) }
+        }
+        waiting.removeAll()
+        waitingBytes = 0
     }
 
     func handleEvents(_ events: UInt32, tag: UInt8) {
@@ -63,6 +74,9 @@ final class ServerUDPService: EventHandler {
                 guard let peer = batch.address(i), !batch.isTruncated(i) else { continue }
                 if let channel {
                     channel.send(batch.payload(i), peer: peer)
+                } else if waiting.count < Self.waitingLimit.count && waitingBytes < Self.waitingLimit.bytes {
+                    waiting.append((peer, Array(batch.payload(i))))
+                    waitingBytes += batch.length(i)
                 } else {
                     droppedWithoutChannel += 1
                 }
