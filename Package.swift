@@ -40,7 +40,7 @@ let package = Package(
         .target(
             name: "Culvert",
             dependencies: [
-                "Reactor", "Transfer", "COpenSSL",
+                "Reactor", "Transfer", "COpenSSL", "CCulvertTLS",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
             ],

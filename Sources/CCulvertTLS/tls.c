@@ -1,4 +1,6 @@
+#define OPENSSL_SUPPRESS_DEPRECATED
 #include <string.h>
+#include <openssl/sha.h>
 #include <stdlib.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -157,4 +159,28 @@ void culvert_tls_last_error(char *buf, size_t len, int *refused) {
 
 int culvert_tls_used_psk(SSL *ssl) {
     return SSL_session_reused(ssl) == 1;
+}
+
+void culvert_hmac_sha256(const unsigned char *key, size_t key_len,
+                         const unsigned char *const *parts, const size_t *lengths, int count,
+                         unsigned char out[32]) {
+    unsigned char block[64] = {0};
+    if (key_len > 64) SHA256(key, key_len, block);
+    else memcpy(block, key, key_len);
+    unsigned char pad[64];
+    unsigned char inner[32];
+    SHA256_CTX ctx;
+    for (int i = 0; i < 64; i++) pad[i] = block[i] ^ 0x36;
+    SHA256_Init(&ctx);
+    SHA256_Update(&ctx, pad, 64);
+    for (int i = 0; i < count; i++) SHA256_Update(&ctx, parts[i], lengths[i]);
+    SHA256_Final(inner, &ctx);
+    for (int i = 0; i < 64; i++) pad[i] = block[i] ^ 0x5c;
+    SHA256_Init(&ctx);
+    SHA256_Update(&ctx, pad, 64);
+    SHA256_Update(&ctx, inner, 32);
+    SHA256_Final(out, &ctx);
+    OPENSSL_cleanse(block, sizeof block);
+    OPENSSL_cleanse(pad, sizeof pad);
+    OPENSSL_cleanse(&ctx, sizeof ctx);
 }

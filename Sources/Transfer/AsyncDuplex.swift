@@ -45,6 +45,9 @@ public final class AsyncDuplex: EventHandler {
 
     public var isOpen: Bool { failure == nil && registration != nil }
 
+    /// Bytes given to `send` that the socket has not taken yet.
+    public var hasPendingOutput: Bool { outgoingOffset < outgoing.count }
+
     public func handleEvents(_ events: UInt32, tag: UInt8) {
         // Any readiness may unblock either side of a layered stream; retrying is cheap.
         duplex.readReady = true

@@ -25,6 +25,13 @@ int culvert_tls_file_fingerprint(const char *cert_file, unsigned char out[32]);
 /// `*refused` is set to 1 when the error means the peer refused us (a TLS alert from
 /// it, or its certificate failing verification), 0 when the connection merely broke.
 void culvert_tls_last_error(char *buf, size_t len, int *refused);
+/// HMAC-SHA256 of the concatenation of `count` parts. Uses the low-level SHA-256
+/// functions: the EVP_MAC route looks up providers on every call, which costs more than
+/// the hashing itself for the tunnel's short messages.
+void culvert_hmac_sha256(const unsigned char *key, size_t key_len,
+                         const unsigned char *const *parts, const size_t *lengths, int count,
+                         unsigned char out[32]);
+
 /// 1 when the handshake authenticated with the external PSK (not a certificate).
 int culvert_tls_used_psk(SSL *ssl);
 

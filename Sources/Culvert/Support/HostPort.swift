@@ -59,7 +59,7 @@ public struct HostPort: Equatable, CustomStringConvertible, Sendable {
 
     public var description: String {
         guard let host else { return "*:\(port)" }
-        return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        return host.contains(":" as Character) ? "[\(host)]:\(port)" : "\(host):\(port)"
     }
 }
 

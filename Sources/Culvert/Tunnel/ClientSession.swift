@@ -13,6 +13,10 @@ final class ClientSession {
     private let key: [UInt8]
     /// Data channels opened and waiting for a visitor.
     private var pooled: [ObjectIdentifier: AsyncDuplex] = [:]
+    /// Local service addresses resolved so far, by service id.
+    private var resolvedLocal: [UInt32: [SocketAddress]] = [:]
+    /// `host:port` of each service's local end, for close lines.
+    private lazy var localNames: [String] = client.config.services.map(\.localDescription)
     /// Data channels carrying UDP services.
     private var udpRelays: [ObjectIdentifier: ClientUDPRelay] = [:]
     private var heartbeatTimer: LoopTimer?
@@ -133,8 +137,7 @@ final class ClientSession {
         }
         let localFD: Int32
         do {
-            let addresses = try await Resolver.resolve(host: spec.localHost, port: spec.localPort, passive: false, on: loop)
-            localFD = try await connectFirst(addresses)
+            localFD = try await connectFirst(try await localAddresses(of: serviceID, spec))
         } catch {
             logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
             if spec.isSecret {
@@ -153,7 +156,7 @@ final class ClientSession {
             }
         }
         guard let data = wrap(channel.detach(), compress: spec.compress) else { return Posix.close(localFD) }
-        startRelay(data, localFD: localFD, visitor: visitor, target: spec.localDescription)
+        startRelay(data, localFD: localFD, visitor: visitor, target: localNames[Int(serviceID)])
     }
 
     /// The exposer's half of the end-to-end service-token proof. On a wrong proof the
@@ -216,6 +219,14 @@ final class ClientSession {
         } catch {
             relay.closeAll()
         }
+    }
+
+    /// A service's local addresses, resolved once per session (off-loop for names).
+    private func localAddresses(of id: UInt32, _ spec: ServiceSpec) async throws -> [SocketAddress] {
+        if let known = resolvedLocal[id] { return known }
+        let addresses = try await Resolver.resolve(host: spec.localHost, port: spec.localPort, passive: false, on: loop)
+        resolvedLocal[id] = addresses
+        return addresses
     }
 
     private func connectFirst(_ addresses: [SocketAddress]) async throws -> Int32 {

@@ -24,11 +24,13 @@ final class ServerSession {
     private final class ExposedService {
         let request: TunnelProtocol.ServiceRequest
         let acceptors: [Acceptor]
+        /// The bound addresses, as close lines name the service.
+        let listen: String
         init(request: TunnelProtocol.ServiceRequest, acceptors: [Acceptor]) {
             self.request = request
             self.acceptors = acceptors
+            listen = acceptors.map { $0.address.description }.joined(separator: ",")
         }
-        var listen: String { acceptors.map { $0.address.description }.joined(separator: ",") }
     }
 
     let id: [UInt8]
@@ -45,7 +47,7 @@ final class ServerSession {
     /// Secret services of this client: id → name.
     private var secrets: [UInt32: String] = [:]
     /// Nonces sent in openData and not yet used: each opens exactly one data channel.
-    private var outstandingNonces: Set<[UInt8]> = []
+    private var outstandingNonces: Set<TunnelProtocol.Key16> = []
     private var idleChannels: [AsyncDuplex] = []
     private var waiting: [WaitingVisitor] = []
     private var heartbeatTimer: LoopTimer?
@@ -188,17 +190,18 @@ final class ServerSession {
         guard !ended else { return }
         while idleChannels.count + outstandingNonces.count < poolSize + waiting.count + udpWaiting.count {
             let nonce = TunnelCrypto.random(TunnelProtocol.channelNonceSize)
-            outstandingNonces.insert(nonce)
+            outstandingNonces.insert(TunnelProtocol.Key16(nonce))
             control.send(TunnelProtocol.encode(.openData(channelNonce: nonce)))
         }
     }
 
     /// Checks a data channel's one-time proof and uses up its nonce.
     func accept(nonce: [UInt8], proof: [UInt8]) -> Bool {
-        guard !ended, outstandingNonces.contains(nonce) else { return false }
+        let key = TunnelProtocol.Key16(nonce)
+        guard !ended, outstandingNonces.contains(key) else { return false }
         let expected = TunnelProtocol.dataProof(sessionKey: sessionKey, sessionID: id, channelNonce: nonce)
         guard TunnelCrypto.constantTimeEqual(proof, expected) else { return false }
-        outstandingNonces.remove(nonce)
+        outstandingNonces.remove(key)
         return true
     }
 
@@ -268,13 +271,16 @@ final class ServerSession {
         logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": "\(DurationSpec.format(server.config.visitorTimeout))"])
     }
 
-    /// Tells the client which service the visitor wants, then relays raw bytes.
+    /// Tells the client which service the visitor wants, then relays raw bytes. The
+    /// frame nearly always fits the socket at once; only when it does not, a task waits.
     private func pair(_ channel: AsyncDuplex, _ visitorStream: Duplex, peer visitor: String, service: UInt32) {
-        let server = self.server
         let listen = services[service]?.listen ?? secrets[service].map { "secret:\($0)" } ?? "?"
         let compress = services[service]?.request.compress ?? false
         channel.send(TunnelProtocol.encode(.connect(serviceID: service, visitor: visitor)))
-        Task(executorPreference: loop.tasks) {
+        guard channel.hasPendingOutput else {
+            return startRelay(channel, visitorStream, visitor: visitor, listen: listen, compress: compress)
+        }
+        Task(executorPreference: loop.tasks) { [server] in
             do {
                 try await channel.flush()
             } catch {
@@ -282,35 +288,40 @@ final class ServerSession {
                 server.logger.warning("data channel failed before use", metadata: ["peer": "\(visitor)", "error": "\(error)"])
                 return
             }
-            var data = channel.detach()
-            var zlib: ZlibStream?
-            if compress {
-                do {
-                    zlib = try ZlibStream(wrapping: data)
-                    data = zlib!
-                } catch {
-                    data.close(reset: true)
-                    visitorStream.close(reset: true)
-                    return
-                }
-            }
-            let relay = CopyBidirectional(loop: server.loop, resources: server.resources,
-                                          a: visitorStream, b: data) { relay, reason in
-                server.activeRelays[ObjectIdentifier(relay)] = nil
-                // With compression, what crossed the tunnel next to the visitor's bytes.
-                let wire: Logger.Metadata = zlib.map {
-                    ["wire_up": .stringConvertible($0.compressedOut), "wire_down": .stringConvertible($0.compressedIn)]
-                } ?? [:]
-                server.logger.connectionClosed(peer: visitor, ("listen", listen), relay: relay, reason: reason, extra: wire)
-                server.relayEnded()
-            }
-            server.activeRelays[ObjectIdentifier(relay)] = relay
+            self.startRelay(channel, visitorStream, visitor: visitor, listen: listen, compress: compress)
+        }
+    }
+
+    private func startRelay(_ channel: AsyncDuplex, _ visitorStream: Duplex, visitor: String, listen: String, compress: Bool) {
+        let server = self.server
+        var data = channel.detach()
+        var zlib: ZlibStream?
+        if compress {
             do {
-                try relay.start()
+                zlib = try ZlibStream(wrapping: data)
+                data = zlib!
             } catch {
-                server.activeRelays[ObjectIdentifier(relay)] = nil
-                server.logger.warning("cannot start relay", metadata: ["peer": "\(visitor)", "error": "\(error)"])
+                data.close(reset: true)
+                visitorStream.close(reset: true)
+                return
             }
+        }
+        let relay = CopyBidirectional(loop: server.loop, resources: server.resources,
+                                      a: visitorStream, b: data) { relay, reason in
+            server.activeRelays[ObjectIdentifier(relay)] = nil
+            // With compression, what crossed the tunnel next to the visitor's bytes.
+            let wire: Logger.Metadata = zlib.map {
+                ["wire_up": .stringConvertible($0.compressedOut), "wire_down": .stringConvertible($0.compressedIn)]
+            } ?? [:]
+            server.logger.connectionClosed(peer: visitor, ("listen", listen), relay: relay, reason: reason, extra: wire)
+            server.relayEnded()
+        }
+        server.activeRelays[ObjectIdentifier(relay)] = relay
+        do {
+            try relay.start()
+        } catch {
+            server.activeRelays[ObjectIdentifier(relay)] = nil
+            server.logger.warning("cannot start relay", metadata: ["peer": "\(visitor)", "error": "\(error)"])
         }
     }
 

@@ -1,18 +1,33 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CCulvertTLS
 import COpenSSL
+import Synchronization
 import Transfer
 
 /// The few primitives the tunnel's authentication needs, from OpenSSL.
 enum TunnelCrypto {
     static func hmacSHA256(key: [UInt8], _ parts: [UInt8]...) -> [UInt8] {
-        var message: [UInt8] = []
-        for p in parts { message += p }
         var out = [UInt8](repeating: 0, count: 32)
-        var len: UInt32 = 32
-        _ = HMAC(EVP_sha256(), key, Int32(key.count), message, message.count, &out, &len)
+        var lengths = parts.map(\.count)
+        withPointers(parts) { pointers in
+            culvert_hmac_sha256(key, key.count, pointers, &lengths, Int32(parts.count), &out)
+        }
         return out
+    }
+
+    /// Base pointers of each array, valid inside `body`.
+    private static func withPointers<R>(_ arrays: [[UInt8]], _ body: (UnsafePointer<UnsafePointer<UInt8>?>) -> R) -> R {
+        var pointers: [UnsafePointer<UInt8>?] = []
+        func nest(_ i: Int) -> R {
+            if i == arrays.count { return pointers.withUnsafeBufferPointer { body($0.baseAddress!) } }
+            return arrays[i].withUnsafeBufferPointer { buf in
+                pointers.append(buf.baseAddress ?? UnsafePointer(bitPattern: 1))
+                return nest(i + 1)
+            }
+        }
+        return nest(0)
     }
 
     /// HKDF-SHA256 (RFC 5869) with an empty salt.
@@ -29,10 +44,10 @@ enum TunnelCrypto {
         return Array(okm.prefix(length))
     }
 
+    /// Fresh random bytes from OpenSSL's CSPRNG, drawn 4 KiB at a time: the tunnel takes
+    /// a nonce per data channel, and each RAND_bytes call costs far more than 16 bytes.
     static func random(_ count: Int) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
-        precondition(RAND_bytes(&out, Int32(count)) == 1, "RAND_bytes failed")
-        return out
+        RandomPool.shared.withLock { $0.take(count) }
     }
 
     /// Compares in time independent of where the inputs differ.
@@ -78,5 +93,29 @@ public func randomToken() -> String {
 public enum SocketAddressCheck {
     public static func isNumeric(_ host: String) -> Bool {
         SocketAddress(numericHost: host, port: 0) != nil
+    }
+}
+
+/// A buffer of CSPRNG output handed out once, never twice.
+private struct RandomPool: ~Copyable {
+    private var bytes = [UInt8](repeating: 0, count: 4096)
+    private var used = 4096
+
+    static let shared = Mutex(RandomPool())
+
+    mutating func take(_ count: Int) -> [UInt8] {
+        if count > bytes.count {
+            var out = [UInt8](repeating: 0, count: count)
+            precondition(RAND_bytes(&out, Int32(count)) == 1, "RAND_bytes failed")
+            return out
+        }
+        if used + count > bytes.count {
+            precondition(RAND_bytes(&bytes, Int32(bytes.count)) == 1, "RAND_bytes failed")
+            used = 0
+        }
+        let out = Array(bytes[used..<(used + count)])
+        for i in used..<(used + count) { bytes[i] = 0 }
+        used += count
+        return out
     }
 }

@@ -21,7 +21,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     private let tls: TLSContext?
     let resources = LoopResources()
     private var acceptors: [Acceptor] = []
-    private var sessions: [[UInt8]: ServerSession] = [:]
+    private var sessions: [TunnelProtocol.Key16: ServerSession] = [:]
     /// One datagram batch for every UDP service of the server (they share the loop).
     let datagramBatch = DatagramBatch()
     /// Secret services by name: the session that registered each and its service id.
@@ -132,11 +132,11 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
                 counted = false
                 unauthenticated -= 1
                 await session.run()
-                sessions[session.id] = nil
+                sessions[TunnelProtocol.Key16(session.id)] = nil
                 checkIdle()
             case .dataHello(let version, let sessionID, let nonce, let proof):
                 guard version == TunnelProtocol.version,
-                      let session = sessions[sessionID], session.accept(nonce: nonce, proof: proof) else {
+                      let session = sessions[TunnelProtocol.Key16(sessionID)], session.accept(nonce: nonce, proof: proof) else {
                     logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(peer)"])
                     channel.fail(.protocolViolation("data channel rejected"))
                     return
@@ -187,7 +187,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             server: self, control: channel, id: id, peer: peer,
             sessionKey: TunnelProtocol.sessionKey(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
             poolSize: min(Int(pool), 64))
-        sessions[id] = session
+        sessions[TunnelProtocol.Key16(id)] = session
         channel.send(TunnelProtocol.encode(.welcome(sessionID: id)))
         logger.info("client connected", metadata: ["peer": "\(peer)"])
         return session

@@ -1,0 +1,49 @@
+import XCTest
+@testable import Culvert
+
+final class TunnelCryptoTests: XCTestCase {
+    private func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
+
+    func testHMACMatchesRFC4231Vectors() {
+        // Test case 2: a short key.
+        XCTAssertEqual(hex(TunnelCrypto.hmacSHA256(key: Array("Jefe".utf8), Array("what do ya want ".utf8), Array("for nothing?".utf8))),
+                       "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+        // Test case 6: a key longer than the block, which is hashed first.
+        XCTAssertEqual(hex(TunnelCrypto.hmacSHA256(key: [UInt8](repeating: 0xaa, count: 131),
+                                                   Array("Test Using Larger Than Block-Size Key - Hash Key First".utf8))),
+                       "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54")
+    }
+
+    func testRandomBytesDoNotRepeat() {
+        var seen = Set<[UInt8]>()
+        for _ in 0..<2_000 { XCTAssertTrue(seen.insert(TunnelCrypto.random(16)).inserted) }
+        XCTAssertEqual(TunnelCrypto.random(5000).count, 5000)
+    }
+
+    func testProofsDependOnRoleNoncesAndKey() {
+        let key = TokenKeys(token: "t").auth
+        let a = TunnelCrypto.random(32), b = TunnelCrypto.random(32)
+        let client = TunnelProtocol.clientProof(key: key, clientNonce: a, serverNonce: b)
+        XCTAssertNotEqual(client, TunnelProtocol.serverProof(key: key, clientNonce: a, serverNonce: b))
+        XCTAssertNotEqual(client, TunnelProtocol.clientProof(key: key, clientNonce: b, serverNonce: a))
+        XCTAssertNotEqual(client, TunnelProtocol.clientProof(key: TokenKeys(token: "u").auth, clientNonce: a, serverNonce: b))
+        XCTAssertEqual(client, TunnelProtocol.clientProof(key: key, clientNonce: a, serverNonce: b))
+    }
+
+    func testFramesRoundTripAndBadFramesAreRejected() throws {
+        let messages: [TunnelProtocol.Message] = [
+            .controlHello(version: 1, clientNonce: TunnelCrypto.random(32)),
+            .registerService(.init(id: 7, kind: .udp, bindHost: "::1", port: 0, compress: true)),
+            .connect(serviceID: 3, visitor: "127.0.0.1:5000"),
+            .visit(name: "home-ssh"), .serviceReady, .pong(42),
+        ]
+        for m in messages {
+            let frame = TunnelProtocol.encode(m)
+            XCTAssertEqual(Int(frame[0]) << 24 | Int(frame[1]) << 16 | Int(frame[2]) << 8 | Int(frame[3]), frame.count - 4)
+            XCTAssertEqual(try TunnelProtocol.decode(type: frame[4], body: frame[5...]), m)
+        }
+        XCTAssertThrowsError(try TunnelProtocol.decode(type: 0x7f, body: []))
+        XCTAssertThrowsError(try TunnelProtocol.decode(type: 0x01, body: [0, 1, 2]))          // truncated
+        XCTAssertThrowsError(try TunnelProtocol.decode(type: 0x31, body: ArraySlice([UInt8](repeating: 0, count: 9))))  // trailing
+    }
+}
