@@ -3,7 +3,8 @@ import PackageDescription
 
 // The data plane is written so that no two accesses to a stored property overlap (debug
 // builds and the tests keep Swift's runtime exclusivity checks on); release builds drop
-// the checks, which cost about a fifth of the instructions per forwarded connection.
+// the checks, which cost about a quarter of the instructions per forwarded connection
+// (bench/NOTES.md).
 let dataPlaneSettings: [SwiftSetting] = [
     .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
 ]

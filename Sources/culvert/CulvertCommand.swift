@@ -12,8 +12,8 @@ struct CulvertCommand: ParsableCommand {
         commandName: "culvert",
         abstract: "Fast, safe TCP/UDP forwarding and tunneling.",
         discussion: """
-            Every command prints a ready line on stdout once it is listening and logs to \
-            stderr. Exit status: 0 on success and after SIGINT/SIGTERM, 1 on a runtime \
+            Every listening command prints a ready line on stdout once it is listening \
+            and logs to stderr. Exit status: 0 on success and after SIGINT/SIGTERM, 1 on a runtime \
             failure, 2 on a usage error. See culvert(1).
             """,
         version: "0.1.0",

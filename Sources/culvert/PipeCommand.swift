@@ -7,7 +7,7 @@ import Reactor
 struct PipeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pipe",
-        abstract: "Connect stdin/stdout to a TCP port (for ssh -o ProxyCommand).",
+        abstract: "Connect stdin/stdout to a TCP port or a secret service (for ssh -o ProxyCommand).",
         discussion: """
             EOF on stdin shuts down the connection's write side; the remote end closing \
             ends the command with exit status 0. Example: \

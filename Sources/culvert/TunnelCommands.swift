@@ -142,7 +142,7 @@ struct ServerCommand: ParsableCommand {
     var allowPorts: PortRanges?
 
     @Option(name: .customLong("bind-addr"), parsing: .singleValue,
-            help: "Address services may bind; repeat for several (default: any; services without BIND get the first, or 0.0.0.0).")
+            help: "Address services may bind; repeat for several (default: any; services without BIND get the first, or else 0.0.0.0 and :: on one port).")
     var bindAddr: [String] = []
 
     @Option(help: "Most clients connected at once (default: 64).")
@@ -206,9 +206,10 @@ struct ClientCommand: ParsableCommand {
         commandName: "client",
         abstract: "Expose local services through a culvert server (like ssh -R).",
         discussion: """
-            -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT exposes LOCAL_HOST:LOCAL_PORT on \
-            the server's REMOTE_PORT (0: the server picks). Prints 'exposed tcp ADDR -> \
-            LOCAL' once per service when it is reachable. Reconnects with backoff forever; \
+            -R [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT exposes LOCAL_HOST:LOCAL_PORT \
+            (TCP, or UDP with the udp: prefix) on the server's REMOTE_PORT (0: the server \
+            picks). Prints 'exposed tcp|udp ADDR -> LOCAL' once per service when it is \
+            reachable. Reconnects with backoff forever; \
             exits 1 on authentication failure or when a service is refused at first start.
             """)
 
@@ -217,7 +218,7 @@ struct ClientCommand: ParsableCommand {
     var server: HostPort?
 
     @Option(name: .customShort("R"), parsing: .singleValue,
-            help: "Service to expose: [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT; repeat for several.",
+            help: "Service to expose: [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT; repeat for several.",
             transform: parseServiceSpec)
     var services: [ServiceSpec] = []
 

@@ -7,6 +7,8 @@ import Transfer
 /// ends the command (exit 0), a reset or error ends it with 1.
 public final class StdioPipe: DrainableService, @unchecked Sendable {
     private var relay: CopyBidirectional?
+    /// Set by SIGINT/SIGTERM: ending then is a success (exit 0), like every command.
+    private var stopping = false
 
     private init() {}
 
@@ -50,7 +52,7 @@ public final class StdioPipe: DrainableService, @unchecked Sendable {
                 "reason": "\(reason.label)",
             ])
             if case .reset(let e) = reason { logger.error("connection to \(name) failed: \(e)") }
-            control.exit(status: reason == .eof ? 0 : 1)
+            control.exit(status: reason == .eof || pipe.stopping ? 0 : 1)
         }
         pipe.relay = relay
         try relay.start()
@@ -58,6 +60,7 @@ public final class StdioPipe: DrainableService, @unchecked Sendable {
     }
 
     public func drain(timeout: Duration) async {
+        stopping = true
         relay?.abort(.drainTimeout)
     }
 }

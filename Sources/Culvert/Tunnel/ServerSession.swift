@@ -92,11 +92,18 @@ final class ServerSession {
         end(reason: reason)
     }
 
+    /// Services of every kind this client registered.
+    private var serviceCount: Int { services.count + udpServices.count + secrets.count }
+
+    private func isRegistered(_ id: UInt32) -> Bool {
+        services[id] != nil || udpServices[id] != nil || secrets[id] != nil
+    }
+
     private func register(_ request: TunnelProtocol.ServiceRequest) {
-        if services[request.id] != nil {
+        if isRegistered(request.id) {
             return refuse(request, ServiceRefusal("service id \(request.id) registered twice"))
         }
-        guard services.count + udpServices.count + secrets.count < server.config.maxServicesPerClient else {
+        guard serviceCount < server.config.maxServicesPerClient else {
             return refuse(request, ServiceRefusal("too many services (limit \(server.config.maxServicesPerClient))"))
         }
         switch server.bindService(request) {
@@ -148,10 +155,10 @@ final class ServerSession {
 
     private func registerSecret(_ sid: UInt32, name: String) {
         let request = TunnelProtocol.ServiceRequest(id: sid, kind: .tcp, bindHost: "", port: 0)
-        if services[sid] != nil || secrets[sid] != nil {
+        if isRegistered(sid) {
             return refuse(request, ServiceRefusal("service id \(sid) registered twice"))
         }
-        guard services.count + secrets.count < server.config.maxServicesPerClient else {
+        guard serviceCount < server.config.maxServicesPerClient else {
             return refuse(request, ServiceRefusal("too many services (limit \(server.config.maxServicesPerClient))"))
         }
         guard !name.isEmpty, server.secretServices[name] == nil else {

@@ -94,6 +94,13 @@ final class ServerUDPService: EventHandler {
     }
 
     func close() {
+        let droppedOnChannel = channel?.dropped ?? 0
+        if droppedWithoutChannel + droppedOnChannel > 0 {
+            logger.warning("UDP datagrams dropped", metadata: [
+                "listen": "\(listen)", "no_channel": .stringConvertible(droppedWithoutChannel),
+                "channel_full": .stringConvertible(droppedOnChannel),
+            ])
+        }
         channel?.close()
         channel = nil
         for l in listeners {
