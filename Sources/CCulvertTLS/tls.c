@@ -65,6 +65,10 @@ static SSL_CTX *new_ctx(const SSL_METHOD *method) {
     /* No session tickets: every connection authenticates afresh. */
     SSL_CTX_set_num_tickets(ctx, 0);
     SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    /* Read ahead: one read(2) fetches several records instead of a header and a body
+       per 16 KiB record. */
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(ctx, 64 * 1024);
     return ctx;
 }
 

@@ -131,11 +131,24 @@ public final class TLSStream: Duplex {
         return culvert_tls_peer_fingerprint(ssl, &out) == 0 ? out : nil
     }
 
+    /// Reads as many records as are already buffered (read-ahead) into `buffer`, so the
+    /// copier writes 64 KiB at a time rather than one 16 KiB record.
     public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {
         ERR_clear_error()
+        var total = 0
         var n = 0
-        if SSL_read_ex(ssl, buffer, count, &n) == 1 { return .bytes(n) }
-        return result(of: SSL_get_error(ssl, 0), call: "SSL_read")
+        guard SSL_read_ex(ssl, buffer, count, &n) == 1 else {
+            return result(of: SSL_get_error(ssl, 0), call: "SSL_read")
+        }
+        total = n
+        while total < count && SSL_has_pending(ssl) == 1 {
+            guard SSL_read_ex(ssl, buffer + total, count - total, &n) == 1 else {
+                ERR_clear_error()
+                break
+            }
+            total += n
+        }
+        return .bytes(total)
     }
 
     public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
