@@ -119,6 +119,16 @@ def parse_sockstat_tcp_mem(text):
     return int(m.group(1))
 
 
+def parse_udp_ports(text):
+    """/proc/net/udp or udp6 text -> set of bound local ports."""
+    ports = set()
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) > 3 and ":" in f[1]:
+            ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def parse_listening_ports(text):
     """/proc/net/tcp or tcp6 text -> set of local ports in LISTEN state (0A)."""
     ports = set()
@@ -138,12 +148,86 @@ def parse_ss_backlog(text):
     return None
 
 
-def parse_ready_line(line):
-    """culvert ready line -> port. `listening tcp 127.0.0.1:PORT -> TARGET`."""
-    m = re.match(r"listening tcp (\S+):(\d+) -> ", line)
+def parse_ready_line(line, kind="tcp"):
+    """culvert ready line -> port. `listening tcp 127.0.0.1:PORT -> TARGET`
+    (kind "udp": `listening udp ...`)."""
+    m = re.match(r"listening " + kind + r" (\S+):(\d+) -> ", line)
     if not m:
         raise ValueError(f"not a ready line: {line!r}")
     return int(m.group(2))
+
+
+def parse_tunnel_ready(line):
+    """culvert server ready line `listening tunnel 127.0.0.1:PORT` -> port."""
+    m = re.match(r"listening tunnel (\S+):(\d+)\s*$", line)
+    if not m:
+        raise ValueError(f"not a tunnel ready line: {line!r}")
+    return int(m.group(2))
+
+
+def parse_exposed(line):
+    """culvert client ready line `exposed tcp|udp HOST:PORT -> LOCAL` -> (proto, port)."""
+    m = re.match(r"exposed (tcp|udp) (\S+):(\d+) -> \S+", line)
+    if not m:
+        raise ValueError(f"not an exposed line: {line!r}")
+    return m.group(1), int(m.group(3))
+
+
+def parse_iperf3_udp_json(text):
+    """iperf3 -u -J output -> {'sent_bps', 'bps' (delivered), 'loss_pct', 'packets',
+    'lost'}: the receiver's view (end.sum_received, iperf3 >= 3.10; else end.sum)."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"iperf3: not JSON ({e})")
+    if isinstance(doc, dict) and doc.get("error"):
+        raise ValueError(f"iperf3: {doc['error']}")
+    try:
+        end = doc["end"]
+        recv = end.get("sum_received") or end["sum"]
+        sent = end.get("sum_sent") or end["sum"]
+        out = {"bps": float(recv["bits_per_second"]), "loss_pct": float(recv["lost_percent"]),
+               "packets": int(recv["packets"]), "lost": int(recv["lost_packets"]),
+               "sent_bps": float(sent["bits_per_second"])}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError("iperf3: no UDP end summary in output")
+    if out["packets"] <= 0:
+        raise ValueError("iperf3: no packets sent")
+    if out["bps"] <= 0:
+        raise ValueError(f"iperf3: nothing delivered ({out['lost']}/{out['packets']} lost)")
+    return out
+
+
+_LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def parse_closed_line(line):
+    """culvert text log line `info connection closed k=v ...` -> {k: v} (ints where the
+    value is a number), or None when the line is not a `connection closed` line."""
+    m = re.search(r"\bconnection closed\b(.*)$", line)
+    if not m:
+        return None
+    out = {}
+    for k, v in _LOGFMT.findall(m.group(1)):
+        if v.startswith('"'):
+            v = v[1:-1]
+        out[k] = int(v) if v.isdigit() else v
+    return out
+
+
+def parse_probe_json(text, need):
+    """Last JSON line of a bench/probe.py run -> dict; ValueError if a key is missing."""
+    for line in reversed(text.strip().splitlines()):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            missing = [k for k in need if k not in doc]
+            if missing:
+                raise ValueError(f"probe: {doc.get('error') or doc.get('errors') or 'missing ' + ', '.join(missing)}")
+            return doc
+    raise ValueError(f"probe: no JSON in output {text.strip()[-200:]!r}")
 
 
 # --------------------------------------------------------------------------- /proc readers
@@ -317,6 +401,43 @@ def listening_ports():
     return ports
 
 
+def udp_ports():
+    ports = set()
+    for p in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            ports |= parse_udp_ports(_read(p))
+        except OSError:
+            pass
+    return ports
+
+
+def wait_udp_bound(port, procs, timeout):
+    """Wait until a UDP socket is bound to `port`; StartError if a proc exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for p in procs:
+            if p.poll() is not None:
+                raise StartError(f"exited with status {p.returncode} before binding UDP"
+                                 + (f": {tail(p.log_path)}" if tail(p.log_path) else ""))
+        if port in udp_ports():
+            return
+        time.sleep(0.05)
+    raise StartError(f"UDP port {port} not bound after {timeout:g}s")
+
+
+def free_port_tcp_udp():
+    """A port free for both TCP and UDP on 127.0.0.1 (iperf3 -u needs both)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise StartError("no port free for both TCP and UDP")
+
+
 def free_port():
     """A free high port on 127.0.0.1 (bind port 0, read it, close)."""
     with socket.socket() as s:
@@ -459,8 +580,15 @@ def wait_listening(port, procs, timeout):
     raise StartError(f"port {port} not listening after {timeout:g}s")
 
 
-def read_ready_line(p, timeout):
-    """Read culvert's ready line from p.stdout within timeout -> port."""
+def read_ready_line(p, timeout, parse=parse_ready_line):
+    """Read culvert's ready line from p.stdout within timeout -> parse(line)."""
+    return parse(read_lines(p, 1, timeout)[0])
+
+
+def read_lines(p, n, timeout):
+    """Read n lines from p.stdout within timeout (StartError otherwise). Bytes after
+    the n-th line stay unread in the pipe buffer, which is never read again: the tools
+    print their ready lines and then log to stderr only."""
     end = time.monotonic() + timeout
     buf = b""
     fd = p.stdout.fileno()
@@ -471,11 +599,14 @@ def read_ready_line(p, timeout):
             if not chunk:
                 break
             buf += chunk
-            if b"\n" in buf:
-                return parse_ready_line(buf.split(b"\n", 1)[0].decode(errors="replace"))
+            if buf.count(b"\n") >= n:
+                return [x.decode(errors="replace") for x in buf.split(b"\n")[:n]]
         elif p.poll() is not None:
             break
-    p.poll()
+    try:  # stdout closed: the process is exiting; give it a moment to be reaped
+        p.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        pass
     if p.returncode is not None:
         raise StartError(f"exited with status {p.returncode} without a ready line"
                          + (f": {tail(p.log_path)}" if tail(p.log_path) else ""))

@@ -10,9 +10,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from benchlib import (CpuMeter, Failed, StartError, free_port, kill_proc,
-                      parse_iperf3_json, parse_sockperf, parse_ss_backlog, parse_wrk, pss_kib, rss_kib,
-                      run_cmd, sockstat_tcp_mem_kib, spawn, wait_listening)
+from benchlib import (CpuMeter, Failed, StartError, free_port, free_port_tcp_udp, kill_proc,
+                      parse_closed_line, parse_iperf3_json, parse_iperf3_udp_json,
+                      parse_probe_json, parse_sockperf, parse_ss_backlog, parse_wrk, pss_kib,
+                      rss_kib, run_cmd, sockstat_tcp_mem_kib, spawn, wait_listening)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -148,6 +149,45 @@ class Sink(Backend):
         return False
 
 
+class UdpIperfServer(IperfServer):
+    """iperf3 -s on a port that is free for UDP too (the -u test uses the same number)."""
+    name = "iperf3-server-udp"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.port = free_port_tcp_udp()
+
+
+class ByteServer(Backend):
+    """bench/probe.py byte-server: writes one byte on accept, closes."""
+    name = "byte-server"
+
+    def cmd(self):
+        return [sys.executable, os.path.join(HERE, "probe.py"), "byte-server",
+                "--port", str(self.port)]
+
+
+class SourceServer(Backend):
+    """bench/probe.py source: ctx.compress_bytes of text or random per connection."""
+    kind = "text"
+
+    @property
+    def name(self):
+        return f"source-{self.kind}"
+
+    def cmd(self):
+        return [sys.executable, os.path.join(HERE, "probe.py"), "source", "--kind",
+                self.kind, "--bytes", str(self.ctx.compress_bytes), "--port", str(self.port)]
+
+
+class TextSource(SourceServer):
+    kind = "text"
+
+
+class RandomSource(SourceServer):
+    kind = "random"
+
+
 # --------------------------------------------------------------------------- run functions
 
 def _iperf(ctx, port, streams):
@@ -219,6 +259,111 @@ def run_connrate(ctx, fwd, be):
     if r["errors"]:
         res["_notes"] = [f"wrk reported {r['errors']} errors of {r['requests']} requests"]
     return res
+
+
+def udp_keys(prefix):
+    return [f"{prefix}_sent", f"{prefix}_mbps", f"{prefix}_loss"]
+
+
+def make_run_udp(rate, length, prefix):
+    """iperf3 -u at a fixed offered rate -> sent and delivered Mbit/s, loss %."""
+    def run_udp(ctx, fwd, be):
+        be.restart()
+        keys = udp_keys(prefix)
+        cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(fwd.port), "-u", "-b", rate,
+               "-l", str(length), "-t", str(ctx.udp_seconds), "-J", "--connect-timeout", "5000"]
+        rc, out, err = run_cmd(cmd, timeout=ctx.udp_seconds + 25)
+        try:
+            if rc is None:
+                raise ValueError("iperf3 timed out")
+            r = parse_iperf3_udp_json(out)
+        except ValueError as e:
+            f = Failed(f"{e} (rc={rc}{', ' + err.strip()[:200] if err.strip() else ''})")
+            return {k: f for k in keys}
+        return {keys[0]: r["sent_bps"] / 1e6, keys[1]: r["bps"] / 1e6, keys[2]: r["loss_pct"]}
+    return run_udp
+
+
+def run_firstbyte(ctx, fwd, be):
+    """ctx.fb_conns sequential new connections; connect() start -> first byte."""
+    be.check()
+    keys = ("fb_p50_us", "fb_p99_us")
+    cmd = [sys.executable, os.path.join(HERE, "probe.py"), "firstbyte", "--port",
+           str(fwd.port), "--n", str(ctx.fb_conns), "--gap-ms", str(ctx.fb_gap_ms)]
+    rc, out, err = run_cmd(cmd, timeout=ctx.fb_conns * 0.1 + 30)
+    try:
+        if rc != 0:
+            raise ValueError(f"probe rc={rc}: {(err or out).strip()[-200:]}")
+        r = parse_probe_json(out, ("ok", "n"))
+        if r["ok"] < r["n"]:
+            raise ValueError(f"only {r['ok']}/{r['n']} connections got their byte: "
+                             f"{'; '.join(r.get('errors', []))}")
+    except ValueError as e:
+        return {k: Failed(e) for k in keys}
+    return {"fb_p50_us": r["p50_us"], "fb_p99_us": r["p99_us"]}
+
+
+def fetch_keys(kind):
+    return [f"{kind}_gbps", f"{kind}_wire_mib", f"{kind}_wire_pct"]
+
+
+def server_closed_line(log_path, listen_port, timeout=10.0):
+    """The last `connection closed` line of a culvert server log for its public port
+    `listen_port`, parsed; waits up to timeout for it (it is logged after the relay
+    ends). None if none appears."""
+    end = time.monotonic() + timeout
+    while True:
+        found = None
+        try:
+            with open(log_path, errors="replace") as f:
+                for line in f:
+                    d = parse_closed_line(line)
+                    if d and str(d.get("listen", "")).endswith(f":{listen_port}"):
+                        found = d
+        except OSError:
+            pass
+        if found or time.monotonic() > end:
+            return found
+        time.sleep(0.1)
+
+
+def make_run_fetch(kind):
+    """Download ctx.compress_bytes (text or random, from SourceServer) through the
+    forwarder: throughput, and bytes on the tunnel's wire from the server's log."""
+    def run_fetch(ctx, fwd, be):
+        be.check()
+        keys = fetch_keys(kind)
+        cmd = [sys.executable, os.path.join(HERE, "probe.py"), "fetch", "--port", str(fwd.port)]
+        rc, out, err = run_cmd(cmd, timeout=150)
+        try:
+            if rc != 0:
+                raise ValueError(f"probe rc={rc}: {(err or out).strip()[-200:]}")
+            r = parse_probe_json(out, ("bytes", "seconds"))
+            if r["bytes"] != ctx.compress_bytes:
+                raise ValueError(f"received {r['bytes']} of {ctx.compress_bytes} bytes")
+        except ValueError as e:
+            return {k: Failed(e) for k in keys}
+        res = {keys[0]: r["bytes"] * 8 / r["seconds"] / 1e9}
+        log = getattr(fwd, "server_log", None)
+        if not log:  # direct: no tunnel, nothing to count
+            res[keys[1]] = res[keys[2]] = NA
+            return res
+        d = server_closed_line(log, fwd.port)
+        if d is None:
+            res[keys[1]] = res[keys[2]] = Failed("no `connection closed` line in the server log")
+            return res
+        if d.get("down") != ctx.compress_bytes:
+            res[keys[1]] = res[keys[2]] = Failed(
+                f"server logged down={d.get('down')}, expected {ctx.compress_bytes}")
+            return res
+        wire = d.get("wire_down", d["down"])  # no compression: the payload is the wire
+        if not isinstance(wire, int):
+            res[keys[1]] = res[keys[2]] = Failed(f"unparsable wire_down={wire!r}")
+            return res
+        res[keys[1]] = wire / 2**20
+        res[keys[2]] = 100.0 * wire / ctx.compress_bytes
+        return res
+    return run_fetch
 
 
 MEM_KEYS = ("rss_idle_mib", "rss_loaded_mib", "kib_per_conn", "pss_kib_per_conn",
@@ -308,6 +453,7 @@ class Metric:
     vs_direct: bool = False   # has a direct baseline -> ratio-to-direct column
     suspicious_above_direct: bool = False  # > 1.05x direct is flagged
     chart: bool = False
+    vs_peer: bool = True      # in the "culvert vs the best peer" table
 
 
 METRICS = [
@@ -340,6 +486,7 @@ class Group:
     run: callable
     metrics: list
     est_seconds: callable  # estimated wall time of one (run, tool), for the time budget
+    in_quick: bool = True  # False: left out of QUICK runs (to keep them < 3 min)
 
 
 GROUPS = [

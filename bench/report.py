@@ -17,18 +17,22 @@ def _jsonable(v):
     return v
 
 
-def build(raw, notes, tool_names, baseline, meta):
-    """raw: {tool: {metric: [value per run]}} -> results dict (what latest.json holds)."""
+def build(raw, notes, tool_names, baseline, meta, metrics=None, derived=None):
+    """raw: {tool: {metric: [value per run]}} -> results dict (what latest.json holds).
+    metrics/derived: of the section (default: the forward section's)."""
+    metrics = METRICS if metrics is None else metrics
+    derived = DERIVED if derived is None else derived
     res = {**meta, "metrics": {}, "tools": {}, "derived": {}, "ratios_to_direct": {},
-           "culvert_vs_best_peer": {}, "flags": []}
-    for m in METRICS:
+           "culvert_vs_best_peer": {}, "vs_best_peer": {}, "flags": []}
+    for m in metrics:
         res["metrics"][m.key] = {"label": m.label, "unit": m.unit,
-                                 "higher_is_better": m.higher_better}
-    for d_key, d_label, _ in DERIVED:
-        res["metrics"][d_key] = {"label": d_label, "unit": "µs", "higher_is_better": False}
+                                 "higher_is_better": m.higher_better, "fmt": m.fmt}
+    for d_key, d_label, _ in derived:
+        res["metrics"][d_key] = {"label": d_label, "unit": "µs", "higher_is_better": False,
+                                 "fmt": "{:+.1f}"}
     for t in tool_names:
         tm = {}
-        for m in METRICS:
+        for m in metrics:
             vals = raw.get(t, {}).get(m.key)
             if vals is None:
                 continue
@@ -45,14 +49,14 @@ def build(raw, notes, tool_names, baseline, meta):
         return s["median"] if s and s.get("status") == "ok" else None
 
     # derived: forwarded minus direct (from medians)
-    for d_key, _, src in DERIVED:
+    for d_key, _, src in derived:
         base = med(baseline, src) if baseline else None
         res["derived"][d_key] = {
             t: (None if base is None or med(t, src) is None else med(t, src) - base)
             for t in tool_names if t != baseline}
 
     # ratios to direct; suspicious throughput
-    for m in METRICS:
+    for m in metrics:
         if not m.vs_direct:
             continue
         base = med(baseline, m.key) if baseline else None
@@ -67,8 +71,8 @@ def build(raw, notes, tool_names, baseline, meta):
 
     # culvert vs the best peer (peers = everything but direct and culvert variants)
     peers = [t for t in tool_names if t != baseline and not t.startswith("culvert")]
-    all_metrics = [(m.key, m.higher_better) for m in METRICS] + \
-                  [(d[0], False) for d in DERIVED]
+    all_metrics = [(m.key, m.higher_better) for m in metrics if m.vs_peer] + \
+                  [(d[0], False) for d in derived]
     for key, hb in all_metrics:
         if key in res["derived"]:
             getv = lambda t: res["derived"][key].get(t)  # noqa: E731
@@ -82,18 +86,151 @@ def build(raw, notes, tool_names, baseline, meta):
         name, best = best_of({p: getv(p) for p in peers}, hb)
         cv = getv("culvert")
         r = ratio(cv, best)
-        if key in res["derived"] and cv is not None and best is not None and best <= 0:
+        if cv is not None and best is not None and (best <= 0 or cv < 0):
             r = None  # a ratio of (possibly negative) differences means nothing
         res["culvert_vs_best_peer"][key] = {"culvert": cv, "best_peer": name,
                                             "best_value": best, "ratio": r,
                                             "higher_is_better": hb}
+
+    # every culvert variant (tool name "culvert ...") vs the best peer, per metric
+    variants = [t for t in tool_names if t.startswith("culvert")]
+    for key, hb in all_metrics:
+        if not variants:
+            break
+        getv = (lambda t: res["derived"][key].get(t)) if key in res["derived"] \
+            else (lambda t: med(t, key))
+        if not any(key in res["tools"][t]["metrics"] for t in tool_names):
+            continue
+        name, best = best_of({p: getv(p) for p in peers}, hb)
+        per = {}
+        for v in variants:
+            r = ratio(getv(v), best)
+            if getv(v) is not None and best is not None and (best <= 0 or getv(v) < 0):
+                r = None
+            per[v] = {"value": getv(v), "ratio": r}
+        res["vs_best_peer"][key] = {"best_peer": name, "best_value": best,
+                                    "higher_is_better": hb, "tools": per}
     return res
+
+
+class _Missing(dict):
+    def __missing__(self, key):
+        return "?"
+
+
+def build_all(sections, meta):
+    """sections: [(Section, raw, notes, tool_names, baseline, section_ctx)] -> the document.
+    The forward section keeps its place at the top level (as before sections existed);
+    the others go under "sections"."""
+    doc = dict(meta)
+    doc["sections"] = {}
+    for sec, raw, notes, names, baseline, sctx in sections:
+        res = build(raw, notes, names, baseline, {}, sec.metrics, sec.derived)
+        if sec.name == "forward":
+            doc.update(res)
+            continue
+        fmt_ctx = {k: (f"{v:g}" if isinstance(v, float) else v) for k, v in sctx.items()}
+        if "compress_bytes" in fmt_ctx:
+            fmt_ctx["compress_mib"] = fmt_ctx["compress_bytes"] // 2**20
+        res.update(title=sec.title, intro=sec.intro.format_map(_Missing(fmt_ctx)),
+                   baseline=baseline,
+                   tables=[[t, [k for k in keys]] for t, keys in sec.tables],
+                   config={k: sctx[k] for k in sorted(sctx)
+                           if k in ("tput_seconds", "lat_seconds", "wrk_seconds", "wrk_conns",
+                                    "mem_conns", "fb_conns", "fb_gap_ms", "udp_seconds",
+                                    "compress_bytes")})
+        doc["sections"][sec.name] = res
+    doc["targets"] = targets(doc)
+    return doc
+
+
+# --------------------------------------------------------------------------- issue targets
+
+def _med(sec, tool, key):
+    s = (sec or {}).get("tools", {}).get(tool, {}).get("metrics", {}).get(key)
+    return s["median"] if s and s.get("status") == "ok" else None
+
+
+def _target(rows, what, measured, holds, why=None):
+    rows.append({"target": what, "measured": measured,
+                 "holds": None if holds is None else bool(holds), "why": why})
+
+
+def targets(doc):
+    """The issue's targets, checked against this run's medians. holds None = not measured
+    (FAILED, skipped or not run)."""
+    rows = []
+    secs = doc.get("sections", {})
+    udp = secs.get("udp")
+    if udp:
+        loads = [k[:-5] for k in udp["metrics"] if k.endswith("_mbps")]
+        loads = [p for p in loads if _measured(udp, p + "_mbps")]
+        for p in loads:
+            tag = udp["metrics"][p + "_mbps"]["label"].replace("delivered ", "")
+            c, s = _med(udp, "culvert", p + "_mbps"), _med(udp, "socat", p + "_mbps")
+            sl = _med(udp, "socat", p + "_loss")
+            r = ratio(c, s)
+            measured = f"{_fmt(c, '{:.0f}')} vs {_fmt(s, '{:.0f}')} Mbit/s = {_fmt(r, '{:.2f}×')}"
+            if sl is not None and sl < 1.0:
+                # socat delivered (almost) all it was offered: 2x is impossible here
+                _target(rows, f"UDP {tag}: culvert delivers ≥ 2× socat", measured
+                        + f"; socat lost only {sl:.2f} %", None, "n/a (socat not saturated)")
+                continue
+            _target(rows, f"UDP {tag}: culvert delivers ≥ 2× socat", measured,
+                    None if r is None else r >= 2)
+        ok_loads = [p for p in loads if (_med(udp, "direct", p + "_loss") is not None
+                                         and _med(udp, "direct", p + "_loss") < 0.1)]
+        if ok_loads:
+            parts, holds = [], True
+            for p in ok_loads:
+                cl = _med(udp, "culvert", p + "_loss")
+                tag = udp["metrics"][p + "_mbps"]["label"].replace("delivered ", "")
+                parts.append(f"{tag}: direct {_med(udp, 'direct', p + '_loss'):.3f} %, "
+                             f"culvert {_fmt(cl, '{:.3f}')} %")
+                holds = None if cl is None or holds is None else holds and cl < 0.1
+            _target(rows, "UDP: culvert loss < 0.1 % at every load where direct's is",
+                    "; ".join(parts), holds)
+        else:
+            _target(rows, "UDP: culvert loss < 0.1 % at every load where direct's is",
+                    "no load where direct had < 0.1 % loss", None)
+    tun = secs.get("tunnel")
+    if tun:
+        P, S, TLS = "culvert tunnel plain", "ssh -R", "culvert tunnel tls"
+        for key, n in (("tput1_gbps", "1 stream"), ("tput8_gbps", "8 streams")):
+            c, d = _med(tun, P, key), _med(tun, "direct", key)
+            r = ratio(c, d)
+            _target(rows, f"tunnel plain throughput {n} ≥ 0.5× direct",
+                    f"{_fmt(c)} vs {_fmt(d)} Gbit/s = {_fmt(r, '{:.2f}×')}",
+                    None if r is None else r >= 0.5)
+        for key, n in (("tput1_gbps", "1 stream"), ("tput8_gbps", "8 streams")):
+            c, s = _med(tun, TLS, key), _med(tun, S, key)
+            r = ratio(c, s)
+            _target(rows, f"tunnel TLS throughput {n} ≥ 2× ssh -R",
+                    f"{_fmt(c)} vs {_fmt(s)} Gbit/s = {_fmt(r, '{:.2f}×')}",
+                    None if r is None else r >= 2)
+        for key, n in (("fb_p50_us", "p50"), ("fb_p99_us", "p99")):
+            c, h = _med(tun, P, key), _med(tun, "haproxy", key)
+            r = ratio(c, h)
+            _target(rows, f"first byte of a new connection, pooled (--pool 2), {n} ≤ 1.2× "
+                          f"one haproxy hop",
+                    f"{_fmt(c, '{:.0f}')} vs {_fmt(h, '{:.0f}')} µs = {_fmt(r, '{:.2f}×')}",
+                    None if r is None else r <= 1.2)
+        for t, goal in ((P, 9000), (TLS, 3500)):
+            c = _med(tun, t, "conn_per_s")
+            _target(rows, f"{t}: new visitor connections/s ≥ {goal:,}",
+                    f"{_fmt(c, '{:.0f}')} /s", None if c is None else c >= goal)
+        n = tun.get("config", {}).get("mem_conns")
+        for t in (P, TLS):
+            c = _med(tun, t, "kib_per_conn")
+            _target(rows, f"{t}: ≤ 4 KiB RSS (server + client) per idle connection at 5,000",
+                    f"{_fmt(c)} KiB at {n}", None if c is None or n != 5000 else c <= 4,
+                    "n/a (not measured at 5,000)" if c is not None and n != 5000 else None)
+    return rows
 
 
 # --------------------------------------------------------------------------- markdown
 
 def _cell(res, tool, key):
-    m = next(x for x in METRICS if x.key == key)
     s = res["tools"].get(tool, {}).get("metrics", {}).get(key)
     if s is None:
         return "-"
@@ -101,7 +238,7 @@ def _cell(res, tool, key):
         return "n/a"
     if s["status"] == "FAILED":
         return "FAILED"
-    f = m.fmt
+    f = res["metrics"][key]["fmt"]
     txt = f.format(s["median"])
     if s["n_ok"] > 1:
         txt += f" ({f.format(s['min'])}–{f.format(s['max'])})"
@@ -116,30 +253,47 @@ def _fmt(v, f="{:.2f}", none="n/a"):
     return none if v is None else f.format(v)
 
 
-def markdown(res):
+def _table(res, title, keys, extra=None, level="##"):
     tools = list(res["tools"])
-    runs = res["config"]["runs"]
-    lines = [f"# culvert benchmark ({'QUICK' if res['config']['quick'] else 'full'})", "",
-             f"{res['date']} · {res['machine']['cpu_model']} · {res['machine']['nproc']} cores"
-             f" · kernel {res['machine']['kernel']} · load avg at start "
-             f"{res['machine']['loadavg_start']}, at end {res['machine'].get('loadavg_end', '?')}",
-             "",
-             f"Loopback only, one tool at a time. Each cell: median (min–max) over {runs} "
-             f"run(s). iperf3 {res['config']['tput_seconds']} s per test; sockperf "
-             f"ping-pong {res['config']['lat_seconds']} s (round-trip times); wrk -t1 "
-             f"-c{res['config']['wrk_conns']} {res['config']['wrk_seconds']} s with "
-             f"`Connection: close` against nginx; memory with {res['config']['mem_conns']} "
-             f"idle forwarded connections. Numbers are only comparable within this run.", ""]
+    hdr = ["tool"] + [f"{res['metrics'][k]['label']} ({res['metrics'][k]['unit']})"
+                      for k in keys] + [h for h, _ in (extra or [])]
+    out = [f"{level} {title}", "", "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for t in tools:
+        row = [t] + [_cell(res, t, k) for k in keys] + [fn(t) for _, fn in (extra or [])]
+        out.append("| " + " | ".join(row) + " |")
+    return out + [""]
 
-    def table(title, keys, extra=None):
-        hdr = ["tool"] + [f"{res['metrics'][k]['label']} ({res['metrics'][k]['unit']})"
-                          for k in keys] + [h for h, _ in (extra or [])]
-        out = [f"## {title}", "", "| " + " | ".join(hdr) + " |",
-               "|" + "---|" * len(hdr)]
-        for t in tools:
-            row = [t] + [_cell(res, t, k) for k in keys] + [fn(t) for _, fn in (extra or [])]
-            out.append("| " + " | ".join(row) + " |")
-        return out + [""]
+
+def _ratio_table(res, level="##"):
+    rk = [k for k in res["ratios_to_direct"]
+          if any(k in res["tools"][t]["metrics"] for t in res["tools"])]
+    if not rk:
+        return []
+    lines = [f"{level} Ratio to direct (median / direct's median)", "",
+             "| tool | " + " | ".join(res["metrics"][k]["label"] for k in rk) + " |",
+             "|" + "---|" * (len(rk) + 1)]
+    base = res.get("baseline") or res.get("config", {}).get("baseline")
+    for t in res["tools"]:
+        if t == base or t == "direct":
+            continue
+        lines.append("| " + t + " | " + " | ".join(
+            _fmt(res["ratios_to_direct"][k].get(t), "{:.2f}x") for k in rk) + " |")
+    return lines + [""]
+
+
+def _failures(res):
+    foot = []
+    for t in res["tools"]:
+        for k, s in res["tools"][t]["metrics"].items():
+            for e in dict.fromkeys(s.get("errors", [])):
+                foot.append(f"- {t} / {k}: FAILED: {e}")
+        for n in dict.fromkeys(res["tools"][t]["notes"]):
+            foot.append(f"- {t}: {n}")
+    return foot + [f"- ⚠ {f}" for f in res["flags"]]
+
+
+def _forward_body(res):
+    lines = []
 
     def added(key):
         def fn(t):
@@ -148,48 +302,103 @@ def markdown(res):
             return _fmt(res["derived"][key][t], "{:+.1f}")
         return fn
 
-    lines += table("Throughput, latency, connection rate",
-                   ["tput1_gbps", "tput8_gbps", "rtt_p50_us", "rtt_p99_us", "conn_per_s"],
-                   [("added RTT p50 (µs)", added("added_p50_us")),
-                    ("added RTT p99 (µs)", added("added_p99_us"))])
-    lines += table("Resources",
-                   ["cpu_s_per_gb", "rss_idle_mib", "rss_loaded_mib", "kib_per_conn",
-                    "pss_kib_per_conn", "sock_mem_mib"])
-
-    # ratios to direct
-    rk = list(res["ratios_to_direct"])
-    lines += ["## Ratio to direct (median / direct's median)", "",
-              "| tool | " + " | ".join(res["metrics"][k]["label"] for k in rk) + " |",
-              "|" + "---|" * (len(rk) + 1)]
-    for t in tools:
-        if t == res["config"].get("baseline"):
-            continue
-        lines.append("| " + t + " | " + " | ".join(
-            _fmt(res["ratios_to_direct"][k].get(t), "{:.2f}x") for k in rk) + " |")
-    lines.append("")
+    lines += _table(res, "Throughput, latency, connection rate",
+                    ["tput1_gbps", "tput8_gbps", "rtt_p50_us", "rtt_p99_us", "conn_per_s"],
+                    [("added RTT p50 (µs)", added("added_p50_us")),
+                     ("added RTT p99 (µs)", added("added_p99_us"))])
+    lines += _table(res, "Resources",
+                    ["cpu_s_per_gb", "rss_idle_mib", "rss_loaded_mib", "kib_per_conn",
+                     "pss_kib_per_conn", "sock_mem_mib"])
+    lines += _ratio_table(res)
 
     if res["culvert_vs_best_peer"]:
         lines += ["## culvert vs the best peer", "",
                   "| metric | better | culvert | best peer | peer value | culvert / best |",
                   "|---|---|---|---|---|---|"]
         for k, c in res["culvert_vs_best_peer"].items():
-            f = next((m.fmt for m in METRICS if m.key == k), "{:+.1f}")
+            f = res["metrics"][k]["fmt"]
             lines.append(f"| {res['metrics'][k]['label']} ({res['metrics'][k]['unit']}) | "
                          f"{'higher' if c['higher_is_better'] else 'lower'} | "
                          f"{_fmt(c['culvert'], f, 'FAILED/n/a')} | {c['best_peer'] or 'n/a'} | "
                          f"{_fmt(c['best_value'], f)} | {_fmt(c['ratio'], '{:.2f}x')} |")
         lines.append("")
 
-    foot = []
-    for t in tools:
-        for k, s in res["tools"][t]["metrics"].items():
-            for e in dict.fromkeys(s.get("errors", [])):
-                foot.append(f"- {t} / {k}: FAILED: {e}")
-        for n in dict.fromkeys(res["tools"][t]["notes"]):
-            foot.append(f"- {t}: {n}")
-    foot += [f"- ⚠ {f}" for f in res["flags"]]
+    foot = _failures(res)
     if foot:
         lines += ["## Failures, flags and notes", ""] + foot + [""]
+    return lines
+
+
+def _measured(sec, key):
+    return any(key in sec["tools"][t]["metrics"] for t in sec["tools"])
+
+
+def _section_body(sec):
+    lines = [f"## {sec['title']}", "", sec.get("intro", ""), ""]
+    for title, keys in sec["tables"]:
+        keys = [k for k in keys if _measured(sec, k)]  # e.g. loads left out of QUICK
+        if keys:
+            lines += _table(sec, title, keys, level="###")
+    lines += _ratio_table(sec, level="###")
+    vb = {k: v for k, v in sec.get("vs_best_peer", {}).items() if v["best_peer"]}
+    if vb:
+        variants = list(next(iter(vb.values()))["tools"])
+        lines += ["### culvert vs the best peer (culvert's median, and / best peer's)", "",
+                  "| metric | better | best peer | peer value | " + " | ".join(variants) + " |",
+                  "|" + "---|" * (4 + len(variants))]
+        for k, c in vb.items():
+            f = sec["metrics"][k]["fmt"]
+            cells = []
+            for v in variants:
+                st = sec["tools"][v]["metrics"].get(k, {}).get("status")
+                if st in (None, "n/a", "FAILED") and c["tools"][v]["value"] is None:
+                    cells.append("n/a" if st != "FAILED" else "FAILED")
+                else:
+                    cells.append(f"{_fmt(c['tools'][v]['value'], f)} "
+                                 f"({_fmt(c['tools'][v]['ratio'], '{:.2f}x')})")
+            lines.append(f"| {sec['metrics'][k]['label']} ({sec['metrics'][k]['unit']}) | "
+                         f"{'higher' if c['higher_is_better'] else 'lower'} | {c['best_peer']} | "
+                         f"{_fmt(c['best_value'], f)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    foot = _failures(sec)
+    if foot:
+        lines += ["### Failures, flags and notes", ""] + foot + [""]
+    return lines
+
+
+def _targets_table(rows):
+    mark = {True: "yes", False: "**NO**", None: "n/a (not measured)"}
+    lines = ["## Issue targets (this run's medians)", "", "| target | measured | holds |",
+             "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['measured']} | "
+                     f"{r.get('why') or mark[r['holds']]} |")
+    return lines + [""]
+
+
+def markdown(res):
+    runs = res["config"]["runs"]
+    lines = [f"# culvert benchmark ({'QUICK' if res['config']['quick'] else 'full'})", "",
+             f"{res['date']} · {res['machine']['cpu_model']} · {res['machine']['nproc']} cores"
+             f" · kernel {res['machine']['kernel']} · load avg at start "
+             f"{res['machine']['loadavg_start']}, at end {res['machine'].get('loadavg_end', '?')}",
+             ""]
+    if res.get("tools"):  # the forward section (top level)
+        lines += [
+            f"Loopback only, one tool at a time. Each cell: median (min–max) over {runs} "
+            f"run(s). iperf3 {res['config']['tput_seconds']} s per test; sockperf "
+            f"ping-pong {res['config']['lat_seconds']} s (round-trip times); wrk -t1 "
+            f"-c{res['config']['wrk_conns']} {res['config']['wrk_seconds']} s with "
+            f"`Connection: close` against nginx; memory with {res['config']['mem_conns']} "
+            f"idle forwarded connections. Numbers are only comparable within this run.", ""]
+        lines += _forward_body(res)
+    else:
+        lines += [f"Loopback only, one tool at a time. Each cell: median (min–max) over "
+                  f"{runs} run(s). Numbers are only comparable within this run.", ""]
+    for sec in res.get("sections", {}).values():
+        lines += _section_body(sec)
+    if res.get("targets"):
+        lines += _targets_table(res["targets"])
     lines += [f"Total harness time: {res.get('elapsed_s', 0):.0f} s.", ""]
     return "\n".join(lines)
 
@@ -202,6 +411,8 @@ def chart(res, png_path, workdir, timeout=60):
     gp = shutil.which("gnuplot")
     if not gp:
         return "gnuplot not installed"
+    if not res.get("tools"):
+        return "the chart shows the forward section, which did not run"
     tools = list(res["tools"])
     panels = [m for m in METRICS if m.chart]
     plots = []

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """culvert benchmark harness: `make bench` (full) or `make bench QUICK=1`.
 
-Measures on loopback, one tool at a time: direct, culvert, socat, haproxy, rinetd,
-redir and ssh -L. Writes bench/results/latest.{md,json,png}. See bench/README.md."""
+Measures on loopback, one tool at a time, in sections (sections.py): TCP forwarders
+(direct, culvert, socat, haproxy, rinetd, redir, ssh -L), UDP forwarders, tunnels
+(culvert server+client plain/TLS vs ssh -R), compression, UDP through the tunnel.
+Writes bench/results/latest.{md,json,png}. See bench/README.md."""
 import argparse
 import atexit
 import datetime
@@ -19,9 +21,10 @@ from types import SimpleNamespace
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import Failed, StartError, install_signal_handlers, kill_all, run_cmd  # noqa: E402
-from measures import GROUPS, NA  # noqa: E402
+from measures import NA  # noqa: E402
 import report  # noqa: E402
-from tools import EXTRA_TOOLS, TOOLS  # noqa: E402
+from sections import SECTIONS  # noqa: E402
+from tools import EXTRA_TOOLS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -167,21 +170,72 @@ def measure_one(ctx, g, tool, be):
             fwd.stop()
 
 
+SECTION_CTX_KEYS = ("tput_seconds", "lat_seconds", "wrk_seconds", "wrk_conns", "mem_conns",
+                    "fb_conns", "fb_gap_ms", "udp_seconds", "compress_bytes")
+
+
+def section_ctx(ctx, sec, quick, mem_conns_flag=None):
+    c = SimpleNamespace(**vars(ctx))
+    for k, v in sec.ctx.get("quick" if quick else "full", {}).items():
+        setattr(c, k, v)
+    if mem_conns_flag and sec.name == "forward":
+        c.mem_conns = mem_conns_flag
+    return c
+
+
+def select(a, ap):
+    """-> [(Section, [Tool], [Group])] after --only, --tools, --groups."""
+    only = [x.strip() for x in a.only.split(",")] if a.only else [s.name for s in SECTIONS]
+    bad = set(only) - {s.name for s in SECTIONS}
+    if bad:
+        ap.error(f"unknown sections: {', '.join(sorted(bad))} "
+                 f"(have: {', '.join(s.name for s in SECTIONS)})")
+    want_t = [x.strip() for x in a.tools.split(",")] if a.tools else None
+    want_g = [x.strip() for x in a.groups.split(",")] if a.groups else None
+    out, seen_t, seen_g = [], set(), set()
+    for sec in SECTIONS:
+        if sec.name not in only:
+            continue
+        pool = sec.tools + (EXTRA_TOOLS if sec.name == "forward" else [])
+        if want_t:
+            tl = sorted([t for t in pool if t.name in want_t], key=lambda t: want_t.index(t.name))
+        else:
+            tl = list(sec.tools)
+        gl = [g for g in sec.groups if (not want_g or g.name in want_g)
+              and (g.in_quick or not getattr(a, "quick", False) or want_g)]
+        seen_t |= {t.name for t in pool}
+        seen_g |= {g.name for g in sec.groups}
+        if tl and gl:
+            out.append((sec, tl, gl))
+    if want_t and set(want_t) - seen_t:
+        ap.error(f"unknown tools: {', '.join(sorted(set(want_t) - seen_t))}")
+    if want_g and set(want_g) - seen_g:
+        ap.error(f"unknown groups: {', '.join(sorted(set(want_g) - seen_g))}")
+    if not out:
+        ap.error("nothing selected")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="1 run, short tests (< 3 min)")
     ap.add_argument("--runs", type=int, help="repetitions (default 2, QUICK 1)")
-    ap.add_argument("--tools", help="comma-separated tool names (default: all standard; "
-                    f"extra: {', '.join(t.name for t in EXTRA_TOOLS)})")
-    ap.add_argument("--groups", help="comma-separated: " + ", ".join(g.name for g in GROUPS))
+    ap.add_argument("--only", help="comma-separated sections: "
+                    + ", ".join(s.name for s in SECTIONS) + " (default: all)")
+    ap.add_argument("--tools", help="comma-separated tool names, within the selected "
+                    "sections (default: each section's standard set; extra: "
+                    f"{', '.join(t.name for t in EXTRA_TOOLS)})")
+    ap.add_argument("--groups", help="comma-separated measurement groups, within the "
+                    "selected sections: " + ", ".join(dict.fromkeys(
+                        g.name for s in SECTIONS for g in s.groups)))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--culvert", default=os.environ.get(
         "CULVERT_BIN", os.path.join(ROOT, ".build", "release", "culvert")))
     ap.add_argument("--budget", type=float, help="seconds; later measurements are FAILED "
                     "as 'skipped' past it (default 840, QUICK 150)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get missing peers")
-    ap.add_argument("--mem-conns", type=int, help="idle connections for the memory test "
-                    "(default 7000, QUICK 2000)")
+    ap.add_argument("--mem-conns", type=int, help="idle connections for the forward memory "
+                    "test (default 7000, QUICK 1000; the tunnel section uses 5000, QUICK 2000)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     a = ap.parse_args(argv)
 
@@ -190,18 +244,7 @@ def main(argv=None):
     q = a.quick
     runs = a.runs or (1 if q else 2)
     budget = a.budget or (150 if q else 840)
-    all_tools = TOOLS + EXTRA_TOOLS
-    if a.tools:
-        want = [x.strip() for x in a.tools.split(",")]
-        tools = [t for t in all_tools if t.name in want]
-        unknown = set(want) - {t.name for t in tools}
-        if unknown:
-            ap.error(f"unknown tools: {', '.join(sorted(unknown))}")
-        tools.sort(key=lambda t: want.index(t.name))
-    else:
-        tools = list(TOOLS)
-    groups = [g for g in GROUPS if not a.groups or g.name in a.groups.split(",")]
-    baseline = next((t.name for t in tools if t.baseline), None)
+    chosen = select(a, ap)
 
     if not a.no_install:
         ensure_peers()
@@ -211,26 +254,41 @@ def main(argv=None):
         atexit.register(shutil.rmtree, tmp, True)
     ctx = SimpleNamespace(
         tmp=tmp, culvert=os.path.abspath(a.culvert), start_timeout=10.0,
-        tput_seconds=3 if q else 10, lat_seconds=2 if q else 5,
-        wrk_seconds=2 if q else 5, wrk_conns=50,
-        mem_conns=a.mem_conns or (2000 if q else 7000), mem_timeout=60)
+        tput_seconds=1 if q else 5, lat_seconds=1 if q else 3,
+        wrk_seconds=1 if q else 3, wrk_conns=50,
+        mem_conns=1000 if q else 7000, mem_timeout=60,
+        fb_conns=500, fb_gap_ms=2.0, udp_seconds=3, compress_bytes=256 * 2**20)
+    fwd = next((x for x in chosen if x[0].name == "forward"), None)
+    fctx = section_ctx(ctx, fwd[0], q, a.mem_conns) if fwd else ctx
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(),
-            "config": {"quick": q, "runs": runs, "tput_seconds": ctx.tput_seconds,
-                       "lat_seconds": ctx.lat_seconds, "wrk_seconds": ctx.wrk_seconds,
-                       "wrk_conns": ctx.wrk_conns, "mem_conns": ctx.mem_conns,
-                       "budget_s": budget, "baseline": baseline,
+            "config": {"quick": q, "runs": runs, "tput_seconds": fctx.tput_seconds,
+                       "lat_seconds": fctx.lat_seconds, "wrk_seconds": fctx.wrk_seconds,
+                       "wrk_conns": fctx.wrk_conns, "mem_conns": fctx.mem_conns,
+                       "budget_s": budget,
+                       "baseline": next((t.name for t in fwd[1] if t.baseline), None)
+                       if fwd else None,
                        "culvert_bin": ctx.culvert,
-                       "tools": [t.name for t in tools], "groups": [g.name for g in groups]}}
-    log(f"culvert bench: {'QUICK' if q else 'full'}, {runs} run(s), tools: "
-        f"{', '.join(t.name for t in tools)}; temp dir {tmp}")
+                       "sections": [s.name for s, _, _ in chosen],
+                       "tools": [t.name for t in fwd[1]] if fwd else [],
+                       "groups": [g.name for g in fwd[2]] if fwd else []}}
+    log(f"culvert bench: {'QUICK' if q else 'full'}, {runs} run(s), sections: "
+        f"{', '.join(s.name for s, _, _ in chosen)}; temp dir {tmp}")
+    results = []
     try:
-        raw, notes = run_all(ctx, tools, groups, runs, t_start + budget)
+        for sec, tl, gl in chosen:
+            sctx = section_ctx(ctx, sec, q, a.mem_conns)
+            log(f"### section {sec.name}: {', '.join(t.name for t in tl)}  "
+                f"[{time.monotonic() - t_start:.0f} s]")
+            raw, notes = run_all(sctx, tl, gl, runs, t_start + budget)
+            baseline = next((t.name for t in tl if t.baseline), None)
+            results.append((sec, raw, notes, [t.name for t in tl], baseline,
+                            {k: getattr(sctx, k) for k in SECTION_CTX_KEYS}))
     finally:
         kill_all()
     meta["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[0]
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    res = report.build(raw, notes, [t.name for t in tools], baseline, meta)
+    res = report.build_all(results, meta)
     md = report.markdown(res)
     png = os.path.join(a.out, "latest.png")
     why = report.chart(res, png, tmp)

@@ -3,13 +3,17 @@ Forwarder` plus one entry in TOOLS. A start function writes its own config into
 ctx.tmp, starts the tool on 127.0.0.1 (a fresh free high port), waits until it is
 listening, and raises StartError (after killing what it started) if it does not come up.
 
-To add a forwarder kind: write start_<kind>() and append a Tool(...) to TOOLS."""
+To add a forwarder kind: write start_<kind>() and append a Tool(...) to TOOLS (the
+forward section) or to the tool list of another section (UDP_TOOLS, TUNNEL_TOOLS, ...;
+see sections.py). A tunnel counts as one "forwarder": culvert server + client (or sshd
++ ssh -R), visitors connect to its public port."""
 import getpass
 import os
 from dataclasses import dataclass, field
 
-from benchlib import (StartError, free_port, kill_proc, read_ready_line, run_cmd,
-                      spawn, wait_listening)
+from benchlib import (StartError, free_port, free_port_tcp_udp, kill_proc, parse_exposed,
+                      parse_ready_line, parse_tunnel_ready, read_lines, read_ready_line,
+                      run_cmd, spawn, wait_listening, wait_udp_bound)
 
 START_TIMEOUT = 10.0
 
@@ -61,8 +65,7 @@ def start_direct(ctx, target_port):
 def _culvert(ctx, target_port, name, extra):
     cmd = [ctx.culvert, "forward", "tcp", *extra, "--log-level", "warning",
            "127.0.0.1:0", f"127.0.0.1:{target_port}"]
-    if not os.access(ctx.culvert, os.X_OK):
-        raise StartError(f"{ctx.culvert} not found or not executable (make build)")
+    _check_culvert(ctx)
     p = spawn(cmd, _log(ctx, name), stdout_pipe=True)
     try:
         port = read_ready_line(p, ctx.start_timeout)
@@ -166,8 +169,9 @@ def _ssh_keys(ctx):
     return user
 
 
-def start_ssh(ctx, target_port):
-    """sshd on a loopback port with its own config, then `ssh -N -L` through it."""
+def _ssh(ctx, target_port, flag, name):
+    """sshd on a loopback port with its own config, then `ssh -N -L|-R` through it.
+    -L: ssh listens on the port; -R: sshd does (the reverse tunnel's public side)."""
     sshd = "/usr/sbin/sshd"
     if not os.access(sshd, os.X_OK):
         raise StartError("sshd not installed")
@@ -184,13 +188,151 @@ def start_ssh(ctx, target_port):
                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
                "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
-               "-L", f"127.0.0.1:{port}:127.0.0.1:{target_port}",
+               flag, f"127.0.0.1:{port}:127.0.0.1:{target_port}",
                f"{getpass.getuser()}@127.0.0.1"]
-        c = _start_listening(ctx, "ssh", cmd, port, extra_procs=[d])
+        c = _start_listening(ctx, name, cmd, port, extra_procs=[d])
     except BaseException:
         kill_proc(d)
         raise
-    return Forwarder("ssh -L", port, [d, c])
+    return Forwarder(name, port, [d, c])
+
+
+def start_ssh(ctx, target_port):
+    return _ssh(ctx, target_port, "-L", "ssh -L")
+
+
+def start_ssh_reverse(ctx, target_port):
+    """`ssh -N -R`: sshd listens on the public port, the ssh client dials the target."""
+    return _ssh(ctx, target_port, "-R", "ssh -R")
+
+
+# --------------------------------------------------------------------------- UDP forwarders
+# iperf3 -u runs its TCP control connection to the same port number as the UDP data, so
+# each UDP forwarder comes with a TCP forwarder on the same port.
+
+def _check_culvert(ctx):
+    if not os.access(ctx.culvert, os.X_OK):
+        raise StartError(f"{ctx.culvert} not found or not executable (make build)")
+
+
+def start_culvert_udp(ctx, target_port):
+    """`culvert forward udp` (defaults) + `culvert forward tcp` for iperf3's control."""
+    _check_culvert(ctx)
+    port = free_port_tcp_udp()
+    procs = []
+    try:
+        for kind in ("udp", "tcp"):
+            p = spawn([ctx.culvert, "forward", kind, "--log-level", "warning",
+                       f"127.0.0.1:{port}", f"127.0.0.1:{target_port}"],
+                      _log(ctx, f"culvert-{kind}"), stdout_pipe=True)
+            procs.append(p)
+            read_ready_line(p, ctx.start_timeout, lambda x, k=kind: parse_ready_line(x, k))
+        wait_listening(port, procs, ctx.start_timeout)
+    except BaseException:
+        for p in procs:
+            kill_proc(p)
+        raise
+    return Forwarder("culvert", port, procs)
+
+
+def start_socat_udp(ctx, target_port):
+    """socat UDP-LISTEN,fork (one child per client address, which then relays that
+    flow both ways) + socat TCP-LISTEN,fork for iperf3's control connection."""
+    port = free_port_tcp_udp()
+    u = spawn(["socat", f"UDP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
+               f"UDP:127.0.0.1:{target_port}"], _log(ctx, "socat-udp"))
+    try:
+        wait_udp_bound(port, [u], ctx.start_timeout)
+        t = _start_listening(ctx, "socat-tcp", [
+            "socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+            f"TCP:127.0.0.1:{target_port}"], port, extra_procs=[u])
+    except BaseException:
+        kill_proc(u)
+        raise
+    return Forwarder("socat", port, [u, t])
+
+
+# --------------------------------------------------------------------------- tunnels
+
+def _token(ctx):
+    path = os.path.join(ctx.tmp, "tunnel.token")
+    if not os.path.exists(path):
+        rc, out, err = run_cmd([ctx.culvert, "token"], timeout=10)
+        if rc != 0 or not out.strip():
+            raise StartError(f"culvert token failed: {err.strip()[-200:]}")
+        with open(path, "w") as f:
+            f.write(out.strip() + "\n")
+        os.chmod(path, 0o600)
+    return path
+
+
+def start_tunnel(ctx, target_port, name, transport="plain", client_args=(), udp=False,
+                 server_log_level="warning"):
+    """`culvert server` + `culvert client -R` on loopback; visitors connect to the
+    server's public port (the returned Forwarder's port). With udp=True the client
+    exposes the target both as TCP and as UDP on one fixed port (iperf3 -u)."""
+    _check_culvert(ctx)
+    tok = _token(ctx)
+    common = ["--token-file", tok, "--transport", transport, "--drain-timeout", "1s"]
+    srv = spawn([ctx.culvert, "server", "--listen", "127.0.0.1:0", *common,
+                 "--log-level", server_log_level],
+                _log(ctx, name + " server"), stdout_pipe=True)
+    try:
+        sport = read_ready_line(srv, ctx.start_timeout, parse_tunnel_ready)
+        if udp:
+            pub = free_port_tcp_udp()
+            rs = ["-R", f"127.0.0.1:{pub}:127.0.0.1:{target_port}",
+                  "-R", f"udp:127.0.0.1:{pub}:127.0.0.1:{target_port}"]
+        else:
+            rs = ["-R", f"127.0.0.1:0:127.0.0.1:{target_port}"]
+        cli = spawn([ctx.culvert, "client", f"127.0.0.1:{sport}", *common,
+                     "--log-level", "warning", *client_args, *rs],
+                    _log(ctx, name + " client"), stdout_pipe=True)
+    except BaseException:
+        kill_proc(srv)
+        raise
+    try:
+        exposed = [parse_exposed(x) for x in read_lines(cli, 2 if udp else 1,
+                                                         ctx.start_timeout)]
+        port = next(p for proto, p in exposed if proto == "tcp")
+        wait_listening(port, [srv, cli], ctx.start_timeout)
+        if udp:
+            wait_udp_bound(port, [srv, cli], ctx.start_timeout)
+    except BaseException:
+        kill_proc(cli)
+        kill_proc(srv)
+        raise
+    fwd = Forwarder(name, port, [srv, cli])
+    fwd.server_log = srv.log_path
+    return fwd
+
+
+def start_tunnel_plain(ctx, target_port):
+    return start_tunnel(ctx, target_port, "culvert tunnel plain", "plain", ["--pool", "2"])
+
+
+def start_tunnel_plain_pool0(ctx, target_port):
+    return start_tunnel(ctx, target_port, "culvert tunnel plain --pool 0", "plain",
+                        ["--pool", "0"])
+
+
+def start_tunnel_tls(ctx, target_port):
+    return start_tunnel(ctx, target_port, "culvert tunnel tls", "tls", ["--pool", "2"])
+
+
+def start_tunnel_plain_logged(ctx, target_port):
+    """Server at log level info: its `connection closed` line gives up/down bytes."""
+    return start_tunnel(ctx, target_port, "culvert tunnel plain", "plain",
+                        server_log_level="info")
+
+
+def start_tunnel_compress(ctx, target_port):
+    return start_tunnel(ctx, target_port, "culvert tunnel plain --compress", "plain",
+                        ["--compress"], server_log_level="info")
+
+
+def start_tunnel_udp(ctx, target_port):
+    return start_tunnel(ctx, target_port, "culvert tunnel plain", "plain", udp=True)
 
 
 @dataclass
@@ -215,4 +357,34 @@ TOOLS = [
 # Available with --tools, not run by default (keeps `make bench` inside its budget).
 EXTRA_TOOLS = [
     Tool("culvert --no-splice", start_culvert_nosplice),
+]
+
+# --------------------------------------------------------------------------- other sections
+# (run.py: --only forward,udp,tunnel,compress,tunnel-udp; measures in sections.py)
+
+UDP_TOOLS = [
+    Tool("direct", start_direct, baseline=True),
+    Tool("culvert", start_culvert_udp),
+    Tool("socat", start_socat_udp),
+]
+
+_NA_BUT_FIRSTBYTE = {"throughput", "latency", "connrate", "memory"}
+TUNNEL_TOOLS = [
+    Tool("direct", start_direct, na={"memory"}, baseline=True),
+    Tool("culvert tunnel plain", start_tunnel_plain),
+    Tool("culvert tunnel plain --pool 0", start_tunnel_plain_pool0, na=_NA_BUT_FIRSTBYTE),
+    Tool("culvert tunnel tls", start_tunnel_tls),
+    Tool("ssh -R", start_ssh_reverse),
+    Tool("haproxy", start_haproxy, na=_NA_BUT_FIRSTBYTE),  # the one-hop reference
+]
+
+COMPRESS_TOOLS = [
+    Tool("direct", start_direct, baseline=True),
+    Tool("culvert tunnel plain", start_tunnel_plain_logged),
+    Tool("culvert tunnel plain --compress", start_tunnel_compress),
+]
+
+TUNNEL_UDP_TOOLS = [
+    Tool("direct", start_direct, baseline=True),
+    Tool("culvert tunnel plain", start_tunnel_udp),
 ]
