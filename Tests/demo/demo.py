@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""culvert demo: push real data through `culvert forward tcp` on loopback and verify it.
+"""culvert demo: push real data through `culvert forward tcp` and through a culvert tunnel
+(server + client, TLS with a token) on loopback, and verify it.
 
     CULVERT_BIN=.build/release/culvert python3 Tests/demo/demo.py [--connections N] ...
 
@@ -15,7 +16,10 @@ What it does (127.0.0.1 only, Python 3 standard library only):
      client's; download: every byte against the expected stream, plus its SHA-256);
   5. sends SIGTERM, expects exit status 0 and one `connection closed ... reason=eof` log
      line per connection with the right byte counts;
-  6. prints a short report. Exit status 0 when everything matched, 1 otherwise.
+  6. does the same through the intranet-penetration tunnel: `culvert server` with a fresh
+     token, `culvert client -R 127.0.0.1:0:127.0.0.1:<target>` exposing the target, and
+     the N connections made to the exposed port (TLS 1.3, PSK from the token);
+  7. prints a short report per stage. Exit status 0 when everything matched, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +49,7 @@ OVERALL_DEADLINE = 120.0
 READY_TIMEOUT = 15.0
 EXIT_TIMEOUT = 15.0
 
-READY_RE = re.compile(r"^listening tcp (\S+) -> (\S+)$")
+READY_RE = re.compile(r"^(?:listening tcp|listening tunnel|exposed tcp) (\S+)")
 CLOSED_RE = re.compile(r"^info connection closed\b")
 FIELD_RE = re.compile(r"\b(up|down|reason)=(\S+)")
 
@@ -293,6 +298,55 @@ def parse_port(ready: str) -> int:
     return int(m.group(1).rsplit(":", 1)[1])
 
 
+def transfer(port: int, n: int, upload_size: int, response_size: int, deadline: Deadline):
+    """N parallel clients through `port`; their results and the elapsed time."""
+    results = [ClientResult(i) for i in range(n)]
+    threads = [threading.Thread(target=run_client, daemon=True,
+                                args=(i, port, upload_size, response_size, deadline.remaining(), results[i]))
+               for i in range(n)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=deadline.remaining())
+        if t.is_alive():
+            raise DemoFailure(f"transfer not finished within the {OVERALL_DEADLINE:.0f}s deadline")
+    return results, time.monotonic() - started
+
+
+def report(stage: str, results, elapsed: float, server: TargetServer, received_before: int,
+           log: list[str], statuses: list[int], n: int, upload_size: int, response_size: int) -> list[str]:
+    """Prints one stage's report; returns what went wrong."""
+    up_bytes = sum(r.sent for r in results)
+    down_bytes = sum(r.received for r in results)
+    server_up = sum(count for count, _ in server.received[received_before:])
+    up_ok = sum(r.upload_ok for r in results)
+    down_ok = sum(r.download_ok for r in results)
+    total = up_bytes + down_bytes
+    closed, log_problems = check_close_lines(log, n, upload_size, response_size)
+    print()
+    print(f"upload     client -> {stage} -> target: {fmt_bytes(up_bytes)} sent, {fmt_bytes(server_up)} received")
+    print(f"           SHA-256 match (target's hash = client's): {yes_no(up_ok == n)} ({up_ok}/{n} connections)")
+    print(f"download   target -> {stage} -> client: {fmt_bytes(down_bytes)} received")
+    print(f"           SHA-256 match (= expected stream): {yes_no(down_ok == n)} ({down_ok}/{n} connections)")
+    print(f"elapsed    {elapsed:.2f} s for {fmt_bytes(total)} both ways")
+    print(f"throughput {total * 8 / elapsed / 1e9:.2f} Gbit/s, {total / MiB / elapsed:,.0f} MiB/s "
+          f"(up {up_bytes / MiB / elapsed:,.0f} MiB/s, down {down_bytes / MiB / elapsed:,.0f} MiB/s)")
+    print(f"culvert    {len(closed)} 'connection closed' log lines; exit status after SIGTERM: "
+          + ", ".join(map(str, statuses)))
+    if closed:
+        print(f"           e.g. {closed[0]}")
+    problems = [f"connection {r.index}: {r.error}" for r in results if r.error]
+    problems += [f"connection {r.index}: upload SHA-256 differs (sent {r.sent} bytes, target got "
+                 f"{r.server_count})" for r in results if not r.error and not r.upload_ok]
+    problems += log_problems
+    for status in statuses:
+        if status != 0:
+            how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            problems.append(f"culvert {how} after SIGTERM, expected exit status 0")
+    return problems
+
+
 # --------------------------------------------------------------------------
 # report
 
@@ -326,7 +380,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8, help="parallel connections (default 8)")
     parser.add_argument("--upload-mib", type=int, default=64, help="MiB each connection sends (default 64)")
     parser.add_argument("--download-mib", type=int, default=64, help="MiB each connection receives (default 64)")
-    parser.add_argument("--no-splice", action="store_true", help="run culvert with --no-splice")
+    parser.add_argument("--no-splice", action="store_true", help="run culvert forward with --no-splice")
     args = parser.parse_args()
 
     deadline = Deadline(OVERALL_DEADLINE)
@@ -337,75 +391,62 @@ def main() -> int:
     binary = culvert_binary()
     server = TargetServer(response_size, io_timeout=OVERALL_DEADLINE)
     server.start()
-    argv = [binary, "forward", "tcp", "127.0.0.1:0", f"127.0.0.1:{server.port}"]
-    if args.no_splice:
-        argv.append("--no-splice")
-    culvert = Culvert(argv)
+    procs: list[Culvert] = []
     try:
-        ready = culvert.wait_ready(min(READY_TIMEOUT, deadline.remaining()))
-        port = parse_port(ready)
-        print(f"culvert:   {' '.join(argv)}")
-        print(f"ready:     {ready}")
-        print(f"transfer:  {n} connections x {args.upload_mib} MiB up, {args.download_mib} MiB down ...",
-              flush=True)
+        # Stage 1: forward tcp.
+        argv = [binary, "forward", "tcp", "127.0.0.1:0", f"127.0.0.1:{server.port}"]
+        if args.no_splice:
+            argv.append("--no-splice")
+        forward = Culvert(argv)
+        procs.append(forward)
+        ready = forward.wait_ready(min(READY_TIMEOUT, deadline.remaining()))
+        print(f"== forward tcp\nculvert:   {' '.join(argv)}\nready:     {ready}")
+        print(f"transfer:  {n} connections x {args.upload_mib} MiB up, {args.download_mib} MiB down ...", flush=True)
+        results, elapsed = transfer(parse_port(ready), n, upload_size, response_size, deadline)
+        status = forward.stop(min(EXIT_TIMEOUT, max(deadline.remaining(), 1.0)))
+        problems = report("culvert", results, elapsed, server, 0, forward.log, [status], n, upload_size, response_size)
 
-        results = [ClientResult(i) for i in range(n)]
-        threads = [threading.Thread(target=run_client, daemon=True,
-                                    args=(i, port, upload_size, response_size, deadline.remaining(), results[i]))
-                   for i in range(n)]
-        started = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=deadline.remaining())
-            if t.is_alive():
-                raise DemoFailure(f"transfer not finished within the {OVERALL_DEADLINE:.0f}s deadline")
-        elapsed = time.monotonic() - started
+        # Stage 2: the tunnel (TLS with a PSK from a fresh token).
+        with tempfile.TemporaryDirectory() as tmp:
+            token_file = os.path.join(tmp, "token")
+            token = subprocess.run([binary, "token"], capture_output=True, check=True, text=True).stdout.strip()
+            with open(token_file, "w") as f:
+                f.write(token + "\n")
+            os.chmod(token_file, 0o600)
+            tunnel_server = Culvert([binary, "server", "--listen", "127.0.0.1:0", "--token-file", token_file])
+            procs.append(tunnel_server)
+            server_ready = tunnel_server.wait_ready(min(READY_TIMEOUT, deadline.remaining()))
+            client_argv = [binary, "client", f"127.0.0.1:{parse_port(server_ready)}", "--token-file", token_file,
+                           "-R", f"127.0.0.1:0:127.0.0.1:{server.port}"]
+            tunnel_client = Culvert(client_argv)
+            procs.append(tunnel_client)
+            exposed = tunnel_client.wait_ready(min(READY_TIMEOUT, deadline.remaining()))
+            print(f"\n== tunnel (culvert server + culvert client, TLS 1.3 with a token)")
+            print(f"server:    {server_ready}\nclient:    {' '.join(client_argv)}\nready:     {exposed}")
+            print(f"transfer:  {n} connections x {args.upload_mib} MiB up, {args.download_mib} MiB down ...", flush=True)
+            before = len(server.received)
+            results, elapsed = transfer(parse_port(exposed), n, upload_size, response_size, deadline)
+            statuses = [tunnel_client.stop(EXIT_TIMEOUT), tunnel_server.stop(EXIT_TIMEOUT)]
+            problems += report("tunnel", results, elapsed, server, before, tunnel_server.log, statuses,
+                               n, upload_size, response_size)
 
-        status = culvert.stop(min(EXIT_TIMEOUT, max(deadline.remaining(), 1.0)))
         server.close()
-
-        up_bytes = sum(r.sent for r in results)
-        down_bytes = sum(r.received for r in results)
-        server_up = sum(count for count, _ in server.received)
-        up_ok = sum(r.upload_ok for r in results)
-        down_ok = sum(r.download_ok for r in results)
-        total = up_bytes + down_bytes
-        closed, log_problems = check_close_lines(culvert.log, n, upload_size, response_size)
-
-        print()
-        print(f"upload     client -> culvert -> target: {fmt_bytes(up_bytes)} sent, {fmt_bytes(server_up)} received")
-        print(f"           SHA-256 match (target's hash = client's): {yes_no(up_ok == n)} ({up_ok}/{n} connections)")
-        print(f"download   target -> culvert -> client: {fmt_bytes(down_bytes)} received")
-        print(f"           SHA-256 match (= expected stream): {yes_no(down_ok == n)} ({down_ok}/{n} connections)")
-        print(f"elapsed    {elapsed:.2f} s for {fmt_bytes(total)} both ways")
-        print(f"throughput {total * 8 / elapsed / 1e9:.2f} Gbit/s, {total / MiB / elapsed:,.0f} MiB/s "
-              f"(up {up_bytes / MiB / elapsed:,.0f} MiB/s, down {down_bytes / MiB / elapsed:,.0f} MiB/s)")
-        print(f"culvert    {len(closed)} 'connection closed' log lines; exit status after SIGTERM: {status}")
-        if closed:
-            print(f"           e.g. {closed[0]}")
-        print("(both ends are this Python script, which bounds the rate: a correctness check, not a benchmark)")
-
-        problems = [f"connection {r.index}: {r.error}" for r in results if r.error]
-        problems += [f"connection {r.index}: upload SHA-256 differs (sent {r.sent} bytes, target got "
-                     f"{r.server_count})" for r in results if not r.error and not r.upload_ok]
-        problems += server.errors + log_problems
-        if status != 0:
-            how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-            problems.append(f"culvert {how} after SIGTERM, expected exit status 0")
+        print("\n(both ends are this Python script, which bounds the rate: a correctness check, not a benchmark)")
+        problems += server.errors
         if problems:
             raise DemoFailure("\n  ".join(problems))
-        print("\nOK: every byte arrived intact both ways.")
+        print("\nOK: every byte arrived intact both ways, forwarded and tunneled.")
         return 0
     except DemoFailure as e:
-        culvert.kill()
         print(f"\nFAIL: {e}", file=sys.stderr)
-        tail = culvert.log[-10:]
-        if tail:
-            print("culvert stderr (last lines):\n  " + "\n  ".join(tail), file=sys.stderr)
+        for p in procs:
+            tail = p.log[-10:]
+            if tail:
+                print(f"{p.argv[1]} stderr (last lines):\n  " + "\n  ".join(tail), file=sys.stderr)
         return 1
     finally:
-        culvert.kill()
+        for p in procs:
+            p.kill()
         server.close()
 
 
