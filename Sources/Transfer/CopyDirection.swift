@@ -13,8 +13,9 @@ import Reactor
 /// - `done`: the destination got its FIN; nothing more moves this way.
 ///
 /// Bytes in flight sit in a carrier borrowed from the loop: a pipe when both ends are
-/// plain sockets (splice, no user-space copy), a buffer otherwise. The carrier is given
-/// back as soon as it is empty, so an idle connection holds neither.
+/// plain sockets and the direction carries bulk data (splice, no user-space copy), a
+/// buffer otherwise. The carrier is given back as soon as it is empty, so an idle
+/// connection holds neither.
 struct CopyDirection {
     enum State { case running, flushing, done }
 
@@ -45,6 +46,11 @@ struct CopyDirection {
     private(set) var bytes: UInt64 = 0
 
     let useSplice: Bool
+    /// Whether this direction has shown bulk traffic (a read filled a whole buffer).
+    /// Until then even a splicing direction copies through a buffer: for the small
+    /// exchanges that make up most short connections, recv/send costs the kernel less
+    /// than moving pages through a pipe, and haproxy does the same.
+    private var bulk = false
 
     init(useSplice: Bool) { self.useSplice = useSplice }
 
@@ -145,7 +151,7 @@ struct CopyDirection {
     }
 
     private mutating func takeCarrier(_ resources: LoopResources) throws(SystemError) {
-        if useSplice {
+        if useSplice && bulk {
             carrier = .pipe(try resources.pipes.take())
         } else {
             carrier = .buffer(resources.buffers.take(), size: resources.buffers.bufferSize)
@@ -161,7 +167,9 @@ struct CopyDirection {
             return Net.splice(from: source.fd, to: p.writeFD, p.capacity - pending)
         case .buffer(let b, let size):
             offset = 0
-            return source.read(into: b, count: size)
+            let r = source.read(into: b, count: size)
+            if case .bytes(size) = r { bulk = true }
+            return r
         }
     }
 

@@ -132,6 +132,24 @@ final class CopyBidirectionalTests: XCTestCase {
 
     func testBufferedRelayCarriesBothWaysAndHalfClose() throws { try bothWaysWithHalfClose(splice: false) }
 
+    func testSmallExchangesCopyThroughBuffersEvenWhenSpliceIsPreferred() throws {
+        let (reason, aToB, bToA, resources) = try relay(splice: true) { x, y in
+            sendAll(x, Array("GET / HTTP/1.1\r\n\r\n".utf8))
+            shutdown(x, Int32(SHUT_WR))
+            XCTAssertEqual(readToEnd(y).bytes.count, 18)
+            sendAll(y, Array("HTTP/1.1 200 OK\r\n\r\nhello".utf8))
+            shutdown(y, Int32(SHUT_WR))
+            XCTAssertEqual(readToEnd(x).bytes.count, 24)
+            close(x)
+            close(y)
+        }
+        XCTAssertEqual(reason, .eof)
+        XCTAssertEqual(aToB, 18)
+        XCTAssertEqual(bToA, 24)
+        XCTAssertEqual(resources.pipes.created, 0, "no pipe for a few bytes")
+        XCTAssertEqual(resources.buffers.outstanding, 0)
+    }
+
     private func resetPropagates(splice: Bool) throws {
         var peerError: Int32 = 0
         let (reason, _, _, resources) = try relay(splice: splice) { x, y in
