@@ -421,7 +421,7 @@ def main() -> int:
             tunnel_client = Culvert(client_argv)
             procs.append(tunnel_client)
             exposed = tunnel_client.wait_ready(min(READY_TIMEOUT, deadline.remaining()))
-            print(f"\n== tunnel (culvert server + culvert client, TLS 1.3 with a token)")
+            print("\n== tunnel (culvert server + culvert client, TLS 1.3 with a token)")
             print(f"server:    {server_ready}\nclient:    {' '.join(client_argv)}\nready:     {exposed}")
             print(f"transfer:  {n} connections x {args.upload_mib} MiB up, {args.download_mib} MiB down ...", flush=True)
             before = len(server.received)

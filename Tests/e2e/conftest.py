@@ -595,3 +595,19 @@ def echo_once(addr: tuple[str, int], payload: bytes = b"ping", timeout: float = 
 
 def json_lines(lines: list[str]) -> list[dict]:
     return [json.loads(l) for l in lines]
+
+
+def wait_stdout_line(proc: Culvert, pattern: str, timeout: float = 15.0) -> re.Match:
+    """The first stdout line of `proc` matching `pattern`, within `timeout`."""
+    rx = re.compile(pattern)
+
+    def found():
+        for line in proc.stdout_lines:
+            m = rx.match(line)
+            if m:
+                return m
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"culvert exited early\n{proc.describe()}")
+        return None
+
+    return proc._wait_for(found, timeout, pattern)

@@ -30,7 +30,6 @@ from conftest import (
     ipv6_loopback_available,
     parse_addr,
     recv_all,
-    recv_exactly,
     round_trip,
     run_culvert,
 )

@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 import threading
 
 import pytest
 
-from conftest import Culvert, EchoServer, connect, parse_text_line, recv_all
+from conftest import Culvert, EchoServer, connect, parse_text_line, recv_all, wait_stdout_line
 
 MiB = 1024 * 1024
-
-
-def wait_line(proc: Culvert, pattern: str, timeout: float = 15.0) -> re.Match:
-    rx = re.compile(pattern)
-
-    def found():
-        for line in proc.stdout_lines:
-            m = rx.match(line)
-            if m:
-                return m
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"culvert exited early\n{proc.describe()}")
-        return None
-
-    return proc._wait_for(found, timeout, pattern)
 
 
 @pytest.fixture
@@ -39,11 +23,11 @@ def tunnel(culvert_path, servers, tmp_path):
     def start(transport: str) -> tuple[Culvert, tuple[str, int]]:
         server = Culvert(culvert_path, ["server", "--listen", "127.0.0.1:0", "--token-file", str(token), "--transport", transport])
         procs.append(server)
-        port = int(wait_line(server, r"^listening tunnel 127\.0\.0\.1:(\d+)$").group(1))
+        port = int(wait_stdout_line(server, r"^listening tunnel 127\.0\.0\.1:(\d+)$").group(1))
         client = Culvert(culvert_path, ["client", f"127.0.0.1:{port}", "--token-file", str(token), "--transport", transport,
                                         "--compress", "-R", f"127.0.0.1:0:{echo.address}"])
         procs.append(client)
-        exposed = int(wait_line(client, r"^exposed tcp 127\.0\.0\.1:(\d+) -> ").group(1))
+        exposed = int(wait_stdout_line(client, r"^exposed tcp 127\.0\.0\.1:(\d+) -> ").group(1))
         return server, ("127.0.0.1", exposed)
 
     yield start

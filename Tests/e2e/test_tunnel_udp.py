@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
 import selectors
 import socket
 import struct
@@ -14,22 +13,7 @@ import time
 
 import pytest
 
-from conftest import Culvert
-
-
-def wait_line(proc: Culvert, pattern: str, timeout: float = 15.0) -> re.Match:
-    rx = re.compile(pattern)
-
-    def found():
-        for line in proc.stdout_lines:
-            m = rx.match(line)
-            if m:
-                return m
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"culvert exited early\n{proc.describe()}")
-        return None
-
-    return proc._wait_for(found, timeout, pattern)
+from conftest import Culvert, wait_stdout_line
 
 
 class UdpServer:
@@ -82,11 +66,11 @@ def udp_tunnel(culvert_path, tmp_path):
         server = Culvert(culvert_path, ["server", "--listen", "127.0.0.1:0", "--token-file", str(token),
                                         "--transport", transport, "--bind-addr", "127.0.0.1"])
         procs.append(server)
-        port = int(wait_line(server, r"^listening tunnel 127\.0\.0\.1:(\d+)$").group(1))
+        port = int(wait_stdout_line(server, r"^listening tunnel 127\.0\.0\.1:(\d+)$").group(1))
         client = Culvert(culvert_path, ["client", f"127.0.0.1:{port}", "--token-file", str(token), "--transport", transport,
                                         *extra, "-R", f"udp:127.0.0.1:0:127.0.0.1:{target.port}"])
         procs.append(client)
-        exposed = int(wait_line(client, r"^exposed udp 127\.0\.0\.1:(\d+) -> ").group(1))
+        exposed = int(wait_stdout_line(client, r"^exposed udp 127\.0\.0\.1:(\d+) -> ").group(1))
         return target, ("127.0.0.1", exposed), client
 
     yield start

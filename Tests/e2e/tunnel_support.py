@@ -33,7 +33,6 @@ from conftest import (  # noqa: E402  (read-only use of the shared helpers)
     EchoServer,
     TcpServer,
     culvert_bin,
-    fmt_addr,
     parse_addr,
 )
 
