@@ -173,6 +173,26 @@ class Culvert:
                     )
                 self._cond.wait(min(remaining, 0.1))
 
+    #: Default bound for `wait_stdout`.
+    stdout_timeout = 15.0
+    #: What a ready line looks like (subclasses for other commands set their own).
+    ready_re = READY_RE
+
+    def wait_stdout(self, pattern: re.Pattern, count: int = 1, timeout: float | None = None) -> list[re.Match]:
+        """The first `count` stdout lines matching `pattern`; fails if the process exits first."""
+        def have():
+            hits = [m for m in (pattern.match(l) for l in self.stdout_lines) if m]
+            if len(hits) >= count:
+                return hits
+            if self.proc.poll() is not None and self._eof["stdout"] and self._eof["stderr"]:
+                raise AssertionError(
+                    f"process exited with {self.proc.returncode} before printing {count} line(s) "
+                    f"matching {pattern.pattern!r}\n{self.describe()}")
+            return None
+
+        return self._wait_for(have, timeout or self.stdout_timeout,
+                              f"{count} stdout line(s) matching {pattern.pattern!r}")
+
     def wait_ready(self, n: int = 1, timeout: float = 15.0) -> list[tuple[str, str]]:
         """Wait until n ready lines are on stdout; fail early if the process exits."""
 
@@ -191,7 +211,7 @@ class Culvert:
             lines = list(self.stdout_lines[:n])
         ready = []
         for line in lines:
-            m = READY_RE.match(line)
+            m = self.ready_re.match(line)
             assert m, f"stdout line is not a ready line: {line!r}\n{self.describe()}"
             ready.append((m.group(1), m.group(2)))
         self.ready = ready
@@ -599,15 +619,4 @@ def json_lines(lines: list[str]) -> list[dict]:
 
 def wait_stdout_line(proc: Culvert, pattern: str, timeout: float = 15.0) -> re.Match:
     """The first stdout line of `proc` matching `pattern`, within `timeout`."""
-    rx = re.compile(pattern)
-
-    def found():
-        for line in proc.stdout_lines:
-            m = rx.match(line)
-            if m:
-                return m
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"culvert exited early\n{proc.describe()}")
-        return None
-
-    return proc._wait_for(found, timeout, pattern)
+    return proc.wait_stdout(re.compile(pattern), timeout=timeout)[0]

@@ -42,27 +42,7 @@ MAX_IPV4_PAYLOAD = 65507
 class UdpCulvert(Culvert):
     """conftest.Culvert with the UDP ready line."""
 
-    def wait_ready(self, n: int = 1, timeout: float = 15.0) -> list[tuple[str, str]]:
-        def have():
-            if len(self.stdout_lines) >= n:
-                return True
-            if self.proc.poll() is not None and self._eof["stdout"]:
-                raise AssertionError(
-                    f"culvert exited with {self.proc.returncode} before printing "
-                    f"{n} ready line(s)\n{self.describe()}"
-                )
-            return False
-
-        self._wait_for(have, timeout, f"{n} ready line(s)")
-        with self._cond:
-            lines = list(self.stdout_lines[:n])
-        ready = []
-        for line in lines:
-            m = UDP_READY_RE.match(line)
-            assert m, f"stdout line is not a UDP ready line: {line!r}\n{self.describe()}"
-            ready.append((m.group(1), m.group(2)))
-        self.ready = ready
-        return ready
+    ready_re = UDP_READY_RE
 
     def session_closed(self) -> list[dict]:
         return [r for r in self.records() if r.get("msg") == "session closed"]

@@ -115,21 +115,10 @@ def write_token(path: Path, token: str) -> str:
 class Proc(Culvert):
     """A running culvert server/client (or sshd) with stdout/stderr collected."""
 
+    stdout_timeout = 20.0
+
     def __init__(self, path: str, args: list[str]):
         retry_exec(lambda: Culvert.__init__(self, path, args))
-
-    def wait_stdout(self, pattern: re.Pattern, count: int = 1, timeout: float = 20.0) -> list[re.Match]:
-        def have():
-            hits = [m for m in (pattern.match(l) for l in self.stdout_lines) if m]
-            if len(hits) >= count:
-                return hits
-            if self.proc.poll() is not None and self._eof["stdout"] and self._eof["stderr"]:
-                raise AssertionError(
-                    f"process exited with {self.proc.returncode} before printing {count} line(s) "
-                    f"matching {pattern.pattern!r}\n{self.describe()}")
-            return None
-
-        return self._wait_for(have, timeout, f"{count} stdout line(s) matching {pattern.pattern!r}")
 
     def stderr_text(self) -> str:
         with self._cond:

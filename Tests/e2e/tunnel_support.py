@@ -118,19 +118,6 @@ class TunnelProc(Culvert):
                 time.sleep(0.5)
                 wait_for_binary()
 
-    def wait_stdout(self, pattern: re.Pattern, count: int = 1, timeout: float = 15.0) -> list[re.Match]:
-        def have():
-            hits = [m for m in (pattern.match(l) for l in self.stdout_lines) if m]
-            if len(hits) >= count:
-                return hits
-            if self.proc.poll() is not None and self._eof["stdout"] and self._eof["stderr"]:
-                raise AssertionError(
-                    f"culvert exited with {self.proc.returncode} before printing {count} line(s) "
-                    f"matching {pattern.pattern!r}\n{self.describe()}")
-            return None
-
-        return self._wait_for(have, timeout, f"{count} stdout line(s) matching {pattern.pattern!r}")
-
     def listen_addrs(self, count: int = 1, timeout: float = 15.0) -> list[tuple[str, int]]:
         return [parse_addr(m.group(1)) for m in self.wait_stdout(LISTENING_RE, count, timeout)]
 
