@@ -65,8 +65,6 @@ struct ForwardTCPCommand: ParsableCommand {
     }
 
     func run() throws {
-        // A target written as :PORT means this host, like a bare PORT.
-        let targets = targets.map { $0.host == nil ? HostPort(host: "127.0.0.1", port: $0.port) : $0 }
         var config = TCPForwardConfig(listen: listen, targets: targets)
         config.balance = balance
         config.connectTimeout = connectTimeout

@@ -58,7 +58,6 @@ struct ForwardUDPCommand: ParsableCommand {
     }
 
     func run() throws {
-        let targets = targets.map { $0.host == nil ? HostPort(host: "127.0.0.1", port: $0.port) : $0 }
         var config = UDPForwardConfig(listen: listen, targets: targets)
         config.balance = balance
         config.idleTimeout = idleTimeout

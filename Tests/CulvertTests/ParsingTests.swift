@@ -10,6 +10,9 @@ final class HostPortTests: XCTestCase {
         XCTAssertEqual(try HostPort.parse("[::1]:443"), HostPort(host: "::1", port: 443))
         XCTAssertEqual(try HostPort.parse("db.internal:5432"), HostPort(host: "db.internal", port: 5432))
         XCTAssertEqual(HostPort(host: "::1", port: 1).description, "[::1]:1")
+        XCTAssertEqual(try HostPort.parse(":8080").asTarget, HostPort(host: "127.0.0.1", port: 8080))
+        XCTAssertEqual(TCPForwardConfig(listen: HostPort(host: nil, port: 0), targets: [HostPort(host: nil, port: 9)]).targets,
+                       [HostPort(host: "127.0.0.1", port: 9)], "a :PORT target means this host")
     }
 
     func testRejectsWithAReason() {

@@ -16,6 +16,6 @@ public struct TCPForwardConfig: Sendable {
 
     public init(listen: HostPort, targets: [HostPort]) {
         self.listen = listen
-        self.targets = targets
+        self.targets = targets.map(\.asTarget)
     }
 }

@@ -18,7 +18,7 @@ public struct UDPForwardConfig: Sendable {
 
     public init(listen: HostPort, targets: [HostPort]) {
         self.listen = listen
-        self.targets = targets
+        self.targets = targets.map(\.asTarget)
     }
 }
 

@@ -57,6 +57,10 @@ public struct HostPort: Equatable, CustomStringConvertible, Sendable {
         return HostPort(host: host, port: UInt16(portValue))
     }
 
+    /// The address as a connect target: no host (`:PORT`) means this host, as a bare
+    /// PORT does.
+    public var asTarget: HostPort { host == nil ? HostPort(host: "127.0.0.1", port: port) : self }
+
     public var description: String {
         guard let host else { return "*:\(port)" }
         return host.contains(":" as Character) ? "[\(host)]:\(port)" : "\(host):\(port)"
