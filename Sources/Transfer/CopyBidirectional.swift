@@ -112,6 +112,7 @@ public final class CopyBidirectional: EventHandler {
     }
 
     private func register(_ side: Duplex, tag: UInt8) throws(SystemError) {
+        if side.attachVirtual(self, tag: tag) { return }
         let separate = side.writeFD != side.fd
         try watch(side.fd, separate ? .read : .readWrite, tag: tag)
         if separate { try watch(side.writeFD, .write, tag: tag) }

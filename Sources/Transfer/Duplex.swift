@@ -23,11 +23,16 @@ public protocol Duplex: AnyObject {
     func shutdownWrite() -> SystemError?
     /// Releases the descriptor; `reset` makes the peer see RST instead of FIN.
     func close(reset: Bool)
+    /// A stream without a descriptor of its own (a multiplexed stream) takes the
+    /// handler to wake and answers true; a socket-backed one answers false and is
+    /// registered with the loop.
+    func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool
 }
 
 extension Duplex {
     public var writeFD: Int32 { fd }
     public var closesDescriptors: Bool { true }
+    public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool { false }
 }
 
 /// A connected, non-blocking TCP socket.

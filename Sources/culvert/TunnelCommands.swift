@@ -249,8 +249,11 @@ struct ClientCommand: ParsableCommand {
     @Option(help: "Pinned SHA-256 fingerprint of the server certificate: sha256:HEX.", transform: parseFingerprintArgument)
     var fingerprint: [UInt8]?
 
-    @Option(help: "Pre-opened data channels kept ready (default: 2).")
+    @Option(help: "Pre-opened data channels kept ready (default: 2); with --mux they serve only secret services.")
     var pool: Int?
+
+    @Option(help: ArgumentHelp("Data channels that carry TCP visitors as multiplexed streams (default: 1, at most 16); 0: a dedicated data channel per visitor (splices with --transport plain).", valueName: "N"))
+    var mux: Int?
 
     @Option(help: "Time allowed to connect to the server or a local service (default: 5s).", transform: parseDuration)
     var connectTimeout: Duration?
@@ -262,6 +265,7 @@ struct ClientCommand: ParsableCommand {
 
     func validate() throws {
         if let pool, pool < 0 || pool > 64 { throw ValidationError("--pool must be between 0 and 64, got \(pool)") }
+        if let mux, mux < 0 || mux > 16 { throw ValidationError("--mux must be between 0 and 16, got \(mux)") }
         if ca != nil && fingerprint != nil { throw ValidationError("give --ca or --fingerprint, not both") }
         if (ca != nil || fingerprint != nil) && common.transport == .plain {
             throw ValidationError("--ca and --fingerprint need --transport tls")
@@ -312,6 +316,7 @@ struct ClientCommand: ParsableCommand {
         if let ca { config.caFile = ca; config.fingerprint = nil }
         if let fingerprint { config.fingerprint = fingerprint; config.caFile = nil }
         if let pool { config.pool = pool }
+        if let mux { config.mux = mux }
         if let connectTimeout { config.connectTimeout = connectTimeout }
         if let reconnectMax { config.reconnectMax = reconnectMax }
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {

@@ -25,6 +25,8 @@ from conftest import (
 from tunnel_support import (
     CHALLENGE,
     CONNECT,
+    MUX,
+    PROTOCOL_VERSION,
     DATA_HELLO,
     HELLO,
     MODES,
@@ -343,7 +345,9 @@ def test_replay_recorded_control_bytes_rejected(kit, recorded):
 def test_replay_recorded_data_channel_rejected(kit, recorded):
     srv, cli, conns, addr = recorded
     datas = [c for c in conns if split_frames(c["c2s"])[:1] and split_frames(c["c2s"])[0][0] == DATA_HELLO]
-    used = [c for c in datas if CONNECT in [t for t, _ in split_frames(c["s2c"])]]
+    # a channel the server used: its first frame pairs a visitor (connect) or makes it
+    # a carrier of multiplexed streams (mux)
+    used = [c for c in datas if [t for t, _ in split_frames(c["s2c"])[:1]] in ([CONNECT], [MUX])]
     assert used, f"no used data channel among {len(conns)} recorded connections"
     dh = split_frames(used[0]["c2s"])[0]
     with raw_connect(srv.server_addr) as s:
@@ -365,7 +369,7 @@ def test_fresh_server_nonce_per_connection(kit):
             f = read_frame(s, time.monotonic() + 5)
         assert f is not None and f[0] == CHALLENGE, f
         body = f[1]
-        assert len(body) == 2 + 32 + 32 and body[:2] == b"\x00\x01"
+        assert len(body) == 2 + 32 + 32 and body[:2] == struct.pack(">H", PROTOCOL_VERSION)
         seen.append(body[2:34])
         # the second connection's proof must differ because the server nonce does
     assert seen[0] != seen[1], "server reused its nonce for the same client nonce"

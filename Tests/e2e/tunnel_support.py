@@ -43,7 +43,8 @@ MODES = ["tls-psk", "tls-cert", "plain"]
 
 # frame types (docs: u32 BE length of type+body, u8 type, body)
 HELLO, CHALLENGE, CLIENT_AUTH, WELCOME, REFUSED = 0x01, 0x02, 0x03, 0x04, 0x05
-DATA_HELLO, CONNECT = 0x21, 0x22
+DATA_HELLO, CONNECT, MUX = 0x21, 0x22, 0x23
+PROTOCOL_VERSION = 2
 MAX_FRAME = 16384
 
 
@@ -279,7 +280,7 @@ def frame(ftype: int, body: bytes = b"") -> bytes:
     return struct.pack(">IB", len(body) + 1, ftype) + body
 
 
-def hello(nonce: bytes, version: int = 1) -> bytes:
+def hello(nonce: bytes, version: int = PROTOCOL_VERSION) -> bytes:
     return frame(HELLO, struct.pack(">H", version) + nonce)
 
 

@@ -4,7 +4,7 @@
 /// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
 /// max_clients, max_services, max_unauthenticated, handshake_timeout,
 /// heartbeat_interval, heartbeat_misses, drain_timeout, log_level, log_format.
-/// Client keys: server, token, token_file, transport, ca, fingerprint, pool,
+/// Client keys: server, token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, log_level, log_format, and `[services.NAME]` tables
 /// with remote_port, local, bind, compress, protocol (tcp or udp) — or secret = true, local, and optionally token or
@@ -65,6 +65,7 @@ public enum TunnelConfigFile {
         config.caFile = try file.string("ca") ?? config.caFile
         if let fp = try file.parse("fingerprint", try file.string("fingerprint"), parseFingerprint) { config.fingerprint = fp }
         config.pool = try file.int("pool", range: 0...64) ?? config.pool
+        config.mux = try file.int("mux", range: 0...16) ?? config.mux
         config.connectTimeout = try file.duration("connect_timeout") ?? config.connectTimeout
         config.reconnectMax = try file.duration("reconnect_max") ?? config.reconnectMax
         config.handshakeTimeout = try file.duration("handshake_timeout") ?? config.handshakeTimeout

@@ -17,6 +17,8 @@ final class ClientSession {
     private var resolvedLocal: [UInt32: [SocketAddress]] = [:]
     /// `host:port` of each service's local end, for close lines.
     private lazy var localNames: [String] = client.config.services.map(\.localDescription)
+    /// Data channels carrying multiplexed TCP visitors.
+    private var carriers: [ObjectIdentifier: MuxConnection] = [:]
     /// Data channels carrying UDP services.
     private var udpRelays: [ObjectIdentifier: ClientUDPRelay] = [:]
     private var heartbeatTimer: LoopTimer?
@@ -107,11 +109,15 @@ final class ClientSession {
             channel.send(TunnelProtocol.encode(.dataHello(
                 version: TunnelProtocol.version, sessionID: id, channelNonce: nonce,
                 proof: TunnelProtocol.dataProof(sessionKey: self.key, sessionID: id, channelNonce: nonce))))
-            guard case .connect(let sid, let who) = try await TunnelProtocol.read(from: channel) else {
+            switch try await TunnelProtocol.read(from: channel) {
+            case .connect(let sid, let who):
+                serviceID = sid
+                visitor = who
+            case .mux:
+                return startCarrier(channel.detach())
+            default:
                 throw ChannelError.protocolViolation("expected connect on data channel")
             }
-            serviceID = sid
-            visitor = who
         } catch {
             if !ended && error as? ChannelError != .closed {
                 logger.debug("pooled data channel closed", metadata: ["error": "\(error)"])
@@ -157,6 +163,59 @@ final class ClientSession {
         }
         guard let data = wrap(channel.detach(), compress: spec.compress) else { return Posix.close(localFD) }
         startRelay(data, localFD: localFD, visitor: visitor, target: localNames[Int(serviceID)])
+    }
+
+    // MARK: multiplexed data channels
+
+    private func startCarrier(_ stream: Duplex) {
+        guard !ended else { return stream.close(reset: false) }
+        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false)
+        carrier.onOpen = { [weak self] stream, payload in
+            guard let self else { return stream.close(reset: true) }
+            self.streamOpened(stream, payload)
+        }
+        carrier.onClose = { [weak self] carrier, error in
+            guard let self else { return }
+            self.carriers[ObjectIdentifier(carrier)] = nil
+            if !self.ended, let error {
+                self.logger.warning("multiplexed data channel lost", metadata: ["error": "\(error)"])
+            }
+        }
+        do {
+            try carrier.start()
+        } catch {
+            return logger.warning("cannot watch a multiplexed data channel", metadata: ["error": "\(error)"])
+        }
+        carriers[ObjectIdentifier(carrier)] = carrier
+    }
+
+    /// A visitor arrived on a carrier: connect to its local service and relay.
+    private func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer) {
+        let services = client.config.services
+        let serviceID: UInt32
+        let visitor: String
+        do {
+            (serviceID, visitor) = try TunnelProtocol.decodeOpen(payload)
+        } catch {
+            logger.warning("malformed stream on a multiplexed data channel", metadata: ["error": "\(error)"])
+            return stream.close(reset: true)
+        }
+        guard Int(serviceID) < services.count, !services[Int(serviceID)].isUDP, !services[Int(serviceID)].isSecret else {
+            logger.warning("multiplexed stream for an unknown service", metadata: ["service": .stringConvertible(serviceID)])
+            return stream.close(reset: true)
+        }
+        let spec = services[Int(serviceID)]
+        Task(executorPreference: loop.tasks) {
+            let localFD: Int32
+            do {
+                localFD = try await self.connectFirst(try await self.localAddresses(of: serviceID, spec))
+            } catch {
+                self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
+                return stream.close(reset: true)
+            }
+            guard let data = self.wrap(stream, compress: spec.compress) else { return Posix.close(localFD) }
+            self.startRelay(data, localFD: localFD, visitor: visitor, target: self.localNames[Int(serviceID)])
+        }
     }
 
     /// The exposer's half of the end-to-end service-token proof. On a wrong proof the
@@ -277,6 +336,9 @@ final class ClientSession {
         retryTimers.removeAll()
         for c in pooled.values { c.fail(.closed) }
         pooled.removeAll()
+        // Streams still running on a carrier end with it: the server is gone.
+        for c in Array(carriers.values) { c.close() }
+        carriers.removeAll()
         for r in Array(udpRelays.values) { r.closeAll() }
         control.close()
     }

@@ -14,7 +14,7 @@ public struct VisitError: Error, CustomStringConvertible {
 enum SecretVisit {
     static func open(_ connector: TunnelConnector, name: String, serviceToken: String, heartbeat: Heartbeat) async throws -> Duplex {
         let channel = try await connector.openChannel()
-        _ = try await connector.authenticate(channel, poolSize: 0, heartbeat: heartbeat)
+        _ = try await connector.authenticate(channel, poolSize: 0, muxChannels: 0, heartbeat: heartbeat)
         let timer = connector.loop.schedule(after: connector.handshakeTimeout) { channel.fail(.timedOut("visit")) }
         defer { timer.cancel() }
         do {

@@ -39,6 +39,14 @@ final class ServerSession {
     private let control: AsyncDuplex
     private let sessionKey: [UInt8]
     private let poolSize: Int
+    /// How many multiplexed data channels carry this client's TCP visitors (0: none,
+    /// each visitor gets a dedicated data channel).
+    private let muxChannels: Int
+    private var carriers: [MuxConnection] = []
+    /// Channels told to become carriers whose `mux` frame is still being flushed.
+    private var carriersStarting = 0
+    /// TCP visitors waiting for a multiplexed data channel (only before the first is up).
+    private var muxWaiting: [WaitingVisitor] = []
     private var services: [UInt32: ExposedService] = [:]
     /// UDP services: id → (service, compressed).
     private var udpServices: [UInt32: (ServerUDPService, Bool)] = [:]
@@ -56,13 +64,14 @@ final class ServerSession {
     private var logger: Logger { server.logger }
     private var loop: EventLoop { server.loop }
 
-    init(server: TunnelServer, control: AsyncDuplex, id: [UInt8], peer: String, sessionKey: [UInt8], poolSize: Int) {
+    init(server: TunnelServer, control: AsyncDuplex, id: [UInt8], peer: String, sessionKey: [UInt8], poolSize: Int, muxChannels: Int) {
         self.server = server
         self.control = control
         self.id = id
         self.peer = peer
         self.sessionKey = sessionKey
         self.poolSize = poolSize
+        self.muxChannels = muxChannels
         lastHeard = server.loop.now
     }
 
@@ -195,7 +204,8 @@ final class ServerSession {
     /// Asks the client for enough data channels to cover the pool and every waiting visitor.
     private func requestChannels() {
         guard !ended else { return }
-        while idleChannels.count + outstandingNonces.count < poolSize + waiting.count + udpWaiting.count {
+        let carriersWanted = max(0, muxChannels - carriers.count - carriersStarting)
+        while idleChannels.count + outstandingNonces.count < poolSize + waiting.count + udpWaiting.count + carriersWanted {
             let nonce = TunnelCrypto.random(TunnelProtocol.channelNonceSize)
             outstandingNonces.insert(TunnelProtocol.Key16(nonce))
             control.send(TunnelProtocol.encode(.openData(channelNonce: nonce)))
@@ -214,7 +224,9 @@ final class ServerSession {
 
     func dataChannelArrived(_ channel: AsyncDuplex) {
         guard !ended else { return channel.close() }
-        if !udpWaiting.isEmpty {
+        if carriers.count + carriersStarting < muxChannels {
+            makeCarrier(channel)
+        } else if !udpWaiting.isEmpty {
             attachUDP(udpWaiting.removeFirst(), channel)
         } else if waiting.isEmpty {
             idleChannels.append(channel)
@@ -223,6 +235,70 @@ final class ServerSession {
             visitor.timer?.cancel()
             pair(channel, visitor.stream, peer: visitor.peer, service: visitor.service)
         }
+    }
+
+    // MARK: multiplexed data channels
+
+    /// Turns a fresh data channel into a carrier of multiplexed visitor streams.
+    private func makeCarrier(_ channel: AsyncDuplex) {
+        channel.send(TunnelProtocol.encode(.mux))
+        guard channel.hasPendingOutput else { return startCarrier(channel.detach()) }
+        carriersStarting += 1
+        Task(executorPreference: loop.tasks) {
+            let flushed: Bool
+            do {
+                try await channel.flush()
+                flushed = true
+            } catch {
+                flushed = false
+            }
+            self.carriersStarting -= 1
+            guard flushed, !self.ended else {
+                channel.close()
+                return self.requestChannels()
+            }
+            self.startCarrier(channel.detach())
+        }
+    }
+
+    private func startCarrier(_ stream: Duplex) {
+        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: true)
+        carrier.onClose = { [weak self] carrier, error in self?.carrierClosed(carrier, error) }
+        do {
+            try carrier.start()
+        } catch {
+            logger.warning("cannot watch a multiplexed data channel", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            return requestChannels()
+        }
+        carriers.append(carrier)
+        let queued = muxWaiting
+        muxWaiting.removeAll()
+        for v in queued {
+            v.timer?.cancel()
+            openStream(on: carrier, v.stream, peer: v.peer, service: v.service)
+        }
+    }
+
+    private func carrierClosed(_ carrier: MuxConnection, _ error: Error?) {
+        carriers.removeAll { $0 === carrier }
+        guard !ended else { return }
+        logger.warning("multiplexed data channel lost", metadata: ["peer": "\(peer)", "error": "\(error.map { "\($0)" } ?? "closed")"])
+        requestChannels()
+    }
+
+    /// The carrier with the fewest streams.
+    private func pickCarrier() -> MuxConnection? {
+        var best: MuxConnection?
+        for c in carriers where !c.isClosed && (best == nil || c.streamCount < best!.streamCount) { best = c }
+        return best
+    }
+
+    private func openStream(on carrier: MuxConnection, _ visitorStream: Duplex, peer visitor: String, service: UInt32) {
+        guard let exposed = services[service],
+              let stream = carrier.open(TunnelProtocol.encodeOpen(serviceID: service, visitor: visitor)) else {
+            return visitorStream.close(reset: true)
+        }
+        startRelay(stream, visitorStream, visitor: visitor, listen: exposed.listen, compress: exposed.request.compress)
     }
 
     private func udpNeedsChannel(_ service: ServerUDPService) {
@@ -259,21 +335,37 @@ final class ServerSession {
     }
 
     func visitorArrived(_ stream: Duplex, peer visitor: String, service: UInt32) {
+        if muxChannels > 0 && services[service] != nil {
+            if let carrier = pickCarrier() {
+                return openStream(on: carrier, stream, peer: visitor, service: service)
+            }
+            muxWaiting.append(makeWaiter(stream, peer: visitor, service: service))
+            return requestChannels()
+        }
         if let channel = idleChannels.popLast() {
             pair(channel, stream, peer: visitor, service: service)
         } else {
-            let waiter = WaitingVisitor(stream: stream, peer: visitor, service: service)
-            waiter.timer = loop.schedule(after: server.config.visitorTimeout) { [weak self, unowned waiter] in
-                self?.visitorTimedOut(waiter)
-            }
-            waiting.append(waiter)
+            waiting.append(makeWaiter(stream, peer: visitor, service: service))
         }
         requestChannels()
     }
 
+    private func makeWaiter(_ stream: Duplex, peer visitor: String, service: UInt32) -> WaitingVisitor {
+        let waiter = WaitingVisitor(stream: stream, peer: visitor, service: service)
+        waiter.timer = loop.schedule(after: server.config.visitorTimeout) { [weak self, unowned waiter] in
+            self?.visitorTimedOut(waiter)
+        }
+        return waiter
+    }
+
     private func visitorTimedOut(_ waiter: WaitingVisitor) {
-        guard let i = waiting.firstIndex(where: { $0 === waiter }) else { return }
-        waiting.remove(at: i)
+        if let i = waiting.firstIndex(where: { $0 === waiter }) {
+            waiting.remove(at: i)
+        } else if let i = muxWaiting.firstIndex(where: { $0 === waiter }) {
+            muxWaiting.remove(at: i)
+        } else {
+            return
+        }
         waiter.stream.close(reset: true)
         logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": "\(DurationSpec.format(server.config.visitorTimeout))"])
     }
@@ -285,7 +377,7 @@ final class ServerSession {
         let compress = services[service]?.request.compress ?? false
         channel.send(TunnelProtocol.encode(.connect(serviceID: service, visitor: visitor)))
         guard channel.hasPendingOutput else {
-            return startRelay(channel, visitorStream, visitor: visitor, listen: listen, compress: compress)
+            return startRelay(channel.detach(), visitorStream, visitor: visitor, listen: listen, compress: compress)
         }
         Task(executorPreference: loop.tasks) { [server] in
             do {
@@ -295,13 +387,13 @@ final class ServerSession {
                 server.logger.warning("data channel failed before use", metadata: ["peer": "\(visitor)", "error": "\(error)"])
                 return
             }
-            self.startRelay(channel, visitorStream, visitor: visitor, listen: listen, compress: compress)
+            self.startRelay(channel.detach(), visitorStream, visitor: visitor, listen: listen, compress: compress)
         }
     }
 
-    private func startRelay(_ channel: AsyncDuplex, _ visitorStream: Duplex, visitor: String, listen: String, compress: Bool) {
+    private func startRelay(_ channel: Duplex, _ visitorStream: Duplex, visitor: String, listen: String, compress: Bool) {
         let server = self.server
-        var data = channel.detach()
+        var data = channel
         var zlib: ZlibStream?
         if compress {
             do {
@@ -368,11 +460,15 @@ final class ServerSession {
         stopAccepting()
         for c in idleChannels { c.close() }
         idleChannels.removeAll()
-        for v in waiting {
+        for v in waiting + muxWaiting {
             v.timer?.cancel()
             v.stream.close(reset: true)
         }
         waiting.removeAll()
+        muxWaiting.removeAll()
+        // Streams still running on a carrier end with it: the client is gone.
+        for c in carriers { c.close() }
+        carriers.removeAll()
         outstandingNonces.removeAll()
         control.close()
         logger.info("client disconnected", metadata: ["peer": "\(peer)", "reason": "\(reason)"])

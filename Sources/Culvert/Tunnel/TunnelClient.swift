@@ -85,7 +85,9 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     /// the channel dies. Returns whether the session got as far as authentication.
     private func runSession() async throws -> Bool {
         let channel = try await connector.openChannel()
-        let auth = try await connector.authenticate(channel, poolSize: config.pool, heartbeat: config.heartbeat)
+        // With multiplexing, pooled dedicated channels serve only secret services' visitors.
+        let pool = config.mux > 0 && !config.services.contains(where: \.isSecret) ? 0 : config.pool
+        let auth = try await connector.authenticate(channel, poolSize: pool, muxChannels: config.mux, heartbeat: config.heartbeat)
         logger.info("connected to server", metadata: ["target": "\(config.server)"])
         let session = ClientSession(client: self, control: channel, id: auth.id, key: auth.key)
         current = session

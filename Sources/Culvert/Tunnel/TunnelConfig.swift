@@ -186,6 +186,9 @@ public struct TunnelClientConfig: Sendable {
     public var fingerprint: [UInt8]?
     public var services: [ServiceSpec] = []
     public var pool: Int = 2
+    /// Data channels that carry TCP visitors as multiplexed streams; 0 opens a
+    /// dedicated data channel per visitor (which splices on the plain transport).
+    public var mux: Int = 1
     public var heartbeat = Heartbeat()
     public var handshakeTimeout: Duration = .seconds(10)
     public var connectTimeout: Duration = .seconds(5)

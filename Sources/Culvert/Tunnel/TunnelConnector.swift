@@ -95,7 +95,7 @@ final class TunnelConnector {
 
     /// The mutual proof exchange on a fresh channel. Throws `FatalClientError` when the
     /// token is wrong (retrying cannot help); closes the channel on any failure.
-    func authenticate(_ channel: AsyncDuplex, poolSize: Int, heartbeat: Heartbeat) async throws -> Session {
+    func authenticate(_ channel: AsyncDuplex, poolSize: Int, muxChannels: Int, heartbeat: Heartbeat) async throws -> Session {
         let timer = loop.schedule(after: handshakeTimeout) { channel.fail(.timedOut("handshake")) }
         defer { timer.cancel() }
         let clientNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
@@ -112,7 +112,8 @@ final class TunnelConnector {
             }
             channel.send(TunnelProtocol.encode(.clientAuth(
                 clientProof: TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
-                poolSize: UInt16(poolSize), heartbeatMillis: UInt32(heartbeat.interval.nanoseconds / 1_000_000))))
+                poolSize: UInt16(poolSize), heartbeatMillis: UInt32(heartbeat.interval.nanoseconds / 1_000_000),
+                muxChannels: UInt8(min(muxChannels, TunnelProtocol.maxMuxChannels)))))
             switch try await TunnelProtocol.read(from: channel) {
             case .welcome(let id):
                 return Session(id: id, key: TunnelProtocol.sessionKey(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce))

@@ -1,13 +1,16 @@
 import Transfer
 
-/// The culvert tunnel wire protocol, version 1 (docs/PROTOCOL.md): every message of the
+/// The culvert tunnel wire protocol, version 2 (docs/PROTOCOL.md): every message of the
 /// control and data channels, their encoding, and the proofs. This file is the codec;
 /// nothing else knows byte layouts.
 ///
 /// Frame: u32 big-endian length of what follows (type byte + body), u8 type, body.
 /// Integers are big-endian; strings and byte strings are u16 length + bytes.
 enum TunnelProtocol {
-    static let version: UInt16 = 1
+    /// 2 added multiplexed data channels (`clientAuth` carries their count, `mux`).
+    static let version: UInt16 = 2
+    /// The most multiplexed data channels a client may ask for.
+    static let maxMuxChannels = 16
     /// Hard limit on a frame (type + body); larger frames end the connection.
     static let maxFrame = 16 * 1024
     static let nonceSize = 32
@@ -54,8 +57,10 @@ enum TunnelProtocol {
         case controlHello(version: UInt16, clientNonce: [UInt8])
         /// server → client: its nonce and its proof of the token.
         case challenge(version: UInt16, serverNonce: [UInt8], serverProof: [UInt8])
-        /// client → server: the client's proof, its pool size and heartbeat interval (ms).
-        case clientAuth(clientProof: [UInt8], poolSize: UInt16, heartbeatMillis: UInt32)
+        /// client → server: the client's proof, its pool size, heartbeat interval (ms) and
+        /// how many multiplexed data channels carry its TCP visitors (0: a dedicated
+        /// data channel per visitor).
+        case clientAuth(clientProof: [UInt8], poolSize: UInt16, heartbeatMillis: UInt32, muxChannels: UInt8)
         /// server → client: authenticated; the session's id.
         case welcome(sessionID: [UInt8])
         /// Either way: refusal with a reason, then the connection closes.
@@ -69,6 +74,9 @@ enum TunnelProtocol {
         case dataHello(version: UInt16, sessionID: [UInt8], channelNonce: [UInt8], proof: [UInt8])
         /// server → client on a data channel: a visitor for this service; raw bytes follow.
         case connect(serviceID: UInt32, visitor: String)
+        /// server → client on a data channel: it carries multiplexed streams from now on
+        /// (Transfer/Mux.swift frames); each stream opens with `encodeOpen`'s payload.
+        case mux
         case ping(UInt64)
         case pong(UInt64)
         /// client → server: a secret service, reachable only by visitors who know its token.
@@ -90,7 +98,7 @@ enum TunnelProtocol {
     private enum TypeCode: UInt8 {
         case controlHello = 0x01, challenge = 0x02, clientAuth = 0x03, welcome = 0x04, refused = 0x05
         case registerService = 0x10, serviceAccepted = 0x11, serviceRefused = 0x12
-        case openData = 0x20, dataHello = 0x21, connect = 0x22
+        case openData = 0x20, dataHello = 0x21, connect = 0x22, mux = 0x23
         case ping = 0x30, pong = 0x31
         case registerSecret = 0x13, visit = 0x14, visitAccepted = 0x15
         case serviceHello = 0x40, serviceChallenge = 0x41, serviceProof = 0x42, serviceReady = 0x43
@@ -138,8 +146,8 @@ enum TunnelProtocol {
             type = .controlHello; body = be(v) + n
         case .challenge(let v, let n, let p):
             type = .challenge; body = be(v) + n + p
-        case .clientAuth(let p, let pool, let hb):
-            type = .clientAuth; body = p + be(pool) + be(hb)
+        case .clientAuth(let p, let pool, let hb, let mux):
+            type = .clientAuth; body = p + be(pool) + be(hb) + [mux]
         case .welcome(let id):
             type = .welcome; body = id
         case .refused(let reason):
@@ -156,6 +164,8 @@ enum TunnelProtocol {
             type = .dataHello; body = be(v) + id + n + p
         case .connect(let id, let visitor):
             type = .connect; body = be(id) + string(visitor)
+        case .mux:
+            type = .mux
         case .ping(let x):
             type = .ping; body = be(x)
         case .pong(let x):
@@ -202,7 +212,8 @@ enum TunnelProtocol {
         case .challenge:
             message = .challenge(version: try r.u16(), serverNonce: try r.bytes(nonceSize), serverProof: try r.bytes(proofSize))
         case .clientAuth:
-            message = .clientAuth(clientProof: try r.bytes(proofSize), poolSize: try r.u16(), heartbeatMillis: try r.u32())
+            message = .clientAuth(clientProof: try r.bytes(proofSize), poolSize: try r.u16(), heartbeatMillis: try r.u32(),
+                                  muxChannels: try r.u8())
         case .welcome:
             message = .welcome(sessionID: try r.bytes(sessionIDSize))
         case .refused:
@@ -225,6 +236,8 @@ enum TunnelProtocol {
                                  channelNonce: try r.bytes(channelNonceSize), proof: try r.bytes(proofSize))
         case .connect:
             message = .connect(serviceID: try r.u32(), visitor: try r.string())
+        case .mux:
+            message = .mux
         case .ping:
             message = .ping(try r.u64())
         case .pong:
@@ -246,6 +259,21 @@ enum TunnelProtocol {
         }
         guard r.isAtEnd else { throw ChannelError.protocolViolation("trailing bytes in frame type 0x\(String(raw, radix: 16))") }
         return message
+    }
+
+    // MARK: multiplexed streams
+
+    /// The payload of a mux `open` frame: which service the visitor wants, and who it is.
+    static func encodeOpen(serviceID: UInt32, visitor: String) -> [UInt8] {
+        be(serviceID) + string(visitor)
+    }
+
+    static func decodeOpen(_ payload: UnsafeRawBufferPointer) throws(ChannelError) -> (serviceID: UInt32, visitor: String) {
+        var r = Reader(bytes: ArraySlice(payload))
+        let id = try r.u32()
+        let visitor = try r.string()
+        guard r.isAtEnd else { throw ChannelError.protocolViolation("trailing bytes in a mux open frame") }
+        return (id, visitor)
     }
 
     // MARK: primitives

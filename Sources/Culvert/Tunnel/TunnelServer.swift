@@ -164,7 +164,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         channel.send(TunnelProtocol.encode(.challenge(
             version: TunnelProtocol.version, serverNonce: serverNonce,
             serverProof: TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce))))
-        guard case .clientAuth(let proof, let pool, _) = try await TunnelProtocol.read(from: channel) else {
+        guard case .clientAuth(let proof, let pool, _, let mux) = try await TunnelProtocol.read(from: channel) else {
             throw ChannelError.protocolViolation("expected client authentication")
         }
         let expected = TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
@@ -186,7 +186,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         let session = ServerSession(
             server: self, control: channel, id: id, peer: peer,
             sessionKey: TunnelProtocol.sessionKey(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
-            poolSize: min(Int(pool), 64))
+            poolSize: min(Int(pool), 64), muxChannels: min(Int(mux), TunnelProtocol.maxMuxChannels))
         sessions[TunnelProtocol.Key16(id)] = session
         channel.send(TunnelProtocol.encode(.welcome(sessionID: id)))
         logger.info("client connected", metadata: ["peer": "\(peer)"])

@@ -1,0 +1,514 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Reactor
+
+/// Many byte streams over one carrier connection (a tunnel data channel, plain or TLS):
+/// each visitor of a tunnel becomes a stream instead of a connection of its own, so a
+/// new visitor costs one frame instead of a TCP (and TLS) handshake, and an idle one
+/// holds no socket, no TLS state and no buffer.
+///
+/// Frame (docs/PROTOCOL.md, "Multiplexed data channels"): u8 type, u32 stream id,
+/// u32 payload length (big-endian), payload. Types:
+/// - `open` (opener → acceptor): a new stream; the payload says what it is for.
+/// - `data`: stream bytes, at most `maxPayload`, never more than the receiver's window.
+/// - `eof`: the sender will send no more on this stream (half-close).
+/// - `reset`: the stream is aborted both ways.
+/// - `window`: payload u32, more bytes the receiver can take on this stream.
+///
+/// Flow control is per stream: a sender may have at most `initialWindow` bytes that the
+/// receiving side's reader has not consumed, so one slow reader never stalls the others
+/// and the memory a stream can pin is bounded. Frames for a stream one side already
+/// closed are ignored (they cross a `reset` on the wire).
+///
+/// Thread confinement: one loop; streams are driven by the relays of that loop.
+public final class MuxConnection: EventHandler {
+    public enum FrameType: UInt8 {
+        case open = 1, data = 2, eof = 3, reset = 4, window = 5
+    }
+
+    public static let headerSize = 9
+    public static let maxPayload = 64 * 1024
+    /// Bytes a stream may have in flight towards its reader.
+    public static let initialWindow = 1 << 20
+    /// A receiver gives credit back once its reader has consumed this much.
+    static let creditThreshold = initialWindow / 4
+    /// Above this many queued outgoing bytes, stream writes wait for the carrier.
+    static let highWater = 1 << 20
+    static let lowWater = 256 * 1024
+    private static let inCapacity = 256 * 1024
+    /// Bytes read from the carrier per wake-up before yielding to other connections.
+    private static let readBudget = 4 << 20
+
+    public let loop: EventLoop
+    private let carrier: Duplex
+    /// The side that opens streams (the tunnel server); the other side accepts them.
+    public let isOpener: Bool
+    private var registration: Registration?
+    private var streams: [UInt32: MuxStream] = [:]
+    private var nextID: UInt32 = 1
+
+    private let inBuf: UnsafeMutableRawPointer
+    private var inStart = 0
+    private var inEnd = 0
+    private var out: UnsafeMutableRawPointer
+    private var outCapacity = 64 * 1024
+    private var outStart = 0
+    private var outEnd = 0
+    private var flushScheduled = false
+    private var readScheduled = false
+    /// Streams whose writes wait for the outgoing queue to drain.
+    private var blockedWriters: [MuxStream] = []
+    public private(set) var isClosed = false
+
+    /// Acceptor side: a stream was opened; the payload of its `open` frame.
+    public var onOpen: ((MuxStream, UnsafeRawBufferPointer) -> Void)?
+    /// Called once when the carrier ends (nil: closed by `close()`).
+    public var onClose: ((MuxConnection, Error?) -> Void)?
+
+    public var streamCount: Int { streams.count }
+    /// Bytes queued for the carrier and not yet written.
+    public var pendingOutput: Int { outEnd - outStart }
+
+    public init(loop: EventLoop, carrier: Duplex, isOpener: Bool) {
+        self.loop = loop
+        self.carrier = carrier
+        self.isOpener = isOpener
+        inBuf = .allocate(byteCount: Self.inCapacity, alignment: 16)
+        out = .allocate(byteCount: outCapacity, alignment: 16)
+    }
+
+    deinit {
+        inBuf.deallocate()
+        out.deallocate()
+        if !isClosed { carrier.close(reset: true) }
+    }
+
+    /// Starts watching the carrier. On failure the carrier is closed.
+    public func start() throws(SystemError) {
+        do {
+            registration = try loop.register(fd: carrier.fd, interest: .readWrite, handler: self)
+        } catch {
+            isClosed = true
+            carrier.close(reset: true)
+            throw error
+        }
+        carrier.readReady = true
+        carrier.writeReady = true
+        readFrames()
+    }
+
+    /// Opener side: a new stream whose `open` frame carries `payload`.
+    public func open(_ payload: [UInt8]) -> MuxStream? {
+        guard isOpener, !isClosed else { return nil }
+        var id = nextID
+        while streams[id] != nil || id == 0 { id &+= 1 }
+        nextID = id &+ 1
+        let stream = MuxStream(id: id, connection: self)
+        streams[id] = stream
+        payload.withUnsafeBytes { enqueue(.open, id, $0.baseAddress, $0.count) }
+        return stream
+    }
+
+    /// Ends the carrier and resets every stream on it.
+    public func close() { fail(nil) }
+
+    // MARK: events
+
+    public func handleEvents(_ events: UInt32, tag: UInt8) {
+        guard !isClosed else { return }
+        if !carrier.isSpliceable {
+            // TLS may need to write in order to read, and the other way round.
+            carrier.readReady = true
+            carrier.writeReady = true
+        }
+        if events & (EventBits.writable | EventBits.hangup | EventBits.error) != 0 { carrier.writeReady = true }
+        if events & (EventBits.readable | EventBits.readHangup | EventBits.hangup | EventBits.error) != 0 {
+            carrier.readReady = true
+        }
+        flush()
+        readFrames()
+    }
+
+    private func readFrames() {
+        var budget = Self.readBudget
+        while carrier.readReady && !isClosed {
+            if inEnd == Self.inCapacity { compactInput() }
+            switch carrier.read(into: inBuf + inEnd, count: Self.inCapacity - inEnd) {
+            case .bytes(let n):
+                inEnd += n
+                budget -= n
+                parseFrames()
+                if budget <= 0 && carrier.readReady && !isClosed {
+                    if !readScheduled {
+                        readScheduled = true
+                        loop.deferTask { [self] in
+                            readScheduled = false
+                            readFrames()
+                        }
+                    }
+                    return
+                }
+            case .wouldBlock:
+                carrier.readReady = false
+            case .eof:
+                fail(SystemError("mux carrier", errno: ECONNRESET))
+            case .failed(let e):
+                fail(e)
+            }
+        }
+    }
+
+    private func compactInput() {
+        let n = inEnd - inStart
+        if inStart > 0 && n > 0 { memmove(inBuf, inBuf + inStart, n) }
+        inStart = 0
+        inEnd = n
+    }
+
+    private func parseFrames() {
+        while !isClosed && inEnd - inStart >= Self.headerSize {
+            let h = UnsafeRawPointer(inBuf + inStart)
+            let rawType = h.load(as: UInt8.self)
+            let id = UInt32(bigEndian: h.loadUnaligned(fromByteOffset: 1, as: UInt32.self))
+            let length = Int(UInt32(bigEndian: h.loadUnaligned(fromByteOffset: 5, as: UInt32.self)))
+            guard let type = FrameType(rawValue: rawType) else {
+                return fail(MuxError("unknown mux frame type \(rawType)"))
+            }
+            guard length <= Self.maxPayload else {
+                return fail(MuxError("mux frame of \(length) bytes exceeds the limit of \(Self.maxPayload)"))
+            }
+            guard inEnd - inStart >= Self.headerSize + length else {
+                // Incomplete: make room for the whole frame if the buffer's tail is short.
+                if inStart + Self.headerSize + length > Self.inCapacity { compactInput() }
+                return
+            }
+            let payload = UnsafeRawBufferPointer(start: h + Self.headerSize, count: length)
+            inStart += Self.headerSize + length
+            dispatch(type, id, payload)
+        }
+        if inStart == inEnd {
+            inStart = 0
+            inEnd = 0
+        }
+    }
+
+    private func dispatch(_ type: FrameType, _ id: UInt32, _ payload: UnsafeRawBufferPointer) {
+        switch type {
+        case .open:
+            guard !isOpener else { return fail(MuxError("mux peer opened a stream on the opening side")) }
+            guard streams[id] == nil, id != 0 else { return fail(MuxError("mux stream \(id) opened twice")) }
+            let stream = MuxStream(id: id, connection: self)
+            streams[id] = stream
+            if let onOpen { onOpen(stream, payload) } else { stream.close(reset: true) }
+        case .data:
+            guard let stream = streams[id] else { return }
+            guard payload.count <= stream.receiveAllowance else {
+                return fail(MuxError("mux stream \(id) sent past its window"))
+            }
+            stream.deliver(payload)
+        case .eof:
+            streams[id]?.peerEnded()
+        case .reset:
+            streams[id]?.peerReset()
+        case .window:
+            guard payload.count == 4 else { return fail(MuxError("malformed mux window frame")) }
+            let credit = Int(UInt32(bigEndian: payload.loadUnaligned(as: UInt32.self)))
+            streams[id]?.addCredit(credit)
+        }
+    }
+
+    // MARK: sending
+
+    /// Whether a stream may queue data now; if not, it is woken once the queue drains.
+    func admitWrite(_ stream: MuxStream) -> Bool {
+        if outEnd - outStart < Self.highWater { return true }
+        if !blockedWriters.contains(where: { $0 === stream }) { blockedWriters.append(stream) }
+        return false
+    }
+
+    func enqueue(_ type: FrameType, _ id: UInt32, _ payload: UnsafeRawPointer?, _ count: Int) {
+        guard !isClosed else { return }
+        reserve(Self.headerSize + count)
+        let p = out + outEnd
+        p.storeBytes(of: type.rawValue, as: UInt8.self)
+        p.storeBytes(of: id.bigEndian, toByteOffset: 1, as: UInt32.self)
+        p.storeBytes(of: UInt32(count).bigEndian, toByteOffset: 5, as: UInt32.self)
+        if let payload, count > 0 { (p + Self.headerSize).copyMemory(from: payload, byteCount: count) }
+        outEnd += Self.headerSize + count
+        if !flushScheduled {
+            flushScheduled = true
+            loop.deferTask { [self] in
+                flushScheduled = false
+                flush()
+            }
+        }
+    }
+
+    func enqueueWindow(_ id: UInt32, _ credit: Int) {
+        var be = UInt32(credit).bigEndian
+        withUnsafeBytes(of: &be) { enqueue(.window, id, $0.baseAddress, 4) }
+    }
+
+    private func reserve(_ n: Int) {
+        if outEnd + n <= outCapacity { return }
+        let live = outEnd - outStart
+        if outStart > 0 {
+            memmove(out, out + outStart, live)
+            outStart = 0
+            outEnd = live
+        }
+        if live + n > outCapacity {
+            var capacity = outCapacity
+            while live + n > capacity { capacity *= 2 }
+            let bigger = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 16)
+            bigger.copyMemory(from: out, byteCount: live)
+            out.deallocate()
+            out = bigger
+            outCapacity = capacity
+        }
+    }
+
+    private func flush() {
+        while outEnd > outStart && carrier.writeReady && !isClosed {
+            switch carrier.write(from: out + outStart, count: outEnd - outStart) {
+            case .bytes(let n):
+                outStart += n
+            case .wouldBlock:
+                carrier.writeReady = false
+            case .eof:
+                return fail(SystemError("mux carrier", errno: EPIPE))
+            case .failed(let e):
+                return fail(e)
+            }
+        }
+        if outStart == outEnd {
+            outStart = 0
+            outEnd = 0
+            if outCapacity > 256 * 1024 {
+                // A burst grew the queue; an idle carrier keeps only the base size.
+                out.deallocate()
+                outCapacity = 64 * 1024
+                out = .allocate(byteCount: outCapacity, alignment: 16)
+            }
+        }
+        if outEnd - outStart < Self.lowWater && !blockedWriters.isEmpty {
+            let writers = blockedWriters
+            blockedWriters.removeAll()
+            for w in writers { w.wakeWritable() }
+        }
+    }
+
+    func remove(_ stream: MuxStream) {
+        if streams[stream.id] === stream { streams[stream.id] = nil }
+        if let i = blockedWriters.firstIndex(where: { $0 === stream }) { blockedWriters.remove(at: i) }
+    }
+
+    private func fail(_ error: Error?) {
+        guard !isClosed else { return }
+        isClosed = true
+        if let r = registration {
+            loop.deregister(fd: carrier.fd, registration: r)
+            registration = nil
+        }
+        carrier.close(reset: error != nil)
+        let all = Array(streams.values)
+        streams.removeAll()
+        blockedWriters.removeAll()
+        for s in all { s.peerReset() }
+        let callback = onClose
+        onClose = nil
+        onOpen = nil
+        callback?(self, error)
+    }
+}
+
+public struct MuxError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// One stream of a `MuxConnection`, as a `Duplex` for the buffered copier. It has no
+/// descriptor: the connection wakes the relay that attached to it.
+public final class MuxStream: Duplex {
+    public let id: UInt32
+    private var connection: MuxConnection?
+    public var readReady = true
+    public var writeReady = true
+    private weak var handler: EventHandler?
+    private var tag: UInt8 = 0
+
+    /// Bytes received and not yet read: the frame being delivered (read in place while
+    /// the relay is woken), then a queue for whatever the reader did not take.
+    private var current: UnsafeRawBufferPointer?
+    private var queue: UnsafeMutableRawPointer?
+    private var queueCapacity = 0
+    private var queueStart = 0
+    private var queueEnd = 0
+    /// Bytes the peer may still send (its window as we granted it).
+    private(set) var receiveAllowance = MuxConnection.initialWindow
+    private var consumedSinceCredit = 0
+    private var sendWindow = MuxConnection.initialWindow
+    private var peerEOF = false
+    private var wasReset = false
+    private var sentEOF = false
+    private var isClosed = false
+    /// Bytes read by the relay / written by it.
+    public private(set) var bytesIn: UInt64 = 0
+
+    init(id: UInt32, connection: MuxConnection) {
+        self.id = id
+        self.connection = connection
+    }
+
+    deinit { queue?.deallocate() }
+
+    public var fd: Int32 { -1 }
+    public var isSpliceable: Bool { false }
+
+    public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool {
+        self.handler = handler
+        self.tag = tag
+        return true
+    }
+
+    private func wake(_ events: UInt32) {
+        handler?.handleEvents(events, tag: tag)
+    }
+
+    // MARK: from the connection
+
+    func deliver(_ payload: UnsafeRawBufferPointer) {
+        receiveAllowance -= payload.count
+        guard !isClosed else { return }
+        if queueStart == queueEnd && handler != nil {
+            current = payload
+            wake(EventBits.readable)
+            if let rest = current, rest.count > 0 { append(rest) }
+            current = nil
+        } else {
+            append(payload)
+            wake(EventBits.readable)
+        }
+    }
+
+    private func append(_ bytes: UnsafeRawBufferPointer) {
+        let live = queueEnd - queueStart
+        if queueEnd + bytes.count > queueCapacity {
+            if live + bytes.count <= queueCapacity, let q = queue {
+                memmove(q, q + queueStart, live)
+            } else {
+                var capacity = max(queueCapacity, 64 * 1024)
+                while live + bytes.count > capacity { capacity *= 2 }
+                let bigger = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 16)
+                if let q = queue {
+                    bigger.copyMemory(from: q + queueStart, byteCount: live)
+                    q.deallocate()
+                }
+                queue = bigger
+                queueCapacity = capacity
+            }
+            queueStart = 0
+            queueEnd = live
+        }
+        (queue! + queueEnd).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        queueEnd += bytes.count
+    }
+
+    func peerEnded() {
+        peerEOF = true
+        wake(EventBits.readable)
+    }
+
+    func peerReset() {
+        wasReset = true
+        connection = connection?.isClosed == false ? connection : nil
+        wake(EventBits.error)
+    }
+
+    func addCredit(_ credit: Int) {
+        sendWindow += credit
+        wake(EventBits.writable)
+    }
+
+    func wakeWritable() { wake(EventBits.writable) }
+
+    // MARK: Duplex
+
+    public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {
+        if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
+        var n = 0
+        if queueStart < queueEnd, let q = queue {
+            n = min(count, queueEnd - queueStart)
+            buffer.copyMemory(from: q + queueStart, byteCount: n)
+            queueStart += n
+            if queueStart == queueEnd {
+                // Drained: an idle stream keeps no buffer.
+                q.deallocate()
+                queue = nil
+                queueCapacity = 0
+                queueStart = 0
+                queueEnd = 0
+            }
+        } else if let c = current, c.count > 0 {
+            n = min(count, c.count)
+            buffer.copyMemory(from: c.baseAddress!, byteCount: n)
+            current = UnsafeRawBufferPointer(rebasing: c[n...])
+        }
+        if n > 0 {
+            bytesIn &+= UInt64(n)
+            consumedSinceCredit += n
+            if consumedSinceCredit >= MuxConnection.creditThreshold && !peerEOF {
+                receiveAllowance += consumedSinceCredit
+                connection?.enqueueWindow(id, consumedSinceCredit)
+                consumedSinceCredit = 0
+            }
+            return .bytes(n)
+        }
+        return peerEOF ? .eof : .wouldBlock
+    }
+
+    public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
+        if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
+        guard let connection, !sentEOF else { return .failed(SystemError("mux stream", errno: EPIPE)) }
+        let n = min(count, sendWindow, MuxConnection.maxPayload)
+        if n == 0 || !connection.admitWrite(self) { return .wouldBlock }
+        connection.enqueue(.data, id, buffer, n)
+        sendWindow -= n
+        return .bytes(n)
+    }
+
+    public func shutdownWrite() -> SystemError? {
+        if wasReset { return SystemError("mux stream", errno: ECONNRESET) }
+        guard !sentEOF else { return nil }
+        sentEOF = true
+        connection?.enqueue(.eof, id, nil, 0)
+        return nil
+    }
+
+    public func close(reset: Bool) {
+        guard !isClosed else { return }
+        isClosed = true
+        handler = nil
+        current = nil
+        queue?.deallocate()
+        queue = nil
+        queueCapacity = 0
+        queueStart = 0
+        queueEnd = 0
+        if let connection {
+            if !wasReset {
+                // As with a socket: closing sends the end of stream (the relay closes
+                // instead of shutting down the last direction); a reset, or closing
+                // while the peer still sends, aborts the stream at the other end.
+                if reset || !peerEOF {
+                    connection.enqueue(.reset, id, nil, 0)
+                } else if !sentEOF {
+                    connection.enqueue(.eof, id, nil, 0)
+                }
+            }
+            connection.remove(self)
+        }
+        connection = nil
+    }
+}
