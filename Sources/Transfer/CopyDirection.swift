@@ -94,6 +94,34 @@ struct CopyDirection {
                 }
                 return .finished
             }
+            if state == .running && pending == 0 && source.readReady, let lent = source.borrowReadable() {
+                // The source holds the bytes in memory already: write them from there.
+                switch lent {
+                case .bytes(let region):
+                    guard destination.writeReady else { return .waiting }
+                    switch destination.write(from: region.baseAddress!, count: region.count) {
+                    case .bytes(let n):
+                        source.consumeBorrowed(n)
+                        bytes += UInt64(n)
+                        moved += n
+                        if moved >= budget { return .yielded }
+                    case .wouldBlock:
+                        destination.writeReady = false
+                        return .waiting
+                    case .eof:
+                        return .failed(SystemError("write", errno: EPIPE))
+                    case .failed(let e):
+                        return .failed(e)
+                    }
+                case .wouldBlock:
+                    source.readReady = false
+                case .eof:
+                    state = .flushing
+                case .failed(let e):
+                    return .failed(e)
+                }
+                continue
+            }
             if state == .running && source.readReady && !carrierFull && hasRoom {
                 if case .none = carrier {
                     do { try takeCarrier(resources) } catch { return .failed(error) }

@@ -27,12 +27,27 @@ public protocol Duplex: AnyObject {
     /// handler to wake and answers true; a socket-backed one answers false and is
     /// registered with the loop.
     func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool
+    /// A stream that already holds received bytes in memory (a multiplexed stream) lends
+    /// them: the copier writes them out from there and calls `consumeBorrowed` with what
+    /// it wrote, instead of copying them into a buffer first. nil: not supported.
+    func borrowReadable() -> Borrowed?
+    func consumeBorrowed(_ count: Int)
+}
+
+/// What `borrowReadable` lends: received bytes, or why there are none.
+public enum Borrowed {
+    case bytes(UnsafeRawBufferPointer)
+    case wouldBlock
+    case eof
+    case failed(SystemError)
 }
 
 extension Duplex {
     public var writeFD: Int32 { fd }
     public var closesDescriptors: Bool { true }
     public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool { false }
+    public func borrowReadable() -> Borrowed? { nil }
+    public func consumeBorrowed(_ count: Int) {}
 }
 
 /// A connected, non-blocking TCP socket.

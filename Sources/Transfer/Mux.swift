@@ -30,12 +30,14 @@ public final class MuxConnection: EventHandler {
     public static let headerSize = 9
     public static let maxPayload = 64 * 1024
     /// Bytes a stream may have in flight towards its reader.
-    public static let initialWindow = 1 << 20
+    public static let initialWindow = 4 << 20
     /// A receiver gives credit back once its reader has consumed this much.
     static let creditThreshold = initialWindow / 4
     /// Above this many queued outgoing bytes, stream writes wait for the carrier.
-    static let highWater = 1 << 20
-    static let lowWater = 256 * 1024
+    static let highWater = 512 * 1024
+    static let lowWater = 128 * 1024
+    /// A queue this long is written at once instead of at the end of the loop iteration.
+    static let eagerFlush = 16 * 1024
     private static let inCapacity = 256 * 1024
     /// Bytes read from the carrier per wake-up before yielding to other connections.
     private static let readBudget = 4 << 20
@@ -56,6 +58,9 @@ public final class MuxConnection: EventHandler {
     private var outStart = 0
     private var outEnd = 0
     private var flushScheduled = false
+    /// A carrier failure seen by an eager flush, acted on from the loop (not inside the
+    /// relay that was writing).
+    private var deferredFailure: Error?
     private var readScheduled = false
     /// Streams whose writes wait for the outgoing queue to drain.
     private var blockedWriters: [MuxStream] = []
@@ -227,22 +232,74 @@ public final class MuxConnection: EventHandler {
         return false
     }
 
+    private static func writeHeader(_ p: UnsafeMutableRawPointer, _ type: FrameType, _ id: UInt32, _ count: Int) {
+        p.storeBytes(of: type.rawValue, as: UInt8.self)
+        p.storeBytes(of: id.bigEndian, toByteOffset: 1, as: UInt32.self)
+        p.storeBytes(of: UInt32(count).bigEndian, toByteOffset: 5, as: UInt32.self)
+    }
+
+    /// Stream bytes: on a plain carrier with nothing queued they go out with one sendmsg
+    /// straight from the writer's buffer; whatever the socket does not take is queued.
+    func sendData(_ id: UInt32, _ payload: UnsafeRawPointer, _ count: Int) {
+        guard !isClosed else { return }
+        if outStart == outEnd && carrier.isSpliceable && carrier.writeReady && deferredFailure == nil {
+            var header: (UInt64, UInt64) = (0, 0)
+            let sent: Int = withUnsafeMutableBytes(of: &header) { h in
+                Self.writeHeader(h.baseAddress!, .data, id, count)
+                switch Net.write(carrier.fd, header: h.baseAddress!, Self.headerSize, body: payload, count) {
+                case .bytes(let n):
+                    if n < Self.headerSize {
+                        append(h.baseAddress! + n, Self.headerSize - n)
+                        append(payload, count)
+                    } else if n < Self.headerSize + count {
+                        append(payload + (n - Self.headerSize), Self.headerSize + count - n)
+                    }
+                    return n
+                case .wouldBlock:
+                    carrier.writeReady = false
+                    return -1
+                case .eof, .failed:
+                    deferredFailure = SystemError("sendmsg", errno: EPIPE)
+                    scheduleFlush()
+                    return 0
+                }
+            }
+            if sent >= 0 {
+                if outEnd > outStart { scheduleFlush() }
+                return
+            }
+        }
+        enqueue(.data, id, payload, count)
+    }
+
+    private func append(_ bytes: UnsafeRawPointer, _ count: Int) {
+        reserve(count)
+        (out + outEnd).copyMemory(from: bytes, byteCount: count)
+        outEnd += count
+    }
+
+    private func scheduleFlush() {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        loop.deferTask { [self] in
+            flushScheduled = false
+            flush()
+        }
+    }
+
     func enqueue(_ type: FrameType, _ id: UInt32, _ payload: UnsafeRawPointer?, _ count: Int) {
         guard !isClosed else { return }
         reserve(Self.headerSize + count)
         let p = out + outEnd
-        p.storeBytes(of: type.rawValue, as: UInt8.self)
-        p.storeBytes(of: id.bigEndian, toByteOffset: 1, as: UInt32.self)
-        p.storeBytes(of: UInt32(count).bigEndian, toByteOffset: 5, as: UInt32.self)
+        Self.writeHeader(p, type, id, count)
         if let payload, count > 0 { (p + Self.headerSize).copyMemory(from: payload, byteCount: count) }
         outEnd += Self.headerSize + count
-        if !flushScheduled {
-            flushScheduled = true
-            loop.deferTask { [self] in
-                flushScheduled = false
-                flush()
-            }
+        if outEnd - outStart >= Self.eagerFlush && carrier.writeReady && deferredFailure == nil {
+            // Bulk data goes out as it comes, like a plain relay would send it; small
+            // frames wait for the end of the iteration to share one write.
+            writeOut()
         }
+        scheduleFlush()
     }
 
     func enqueueWindow(_ id: UInt32, _ credit: Int) {
@@ -269,23 +326,34 @@ public final class MuxConnection: EventHandler {
         }
     }
 
-    private func flush() {
-        while outEnd > outStart && carrier.writeReady && !isClosed {
+    /// Writes queued frames while the carrier takes them; never calls back into streams.
+    private func writeOut() {
+        while outEnd > outStart && carrier.writeReady {
             switch carrier.write(from: out + outStart, count: outEnd - outStart) {
             case .bytes(let n):
                 outStart += n
             case .wouldBlock:
                 carrier.writeReady = false
             case .eof:
-                return fail(SystemError("mux carrier", errno: EPIPE))
+                deferredFailure = SystemError("mux carrier", errno: EPIPE)
+                return
             case .failed(let e):
-                return fail(e)
+                deferredFailure = e
+                return
             }
         }
         if outStart == outEnd {
             outStart = 0
             outEnd = 0
-            if outCapacity > 256 * 1024 {
+        }
+    }
+
+    private func flush() {
+        guard !isClosed else { return }
+        writeOut()
+        if let e = deferredFailure { return fail(e) }
+        if outStart == outEnd {
+            if outCapacity > 1 << 20 {
                 // A burst grew the queue; an idle carrier keeps only the base size.
                 out.deallocate()
                 outCapacity = 64 * 1024
@@ -436,11 +504,30 @@ public final class MuxStream: Duplex {
     // MARK: Duplex
 
     public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {
+        switch borrowReadable()! {
+        case .bytes(let region):
+            let n = min(count, region.count)
+            buffer.copyMemory(from: region.baseAddress!, byteCount: n)
+            consumeBorrowed(n)
+            return .bytes(n)
+        case .wouldBlock: return .wouldBlock
+        case .eof: return .eof
+        case .failed(let e): return .failed(e)
+        }
+    }
+
+    public func borrowReadable() -> Borrowed? {
         if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
-        var n = 0
         if queueStart < queueEnd, let q = queue {
-            n = min(count, queueEnd - queueStart)
-            buffer.copyMemory(from: q + queueStart, byteCount: n)
+            return .bytes(UnsafeRawBufferPointer(start: q + queueStart, count: queueEnd - queueStart))
+        }
+        if let c = current, c.count > 0 { return .bytes(c) }
+        return peerEOF ? .eof : .wouldBlock
+    }
+
+    public func consumeBorrowed(_ n: Int) {
+        guard n > 0 else { return }
+        if queueStart < queueEnd, let q = queue {
             queueStart += n
             if queueStart == queueEnd {
                 // Drained: an idle stream keeps no buffer.
@@ -450,22 +537,16 @@ public final class MuxStream: Duplex {
                 queueStart = 0
                 queueEnd = 0
             }
-        } else if let c = current, c.count > 0 {
-            n = min(count, c.count)
-            buffer.copyMemory(from: c.baseAddress!, byteCount: n)
+        } else if let c = current {
             current = UnsafeRawBufferPointer(rebasing: c[n...])
         }
-        if n > 0 {
-            bytesIn &+= UInt64(n)
-            consumedSinceCredit += n
-            if consumedSinceCredit >= MuxConnection.creditThreshold && !peerEOF {
-                receiveAllowance += consumedSinceCredit
-                connection?.enqueueWindow(id, consumedSinceCredit)
-                consumedSinceCredit = 0
-            }
-            return .bytes(n)
+        bytesIn &+= UInt64(n)
+        consumedSinceCredit += n
+        if consumedSinceCredit >= MuxConnection.creditThreshold && !peerEOF {
+            receiveAllowance += consumedSinceCredit
+            connection?.enqueueWindow(id, consumedSinceCredit)
+            consumedSinceCredit = 0
         }
-        return peerEOF ? .eof : .wouldBlock
     }
 
     public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
@@ -473,7 +554,7 @@ public final class MuxStream: Duplex {
         guard let connection, !sentEOF else { return .failed(SystemError("mux stream", errno: EPIPE)) }
         let n = min(count, sendWindow, MuxConnection.maxPayload)
         if n == 0 || !connection.admitWrite(self) { return .wouldBlock }
-        connection.enqueue(.data, id, buffer, n)
+        connection.sendData(id, buffer, n)
         sendWindow -= n
         return .bytes(n)
     }

@@ -125,6 +125,29 @@ public enum Net {
         }
     }
 
+    /// Sends a header and a body with one system call (sendmsg, no copy into one buffer).
+    @inline(__always)
+    public static func write(_ fd: Int32, header: UnsafeRawPointer, _ headerCount: Int,
+                             body: UnsafeRawPointer, _ bodyCount: Int) -> IOResult {
+        var iov = (iovec(iov_base: UnsafeMutableRawPointer(mutating: header), iov_len: headerCount),
+                   iovec(iov_base: UnsafeMutableRawPointer(mutating: body), iov_len: bodyCount))
+        return withUnsafeMutablePointer(to: &iov) { p in
+            p.withMemoryRebound(to: iovec.self, capacity: 2) { v in
+                var msg = msghdr()
+                msg.msg_iov = v
+                msg.msg_iovlen = 2
+                while true {
+                    let n = Glibc.sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
+                    if n >= 0 { return .bytes(n) }
+                    let e = errno
+                    if e == EINTR { continue }
+                    if e == EAGAIN { return .wouldBlock }
+                    return .failed(SystemError("sendmsg", errno: e))
+                }
+            }
+        }
+    }
+
     /// Moves up to `count` bytes between a socket and a pipe without copying to user space.
     /// 0 means EOF on the source.
     @inline(__always)
