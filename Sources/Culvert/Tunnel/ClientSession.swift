@@ -19,6 +19,8 @@ final class ClientSession {
     private lazy var localNames: [String] = client.config.services.map(\.localDescription)
     /// Data channels carrying multiplexed TCP visitors.
     private var carriers: [ObjectIdentifier: MuxConnection] = [:]
+    /// Local connections being made for multiplexed visitors.
+    private var dialers: [ObjectIdentifier: Dialer] = [:]
     /// Data channels carrying UDP services.
     private var udpRelays: [ObjectIdentifier: ClientUDPRelay] = [:]
     private var heartbeatTimer: LoopTimer?
@@ -205,17 +207,47 @@ final class ClientSession {
             return stream.close(reset: true)
         }
         let spec = services[Int(serviceID)]
+        if let addresses = resolvedLocal[serviceID] {
+            return dial(stream, serviceID: serviceID, spec: spec, visitor: visitor, addresses: addresses)
+        }
         Task(executorPreference: loop.tasks) {
-            let localFD: Int32
             do {
-                localFD = try await self.connectFirst(try await self.localAddresses(of: serviceID, spec))
+                let addresses = try await self.localAddresses(of: serviceID, spec)
+                self.dial(stream, serviceID: serviceID, spec: spec, visitor: visitor, addresses: addresses)
             } catch {
                 self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
-                return stream.close(reset: true)
+                stream.close(reset: true)
             }
-            guard let data = self.wrap(stream, compress: spec.compress) else { return Posix.close(localFD) }
-            self.startRelay(data, localFD: localFD, visitor: visitor, target: self.localNames[Int(serviceID)])
         }
+    }
+
+    /// Connects a multiplexed visitor to its local service (callbacks on the loop, no
+    /// task per visitor), then relays.
+    private func dial(_ stream: MuxStream, serviceID: UInt32, spec: ServiceSpec, visitor: String, addresses: [SocketAddress]) {
+        guard !ended else { return stream.close(reset: true) }
+        var lastError: SystemError?
+        let dialer = Dialer(loop: loop, attempts: addresses.map { TargetSet.Attempt(target: 0, address: $0) },
+                            connectTimeout: client.config.connectTimeout,
+            onTargetFailure: { _, error in lastError = error },
+            onDone: { [weak self] dialer, outcome in
+                guard let self else { return stream.close(reset: true) }
+                self.dialers[ObjectIdentifier(dialer)] = nil
+                switch outcome {
+                case .connected(let fd, let registration, _):
+                    guard let data = self.wrap(stream, compress: spec.compress) else {
+                        if let registration { self.loop.forget(registration: registration) }
+                        return Posix.close(fd)
+                    }
+                    self.startRelay(data, localFD: fd, adopting: registration, visitor: visitor, target: self.localNames[Int(serviceID)])
+                case .exhausted:
+                    self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(lastError.map { "\($0)" } ?? "no address")"])
+                    stream.close(reset: true)
+                case .cancelled:
+                    stream.close(reset: true)
+                }
+            })
+        dialers[ObjectIdentifier(dialer)] = dialer
+        dialer.start()
     }
 
     /// The exposer's half of the end-to-end service-token proof. On a wrong proof the
@@ -296,7 +328,7 @@ final class ClientSession {
         throw last
     }
 
-    private func startRelay(_ data: Duplex, localFD: Int32, visitor: String, target: String) {
+    private func startRelay(_ data: Duplex, localFD: Int32, adopting registration: Registration? = nil, visitor: String, target: String) {
         let client = self.client
         let relay = CopyBidirectional(loop: loop, resources: client.resources, a: data, b: TCPStream(fd: localFD)) { relay, reason in
             client.activeRelays[ObjectIdentifier(relay)] = nil
@@ -305,7 +337,7 @@ final class ClientSession {
         }
         client.activeRelays[ObjectIdentifier(relay)] = relay
         do {
-            try relay.start()
+            try relay.start(adopting: registration)
         } catch {
             client.activeRelays[ObjectIdentifier(relay)] = nil
             logger.warning("cannot start relay", metadata: ["peer": "\(visitor)", "error": "\(error)"])
@@ -336,6 +368,8 @@ final class ClientSession {
         retryTimers.removeAll()
         for c in pooled.values { c.fail(.closed) }
         pooled.removeAll()
+        for d in Array(dialers.values) { d.cancel() }
+        dialers.removeAll()
         // Streams still running on a carrier end with it: the server is gone.
         for c in Array(carriers.values) { c.close() }
         carriers.removeAll()

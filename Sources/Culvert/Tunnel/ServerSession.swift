@@ -138,7 +138,7 @@ final class ServerSession {
                 let acceptor = Acceptor(loop: loop, fd: fd, address: address,
                     onAccept: { [weak self] fd, visitor in
                         guard let self else { return Net.closeWithReset(fd) }
-                        self.visitorArrived(TCPStream(fd: fd), peer: visitor?.description ?? "?", service: request.id)
+                        self.visitorArrived(TCPStream(fd: fd, noDelay: false), peer: visitor?.description ?? "?", service: request.id)
                     },
                     onError: { [weak self] error in self?.logger.warning("accept failed", metadata: ["listen": "\(address)", "error": "\(error)"]) })
                 do {

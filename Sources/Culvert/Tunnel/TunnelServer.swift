@@ -107,7 +107,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     private func handshake(fd: Int32, peer: String) async {
         let channel: AsyncDuplex
         do {
-            let stream: Duplex = try tls.map { try TLSStream(fd: fd, context: $0) } ?? TCPStream(fd: fd)
+            let stream: Duplex = try tls.map { try TLSStream(fd: fd, context: $0) } ?? TCPStream(fd: fd, noDelay: false)
             channel = try AsyncDuplex(loop: loop, duplex: stream)
         } catch {
             Posix.close(fd)
