@@ -2,6 +2,9 @@
 #include <string.h>
 #include <openssl/sha.h>
 #include <stdlib.h>
+#include <errno.h>
+#include <pthread.h>
+#include <sys/socket.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -187,4 +190,108 @@ void culvert_hmac_sha256(const unsigned char *key, size_t key_len,
     OPENSSL_cleanse(block, sizeof block);
     OPENSSL_cleanse(pad, sizeof pad);
     OPENSSL_cleanse(&ctx, sizeof ctx);
+}
+
+/* ---- Write buffer: records collect in memory, one send(2) carries several ---- */
+
+struct write_buffer {
+    unsigned char *data;
+    size_t start, end, capacity;
+};
+
+static BIO_METHOD *write_buffer_method;
+
+static int write_buffer_write(BIO *bio, const char *in, int count) {
+    struct write_buffer *w = BIO_get_data(bio);
+    if (w == NULL || count < 0) return -1;
+    size_t n = (size_t)count;
+    if (w->end + n > w->capacity) {
+        size_t live = w->end - w->start;
+        if (w->start > 0 && live + n <= w->capacity) {
+            memmove(w->data, w->data + w->start, live);
+        } else {
+            size_t capacity = w->capacity ? w->capacity : 32 * 1024;
+            while (capacity < live + n) capacity *= 2;
+            unsigned char *bigger = malloc(capacity);
+            if (bigger == NULL) return -1;
+            if (live) memcpy(bigger, w->data + w->start, live);
+            free(w->data);
+            w->data = bigger;
+            w->capacity = capacity;
+        }
+        w->start = 0;
+        w->end = live;
+    }
+    memcpy(w->data + w->end, in, n);
+    w->end += n;
+    return count;
+}
+
+static long write_buffer_ctrl(BIO *bio, int cmd, long num, void *ptr) {
+    (void)num; (void)ptr;
+    struct write_buffer *w = BIO_get_data(bio);
+    switch (cmd) {
+    case BIO_CTRL_FLUSH: return 1;  /* the owner sends, see culvert_tls_flush */
+    case BIO_CTRL_PENDING:
+    case BIO_CTRL_WPENDING: return w ? (long)(w->end - w->start) : 0;
+    default: return 0;
+    }
+}
+
+static int write_buffer_create(BIO *bio) {
+    struct write_buffer *w = calloc(1, sizeof *w);
+    if (w == NULL) return 0;
+    BIO_set_data(bio, w);
+    BIO_set_init(bio, 1);
+    return 1;
+}
+
+static int write_buffer_destroy(BIO *bio) {
+    struct write_buffer *w = BIO_get_data(bio);
+    if (w) { free(w->data); free(w); }
+    BIO_set_data(bio, NULL);
+    return 1;
+}
+
+static pthread_once_t write_buffer_once = PTHREAD_ONCE_INIT;
+
+static void make_write_buffer_method(void) {
+    BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "culvert write buffer");
+    if (m == NULL) return;
+    BIO_meth_set_write(m, write_buffer_write);
+    BIO_meth_set_ctrl(m, write_buffer_ctrl);
+    BIO_meth_set_create(m, write_buffer_create);
+    BIO_meth_set_destroy(m, write_buffer_destroy);
+    write_buffer_method = m;
+}
+
+int culvert_tls_use_write_buffer(SSL *ssl) {
+    pthread_once(&write_buffer_once, make_write_buffer_method);
+    if (write_buffer_method == NULL) return -1;
+    BIO *bio = BIO_new(write_buffer_method);
+    if (bio == NULL) return -1;
+    SSL_set0_wbio(ssl, bio);
+    return 0;
+}
+
+size_t culvert_tls_pending_output(SSL *ssl) {
+    struct write_buffer *w = BIO_get_data(SSL_get_wbio(ssl));
+    return w ? w->end - w->start : 0;
+}
+
+int culvert_tls_flush(SSL *ssl, int fd) {
+    struct write_buffer *w = BIO_get_data(SSL_get_wbio(ssl));
+    if (w == NULL) return 1;
+    while (w->start < w->end) {
+        ssize_t n = send(fd, w->data + w->start, w->end - w->start, MSG_NOSIGNAL);
+        if (n > 0) { w->start += (size_t)n; continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+        return -1;
+    }
+    /* Drained: an idle connection keeps no buffer. */
+    free(w->data);
+    w->data = NULL;
+    w->start = w->end = w->capacity = 0;
+    return 1;
 }

@@ -65,12 +65,22 @@ public final class TLSContext: @unchecked Sendable {
 /// TLS over a non-blocking TCP socket, as a `Duplex`: the buffered copier moves its
 /// plaintext. Half-close sends close_notify and then FIN; TLS 1.3 lets the other
 /// direction go on.
+///
+/// Records collect in a write buffer and leave with one send(2) per write call (up to
+/// `batch` bytes of plaintext), not one per 16 KiB record. Write contract, as for
+/// `ZlibStream`: a write whose records the socket did not take at once answers
+/// `wouldBlock` and holds them; the caller calls again with the same bytes once
+/// writable, and that call reports them written as soon as the records are out.
 public final class TLSStream: Duplex {
     public let fd: Int32
     private let ssl: OpaquePointer
     public var readReady = true
     public var writeReady = true
     private var isClosed = false
+    /// Plaintext bytes encrypted into the write buffer but not yet reported written.
+    private var held = 0
+    /// Plaintext encrypted per write call at most.
+    private static let batch = 64 * 1024
 
     /// What the handshake needs next.
     public enum HandshakeStep { case done, wantRead, wantWrite }
@@ -84,6 +94,10 @@ public final class TLSStream: Duplex {
         var one: Int32 = 1
         _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         SSL_set_fd(ssl, fd)
+        guard culvert_tls_use_write_buffer(ssl) == 0 else {
+            SSL_free(ssl)
+            throw TLSError.last("cannot set up the TLS write buffer")
+        }
         if context.isServer {
             SSL_set_accept_state(ssl)
         } else {
@@ -107,8 +121,19 @@ public final class TLSStream: Duplex {
     public func handshakeStep() throws(TLSError) -> HandshakeStep {
         ERR_clear_error()
         let rc = SSL_do_handshake(ssl)
+        let error = rc == 1 ? SSL_ERROR_NONE : SSL_get_error(ssl, rc)
+        if error == SSL_ERROR_NONE || error == SSL_ERROR_WANT_READ || error == SSL_ERROR_WANT_WRITE {
+            switch culvert_tls_flush(ssl, fd) {
+            case 1: break
+            case 0: return .wantWrite
+            default:
+                throw TLSError(message: "TLS handshake: \(SystemError("send", errno: errno))", isRejection: false)
+            }
+        }
         if rc == 1 { return .done }
-        switch SSL_get_error(ssl, rc) {
+        // A failed handshake may have queued an alert for the peer: send it if we can.
+        if error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE { _ = culvert_tls_flush(ssl, fd) }
+        switch error {
         case SSL_ERROR_WANT_READ: return .wantRead
         case SSL_ERROR_WANT_WRITE: return .wantWrite
         case SSL_ERROR_SYSCALL:
@@ -138,7 +163,10 @@ public final class TLSStream: Duplex {
         var total = 0
         var n = 0
         guard SSL_read_ex(ssl, buffer, count, &n) == 1 else {
-            return result(of: SSL_get_error(ssl, 0), call: "SSL_read")
+            let error = SSL_get_error(ssl, 0)
+            // A failed read may have queued an alert for the peer.
+            if error != SSL_ERROR_WANT_READ && held == 0 { _ = culvert_tls_flush(ssl, fd) }
+            return result(of: error, call: "SSL_read")
         }
         total = n
         while total < count && SSL_has_pending(ssl) == 1 {
@@ -148,14 +176,44 @@ public final class TLSStream: Duplex {
             }
             total += n
         }
+        // Reading may have produced records to send (a key update's answer).
+        if held == 0 && culvert_tls_pending_output(ssl) > 0 { _ = culvert_tls_flush(ssl, fd) }
         return .bytes(total)
     }
 
     public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
+        if held > 0 || culvert_tls_pending_output(ssl) > 0 {
+            switch culvert_tls_flush(ssl, fd) {
+            case 1: break
+            case 0: return .wouldBlock
+            default: return .failed(SystemError("send", errno: errno))
+            }
+            if held > 0 {
+                defer { held = 0 }
+                return .bytes(held)
+            }
+        }
         ERR_clear_error()
-        var n = 0
-        if SSL_write_ex(ssl, buffer, count, &n) == 1 { return .bytes(n) }
-        return result(of: SSL_get_error(ssl, 0), call: "SSL_write")
+        var total = 0
+        let limit = min(count, Self.batch)
+        while total < limit {
+            var n = 0
+            guard SSL_write_ex(ssl, buffer + total, limit - total, &n) == 1 else {
+                if total > 0 {
+                    ERR_clear_error()
+                    break
+                }
+                return result(of: SSL_get_error(ssl, 0), call: "SSL_write")
+            }
+            total += n
+        }
+        switch culvert_tls_flush(ssl, fd) {
+        case 1: return .bytes(total)
+        case 0:
+            held = total
+            return .wouldBlock
+        default: return .failed(SystemError("send", errno: errno))
+        }
     }
 
     private func result(of error: Int32, call: String) -> IOResult {
@@ -174,6 +232,9 @@ public final class TLSStream: Duplex {
     public func shutdownWrite() -> SystemError? {
         ERR_clear_error()
         _ = SSL_shutdown(ssl)
+        // Best effort: every earlier write is out already (see the write contract), so
+        // only the close_notify record can be left when the socket is full.
+        _ = culvert_tls_flush(ssl, fd)
         return Net.shutdownWrite(fd)
     }
 
@@ -187,6 +248,7 @@ public final class TLSStream: Duplex {
             ERR_clear_error()
             _ = SSL_shutdown(ssl)
             ERR_clear_error()
+            _ = culvert_tls_flush(ssl, fd)
             Posix.close(fd)
         }
     }

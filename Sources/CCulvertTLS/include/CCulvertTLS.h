@@ -35,4 +35,13 @@ void culvert_hmac_sha256(const unsigned char *key, size_t key_len,
 /// 1 when the handshake authenticated with the external PSK (not a certificate).
 int culvert_tls_used_psk(SSL *ssl);
 
+/// Makes `ssl` write its records into a memory buffer (after SSL_set_fd) that
+/// `culvert_tls_flush` sends, so one send(2) carries several records. 0 on success.
+int culvert_tls_use_write_buffer(SSL *ssl);
+/// Bytes of records written by OpenSSL and not yet sent.
+size_t culvert_tls_pending_output(SSL *ssl);
+/// Sends the buffered records: 1 all sent (the buffer is freed), 0 the socket would
+/// block, -1 failed (errno set).
+int culvert_tls_flush(SSL *ssl, int fd);
+
 #endif
