@@ -132,8 +132,11 @@ SECTIONS = [
         ctx={"full": {"mem_conns": 5000, "fb_conns": 500, "fb_gap_ms": 2.0},
              "quick": {"mem_conns": 2000, "fb_conns": 200, "fb_gap_ms": 2.0}},
         intro="Visitors connect to the public port; the service is the back end on "
-              "loopback. culvert: `server --transport plain|tls` + `client --pool 2 "
-              "-R 127.0.0.1:0:127.0.0.1:T` (and `--pool 0` for first byte only); ssh -R: "
+              "loopback. culvert: `server --transport plain|tls` + `client "
+              "-R 127.0.0.1:0:127.0.0.1:T` with the defaults (visitors multiplexed on one "
+              "data channel, `--mux 1`) and with `--mux 0 --pool 2` (a dedicated data "
+              "channel per visitor, two kept ready; plain ones splice), and `--mux 0 "
+              "--pool 0` for first byte only; ssh -R: "
               "the throwaway sshd and `ssh -N -R`; haproxy (one forwarding hop, first byte "
               "only). Same methods as the TCP table (iperf3 {tput_seconds} s, sockperf "
               "{lat_seconds} s, wrk -c{wrk_conns} {wrk_seconds} s, {mem_conns} idle "

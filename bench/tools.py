@@ -308,16 +308,28 @@ def start_tunnel(ctx, target_port, name, transport="plain", client_args=(), udp=
 
 
 def start_tunnel_plain(ctx, target_port):
-    return start_tunnel(ctx, target_port, "culvert tunnel plain", "plain", ["--pool", "2"])
+    """The defaults: visitors ride one multiplexed data channel (--mux 1)."""
+    return start_tunnel(ctx, target_port, "culvert tunnel plain", "plain")
+
+
+def start_tunnel_plain_dedicated(ctx, target_port):
+    """A dedicated (spliced) data channel per visitor, two kept ready."""
+    return start_tunnel(ctx, target_port, "culvert tunnel plain --mux 0", "plain",
+                        ["--mux", "0", "--pool", "2"])
 
 
 def start_tunnel_plain_pool0(ctx, target_port):
-    return start_tunnel(ctx, target_port, "culvert tunnel plain --pool 0", "plain",
-                        ["--pool", "0"])
+    return start_tunnel(ctx, target_port, "culvert tunnel plain --mux 0 --pool 0", "plain",
+                        ["--mux", "0", "--pool", "0"])
 
 
 def start_tunnel_tls(ctx, target_port):
-    return start_tunnel(ctx, target_port, "culvert tunnel tls", "tls", ["--pool", "2"])
+    return start_tunnel(ctx, target_port, "culvert tunnel tls", "tls")
+
+
+def start_tunnel_tls_dedicated(ctx, target_port):
+    return start_tunnel(ctx, target_port, "culvert tunnel tls --mux 0", "tls",
+                        ["--mux", "0", "--pool", "2"])
 
 
 def start_tunnel_plain_logged(ctx, target_port):
@@ -372,8 +384,10 @@ _NA_BUT_FIRSTBYTE = {"throughput", "latency", "connrate", "memory"}
 TUNNEL_TOOLS = [
     Tool("direct", start_direct, na={"memory"}, baseline=True),
     Tool("culvert tunnel plain", start_tunnel_plain),
-    Tool("culvert tunnel plain --pool 0", start_tunnel_plain_pool0, na=_NA_BUT_FIRSTBYTE),
+    Tool("culvert tunnel plain --mux 0", start_tunnel_plain_dedicated),
+    Tool("culvert tunnel plain --mux 0 --pool 0", start_tunnel_plain_pool0, na=_NA_BUT_FIRSTBYTE),
     Tool("culvert tunnel tls", start_tunnel_tls),
+    Tool("culvert tunnel tls --mux 0", start_tunnel_tls_dedicated),
     Tool("ssh -R", start_ssh_reverse),
     Tool("haproxy", start_haproxy, na=_NA_BUT_FIRSTBYTE),  # the one-hop reference
 ]
