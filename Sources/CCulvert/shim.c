@@ -103,3 +103,77 @@ int culvert_send_batch(int fd, struct culvert_dgram *slots, int count) {
     do { n = sendmmsg(fd, msgs, (unsigned)count, MSG_DONTWAIT | MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
     return n;
 }
+
+#include <netinet/in.h>
+#include <netinet/udp.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+
+/* Largest payload of one segmented send: the IP datagram that carries it must stay under
+   64 KiB with IPv6 and UDP headers. */
+#define CULVERT_GSO_MAX_BYTES 65000
+#define CULVERT_GSO_MAX_SEGMENTS 64
+
+int culvert_send_segmented(int fd, struct culvert_dgram *slots, int count) {
+    int done = 0;
+    while (done < count) {
+        size_t seg = slots[done].len;
+        int n = 1;
+        size_t total = seg;
+        /* A run: datagrams of one size, the last of the run possibly shorter. */
+        if (seg > 0) {
+            while (done + n < count && n < CULVERT_GSO_MAX_SEGMENTS) {
+                size_t next = slots[done + n].len;
+                if (next == 0 || next > seg || total + next > CULVERT_GSO_MAX_BYTES) break;
+                total += next;
+                n++;
+                if (next < seg) break;
+            }
+        }
+        if (n == 1) {
+            int k = culvert_send_batch(fd, slots + done, 1);
+            if (k <= 0) return done > 0 ? done : k;
+            done += 1;
+            continue;
+        }
+        struct iovec iov[CULVERT_GSO_MAX_SEGMENTS];
+        for (int i = 0; i < n; i++) {
+            iov[i].iov_base = slots[done + i].buf;
+            iov[i].iov_len = slots[done + i].len;
+        }
+        union { char buf[CMSG_SPACE(sizeof(uint16_t))]; struct cmsghdr align; } control;
+        memset(&control, 0, sizeof control);
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_name = slots[done].addrlen ? &slots[done].addr : NULL;
+        m.msg_namelen = slots[done].addrlen;
+        m.msg_iov = iov;
+        m.msg_iovlen = (size_t)n;
+        m.msg_control = control.buf;
+        m.msg_controllen = sizeof control.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        uint16_t size = (uint16_t)seg;
+        memcpy(CMSG_DATA(c), &size, sizeof size);
+        ssize_t r;
+        do { r = sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+        if (r >= 0) { done += n; continue; }
+        if (errno == EINVAL || errno == EIO || errno == EOPNOTSUPP || errno == EMSGSIZE || errno == ENOPROTOOPT) {
+            /* No segmentation offload here (or a segment above the path MTU): one
+               datagram per message instead. */
+            int k = culvert_send_batch(fd, slots + done, n);
+            if (k < 0) return done > 0 ? done : -1;
+            done += k;
+            if (k < n) return done;
+            continue;
+        }
+        return done > 0 ? done : -1;
+    }
+    return done;
+}

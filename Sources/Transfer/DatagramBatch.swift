@@ -42,12 +42,13 @@ public final class DatagramBatch {
         throw SystemError("recvmmsg", errno: errno)
     }
 
-    /// Sends slots `range` to `fd`: to each slot's address, or to the connected peer
-    /// after `clearAddresses`. Returns how many went out (fewer when the socket is full).
+    /// Sends slots `range` to `fd`, all to one destination: the first slot's address, or
+    /// the connected peer when it has none (`setAddress(_, nil)`). Equal-sized datagrams
+    /// go out segmented (UDP GSO). Returns how many went out (fewer when the socket is full).
     public func send(to fd: Int32, _ range: Range<Int>) throws(SystemError) -> Int {
         var sent = 0
         while sent < range.count {
-            let n = culvert_send_batch(fd, slots + range.lowerBound + sent, Int32(range.count - sent))
+            let n = culvert_send_segmented(fd, slots + range.lowerBound + sent, Int32(range.count - sent))
             if n < 0 {
                 if errno == EAGAIN { return sent }
                 throw SystemError("sendmmsg", errno: errno)

@@ -55,5 +55,10 @@ int culvert_recv_batch(int fd, struct culvert_dgram *slots, int count);
 /// sendmmsg(2) of `count` slots without blocking; slots with addrlen 0 go to the
 /// connected peer. Returns the number sent, or -1.
 int culvert_send_batch(int fd, struct culvert_dgram *slots, int count);
+/// Like `culvert_send_batch`, but every slot goes to the first slot's destination, and
+/// runs of equal-sized datagrams leave as one sendmsg with UDP_SEGMENT (generic
+/// segmentation offload: one trip through the stack for up to 64 datagrams). Falls
+/// back to one message per datagram where the kernel or the path refuses it.
+int culvert_send_segmented(int fd, struct culvert_dgram *slots, int count);
 
 #endif
