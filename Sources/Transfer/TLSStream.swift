@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CCulvert
 import CCulvertTLS
 import COpenSSL
 import Reactor
