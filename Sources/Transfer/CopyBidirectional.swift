@@ -128,12 +128,19 @@ public final class CopyBidirectional: EventHandler {
     }
 
     public func handleEvents(_ events: UInt32, tag: UInt8) {
+        guard !isClosed else { return }
         let side = tag == Self.tagA ? a : b
         if !side.isSpliceable {
             // A layered stream (TLS) may need to write in order to read or the other way
             // round, so any readiness is a reason to try both.
             side.readReady = true
             side.writeReady = true
+        }
+        if events & EventBits.error != 0 {
+            // A reset while this side's direction waits for room (or the other side
+            // waits for it to read) would otherwise go unseen until the other end moves.
+            let e = side.pendingError()
+            if e != 0 { return finish(.reset(SystemError("socket", errno: e)), reset: true) }
         }
         if events & (EventBits.readable | EventBits.readHangup | EventBits.hangup | EventBits.error) != 0 {
             side.readReady = true

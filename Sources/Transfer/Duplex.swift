@@ -32,6 +32,9 @@ public protocol Duplex: AnyObject {
     /// it wrote, instead of copying them into a buffer first. nil: not supported.
     func borrowReadable() -> Borrowed?
     func consumeBorrowed(_ count: Int)
+    /// The error the stream has hit (SO_ERROR for a socket), 0 when none: asked when the
+    /// loop reports an error, since a direction that is not reading would not see it.
+    func pendingError() -> Int32
 }
 
 /// What `borrowReadable` lends: received bytes, or why there are none.
@@ -48,6 +51,7 @@ extension Duplex {
     public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool { false }
     public func borrowReadable() -> Borrowed? { nil }
     public func consumeBorrowed(_ count: Int) {}
+    public func pendingError() -> Int32 { fd >= 0 ? Net.pendingError(fd) : 0 }
 }
 
 /// A connected, non-blocking TCP socket.

@@ -16,9 +16,12 @@ import Reactor
 /// - `reset`: the stream is aborted both ways.
 /// - `window`: payload u32, more bytes the receiver can take on this stream.
 ///
-/// Flow control is per stream: a sender may have at most `initialWindow` bytes that the
+/// Flow control is per stream: a sender may have at most a window of bytes that the
 /// receiving side's reader has not consumed, so one slow reader never stalls the others
-/// and the memory a stream can pin is bounded. Frames for a stream one side already
+/// and the memory a stream can pin is bounded. The window starts at `initialWindow`
+/// and doubles, up to `maxWindow`, each time the reader takes a credit step's worth
+/// without falling behind: bulk streams get room to run at full speed, while a stream
+/// nobody reads pins no more than the initial window. Frames for a stream one side already
 /// closed are ignored (they cross a `reset` on the wire).
 ///
 /// Thread confinement: one loop; streams are driven by the relays of that loop.
@@ -29,10 +32,10 @@ public final class MuxConnection: EventHandler {
 
     public static let headerSize = 9
     public static let maxPayload = 64 * 1024
-    /// Bytes a stream may have in flight towards its reader.
-    public static let initialWindow = 4 << 20
-    /// A receiver gives credit back once its reader has consumed this much.
-    static let creditThreshold = initialWindow / 4
+    /// Bytes a new stream may have in flight towards its reader.
+    public static let initialWindow = 256 * 1024
+    /// The most a stream's window grows to while its reader keeps up.
+    public static let maxWindow = 4 << 20
     /// Above this many queued outgoing bytes, stream writes wait for the carrier.
     static let highWater = 512 * 1024
     static let lowWater = 128 * 1024
@@ -105,7 +108,7 @@ public final class MuxConnection: EventHandler {
 
     /// Opener side: a new stream whose `open` frame carries `payload`.
     public func open(_ payload: [UInt8]) -> MuxStream? {
-        guard isOpener, !isClosed else { return nil }
+        guard isOpener, !isClosed, !closingWhenIdle else { return nil }
         var id = nextID
         while streams[id] != nil || id == 0 { id &+= 1 }
         nextID = id &+ 1
@@ -117,6 +120,15 @@ public final class MuxConnection: EventHandler {
 
     /// Ends the carrier and resets every stream on it.
     public func close() { fail(nil) }
+
+    /// Opens no more streams and ends the carrier once the last running stream has
+    /// ended (the session that owned it is gone; its visitors may finish).
+    public func closeWhenIdle() {
+        closingWhenIdle = true
+        onOpen = nil
+        if streams.isEmpty { close() }
+    }
+    private var closingWhenIdle = false
 
     // MARK: events
 
@@ -370,6 +382,15 @@ public final class MuxConnection: EventHandler {
     func remove(_ stream: MuxStream) {
         if streams[stream.id] === stream { streams[stream.id] = nil }
         if let i = blockedWriters.firstIndex(where: { $0 === stream }) { blockedWriters.remove(at: i) }
+        if closingWhenIdle && streams.isEmpty {
+            // Not from inside the relay that is closing the stream; its last frames go first.
+            loop.deferTask { [self] in
+                if streams.isEmpty && !isClosed {
+                    flush()
+                    close()
+                }
+            }
+        }
     }
 
     private func fail(_ error: Error?) {
@@ -415,6 +436,8 @@ public final class MuxStream: Duplex {
     private var queueEnd = 0
     /// Bytes the peer may still send (its window as we granted it).
     private(set) var receiveAllowance = MuxConnection.initialWindow
+    /// The receive window: credit goes back in quarter-window steps.
+    private var window = MuxConnection.initialWindow
     private var consumedSinceCredit = 0
     private var sendWindow = MuxConnection.initialWindow
     private var peerEOF = false
@@ -542,12 +565,21 @@ public final class MuxStream: Duplex {
         }
         bytesIn &+= UInt64(n)
         consumedSinceCredit += n
-        if consumedSinceCredit >= MuxConnection.creditThreshold && !peerEOF {
-            receiveAllowance += consumedSinceCredit
-            connection?.enqueueWindow(id, consumedSinceCredit)
+        if consumedSinceCredit >= window / 4 && !peerEOF {
+            var credit = consumedSinceCredit
+            if queueStart == queueEnd && window < MuxConnection.maxWindow {
+                // Nothing waits behind what was read: the reader keeps up, so the
+                // window may grow.
+                credit += window
+                window *= 2
+            }
+            receiveAllowance += credit
+            connection?.enqueueWindow(id, credit)
             consumedSinceCredit = 0
         }
     }
+
+    public func pendingError() -> Int32 { wasReset ? ECONNRESET : 0 }
 
     public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
         if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }

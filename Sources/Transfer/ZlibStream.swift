@@ -48,6 +48,7 @@ public final class ZlibStream: Duplex {
     public var closesDescriptors: Bool { inner.closesDescriptors }
     public var isSpliceable: Bool { false }
     public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool { inner.attachVirtual(handler, tag: tag) }
+    public func pendingError() -> Int32 { inner.pendingError() }
     public var readReady: Bool {
         get { inner.readReady }
         set { inner.readReady = newValue }

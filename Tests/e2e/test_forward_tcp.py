@@ -33,6 +33,7 @@ from conftest import (
     round_trip,
     run_culvert,
 )
+from tunnel_support import StallServer, StuckUpload
 
 COPIERS = [
     pytest.param([], id="splice"),
@@ -192,6 +193,24 @@ def test_target_down_closes_connection_and_logs(start_culvert):
     c.wait_stderr(r"no target reachable", timeout=5, count=2)
     assert c.running()
     assert c.terminate() == 0
+
+
+def test_reset_of_a_backed_up_client_ends_the_connection(start_culvert):
+    # The client's direction is held back (the target does not read), so the relay
+    # does not read the client's socket; its reset must still end the connection.
+    stall = StallServer()
+    try:
+        c = start_culvert("127.0.0.1:0", stall.address)
+        upload = StuckUpload(c.addr, 32 * MiB)
+        try:
+            stuck = upload.wait_stuck()
+            assert stuck < 32 * MiB, "the upload never backed up"
+        finally:
+            upload.close(reset=True)
+        c.wait_stderr(r"connection closed .*reason=reset", timeout=5)
+        assert c.running()
+    finally:
+        stall.close()
 
 
 # --------------------------------------------------------------------------

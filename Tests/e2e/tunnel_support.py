@@ -529,3 +529,174 @@ def kill_pid(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+# --------------------------------------------------------------------------
+# multiplexed data channels: what a visitor cannot see from outside
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def connections_to(port: int) -> list[tuple[int, int]]:
+    """(bytes sent and acked, bytes received) of each ESTABLISHED TCP connection towards
+    local port `port`, seen from its connecting end: the connections tunnel clients hold
+    to a server listening there."""
+    r = subprocess.run(["ss", "-tniH", "state", "established", f"( dport = :{port} )"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=10)
+    assert r.returncode == 0, f"ss failed: {r.stderr}"
+    out = []
+    # one line with the addresses, then one indented line of TCP info per connection
+    for info in re.split(r"\n(?=\S)", r.stdout.strip()):
+        if not info.strip():
+            continue
+        acked = re.search(r"bytes_acked:(\d+)", info)
+        received = re.search(r"bytes_received:(\d+)", info)
+        out.append((int(acked.group(1)) if acked else 0, int(received.group(1)) if received else 0))
+    return out
+
+
+def echo_many(addr: tuple[str, int], payloads: list[bytes], timeout: float) -> dict[int, tuple[int, str]]:
+    """Sends payloads[i] on connection i (all at once, half-closing after each) while
+    reading the echo until EOF; {i: (bytes received, sha256 hex)}. Fails on any socket
+    error or at the deadline."""
+    errors: list[str] = []
+    results: dict[int, tuple[int, str]] = {}
+    lock = threading.Lock()
+    socks = [socket.create_connection(addr, timeout=timeout) for _ in payloads]
+
+    def sender(i, s):
+        try:
+            s.sendall(payloads[i])
+            s.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            with lock:
+                errors.append(f"send {i}: {e!r}")
+
+    def receiver(i, s):
+        h = hashlib.sha256()
+        total = 0
+        try:
+            while True:
+                chunk = s.recv(256 * 1024)
+                if not chunk:
+                    break
+                h.update(chunk)
+                total += len(chunk)
+        except OSError as e:
+            with lock:
+                errors.append(f"recv {i} after {total}: {e!r}")
+        with lock:
+            results[i] = (total, h.hexdigest())
+
+    threads = []
+    for i, s in enumerate(socks):
+        threads.append(threading.Thread(target=sender, args=(i, s), name=f"send-{i}", daemon=True))
+        threads.append(threading.Thread(target=receiver, args=(i, s), name=f"recv-{i}", daemon=True))
+    try:
+        run_threads(threads, time.monotonic() + timeout)
+    finally:
+        for s in socks:
+            s.close()
+    assert not errors, errors[:5]
+    return results
+
+
+class StallServer(TcpServer):
+    """Accepts and never reads (until closed), with a small receive buffer, so a
+    visitor's upload backs up into the tunnel."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        super().__init__(host)
+        # inherited by accepted connections
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+
+    def handle(self, conn: socket.socket) -> None:
+        self._stop.wait(self.handler_timeout)
+
+
+class FloodServer(TcpServer):
+    """Sends random bytes to each client until `limit` or until closed, counting what
+    the socket took in `sent`: with a client that does not read, the count stops where
+    the tunnel pushes back."""
+
+    def __init__(self, limit: int, host: str = "127.0.0.1"):
+        self.limit = limit
+        self.sent = 0
+        self._data = os.urandom(256 * 1024)
+        super().__init__(host)
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        conn.settimeout(0.2)
+        while self.sent < self.limit and not self._stop.is_set():
+            try:
+                n = conn.send(self._data)
+            except socket.timeout:
+                continue
+            except OSError:  # the tunnel closed the connection
+                return
+            with self._lock:
+                self.sent += n
+
+
+def wait_stalled(progress, what: str, quiet: float = 0.5, timeout: float = 15.0) -> int:
+    """Waits until `progress()` (a byte count) has not moved for `quiet` seconds; the
+    count it stopped at."""
+    last = {"n": -1, "at": time.monotonic()}
+
+    def stalled():
+        now = time.monotonic()
+        n = progress()
+        if n != last["n"]:
+            last.update(n=n, at=now)
+            return False
+        return now - last["at"] >= quiet
+
+    poll(stalled, timeout, what, step=0.05)
+    return last["n"]
+
+
+class StuckUpload:
+    """A visitor uploading `size` random bytes from a thread, with a small send buffer
+    so that it stops as soon as the tunnel pushes back."""
+
+    def __init__(self, addr: tuple[str, int], size: int):
+        self.size = size
+        self.sent = 0
+        self.stuck_at = -1
+        self._data = os.urandom(size)
+        self._stop = threading.Event()
+        self.sock = socket.create_connection(addr, timeout=10)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        self.sock.settimeout(0.2)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        view = memoryview(self._data)
+        while self.sent < self.size and not self._stop.is_set():
+            try:
+                self.sent += self.sock.send(view[self.sent:self.sent + 256 * 1024])
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def wait_stuck(self) -> int:
+        """Waits until the upload stopped moving; the bytes sent by then."""
+        self.stuck_at = wait_stalled(lambda: self.sent, "the upload to back up")
+        return self.stuck_at
+
+    def close(self, reset: bool = False) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if reset:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()

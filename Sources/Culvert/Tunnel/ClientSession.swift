@@ -370,8 +370,9 @@ final class ClientSession {
         pooled.removeAll()
         for d in Array(dialers.values) { d.cancel() }
         dialers.removeAll()
-        // Streams still running on a carrier end with it: the server is gone.
-        for c in Array(carriers.values) { c.close() }
+        // Visitors already relayed go on (a drain waits for them); each carrier closes
+        // when its last stream ends (the loop keeps it alive while it is registered).
+        for c in Array(carriers.values) { c.closeWhenIdle() }
         carriers.removeAll()
         for r in Array(udpRelays.values) { r.closeAll() }
         control.close()

@@ -466,8 +466,9 @@ final class ServerSession {
         }
         waiting.removeAll()
         muxWaiting.removeAll()
-        // Streams still running on a carrier end with it: the client is gone.
-        for c in carriers { c.close() }
+        // Visitors already relayed go on, as on dedicated channels; the carriers close
+        // when their last stream ends (or when the client's side goes away).
+        for c in carriers { c.closeWhenIdle() }
         carriers.removeAll()
         outstandingNonces.removeAll()
         control.close()
