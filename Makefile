@@ -10,7 +10,7 @@ BIN = .build/release/culvert
 # Build and test dependencies from apt; installed only when missing.
 APT_PACKAGES = libssl-dev zlib1g-dev pkg-config python3 iproute2 procps nftables openssh-server openssh-client openssl
 
-.PHONY: all deps build test unit-test e2e-test demo install uninstall clean bench
+.PHONY: all deps build test unit-test e2e-test bench-selftest demo install uninstall clean bench
 
 all: build
 
@@ -36,7 +36,12 @@ unit-test: deps
 e2e-test: build
 	CULVERT_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q -p no:cacheprovider Tests/e2e
 
-test: unit-test e2e-test
+# The benchmark harness's own tests (parsers, report, targets, process handling): seconds,
+# no benchmark is run.
+bench-selftest: deps
+	$(PYTHON) -m pytest -q -p no:cacheprovider bench/test_harness.py
+
+test: unit-test e2e-test bench-selftest
 
 demo: build
 	CULVERT_BIN=$(abspath $(BIN)) $(PYTHON) Tests/demo/demo.py

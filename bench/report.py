@@ -156,11 +156,47 @@ def _target(rows, what, measured, holds, why=None):
                  "holds": None if holds is None else bool(holds), "why": why})
 
 
+def _forward_targets(rows, fwd):
+    """The TCP forwarder's targets against haproxy (splice) in the same run. Added
+    latency is derived (forwarded minus direct), so it is read from `derived`."""
+    H = "haproxy"
+
+    def value(tool, key):
+        if key in fwd.get("derived", {}):
+            v = fwd["derived"][key].get(tool)
+            return v if isinstance(v, (int, float)) else None
+        return _med(fwd, tool, key)
+
+    for key, what, unit, goal, higher, f in (
+            ("tput1_gbps", "throughput 1 stream", "Gbit/s", 1.1, True, "{:.2f}"),
+            ("tput8_gbps", "throughput 8 streams", "Gbit/s", 1.1, True, "{:.2f}"),
+            ("added_p50_us", "added RTT p50", "µs", 1.0, False, "{:+.1f}"),
+            ("added_p99_us", "added RTT p99", "µs", 1.0, False, "{:+.1f}"),
+            ("conn_per_s", "connections/s", "/s", 1.2, True, "{:.0f}"),
+            ("cpu_s_per_gb", "CPU-seconds per GB", "s/GB", 1.0, False, "{:.2f}")):
+        c, h = value("culvert", key), value(H, key)
+        r = ratio(c, h)
+        goal_txt = f"≥ {goal:g}× haproxy" if higher else "≤ haproxy's"
+        if not higher and c is not None and h is not None and h <= 0:
+            holds = c <= h
+        else:
+            holds = None if r is None else (r >= goal if higher else r <= goal)
+        _target(rows, f"forward tcp: {what} {goal_txt}",
+                f"{_fmt(c, f)} vs {_fmt(h, f)} {unit} = {_fmt(r, '{:.2f}×')}", holds)
+    n = fwd.get("config", {}).get("mem_conns")
+    c = value("culvert", "kib_per_conn")
+    _target(rows, "forward tcp: ≤ 2 KiB RSS per idle forwarded connection at 7,000",
+            f"{_fmt(c)} KiB at {n}", None if c is None or n != 7000 else c <= 2,
+            "n/a (not measured at 7,000)" if c is not None and n != 7000 else None)
+
+
 def targets(doc):
     """The issue's targets, checked against this run's medians. holds None = not measured
     (FAILED, skipped or not run)."""
     rows = []
     secs = doc.get("sections", {})
+    if "tools" in doc and "culvert" in doc["tools"]:
+        _forward_targets(rows, doc)
     udp = secs.get("udp")
     if udp:
         loads = [k[:-5] for k in udp["metrics"] if k.endswith("_mbps")]
@@ -175,6 +211,13 @@ def targets(doc):
                 # socat delivered (almost) all it was offered: 2x is impossible here
                 _target(rows, f"UDP {tag}: culvert delivers ≥ 2× socat", measured
                         + f"; socat lost only {sl:.2f} %", None, "n/a (socat not saturated)")
+                continue
+            offered = _med(udp, "culvert", p + "_sent")
+            if s is not None and offered is not None and 2 * s > offered:
+                # twice what socat delivered is more than the client offered culvert
+                _target(rows, f"UDP {tag}: culvert delivers ≥ 2× socat", measured
+                        + f"; offered {offered:.0f} Mbit/s", None,
+                        "n/a (2× socat exceeds the offered load)")
                 continue
             _target(rows, f"UDP {tag}: culvert delivers ≥ 2× socat", measured,
                     None if r is None else r >= 2)

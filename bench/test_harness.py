@@ -542,8 +542,11 @@ def test_sections_report_and_targets():
         "direct": {"udp_200m_1400_mbps": [200.0, 200.0], "udp_200m_1400_loss": [0.0, 0.01],
                    "udp_3g_8000_mbps": [2400.0, 2300.0], "udp_3g_8000_loss": [20.0, 21.0]},
         "culvert": {"udp_200m_1400_mbps": [200.0, 199.0], "udp_200m_1400_loss": [0.2, 0.3],
-                    "udp_3g_8000_mbps": [1500.0, 1400.0], "udp_3g_8000_loss": [50.0, 52.0]},
+                    "udp_3g_8000_mbps": [1500.0, 1400.0], "udp_3g_8000_loss": [50.0, 52.0],
+                    "udp_1g_1400_sent": [1000.0, 1000.0], "udp_1g_1400_mbps": [980.0, 990.0],
+                    "udp_1g_1400_loss": [2.0, 1.0]},
         "socat": {"udp_200m_1400_mbps": [190.0, 192.0], "udp_200m_1400_loss": [0.0, 0.0],
+                  "udp_1g_1400_mbps": [900.0, 880.0], "udp_1g_1400_loss": [10.0, 12.0],
                   "udp_3g_8000_mbps": [Failed("socat died")] * 2,
                   "udp_3g_8000_loss": [Failed("socat died")] * 2}}
     P, TLS = "culvert tunnel plain", "culvert tunnel tls"
@@ -568,6 +571,9 @@ def test_sections_report_and_targets():
     r200 = t["UDP 200M -l 1400: culvert delivers ≥ 2× socat"]
     assert r200["holds"] is None and "not saturated" in r200["why"]
     assert t["UDP 3G -l 8000: culvert delivers ≥ 2× socat"]["holds"] is None  # socat FAILED
+    # socat lost 11 % of 1000 Mbit/s: 2x its 890 would be more than was offered
+    r1g = t["UDP 1G -l 1400: culvert delivers ≥ 2× socat"]
+    assert r1g["holds"] is None and "exceeds the offered load" in r1g["why"]
     assert t["UDP: culvert loss < 0.1 % at every load where direct's is"]["holds"] is False
     assert t[f"{P}: throughput 1 stream ≥ 0.5× direct"]["holds"] is True
     assert t[f"{P}: throughput 8 streams ≥ 0.5× direct"]["holds"] is None
@@ -613,3 +619,30 @@ def test_select_sections():
     c = run.section_ctx(SimpleNamespace(mem_conns=7000, udp_seconds=9),
                         sections.SECTION_BY_NAME["tunnel"], quick=False)
     assert c.mem_conns == 5000 and c.udp_seconds == 9
+
+
+def test_forward_targets_are_judged_against_haproxy():
+    raw = {
+        "direct": {"tput1_gbps": [20.0, 20.0], "rtt_p50_us": [80.0, 80.0],
+                   "rtt_p99_us": [300.0, 300.0], "conn_per_s": [20000.0, 20000.0],
+                   "kib_per_conn": [NA, NA], "cpu_s_per_gb": [NA, NA]},
+        "culvert": {"tput1_gbps": [18.0, 17.0], "rtt_p50_us": [120.0, 120.0],
+                    "rtt_p99_us": [900.0, 900.0], "conn_per_s": [12000.0, 12000.0],
+                    "kib_per_conn": [0.6, 0.6], "cpu_s_per_gb": [0.2, 0.2],
+                    "tput8_gbps": [Failed("culvert died")] * 2},
+        "haproxy": {"tput1_gbps": [15.0, 15.0], "rtt_p50_us": [130.0, 130.0],
+                    "rtt_p99_us": [500.0, 500.0], "conn_per_s": [12500.0, 12500.0],
+                    "kib_per_conn": [3.3, 3.3], "cpu_s_per_gb": [0.3, 0.3],
+                    "tput8_gbps": [16.0, 16.0]}}
+    doc = report.build_all([_sec("forward", raw, ["direct", "culvert", "haproxy"])],
+                           {**META, "config": {**META["config"], "mem_conns": 7000}})
+    t = {r["target"]: r for r in doc["targets"]}
+    tp = t["forward tcp: throughput 1 stream ≥ 1.1× haproxy"]
+    assert tp["holds"] is True and "1.17×" in tp["measured"]
+    assert t["forward tcp: throughput 8 streams ≥ 1.1× haproxy"]["holds"] is None  # FAILED
+    assert t["forward tcp: added RTT p50 ≤ haproxy's"]["holds"] is True      # +40 vs +50
+    assert t["forward tcp: added RTT p99 ≤ haproxy's"]["holds"] is False     # +600 vs +200
+    assert t["forward tcp: connections/s ≥ 1.2× haproxy"]["holds"] is False
+    assert t["forward tcp: CPU-seconds per GB ≤ haproxy's"]["holds"] is True
+    assert t["forward tcp: ≤ 2 KiB RSS per idle forwarded connection at 7,000"]["holds"] is True
+    assert "forward tcp: connections/s" in report.markdown(doc)
