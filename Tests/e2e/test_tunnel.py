@@ -37,6 +37,7 @@ from tunnel_support import (
     TunnelKit,
     close_wait_pids,
     connect_refused,
+    echo_many,
     fd_count,
     frames_until_close,
     free_port,
@@ -105,46 +106,7 @@ def test_concurrent_echo_verified(kit, mode):
     assert addr[1] != 0
 
     n = 50
-    deadline = time.monotonic() + 90
-    errors: list[str] = []
-    results: dict[int, str] = {}
-    lock = threading.Lock()
-    socks = [socket.create_connection(addr, timeout=60) for _ in range(n)]
-
-    def sender(i, s):
-        try:
-            s.sendall(payload(i))
-            s.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            with lock:
-                errors.append(f"send {i}: {e!r}")
-
-    def receiver(i, s):
-        h = hashlib.sha256()
-        total = 0
-        try:
-            while True:
-                chunk = s.recv(256 * 1024)
-                if not chunk:
-                    break
-                h.update(chunk)
-                total += len(chunk)
-        except OSError as e:
-            with lock:
-                errors.append(f"recv {i} after {total}: {e!r}")
-        with lock:
-            results[i] = (total, h.hexdigest())
-
-    threads = []
-    for i, s in enumerate(socks):
-        threads.append(threading.Thread(target=sender, args=(i, s), name=f"send-{i}", daemon=True))
-        threads.append(threading.Thread(target=receiver, args=(i, s), name=f"recv-{i}", daemon=True))
-    try:
-        run_threads(threads, deadline)
-    finally:
-        for s in socks:
-            s.close()
-    assert not errors, errors[:5]
+    results = echo_many(addr, [payload(i) for i in range(n)], timeout=90)
     bad = [i for i in range(n)
            if results.get(i) != (len(payload(i)), hashlib.sha256(payload(i)).hexdigest())]
     assert not bad, f"{len(bad)} connection(s) with wrong echo, e.g. {bad[:5]}: {[results.get(i) for i in bad[:3]]}"
