@@ -177,10 +177,11 @@ def _forward_targets(rows, fwd):
         c, h = value("culvert", key), value(H, key)
         r = ratio(c, h)
         goal_txt = f"≥ {goal:g}× haproxy" if higher else "≤ haproxy's"
-        if not higher and c is not None and h is not None and h <= 0:
-            holds = c <= h
+        # Compared directly, not by ratio: an added latency may be 0 or below.
+        if c is None or h is None:
+            holds = None
         else:
-            holds = None if r is None else (r >= goal if higher else r <= goal)
+            holds = c >= goal * h if higher else c <= goal * h
         _target(rows, f"forward tcp: {what} {goal_txt}",
                 f"{_fmt(c, f)} vs {_fmt(h, f)} {unit} = {_fmt(r, '{:.2f}×')}", holds)
     n = fwd.get("config", {}).get("mem_conns")
@@ -206,21 +207,19 @@ def targets(doc):
             c, s = _med(udp, "culvert", p + "_mbps"), _med(udp, "socat", p + "_mbps")
             sl = _med(udp, "socat", p + "_loss")
             r = ratio(c, s)
+            what = f"UDP {tag}: culvert delivers ≥ 2× socat"
             measured = f"{_fmt(c, '{:.0f}')} vs {_fmt(s, '{:.0f}')} Mbit/s = {_fmt(r, '{:.2f}×')}"
+            offered = _med(udp, "culvert", p + "_sent")
             if sl is not None and sl < 1.0:
                 # socat delivered (almost) all it was offered: 2x is impossible here
-                _target(rows, f"UDP {tag}: culvert delivers ≥ 2× socat", measured
-                        + f"; socat lost only {sl:.2f} %", None, "n/a (socat not saturated)")
-                continue
-            offered = _med(udp, "culvert", p + "_sent")
-            if s is not None and offered is not None and 2 * s > offered:
+                _target(rows, what, measured + f"; socat lost only {sl:.2f} %", None,
+                        "n/a (socat not saturated)")
+            elif s is not None and offered is not None and 2 * s > offered:
                 # twice what socat delivered is more than the client offered culvert
-                _target(rows, f"UDP {tag}: culvert delivers ≥ 2× socat", measured
-                        + f"; offered {offered:.0f} Mbit/s", None,
+                _target(rows, what, measured + f"; offered {offered:.0f} Mbit/s", None,
                         "n/a (2× socat exceeds the offered load)")
-                continue
-            _target(rows, f"UDP {tag}: culvert delivers ≥ 2× socat", measured,
-                    None if r is None else r >= 2)
+            else:
+                _target(rows, what, measured, None if r is None else r >= 2)
         ok_loads = [p for p in loads if (_med(udp, "direct", p + "_loss") is not None
                                          and _med(udp, "direct", p + "_loss") < 0.1)]
         if ok_loads:
