@@ -38,6 +38,7 @@ from tunnel_support import (
     close_wait_pids,
     connect_refused,
     echo_many,
+    half_close_exchange,
     fd_count,
     frames_until_close,
     free_port,
@@ -131,12 +132,7 @@ def test_half_close_and_port_zero(kit, mode):
     srv.wait_stderr(rf"service exposed listen=127\.0\.0\.1:{a_rae[1]} ")
 
     request = os.urandom(1 * MiB)
-    with socket.create_connection(a_rae, timeout=30) as s:
-        s.sendall(request)
-        s.shutdown(socket.SHUT_WR)
-        got = recv_all(s, limit=8 * MiB)
-    assert got[:32] == hashlib.sha256(request).digest(), "local service saw a different request"
-    assert got[32:] == response, f"response truncated/corrupt: {len(got) - 32} of {len(response)} bytes"
+    half_close_exchange(a_rae, request, response, timeout=30)
     poll(lambda: rae.received == [len(request)], 5, "local service to record the request")
     echo_once(a_echo, b"port zero works")
 

@@ -32,6 +32,7 @@ from tunnel_support import (
     connections_to,
     echo_many,
     free_port,
+    half_close_exchange,
     poll,
     rss_bytes,
     wait_stalled,
@@ -245,12 +246,7 @@ def test_half_close_through_mux_stream(kit, mode):
     addr = cli.exposed_map[local_of(rae)]
 
     request = os.urandom(2 * MiB)
-    with socket.create_connection(addr, timeout=15) as s:
-        s.sendall(request)
-        s.shutdown(socket.SHUT_WR)
-        got = recv_all(s, limit=8 * MiB)
-    assert got[:32] == hashlib.sha256(request).digest(), "the local service saw a different request"
-    assert got[32:] == response, f"answer after the half-close: {len(got) - 32} of {len(response)} bytes"
+    half_close_exchange(addr, request, response, timeout=15)
     poll(lambda: rae.received == [len(request)], 5, "the local service to record the request")
     line = srv.wait_stderr(r"connection closed", timeout=5)[0]
     assert "reason=eof" in line and f" up={len(request)}" in line and f" down={32 + len(response)}" in line, line

@@ -32,8 +32,10 @@ from conftest import (  # noqa: E402  (read-only use of the shared helpers)
     Culvert,
     EchoServer,
     TcpServer,
+    MiB,
     culvert_bin,
     parse_addr,
+    recv_all,
 )
 
 LISTENING_RE = re.compile(r"^listening tunnel (\S+)$")
@@ -606,6 +608,18 @@ def echo_many(addr: tuple[str, int], payloads: list[bytes], timeout: float) -> d
             s.close()
     assert not errors, errors[:5]
     return results
+
+
+def half_close_exchange(addr: tuple[str, int], request: bytes, response: bytes,
+                        timeout: float) -> None:
+    """Sends `request` to a RespondAfterEofServer behind `addr`, half-closes, and checks
+    that the answer is sha256(request) followed by `response`, whole."""
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        got = recv_all(s, limit=8 * MiB)
+    assert got[:32] == hashlib.sha256(request).digest(), "the local service saw a different request"
+    assert got[32:] == response, f"answer after the half-close: {len(got) - 32} of {len(response)} bytes"
 
 
 class StallServer(TcpServer):
