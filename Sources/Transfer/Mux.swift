@@ -68,6 +68,8 @@ public final class MuxConnection: EventHandler {
     /// Streams whose writes wait for the outgoing queue to drain.
     private var blockedWriters: [MuxStream] = []
     public private(set) var isClosed = false
+    /// Set by `closeWhenIdle`: no new streams; the carrier ends with its last stream.
+    private var closingWhenIdle = false
 
     /// Acceptor side: a stream was opened; the payload of its `open` frame.
     public var onOpen: ((MuxStream, UnsafeRawBufferPointer) -> Void)?
@@ -128,7 +130,6 @@ public final class MuxConnection: EventHandler {
         onOpen = nil
         if streams.isEmpty { close() }
     }
-    private var closingWhenIdle = false
 
     // MARK: events
 
