@@ -46,6 +46,7 @@ public final class CopyBidirectional: EventHandler {
     private let resources: LoopResources
     private let a: Duplex
     private let b: Duplex
+    private let preferSplice: Bool
     private var aToB: CopyDirection
     private var bToA: CopyDirection
     /// (fd, registration) pairs: one per socket, two for a side with separate read and
@@ -77,9 +78,11 @@ public final class CopyBidirectional: EventHandler {
         self.resources = resources
         self.a = a
         self.b = b
-        let splice = preferSplice && a.isSpliceable && b.isSpliceable
-        aToB = CopyDirection(useSplice: splice)
-        bToA = CopyDirection(useSplice: splice)
+        self.preferSplice = preferSplice
+        // A direction splices when its source is a socket and its destination is one
+        // too, or takes bytes from a pipe (a multiplexed stream on a plain carrier).
+        aToB = CopyDirection(useSplice: preferSplice && a.isSpliceable && (b.isSpliceable || b.acceptsPipe))
+        bToA = CopyDirection(useSplice: preferSplice && b.isSpliceable && (a.isSpliceable || a.acceptsPipe))
         self.idleTimeout = idleTimeout
         self.endsWithBToA = endsWithBToA
         self.onClose = onClose
@@ -92,11 +95,11 @@ public final class CopyBidirectional: EventHandler {
     ///   writing (by the code that connected it); the relay takes that registration over.
     public func start(adopting registrationOfB: Registration? = nil) throws(SystemError) {
         do {
-            try register(a, tag: Self.tagA)
+            try register(a, tag: Self.tagA, other: b)
             if let registrationOfB {
                 registrations.append((b.fd, loop.transfer(registration: registrationOfB, to: self, tag: Self.tagB)))
             } else {
-                try register(b, tag: Self.tagB)
+                try register(b, tag: Self.tagB, other: a)
             }
         } catch {
             if let r = registrationOfB, !registrations.contains(where: { $0.1 == r }) {
@@ -111,8 +114,8 @@ public final class CopyBidirectional: EventHandler {
         pump()
     }
 
-    private func register(_ side: Duplex, tag: UInt8) throws(SystemError) {
-        if side.attachVirtual(self, tag: tag) { return }
+    private func register(_ side: Duplex, tag: UInt8, other: Duplex) throws(SystemError) {
+        if side.attachVirtual(self, tag: tag, peerTakesPipes: preferSplice && other.isSpliceable) { return }
         let separate = side.writeFD != side.fd
         try watch(side.fd, separate ? .read : .readWrite, tag: tag)
         if separate { try watch(side.writeFD, .write, tag: tag) }

@@ -95,7 +95,7 @@ struct CopyDirection {
                 return .finished
             }
             if state == .running && pending == 0 && source.readReady, let lent = source.borrowReadable() {
-                // The source holds the bytes in memory already: write them from there.
+                // The source holds the bytes already (in memory or a pipe): write them from there.
                 switch lent {
                 case .bytes(let region):
                     guard destination.writeReady else { return .waiting }
@@ -110,6 +110,23 @@ struct CopyDirection {
                         return .waiting
                     case .eof:
                         return .failed(SystemError("write", errno: EPIPE))
+                    case .failed(let e):
+                        return .failed(e)
+                    }
+                case .pipe(let fd, let count):
+                    guard destination.writeReady else { return .waiting }
+                    switch Net.splice(from: fd, to: destination.writeFD, count) {
+                    case .bytes(let n):
+                        source.consumeBorrowed(n)
+                        bytes += UInt64(n)
+                        moved += n
+                        if moved >= budget { return .yielded }
+                    case .wouldBlock:
+                        // The pipe holds bytes, so it is the destination that is full.
+                        destination.writeReady = false
+                        return .waiting
+                    case .eof:
+                        return .failed(SystemError("splice", errno: EIO))
                     case .failed(let e):
                         return .failed(e)
                     }
@@ -206,7 +223,8 @@ struct CopyDirection {
         case .none:
             return .wouldBlock
         case .pipe(let p):
-            return Net.splice(from: p.readFD, to: destination.fd, pending)
+            if destination.isSpliceable { return Net.splice(from: p.readFD, to: destination.fd, pending) }
+            return destination.write(fromPipe: p.readFD, count: pending)
         case .buffer(let b, _):
             return destination.write(from: b + offset, count: pending)
         }

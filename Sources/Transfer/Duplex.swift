@@ -26,20 +26,33 @@ public protocol Duplex: AnyObject {
     /// A stream without a descriptor of its own (a multiplexed stream) takes the
     /// handler to wake and answers true; a socket-backed one answers false and is
     /// registered with the loop.
-    func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool
-    /// A stream that already holds received bytes in memory (a multiplexed stream) lends
-    /// them: the copier writes them out from there and calls `consumeBorrowed` with what
-    /// it wrote, instead of copying them into a buffer first. nil: not supported.
+    /// - Parameter peerTakesPipes: the copier can splice what this stream lends as a
+    ///   pipe straight into the other end (a plain socket), so the stream may receive
+    ///   bulk bytes into a pipe instead of user memory.
+    func attachVirtual(_ handler: EventHandler, tag: UInt8, peerTakesPipes: Bool) -> Bool
+    /// A stream that already holds received bytes (a multiplexed stream) lends them: the
+    /// copier writes them out from there (memory) or splices them (a pipe) and calls
+    /// `consumeBorrowed` with what it wrote, instead of copying them into a buffer
+    /// first. nil: not supported.
     func borrowReadable() -> Borrowed?
     func consumeBorrowed(_ count: Int)
     /// The error the stream has hit (SO_ERROR for a socket), 0 when none: asked when the
     /// loop reports an error, since a direction that is not reading would not see it.
     func pendingError() -> Int32
+    /// A stream that is not a socket but can take bytes straight out of a pipe (a
+    /// multiplexed stream on a plain carrier), so that a splicing direction can feed it.
+    var acceptsPipe: Bool { get }
+    /// Writes up to `count` of the bytes waiting in the pipe `fd`; what it reports as
+    /// written has left the pipe. Only called when `acceptsPipe` is true.
+    func write(fromPipe fd: Int32, count: Int) -> IOResult
 }
 
 /// What `borrowReadable` lends: received bytes, or why there are none.
 public enum Borrowed {
     case bytes(UnsafeRawBufferPointer)
+    /// `count` bytes waiting in a pipe, read end `fd`: lent only to a copier whose
+    /// other end said it takes pipes (`attachVirtual(peerTakesPipes:)`).
+    case pipe(fd: Int32, count: Int)
     case wouldBlock
     case eof
     case failed(SystemError)
@@ -48,10 +61,15 @@ public enum Borrowed {
 extension Duplex {
     public var writeFD: Int32 { fd }
     public var closesDescriptors: Bool { true }
-    public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool { false }
+    public func attachVirtual(_ handler: EventHandler, tag: UInt8, peerTakesPipes: Bool) -> Bool { false }
+    public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool {
+        attachVirtual(handler, tag: tag, peerTakesPipes: false)
+    }
     public func borrowReadable() -> Borrowed? { nil }
     public func consumeBorrowed(_ count: Int) {}
     public func pendingError() -> Int32 { fd >= 0 ? Net.pendingError(fd) : 0 }
+    public var acceptsPipe: Bool { false }
+    public func write(fromPipe fd: Int32, count: Int) -> IOResult { .failed(SystemError("write", errno: EINVAL)) }
 }
 
 /// A connected, non-blocking TCP socket.

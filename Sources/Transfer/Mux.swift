@@ -24,6 +24,12 @@ import Reactor
 /// nobody reads pins no more than the initial window. Frames for a stream one side already
 /// closed are ignored (they cross a `reset` on the wire).
 ///
+/// On a plain carrier with a pipe pool, the bulk of a large data frame is not copied
+/// through user space: once its header is read, the payload still on the carrier is
+/// spliced into the stream's pipe, and the stream's relay splices it on to its socket.
+/// After such a frame only the next header is read, so the next frame's payload stays
+/// on the carrier too; a small frame switches back to reading whole buffers.
+///
 /// Thread confinement: one loop; streams are driven by the relays of that loop.
 public final class MuxConnection: EventHandler {
     public enum FrameType: UInt8 {
@@ -31,7 +37,10 @@ public final class MuxConnection: EventHandler {
     }
 
     public static let headerSize = 9
-    public static let maxPayload = 64 * 1024
+    /// The most payload a data frame carries.
+    public static let maxPayload = 256 * 1024
+    /// The most payload any other frame carries (they are read whole into memory).
+    public static let maxControlPayload = 64 * 1024
     /// Bytes a new stream may have in flight towards its reader.
     public static let initialWindow = 256 * 1024
     /// The most a stream's window grows to while its reader keeps up.
@@ -44,9 +53,13 @@ public final class MuxConnection: EventHandler {
     private static let inCapacity = 256 * 1024
     /// Bytes read from the carrier per wake-up before yielding to other connections.
     private static let readBudget = 4 << 20
+    /// A frame's payload still on the carrier is spliced when at least this long.
+    static let spliceMinimum = 8 * 1024
 
     public let loop: EventLoop
     private let carrier: Duplex
+    /// Where streams borrow pipes for spliced payload; nil when the carrier is layered.
+    let pipes: PipePool?
     /// The side that opens streams (the tunnel server); the other side accepts them.
     public let isOpener: Bool
     private var registration: Registration?
@@ -65,6 +78,13 @@ public final class MuxConnection: EventHandler {
     /// relay that was writing).
     private var deferredFailure: Error?
     private var readScheduled = false
+    /// The data frame whose payload is being taken off the carrier past `inBuf`: its
+    /// stream and the payload bytes still to come.
+    private var payloadStream: UInt32 = 0
+    private var payloadLeft = 0
+    /// The last frame was bulk for a stream that takes pipes: read just the next
+    /// header, so that the payload after it can be spliced.
+    private var headerOnly = false
     /// Streams whose writes wait for the outgoing queue to drain.
     private var blockedWriters: [MuxStream] = []
     public private(set) var isClosed = false
@@ -80,10 +100,12 @@ public final class MuxConnection: EventHandler {
     /// Bytes queued for the carrier and not yet written.
     public var pendingOutput: Int { outEnd - outStart }
 
-    public init(loop: EventLoop, carrier: Duplex, isOpener: Bool) {
+    /// - Parameter pipes: the loop's pipe pool, for splicing payload on a plain carrier.
+    public init(loop: EventLoop, carrier: Duplex, isOpener: Bool, pipes: PipePool? = nil) {
         self.loop = loop
         self.carrier = carrier
         self.isOpener = isOpener
+        self.pipes = carrier.isSpliceable ? pipes : nil
         inBuf = .allocate(byteCount: Self.inCapacity, alignment: 16)
         out = .allocate(byteCount: outCapacity, alignment: 16)
     }
@@ -114,7 +136,7 @@ public final class MuxConnection: EventHandler {
         var id = nextID
         while streams[id] != nil || id == 0 { id &+= 1 }
         nextID = id &+ 1
-        let stream = MuxStream(id: id, connection: self)
+        let stream = MuxStream(id: id, connection: self, pipes: pipes)
         streams[id] = stream
         payload.withUnsafeBytes { enqueue(.open, id, $0.baseAddress, $0.count) }
         return stream
@@ -151,22 +173,20 @@ public final class MuxConnection: EventHandler {
     private func readFrames() {
         var budget = Self.readBudget
         while carrier.readReady && !isClosed {
+            if payloadLeft > 0 {
+                budget -= takePayload()
+                if budget <= 0 && carrier.readReady && !isClosed { return deferRead() }
+                continue
+            }
             if inEnd == Self.inCapacity { compactInput() }
-            switch carrier.read(into: inBuf + inEnd, count: Self.inCapacity - inEnd) {
+            let want = headerOnly && inEnd - inStart < Self.headerSize
+                ? Self.headerSize - (inEnd - inStart) : Self.inCapacity - inEnd
+            switch carrier.read(into: inBuf + inEnd, count: want) {
             case .bytes(let n):
                 inEnd += n
                 budget -= n
                 parseFrames()
-                if budget <= 0 && carrier.readReady && !isClosed {
-                    if !readScheduled {
-                        readScheduled = true
-                        loop.deferTask { [self] in
-                            readScheduled = false
-                            readFrames()
-                        }
-                    }
-                    return
-                }
+                if budget <= 0 && carrier.readReady && !isClosed { return deferRead() }
             case .wouldBlock:
                 carrier.readReady = false
             case .eof:
@@ -175,6 +195,63 @@ public final class MuxConnection: EventHandler {
                 fail(e)
             }
         }
+    }
+
+    private func deferRead() {
+        guard !readScheduled else { return }
+        readScheduled = true
+        loop.deferTask { [self] in
+            readScheduled = false
+            readFrames()
+        }
+    }
+
+    /// Moves payload of the current frame from the carrier to its stream: spliced into
+    /// the stream's pipe while it takes one, read through `inBuf` otherwise (a stream
+    /// with bytes queued in memory, a full pipe, a stream that is gone). -> bytes moved.
+    private func takePayload() -> Int {
+        var moved = 0
+        let stream = streams[payloadStream]
+        if let stream, stream.takesPipe {
+            splicing: while payloadLeft > 0 {
+                switch stream.spliceIn(from: carrier.fd, payloadLeft) {
+                case .bytes(let n):
+                    payloadLeft -= n
+                    moved += n
+                case .wouldBlock:
+                    // The carrier is empty or the pipe is full: the read below tells.
+                    break splicing
+                case .eof:
+                    fail(SystemError("mux carrier", errno: ECONNRESET))
+                    return moved
+                case .failed(let e):
+                    fail(e)
+                    return moved
+                }
+            }
+            if moved > 0 { stream.pipeFilled() }
+            if payloadLeft == 0 {
+                headerOnly = true
+                return moved
+            }
+            if isClosed { return moved }
+        }
+        switch carrier.read(into: inBuf, count: min(payloadLeft, Self.inCapacity)) {
+        case .bytes(let n):
+            payloadLeft -= n
+            moved += n
+            if let stream = streams[payloadStream] {
+                stream.deliver(UnsafeRawBufferPointer(start: inBuf, count: n))
+            }
+            if payloadLeft == 0 { headerOnly = false }
+        case .wouldBlock:
+            carrier.readReady = false
+        case .eof:
+            fail(SystemError("mux carrier", errno: ECONNRESET))
+        case .failed(let e):
+            fail(e)
+        }
+        return moved
     }
 
     private func compactInput() {
@@ -193,12 +270,32 @@ public final class MuxConnection: EventHandler {
             guard let type = FrameType(rawValue: rawType) else {
                 return fail(MuxError("unknown mux frame type \(rawType)"))
             }
-            guard length <= Self.maxPayload else {
-                return fail(MuxError("mux frame of \(length) bytes exceeds the limit of \(Self.maxPayload)"))
+            let limit = type == .data ? Self.maxPayload : Self.maxControlPayload
+            guard length <= limit else {
+                return fail(MuxError("mux frame of \(length) bytes exceeds the limit of \(limit)"))
             }
-            guard inEnd - inStart >= Self.headerSize + length else {
-                // Incomplete: make room for the whole frame if the buffer's tail is short.
-                if inStart + Self.headerSize + length > Self.inCapacity { compactInput() }
+            let buffered = inEnd - inStart - Self.headerSize
+            // Bulk for a stream that takes pipes: read only up to the next header, so the
+            // payload of the frame after this one is spliced, not read.
+            headerOnly = type == .data && length >= Self.spliceMinimum && streams[id]?.takesPipe == true
+            guard buffered >= length else {
+                guard type == .data else {
+                    // Incomplete: make room for the whole frame if the buffer's tail is short.
+                    if inStart + Self.headerSize + length > Self.inCapacity { compactInput() }
+                    return
+                }
+                // Data is passed on as it arrives: what is buffered now, then the rest
+                // straight from the carrier (`takePayload`).
+                let stream = streams[id]
+                if let stream, !stream.admit(length) {
+                    return fail(MuxError("mux stream \(id) sent past its window"))
+                }
+                let start = inBuf + inStart + Self.headerSize
+                inStart = 0
+                inEnd = 0
+                payloadStream = id
+                payloadLeft = length - buffered
+                if buffered > 0 { stream?.deliver(UnsafeRawBufferPointer(start: start, count: buffered)) }
                 return
             }
             let payload = UnsafeRawBufferPointer(start: h + Self.headerSize, count: length)
@@ -216,12 +313,12 @@ public final class MuxConnection: EventHandler {
         case .open:
             guard !isOpener else { return fail(MuxError("mux peer opened a stream on the opening side")) }
             guard streams[id] == nil, id != 0 else { return fail(MuxError("mux stream \(id) opened twice")) }
-            let stream = MuxStream(id: id, connection: self)
+            let stream = MuxStream(id: id, connection: self, pipes: pipes)
             streams[id] = stream
             if let onOpen { onOpen(stream, payload) } else { stream.close(reset: true) }
         case .data:
             guard let stream = streams[id] else { return }
-            guard payload.count <= stream.receiveAllowance else {
+            guard stream.admit(payload.count) else {
                 return fail(MuxError("mux stream \(id) sent past its window"))
             }
             stream.deliver(payload)
@@ -283,6 +380,90 @@ public final class MuxConnection: EventHandler {
             }
         }
         enqueue(.data, id, payload, count)
+    }
+
+    /// Whether streams may hand bytes over in a pipe (`sendData(_:fromPipe:_:)`).
+    var carrierIsPlain: Bool { carrier.isSpliceable }
+
+    /// Stream bytes waiting in a pipe (a splicing relay's carrier), for a plain carrier:
+    /// with nothing queued, the header goes out with MSG_MORE and the payload is spliced
+    /// from the pipe to the carrier, never copied to user space. Whatever the carrier
+    /// does not take is read out of the pipe into the queue, so the frame stays whole and
+    /// every byte reported as sent has left the pipe.
+    func sendData(_ id: UInt32, fromPipe pipe: Int32, _ count: Int) -> IOResult {
+        guard !isClosed, deferredFailure == nil else { return .failed(SystemError("mux carrier", errno: EPIPE)) }
+        if outStart == outEnd && carrier.writeReady {
+            var header: (UInt64, UInt64) = (0, 0)
+            let direct: IOResult? = withUnsafeMutableBytes(of: &header) { h in
+                Self.writeHeader(h.baseAddress!, .data, id, count)
+                switch Net.write(carrier.fd, h.baseAddress!, Self.headerSize, more: true) {
+                case .bytes(let n) where n == Self.headerSize:
+                    return splicePayload(from: pipe, count)
+                case .bytes(let n):
+                    append(h.baseAddress! + n, Self.headerSize - n)
+                    return queuePayload(from: pipe, count) ? .bytes(count) : carrierFailed()
+                case .wouldBlock:
+                    carrier.writeReady = false
+                    return nil
+                case .eof, .failed:
+                    return carrierFailed()
+                }
+            }
+            if let direct { return direct }
+        }
+        reserve(Self.headerSize + count)
+        let p = out + outEnd
+        guard readPipe(pipe, into: p + Self.headerSize, count) else { return carrierFailed() }
+        Self.writeHeader(p, .data, id, count)
+        outEnd += Self.headerSize + count
+        if outEnd - outStart >= Self.eagerFlush && carrier.writeReady { writeOut() }
+        scheduleFlush()
+        return .bytes(count)
+    }
+
+    /// The header is out: splices the payload, queues what the carrier did not take.
+    private func splicePayload(from pipe: Int32, _ count: Int) -> IOResult {
+        var moved = 0
+        while moved < count {
+            switch Net.splice(from: pipe, to: carrier.fd, count - moved) {
+            case .bytes(let n):
+                moved += n
+            case .wouldBlock:
+                carrier.writeReady = false
+                return queuePayload(from: pipe, count - moved) ? .bytes(count) : carrierFailed()
+            case .eof, .failed:
+                return carrierFailed()
+            }
+        }
+        return .bytes(count)
+    }
+
+    /// The rest of a frame whose start is on the wire or queued: read from the pipe into
+    /// the queue, which is written before anything else.
+    private func queuePayload(from pipe: Int32, _ count: Int) -> Bool {
+        reserve(count)
+        guard readPipe(pipe, into: out + outEnd, count) else { return false }
+        outEnd += count
+        scheduleFlush()
+        return true
+    }
+
+    /// Reads exactly `count` bytes the caller knows are in the pipe.
+    private func readPipe(_ pipe: Int32, into buffer: UnsafeMutableRawPointer, _ count: Int) -> Bool {
+        var got = 0
+        while got < count {
+            guard case .bytes(let n) = Net.read(pipe, buffer + got, count - got), n > 0 else { return false }
+            got += n
+        }
+        return true
+    }
+
+    /// A frame could not be completed: the carrier is failed from the loop, not inside
+    /// the relay that was writing; the relay fails its own stream now.
+    private func carrierFailed() -> IOResult {
+        if deferredFailure == nil { deferredFailure = SystemError("mux carrier", errno: EPIPE) }
+        scheduleFlush()
+        return .failed(SystemError("mux carrier", errno: EPIPE))
     }
 
     private func append(_ bytes: UnsafeRawPointer, _ count: Int) {
@@ -402,6 +583,7 @@ public final class MuxConnection: EventHandler {
             registration = nil
         }
         carrier.close(reset: error != nil)
+        payloadLeft = 0
         let all = Array(streams.values)
         streams.removeAll()
         blockedWriters.removeAll()
@@ -428,8 +610,15 @@ public final class MuxStream: Duplex {
     private weak var handler: EventHandler?
     private var tag: UInt8 = 0
 
-    /// Bytes received and not yet read: the frame being delivered (read in place while
-    /// the relay is woken), then a queue for whatever the reader did not take.
+    /// Bytes received and not yet read, in this order: spliced payload in a pipe
+    /// borrowed from the loop's pool, a queue for whatever the reader did not take,
+    /// and the frame being delivered (read in place while the relay is woken). New
+    /// bytes go into the pipe only while the queue is empty, so the order holds.
+    private let pipes: PipePool?
+    private var pipe: Pipe?
+    private var pipeBytes = 0
+    /// The relay splices what this stream lends as a pipe (its other end is a socket).
+    private var lendsPipes = false
     private var current: UnsafeRawBufferPointer?
     private var queue: UnsafeMutableRawPointer?
     private var queueCapacity = 0
@@ -448,19 +637,24 @@ public final class MuxStream: Duplex {
     /// Bytes read by the relay / written by it.
     public private(set) var bytesIn: UInt64 = 0
 
-    init(id: UInt32, connection: MuxConnection) {
+    init(id: UInt32, connection: MuxConnection, pipes: PipePool?) {
         self.id = id
         self.connection = connection
+        self.pipes = pipes
     }
 
-    deinit { queue?.deallocate() }
+    deinit {
+        queue?.deallocate()
+        releasePipe()
+    }
 
     public var fd: Int32 { -1 }
     public var isSpliceable: Bool { false }
 
-    public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool {
+    public func attachVirtual(_ handler: EventHandler, tag: UInt8, peerTakesPipes: Bool) -> Bool {
         self.handler = handler
         self.tag = tag
+        lendsPipes = peerTakesPipes && pipes != nil
         return true
     }
 
@@ -470,10 +664,47 @@ public final class MuxStream: Duplex {
 
     // MARK: from the connection
 
+    /// A data frame of `count` bytes arrived: false if it is more than the window allows.
+    func admit(_ count: Int) -> Bool {
+        guard count <= receiveAllowance else { return false }
+        receiveAllowance -= count
+        return true
+    }
+
+    /// Whether the connection may splice this stream's next payload into its pipe.
+    var takesPipe: Bool { lendsPipes && !isClosed && !wasReset && queueStart == queueEnd }
+
+    /// Splices up to `count` payload bytes from the carrier into this stream's pipe;
+    /// `.wouldBlock` when the carrier is empty or the pipe is full.
+    func spliceIn(from fd: Int32, _ count: Int) -> IOResult {
+        if pipe == nil {
+            guard let pipes, let p = try? pipes.take() else { return .wouldBlock }
+            pipe = p
+        }
+        let p = pipe!
+        let room = p.capacity - pipeBytes
+        guard room > 0 else { return .wouldBlock }
+        let r = Net.splice(from: fd, to: p.writeFD, min(count, room))
+        if case .bytes(let n) = r { pipeBytes += n }
+        return r
+    }
+
+    /// Spliced payload is waiting: wakes the relay.
+    func pipeFilled() {
+        if pipeBytes > 0 { wake(EventBits.readable) }
+    }
+
+    /// Gives the pipe back (to the pool if empty, closed if it still holds bytes).
+    private func releasePipe() {
+        guard let p = pipe else { return }
+        pipe = nil
+        if pipeBytes == 0 { pipes?.give(p) } else { pipes?.discard(p) }
+        pipeBytes = 0
+    }
+
     func deliver(_ payload: UnsafeRawBufferPointer) {
-        receiveAllowance -= payload.count
         guard !isClosed else { return }
-        if queueStart == queueEnd && handler != nil {
+        if queueStart == queueEnd && pipeBytes == 0 && handler != nil {
             current = payload
             wake(EventBits.readable)
             if let rest = current, rest.count > 0 { append(rest) }
@@ -529,6 +760,16 @@ public final class MuxStream: Duplex {
 
     public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {
         switch borrowReadable()! {
+        case .pipe(let fd, let available):
+            switch Net.read(fd, buffer, min(count, available)) {
+            case .bytes(let n):
+                consumeBorrowed(n)
+                return .bytes(n)
+            case .wouldBlock, .eof:
+                return .failed(SystemError("read", errno: EIO))
+            case .failed(let e):
+                return .failed(e)
+            }
         case .bytes(let region):
             let n = min(count, region.count)
             buffer.copyMemory(from: region.baseAddress!, byteCount: n)
@@ -542,6 +783,7 @@ public final class MuxStream: Duplex {
 
     public func borrowReadable() -> Borrowed? {
         if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
+        if pipeBytes > 0, let p = pipe { return .pipe(fd: p.readFD, count: pipeBytes) }
         if queueStart < queueEnd, let q = queue {
             return .bytes(UnsafeRawBufferPointer(start: q + queueStart, count: queueEnd - queueStart))
         }
@@ -551,7 +793,11 @@ public final class MuxStream: Duplex {
 
     public func consumeBorrowed(_ n: Int) {
         guard n > 0 else { return }
-        if queueStart < queueEnd, let q = queue {
+        if pipeBytes > 0 {
+            pipeBytes -= n
+            // Drained: an idle stream keeps no pipe.
+            if pipeBytes == 0 { releasePipe() }
+        } else if queueStart < queueEnd, let q = queue {
             queueStart += n
             if queueStart == queueEnd {
                 // Drained: an idle stream keeps no buffer.
@@ -568,7 +814,7 @@ public final class MuxStream: Duplex {
         consumedSinceCredit += n
         if consumedSinceCredit >= window / 4 && !peerEOF {
             var credit = consumedSinceCredit
-            if queueStart == queueEnd && window < MuxConnection.maxWindow {
+            if queueStart == queueEnd && pipeBytes == 0 && window < MuxConnection.maxWindow {
                 // Nothing waits behind what was read: the reader keeps up, so the
                 // window may grow.
                 credit += window
@@ -581,6 +827,18 @@ public final class MuxStream: Duplex {
     }
 
     public func pendingError() -> Int32 { wasReset ? ECONNRESET : 0 }
+
+    public var acceptsPipe: Bool { connection?.carrierIsPlain ?? false }
+
+    public func write(fromPipe fd: Int32, count: Int) -> IOResult {
+        if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
+        guard let connection, !sentEOF else { return .failed(SystemError("mux stream", errno: EPIPE)) }
+        let n = min(count, sendWindow, MuxConnection.maxPayload)
+        if n == 0 || !connection.admitWrite(self) { return .wouldBlock }
+        let r = connection.sendData(id, fromPipe: fd, n)
+        if case .bytes(let sent) = r { sendWindow -= sent }
+        return r
+    }
 
     public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
         if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
@@ -605,6 +863,7 @@ public final class MuxStream: Duplex {
         isClosed = true
         handler = nil
         current = nil
+        releasePipe()
         queue?.deallocate()
         queue = nil
         queueCapacity = 0

@@ -113,10 +113,13 @@ public enum Net {
         }
     }
 
+    /// - Parameter more: more bytes follow at once (MSG_MORE): the kernel may hold these
+    ///   back to send them in one segment with the next write.
     @inline(__always)
-    public static func write(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int) -> IOResult {
+    public static func write(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, more: Bool = false) -> IOResult {
+        let flags = more ? Int32(MSG_NOSIGNAL) | Int32(MSG_MORE) : Int32(MSG_NOSIGNAL)
         while true {
-            let n = Glibc.send(fd, buf, count, Int32(MSG_NOSIGNAL))
+            let n = Glibc.send(fd, buf, count, flags)
             if n >= 0 { return .bytes(n) }
             let e = errno
             if e == EINTR { continue }

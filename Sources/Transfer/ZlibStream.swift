@@ -47,7 +47,10 @@ public final class ZlibStream: Duplex {
     public var writeFD: Int32 { inner.writeFD }
     public var closesDescriptors: Bool { inner.closesDescriptors }
     public var isSpliceable: Bool { false }
-    public func attachVirtual(_ handler: EventHandler, tag: UInt8) -> Bool { inner.attachVirtual(handler, tag: tag) }
+    /// Compressed bytes are read and written through memory: never pipes.
+    public func attachVirtual(_ handler: EventHandler, tag: UInt8, peerTakesPipes: Bool) -> Bool {
+        inner.attachVirtual(handler, tag: tag, peerTakesPipes: false)
+    }
     public func pendingError() -> Int32 { inner.pendingError() }
     public var readReady: Bool {
         get { inner.readReady }

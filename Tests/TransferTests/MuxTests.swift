@@ -91,14 +91,16 @@ private final class MuxPair {
     /// What each side's onClose reported (nil inside: closed by `close()`). Loop thread only.
     var closes: [String: Error?] = [:]
 
-    init() throws {
+    /// - Parameter pipes: lets both ends splice bulk payload (as the tunnel does on a
+    ///   plain carrier); nil: every byte goes through memory.
+    init(pipes: PipePool? = nil) throws {
         let (x, y) = try tcpPair()
         setNonBlocking(x)
         runner = try LoopThread()
         let loop = runner.loop
         (opener, acceptor) = runner.sync {
-            (MuxConnection(loop: loop, carrier: TCPStream(fd: x), isOpener: true),
-             MuxConnection(loop: loop, carrier: TCPStream(fd: y), isOpener: false))
+            (MuxConnection(loop: loop, carrier: TCPStream(fd: x), isOpener: true, pipes: pipes),
+             MuxConnection(loop: loop, carrier: TCPStream(fd: y), isOpener: false, pipes: pipes))
         }
         runner.sync { [self] in
             acceptor.onOpen = { [unowned self] stream, payload in accepted.append((stream, Array(payload))) }
@@ -215,6 +217,17 @@ final class MuxTests: XCTestCase {
     // MARK: many streams, both ways
 
     func testFiftyStreamsCarryDistinctPayloadsBothWaysThroughRelays() throws {
+        try fiftyStreamsThroughRelays(spliced: false)
+    }
+
+    /// The same with pipes: bulk payload is spliced carrier -> pipe -> socket at the
+    /// receiving end and pipe -> carrier at the sending end. The pipes are small, so
+    /// some fill up and the rest of a frame falls back to memory, in order.
+    func testFiftyStreamsCarryDistinctPayloadsBothWaysThroughSplicingRelays() throws {
+        try fiftyStreamsThroughRelays(spliced: true)
+    }
+
+    private func fiftyStreamsThroughRelays(spliced: Bool) throws {
         let count = 50
         let window = MuxConnection.initialWindow
         let block = randomBytes(window + (2 << 20), seed: 42)
@@ -229,9 +242,9 @@ final class MuxTests: XCTestCase {
         let down = (0..<count).map { slice($0, 12_345) }
         XCTAssertTrue(up.contains { $0.isEmpty } && up.contains { $0.count > window } && down.contains { $0.count > window })
 
-        let pair = try MuxPair()
-        defer { pair.shutdown() }
         let resources = LoopResources(pipes: PipePool(pipeSize: 65536), buffers: BufferPool(bufferSize: 16384))
+        let pair = try MuxPair(pipes: spliced ? resources.pipes : nil)
+        defer { pair.shutdown() }
         // Test-side ends: visitors (x) at the opener, local services (y) at the acceptor.
         var x: [Int32] = [], a: [Int32] = [], y: [Int32] = [], b: [Int32] = []
         for _ in 0..<count {
@@ -282,6 +295,10 @@ final class MuxTests: XCTestCase {
         XCTAssertEqual(pair.sync { pair.acceptor.streamCount }, 0)
         XCTAssertFalse(pair.sync { pair.opener.isClosed || pair.acceptor.isClosed })
         XCTAssertEqual(pair.sync { resources.buffers.outstanding }, 0)
+        XCTAssertEqual(pair.sync { resources.pipes.outstanding }, 0, "every pipe went back to the pool or was closed")
+        if spliced {
+            XCTAssertGreaterThan(pair.sync { resources.pipes.created }, 0, "bulk streams spliced")
+        }
     }
 
     /// Sends each end's bytes, half-closes it, and reads it to EOF, all ends at once from
@@ -480,6 +497,76 @@ final class MuxTests: XCTestCase {
         XCTAssertTrue(Array(data[step...]) == rest.received, "all \(data.count) bytes in order after the stall")
     }
 
+    /// A spliced stream whose socket reader stops: its bytes back up through the socket
+    /// and the pipe into memory, the writer stops at the window, and once the reader
+    /// resumes every byte arrives once and in order (pipe first, then memory).
+    func testSplicedStreamWithAStalledReaderKeepsItsBytesInOrder() throws {
+        let resources = LoopResources(pipes: PipePool(pipeSize: 65536), buffers: BufferPool(bufferSize: 16384))
+        let pair = try MuxPair(pipes: resources.pipes)
+        defer { pair.shutdown() }
+        let (a, b) = try XCTUnwrap(pair.openStream([1]))
+        let (local, inner) = try tcpPair()
+        var small: Int32 = 16384
+        setsockopt(local, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        setTimeouts(local, seconds: 10)
+        let closed = expectation(description: "the relay closed")
+        let reason = Mutex<CloseReason?>(nil)
+        let relay = Box<CopyBidirectional>()
+        pair.sync {
+            relay.value = CopyBidirectional(loop: pair.runner.loop, resources: resources, a: b, b: TCPStream(fd: inner)) { _, r in
+                reason.withLock { $0 = r }
+                closed.fulfill()
+            }
+            try! relay.value!.start()
+        }
+        let probe = StreamProbe()
+        pair.sync { _ = a.attachVirtual(probe, tag: 0) }
+        let data = randomBytes(16 << 20, seed: 9)
+
+        // Nobody reads `local`: the writer gets some way in and is then held back.
+        var offset = 0
+        var lastOffset = -1
+        let deadline = Date().addingTimeInterval(10)
+        while offset != lastOffset || pair.sync({ pair.opener.pendingOutput }) > 0 {
+            XCTAssertLessThan(Date(), deadline, "the writer never stalled")
+            if Date() > deadline { break }
+            lastOffset = offset
+            offset = pair.sync { StreamIO.push(a, data, from: offset).offset }
+            usleep(20_000)
+        }
+        XCTAssertLessThan(offset, data.count, "a stalled reader holds the writer back")
+        XCTAssertGreaterThan(offset, MuxConnection.initialWindow, "the first window went out")
+
+        // The reader resumes; the writer finishes and half-closes.
+        let received = Box<(bytes: [UInt8], error: Int32)>()
+        let reader = Thread { received.value = readToEnd(local) }
+        reader.start()
+        let finished = Date().addingTimeInterval(20)
+        var shut = false
+        while !shut && Date() < finished {
+            shut = pair.sync { () -> Bool in
+                offset = StreamIO.push(a, data, from: offset).offset
+                guard offset == data.count else { return false }
+                XCTAssertNil(a.shutdownWrite())
+                return true
+            }
+            if !shut { usleep(1000) }
+        }
+        XCTAssertTrue(shut, "all \(data.count) bytes written: \(offset)")
+        eventually("the reader to see EOF", timeout: 20) { received.value != nil }
+        let got = try XCTUnwrap(received.value)
+        XCTAssertEqual(got.error, 0)
+        XCTAssertEqual(got.bytes.count, data.count)
+        XCTAssertTrue(got.bytes == data, "every byte once and in order")
+        XCTAssertGreaterThan(pair.sync { resources.pipes.created }, 0, "payload was spliced")
+        // The other way is still open: end it so the relay closes.
+        pair.sync { a.close(reset: false) }
+        close(local)
+        wait(for: [closed], timeout: 10)
+        pair.sync { relay.value = nil }
+        XCTAssertEqual(pair.sync { resources.pipes.outstanding }, 0, "the stream gave its pipe back")
+    }
+
     // MARK: protocol violations
 
     /// Writes `violation` at a MuxConnection (after opening a stream on it) and checks that
@@ -517,6 +604,11 @@ final class MuxTests: XCTestCase {
     func testOversizePayloadClosesCarrier() throws {
         try assertViolationClosesCarrier(isOpener: false,
                                          frame(2, 1, length: UInt32(MuxConnection.maxPayload + 1)), mentioning: "exceeds")
+    }
+
+    func testOversizeControlFrameClosesCarrier() throws {
+        try assertViolationClosesCarrier(isOpener: false,
+                                         frame(5, 1, length: UInt32(MuxConnection.maxControlPayload + 1)), mentioning: "exceeds")
     }
 
     func testUnknownFrameTypeClosesCarrier() throws {

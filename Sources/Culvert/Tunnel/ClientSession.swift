@@ -171,7 +171,7 @@ final class ClientSession {
 
     private func startCarrier(_ stream: Duplex) {
         guard !ended else { return stream.close(reset: false) }
-        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false)
+        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false, pipes: client.resources.pipes)
         carrier.onOpen = { [weak self] stream, payload in
             guard let self else { return stream.close(reset: true) }
             self.streamOpened(stream, payload)

@@ -262,7 +262,7 @@ final class ServerSession {
     }
 
     private func startCarrier(_ stream: Duplex) {
-        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: true)
+        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: true, pipes: server.resources.pipes)
         carrier.onClose = { [weak self] carrier, error in self?.carrierClosed(carrier, error) }
         do {
             try carrier.start()

@@ -1,14 +1,15 @@
 import Transfer
 
-/// The culvert tunnel wire protocol, version 2 (docs/PROTOCOL.md): every message of the
+/// The culvert tunnel wire protocol, version 3 (docs/PROTOCOL.md): every message of the
 /// control and data channels, their encoding, and the proofs. This file is the codec;
 /// nothing else knows byte layouts.
 ///
 /// Frame: u32 big-endian length of what follows (type byte + body), u8 type, body.
 /// Integers are big-endian; strings and byte strings are u16 length + bytes.
 enum TunnelProtocol {
-    /// 2 added multiplexed data channels (`clientAuth` carries their count, `mux`).
-    static let version: UInt16 = 2
+    /// 2 added multiplexed data channels (`clientAuth` carries their count, `mux`);
+    /// 3 raised the payload limit of their data frames to 256 KiB.
+    static let version: UInt16 = 3
     /// The most multiplexed data channels a client may ask for.
     static let maxMuxChannels = 16
     /// Hard limit on a frame (type + body); larger frames end the connection.
