@@ -97,36 +97,20 @@ struct CopyDirection {
             if state == .running && pending == 0 && source.readReady, let lent = source.borrowReadable() {
                 // The source holds the bytes already (in memory or a pipe): write them from there.
                 switch lent {
-                case .bytes(let region):
+                case .bytes, .pipe:
                     guard destination.writeReady else { return .waiting }
-                    switch destination.write(from: region.baseAddress!, count: region.count) {
+                    switch Self.write(lent, to: destination) {
                     case .bytes(let n):
                         source.consumeBorrowed(n)
                         bytes += UInt64(n)
                         moved += n
                         if moved >= budget { return .yielded }
                     case .wouldBlock:
+                        // For a pipe too: it holds bytes, so the destination is full.
                         destination.writeReady = false
                         return .waiting
                     case .eof:
                         return .failed(SystemError("write", errno: EPIPE))
-                    case .failed(let e):
-                        return .failed(e)
-                    }
-                case .pipe(let fd, let count):
-                    guard destination.writeReady else { return .waiting }
-                    switch Net.splice(from: fd, to: destination.writeFD, count) {
-                    case .bytes(let n):
-                        source.consumeBorrowed(n)
-                        bytes += UInt64(n)
-                        moved += n
-                        if moved >= budget { return .yielded }
-                    case .wouldBlock:
-                        // The pipe holds bytes, so it is the destination that is full.
-                        destination.writeReady = false
-                        return .waiting
-                    case .eof:
-                        return .failed(SystemError("splice", errno: EIO))
                     case .failed(let e):
                         return .failed(e)
                     }
@@ -215,6 +199,15 @@ struct CopyDirection {
             let r = source.read(into: b, count: size)
             if case .bytes(size) = r { bulk = true }
             return r
+        }
+    }
+
+    /// Writes what a source lends: from its memory, or spliced from its pipe.
+    private static func write(_ lent: Borrowed, to destination: Duplex) -> IOResult {
+        switch lent {
+        case .bytes(let region): return destination.write(from: region.baseAddress!, count: region.count)
+        case .pipe(let fd, let count): return Net.splice(from: fd, to: destination.writeFD, count)
+        default: return .wouldBlock
         }
     }
 
