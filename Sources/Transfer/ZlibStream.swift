@@ -6,6 +6,13 @@ import Reactor
 /// compressed and flushed with Z_SYNC_FLUSH, so interactive traffic is never held back
 /// waiting for more input; reads inflate what arrives.
 ///
+/// Input that does not compress (already compressed or encrypted data) is sent in
+/// stored blocks: when a write of at least `probeMinimum` bytes shrinks by less than
+/// 5 %, the next `storedSpan` bytes go out at level 0 (a copy, no match search), then
+/// one write is tried at the configured level again. Each failed try doubles the span
+/// (up to `maxStoredSpan`); a write that compresses resets it. The receiver needs no
+/// signal: stored blocks are ordinary deflate.
+///
 /// Write contract, as the buffered copier uses it: a write that compressed its input
 /// but could not hand all the compressed bytes to the inner stream answers
 /// `wouldBlock`; the copier calls again with the same bytes once writable, and that
@@ -14,8 +21,15 @@ public final class ZlibStream: Duplex {
     private let inner: Duplex
     private var deflater = z_stream()
     private var inflater = z_stream()
-    private var out: [UInt8] = []
+    /// Compressed bytes of the last write, `outOffset` of them handed on.
+    private var out: UnsafeMutableRawPointer
+    private var outCapacity = ZlibStream.chunk + 1024
+    private var outCount = 0
     private var outOffset = 0
+    private let level: Int32
+    /// Input still to send stored before compression is tried again; 0: compressing.
+    private var storedLeft = 0
+    private var storedSpan = ZlibStream.firstStoredSpan
     /// Input bytes already compressed into `out` but not yet reported as written.
     private var consumed = 0
     private var input: [UInt8]
@@ -24,16 +38,25 @@ public final class ZlibStream: Duplex {
     private var innerEOF = false
     private var isClosed = false
     private static let chunk = 64 * 1024
+    private static let probeMinimum = 4096
+    private static let firstStoredSpan = 1 << 20
+    private static let maxStoredSpan = 64 << 20
     public private(set) var compressedIn: UInt64 = 0
     public private(set) var compressedOut: UInt64 = 0
 
     public init(wrapping inner: Duplex, level: Int32 = 1) throws(SystemError) {
         self.inner = inner
+        self.level = level
         input = [UInt8](repeating: 0, count: Self.chunk)
+        out = .allocate(byteCount: outCapacity, alignment: 16)
         let size = Int32(MemoryLayout<z_stream>.size)
-        guard deflateInit_(&deflater, level, zlibVersion(), size) == Z_OK else { throw SystemError("deflateInit", errno: 12) }
+        guard deflateInit_(&deflater, level, zlibVersion(), size) == Z_OK else {
+            out.deallocate()
+            throw SystemError("deflateInit", errno: 12)
+        }
         guard inflateInit_(&inflater, zlibVersion(), size) == Z_OK else {
             deflateEnd(&deflater)
+            out.deallocate()
             throw SystemError("inflateInit", errno: 12)
         }
     }
@@ -41,7 +64,11 @@ public final class ZlibStream: Duplex {
     deinit {
         deflateEnd(&deflater)
         inflateEnd(&inflater)
+        out.deallocate()
     }
+
+    /// Whether writes currently go out in stored blocks (incompressible input).
+    public var isStoring: Bool { storedLeft > 0 }
 
     public var fd: Int32 { inner.fd }
     public var writeFD: Int32 { inner.writeFD }
@@ -125,25 +152,67 @@ public final class ZlibStream: Duplex {
     }
 
     private func compress(_ buffer: UnsafeRawPointer, _ count: Int) {
-        out.removeAll(keepingCapacity: true)
+        outCount = 0
         outOffset = 0
+        var probing = storedLeft == 0
+        if !probing {
+            storedLeft = max(0, storedLeft - count)
+            if storedLeft == 0 {
+                // The span is used up: this write tries the configured level again.
+                setLevel(level)
+                probing = true
+            }
+        }
         deflater.next_in = UnsafeMutablePointer(mutating: buffer.assumingMemoryBound(to: Bytef.self))
         deflater.avail_in = uInt(count)
-        var scratch = [UInt8](repeating: 0, count: max(Self.chunk, count + count / 8 + 64))
+        // Stored blocks add 5 bytes per 64 KiB at most; the flush marker a few more.
+        reserveOut(count + count / 8 + 64)
         repeat {
-            scratch.withUnsafeMutableBytes { raw in
-                deflater.next_out = raw.baseAddress!.assumingMemoryBound(to: Bytef.self)
-                deflater.avail_out = uInt(raw.count)
-                _ = deflate(&deflater, Z_SYNC_FLUSH)
-                out += raw.prefix(raw.count - Int(deflater.avail_out))
-            }
+            if outCount == outCapacity { reserveOut(outCapacity) }
+            deflater.next_out = (out + outCount).assumingMemoryBound(to: Bytef.self)
+            deflater.avail_out = uInt(outCapacity - outCount)
+            _ = deflate(&deflater, Z_SYNC_FLUSH)
+            outCount = outCapacity - Int(deflater.avail_out)
         } while deflater.avail_out == 0
+        guard probing && count >= Self.probeMinimum else { return }
+        if outCount * 20 > count * 19 {
+            storedLeft = storedSpan
+            storedSpan = min(storedSpan * 2, Self.maxStoredSpan)
+            setLevel(0)
+        } else {
+            storedSpan = Self.firstStoredSpan
+        }
+    }
+
+    /// Room for `extra` more compressed bytes after `outCount`.
+    private func reserveOut(_ extra: Int) {
+        guard outCount + extra > outCapacity else { return }
+        var capacity = outCapacity
+        while outCount + extra > capacity { capacity *= 2 }
+        let bigger = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 16)
+        bigger.copyMemory(from: out, byteCount: outCount)
+        out.deallocate()
+        out = bigger
+        outCapacity = capacity
+    }
+
+    /// Changes the compression level between writes. Everything written so far was
+    /// flushed, so deflateParams has no pending input to compress with the old level;
+    /// whatever it emits still goes out first.
+    private func setLevel(_ newLevel: Int32) {
+        reserveOut(64)
+        deflater.next_in = nil
+        deflater.avail_in = 0
+        deflater.next_out = (out + outCount).assumingMemoryBound(to: Bytef.self)
+        deflater.avail_out = uInt(outCapacity - outCount)
+        _ = deflateParams(&deflater, newLevel, Z_DEFAULT_STRATEGY)
+        outCount = outCapacity - Int(deflater.avail_out)
     }
 
     /// Writes held compressed bytes; `.bytes(0)` when everything is out.
     private func flushOut() -> IOResult {
-        while outOffset < out.count {
-            let r = out.withUnsafeBytes { inner.write(from: $0.baseAddress! + outOffset, count: out.count - outOffset) }
+        while outOffset < outCount {
+            let r = inner.write(from: out + outOffset, count: outCount - outOffset)
             switch r {
             case .bytes(let n):
                 outOffset += n
