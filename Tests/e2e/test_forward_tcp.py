@@ -18,6 +18,7 @@ import pytest
 
 from conftest import (
     MiB,
+    Culvert,
     EchoServer,
     RespondAfterEofServer,
     SlowServer,
@@ -30,6 +31,7 @@ from conftest import (
     ipv6_loopback_available,
     parse_addr,
     recv_all,
+    recv_exactly,
     round_trip,
     run_culvert,
 )
@@ -524,6 +526,31 @@ def test_no_fd_leak_after_thousand_connections(start_culvert, echo_server, copie
     )
     assert c.running()
     assert c.terminate() == 0
+
+
+def test_raises_a_low_descriptor_limit_and_serves_beyond_it(culvert_path, echo_server):
+    """Started with a soft limit of 64 descriptors (hard 4096), culvert raises the soft
+    limit itself: 150 concurrent relayed connections (300+ descriptors) all work."""
+    c = Culvert("prlimit", ["--nofile=64:4096", culvert_path, "forward", "tcp", "127.0.0.1:0",
+                            echo_server.address, "--log-level", "warning"])
+    socks = []
+    try:
+        c.wait_ready(1)
+        with open(f"/proc/{c.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"], line
+        socks = [connect(c.addr, timeout=10) for _ in range(150)]
+        for i, s in enumerate(socks):
+            s.sendall(b"conn %05d\n" % i)
+        for i, s in enumerate(socks):
+            assert recv_exactly(s, 11) == b"conn %05d\n" % i
+        assert echo_server.accepted == 150
+    finally:
+        for s in socks:
+            s.close()
+        rc = c.terminate() if c.running() else c.proc.poll()
+        c.kill()
+    assert rc == 0, c.describe()
 
 
 # --------------------------------------------------------------------------
