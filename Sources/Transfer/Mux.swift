@@ -509,15 +509,7 @@ public final class MuxConnection: EventHandler {
             outStart = 0
             outEnd = live
         }
-        if live + n > outCapacity {
-            var capacity = outCapacity
-            while live + n > capacity { capacity *= 2 }
-            let bigger = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 16)
-            bigger.copyMemory(from: out, byteCount: live)
-            out.deallocate()
-            out = bigger
-            outCapacity = capacity
-        }
+        if live + n > outCapacity { growBuffer(&out, capacity: &outCapacity, keeping: live, toFit: live + n) }
     }
 
     /// Writes queued frames while the carrier takes them; never calls back into streams.

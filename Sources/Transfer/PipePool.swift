@@ -101,3 +101,15 @@ public final class LoopResources {
         self.buffers = buffers
     }
 }
+
+/// Replaces `buffer` by one of at least `needed` bytes (doubling `capacity`), keeping its
+/// first `live` bytes: the growable queues of the mux and zlib layers.
+func growBuffer(_ buffer: inout UnsafeMutableRawPointer, capacity: inout Int, keeping live: Int, toFit needed: Int) {
+    var bigger = max(capacity, 1)
+    while needed > bigger { bigger *= 2 }
+    let grown = UnsafeMutableRawPointer.allocate(byteCount: bigger, alignment: 16)
+    grown.copyMemory(from: buffer, byteCount: live)
+    buffer.deallocate()
+    buffer = grown
+    capacity = bigger
+}

@@ -187,13 +187,7 @@ public final class ZlibStream: Duplex {
     /// Room for `extra` more compressed bytes after `outCount`.
     private func reserveOut(_ extra: Int) {
         guard outCount + extra > outCapacity else { return }
-        var capacity = outCapacity
-        while outCount + extra > capacity { capacity *= 2 }
-        let bigger = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 16)
-        bigger.copyMemory(from: out, byteCount: outCount)
-        out.deallocate()
-        out = bigger
-        outCapacity = capacity
+        growBuffer(&out, capacity: &outCapacity, keeping: outCount, toFit: outCount + extra)
     }
 
     /// Changes the compression level between writes. Everything written so far was
