@@ -210,7 +210,9 @@ static int write_buffer_write(BIO *bio, const char *in, int count) {
         if (w->start > 0 && live + n <= w->capacity) {
             memmove(w->data, w->data + w->start, live);
         } else {
-            size_t capacity = w->capacity ? w->capacity : 32 * 1024;
+            /* Room for one write call's records (64 KiB of plaintext, see TLSStream) at once:
+               growing while a batch is encrypted would copy what is already there. */
+            size_t capacity = w->capacity ? w->capacity : 80 * 1024;
             while (capacity < live + n) capacity *= 2;
             unsigned char *bigger = malloc(capacity);
             if (bigger == NULL) return -1;

@@ -45,6 +45,16 @@ public protocol Duplex: AnyObject {
     /// Writes up to `count` of the bytes waiting in the pipe `fd`; what it reports as
     /// written has left the pipe. Only called when `acceptsPipe` is true.
     func write(fromPipe fd: Int32, count: Int) -> IOResult
+    /// A layered stream with an output buffer of its own (TLS) takes a whole frame in one
+    /// call: it encodes header and body now and sends what the socket takes; the rest
+    /// waits in its buffer (`bufferedOutput`) for `flushBuffered` or the next write. It
+    /// answers `.bytes` of everything or `.failed`, never less; nil: not supported (the
+    /// caller queues the frame and writes it the ordinary way).
+    func writeThrough(header: UnsafeRawPointer, _ headerCount: Int, body: UnsafeRawPointer, _ bodyCount: Int) -> IOResult?
+    /// Bytes taken by `writeThrough` that have not reached the socket yet.
+    var bufferedOutput: Int { get }
+    /// Sends buffered output: `.bytes(0)` once it is all out, else `.wouldBlock`.
+    func flushBuffered() -> IOResult
 }
 
 /// What `borrowReadable` lends: received bytes, or why there are none.
@@ -70,6 +80,10 @@ extension Duplex {
     public func pendingError() -> Int32 { fd >= 0 ? Net.pendingError(fd) : 0 }
     public var acceptsPipe: Bool { false }
     public func write(fromPipe fd: Int32, count: Int) -> IOResult { .failed(SystemError("write", errno: EINVAL)) }
+    public func writeThrough(header: UnsafeRawPointer, _ headerCount: Int, body: UnsafeRawPointer,
+                             _ bodyCount: Int) -> IOResult? { nil }
+    public var bufferedOutput: Int { 0 }
+    public func flushBuffered() -> IOResult { .bytes(0) }
 }
 
 /// A connected, non-blocking TCP socket.

@@ -97,8 +97,9 @@ public final class MuxConnection: EventHandler {
     public var onClose: ((MuxConnection, Error?) -> Void)?
 
     public var streamCount: Int { streams.count }
-    /// Bytes queued for the carrier and not yet written.
-    public var pendingOutput: Int { outEnd - outStart }
+    /// Bytes queued for the carrier and not yet written (here or in the carrier's own
+    /// buffer, for TLS).
+    public var pendingOutput: Int { outEnd - outStart + carrier.bufferedOutput }
 
     /// - Parameter pipes: the loop's pipe pool, for splicing payload on a plain carrier.
     public init(loop: EventLoop, carrier: Duplex, isOpener: Bool, pipes: PipePool? = nil) {
@@ -337,7 +338,7 @@ public final class MuxConnection: EventHandler {
 
     /// Whether a stream may queue data now; if not, it is woken once the queue drains.
     func admitWrite(_ stream: MuxStream) -> Bool {
-        if outEnd - outStart < Self.highWater { return true }
+        if pendingOutput < Self.highWater { return true }
         if !blockedWriters.contains(where: { $0 === stream }) { blockedWriters.append(stream) }
         return false
     }
@@ -376,6 +377,20 @@ public final class MuxConnection: EventHandler {
             }
             if sent >= 0 {
                 if outEnd > outStart { scheduleFlush() }
+                return
+            }
+        } else if outStart == outEnd && deferredFailure == nil {
+            // A TLS carrier encrypts the frame straight from the writer's buffer.
+            var header: (UInt64, UInt64) = (0, 0)
+            let result: IOResult? = withUnsafeMutableBytes(of: &header) { h in
+                Self.writeHeader(h.baseAddress!, .data, id, count)
+                return carrier.writeThrough(header: h.baseAddress!, Self.headerSize, body: payload, count)
+            }
+            if let result {
+                if case .failed(let e) = result {
+                    deferredFailure = e
+                    scheduleFlush()
+                }
                 return
             }
         }
@@ -531,6 +546,13 @@ public final class MuxConnection: EventHandler {
         if outStart == outEnd {
             outStart = 0
             outEnd = 0
+            if carrier.writeReady && carrier.bufferedOutput > 0 {
+                switch carrier.flushBuffered() {
+                case .wouldBlock: carrier.writeReady = false
+                case .failed(let e): deferredFailure = e
+                default: break
+                }
+            }
         }
     }
 
@@ -546,7 +568,7 @@ public final class MuxConnection: EventHandler {
                 out = .allocate(byteCount: outCapacity, alignment: 16)
             }
         }
-        if outEnd - outStart < Self.lowWater && !blockedWriters.isEmpty {
+        if pendingOutput < Self.lowWater && !blockedWriters.isEmpty {
             let writers = blockedWriters
             blockedWriters.removeAll()
             for w in writers { w.wakeWritable() }

@@ -217,6 +217,39 @@ public final class TLSStream: Duplex {
         }
     }
 
+    /// Encrypts header and body into the write buffer (two records at least: the header
+    /// gets one of its own rather than a copy of the body behind it) and sends what the
+    /// socket takes. Not while a write waits to be reported (`held`): its bytes go first.
+    public func writeThrough(header: UnsafeRawPointer, _ headerCount: Int, body: UnsafeRawPointer,
+                             _ bodyCount: Int) -> IOResult? {
+        guard held == 0 else { return nil }
+        ERR_clear_error()
+        for (part, count) in [(header, headerCount), (body, bodyCount)] {
+            var total = 0
+            while total < count {
+                var n = 0
+                // Into memory: only a broken connection makes this fail.
+                guard SSL_write_ex(ssl, part + total, count - total, &n) == 1 else {
+                    ERR_clear_error()
+                    return .failed(SystemError("SSL_write", errno: EPROTO))
+                }
+                total += n
+            }
+        }
+        if culvert_tls_flush(ssl, fd) < 0 { return .failed(SystemError("send", errno: errno)) }
+        return .bytes(headerCount + bodyCount)
+    }
+
+    public var bufferedOutput: Int { held == 0 ? Int(culvert_tls_pending_output(ssl)) : 0 }
+
+    public func flushBuffered() -> IOResult {
+        switch culvert_tls_flush(ssl, fd) {
+        case 1: return .bytes(0)
+        case 0: return .wouldBlock
+        default: return .failed(SystemError("send", errno: errno))
+        }
+    }
+
     private func result(of error: Int32, call: String) -> IOResult {
         switch error {
         case SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE: return .wouldBlock

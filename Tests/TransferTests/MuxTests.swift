@@ -81,6 +81,38 @@ private enum StreamIO {
     }
 }
 
+/// Drives a TLS handshake on a non-blocking socket to its end (10 s at most).
+private func handshake(_ stream: TLSStream) throws {
+    let deadline = Date().addingTimeInterval(10)
+    while Date() < deadline {
+        let step = try stream.handshakeStep()
+        if step == .done { return }
+        var p = pollfd(fd: stream.fd, events: Int16(step == .wantRead ? POLLIN : POLLOUT), revents: 0)
+        _ = poll(&p, 1, 100)
+    }
+    throw SystemError("TLS handshake", errno: ETIMEDOUT)
+}
+
+/// TLS 1.3 with a pre-shared key over a connected socket pair, handshaken here (the
+/// client on another thread), non-blocking, waiting with poll.
+private func tlsPair(_ x: Int32, _ y: Int32) throws -> (Duplex, Duplex) {
+    let key = [UInt8](repeating: 0x42, count: 32)
+    setNonBlocking(x)
+    setNonBlocking(y)
+    let client = try TLSStream(fd: x, context: TLSContext.psk(key: key, server: false))
+    let server = try TLSStream(fd: y, context: TLSContext.psk(key: key, server: true))
+    let clientDone = DispatchSemaphore(value: 0)
+    let clientError = Box<Error>()
+    Thread {
+        do { try handshake(client) } catch { clientError.value = error }
+        clientDone.signal()
+    }.start()
+    try handshake(server)
+    XCTAssertEqual(clientDone.wait(timeout: .now() + 10), .success, "TLS handshake")
+    if let e = clientError.value { throw e }
+    return (client, server)
+}
+
 /// An opener and an acceptor over one loopback TCP connection, on a loop thread.
 private final class MuxPair {
     let runner: LoopThread
@@ -91,16 +123,20 @@ private final class MuxPair {
     /// What each side's onClose reported (nil inside: closed by `close()`). Loop thread only.
     var closes: [String: Error?] = [:]
 
-    /// - Parameter pipes: lets both ends splice bulk payload (as the tunnel does on a
-    ///   plain carrier); nil: every byte goes through memory.
-    init(pipes: PipePool? = nil) throws {
+    /// - Parameters:
+    ///   - pipes: lets both ends splice bulk payload (as the tunnel does on a plain
+    ///     carrier); nil: every byte goes through memory.
+    ///   - tls: the carrier is TLS (PSK), handshaken before the loop takes over.
+    init(pipes: PipePool? = nil, tls: Bool = false) throws {
         let (x, y) = try tcpPair()
+        let carriers: (Duplex, Duplex) = tls ? try tlsPair(x, y) : (TCPStream(fd: x), TCPStream(fd: y))
         setNonBlocking(x)
+        setNonBlocking(y)
         runner = try LoopThread()
         let loop = runner.loop
         (opener, acceptor) = runner.sync {
-            (MuxConnection(loop: loop, carrier: TCPStream(fd: x), isOpener: true, pipes: pipes),
-             MuxConnection(loop: loop, carrier: TCPStream(fd: y), isOpener: false, pipes: pipes))
+            (MuxConnection(loop: loop, carrier: carriers.0, isOpener: true, pipes: pipes),
+             MuxConnection(loop: loop, carrier: carriers.1, isOpener: false, pipes: pipes))
         }
         runner.sync { [self] in
             acceptor.onOpen = { [unowned self] stream, payload in accepted.append((stream, Array(payload))) }
@@ -220,6 +256,12 @@ final class MuxTests: XCTestCase {
         try fiftyStreamsThroughRelays(spliced: false)
     }
 
+    /// Over TLS: data frames are encrypted straight from the relays' buffers
+    /// (`writeThrough`) while small frames queue, and both keep their order.
+    func testFiftyStreamsCarryDistinctPayloadsBothWaysOverTLS() throws {
+        try fiftyStreamsThroughRelays(spliced: false, tls: true)
+    }
+
     /// The same with pipes: bulk payload is spliced carrier -> pipe -> socket at the
     /// receiving end and pipe -> carrier at the sending end. The pipes are small, so
     /// some fill up and the rest of a frame falls back to memory, in order.
@@ -227,7 +269,7 @@ final class MuxTests: XCTestCase {
         try fiftyStreamsThroughRelays(spliced: true)
     }
 
-    private func fiftyStreamsThroughRelays(spliced: Bool) throws {
+    private func fiftyStreamsThroughRelays(spliced: Bool, tls: Bool = false) throws {
         let count = 50
         let window = MuxConnection.initialWindow
         let block = randomBytes(window + (2 << 20), seed: 42)
@@ -243,7 +285,7 @@ final class MuxTests: XCTestCase {
         XCTAssertTrue(up.contains { $0.isEmpty } && up.contains { $0.count > window } && down.contains { $0.count > window })
 
         let resources = LoopResources(pipes: PipePool(pipeSize: 65536), buffers: BufferPool(bufferSize: 16384))
-        let pair = try MuxPair(pipes: spliced ? resources.pipes : nil)
+        let pair = try MuxPair(pipes: spliced ? resources.pipes : nil, tls: tls)
         defer { pair.shutdown() }
         // Test-side ends: visitors (x) at the opener, local services (y) at the acceptor.
         var x: [Int32] = [], a: [Int32] = [], y: [Int32] = [], b: [Int32] = []
