@@ -177,13 +177,20 @@ def _forward_targets(rows, fwd):
         c, h = value("culvert", key), value(H, key)
         r = ratio(c, h)
         goal_txt = f"≥ {goal:g}× haproxy" if higher else "≤ haproxy's"
-        # Compared directly, not by ratio: an added latency may be 0 or below.
+        # Compared directly, not by ratio: an added latency may be 0 or below. Below 0
+        # (forwarded faster than direct) is direct's own run-to-run noise, so it counts
+        # as 0 added, not as a bar the other tool has to get under.
+        noise = key.startswith("added_") and any(v is not None and v < 0 for v in (c, h))
         if c is None or h is None:
             holds = None
+        elif key.startswith("added_"):
+            holds = max(c, 0.0) <= goal * max(h, 0.0)
         else:
             holds = c >= goal * h if higher else c <= goal * h
-        _target(rows, f"forward tcp: {what} {goal_txt}",
-                f"{_fmt(c, f)} vs {_fmt(h, f)} {unit} = {_fmt(r, '{:.2f}×')}", holds)
+        measured = f"{_fmt(c, f)} vs {_fmt(h, f)} {unit} = {_fmt(r, '{:.2f}×')}"
+        if noise:
+            measured += "; below 0 is within direct's noise, counted as 0"
+        _target(rows, f"forward tcp: {what} {goal_txt}", measured, holds)
     n = fwd.get("config", {}).get("mem_conns")
     c = value("culvert", "kib_per_conn")
     _target(rows, "forward tcp: ≤ 2 KiB RSS per idle forwarded connection at 7,000",

@@ -646,3 +646,22 @@ def test_forward_targets_are_judged_against_haproxy():
     assert t["forward tcp: CPU-seconds per GB ≤ haproxy's"]["holds"] is True
     assert t["forward tcp: ≤ 2 KiB RSS per idle forwarded connection at 7,000"]["holds"] is True
     assert "forward tcp: connections/s" in report.markdown(doc)
+
+
+def test_added_latency_below_direct_counts_as_none_added():
+    """Forwarded p99 under direct's p99 is noise: -31 vs -57 µs holds (0 ≤ 0), and a
+    positive added latency against a negative one does not (+5 > 0)."""
+    def doc_for(culvert_p99, haproxy_p99):
+        raw = {
+            "direct": {"rtt_p50_us": [80.0, 80.0], "rtt_p99_us": [300.0, 300.0]},
+            "culvert": {"rtt_p50_us": [100.0, 100.0], "rtt_p99_us": [culvert_p99] * 2},
+            "haproxy": {"rtt_p50_us": [110.0, 110.0], "rtt_p99_us": [haproxy_p99] * 2}}
+        doc = report.build_all([_sec("forward", raw, ["direct", "culvert", "haproxy"])], META)
+        return {r["target"]: r for r in doc["targets"]}["forward tcp: added RTT p99 ≤ haproxy's"]
+
+    both_below = doc_for(269.0, 243.0)
+    assert both_below["holds"] is True
+    assert "within direct's noise" in both_below["measured"]
+    assert doc_for(305.0, 243.0)["holds"] is False
+    assert doc_for(305.0, 310.0)["holds"] is True
+    assert "noise" not in doc_for(305.0, 310.0)["measured"]
