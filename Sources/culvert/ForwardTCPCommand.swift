@@ -50,12 +50,7 @@ struct ForwardTCPCommand: ParsableCommand {
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
-        if targets.isEmpty {
-            throw ValidationError("missing <targets>: give at least one TARGET address to relay to")
-        }
-        if threads < 1 || threads > 1024 {
-            throw ValidationError("--threads must be between 1 and 1024, got \(threads)")
-        }
+        try validateForwardCommon(targets: targets, threads: threads)
         if maxConnections < 0 {
             throw ValidationError("--max-connections must be 0 (no limit) or more, got \(maxConnections)")
         }
@@ -78,6 +73,16 @@ struct ForwardTCPCommand: ParsableCommand {
             try await TCPForwarder.start(config: config, group: group, logger: logger)
         }
         if status != 0 { throw ExitCode(status) }
+    }
+}
+
+/// The checks `forward tcp` and `forward udp` share.
+func validateForwardCommon(targets: [HostPort], threads: Int) throws {
+    if targets.isEmpty {
+        throw ValidationError("missing <targets>: give at least one TARGET address to relay to")
+    }
+    if threads < 1 || threads > 1024 {
+        throw ValidationError("--threads must be between 1 and 1024, got \(threads)")
     }
 }
 

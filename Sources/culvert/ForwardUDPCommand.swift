@@ -43,12 +43,7 @@ struct ForwardUDPCommand: ParsableCommand {
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
-        if targets.isEmpty {
-            throw ValidationError("missing <targets>: give at least one TARGET address to relay to")
-        }
-        if threads < 1 || threads > 1024 {
-            throw ValidationError("--threads must be between 1 and 1024, got \(threads)")
-        }
+        try validateForwardCommon(targets: targets, threads: threads)
         if maxSessions < 0 {
             throw ValidationError("--max-sessions must be 0 (no limit) or more, got \(maxSessions)")
         }
