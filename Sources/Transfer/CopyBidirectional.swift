@@ -79,10 +79,10 @@ public final class CopyBidirectional: EventHandler {
         self.a = a
         self.b = b
         self.preferSplice = preferSplice
-        // A direction splices when its source is a socket and its destination is one
-        // too, or takes bytes from a pipe (a multiplexed stream on a plain carrier).
-        aToB = CopyDirection(useSplice: preferSplice && a.isSpliceable && (b.isSpliceable || b.acceptsPipe))
-        bToA = CopyDirection(useSplice: preferSplice && b.isSpliceable && (a.isSpliceable || a.acceptsPipe))
+        // A direction splices when its source is a socket and its destination takes
+        // bytes from a pipe (another socket, or a multiplexed stream on a plain carrier).
+        aToB = CopyDirection(useSplice: preferSplice && a.isSpliceable && b.acceptsPipe)
+        bToA = CopyDirection(useSplice: preferSplice && b.isSpliceable && a.acceptsPipe)
         self.idleTimeout = idleTimeout
         self.endsWithBToA = endsWithBToA
         self.onClose = onClose
@@ -115,7 +115,7 @@ public final class CopyBidirectional: EventHandler {
     }
 
     private func register(_ side: Duplex, tag: UInt8, other: Duplex) throws(SystemError) {
-        if side.attachVirtual(self, tag: tag, peerTakesPipes: preferSplice && other.isSpliceable) { return }
+        if side.attachVirtual(self, tag: tag, peerTakesPipes: preferSplice && other.acceptsPipe) { return }
         let separate = side.writeFD != side.fd
         try watch(side.fd, separate ? .read : .readWrite, tag: tag)
         if separate { try watch(side.writeFD, .write, tag: tag) }

@@ -206,7 +206,7 @@ struct CopyDirection {
     private static func write(_ lent: Borrowed, to destination: Duplex) -> IOResult {
         switch lent {
         case .bytes(let region): return destination.write(from: region.baseAddress!, count: region.count)
-        case .pipe(let fd, let count): return Net.splice(from: fd, to: destination.writeFD, count)
+        case .pipe(let fd, let count): return destination.write(fromPipe: fd, count: count)
         default: return .wouldBlock
         }
     }
@@ -216,7 +216,6 @@ struct CopyDirection {
         case .none:
             return .wouldBlock
         case .pipe(let p):
-            if destination.isSpliceable { return Net.splice(from: p.readFD, to: destination.fd, pending) }
             return destination.write(fromPipe: p.readFD, count: pending)
         case .buffer(let b, _):
             return destination.write(from: b + offset, count: pending)

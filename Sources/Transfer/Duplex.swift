@@ -39,8 +39,8 @@ public protocol Duplex: AnyObject {
     /// The error the stream has hit (SO_ERROR for a socket), 0 when none: asked when the
     /// loop reports an error, since a direction that is not reading would not see it.
     func pendingError() -> Int32
-    /// A stream that is not a socket but can take bytes straight out of a pipe (a
-    /// multiplexed stream on a plain carrier), so that a splicing direction can feed it.
+    /// Whether the stream takes bytes straight out of a pipe (`write(fromPipe:count:)`):
+    /// a plain socket, or a multiplexed stream that splices into its plain carrier.
     var acceptsPipe: Bool { get }
     /// Writes up to `count` of the bytes waiting in the pipe `fd`; what it reports as
     /// written has left the pipe. Only called when `acceptsPipe` is true.
@@ -78,8 +78,11 @@ extension Duplex {
     public func borrowReadable() -> Borrowed? { nil }
     public func consumeBorrowed(_ count: Int) {}
     public func pendingError() -> Int32 { fd >= 0 ? Net.pendingError(fd) : 0 }
-    public var acceptsPipe: Bool { false }
-    public func write(fromPipe fd: Int32, count: Int) -> IOResult { .failed(SystemError("write", errno: EINVAL)) }
+    public var acceptsPipe: Bool { isSpliceable }
+    /// A plain socket: splice.
+    public func write(fromPipe fd: Int32, count: Int) -> IOResult {
+        isSpliceable ? Net.splice(from: fd, to: writeFD, count) : .failed(SystemError("write", errno: EINVAL))
+    }
     public func writeThrough(header: UnsafeRawPointer, _ headerCount: Int, body: UnsafeRawPointer,
                              _ bodyCount: Int) -> IOResult? { nil }
     public var bufferedOutput: Int { 0 }

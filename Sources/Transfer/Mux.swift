@@ -349,18 +349,25 @@ public final class MuxConnection: EventHandler {
         p.storeBytes(of: UInt32(count).bigEndian, toByteOffset: 5, as: UInt32.self)
     }
 
+    /// Runs `body` with a data frame header for `count` bytes of stream `id`, on the stack.
+    private func withDataHeader<T>(_ id: UInt32, _ count: Int, _ body: (UnsafeMutableRawPointer) -> T) -> T {
+        var header: (UInt64, UInt64) = (0, 0)
+        return withUnsafeMutableBytes(of: &header) { h in
+            Self.writeHeader(h.baseAddress!, .data, id, count)
+            return body(h.baseAddress!)
+        }
+    }
+
     /// Stream bytes: on a plain carrier with nothing queued they go out with one sendmsg
     /// straight from the writer's buffer; whatever the socket does not take is queued.
     func sendData(_ id: UInt32, _ payload: UnsafeRawPointer, _ count: Int) {
         guard !isClosed else { return }
         if outStart == outEnd && carrier.isSpliceable && carrier.writeReady && deferredFailure == nil {
-            var header: (UInt64, UInt64) = (0, 0)
-            let sent: Int = withUnsafeMutableBytes(of: &header) { h in
-                Self.writeHeader(h.baseAddress!, .data, id, count)
-                switch Net.write(carrier.fd, header: h.baseAddress!, Self.headerSize, body: payload, count) {
+            let sent: Int = withDataHeader(id, count) { h in
+                switch Net.write(carrier.fd, header: h, Self.headerSize, body: payload, count) {
                 case .bytes(let n):
                     if n < Self.headerSize {
-                        append(h.baseAddress! + n, Self.headerSize - n)
+                        append(h + n, Self.headerSize - n)
                         append(payload, count)
                     } else if n < Self.headerSize + count {
                         append(payload + (n - Self.headerSize), Self.headerSize + count - n)
@@ -381,10 +388,8 @@ public final class MuxConnection: EventHandler {
             }
         } else if outStart == outEnd && deferredFailure == nil {
             // A TLS carrier encrypts the frame straight from the writer's buffer.
-            var header: (UInt64, UInt64) = (0, 0)
-            let result: IOResult? = withUnsafeMutableBytes(of: &header) { h in
-                Self.writeHeader(h.baseAddress!, .data, id, count)
-                return carrier.writeThrough(header: h.baseAddress!, Self.headerSize, body: payload, count)
+            let result = withDataHeader(id, count) { h in
+                carrier.writeThrough(header: h, Self.headerSize, body: payload, count)
             }
             if let result {
                 if case .failed(let e) = result {
@@ -397,9 +402,6 @@ public final class MuxConnection: EventHandler {
         enqueue(.data, id, payload, count)
     }
 
-    /// Whether streams may hand bytes over in a pipe (`sendData(_:fromPipe:_:)`).
-    var carrierIsPlain: Bool { carrier.isSpliceable }
-
     /// Stream bytes waiting in a pipe (a splicing relay's carrier), for a plain carrier:
     /// with nothing queued, the header goes out with MSG_MORE and the payload is spliced
     /// from the pipe to the carrier, never copied to user space. Whatever the carrier
@@ -408,14 +410,12 @@ public final class MuxConnection: EventHandler {
     func sendData(_ id: UInt32, fromPipe pipe: Int32, _ count: Int) -> IOResult {
         guard !isClosed, deferredFailure == nil else { return .failed(SystemError("mux carrier", errno: EPIPE)) }
         if outStart == outEnd && carrier.writeReady {
-            var header: (UInt64, UInt64) = (0, 0)
-            let direct: IOResult? = withUnsafeMutableBytes(of: &header) { h in
-                Self.writeHeader(h.baseAddress!, .data, id, count)
-                switch Net.write(carrier.fd, h.baseAddress!, Self.headerSize, more: true) {
+            let direct: IOResult? = withDataHeader(id, count) { h in
+                switch Net.write(carrier.fd, h, Self.headerSize, more: true) {
                 case .bytes(let n) where n == Self.headerSize:
                     return splicePayload(from: pipe, count)
                 case .bytes(let n):
-                    append(h.baseAddress! + n, Self.headerSize - n)
+                    append(h + n, Self.headerSize - n)
                     return queuePayload(from: pipe, count) ? .bytes(count) : carrierFailed()
                 case .wouldBlock:
                     carrier.writeReady = false
@@ -631,7 +631,7 @@ public final class MuxStream: Duplex {
     private let pipes: PipePool?
     private var pipe: Pipe?
     private var pipeBytes = 0
-    /// The relay splices what this stream lends as a pipe (its other end is a socket).
+    /// The relay splices what this stream lends as a pipe (its other end takes pipes).
     private var lendsPipes = false
     private var current: UnsafeRawBufferPointer?
     private var queue: UnsafeMutableRawPointer?
@@ -842,7 +842,9 @@ public final class MuxStream: Duplex {
 
     public func pendingError() -> Int32 { wasReset ? ECONNRESET : 0 }
 
-    public var acceptsPipe: Bool { connection?.carrierIsPlain ?? false }
+    /// On a splicing carrier (one with a pipe pool: plain), bytes are spliced on from
+    /// the writer's pipe.
+    public var acceptsPipe: Bool { pipes != nil && connection != nil }
 
     public func write(fromPipe fd: Int32, count: Int) -> IOResult {
         if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
