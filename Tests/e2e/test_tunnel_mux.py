@@ -33,6 +33,7 @@ from tunnel_support import (
     echo_many,
     free_port,
     half_close_exchange,
+    open_visitors,
     poll,
     rss_bytes,
     wait_stalled,
@@ -127,21 +128,13 @@ def test_idle_visitors_add_no_tunnel_connections(kit, mode):
     addr = cli.exposed_map[local_of(echo)]
     tunnel_connections(srv, 3)  # control + 2 carriers, nothing pooled
 
-    visitors = []
-    try:
-        for i in range(30):
-            s = socket.create_connection(addr, timeout=10)
-            visitors.append(s)
-            round_trip(s, b"visitor %d is here" % i)
+    with open_visitors(addr, 30, b"visitor %d is here") as visitors:
         assert echo.accepted == 30
         # 30 open, idle visitors later: still exactly control + 2 carriers
         tunnel_connections(srv, 3, timeout=1)
         # and every one of them still answers
         for i, s in enumerate(visitors):
             round_trip(s, b"still %d" % i)
-    finally:
-        for s in visitors:
-            s.close()
     srv.wait_stderr(r"connection closed", count=30, timeout=10)
     tunnel_connections(srv, 3, timeout=1)
 
@@ -153,16 +146,8 @@ def test_without_mux_each_visitor_has_its_own_channel(kit):
     cli = kit.start_client(srv.server_addr, [f"0:{local_of(echo)}"], "plain", opts=["--mux", "0", "--pool", "0"])
     addr = cli.exposed_map[local_of(echo)]
     tunnel_connections(srv, 1)
-    visitors = []
-    try:
-        for i in range(10):
-            s = socket.create_connection(addr, timeout=10)
-            visitors.append(s)
-            round_trip(s, b"dedicated %d" % i)
+    with open_visitors(addr, 10, b"dedicated %d"):
         tunnel_connections(srv, 1 + 10)
-    finally:
-        for s in visitors:
-            s.close()
 
 
 # --------------------------------------------------------------------------

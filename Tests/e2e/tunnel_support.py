@@ -8,6 +8,7 @@ is bounded by a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -36,6 +37,7 @@ from conftest import (  # noqa: E402  (read-only use of the shared helpers)
     culvert_bin,
     parse_addr,
     recv_all,
+    round_trip,
 )
 
 LISTENING_RE = re.compile(r"^listening tunnel (\S+)$")
@@ -608,6 +610,22 @@ def echo_many(addr: tuple[str, int], payloads: list[bytes], timeout: float) -> d
             s.close()
     assert not errors, errors[:5]
     return results
+
+
+@contextlib.contextmanager
+def open_visitors(addr: tuple[str, int], n: int, greeting: bytes):
+    """n visitor connections, each checked with one round trip of `greeting % i`, kept
+    open inside the block and closed after it (on every exit path)."""
+    visitors: list[socket.socket] = []
+    try:
+        for i in range(n):
+            s = socket.create_connection(addr, timeout=10)
+            visitors.append(s)
+            round_trip(s, greeting % i)
+        yield visitors
+    finally:
+        for s in visitors:
+            s.close()
 
 
 def half_close_exchange(addr: tuple[str, int], request: bytes, response: bytes,
