@@ -91,6 +91,12 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     /// True on the thread that runs this loop.
+    /// Stops a debug build when called off the loop's thread (any thread may set the
+    /// loop up before it runs). The entry points of loop-confined types call it.
+    public func assertInLoop() {
+        assert(thread == nil || inEventLoop, "not on event loop \(id)")
+    }
+
     public var inEventLoop: Bool {
         guard let thread else { return false }
         return pthread_equal(thread, pthread_self()) != 0

@@ -10,35 +10,22 @@ import Transfer
 final class ForwardWorker {
     let loop: EventLoop
     private unowned let forwarder: TCPForwarder
-    private let resources = LoopResources()
-    private var acceptors: [Acceptor] = []
-    private var dialers: [ObjectIdentifier: Dialer] = [:]
-    private var relays: [ObjectIdentifier: CopyBidirectional] = [:]
-    private var draining = false
-    private var onIdle: (() -> Void)?
+    private let relays: RelaySet
+    private let listeners: Listeners
     private var lastLimitLog: UInt64 = 0
 
     init(loop: EventLoop, forwarder: TCPForwarder) {
         self.loop = loop
         self.forwarder = forwarder
+        relays = RelaySet(loop: loop, resources: LoopResources(), logger: forwarder.logger)
+        listeners = Listeners(loop: loop, logger: forwarder.logger)
     }
 
-    var connectionCount: Int { dialers.count + relays.count }
-
-    func startAccepting(listeners: [(fd: Int32, address: SocketAddress)]) {
-        for l in listeners {
-            let acceptor = Acceptor(loop: loop, fd: l.fd, address: l.address,
-                onAccept: { [unowned self] fd, peer in accepted(fd, peer: peer) },
-                onError: { [unowned self] error in
-                    forwarder.logger.warning("accept failed", metadata: ["listen": "\(l.address)", "error": "\(error)"])
-                })
-            do {
-                try acceptor.start()
-                acceptors.append(acceptor)
-            } catch {
-                forwarder.logger.error("cannot watch listener", metadata: ["listen": "\(l.address)", "error": "\(error)"])
-                acceptor.stop()
-            }
+    func startAccepting(listeners bound: [(fd: Int32, address: SocketAddress)]) {
+        do {
+            try listeners.start(bound) { [unowned self] fd, peer in accepted(fd, peer: peer) }
+        } catch {
+            forwarder.logger.error("cannot watch listener", metadata: ["listen": "\(bound.map { "\($0.address)" }.joined(separator: ","))", "error": "\(error)"])
         }
     }
 
@@ -54,74 +41,52 @@ final class ForwardWorker {
             }
             return
         }
-        let dialer = Dialer(loop: loop, attempts: forwarder.targets.attempts(now: loop.now),
-                            connectTimeout: forwarder.config.connectTimeout,
-            onTargetFailure: { [unowned self] attempt, error in
-                forwarder.targetFailed(attempt, error: error, now: loop.now)
+        let attempts = forwarder.targets.attempts(now: loop.now)
+        var pending: RelaySet.Pending?
+        let connector = Connector(loop: loop, addresses: attempts.map(\.address), timeout: forwarder.config.connectTimeout,
+            onAttemptFailed: { [unowned self] index, error in
+                forwarder.targetFailed(attempts[index], error: error, now: loop.now)
             },
-            onDone: { [unowned self] dialer, outcome in
-                dialers[ObjectIdentifier(dialer)] = nil
-                connectFinished(client: fd, peer: peer, outcome: outcome)
+            onDone: { [unowned self] _, outcome in
+                if let pending { relays.remove(pending: pending) }
+                connectFinished(client: fd, peer: peer, attempts: attempts, outcome: outcome)
             })
-        dialers[ObjectIdentifier(dialer)] = dialer
-        dialer.start()
+        pending = relays.add(pending: connector.cancel)
+        connector.start()
     }
 
-    private func connectFinished(client: Int32, peer: SocketAddress?, outcome: Dialer.Outcome) {
+    private func connectFinished(client: Int32, peer: SocketAddress?, attempts: [TargetSet.Attempt], outcome: Connector.Outcome) {
         switch outcome {
-        case .exhausted(let tried):
+        case .exhausted(let tried, _):
             Net.closeWithReset(client)
             forwarder.release()
             forwarder.logger.error("no target reachable", metadata: ["peer": "\(peer.logDescription)", "tried": .stringConvertible(tried), "reason": "connect-failed"])
-            checkIdle()
         case .cancelled:
             Net.closeWithReset(client)
             forwarder.release()
             forwarder.logger.info("connection closed", metadata: ["peer": "\(peer.logDescription)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
-            checkIdle()
-        case .connected(let fd, let registration, let attempt):
+        case .connected(let fd, let registration, let index):
+            let attempt = attempts[index]
             forwarder.targets.markUp(attempt.target)
             let target = attempt.address
-            let relay = CopyBidirectional(loop: loop, resources: resources,
-                                          a: TCPStream(fd: client, noDelay: false), b: TCPStream(fd: fd),
-                                          preferSplice: forwarder.config.splice,
-                                          idleTimeout: forwarder.config.idleTimeout) { [unowned self] relay, reason in
-                relays[ObjectIdentifier(relay)] = nil
+            let started = relays.start(a: TCPStream(fd: client, noDelay: false), b: TCPStream(fd: fd),
+                                       preferSplice: forwarder.config.splice, idleTimeout: forwarder.config.idleTimeout,
+                                       adopting: registration, peer: peer.logDescription) { [unowned self] relay, reason in
                 forwarder.release()
                 forwarder.logClose(peer: peer, target: target, relay: relay, reason: reason)
-                checkIdle()
             }
-            relays[ObjectIdentifier(relay)] = relay
-            do {
-                try relay.start(adopting: registration)
-            } catch {
-                // start() closed both sockets; onClose is not called for a relay that never ran.
-                relays[ObjectIdentifier(relay)] = nil
-                forwarder.release()
-                forwarder.logger.error("cannot register connection", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
-                checkIdle()
-            }
+            if started == nil { forwarder.release() }
         }
     }
 
     /// Stops accepting; `onIdle` runs (on this loop) once the last connection has ended.
     func beginDrain(onIdle: @escaping () -> Void) {
-        draining = true
-        self.onIdle = onIdle
-        for a in acceptors { a.stop() }
-        acceptors.removeAll()
-        checkIdle()
+        listeners.stop()
+        relays.whenIdle(onIdle)
     }
 
     /// Ends every connection now (drain deadline passed).
     func abortAll(_ reason: CloseReason) {
-        for d in Array(dialers.values) { d.cancel() }
-        for r in Array(relays.values) { r.abort(reason) }
-    }
-
-    private func checkIdle() {
-        guard draining, connectionCount == 0, let done = onIdle else { return }
-        onIdle = nil
-        done()
+        relays.abortAll(reason)
     }
 }

@@ -42,12 +42,6 @@ struct LoopListeners {
 }
 
 /// A failure to bind a listening address: exit status 1, not a usage error.
-public struct ListenError: Error, CustomStringConvertible {
-    public let address: HostPort
-    public let error: SystemError
-    public var description: String { "cannot listen on \(address): \(error)" }
-}
-
 /// Resolves a forwarder's targets off-loop; a target written without a host means this host.
 func resolveTargets(_ specs: [HostPort], on loop: EventLoop) async throws -> [TargetSet.Target] {
     var resolved: [TargetSet.Target] = []

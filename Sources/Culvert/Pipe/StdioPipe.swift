@@ -17,16 +17,13 @@ public final class StdioPipe: DrainableService, @unchecked Sendable {
                              control: ServiceControl) async throws -> StdioPipe {
         let loop = group.main
         let addresses = try await Resolver.resolve(host: target.host ?? "127.0.0.1", port: target.port, passive: false, on: loop)
-        var lastError: Error = SystemError("connect", errno: 111)
-        for address in addresses {
-            do {
-                let fd = try await AsyncConnect.connect(to: address, timeout: connectTimeout, on: loop)
-                return try join(TCPStream(fd: fd), name: "\(target)", loop: loop, logger: logger, control: control)
-            } catch {
-                lastError = error
-            }
+        let fd: Int32
+        do {
+            fd = try await Connector.connect(to: addresses, timeout: connectTimeout, on: loop)
+        } catch {
+            throw PipeError(target: "\(target)", underlying: error)
         }
-        throw PipeError(target: "\(target)", underlying: lastError)
+        return try join(TCPStream(fd: fd), name: "\(target)", loop: loop, logger: logger, control: control)
     }
 
     /// Stdin/stdout to the secret service `name` behind a culvert server.

@@ -20,7 +20,9 @@ final class ClientSession {
     /// Data channels carrying multiplexed TCP visitors.
     private var carriers: [ObjectIdentifier: MuxConnection] = [:]
     /// Local connections being made for multiplexed visitors.
-    private var dialers: [ObjectIdentifier: Dialer] = [:]
+    private var connecting: [ObjectIdentifier: Connector] = [:]
+    /// The relays of this session's visitors; they outlive the session.
+    private let relays: RelaySet
     /// Data channels carrying UDP services.
     private var udpRelays: [ObjectIdentifier: ClientUDPRelay] = [:]
     private var heartbeatTimer: LoopTimer?
@@ -38,6 +40,7 @@ final class ClientSession {
         self.id = id
         self.key = key
         lastHeard = client.loop.now
+        relays = client.relays.makeSet()
     }
 
     /// Serves the control channel until it dies. Throws `FatalClientError` when a
@@ -145,7 +148,8 @@ final class ClientSession {
         }
         let localFD: Int32
         do {
-            localFD = try await connectFirst(try await localAddresses(of: serviceID, spec))
+            localFD = try await Connector.connect(to: try await localAddresses(of: serviceID, spec),
+                                                  timeout: client.config.connectTimeout, on: loop)
         } catch {
             logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
             if spec.isSecret {
@@ -171,7 +175,7 @@ final class ClientSession {
 
     private func startCarrier(_ stream: Duplex) {
         guard !ended else { return stream.close(reset: false) }
-        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false, pipes: client.resources.pipes)
+        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false, pipes: relays.resources.pipes)
         carrier.onOpen = { [weak self] stream, payload in
             guard let self else { return stream.close(reset: true) }
             self.streamOpened(stream, payload)
@@ -225,29 +229,25 @@ final class ClientSession {
     /// task per visitor), then relays.
     private func dial(_ stream: MuxStream, serviceID: UInt32, spec: ServiceSpec, visitor: String, addresses: [SocketAddress]) {
         guard !ended else { return stream.close(reset: true) }
-        var lastError: SystemError?
-        let dialer = Dialer(loop: loop, attempts: addresses.map { TargetSet.Attempt(target: 0, address: $0) },
-                            connectTimeout: client.config.connectTimeout,
-            onTargetFailure: { _, error in lastError = error },
-            onDone: { [weak self] dialer, outcome in
-                guard let self else { return stream.close(reset: true) }
-                self.dialers[ObjectIdentifier(dialer)] = nil
-                switch outcome {
-                case .connected(let fd, let registration, _):
-                    guard let data = self.wrap(stream, compress: spec.compress) else {
-                        if let registration { self.loop.forget(registration: registration) }
-                        return Posix.close(fd)
-                    }
-                    self.startRelay(data, localFD: fd, adopting: registration, visitor: visitor, target: self.localNames[Int(serviceID)])
-                case .exhausted:
-                    self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(lastError.map { "\($0)" } ?? "no address")"])
-                    stream.close(reset: true)
-                case .cancelled:
-                    stream.close(reset: true)
+        let connector = Connector(loop: loop, addresses: addresses, timeout: client.config.connectTimeout) { [weak self] connector, outcome in
+            guard let self else { return stream.close(reset: true) }
+            self.connecting[ObjectIdentifier(connector)] = nil
+            switch outcome {
+            case .connected(let fd, let registration, _):
+                guard let data = self.wrap(stream, compress: spec.compress) else {
+                    if let registration { self.loop.forget(registration: registration) }
+                    return Posix.close(fd)
                 }
-            })
-        dialers[ObjectIdentifier(dialer)] = dialer
-        dialer.start()
+                self.startRelay(data, localFD: fd, adopting: registration, visitor: visitor, target: self.localNames[Int(serviceID)])
+            case .exhausted(_, let lastError):
+                self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(lastError.map { "\($0)" } ?? "no address")"])
+                stream.close(reset: true)
+            case .cancelled:
+                stream.close(reset: true)
+            }
+        }
+        connecting[ObjectIdentifier(connector)] = connector
+        connector.start()
     }
 
     /// The exposer's half of the end-to-end service-token proof. On a wrong proof the
@@ -320,27 +320,10 @@ final class ClientSession {
         return addresses
     }
 
-    private func connectFirst(_ addresses: [SocketAddress]) async throws -> Int32 {
-        var last: Error = ChannelError.closed
-        for a in addresses {
-            do { return try await AsyncConnect.connect(to: a, timeout: client.config.connectTimeout, on: loop) } catch { last = error }
-        }
-        throw last
-    }
-
     private func startRelay(_ data: Duplex, localFD: Int32, adopting registration: Registration? = nil, visitor: String, target: String) {
-        let client = self.client
-        let relay = CopyBidirectional(loop: loop, resources: client.resources, a: data, b: TCPStream(fd: localFD)) { relay, reason in
-            client.activeRelays[ObjectIdentifier(relay)] = nil
-            client.logger.connectionClosed(peer: visitor, ("target", target), relay: relay, reason: reason)
-            client.relayEnded()
-        }
-        client.activeRelays[ObjectIdentifier(relay)] = relay
-        do {
-            try relay.start(adopting: registration)
-        } catch {
-            client.activeRelays[ObjectIdentifier(relay)] = nil
-            logger.warning("cannot start relay", metadata: ["peer": "\(visitor)", "error": "\(error)"])
+        let logger = self.logger
+        relays.start(a: data, b: TCPStream(fd: localFD), adopting: registration, peer: visitor) { relay, reason in
+            logger.connectionClosed(peer: visitor, ("target", target), relay: relay, reason: reason)
         }
     }
 
@@ -368,13 +351,14 @@ final class ClientSession {
         retryTimers.removeAll()
         for c in pooled.values { c.fail(.closed) }
         pooled.removeAll()
-        for d in Array(dialers.values) { d.cancel() }
-        dialers.removeAll()
+        for c in Array(connecting.values) { c.cancel() }
+        connecting.removeAll()
         // Visitors already relayed go on (a drain waits for them); each carrier closes
         // when its last stream ends (the loop keeps it alive while it is registered).
         for c in Array(carriers.values) { c.closeWhenIdle() }
         carriers.removeAll()
         for r in Array(udpRelays.values) { r.closeAll() }
+        client.relays.retire(relays)
         control.close()
     }
 }

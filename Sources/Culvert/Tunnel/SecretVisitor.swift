@@ -61,11 +61,8 @@ public final class VisitorListener: DrainableService, @unchecked Sendable {
     private let config: TunnelClientConfig
     private let logger: Logger
     private let loop: EventLoop
-    private let resources = LoopResources()
-    private var acceptors: [Acceptor] = []
-    private var relays: [ObjectIdentifier: CopyBidirectional] = [:]
-    private var pending = 0
-    private var onIdle: (() -> Void)?
+    private let relays: RelaySet
+    private let listeners: Listeners
 
     private init(connector: TunnelConnector, name: String, serviceToken: String, config: TunnelClientConfig, logger: Logger, loop: EventLoop) {
         self.connector = connector
@@ -74,6 +71,8 @@ public final class VisitorListener: DrainableService, @unchecked Sendable {
         self.config = config
         self.logger = logger
         self.loop = loop
+        relays = RelaySet(loop: loop, resources: LoopResources(), logger: logger)
+        listeners = Listeners(loop: loop, logger: logger)
     }
 
     public static func start(config: TunnelClientConfig, name: String, serviceToken: String?, listen: HostPort,
@@ -81,34 +80,18 @@ public final class VisitorListener: DrainableService, @unchecked Sendable {
         let loop = group.main
         let visitor = VisitorListener(connector: try TunnelConnector(loop: loop, config: config), name: name,
                                       serviceToken: serviceToken ?? config.token, config: config, logger: logger, loop: loop)
-        let addresses = try await Resolver.resolve(host: listen.host, port: listen.port, passive: true, on: loop)
-        for address in addresses {
-            let fd: Int32
-            let bound: SocketAddress
-            do {
-                fd = try Net.listen(address, reusePort: false)
-                bound = try Net.localAddress(fd)
-            } catch {
-                visitor.stopAccepting()
-                throw ListenError(address: listen, error: error)
-            }
-            let acceptor = Acceptor(loop: loop, fd: fd, address: bound,
-                onAccept: { [unowned visitor] fd, peer in visitor.accepted(fd, peer: peer?.description ?? "?") },
-                onError: { error in logger.warning("accept failed", metadata: ["error": "\(error)"]) })
-            try acceptor.start()
-            visitor.acceptors.append(acceptor)
-            ReadyLine.print("listening visit \(bound) -> \(name)")
+        let bound = try await Listeners.bind(listen, on: loop, reusePort: false)
+        try visitor.listeners.start(bound) { [unowned visitor] fd, peer in visitor.accepted(fd, peer: peer?.description ?? "?") }
+        for address in visitor.listeners.addresses {
+            ReadyLine.print("listening visit \(address) -> \(name)")
         }
         return visitor
     }
 
     private func accepted(_ fd: Int32, peer: String) {
-        pending += 1
+        let pending = relays.add()
         Task(executorPreference: loop.tasks) { [self] in
-            defer {
-                pending -= 1
-                checkIdle()
-            }
+            defer { relays.remove(pending: pending) }
             let remote: Duplex
             do {
                 remote = try await SecretVisit.open(connector, name: name, serviceToken: serviceToken, heartbeat: config.heartbeat)
@@ -117,38 +100,14 @@ public final class VisitorListener: DrainableService, @unchecked Sendable {
                 logger.error("visit failed", metadata: ["peer": "\(peer)", "service": "\(name)", "error": "\(error)"])
                 return
             }
-            let relay = CopyBidirectional(loop: loop, resources: resources, a: TCPStream(fd: fd), b: remote) { [self] relay, reason in
-                relays[ObjectIdentifier(relay)] = nil
+            relays.start(a: TCPStream(fd: fd), b: remote, peer: peer) { [logger, name] relay, reason in
                 logger.connectionClosed(peer: peer, ("target", "secret:\(name)"), relay: relay, reason: reason)
-                checkIdle()
             }
-            relays[ObjectIdentifier(relay)] = relay
-            do { try relay.start() } catch { relays[ObjectIdentifier(relay)] = nil }
         }
-    }
-
-    private func stopAccepting() {
-        for a in acceptors { a.stop() }
-        acceptors.removeAll()
-    }
-
-    private func checkIdle() {
-        guard relays.isEmpty, pending == 0, let done = onIdle else { return }
-        onIdle = nil
-        done()
     }
 
     public func drain(timeout: Duration) async {
-        stopAccepting()
-        if relays.isEmpty && pending == 0 { return }
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            let deadline = loop.schedule(after: timeout) { [self] in
-                for r in Array(relays.values) { r.abort(.drainTimeout) }
-            }
-            onIdle = {
-                deadline.cancel()
-                done.resume()
-            }
-        }
+        listeners.stop()
+        await RelaySet.drain([relays], on: loop, timeout: timeout, logger: logger)
     }
 }

@@ -23,13 +23,13 @@ final class ServerSession {
 
     private final class ExposedService {
         let request: TunnelProtocol.ServiceRequest
-        let acceptors: [Acceptor]
+        let listeners: Listeners
         /// The bound addresses, as close lines name the service.
         let listen: String
-        init(request: TunnelProtocol.ServiceRequest, acceptors: [Acceptor]) {
+        init(request: TunnelProtocol.ServiceRequest, listeners: Listeners) {
             self.request = request
-            self.acceptors = acceptors
-            listen = acceptors.map { $0.address.description }.joined(separator: ",")
+            self.listeners = listeners
+            listen = listeners.addresses.map(\.description).joined(separator: ",")
         }
     }
 
@@ -61,6 +61,8 @@ final class ServerSession {
     private var heartbeatTimer: LoopTimer?
     private var lastHeard: UInt64
     private var ended = false
+    /// The relays of this client's visitors; they outlive the session.
+    private let relays: RelaySet
     private var logger: Logger { server.logger }
     private var loop: EventLoop { server.loop }
 
@@ -73,6 +75,7 @@ final class ServerSession {
         self.poolSize = poolSize
         self.muxChannels = muxChannels
         lastHeard = server.loop.now
+        relays = server.relays.makeSet()
     }
 
     /// Serves the control channel until it dies; then releases everything the client had.
@@ -133,26 +136,18 @@ final class ServerSession {
             logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "udp \(service.listen)"])
             udpNeedsChannel(service)
         case .success(let listeners):
-            var acceptors: [Acceptor] = []
-            for (fd, address) in listeners {
-                let acceptor = Acceptor(loop: loop, fd: fd, address: address,
-                    onAccept: { [weak self] fd, visitor in
-                        guard let self else { return Net.closeWithReset(fd) }
-                        self.visitorArrived(TCPStream(fd: fd, noDelay: false), peer: visitor?.description ?? "?", service: request.id)
-                    },
-                    onError: { [weak self] error in self?.logger.warning("accept failed", metadata: ["listen": "\(address)", "error": "\(error)"]) })
-                do {
-                    try acceptor.start()
-                    acceptors.append(acceptor)
-                } catch {
-                    acceptor.stop()
-                    for a in acceptors { a.stop() }
-                    return refuse(request, ServiceRefusal("cannot watch \(address): \(error)"))
+            let exposedListeners = Listeners(loop: loop, logger: logger)
+            do {
+                try exposedListeners.start(listeners.map { (fd: $0.0, address: $0.1) }) { [weak self] fd, visitor in
+                    guard let self else { return Net.closeWithReset(fd) }
+                    self.visitorArrived(TCPStream(fd: fd, noDelay: false), peer: visitor?.description ?? "?", service: request.id)
                 }
+            } catch {
+                return refuse(request, ServiceRefusal("cannot watch port \(request.port): \(error)"))
             }
-            let exposed = ExposedService(request: request, acceptors: acceptors)
+            let exposed = ExposedService(request: request, listeners: exposedListeners)
             services[request.id] = exposed
-            control.send(TunnelProtocol.encode(.serviceAccepted(id: request.id, address: acceptors[0].address.description)))
+            control.send(TunnelProtocol.encode(.serviceAccepted(id: request.id, address: listeners[0].1.description)))
             logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "\(exposed.listen)"])
         }
     }
@@ -262,7 +257,7 @@ final class ServerSession {
     }
 
     private func startCarrier(_ stream: Duplex) {
-        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: true, pipes: server.resources.pipes)
+        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: true, pipes: relays.resources.pipes)
         carrier.onClose = { [weak self] carrier, error in self?.carrierClosed(carrier, error) }
         do {
             try carrier.start()
@@ -405,22 +400,12 @@ final class ServerSession {
                 return
             }
         }
-        let relay = CopyBidirectional(loop: server.loop, resources: server.resources,
-                                      a: visitorStream, b: data) { relay, reason in
-            server.activeRelays[ObjectIdentifier(relay)] = nil
+        relays.start(a: visitorStream, b: data, peer: visitor) { relay, reason in
             // With compression, what crossed the tunnel next to the visitor's bytes.
             let wire: Logger.Metadata = zlib.map {
                 ["wire_up": .stringConvertible($0.compressedOut), "wire_down": .stringConvertible($0.compressedIn)]
             } ?? [:]
             server.logger.connectionClosed(peer: visitor, ("listen", listen), relay: relay, reason: reason, extra: wire)
-            server.relayEnded()
-        }
-        server.activeRelays[ObjectIdentifier(relay)] = relay
-        do {
-            try relay.start()
-        } catch {
-            server.activeRelays[ObjectIdentifier(relay)] = nil
-            server.logger.warning("cannot start relay", metadata: ["peer": "\(visitor)", "error": "\(error)"])
         }
     }
 
@@ -441,7 +426,7 @@ final class ServerSession {
 
     /// Closes the exposed ports (for a graceful drain), keeping running relays.
     func stopAccepting() {
-        for s in services.values { for a in s.acceptors { a.stop() } }
+        for s in services.values { s.listeners.stop() }
         services.removeAll()
         let udp = udpServices.values.map(\.0)
         udpServices.removeAll()
@@ -471,6 +456,7 @@ final class ServerSession {
         for c in carriers { c.closeWhenIdle() }
         carriers.removeAll()
         outstandingNonces.removeAll()
+        server.relays.retire(relays)
         control.close()
         logger.info("client disconnected", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
     }

@@ -23,13 +23,12 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     let logger: Logger
     private let connector: TunnelConnector
     private let control: ServiceControl
-    let resources = LoopResources()
+    /// Every visitor relay of every session, current and past.
+    let relays: RelayGroup
     private var everConnected = false
     private var announced: Set<UInt32> = []
     private var stopping = false
     private var current: ClientSession?
-    var activeRelays: [ObjectIdentifier: CopyBidirectional] = [:]
-    private var onIdle: (() -> Void)?
 
     private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connector: TunnelConnector, control: ServiceControl) {
         self.config = config
@@ -37,6 +36,7 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         self.logger = logger
         self.connector = connector
         self.control = control
+        relays = RelayGroup(loop: loop, logger: logger)
     }
 
     public static func start(config: TunnelClientConfig, group: LoopGroup, logger: Logger, control: ServiceControl) async throws -> TunnelClient {
@@ -122,26 +122,12 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         logger.error("\(message)")
     }
 
-    func relayEnded() {
-        guard stopping, activeRelays.isEmpty, let done = onIdle else { return }
-        onIdle = nil
-        done()
-    }
-
     public func drain(timeout: Duration) async {
         stopping = true
         current?.end()
-        if activeRelays.isEmpty { return }
-        logger.notice("draining", metadata: ["connections": .stringConvertible(activeRelays.count)])
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            let deadline = loop.schedule(after: timeout) { [self] in
-                for r in Array(activeRelays.values) { r.abort(.drainTimeout) }
-            }
-            onIdle = {
-                deadline.cancel()
-                done.resume()
-            }
-        }
+        if relays.count == 0 { return }
+        logger.notice("draining", metadata: ["connections": .stringConvertible(relays.count)])
+        await relays.drain(timeout: timeout)
     }
 }
 

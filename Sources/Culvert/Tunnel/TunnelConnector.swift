@@ -53,44 +53,34 @@ final class TunnelConnector {
         if addresses.isEmpty {
             addresses = try await Resolver.resolve(host: server.host ?? "127.0.0.1", port: server.port, passive: false, on: loop)
         }
-        var lastError: Error = ChannelError.closed
-        for address in addresses {
-            let fd: Int32
-            do {
-                fd = try await AsyncConnect.connect(to: address, timeout: connectTimeout, on: loop)
-            } catch {
-                lastError = error
-                continue
-            }
-            let stream: Duplex
-            do {
-                stream = try tls.map { try TLSStream(fd: fd, context: $0, serverName: caFile == nil ? nil : server.host) } ?? TCPStream(fd: fd)
-            } catch {
-                Posix.close(fd)
-                throw error
-            }
-            let channel = try AsyncDuplex(loop: loop, duplex: stream)
-            let timer = loop.schedule(after: handshakeTimeout) { channel.fail(.timedOut("TLS handshake")) }
-            defer { timer.cancel() }
-            do {
-                try await channel.handshake()
-            } catch let e as TLSError where e.isRejection {
-                channel.fail(.closed)
-                throw FatalClientError(message: "authentication failed: the server rejected the TLS handshake (\(e.message)); check the token, --ca or --fingerprint")
-            }
-            if expectsPSK, let tlsStream = stream as? TLSStream, !tlsStream.usedPSK {
-                channel.fail(.closed)
-                throw FatalClientError(message: "authentication failed: the server presented a certificate instead of using the token; give --ca FILE or --fingerprint sha256:HEX to verify it")
-            }
-            if let pinned = fingerprint, let tlsStream = stream as? TLSStream {
-                guard let actual = tlsStream.peerFingerprint(), TunnelCrypto.constantTimeEqual(actual, pinned) else {
-                    channel.fail(.closed)
-                    throw FatalClientError(message: "authentication failed: server certificate fingerprint does not match --fingerprint")
-                }
-            }
-            return channel
+        let fd = try await Connector.connect(to: addresses, timeout: connectTimeout, on: loop)
+        let stream: Duplex
+        do {
+            stream = try tls.map { try TLSStream(fd: fd, context: $0, serverName: caFile == nil ? nil : server.host) } ?? TCPStream(fd: fd)
+        } catch {
+            Posix.close(fd)
+            throw error
         }
-        throw lastError
+        let channel = try AsyncDuplex(loop: loop, duplex: stream)
+        let timer = loop.schedule(after: handshakeTimeout) { channel.fail(.timedOut("TLS handshake")) }
+        defer { timer.cancel() }
+        do {
+            try await channel.handshake()
+        } catch let e as TLSError where e.isRejection {
+            channel.fail(.closed)
+            throw FatalClientError(message: "authentication failed: the server rejected the TLS handshake (\(e.message)); check the token, --ca or --fingerprint")
+        }
+        if expectsPSK, let tlsStream = stream as? TLSStream, !tlsStream.usedPSK {
+            channel.fail(.closed)
+            throw FatalClientError(message: "authentication failed: the server presented a certificate instead of using the token; give --ca FILE or --fingerprint sha256:HEX to verify it")
+        }
+        if let pinned = fingerprint, let tlsStream = stream as? TLSStream {
+            guard let actual = tlsStream.peerFingerprint(), TunnelCrypto.constantTimeEqual(actual, pinned) else {
+                channel.fail(.closed)
+                throw FatalClientError(message: "authentication failed: server certificate fingerprint does not match --fingerprint")
+            }
+        }
+        return channel
     }
 
     /// The mutual proof exchange on a fresh channel. Throws `FatalClientError` when the

@@ -19,8 +19,9 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     let logger: Logger
     let keys: TokenKeys
     private let tls: TLSContext?
-    let resources = LoopResources()
-    private var acceptors: [Acceptor] = []
+    /// Every visitor relay of every session on `loop`.
+    let relays: RelayGroup
+    private let listeners: Listeners
     private var sessions: [TunnelProtocol.Key16: ServerSession] = [:]
     /// One datagram batch for every UDP service of the server (they share the loop).
     let datagramBatch = DatagramBatch()
@@ -28,9 +29,6 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     var secretServices: [String: (ServerSession, UInt32)] = [:]
     private var unauthenticated = 0
     private var draining = false
-    /// Relays of visitors still running (for drain).
-    var activeRelays: [ObjectIdentifier: CopyBidirectional] = [:]
-    private var onIdle: (() -> Void)?
     public private(set) var boundAddresses: [SocketAddress] = []
 
     private init(config: TunnelServerConfig, loop: EventLoop, logger: Logger, tls: TLSContext?) {
@@ -39,6 +37,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         self.logger = logger
         self.tls = tls
         keys = TokenKeys(token: config.token)
+        relays = RelayGroup(loop: loop, logger: logger)
+        listeners = Listeners(loop: loop, logger: logger)
     }
 
     public static func start(config: TunnelServerConfig, group: LoopGroup, logger: Logger) async throws -> TunnelServer {
@@ -56,30 +56,18 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             }
         }
         let server = TunnelServer(config: config, loop: loop, logger: logger, tls: tls)
-        var fds: [(Int32, SocketAddress)] = []
+        var bound: [(fd: Int32, address: SocketAddress)] = []
         do {
             for spec in config.listen {
-                let addresses = try await Resolver.resolve(host: spec.host, port: spec.port, passive: true, on: loop)
-                for address in addresses {
-                    do {
-                        let fd = try Net.listen(address, reusePort: false)
-                        fds.append((fd, try Net.localAddress(fd)))
-                    } catch {
-                        throw ListenError(address: spec, error: error)
-                    }
-                }
+                bound += try await Listeners.bind(spec, on: loop, reusePort: false)
             }
         } catch {
-            for (fd, _) in fds { Posix.close(fd) }
+            for (fd, _) in bound { Posix.close(fd) }
             throw error
         }
-        for (fd, address) in fds {
-            let acceptor = Acceptor(loop: loop, fd: fd, address: address,
-                onAccept: { [unowned server] fd, peer in server.accepted(fd, peer: peer) },
-                onError: { [unowned server] error in server.logger.warning("accept failed", metadata: ["error": "\(error)"]) })
-            try acceptor.start()
-            server.acceptors.append(acceptor)
-            server.boundAddresses.append(address)
+        try server.listeners.start(bound) { [unowned server] fd, peer in server.accepted(fd, peer: peer) }
+        server.boundAddresses = server.listeners.addresses
+        for address in server.boundAddresses {
             ReadyLine.print("listening tunnel \(address)")
         }
         if config.transport == .plain {
@@ -133,7 +121,6 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
                 unauthenticated -= 1
                 await session.run()
                 sessions[TunnelProtocol.Key16(session.id)] = nil
-                checkIdle()
             case .dataHello(let version, let sessionID, let nonce, let proof):
                 guard version == TunnelProtocol.version,
                       let session = sessions[TunnelProtocol.Key16(sessionID)], session.accept(nonce: nonce, proof: proof) else {
@@ -262,35 +249,11 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
 
     public func drain(timeout: Duration) async {
         draining = true
-        logger.notice("draining", metadata: ["connections": .stringConvertible(activeRelays.count), "clients": .stringConvertible(sessions.count)])
-        for a in acceptors { a.stop() }
-        acceptors.removeAll()
+        logger.notice("draining", metadata: ["connections": .stringConvertible(relays.count), "clients": .stringConvertible(sessions.count)])
+        listeners.stop()
         for s in Array(sessions.values) { s.stopAccepting() }
-        if activeRelays.isEmpty { return closeSessions() }
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            let deadline = loop.schedule(after: timeout) { [self] in
-                logger.warning("drain deadline passed, closing remaining connections")
-                for r in Array(activeRelays.values) { r.abort(.drainTimeout) }
-            }
-            onIdle = {
-                deadline.cancel()
-                done.resume()
-            }
-            checkIdle()
-        }
-        closeSessions()
-    }
-
-    private func closeSessions() {
+        await relays.drain(timeout: timeout)
         for s in Array(sessions.values) { s.end(reason: "server shutting down") }
-    }
-
-    func relayEnded() { checkIdle() }
-
-    private func checkIdle() {
-        guard draining, activeRelays.isEmpty, let done = onIdle else { return }
-        onIdle = nil
-        done()
     }
 }
 
