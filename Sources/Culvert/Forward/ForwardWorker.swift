@@ -26,6 +26,7 @@ final class ForwardWorker {
     var connectionCount: Int { dialers.count + relays.count }
 
     func startAccepting(listeners: [(fd: Int32, address: SocketAddress)]) {
+        loop.assertInLoop()
         for l in listeners {
             let acceptor = Acceptor(loop: loop, fd: l.fd, address: l.address,
                 onAccept: { [unowned self] fd, peer in accepted(fd, peer: peer) },
@@ -106,6 +107,7 @@ final class ForwardWorker {
 
     /// Stops accepting; `onIdle` runs (on this loop) once the last connection has ended.
     func beginDrain(onIdle: @escaping () -> Void) {
+        loop.assertInLoop()
         draining = true
         self.onIdle = onIdle
         for a in acceptors { a.stop() }
@@ -115,6 +117,7 @@ final class ForwardWorker {
 
     /// Ends every connection now (drain deadline passed).
     func abortAll(_ reason: CloseReason) {
+        loop.assertInLoop()
         for d in Array(dialers.values) { d.cancel() }
         for r in Array(relays.values) { r.abort(reason) }
     }
