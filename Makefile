@@ -1,5 +1,6 @@
-# culvert — build, test and install. Every target installs what it needs first (`deps`),
-# so `make demo` and `make test` work on a fresh Debian 12 machine with Swift.
+# culvert — build, test and install. Only `deps` installs anything (apt packages, pytest);
+# `make demo` and `make test` run it first so they work on a fresh Debian 12 machine with
+# Swift, and every other target expects the machine to be set up already.
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -11,6 +12,10 @@ BIN = .build/release/culvert
 APT_PACKAGES = libssl-dev zlib1g-dev pkg-config python3 iproute2 procps nftables openssh-server openssh-client openssl
 
 .PHONY: all deps build test unit-test e2e-test bench-selftest demo install uninstall clean bench
+
+# Prerequisites are run one after another, left to right: `deps` must finish before anything
+# builds, and the swift targets share .build, which one build at a time may use.
+.NOTPARALLEL:
 
 all: build
 
@@ -27,10 +32,10 @@ deps:
 		$(PYTHON) -m pip install --quiet pytest || \
 		$(PYTHON) -m pip install --quiet --break-system-packages pytest
 
-build: deps
+build:
 	$(SWIFT) build $(RELEASE_FLAGS)
 
-unit-test: deps
+unit-test:
 	$(SWIFT) test
 
 e2e-test: build
@@ -38,12 +43,12 @@ e2e-test: build
 
 # The benchmark harness's own tests (parsers, report, targets, process handling): seconds,
 # no benchmark is run.
-bench-selftest: deps
+bench-selftest:
 	$(PYTHON) -m pytest -q -p no:cacheprovider bench/test_harness.py
 
-test: unit-test e2e-test bench-selftest
+test: deps unit-test e2e-test bench-selftest
 
-demo: build
+demo: deps build
 	CULVERT_BIN=$(abspath $(BIN)) $(PYTHON) Tests/demo/demo.py
 
 bench: build

@@ -41,9 +41,10 @@ public struct Registration: Equatable, Sendable {
 /// One edge-triggered epoll loop, run by exactly one thread.
 ///
 /// Thread confinement: registrations, timers and `deferred` work are touched only on the
-/// loop's own thread (checked by `precondition(inEventLoop)` in debug builds). The only
-/// entry points safe from other threads are `execute(_:)`, `stop()` and the executor
-/// `enqueue`, which go through a lock-protected queue and an eventfd wake-up.
+/// loop's own thread, checked by `assertInLoop()` (a `precondition`, in every build) at
+/// each of those entry points. The only entry points safe from other threads are
+/// `execute(_:)`, `stop()` and the executor `enqueue`, which go through a lock-protected
+/// queue and an eventfd wake-up.
 public final class EventLoop: @unchecked Sendable {
     public let id: Int
     private let epollFD: Int32
@@ -91,15 +92,22 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     /// True on the thread that runs this loop.
-    /// Stops a debug build when called off the loop's thread (any thread may set the
-    /// loop up before it runs). The entry points of loop-confined types call it.
-    public func assertInLoop() {
-        assert(thread == nil || inEventLoop, "not on event loop \(id)")
-    }
-
     public var inEventLoop: Bool {
         guard let thread else { return false }
         return pthread_equal(thread, pthread_self()) != 0
+    }
+
+    /// Stops the process unless called on the thread that runs this loop, or while no
+    /// thread runs it (set-up before `run()`, tear-down after). Loop-confined types call it
+    /// at their entry points (start, register, schedule, close), never per read or write.
+    ///
+    /// A `precondition`, so release builds check too: it costs a `pthread_self()` and a
+    /// compare (about 1 ns), next to the epoll_ctl or timer-heap work each caller does
+    /// anyway, and a call from the wrong thread then stops with this loop's id instead of
+    /// corrupting its handler table or timer heap.
+    @inline(__always)
+    public func assertInLoop(file: StaticString = #fileID, line: UInt = #line) {
+        precondition(thread == nil || inEventLoop, "called off event loop \(id)", file: file, line: line)
     }
 
     /// Live registrations, for tests and leak checks.
@@ -112,7 +120,7 @@ public final class EventLoop: @unchecked Sendable {
     /// Adds `fd` to the epoll set (edge-triggered); the loop keeps `handler` alive until
     /// `deregister`.
     public func register(fd: Int32, interest: Interest, handler: EventHandler, tag: UInt8 = 0) throws(SystemError) -> Registration {
-        assert(thread == nil || inEventLoop)
+        assertInLoop()
         let slot: UInt32
         if let free = freeSlots.popLast() {
             slot = free
@@ -138,7 +146,7 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Changes what `fd` waits for.
     public func modify(fd: Int32, registration: Registration, interest: Interest) throws(SystemError) {
-        assert(inEventLoop || thread == nil)
+        assertInLoop()
         var ev = epoll_event()
         ev.events = interest.rawValue | EPOLLET.rawValue
         ev.data.u64 = registration.token
@@ -148,7 +156,7 @@ public final class EventLoop: @unchecked Sendable {
     /// Removes `fd` from the epoll set and drops the handler. Call before closing `fd`.
     /// Events already fetched for it in this iteration are discarded.
     public func deregister(fd: Int32, registration: Registration) {
-        assert(inEventLoop || thread == nil)
+        assertInLoop()
         var ev = epoll_event()
         _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, fd, &ev)
         release(registration)
@@ -158,7 +166,7 @@ public final class EventLoop: @unchecked Sendable {
     /// removes it from the epoll set anyway, and the slot's new generation stops stale
     /// events. Only for descriptors that are never duplicated.
     public func forget(registration: Registration) {
-        assert(inEventLoop || thread == nil)
+        assertInLoop()
         release(registration)
     }
 
@@ -166,7 +174,7 @@ public final class EventLoop: @unchecked Sendable {
     /// code that connected it to the relay that will use it; the interest stays as
     /// registered.
     public func transfer(registration: Registration, to handler: EventHandler, tag: UInt8) -> Registration {
-        assert(inEventLoop || thread == nil)
+        assertInLoop()
         let i = Int(registration.slot)
         precondition(i < handlers.count && generations[i] == registration.generation, "stale registration")
         handlers[i] = handler
@@ -187,7 +195,7 @@ public final class EventLoop: @unchecked Sendable {
     /// Runs `action` on this loop after `delay`. Loop thread only.
     @discardableResult
     public func schedule(after delay: Duration, _ action: @escaping () -> Void) -> LoopTimer {
-        assert(inEventLoop || thread == nil)
+        assertInLoop()
         let timer = LoopTimer(deadline: MonotonicClock.now() &+ delay.nanoseconds, action: action)
         timers.insert(timer)
         return timer
@@ -195,7 +203,7 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Moves a pending timer to `delay` from now (or schedules it again if it fired).
     public func reschedule(_ timer: LoopTimer, after delay: Duration) {
-        assert(inEventLoop || thread == nil)
+        assertInLoop()
         timers.remove(timer)
         timer.deadline = now &+ delay.nanoseconds
         if timer.action != nil { timers.insert(timer) }
@@ -203,7 +211,7 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Runs `task` on this loop after the current batch of events. Loop thread only.
     public func deferTask(_ task: @escaping () -> Void) {
-        assert(inEventLoop || thread == nil)
+        assertInLoop()
         deferred.append(task)
     }
 

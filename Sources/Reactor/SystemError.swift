@@ -36,35 +36,15 @@ public struct SystemError: Error, Equatable, CustomStringConvertible, Sendable {
     ]
 }
 
-/// Thin wrappers over the system calls the reactor uses: each retries on EINTR and turns
-/// a failure into a `SystemError` carrying the call's name.
+/// Thin wrappers over the system calls the reactor uses: a failure becomes a `SystemError`
+/// carrying the call's name. `check` does not retry on EINTR: the calls it wraps (socket,
+/// pipe2, epoll_ctl, ...) never wait; the ones that can be interrupted (epoll_wait, accept,
+/// reads and writes) handle EINTR where they are made.
 public enum Posix {
     @inline(__always)
     public static func check(_ call: String, _ result: Int32) throws(SystemError) -> Int32 {
         if result < 0 { throw SystemError(call, errno: Glibc.errno) }
         return result
-    }
-
-    @inline(__always)
-    public static func retrying(_ call: String, _ body: () -> Int32) throws(SystemError) -> Int32 {
-        while true {
-            let r = body()
-            if r >= 0 { return r }
-            let e = Glibc.errno
-            if e == EINTR { continue }
-            throw SystemError(call, errno: e)
-        }
-    }
-
-    @inline(__always)
-    public static func retryingSize(_ call: String, _ body: () -> Int) throws(SystemError) -> Int {
-        while true {
-            let r = body()
-            if r >= 0 { return r }
-            let e = Glibc.errno
-            if e == EINTR { continue }
-            throw SystemError(call, errno: e)
-        }
     }
 
     public static func close(_ fd: Int32) {

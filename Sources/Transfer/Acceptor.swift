@@ -30,12 +30,14 @@ public final class Acceptor: EventHandler {
     }
 
     public func start() throws(SystemError) {
+        loop.assertInLoop()
         registration = try loop.register(fd: fd, interest: .read, handler: self)
         acceptAll()
     }
 
     /// Stops accepting and closes the listening socket.
     public func stop() {
+        loop.assertInLoop()
         retryTimer?.cancel()
         retryTimer = nil
         if let r = registration {

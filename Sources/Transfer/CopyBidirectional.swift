@@ -94,6 +94,7 @@ public final class CopyBidirectional: EventHandler {
     /// - Parameter registrationOfB: `b`'s fd is already registered for reading and
     ///   writing (by the code that connected it); the relay takes that registration over.
     public func start(adopting registrationOfB: Registration? = nil) throws(SystemError) {
+        loop.assertInLoop()
         do {
             try register(a, tag: Self.tagA, other: b)
             if let registrationOfB {
@@ -156,6 +157,7 @@ public final class CopyBidirectional: EventHandler {
 
     /// Ends the relay now, resetting both ends (idle timeout, drain deadline).
     public func abort(_ reason: CloseReason) {
+        loop.assertInLoop()
         guard !isClosed else { return }
         finish(reason, reset: true)
     }

@@ -37,6 +37,7 @@ public final class DatagramChannel: EventHandler {
     }
 
     public func start() throws(SystemError) {
+        loop.assertInLoop()
         registrations.append((stream.fd, try loop.register(fd: stream.fd, interest: .readWrite, handler: self)))
         readFrames()
     }
@@ -161,6 +162,7 @@ public final class DatagramChannel: EventHandler {
     // MARK: closing
 
     public func close(_ error: ChannelError? = nil) {
+        loop.assertInLoop()
         guard !isClosed else { return }
         isClosed = true
         for (fd, r) in registrations { loop.deregister(fd: fd, registration: r) }

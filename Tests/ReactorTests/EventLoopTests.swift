@@ -131,6 +131,27 @@ final class EventLoopTests: XCTestCase {
         wait(for: [done], timeout: 5)
         XCTAssertEqual(result.withLock { $0 }, [true, true])
     }
+
+    /// The confinement check lets through set-up before the loop runs and every call on the
+    /// loop thread. (A call from another thread stops the process, which a test cannot
+    /// observe; what it can check is that such a thread is not taken for the loop's.)
+    func testConfinementCheckPassesBeforeRunAndOnTheLoopThread() throws {
+        let loop = try EventLoop()
+        loop.assertInLoop()
+        let early = loop.schedule(after: .seconds(60)) {}
+        early.cancel()
+
+        let runner = try LoopRunner()
+        defer { runner.stop() }
+        let onLoop = runner.sync { () -> Bool in
+            runner.loop.assertInLoop()
+            let timer = runner.loop.schedule(after: .seconds(60)) {}
+            timer.cancel()
+            return runner.loop.inEventLoop
+        }
+        XCTAssertTrue(onLoop)
+        XCTAssertFalse(runner.loop.inEventLoop)
+    }
 }
 
 /// Reads until EAGAIN on every edge, as edge-triggered handlers must.

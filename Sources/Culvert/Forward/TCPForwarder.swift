@@ -100,30 +100,3 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
         logger.connectionClosed(peer: peer.logDescription, ("target", "\(target)"), relay: relay, reason: reason)
     }
 }
-
-/// Counts arrivals on the main loop and runs `onComplete` once all have arrived.
-final class Barrier: @unchecked Sendable {
-    private var remaining: Int
-    private let onComplete: () -> Void
-
-    init(count: Int, onComplete: @escaping () -> Void) {
-        remaining = count
-        self.onComplete = onComplete
-    }
-
-    func arrive() {
-        remaining -= 1
-        if remaining == 0 { onComplete() }
-    }
-}
-
-/// A duration that logs as `0.012s` in text and as a plain number of seconds in JSON.
-public struct LoggedSeconds: CustomStringConvertible, Sendable {
-    public let value: Double
-    public init(nanoseconds: UInt64) { value = Double(nanoseconds) / 1e9 }
-    public var number: String {
-        let ms = (value * 1000).rounded() / 1000
-        return "\(ms)"
-    }
-    public var description: String { number + "s" }
-}

@@ -42,6 +42,7 @@ final class UDPWorker {
     }
 
     func start(listeners fds: [(fd: Int32, address: SocketAddress)]) {
+        loop.assertInLoop()
         for l in fds {
             let listener = Listener(fd: l.fd, address: l.address, worker: self)
             do {
@@ -58,6 +59,7 @@ final class UDPWorker {
 
     /// Closes listeners and every session.
     func stop() {
+        loop.assertInLoop()
         sweepTimer?.cancel()
         sweepTimer = nil
         for l in listeners {
