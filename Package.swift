@@ -50,7 +50,7 @@ let package = Package(
         .executableTarget(
             name: "culvert",
             dependencies: [
-                "Culvert", "Reactor", "Transfer",
+                "Culvert", "Reactor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

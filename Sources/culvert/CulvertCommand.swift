@@ -4,7 +4,6 @@ import Glibc
 import ArgumentParser
 import Culvert
 import Logging
-import Reactor
 
 /// `culvert`: the root command.
 struct CulvertCommand: ParsableCommand {
@@ -39,10 +38,22 @@ struct LoggingOptions: ParsableArguments {
     @Option(help: "Log line format on stderr: text or json (default: text).")
     var logFormat: LogFormat?
 
-    /// Installs the log handler: flags first, then the given fallbacks, then the defaults.
-    func makeLogger(fallbackLevel: Logger.Level? = nil, fallbackFormat: LogFormat? = nil) -> Logger {
-        StderrLogHandler.bootstrap(level: logLevel ?? fallbackLevel ?? .info, format: logFormat ?? fallbackFormat ?? .text)
-        return Logger(label: "culvert")
+    var flags: LogFlags { LogFlags(level: logLevel, format: logFormat) }
+}
+
+/// Runs a check or a resolution of the Culvert module, turning its error into a usage
+/// error (exit status 2) that shows the error's text unchanged.
+func usage<T>(_ body: () throws -> T) throws -> T {
+    do { return try body() } catch let error as ConfigError { throw ValidationError(error.description) }
+}
+
+extension Resolved {
+    /// Installs the log handler these settings describe, then logs what resolving found.
+    func makeLogger() -> Logger {
+        StderrLogHandler.bootstrap(level: log.level, format: log.format)
+        let logger = Logger(label: "culvert")
+        for warning in warnings { logger.warning("\(warning)") }
+        return logger
     }
 }
 

@@ -49,40 +49,31 @@ struct ForwardTCPCommand: ParsableCommand {
 
     @OptionGroup var logging: LoggingOptions
 
+    var flags: TCPForwardFlags {
+        var flags = TCPForwardFlags(listen: listen, targets: targets)
+        flags.balance = balance
+        flags.connectTimeout = connectTimeout
+        flags.idleTimeout = idleTimeout ?? nil
+        flags.maxConnections = maxConnections
+        flags.drainTimeout = drainTimeout
+        flags.threads = threads
+        flags.noSplice = noSplice
+        flags.log = logging.flags
+        return flags
+    }
+
     func validate() throws {
-        try validateForwardCommon(targets: targets, threads: threads)
-        if maxConnections < 0 {
-            throw ValidationError("--max-connections must be 0 (no limit) or more, got \(maxConnections)")
-        }
-        if connectTimeout == .zero {
-            throw ValidationError("--connect-timeout must be more than 0")
-        }
+        try usage { try flags.check() }
     }
 
     func run() throws {
-        var config = TCPForwardConfig(listen: listen, targets: targets)
-        config.balance = balance
-        config.connectTimeout = connectTimeout
-        config.idleTimeout = idleTimeout ?? nil
-        config.maxConnections = maxConnections
-        config.drainTimeout = drainTimeout
-        config.threads = threads
-        config.splice = !noSplice
-        let logger = logging.makeLogger()
+        let resolved = try usage { try TCPForwardConfig.resolve(flags: flags) }
+        let config = resolved.config
+        let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
             try await TCPForwarder.start(config: config, group: group, logger: logger)
         }
         if status != 0 { throw ExitCode(status) }
-    }
-}
-
-/// The checks `forward tcp` and `forward udp` share.
-func validateForwardCommon(targets: [HostPort], threads: Int) throws {
-    if targets.isEmpty {
-        throw ValidationError("missing <targets>: give at least one TARGET address to relay to")
-    }
-    if threads < 1 || threads > 1024 {
-        throw ValidationError("--threads must be between 1 and 1024, got \(threads)")
     }
 }
 

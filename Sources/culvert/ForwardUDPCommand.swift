@@ -42,24 +42,25 @@ struct ForwardUDPCommand: ParsableCommand {
 
     @OptionGroup var logging: LoggingOptions
 
+    var flags: UDPForwardFlags {
+        var flags = UDPForwardFlags(listen: listen, targets: targets)
+        flags.balance = balance
+        flags.idleTimeout = idleTimeout
+        flags.maxSessions = maxSessions
+        flags.socketBuffer = socketBuffer
+        flags.threads = threads
+        flags.log = logging.flags
+        return flags
+    }
+
     func validate() throws {
-        try validateForwardCommon(targets: targets, threads: threads)
-        if maxSessions < 0 {
-            throw ValidationError("--max-sessions must be 0 (no limit) or more, got \(maxSessions)")
-        }
-        if idleTimeout == .zero {
-            throw ValidationError("--idle-timeout must be more than 0")
-        }
+        try usage { try flags.check() }
     }
 
     func run() throws {
-        var config = UDPForwardConfig(listen: listen, targets: targets)
-        config.balance = balance
-        config.idleTimeout = idleTimeout
-        config.maxSessions = maxSessions
-        config.socketBuffer = socketBuffer
-        config.threads = threads
-        let logger = logging.makeLogger()
+        let resolved = try usage { try UDPForwardConfig.resolve(flags: flags) }
+        let config = resolved.config
+        let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: config.threads, drainTimeout: .seconds(1), logger: logger) { group, _ in
             try await UDPForwarder.start(config: config, group: group, logger: logger)
         }

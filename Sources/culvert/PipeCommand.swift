@@ -1,7 +1,6 @@
 import ArgumentParser
 import Culvert
 import Logging
-import Reactor
 
 /// `culvert pipe HOST:PORT`
 struct PipeCommand: ParsableCommand {
@@ -43,43 +42,37 @@ struct PipeCommand: ParsableCommand {
     @Option(help: "Least severe level logged on stderr (default: warning).")
     var logLevel: Logger.Level = .warning
 
+    var flags: PipeFlags {
+        var flags = PipeFlags()
+        flags.target = target
+        flags.via = via
+        flags.service = service
+        flags.serviceTokenFile = serviceTokenFile
+        flags.token = token.flags
+        flags.transport = transport
+        flags.ca = ca
+        flags.fingerprint = fingerprint
+        flags.connectTimeout = connectTimeout
+        flags.log = LogFlags(level: logLevel, format: .text)
+        return flags
+    }
+
     func validate() throws {
-        switch (target, via, service) {
-        case (.some, nil, nil): break
-        case (nil, .some, .some): break
-        case (.some, .some, _), (.some, _, .some): throw ValidationError("give HOST:PORT or --via SERVER --service NAME, not both")
-        case (nil, .some, nil): throw ValidationError("--via needs --service NAME")
-        case (nil, nil, .some): throw ValidationError("--service needs --via SERVER")
-        case (nil, nil, nil): throw ValidationError("missing <target>: give HOST:PORT, or --via SERVER --service NAME")
-        }
+        try usage { try flags.check() }
     }
 
     func run() throws {
-        StderrLogHandler.bootstrap(level: logLevel, format: .text)
-        let logger = Logger(label: "culvert")
-        let connectTimeout = self.connectTimeout
-        if let target {
-            let status = ServiceRunner.run(threads: 1, drainTimeout: .seconds(1), logger: logger) { group, control in
-                try await StdioPipe.start(target: target, connectTimeout: connectTimeout, group: group, logger: logger, control: control)
-            }
-            if status != 0 { throw ExitCode(status) }
-            return
-        }
-        guard let via, let service else { return }
-        guard let tokenValue = try token.resolve(logger: logger) else {
-            throw ValidationError("no token: give --token-file FILE or set CULVERT_TOKEN")
-        }
-        var config = TunnelClientConfig()
-        config.server = via
-        config.token = tokenValue
-        config.transport = transport
-        config.caFile = ca
-        config.fingerprint = fingerprint
-        config.connectTimeout = connectTimeout
-        let serviceToken = try serviceTokenFile.map { try readToken(from: $0, option: "--service-token-file") }
+        let resolved = try usage { try PipeConfig.resolve(flags: flags) }
+        let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: 1, drainTimeout: .seconds(1), logger: logger) { group, control in
-            try await StdioPipe.start(visiting: service, serviceToken: serviceToken, config: config,
-                                      group: group, logger: logger, control: control)
+            switch resolved.config {
+            case .address(let target, let connectTimeout):
+                return try await StdioPipe.start(target: target, connectTimeout: connectTimeout, group: group,
+                                                 logger: logger, control: control)
+            case .secretService(let name, let serviceToken, let tunnel):
+                return try await StdioPipe.start(visiting: name, serviceToken: serviceToken, config: tunnel,
+                                                 group: group, logger: logger, control: control)
+            }
         }
         if status != 0 { throw ExitCode(status) }
     }

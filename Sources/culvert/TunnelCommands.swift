@@ -4,7 +4,6 @@ import Glibc
 import ArgumentParser
 import Culvert
 import Logging
-import Reactor
 
 /// Where the shared token comes from, in order: --token-file, CULVERT_TOKEN, --token.
 struct TokenOptions: ParsableArguments {
@@ -14,23 +13,14 @@ struct TokenOptions: ParsableArguments {
     @Option(help: "The shared token itself. Visible in the process list: prefer --token-file or CULVERT_TOKEN.")
     var token: String?
 
-    /// The token, or nil when none was given anywhere.
-    func resolve(logger: Logger) throws -> String? {
-        if let tokenFile { return try readToken(from: tokenFile, option: "--token-file") }
+    /// The token's sources as given, with CULVERT_TOKEN read from the environment.
+    var flags: TokenFlags {
+        var environment: String?
         if let env = getenv("CULVERT_TOKEN"), case let token = String(cString: env), !token.isEmpty {
-            return token
+            environment = token
         }
-        if let token {
-            logger.warning("--token is visible to every user in the process list; use --token-file or CULVERT_TOKEN")
-            return token
-        }
-        return nil
+        return TokenFlags(tokenFile: tokenFile, environment: environment, token: token)
     }
-}
-
-/// The first line of a token file, trimmed; `option` names where the path came from.
-func readToken(from path: String, option: String) throws -> String {
-    do { return try TextFile.token(at: path, what: option) } catch { throw ValidationError(error.description) }
 }
 
 extension TunnelTransport: ExpressibleByArgument {}
@@ -68,48 +58,15 @@ struct TunnelCommonOptions: ParsableArguments {
     @Option(help: "On SIGINT/SIGTERM, time tunneled connections get to finish (default: 30s).", transform: parseDuration)
     var drainTimeout: Duration?
 
-    func validate() throws {
-        if let m = heartbeatMisses, m < 1 { throw ValidationError("--heartbeat-misses must be at least 1") }
-        if heartbeatInterval == .zero { throw ValidationError("--heartbeat-interval must be more than 0") }
-        if handshakeTimeout == .zero { throw ValidationError("--handshake-timeout must be more than 0") }
+    var flags: TunnelCommonFlags {
+        var flags = TunnelCommonFlags()
+        flags.transport = transport
+        flags.heartbeatInterval = heartbeatInterval
+        flags.heartbeatMisses = heartbeatMisses
+        flags.handshakeTimeout = handshakeTimeout
+        flags.drainTimeout = drainTimeout
+        return flags
     }
-
-    func apply(transport t: inout TunnelTransport, heartbeat: inout Heartbeat, handshake: inout Duration, drain: inout Duration) {
-        if let transport { t = transport }
-        if let heartbeatInterval { heartbeat.interval = heartbeatInterval }
-        if let heartbeatMisses { heartbeat.misses = heartbeatMisses }
-        if let handshakeTimeout { handshake = handshakeTimeout }
-        if let drainTimeout { drain = drainTimeout }
-    }
-}
-
-/// Loads a config file's shared part and turns its errors into usage errors (exit 2).
-private func loadConfig<C>(_ path: String?, into config: inout C,
-                           _ load: (String, inout C) throws(ConfigError) -> TunnelConfigFile.Common) throws -> TunnelConfigFile.Common? {
-    guard let path else { return nil }
-    do { return try load(path, &config) } catch { throw ValidationError("config \(error)") }
-}
-
-/// The logger from flags, else the config file, else the defaults.
-private func makeLogger(_ logging: LoggingOptions, _ common: TunnelConfigFile.Common?) throws -> Logger {
-    var level: Logger.Level?
-    var format: LogFormat?
-    if let text = common?.logLevel {
-        guard let parsed = Logger.Level(rawValue: text) else { throw ValidationError("config: log_level '\(text)' is not a log level") }
-        level = parsed
-    }
-    if let text = common?.logFormat {
-        guard let parsed = LogFormat(rawValue: text) else { throw ValidationError("config: log_format '\(text)' is not text or json") }
-        format = parsed
-    }
-    return logging.makeLogger(fallbackLevel: level, fallbackFormat: format)
-}
-
-/// The token from flags/environment, else from the config file.
-private func resolveToken(_ options: TokenOptions, _ common: TunnelConfigFile.Common?, logger: Logger) throws -> String? {
-    if let token = try options.resolve(logger: logger) { return token }
-    if let file = common?.tokenFile { return try readToken(from: file, option: "token_file") }
-    return common?.token
 }
 
 /// `culvert server`
@@ -156,43 +113,30 @@ struct ServerCommand: ParsableCommand {
 
     @OptionGroup var logging: LoggingOptions
 
+    var flags: TunnelServerFlags {
+        var flags = TunnelServerFlags()
+        flags.listen = listen
+        flags.token = token.flags
+        flags.common = common.flags
+        flags.log = logging.flags
+        flags.cert = cert
+        flags.key = key
+        flags.allowPorts = allowPorts
+        flags.bindAddresses = bindAddr
+        flags.maxClients = maxClients
+        flags.maxServices = maxServices
+        flags.maxUnauthenticated = maxUnauthenticated
+        return flags
+    }
+
     func validate() throws {
-        if (cert == nil) != (key == nil) { throw ValidationError("--cert and --key go together") }
-        if cert != nil && common.transport == .plain { throw ValidationError("--cert needs --transport tls") }
-        for a in bindAddr where !SocketAddressCheck.isNumeric(a) {
-            throw ValidationError("--bind-addr '\(a)' is not a numeric IP address")
-        }
-        for (name, value) in [("--max-clients", maxClients), ("--max-services", maxServices), ("--max-unauthenticated", maxUnauthenticated)] {
-            if let v = value, v < 1 { throw ValidationError("\(name) must be at least 1, got \(v)") }
-        }
+        try usage { try flags.check() }
     }
 
     func run() throws {
-        var config = TunnelServerConfig()
-        let file = try loadConfig(common.config, into: &config, TunnelConfigFile.loadServer)
-        let logger = try makeLogger(logging, file)
-        guard let tokenValue = try resolveToken(token, file, logger: logger) else {
-            throw ValidationError("no token: give --token-file FILE or set CULVERT_TOKEN (make one with 'culvert token')")
-        }
-        if tokenValue.utf8.count < 16 {
-            logger.warning("the token is short (\(tokenValue.utf8.count) bytes); use at least 16, e.g. from 'culvert token'")
-        }
-        config.token = tokenValue
-        if !listen.isEmpty { config.listen = listen }
-        common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
-                     handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
-        if let cert, let key {
-            config.certFile = cert
-            config.keyFile = key
-        }
-        if config.certFile != nil && config.transport == .plain {
-            throw ValidationError("a certificate needs transport tls")
-        }
-        if let allowPorts { config.allowPorts = allowPorts }
-        if !bindAddr.isEmpty { config.bindAddresses = bindAddr }
-        if let maxClients { config.maxClients = maxClients }
-        if let maxServices { config.maxServicesPerClient = maxServices }
-        if let maxUnauthenticated { config.maxUnauthenticated = maxUnauthenticated }
+        let resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: common.config) }
+        let config = resolved.config
+        let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: 1, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
             try await TunnelServer.start(config: config, group: group, logger: logger)
         }
@@ -263,71 +207,39 @@ struct ClientCommand: ParsableCommand {
 
     @OptionGroup var logging: LoggingOptions
 
+    var flags: TunnelClientFlags {
+        var flags = TunnelClientFlags()
+        flags.server = server
+        flags.services = services
+        flags.secrets = secrets
+        flags.serviceTokenFile = serviceTokenFile
+        flags.compress = compress
+        flags.visit = visit
+        flags.localListen = localListen
+        flags.token = token.flags
+        flags.common = common.flags
+        flags.log = logging.flags
+        flags.ca = ca
+        flags.fingerprint = fingerprint
+        flags.pool = pool
+        flags.mux = mux
+        flags.connectTimeout = connectTimeout
+        flags.reconnectMax = reconnectMax
+        return flags
+    }
+
     func validate() throws {
-        if let pool, pool < 0 || pool > 64 { throw ValidationError("--pool must be between 0 and 64, got \(pool)") }
-        if let mux, mux < 0 || mux > 16 { throw ValidationError("--mux must be between 0 and 16, got \(mux)") }
-        if ca != nil && fingerprint != nil { throw ValidationError("give --ca or --fingerprint, not both") }
-        if (ca != nil || fingerprint != nil) && common.transport == .plain {
-            throw ValidationError("--ca and --fingerprint need --transport tls")
-        }
-        if visit != nil {
-            if localListen == nil { throw ValidationError("--visit needs -L [BIND:]PORT to listen on") }
-            if !services.isEmpty || !secrets.isEmpty { throw ValidationError("--visit cannot be combined with -R or --secret") }
-        } else if localListen != nil {
-            throw ValidationError("-L only works with --visit NAME")
-        }
-        if common.config == nil {
-            if server == nil { throw ValidationError("missing <server>: give HOST[:PORT] of the culvert server") }
-            if services.isEmpty && secrets.isEmpty && visit == nil {
-                throw ValidationError("nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT or --secret NAME=HOST:PORT")
-            }
-        }
+        try usage { try flags.check(withFile: common.config != nil) }
     }
 
     func run() throws {
-        var config = TunnelClientConfig()
-        let file = try loadConfig(common.config, into: &config, TunnelConfigFile.loadClient)
-        let logger = try makeLogger(logging, file)
-        guard let tokenValue = try resolveToken(token, file, logger: logger) else {
-            throw ValidationError("no token: give --token-file FILE or set CULVERT_TOKEN")
-        }
-        config.token = tokenValue
-        if let server {
-            config.server = server
-        } else if file?.hasServer != true {
-            throw ValidationError("missing <server>: give HOST[:PORT] or server = \"HOST:PORT\" in the config file")
-        }
-        let serviceToken = try serviceTokenFile.map { try readToken(from: $0, option: "--service-token-file") }
-        config.services += services.map { spec in
-            var s = spec
-            s.compress = compress
-            return s
-        }
-        config.services += secrets.map { spec in
-            var s = spec
-            s.serviceToken = serviceToken
-            return s
-        }
-        if config.services.isEmpty && visit == nil {
-            throw ValidationError("nothing to expose: give -R, --secret or [services.NAME] in the config file")
-        }
-        common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
-                     handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
-        if let ca { config.caFile = ca; config.fingerprint = nil }
-        if let fingerprint { config.fingerprint = fingerprint; config.caFile = nil }
-        if let pool { config.pool = pool }
-        if let mux { config.mux = mux }
-        if let connectTimeout { config.connectTimeout = connectTimeout }
-        if let reconnectMax { config.reconnectMax = reconnectMax }
-        if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
-            throw ValidationError("ca and fingerprint need transport tls")
-        }
-        let visit = self.visit
-        let localListen = self.localListen
+        let resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: common.config) }
+        let config = resolved.config
+        let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: 1, drainTimeout: config.drainTimeout, logger: logger) { group, control in
-            if let visit, let localListen {
-                return try await VisitorListener.start(config: config, name: visit, serviceToken: serviceToken,
-                                                       listen: localListen, group: group, logger: logger)
+            if let visit = config.visit {
+                return try await VisitorListener.start(config: config, name: visit.name, serviceToken: visit.serviceToken,
+                                                       listen: visit.listen, group: group, logger: logger)
             }
             return try await TunnelClient.start(config: config, group: group, logger: logger, control: control)
         }

@@ -3,17 +3,6 @@ import Glibc
 #endif
 import TOMLKit
 
-/// A configuration problem, naming the file, the key and what is wrong (exit status 2).
-public struct ConfigError: Error, CustomStringConvertible {
-    public let file: String
-    public let key: String?
-    public let message: String
-    public var description: String {
-        if let key { return "\(file): \(key): \(message)" }
-        return "\(file): \(message)"
-    }
-}
-
 /// A parsed TOML file with typed look-ups whose errors name the file and key. Every key
 /// must be read or it is reported as unknown, so typos do not pass silently.
 public final class ConfigFile {
@@ -88,7 +77,7 @@ public final class ConfigFile {
         do { return try DurationSpec.parse(s) } catch { throw self.error(prefix + key, error.description) }
     }
 
-    /// Sub-tables of `key` (e.g. `[services.ssh]`), by name in file order.
+    /// Sub-tables of `key` (e.g. `[services.ssh]`), sorted by name as the TOML reader keeps them.
     public func tables(_ key: String) throws(ConfigError) -> [(name: String, table: TOMLTable)] {
         guard let v = value(key) else { return [] }
         guard let t = v.table else { throw error(key, "expected a table of named entries, got \(v.type)") }

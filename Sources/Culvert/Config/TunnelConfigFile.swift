@@ -89,15 +89,16 @@ public enum TunnelConfigFile {
             if let bind, !SocketAddressCheck.isNumeric(bind) {
                 throw file.error(prefix + "bind", "'\(bind)' is not a numeric IP address")
             }
-            var spec = ServiceSpec(name: name, bindHost: bind, remotePort: UInt16(remote ?? 0),
-                                   localHost: local.host ?? "127.0.0.1", localPort: local.port)
-            spec.isSecret = secret
-            switch try file.string("protocol", in: table, prefix: prefix) ?? "tcp" {
-            case "tcp": break
-            case "udp" where !secret: spec.isUDP = true
-            case "udp": throw file.error(prefix + "protocol", "secret services are TCP only")
-            case let other: throw file.error(prefix + "protocol", "'\(other)' is not tcp or udp")
+            let kind: ServiceSpec.Kind
+            switch (try file.string("protocol", in: table, prefix: prefix) ?? "tcp", secret) {
+            case ("tcp", false): kind = .tcp
+            case ("tcp", true): kind = .secret
+            case ("udp", false): kind = .udp
+            case ("udp", true): throw file.error(prefix + "protocol", "secret services are TCP only")
+            case (let other, _): throw file.error(prefix + "protocol", "'\(other)' is not tcp or udp")
             }
+            var spec = ServiceSpec(name: name, kind: kind, bindHost: bind, remotePort: UInt16(remote ?? 0),
+                                   localHost: local.host ?? "127.0.0.1", localPort: local.port)
             spec.compress = try file.bool("compress", in: table, prefix: prefix) ?? compressAll
             if spec.compress && secret { throw file.error(prefix + "compress", "secret services cannot be compressed") }
             if let tokenFile = try file.string("token_file", in: table, prefix: prefix) {

@@ -19,3 +19,60 @@ public struct TCPForwardConfig: Sendable {
         self.targets = targets.map(\.asTarget)
     }
 }
+
+/// What `culvert forward tcp` was given on the command line; nil when a flag was not
+/// given, so that `TCPForwardConfig`'s defaults apply.
+public struct TCPForwardFlags: Sendable {
+    public var listen: HostPort
+    public var targets: [HostPort]
+    public var balance: BalanceStrategy?
+    public var connectTimeout: Duration?
+    /// nil: no idle timeout.
+    public var idleTimeout: Duration?
+    public var maxConnections: Int?
+    public var drainTimeout: Duration?
+    public var threads: Int?
+    public var noSplice = false
+    public var log = LogFlags()
+
+    public init(listen: HostPort, targets: [HostPort]) {
+        self.listen = listen
+        self.targets = targets
+    }
+
+    /// The rules the flags must follow; `resolve` checks them first, and a command line
+    /// parser may check them early to report them as usage.
+    public func check() throws(ConfigError) {
+        try checkForwardTargets(targets, threads: threads)
+        if let maxConnections, maxConnections < 0 {
+            throw ConfigError(setting: "--max-connections", "--max-connections must be 0 (no limit) or more, got \(maxConnections)")
+        }
+        if connectTimeout == .zero { throw ConfigError(setting: "--connect-timeout", "--connect-timeout must be more than 0") }
+    }
+}
+
+extension TCPForwardConfig {
+    /// The forwarder's settings: `flags` over the defaults, checked.
+    public static func resolve(flags: TCPForwardFlags) throws(ConfigError) -> Resolved<TCPForwardConfig> {
+        try flags.check()
+        var config = TCPForwardConfig(listen: flags.listen, targets: flags.targets)
+        if let balance = flags.balance { config.balance = balance }
+        if let connectTimeout = flags.connectTimeout { config.connectTimeout = connectTimeout }
+        config.idleTimeout = flags.idleTimeout
+        if let maxConnections = flags.maxConnections { config.maxConnections = maxConnections }
+        if let drainTimeout = flags.drainTimeout { config.drainTimeout = drainTimeout }
+        if let threads = flags.threads { config.threads = threads }
+        config.splice = !flags.noSplice
+        return Resolved(config: config, log: flags.log.over(LogSettings()))
+    }
+}
+
+/// The checks `forward tcp` and `forward udp` share.
+func checkForwardTargets(_ targets: [HostPort], threads: Int?) throws(ConfigError) {
+    if targets.isEmpty {
+        throw ConfigError(setting: "<targets>", "missing <targets>: give at least one TARGET address to relay to")
+    }
+    if let threads, threads < 1 || threads > 1024 {
+        throw ConfigError(setting: "--threads", "--threads must be between 1 and 1024, got \(threads)")
+    }
+}

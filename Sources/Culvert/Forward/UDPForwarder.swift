@@ -3,25 +3,6 @@ import Reactor
 import Synchronization
 import Transfer
 
-/// Everything `culvert forward udp` needs.
-public struct UDPForwardConfig: Sendable {
-    public var listen: HostPort
-    public var targets: [HostPort]
-    public var balance: BalanceStrategy = .roundRobin
-    /// A session with no datagram either way for this long is closed.
-    public var idleTimeout: Duration = .seconds(60)
-    /// 0 means unlimited.
-    public var maxSessions: Int = 0
-    /// SO_RCVBUF/SO_SNDBUF for every socket.
-    public var socketBuffer: Int = 4 << 20
-    public var threads: Int = LoopGroup.coreCount
-
-    public init(listen: HostPort, targets: [HostPort]) {
-        self.listen = listen
-        self.targets = targets.map(\.asTarget)
-    }
-}
-
 /// `culvert forward udp`: datagrams from each client address form a session with its own
 /// connected upstream socket, so replies go back to the right client and an ICMP error
 /// from the target ends that session alone.

@@ -46,18 +46,30 @@ public struct PortRanges: Equatable, CustomStringConvertible, Sendable {
     }
 }
 
-/// One service a client exposes: `-R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`, or a
+/// One service a client exposes: `-R [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT`, or a
 /// secret service (`--secret NAME=LOCAL_HOST:LOCAL_PORT`) with no public port.
 public struct ServiceSpec: Equatable, Sendable {
+    /// What a service carries and how visitors reach it. One value, so that a secret UDP
+    /// service cannot be written down.
+    public enum Kind: String, CaseIterable, Sendable {
+        /// TCP on a public port of the server.
+        case tcp
+        /// UDP on a public port: datagrams ride one data channel, framed with the visitor's address.
+        case udp
+        /// TCP with no public port, reached only by visitors proving `serviceToken`.
+        case secret
+    }
+
+    /// The service's id on the wire between client and server. Resolution numbers the
+    /// services in the order of the merged config; it is stored rather than derived from
+    /// the array position so that a reload can keep each service's id by its name.
+    public var id: UInt32 = 0
     public var name: String
-    /// A secret service is reached only by visitors proving `serviceToken`.
-    public var isSecret = false
+    public var kind: Kind
     /// The secret service's own token; nil means the client's token.
     public var serviceToken: String?
     /// Deflate the data channels of this service (not for secret services).
     public var compress = false
-    /// A UDP service: datagrams ride one data channel, framed with the visitor's address.
-    public var isUDP = false
     /// nil: the server's default bind address.
     public var bindHost: String?
     /// 0: the server picks a free allowed port.
@@ -65,13 +77,20 @@ public struct ServiceSpec: Equatable, Sendable {
     public var localHost: String
     public var localPort: UInt16
 
-    public init(name: String, bindHost: String?, remotePort: UInt16, localHost: String, localPort: UInt16) {
+    public init(name: String, kind: Kind = .tcp, bindHost: String?, remotePort: UInt16, localHost: String, localPort: UInt16) {
         self.name = name
+        self.kind = kind
         self.bindHost = bindHost
         self.remotePort = remotePort
         self.localHost = localHost
         self.localPort = localPort
     }
+
+    /// Convenience for code written before `kind`: `kind == .secret`.
+    public var isSecret: Bool { kind == .secret }
+
+    /// Convenience for code written before `kind`: `kind == .udp`.
+    public var isUDP: Bool { kind == .udp }
 
     public struct ParseError: Error, CustomStringConvertible {
         public let input: String
@@ -81,10 +100,10 @@ public struct ServiceSpec: Equatable, Sendable {
 
     /// Parses ssh's -R form, optionally prefixed `udp:` or `tcp:`; IPv6 hosts go in brackets.
     public static func parse(_ text: String) throws(ParseError) -> ServiceSpec {
-        for (prefix, udp) in [("udp:", true), ("tcp:", false)] where text.hasPrefix(prefix) {
+        for kind in [Kind.udp, .tcp] where text.hasPrefix("\(kind.rawValue):") {
             do {
-                var spec = try parse(String(text.dropFirst(prefix.count)))
-                spec.isUDP = udp
+                var spec = try parse(String(text.dropFirst(kind.rawValue.count + 1)))
+                spec.kind = kind
                 spec.name = text
                 return spec
             } catch {
@@ -134,16 +153,30 @@ public struct ServiceSpec: Equatable, Sendable {
               let local = try? HostPort.parse(String(text[text.index(after: eq)...])), local.port > 0 else {
             throw SecretParseError(input: text)
         }
-        var spec = ServiceSpec(name: name, bindHost: nil, remotePort: 0, localHost: local.host ?? "127.0.0.1", localPort: local.port)
-        spec.isSecret = true
-        return spec
+        return ServiceSpec(name: name, kind: .secret, bindHost: nil, remotePort: 0,
+                           localHost: local.host ?? "127.0.0.1", localPort: local.port)
     }
 
     /// `tcp` or `udp`, as ready lines and logs name the kind.
-    public var kindName: String { isUDP ? "udp" : "tcp" }
+    public var kindName: String { kind == .udp ? "udp" : "tcp" }
 
     /// `127.0.0.1:22`, as the exposed line shows the local end.
     public var localDescription: String { HostPort(host: localHost, port: localPort).description }
+}
+
+/// `culvert client --visit NAME -L [BIND:]PORT`: a local port whose connections reach a
+/// secret service through the server.
+public struct VisitSpec: Equatable, Sendable {
+    public var name: String
+    public var listen: HostPort
+    /// The secret service's token; nil means the client's token.
+    public var serviceToken: String?
+
+    public init(name: String, listen: HostPort, serviceToken: String?) {
+        self.name = name
+        self.listen = listen
+        self.serviceToken = serviceToken
+    }
 }
 
 /// Heartbeat timing shared by both ends.
@@ -185,6 +218,8 @@ public struct TunnelClientConfig: Sendable {
     /// SHA-256 of the server certificate's DER, pinned.
     public var fingerprint: [UInt8]?
     public var services: [ServiceSpec] = []
+    /// Set when the client visits a secret service instead of exposing `services`.
+    public var visit: VisitSpec?
     public var pool: Int = 2
     /// Data channels that carry TCP visitors as multiplexed streams; 0 opens a
     /// dedicated data channel per visitor (which splices on the plain transport).

@@ -1,0 +1,107 @@
+/// What `culvert client` was given on the command line; nil or empty when a flag was not
+/// given, so that the config file, and then `TunnelClientConfig`'s defaults, apply.
+public struct TunnelClientFlags: Sendable {
+    public var server: HostPort?
+    /// `-R`, in command line order.
+    public var services: [ServiceSpec] = []
+    /// `--secret`, in command line order.
+    public var secrets: [ServiceSpec] = []
+    public var serviceTokenFile: String?
+    /// Deflate the `-R` services.
+    public var compress = false
+    public var visit: String?
+    /// `-L`, the local end of `--visit`.
+    public var localListen: HostPort?
+    public var token = TokenFlags()
+    public var common = TunnelCommonFlags()
+    public var log = LogFlags()
+    public var ca: String?
+    public var fingerprint: [UInt8]?
+    public var pool: Int?
+    public var mux: Int?
+    public var connectTimeout: Duration?
+    public var reconnectMax: Duration?
+
+    public init() {}
+
+    /// The rules the flags must follow whatever the file says (`withFile`: whether a config
+    /// file may supply the server and the services); `resolve` checks them first, and a
+    /// command line parser may check them early to report them as usage.
+    public func check(withFile: Bool) throws(ConfigError) {
+        try common.check()
+        if let pool, pool < 0 || pool > 64 { throw ConfigError(setting: "--pool", "--pool must be between 0 and 64, got \(pool)") }
+        if let mux, mux < 0 || mux > 16 { throw ConfigError(setting: "--mux", "--mux must be between 0 and 16, got \(mux)") }
+        if ca != nil && fingerprint != nil { throw ConfigError(setting: "--fingerprint", "give --ca or --fingerprint, not both") }
+        if (ca != nil || fingerprint != nil) && common.transport == .plain {
+            throw ConfigError(setting: ca != nil ? "--ca" : "--fingerprint", "--ca and --fingerprint need --transport tls")
+        }
+        if visit != nil {
+            if localListen == nil { throw ConfigError(setting: "-L", "--visit needs -L [BIND:]PORT to listen on") }
+            if !services.isEmpty || !secrets.isEmpty {
+                throw ConfigError(setting: "--visit", "--visit cannot be combined with -R or --secret")
+            }
+        } else if localListen != nil {
+            throw ConfigError(setting: "-L", "-L only works with --visit NAME")
+        }
+        if !withFile {
+            if server == nil { throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] of the culvert server") }
+            if services.isEmpty && secrets.isEmpty && visit == nil {
+                throw ConfigError(setting: "-R", "nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT or --secret NAME=HOST:PORT")
+            }
+        }
+    }
+}
+
+extension TunnelClientConfig {
+    /// The client's settings: `flags` over the TOML file at `file` (when given) over the
+    /// defaults, checked as a whole. The file's services come first (sorted by name), then
+    /// `-R`, then `--secret`; each gets its id from that order. Pure apart from reading the
+    /// files named, so a reload can call it again.
+    public static func resolve(flags: TunnelClientFlags, file: String?) throws(ConfigError) -> Resolved<TunnelClientConfig> {
+        try flags.check(withFile: file != nil)
+        var config = TunnelClientConfig()
+        let fromFile = try loadFile(file, into: &config, TunnelConfigFile.loadClient)
+        let log = flags.log.over(try fromFile?.logSettings() ?? LogSettings())
+        var warnings: [String] = []
+        guard let token = try flags.token.resolve(fromFile, warnings: &warnings) else {
+            throw ConfigError(setting: "--token-file", "no token: give --token-file FILE or set CULVERT_TOKEN")
+        }
+        config.token = token
+        if let server = flags.server {
+            config.server = server
+        } else if fromFile?.hasServer != true {
+            throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] or server = \"HOST:PORT\" in the config file")
+        }
+        let serviceToken = try flags.serviceTokenFile.map { path throws(ConfigError) in
+            try readToken(at: path, setting: "--service-token-file")
+        }
+        config.services += flags.services.map { spec in
+            var s = spec
+            s.compress = flags.compress
+            return s
+        }
+        config.services += flags.secrets.map { spec in
+            var s = spec
+            s.serviceToken = serviceToken
+            return s
+        }
+        for i in config.services.indices { config.services[i].id = UInt32(i) }
+        if let name = flags.visit, let listen = flags.localListen {
+            config.visit = VisitSpec(name: name, listen: listen, serviceToken: serviceToken)
+        } else if config.services.isEmpty {
+            throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret or [services.NAME] in the config file")
+        }
+        flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
+                           handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
+        if let ca = flags.ca { config.caFile = ca; config.fingerprint = nil }
+        if let fingerprint = flags.fingerprint { config.fingerprint = fingerprint; config.caFile = nil }
+        if let pool = flags.pool { config.pool = pool }
+        if let mux = flags.mux { config.mux = mux }
+        if let connectTimeout = flags.connectTimeout { config.connectTimeout = connectTimeout }
+        if let reconnectMax = flags.reconnectMax { config.reconnectMax = reconnectMax }
+        if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
+            throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")
+        }
+        return Resolved(config: config, log: log, warnings: warnings)
+    }
+}

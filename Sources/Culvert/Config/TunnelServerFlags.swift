@@ -1,0 +1,67 @@
+/// What `culvert server` was given on the command line; nil or empty when a flag was not
+/// given, so that the config file, and then `TunnelServerConfig`'s defaults, apply.
+public struct TunnelServerFlags: Sendable {
+    public var listen: [HostPort] = []
+    public var token = TokenFlags()
+    public var common = TunnelCommonFlags()
+    public var log = LogFlags()
+    public var cert: String?
+    public var key: String?
+    public var allowPorts: PortRanges?
+    public var bindAddresses: [String] = []
+    public var maxClients: Int?
+    public var maxServices: Int?
+    public var maxUnauthenticated: Int?
+
+    public init() {}
+
+    /// The rules the flags must follow whatever the file says; `resolve` checks them
+    /// first, and a command line parser may check them early to report them as usage.
+    public func check() throws(ConfigError) {
+        try common.check()
+        if (cert == nil) != (key == nil) { throw ConfigError(setting: cert == nil ? "--cert" : "--key", "--cert and --key go together") }
+        if cert != nil && common.transport == .plain { throw ConfigError(setting: "--cert", "--cert needs --transport tls") }
+        for a in bindAddresses where !SocketAddressCheck.isNumeric(a) {
+            throw ConfigError(setting: "--bind-addr", "--bind-addr '\(a)' is not a numeric IP address")
+        }
+        for (name, value) in [("--max-clients", maxClients), ("--max-services", maxServices), ("--max-unauthenticated", maxUnauthenticated)] {
+            if let v = value, v < 1 { throw ConfigError(setting: name, "\(name) must be at least 1, got \(v)") }
+        }
+    }
+}
+
+extension TunnelServerConfig {
+    /// The server's settings: `flags` over the TOML file at `file` (when given) over the
+    /// defaults, checked as a whole. Pure apart from reading the files named, so a reload
+    /// can call it again.
+    public static func resolve(flags: TunnelServerFlags, file: String?) throws(ConfigError) -> Resolved<TunnelServerConfig> {
+        try flags.check()
+        var config = TunnelServerConfig()
+        let fromFile = try loadFile(file, into: &config, TunnelConfigFile.loadServer)
+        let log = flags.log.over(try fromFile?.logSettings() ?? LogSettings())
+        var warnings: [String] = []
+        guard let token = try flags.token.resolve(fromFile, warnings: &warnings) else {
+            throw ConfigError(setting: "--token-file", "no token: give --token-file FILE or set CULVERT_TOKEN (make one with 'culvert token')")
+        }
+        if token.utf8.count < 16 {
+            warnings.append("the token is short (\(token.utf8.count) bytes); use at least 16, e.g. from 'culvert token'")
+        }
+        config.token = token
+        if !flags.listen.isEmpty { config.listen = flags.listen }
+        flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
+                           handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
+        if let cert = flags.cert, let key = flags.key {
+            config.certFile = cert
+            config.keyFile = key
+        }
+        if config.certFile != nil && config.transport == .plain {
+            throw ConfigError(setting: "transport", "a certificate needs transport tls")
+        }
+        if let allowPorts = flags.allowPorts { config.allowPorts = allowPorts }
+        if !flags.bindAddresses.isEmpty { config.bindAddresses = flags.bindAddresses }
+        if let maxClients = flags.maxClients { config.maxClients = maxClients }
+        if let maxServices = flags.maxServices { config.maxServicesPerClient = maxServices }
+        if let maxUnauthenticated = flags.maxUnauthenticated { config.maxUnauthenticated = maxUnauthenticated }
+        return Resolved(config: config, log: log, warnings: warnings)
+    }
+}
