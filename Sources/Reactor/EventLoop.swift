@@ -41,7 +41,7 @@ public struct Registration: Equatable, Sendable {
 /// One edge-triggered epoll loop, run by exactly one thread.
 ///
 /// Thread confinement: registrations, timers and `deferred` work are touched only on the
-/// loop's own thread (checked by `precondition(inEventLoop)` in debug builds). The only
+/// loop's own thread (asserted in debug builds, see `assertInEventLoop`). The only
 /// entry points safe from other threads are `execute(_:)`, `stop()` and the executor
 /// `enqueue`, which go through a lock-protected queue and an eventfd wake-up.
 public final class EventLoop: @unchecked Sendable {
@@ -56,7 +56,8 @@ public final class EventLoop: @unchecked Sendable {
     private var deferred: [() -> Void] = []
     private let inbox = Mutex<[() -> Void]>([])
     private let stopRequested = Atomic<Bool>(false)
-    private var thread: pthread_t?
+    /// The thread running `run()`, nil while the loop is not running.
+    @usableFromInline var thread: pthread_t?
     private let maxEvents: Int32 = 256
     private let events: UnsafeMutablePointer<epoll_event>
     /// Runs async tasks on this loop: `Task(executorPreference: loop.tasks)`.
@@ -94,6 +95,17 @@ public final class EventLoop: @unchecked Sendable {
     public var inEventLoop: Bool {
         guard let thread else { return false }
         return pthread_equal(thread, pthread_self()) != 0
+    }
+
+    /// Traps unless called on the thread running this loop, or while no thread runs it
+    /// (set-up before `run()`, tear-down after). Loop-bound types call it at their
+    /// public entry points, as SwiftNIO's do. Debug builds only: the stream types call
+    /// it on every read and write of the data path, where a release-build check (a
+    /// `pthread_self` per call) would cost; inlinable, so that release builds compile
+    /// it away in other modules too.
+    @inlinable
+    public func assertInEventLoop(file: StaticString = #fileID, line: UInt = #line) {
+        assert(thread == nil || inEventLoop, "not on event loop \(id)", file: file, line: line)
     }
 
     /// Live registrations, for tests and leak checks.
