@@ -42,9 +42,10 @@ public struct Registration: Equatable, Sendable {
 ///
 /// Thread confinement: registrations, timers and `deferred` work are touched only on the
 /// loop's own thread, checked by `assertInLoop()` (a `precondition`, in every build) at
-/// each of those entry points. The only entry points safe from other threads are
-/// `execute(_:)`, `stop()` and the executor `enqueue`, which go through a lock-protected
-/// queue and an eventfd wake-up.
+/// each of those entry points; the data path of loop-bound streams checks with
+/// `debugAssertInLoop()` (debug builds only). The only entry points safe from other
+/// threads are `execute(_:)`, `stop()` and the executor `enqueue`, which go through a
+/// lock-protected queue and an eventfd wake-up.
 public final class EventLoop: @unchecked Sendable {
     public let id: Int
     private let epollFD: Int32
@@ -57,7 +58,8 @@ public final class EventLoop: @unchecked Sendable {
     private var deferred: [() -> Void] = []
     private let inbox = Mutex<[() -> Void]>([])
     private let stopRequested = Atomic<Bool>(false)
-    private var thread: pthread_t?
+    /// The thread running `run()`, nil while the loop is not running.
+    @usableFromInline var thread: pthread_t?
     private let maxEvents: Int32 = 256
     private let events: UnsafeMutablePointer<epoll_event>
     /// Runs async tasks on this loop: `Task(executorPreference: loop.tasks)`.
@@ -108,6 +110,15 @@ public final class EventLoop: @unchecked Sendable {
     @inline(__always)
     public func assertInLoop(file: StaticString = #fileID, line: UInt = #line) {
         precondition(thread == nil || inEventLoop, "called off event loop \(id)", file: file, line: line)
+    }
+
+    /// `assertInLoop()` for the data path, in debug builds only: the multiplexed stream
+    /// types call it on every read and write, where a release-build check (a
+    /// `pthread_self` per call) would cost; inlinable, so that release builds compile it
+    /// away in other modules too.
+    @inlinable
+    public func debugAssertInLoop(file: StaticString = #fileID, line: UInt = #line) {
+        assert(thread == nil || inEventLoop, "not on event loop \(id)", file: file, line: line)
     }
 
     /// Live registrations, for tests and leak checks.

@@ -30,10 +30,43 @@ import Reactor
 /// After such a frame only the next header is read, so the next frame's payload stays
 /// on the carrier too; a small frame switches back to reading whole buffers.
 ///
-/// Thread confinement: one loop; streams are driven by the relays of that loop.
+/// Thread confinement: one loop; streams are driven by the relays of that loop. Public
+/// entry points assert it in debug builds.
 public final class MuxConnection: EventHandler {
     public enum FrameType: UInt8 {
         case open = 1, data = 2, eof = 3, reset = 4, window = 5
+    }
+
+    /// What the next bytes read from the carrier are for.
+    private enum Reader {
+        /// Frames: read as much as `inBuf` holds.
+        case frames
+        /// The last frame was bulk for a stream that takes pipes: read just the next
+        /// header, so that the payload after it can be spliced.
+        case header
+        /// The rest of a data frame's payload, taken off the carrier past `inBuf`: its
+        /// stream and the payload bytes still to come.
+        case payload(stream: UInt32, left: Int)
+    }
+
+    /// Where the carrier is in its life.
+    private enum Lifecycle {
+        case open
+        /// `closeWhenIdle`: no new streams; the carrier ends with its last stream.
+        case draining
+        /// A write to the carrier failed (inside a relay that was writing, or partway
+        /// through a frame): nothing more goes out, and the carrier is failed from the
+        /// loop at the next flush, not inside that relay.
+        case failing(Error)
+        case closed
+
+        /// Whether frames may still go out on the carrier.
+        var sends: Bool {
+            switch self {
+            case .open, .draining: true
+            case .failing, .closed: false
+            }
+        }
     }
 
     public static let headerSize = 9
@@ -73,23 +106,15 @@ public final class MuxConnection: EventHandler {
     private var outCapacity = 64 * 1024
     private var outStart = 0
     private var outEnd = 0
+    private var reader = Reader.frames
+    private var lifecycle = Lifecycle.open
+    // Whether a flush / a read is already deferred to the end of the loop iteration.
+    // Booleans, not states: each only keeps a second task from being queued, is
+    // independent of the other and of the lifecycle, and the task itself checks that.
     private var flushScheduled = false
-    /// A carrier failure seen by an eager flush, acted on from the loop (not inside the
-    /// relay that was writing).
-    private var deferredFailure: Error?
     private var readScheduled = false
-    /// The data frame whose payload is being taken off the carrier past `inBuf`: its
-    /// stream and the payload bytes still to come.
-    private var payloadStream: UInt32 = 0
-    private var payloadLeft = 0
-    /// The last frame was bulk for a stream that takes pipes: read just the next
-    /// header, so that the payload after it can be spliced.
-    private var headerOnly = false
     /// Streams whose writes wait for the outgoing queue to drain.
     private var blockedWriters: [MuxStream] = []
-    public private(set) var isClosed = false
-    /// Set by `closeWhenIdle`: no new streams; the carrier ends with its last stream.
-    private var closingWhenIdle = false
 
     /// Acceptor side: a stream was opened; the payload of its `open` frame.
     public var onOpen: ((MuxStream, UnsafeRawBufferPointer) -> Void)?
@@ -97,6 +122,10 @@ public final class MuxConnection: EventHandler {
     public var onClose: ((MuxConnection, Error?) -> Void)?
 
     public var streamCount: Int { streams.count }
+    /// The carrier has ended (and reset every stream on it).
+    public var isClosed: Bool {
+        if case .closed = lifecycle { true } else { false }
+    }
     /// Bytes queued for the carrier and not yet written (here or in the carrier's own
     /// buffer, for TLS).
     public var pendingOutput: Int { outEnd - outStart + carrier.bufferedOutput }
@@ -119,10 +148,11 @@ public final class MuxConnection: EventHandler {
 
     /// Starts watching the carrier. On failure the carrier is closed.
     public func start() throws(SystemError) {
+        loop.debugAssertInLoop()
         do {
             registration = try loop.register(fd: carrier.fd, interest: .readWrite, handler: self)
         } catch {
-            isClosed = true
+            lifecycle = .closed
             carrier.close(reset: true)
             throw error
         }
@@ -133,7 +163,8 @@ public final class MuxConnection: EventHandler {
 
     /// Opener side: a new stream whose `open` frame carries `payload`.
     public func open(_ payload: [UInt8]) -> MuxStream? {
-        guard isOpener, !isClosed, !closingWhenIdle else { return nil }
+        loop.debugAssertInLoop()
+        guard isOpener, case .open = lifecycle else { return nil }
         var id = nextID
         while streams[id] != nil || id == 0 { id &+= 1 }
         nextID = id &+ 1
@@ -144,19 +175,28 @@ public final class MuxConnection: EventHandler {
     }
 
     /// Ends the carrier and resets every stream on it.
-    public func close() { fail(nil) }
+    public func close() {
+        loop.debugAssertInLoop()
+        fail(nil)
+    }
 
     /// Opens no more streams and ends the carrier once the last running stream has
     /// ended (the session that owned it is gone; its visitors may finish).
     public func closeWhenIdle() {
-        closingWhenIdle = true
+        loop.debugAssertInLoop()
         onOpen = nil
+        switch lifecycle {
+        case .open: lifecycle = .draining
+        // A failing carrier ends at the next flush anyway.
+        case .draining, .failing, .closed: break
+        }
         if streams.isEmpty { close() }
     }
 
     // MARK: events
 
     public func handleEvents(_ events: UInt32, tag: UInt8) {
+        loop.debugAssertInLoop()
         guard !isClosed else { return }
         if !carrier.isSpliceable {
             // TLS may need to write in order to read, and the other way round.
@@ -174,14 +214,20 @@ public final class MuxConnection: EventHandler {
     private func readFrames() {
         var budget = Self.readBudget
         while carrier.readReady && !isClosed {
-            if payloadLeft > 0 {
-                budget -= takePayload()
+            let want: Int
+            switch reader {
+            case .payload(let stream, let left):
+                budget -= takePayload(for: stream, left)
                 if budget <= 0 && carrier.readReady && !isClosed { return deferRead() }
                 continue
+            case .header:
+                if inEnd == Self.inCapacity { compactInput() }
+                let buffered = inEnd - inStart
+                want = buffered < Self.headerSize ? Self.headerSize - buffered : Self.inCapacity - inEnd
+            case .frames:
+                if inEnd == Self.inCapacity { compactInput() }
+                want = Self.inCapacity - inEnd
             }
-            if inEnd == Self.inCapacity { compactInput() }
-            let want = headerOnly && inEnd - inStart < Self.headerSize
-                ? Self.headerSize - (inEnd - inStart) : Self.inCapacity - inEnd
             switch carrier.read(into: inBuf + inEnd, count: want) {
             case .bytes(let n):
                 inEnd += n
@@ -207,17 +253,18 @@ public final class MuxConnection: EventHandler {
         }
     }
 
-    /// Moves payload of the current frame from the carrier to its stream: spliced into
-    /// the stream's pipe while it takes one, read through `inBuf` otherwise (a stream
-    /// with bytes queued in memory, a full pipe, a stream that is gone). -> bytes moved.
-    private func takePayload() -> Int {
+    /// Moves payload of the current frame (`left` bytes of it still on the carrier)
+    /// to stream `id`: spliced into the stream's pipe while it takes one, read through
+    /// `inBuf` otherwise (a stream with bytes queued in memory, a full pipe, a stream
+    /// that is gone). The reader moves on once the payload is all taken. -> bytes moved.
+    private func takePayload(for id: UInt32, _ left: Int) -> Int {
+        var left = left
         var moved = 0
-        let stream = streams[payloadStream]
-        if let stream, stream.takesPipe {
-            splicing: while payloadLeft > 0 {
-                switch stream.spliceIn(from: carrier.fd, payloadLeft) {
+        if let stream = streams[id], stream.takesPipe {
+            splicing: while left > 0 {
+                switch stream.spliceIn(from: carrier.fd, left) {
                 case .bytes(let n):
-                    payloadLeft -= n
+                    left -= n
                     moved += n
                 case .wouldBlock:
                     // The carrier is empty or the pipe is full: the read below tells.
@@ -230,21 +277,17 @@ public final class MuxConnection: EventHandler {
                     return moved
                 }
             }
+            // Spliced to the end: the next payload may be spliced too.
+            reader = left == 0 ? .header : .payload(stream: id, left: left)
             if moved > 0 { stream.pipeFilled() }
-            if payloadLeft == 0 {
-                headerOnly = true
-                return moved
-            }
-            if isClosed { return moved }
+            if left == 0 || isClosed { return moved }
         }
-        switch carrier.read(into: inBuf, count: min(payloadLeft, Self.inCapacity)) {
+        switch carrier.read(into: inBuf, count: min(left, Self.inCapacity)) {
         case .bytes(let n):
-            payloadLeft -= n
+            left -= n
             moved += n
-            if let stream = streams[payloadStream] {
-                stream.deliver(UnsafeRawBufferPointer(start: inBuf, count: n))
-            }
-            if payloadLeft == 0 { headerOnly = false }
+            reader = left == 0 ? .frames : .payload(stream: id, left: left)
+            streams[id]?.deliver(UnsafeRawBufferPointer(start: inBuf, count: n))
         case .wouldBlock:
             carrier.readReady = false
         case .eof:
@@ -276,11 +319,9 @@ public final class MuxConnection: EventHandler {
                 return fail(MuxError("mux frame of \(length) bytes exceeds the limit of \(limit)"))
             }
             let buffered = inEnd - inStart - Self.headerSize
-            // Bulk for a stream that takes pipes: read only up to the next header, so the
-            // payload of the frame after this one is spliced, not read.
-            headerOnly = type == .data && length >= Self.spliceMinimum && streams[id]?.takesPipe == true
             guard buffered >= length else {
                 guard type == .data else {
+                    reader = .frames
                     // Incomplete: make room for the whole frame if the buffer's tail is short.
                     if inStart + Self.headerSize + length > Self.inCapacity { compactInput() }
                     return
@@ -294,11 +335,14 @@ public final class MuxConnection: EventHandler {
                 let start = inBuf + inStart + Self.headerSize
                 inStart = 0
                 inEnd = 0
-                payloadStream = id
-                payloadLeft = length - buffered
+                reader = .payload(stream: id, left: length - buffered)
                 if buffered > 0 { stream?.deliver(UnsafeRawBufferPointer(start: start, count: buffered)) }
                 return
             }
+            // Bulk for a stream that takes pipes: read only up to the next header, so the
+            // payload of the frame after this one is spliced, not read.
+            let bulk = type == .data && length >= Self.spliceMinimum && streams[id]?.takesPipe == true
+            reader = bulk ? .header : .frames
             let payload = UnsafeRawBufferPointer(start: h + Self.headerSize, count: length)
             inStart += Self.headerSize + length
             dispatch(type, id, payload)
@@ -362,7 +406,7 @@ public final class MuxConnection: EventHandler {
     /// straight from the writer's buffer; whatever the socket does not take is queued.
     func sendData(_ id: UInt32, _ payload: UnsafeRawPointer, _ count: Int) {
         guard !isClosed else { return }
-        if outStart == outEnd && carrier.isSpliceable && carrier.writeReady && deferredFailure == nil {
+        if outStart == outEnd && carrier.isSpliceable && carrier.writeReady && lifecycle.sends {
             let sent: Int = withDataHeader(id, count) { h in
                 switch Net.write(carrier.fd, header: h, Self.headerSize, body: payload, count) {
                 case .bytes(let n):
@@ -377,8 +421,7 @@ public final class MuxConnection: EventHandler {
                     carrier.writeReady = false
                     return -1
                 case .eof, .failed:
-                    deferredFailure = SystemError("sendmsg", errno: EPIPE)
-                    scheduleFlush()
+                    failLater(SystemError("sendmsg", errno: EPIPE))
                     return 0
                 }
             }
@@ -386,16 +429,13 @@ public final class MuxConnection: EventHandler {
                 if outEnd > outStart { scheduleFlush() }
                 return
             }
-        } else if outStart == outEnd && deferredFailure == nil {
+        } else if outStart == outEnd && lifecycle.sends {
             // A TLS carrier encrypts the frame straight from the writer's buffer.
             let result = withDataHeader(id, count) { h in
                 carrier.writeThrough(header: h, Self.headerSize, body: payload, count)
             }
             if let result {
-                if case .failed(let e) = result {
-                    deferredFailure = e
-                    scheduleFlush()
-                }
+                if case .failed(let e) = result { failLater(e) }
                 return
             }
         }
@@ -408,7 +448,7 @@ public final class MuxConnection: EventHandler {
     /// does not take is read out of the pipe into the queue, so the frame stays whole and
     /// every byte reported as sent has left the pipe.
     func sendData(_ id: UInt32, fromPipe pipe: Int32, _ count: Int) -> IOResult {
-        guard !isClosed, deferredFailure == nil else { return .failed(SystemError("mux carrier", errno: EPIPE)) }
+        guard lifecycle.sends else { return .failed(SystemError("mux carrier", errno: EPIPE)) }
         if outStart == outEnd && carrier.writeReady {
             let direct: IOResult? = withDataHeader(id, count) { h in
                 switch Net.write(carrier.fd, h, Self.headerSize, more: true) {
@@ -476,9 +516,19 @@ public final class MuxConnection: EventHandler {
     /// A frame could not be completed: the carrier is failed from the loop, not inside
     /// the relay that was writing; the relay fails its own stream now.
     private func carrierFailed() -> IOResult {
-        if deferredFailure == nil { deferredFailure = SystemError("mux carrier", errno: EPIPE) }
-        scheduleFlush()
+        failLater(SystemError("mux carrier", errno: EPIPE))
         return .failed(SystemError("mux carrier", errno: EPIPE))
+    }
+
+    /// The first carrier failure stops output; the loop acts on it at the flush. Kept
+    /// out of line: a cold path in the middle of the write paths.
+    @inline(never)
+    private func failLater(_ error: Error) {
+        switch lifecycle {
+        case .open, .draining: lifecycle = .failing(error)
+        case .failing, .closed: break
+        }
+        scheduleFlush()
     }
 
     private func append(_ bytes: UnsafeRawPointer, _ count: Int) {
@@ -503,7 +553,7 @@ public final class MuxConnection: EventHandler {
         Self.writeHeader(p, type, id, count)
         if let payload, count > 0 { (p + Self.headerSize).copyMemory(from: payload, byteCount: count) }
         outEnd += Self.headerSize + count
-        if outEnd - outStart >= Self.eagerFlush && carrier.writeReady && deferredFailure == nil {
+        if outEnd - outStart >= Self.eagerFlush && carrier.writeReady && lifecycle.sends {
             // Bulk data goes out as it comes, like a plain relay would send it; small
             // frames wait for the end of the iteration to share one write.
             writeOut()
@@ -536,11 +586,9 @@ public final class MuxConnection: EventHandler {
             case .wouldBlock:
                 carrier.writeReady = false
             case .eof:
-                deferredFailure = SystemError("mux carrier", errno: EPIPE)
-                return
+                return failLater(SystemError("mux carrier", errno: EPIPE))
             case .failed(let e):
-                deferredFailure = e
-                return
+                return failLater(e)
             }
         }
         if outStart == outEnd {
@@ -549,7 +597,7 @@ public final class MuxConnection: EventHandler {
             if carrier.writeReady && carrier.bufferedOutput > 0 {
                 switch carrier.flushBuffered() {
                 case .wouldBlock: carrier.writeReady = false
-                case .failed(let e): deferredFailure = e
+                case .failed(let e): failLater(e)
                 default: break
                 }
             }
@@ -557,9 +605,12 @@ public final class MuxConnection: EventHandler {
     }
 
     private func flush() {
-        guard !isClosed else { return }
-        writeOut()
-        if let e = deferredFailure { return fail(e) }
+        if lifecycle.sends { writeOut() }
+        switch lifecycle {
+        case .open, .draining: break
+        case .failing(let e): return fail(e)
+        case .closed: return
+        }
         if outStart == outEnd {
             if outCapacity > 1 << 20 {
                 // A burst grew the queue; an idle carrier keeps only the base size.
@@ -578,7 +629,7 @@ public final class MuxConnection: EventHandler {
     func remove(_ stream: MuxStream) {
         if streams[stream.id] === stream { streams[stream.id] = nil }
         if let i = blockedWriters.firstIndex(where: { $0 === stream }) { blockedWriters.remove(at: i) }
-        if closingWhenIdle && streams.isEmpty {
+        if case .draining = lifecycle, streams.isEmpty {
             // Not from inside the relay that is closing the stream; its last frames go first.
             loop.deferTask { [self] in
                 if streams.isEmpty && !isClosed {
@@ -591,13 +642,13 @@ public final class MuxConnection: EventHandler {
 
     private func fail(_ error: Error?) {
         guard !isClosed else { return }
-        isClosed = true
+        lifecycle = .closed
         if let r = registration {
             loop.deregister(fd: carrier.fd, registration: r)
             registration = nil
         }
         carrier.close(reset: error != nil)
-        payloadLeft = 0
+        reader = .frames
         let all = Array(streams.values)
         streams.removeAll()
         blockedWriters.removeAll()
@@ -616,9 +667,43 @@ public struct MuxError: Error, CustomStringConvertible, Sendable {
 
 /// One stream of a `MuxConnection`, as a `Duplex` for the buffered copier. It has no
 /// descriptor: the connection wakes the relay that attached to it.
+///
+/// Thread confinement: the connection's loop; public entry points assert it in debug builds.
 public final class MuxStream: Duplex {
+    /// Where a stream is in its life: which ways bytes may still flow.
+    enum State: Equatable {
+        /// Both ways.
+        case open
+        /// One side sent its EOF (`.local`: our `shutdownWrite`); bytes flow the other way.
+        case halfClosed(Side)
+        /// Both sides sent their EOF; what was received may still be read.
+        case finished
+        /// Aborted, by the peer's `reset` or by the end of the carrier: reads and writes
+        /// fail with ECONNRESET, and closing sends nothing.
+        case reset
+        /// Closed by its owner: the connection has forgotten it, its buffers are gone.
+        case closed
+
+        /// Whether bytes that arrive for the stream are kept for its reader.
+        var receives: Bool {
+            switch self {
+            case .open, .halfClosed, .finished: true
+            case .reset, .closed: false
+            }
+        }
+    }
+
+    /// The side of a stream that sent an EOF.
+    enum Side {
+        case local, remote
+    }
+
     public let id: UInt32
+    private let loop: EventLoop
+    /// Set until the stream is closed or reset with its carrier: the states that send
+    /// (`open`, `halfClosed(.remote)`) always have it.
     private var connection: MuxConnection?
+    private(set) var state = State.open
     public var readReady = true
     public var writeReady = true
     private weak var handler: EventHandler?
@@ -644,15 +729,12 @@ public final class MuxStream: Duplex {
     private var window = MuxConnection.initialWindow
     private var consumedSinceCredit = 0
     private var sendWindow = MuxConnection.initialWindow
-    private var peerEOF = false
-    private var wasReset = false
-    private var sentEOF = false
-    private var isClosed = false
     /// Bytes read by the relay / written by it.
     public private(set) var bytesIn: UInt64 = 0
 
     init(id: UInt32, connection: MuxConnection, pipes: PipePool?) {
         self.id = id
+        loop = connection.loop
         self.connection = connection
         self.pipes = pipes
     }
@@ -666,6 +748,7 @@ public final class MuxStream: Duplex {
     public var isSpliceable: Bool { false }
 
     public func attachVirtual(_ handler: EventHandler, tag: UInt8, peerTakesPipes: Bool) -> Bool {
+        loop.debugAssertInLoop()
         self.handler = handler
         self.tag = tag
         lendsPipes = peerTakesPipes && pipes != nil
@@ -686,7 +769,7 @@ public final class MuxStream: Duplex {
     }
 
     /// Whether the connection may splice this stream's next payload into its pipe.
-    var takesPipe: Bool { lendsPipes && !isClosed && !wasReset && queueStart == queueEnd }
+    var takesPipe: Bool { lendsPipes && state.receives && queueStart == queueEnd }
 
     /// Splices up to `count` payload bytes from the carrier into this stream's pipe;
     /// `.wouldBlock` when the carrier is empty or the pipe is full.
@@ -717,7 +800,7 @@ public final class MuxStream: Duplex {
     }
 
     func deliver(_ payload: UnsafeRawBufferPointer) {
-        guard !isClosed else { return }
+        guard state.receives else { return }
         if queueStart == queueEnd && pipeBytes == 0 && handler != nil {
             current = payload
             wake(EventBits.readable)
@@ -753,13 +836,23 @@ public final class MuxStream: Duplex {
     }
 
     func peerEnded() {
-        peerEOF = true
+        switch state {
+        case .open: state = .halfClosed(.remote)
+        case .halfClosed(.local): state = .finished
+        case .halfClosed(.remote), .finished, .reset, .closed: break
+        }
         wake(EventBits.readable)
     }
 
+    /// The peer reset the stream, or the carrier ended (then the connection is closed).
     func peerReset() {
-        wasReset = true
-        connection = connection?.isClosed == false ? connection : nil
+        switch state {
+        case .open, .halfClosed, .finished, .reset: state = .reset
+        case .closed: return
+        }
+        // A live connection keeps a reset stream until its owner closes it; a closed
+        // one has forgotten all its streams.
+        if connection?.isClosed != false { connection = nil }
         wake(EventBits.error)
     }
 
@@ -773,6 +866,7 @@ public final class MuxStream: Duplex {
     // MARK: Duplex
 
     public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {
+        loop.debugAssertInLoop()
         switch borrowReadable()! {
         case .pipe(let fd, let available):
             switch Net.read(fd, buffer, min(count, available)) {
@@ -796,16 +890,24 @@ public final class MuxStream: Duplex {
     }
 
     public func borrowReadable() -> Borrowed? {
-        if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
+        loop.debugAssertInLoop()
+        let drained: Borrowed
+        switch state {
+        case .open, .halfClosed(.local): drained = .wouldBlock
+        case .halfClosed(.remote), .finished: drained = .eof
+        case .reset: return .failed(SystemError("mux stream", errno: ECONNRESET))
+        case .closed: return .failed(SystemError("mux stream", errno: EBADF))
+        }
         if pipeBytes > 0, let p = pipe { return .pipe(fd: p.readFD, count: pipeBytes) }
         if queueStart < queueEnd, let q = queue {
             return .bytes(UnsafeRawBufferPointer(start: q + queueStart, count: queueEnd - queueStart))
         }
         if let c = current, c.count > 0 { return .bytes(c) }
-        return peerEOF ? .eof : .wouldBlock
+        return drained
     }
 
     public func consumeBorrowed(_ n: Int) {
+        loop.debugAssertInLoop()
         guard n > 0 else { return }
         if pipeBytes > 0 {
             pipeBytes -= n
@@ -826,7 +928,7 @@ public final class MuxStream: Duplex {
         }
         bytesIn &+= UInt64(n)
         consumedSinceCredit += n
-        if consumedSinceCredit >= window / 4 && !peerEOF {
+        if consumedSinceCredit >= window / 4 && peerMaySend {
             var credit = consumedSinceCredit
             if queueStart == queueEnd && pipeBytes == 0 && window < MuxConnection.maxWindow {
                 // Nothing waits behind what was read: the reader keeps up, so the
@@ -840,15 +942,43 @@ public final class MuxStream: Duplex {
         }
     }
 
-    public func pendingError() -> Int32 { wasReset ? ECONNRESET : 0 }
+    /// Whether the peer has not ended its side yet (so credit is worth sending).
+    private var peerMaySend: Bool {
+        switch state {
+        case .open, .halfClosed(.local): true
+        case .halfClosed(.remote), .finished, .reset, .closed: false
+        }
+    }
+
+    public func pendingError() -> Int32 {
+        loop.debugAssertInLoop()
+        switch state {
+        case .reset: return ECONNRESET
+        case .open, .halfClosed, .finished, .closed: return 0
+        }
+    }
 
     /// On a splicing carrier (one with a pipe pool: plain), bytes are spliced on from
     /// the writer's pipe.
     public var acceptsPipe: Bool { pipes != nil && connection != nil }
 
+    /// The connection this stream's bytes go out on; throws why it may not send now.
+    private func sender() throws(SystemError) -> MuxConnection {
+        switch state {
+        case .open, .halfClosed(.remote):
+            if let connection { return connection }
+        case .halfClosed(.local), .finished, .closed:
+            break
+        case .reset:
+            throw SystemError("mux stream", errno: ECONNRESET)
+        }
+        throw SystemError("mux stream", errno: EPIPE)
+    }
+
     public func write(fromPipe fd: Int32, count: Int) -> IOResult {
-        if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
-        guard let connection, !sentEOF else { return .failed(SystemError("mux stream", errno: EPIPE)) }
+        loop.debugAssertInLoop()
+        let connection: MuxConnection
+        do { connection = try sender() } catch { return .failed(error) }
         let n = min(count, sendWindow, MuxConnection.maxPayload)
         if n == 0 || !connection.admitWrite(self) { return .wouldBlock }
         let r = connection.sendData(id, fromPipe: fd, n)
@@ -857,8 +987,9 @@ public final class MuxStream: Duplex {
     }
 
     public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
-        if wasReset { return .failed(SystemError("mux stream", errno: ECONNRESET)) }
-        guard let connection, !sentEOF else { return .failed(SystemError("mux stream", errno: EPIPE)) }
+        loop.debugAssertInLoop()
+        let connection: MuxConnection
+        do { connection = try sender() } catch { return .failed(error) }
         let n = min(count, sendWindow, MuxConnection.maxPayload)
         if n == 0 || !connection.admitWrite(self) { return .wouldBlock }
         connection.sendData(id, buffer, n)
@@ -867,16 +998,31 @@ public final class MuxStream: Duplex {
     }
 
     public func shutdownWrite() -> SystemError? {
-        if wasReset { return SystemError("mux stream", errno: ECONNRESET) }
-        guard !sentEOF else { return nil }
-        sentEOF = true
+        loop.debugAssertInLoop()
+        switch state {
+        case .open: state = .halfClosed(.local)
+        case .halfClosed(.remote): state = .finished
+        case .halfClosed(.local), .finished, .closed: return nil
+        case .reset: return SystemError("mux stream", errno: ECONNRESET)
+        }
         connection?.enqueue(.eof, id, nil, 0)
         return nil
     }
 
     public func close(reset: Bool) {
-        guard !isClosed else { return }
-        isClosed = true
+        loop.debugAssertInLoop()
+        // As with a socket: closing sends the end of stream (the relay closes instead of
+        // shutting down the last direction); a reset, or closing while the peer still
+        // sends, aborts the stream at the other end.
+        let last: MuxConnection.FrameType?
+        switch state {
+        case .open, .halfClosed(.local): last = .reset
+        case .halfClosed(.remote): last = reset ? .reset : .eof
+        case .finished: last = reset ? .reset : nil
+        case .reset: last = nil
+        case .closed: return
+        }
+        state = .closed
         handler = nil
         current = nil
         releasePipe()
@@ -886,16 +1032,7 @@ public final class MuxStream: Duplex {
         queueStart = 0
         queueEnd = 0
         if let connection {
-            if !wasReset {
-                // As with a socket: closing sends the end of stream (the relay closes
-                // instead of shutting down the last direction); a reset, or closing
-                // while the peer still sends, aborts the stream at the other end.
-                if reset || !peerEOF {
-                    connection.enqueue(.reset, id, nil, 0)
-                } else if !sentEOF {
-                    connection.enqueue(.eof, id, nil, 0)
-                }
-            }
+            if let last { connection.enqueue(last, id, nil, 0) }
             connection.remove(self)
         }
         connection = nil

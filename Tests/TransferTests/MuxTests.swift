@@ -488,6 +488,81 @@ final class MuxTests: XCTestCase {
                        "the peer could still send, so closing aborts the stream")
     }
 
+    /// A reset outranks everything the stream was doing: the side that already sent its
+    /// EOF sees it on writes too (not EPIPE), and unread bytes are dropped, as with a
+    /// TCP reset.
+    func testResetAfterHalfCloseFailsTheHalfClosedSide() throws {
+        let pair = try MuxPair()
+        defer { pair.shutdown() }
+        let (a, b) = try XCTUnwrap(pair.openStream())
+        XCTAssertEqual(pair.transfer([1, 2, 3], from: a, to: b, shutdown: true).end, .eof)
+        XCTAssertEqual(pair.sync { a.state }, .halfClosed(.local))
+        XCTAssertEqual(pair.sync { b.state }, .halfClosed(.remote))
+        pair.sync { XCTAssertEqual(b.write(from: [UInt8]([4]), count: 1), .bytes(1)) }
+        eventually("the answer to reach the opener") {
+            pair.sync { if case .bytes = a.borrowReadable() { true } else { false } }
+        }
+
+        pair.sync { b.close(reset: true) }
+        XCTAssertEqual(pair.sync { b.state }, .closed)
+        eventually("the reset to reach the opener") { pair.sync { a.state == .reset } }
+        let reset = SystemError("mux stream", errno: ECONNRESET)
+        pair.sync {
+            XCTAssertEqual(StreamIO.drain(a).end, .failed(reset), "the unread answer is dropped")
+            XCTAssertEqual(a.write(from: [UInt8]([5]), count: 1), .failed(reset))
+            XCTAssertEqual(a.shutdownWrite(), reset)
+            XCTAssertEqual(a.pendingError(), ECONNRESET)
+            a.close(reset: false)
+            XCTAssertEqual(a.state, .closed)
+        }
+        XCTAssertEqual(pair.sync { pair.opener.streamCount + pair.acceptor.streamCount }, 0)
+        XCTAssertTrue(pair.sync { pair.closes.isEmpty }, "only the stream ended")
+    }
+
+    // MARK: close when idle
+
+    func testCloseWhenIdleWithoutStreamsClosesAtOnce() throws {
+        let pair = try MuxPair()
+        defer { pair.shutdown() }
+        pair.sync { pair.opener.closeWhenIdle() }
+        XCTAssertTrue(pair.sync { pair.opener.isClosed })
+        let reported = pair.sync { pair.closes["opener"] }
+        XCTAssertNil(try XCTUnwrap(reported, "onClose was called"), "an idle close is not an error")
+    }
+
+    /// The session that owned a carrier is gone: no new streams, the running ones go on
+    /// both ways, and the carrier ends, with no error, once the last of them does.
+    func testCloseWhenIdleEndsTheCarrierAfterItsLastStream() throws {
+        let pair = try MuxPair()
+        defer { pair.shutdown() }
+        let (a1, b1) = try XCTUnwrap(pair.openStream([1]))
+        let (a2, b2) = try XCTUnwrap(pair.openStream([2]))
+        pair.sync { pair.opener.closeWhenIdle() }
+        XCTAssertNil(pair.sync { pair.opener.open([3]) }, "no new streams on a draining carrier")
+
+        XCTAssertEqual(pair.transfer([5, 6], from: a1, to: b1, shutdown: true).end, .eof)
+        let answer = pair.transfer([7, 8], from: b1, to: a1, shutdown: true)
+        XCTAssertEqual(answer.received, [7, 8])
+        XCTAssertEqual(answer.end, .eof)
+        pair.sync {
+            a1.close(reset: false)
+            b1.close(reset: false)
+        }
+        eventually("both ends to forget the first stream") {
+            pair.sync { pair.opener.streamCount == 1 && pair.acceptor.streamCount == 1 }
+        }
+        XCTAssertEqual(pair.transfer([9], from: b2, to: a2, shutdown: false).received, [9])
+        XCTAssertFalse(pair.sync { pair.opener.isClosed }, "a stream still runs")
+        XCTAssertTrue(pair.sync { pair.closes.isEmpty })
+
+        pair.sync { a2.close(reset: false) }
+        eventually("the reset to reach the acceptor") { pair.sync { b2.state == .reset } }
+        eventually("the opener's carrier to close") { pair.sync { pair.opener.isClosed } }
+        let reported = pair.sync { pair.closes["opener"] }
+        XCTAssertNil(try XCTUnwrap(reported, "onClose was called"), "an idle close is not an error")
+        eventually("the acceptor to see the carrier end") { pair.sync { pair.acceptor.isClosed } }
+    }
+
     // MARK: flow control
 
     func testUnreadStreamBlocksItsWriterAtTheWindowOnly() throws {
