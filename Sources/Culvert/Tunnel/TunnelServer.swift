@@ -18,7 +18,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     let loop: EventLoop
     let logger: Logger
     let keys: TokenKeys
-    private let tls: TLSContext?
+    private let transport: any Transport
     let resources = LoopResources()
     private var acceptors: [Acceptor] = []
     private var sessions: [TunnelProtocol.Key16: ServerSession] = [:]
@@ -33,29 +33,19 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     private var onIdle: (() -> Void)?
     public private(set) var boundAddresses: [SocketAddress] = []
 
-    private init(config: TunnelServerConfig, loop: EventLoop, logger: Logger, tls: TLSContext?) {
+    private init(config: TunnelServerConfig, loop: EventLoop, logger: Logger, transport: any Transport) {
         self.config = config
         self.loop = loop
         self.logger = logger
-        self.tls = tls
+        self.transport = transport
         keys = TokenKeys(token: config.token)
     }
 
     public static func start(config: TunnelServerConfig, group: LoopGroup, logger: Logger) async throws -> TunnelServer {
         let loop = group.main
         let keys = TokenKeys(token: config.token)
-        let tls: TLSContext?
-        switch config.transport {
-        case .plain:
-            tls = nil
-        case .tls:
-            if let cert = config.certFile, let key = config.keyFile {
-                tls = try TLSContext.server(certificate: cert, key: key)
-            } else {
-                tls = try TLSContext.psk(key: keys.tlsPSK, server: true)
-            }
-        }
-        let server = TunnelServer(config: config, loop: loop, logger: logger, tls: tls)
+        let transport = try config.transport.implementation.init(server: config, keys: keys)
+        let server = TunnelServer(config: config, loop: loop, logger: logger, transport: transport)
         var fds: [(Int32, SocketAddress)] = []
         do {
             for spec in config.listen {
@@ -82,8 +72,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             server.boundAddresses.append(address)
             ReadyLine.print("listening tunnel \(address)")
         }
-        if config.transport == .plain {
-            logger.warning("transport is plain: tunnel traffic is not encrypted")
+        if let warning = transport.warning {
+            logger.warning("\(warning)")
         }
         return server
     }
@@ -102,15 +92,15 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         Task(executorPreference: loop.tasks) { await self.handshake(fd: fd, peer: peerText) }
     }
 
-    /// Reads the first frame of a new connection (after TLS) and hands it to the control
-    /// or data-channel path; the whole exchange must finish within the handshake timeout.
+    /// Reads the first frame of a new connection (after the transport's handshake) and
+    /// hands it to the control or data-channel path; the whole exchange must finish
+    /// within the handshake timeout.
     private func handshake(fd: Int32, peer: String) async {
         let channel: AsyncDuplex
+        let transportHandshake: Transport.Handshake
         do {
-            let stream: Duplex = try tls.map { try TLSStream(fd: fd, context: $0) } ?? TCPStream(fd: fd, noDelay: false)
-            channel = try AsyncDuplex(loop: loop, duplex: stream)
+            (channel, transportHandshake) = try transport.channel(fd, on: loop)
         } catch {
-            Posix.close(fd)
             unauthenticated -= 1
             logger.warning("cannot set up connection", metadata: ["peer": "\(peer)", "error": "\(error)"])
             return
@@ -124,7 +114,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             if counted { unauthenticated -= 1 }
         }
         do {
-            try await channel.handshake()
+            try await transportHandshake(channel)
             switch try await TunnelProtocol.read(from: channel) {
             case .controlHello(let version, let clientNonce):
                 guard let session = try await authenticateControl(channel, peer: peer, version: version, clientNonce: clientNonce) else { return }
