@@ -72,31 +72,46 @@ final class TunnelConnector {
         let clientNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
         do {
             channel.send(TunnelProtocol.encode(.controlHello(version: TunnelProtocol.version, clientNonce: clientNonce)))
-            let challenge = try await TunnelProtocol.read(from: channel)
-            if case .refused(let reason) = challenge { throw FatalClientError(message: "server refused: \(reason)") }
-            guard case .challenge(_, let serverNonce, let serverProof) = challenge else {
-                throw ChannelError.protocolViolation("expected a challenge from the server")
+            let serverNonce: [UInt8]
+            let serverProof: [UInt8]
+            switch try await TunnelProtocol.read(TunnelProtocol.ServerHandshake.self, from: channel) {
+            case .challenge(_, let nonce, let proof): (serverNonce, serverProof) = (nonce, proof)
+            case .refused(let refusal): throw Self.failure(refusal)
+            case .welcome: throw ChannelError.protocolViolation("expected a challenge from the server")
             }
             let expected = TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
             guard TunnelCrypto.constantTimeEqual(serverProof, expected) else {
                 throw FatalClientError(message: "authentication failed: the server could not prove it knows the token")
             }
-            channel.send(TunnelProtocol.encode(.clientAuth(
+            channel.send(TunnelProtocol.encode(TunnelProtocol.ClientAuth(
                 clientProof: TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
                 poolSize: UInt16(poolSize), heartbeatMillis: UInt32(heartbeat.interval.nanoseconds / 1_000_000),
                 muxChannels: UInt8(min(muxChannels, TunnelProtocol.maxMuxChannels)))))
-            switch try await TunnelProtocol.read(from: channel) {
+            switch try await TunnelProtocol.read(TunnelProtocol.ServerHandshake.self, from: channel) {
             case .welcome(let id):
                 return Session(id: id, key: TunnelProtocol.sessionKey(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce))
-            case .refused(let reason):
-                if reason == "authentication failed" { throw FatalClientError(message: "authentication failed") }
-                throw ChannelError.protocolViolation("server refused: \(reason)")
-            default:
+            case .refused(let refusal):
+                throw Self.failure(refusal)
+            case .challenge:
                 throw ChannelError.protocolViolation("expected welcome from the server")
             }
         } catch {
             channel.fail(.closed)
             throw error
+        }
+    }
+
+    /// What a refusal of the handshake means for the client: a wrong token or another
+    /// protocol version stays wrong however often it retries; the rest may pass later.
+    private static func failure(_ refusal: TunnelProtocol.Refusal) -> Error {
+        switch refusal.code {
+        case .authFailed:
+            return FatalClientError(message: "authentication failed")
+        case .version:
+            return FatalClientError(message: "server refused: \(refusal.reason)")
+        case .serverFull, .tooManyServices, .duplicateService, .nameTaken, .bindNotAllowed, .portNotAllowed, .portInUse,
+             .noFreePort, .listenFailed, .noSuchService, .wrongServiceToken, .localUnreachable:
+            return ChannelError.protocolViolation("server refused: \(refusal.reason)")
         }
     }
 }

@@ -115,7 +115,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         }
         do {
             try await transportHandshake(channel)
-            switch try await TunnelProtocol.read(from: channel) {
+            switch try await TunnelProtocol.read(TunnelProtocol.Hello.self, from: channel) {
             case .controlHello(let version, let clientNonce):
                 guard let session = try await authenticateControl(channel, peer: peer, version: version, clientNonce: clientNonce) else { return }
                 timer.cancel()
@@ -132,8 +132,6 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
                     return
                 }
                 session.dataChannelArrived(channel)
-            default:
-                throw ChannelError.protocolViolation("unexpected first frame")
             }
         } catch {
             logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
@@ -144,7 +142,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     /// The mutual proof exchange; nil (connection closed) when the client fails it.
     private func authenticateControl(_ channel: AsyncDuplex, peer: String, version: UInt16, clientNonce: [UInt8]) async throws -> ServerSession? {
         guard version == TunnelProtocol.version else {
-            channel.send(TunnelProtocol.encode(.refused(reason: "unsupported protocol version \(version); this server speaks \(TunnelProtocol.version)")))
+            channel.send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(
+                .init(.version, "unsupported protocol version \(version); this server speaks \(TunnelProtocol.version)"))))
             try? await channel.flush()
             channel.close()
             logger.warning("client refused: protocol version", metadata: ["peer": "\(peer)", "version": .stringConvertible(version)])
@@ -154,19 +153,18 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         channel.send(TunnelProtocol.encode(.challenge(
             version: TunnelProtocol.version, serverNonce: serverNonce,
             serverProof: TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce))))
-        guard case .clientAuth(let proof, let pool, _, let mux) = try await TunnelProtocol.read(from: channel) else {
-            throw ChannelError.protocolViolation("expected client authentication")
-        }
+        let auth = try await TunnelProtocol.read(TunnelProtocol.ClientAuth.self, from: channel)
         let expected = TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
-        guard TunnelCrypto.constantTimeEqual(proof, expected) else {
+        guard TunnelCrypto.constantTimeEqual(auth.clientProof, expected) else {
             logger.warning("authentication failed", metadata: ["peer": "\(peer)"])
-            channel.send(TunnelProtocol.encode(.refused(reason: "authentication failed")))
+            channel.send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.authFailed, "authentication failed"))))
             try? await channel.flush()
             channel.close()
             return nil
         }
         guard sessions.count < config.maxClients, !draining else {
-            channel.send(TunnelProtocol.encode(.refused(reason: "server full: \(config.maxClients) clients connected")))
+            channel.send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(
+                .init(.serverFull, "server full: \(config.maxClients) clients connected"))))
             try? await channel.flush()
             channel.close()
             logger.warning("client refused: limit reached", metadata: ["peer": "\(peer)", "max": .stringConvertible(config.maxClients)])
@@ -176,7 +174,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         let session = ServerSession(
             server: self, control: channel, id: id, peer: peer,
             sessionKey: TunnelProtocol.sessionKey(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
-            poolSize: min(Int(pool), 64), muxChannels: min(Int(mux), TunnelProtocol.maxMuxChannels))
+            poolSize: min(Int(auth.poolSize), 64), muxChannels: min(Int(auth.muxChannels), TunnelProtocol.maxMuxChannels))
         sessions[TunnelProtocol.Key16(id)] = session
         channel.send(TunnelProtocol.encode(.welcome(sessionID: id)))
         logger.info("client connected", metadata: ["peer": "\(peer)"])
@@ -187,23 +185,23 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
 
     /// Binds the listeners for a service request, or says why not. Without a BIND (and
     /// without --bind-addr) a service listens on every address, IPv4 and IPv6, on one port.
-    func bindService(_ request: TunnelProtocol.ServiceRequest) -> Result<[(Int32, SocketAddress)], ServiceRefusal> {
+    func bindService(_ request: TunnelProtocol.ServiceRequest) -> Result<[(Int32, SocketAddress)], TunnelProtocol.Refusal> {
         let wildcard = request.bindHost.isEmpty && config.bindAddresses.isEmpty
         let hosts = wildcard ? ["0.0.0.0", "::"] : [request.bindHost.isEmpty ? config.bindAddresses[0] : request.bindHost]
         if !config.bindAddresses.isEmpty && !config.bindAddresses.contains(hosts[0]) {
-            return .failure(ServiceRefusal("bind address \(hosts[0]) is not allowed (allowed: \(config.bindAddresses.joined(separator: ",")))"))
+            return .failure(TunnelProtocol.Refusal(.bindNotAllowed, "bind address \(hosts[0]) is not allowed (allowed: \(config.bindAddresses.joined(separator: ",")))"))
         }
         var bases: [SocketAddress] = []
         for host in hosts {
             guard let base = SocketAddress(numericHost: host, port: 0) else {
-                return .failure(ServiceRefusal("bind address '\(host)' is not a numeric IP address"))
+                return .failure(TunnelProtocol.Refusal(.bindNotAllowed, "bind address '\(host)' is not a numeric IP address"))
             }
             bases.append(base)
         }
         let ports: [UInt16]
         if request.port != 0 {
             guard config.allowPorts.contains(request.port) else {
-                return .failure(ServiceRefusal("port \(request.port) is not allowed (allowed: \(config.allowPorts))"))
+                return .failure(TunnelProtocol.Refusal(.portNotAllowed, "port \(request.port) is not allowed (allowed: \(config.allowPorts))"))
             }
             ports = [request.port]
         } else {
@@ -219,10 +217,11 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             }
         }
         if request.port != 0, let lastError {
-            return .failure(ServiceRefusal(lastError.errno == EADDRINUSE ? "port \(request.port) is already in use"
-                                                                         : "cannot listen on port \(request.port): \(lastError)"))
+            return .failure(lastError.errno == EADDRINUSE
+                ? TunnelProtocol.Refusal(.portInUse, "port \(request.port) is already in use")
+                : TunnelProtocol.Refusal(.listenFailed, "cannot listen on port \(request.port): \(lastError)"))
         }
-        return .failure(ServiceRefusal("no free port in the allowed ranges (\(config.allowPorts))"))
+        return .failure(TunnelProtocol.Refusal(.noFreePort, "no free port in the allowed ranges (\(config.allowPorts))"))
     }
 
     /// Listens on every base address with one port (0: the kernel's choice for the
@@ -282,11 +281,4 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         onIdle = nil
         done()
     }
-}
-
-/// Why the server would not expose a service; sent to the client as is.
-struct ServiceRefusal: Error, CustomStringConvertible {
-    let reason: String
-    init(_ reason: String) { self.reason = reason }
-    var description: String { reason }
 }
