@@ -63,7 +63,10 @@ public final class AsyncDuplex: EventHandler {
         if let failure { w.resume(throwing: failure) } else { w.resume() }
     }
 
-    private func waitForReadiness() async throws {
+    /// Suspends until the loop reports the connection ready in either direction (or the
+    /// channel fails). For a layered stream that runs its own handshake step by step:
+    /// the caller retries the step after each wake-up, as `read` retries a read.
+    public func waitForReadiness() async throws {
         if let failure { throw failure }
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
             readWaiter = c
@@ -135,20 +138,6 @@ public final class AsyncDuplex: EventHandler {
         if outgoingOffset == outgoing.count {
             outgoing.removeAll(keepingCapacity: false)
             outgoingOffset = 0
-        }
-    }
-
-    // MARK: TLS
-
-    /// Runs the TLS handshake of a `TLSStream` duplex to completion.
-    public func handshake() async throws {
-        guard let tls = duplex as? TLSStream else { return }
-        while true {
-            if let failure { throw failure }
-            switch try tls.handshakeStep() {
-            case .done: return
-            case .wantRead, .wantWrite: try await waitForReadiness()
-            }
         }
     }
 

@@ -333,6 +333,24 @@ def test_fresh_server_nonce_per_connection(kit):
     assert seen[0] != seen[1], "server reused its nonce for the same client nonce"
 
 
+def test_old_version_hello_gets_refusal_in_the_old_layout(kit):
+    """A version 3 client still reads why it was refused: Refused with only the reason
+    string (version 3's layout, no refusal code after it), then the server closes."""
+    srv = kit.start_server("plain")
+    old = PROTOCOL_VERSION - 1
+    with raw_connect(srv.server_addr) as s:
+        port = s.getsockname()[1]
+        s.sendall(hello(bytes(32), version=old))
+        frames, closed = frames_until_close(s, 5)
+    assert [t for t, _ in frames] == [REFUSED], frames
+    body = frames[0][1]
+    (n,) = struct.unpack(">H", body[:2])
+    assert len(body) == 2 + n, f"refusal body has {len(body) - 2 - n} bytes after the reason: {body!r}"
+    assert body[2:].decode() == f"unsupported protocol version {old}; this server speaks {PROTOCOL_VERSION}"
+    assert closed, "server kept the connection open after refusing the version"
+    srv.wait_stderr(rf"client refused: protocol version peer=127\.0\.0\.1:{port}\b.*version={old}", timeout=5)
+
+
 def test_token_never_on_wire_plain(kit, recorded):
     _, _, conns, _ = recorded
     tok = kit.token.encode()

@@ -48,7 +48,7 @@ MODES = ["tls-psk", "tls-cert", "plain"]
 # frame types (docs: u32 BE length of type+body, u8 type, body)
 HELLO, CHALLENGE, CLIENT_AUTH, WELCOME, REFUSED = 0x01, 0x02, 0x03, 0x04, 0x05
 DATA_HELLO, CONNECT, MUX = 0x21, 0x22, 0x23
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FRAME = 16384
 
 

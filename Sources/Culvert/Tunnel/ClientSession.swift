@@ -52,29 +52,25 @@ final class ClientSession {
         defer { end() }
         do {
             while !ended {
-                let message = try await TunnelProtocol.read(from: control)
+                let message = try await TunnelProtocol.read(TunnelProtocol.ServerControl.self, from: control)
                 lastHeard = loop.now
                 switch message {
                 case .serviceAccepted(let sid, let address):
                     guard Int(sid) < services.count else { continue }
                     client.serviceExposed(services[Int(sid)], id: sid, address: address)
-                case .serviceRefused(let sid, let reason):
+                case .serviceRefused(let sid, let refusal):
                     guard Int(sid) < services.count else { continue }
                     let spec = services[Int(sid)]
-                    try client.serviceRefused(spec, reason: reason, firstSession: firstSession)
+                    try client.serviceRefused(spec, reason: refusal.reason, firstSession: firstSession)
                     retryTimers.append(loop.schedule(after: Self.registrationRetry) { [weak self] in
                         self?.register(spec, id: sid)
                     })
                 case .openData(let nonce):
                     Task(executorPreference: loop.tasks) { await self.openDataChannel(nonce: nonce) }
                 case .ping(let x):
-                    control.send(TunnelProtocol.encode(.pong(x)))
+                    control.send(TunnelProtocol.encode(TunnelProtocol.ClientControl.pong(x)))
                 case .pong:
                     break
-                case .refused(let reason):
-                    throw ChannelError.protocolViolation("server closed the session: \(reason)")
-                default:
-                    throw ChannelError.protocolViolation("unexpected frame on control channel")
                 }
             }
         } catch let fatal as FatalClientError {
@@ -114,14 +110,12 @@ final class ClientSession {
             channel.send(TunnelProtocol.encode(.dataHello(
                 version: TunnelProtocol.version, sessionID: id, channelNonce: nonce,
                 proof: TunnelProtocol.dataProof(sessionKey: self.key, sessionID: id, channelNonce: nonce))))
-            switch try await TunnelProtocol.read(from: channel) {
+            switch try await TunnelProtocol.read(TunnelProtocol.DataCommand.self, from: channel) {
             case .connect(let sid, let who):
                 serviceID = sid
                 visitor = who
             case .mux:
                 return startCarrier(channel.detach())
-            default:
-                throw ChannelError.protocolViolation("expected connect on data channel")
             }
         } catch {
             if !ended && error as? ChannelError != .closed {
@@ -153,7 +147,7 @@ final class ClientSession {
         } catch {
             logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
             if spec.isSecret {
-                channel.send(TunnelProtocol.encode(.refused(reason: "local service unreachable")))
+                channel.send(TunnelProtocol.encode(TunnelProtocol.VisitAnswer.refused(.init(.localUnreachable, "local service unreachable"))))
                 try? await channel.flush()
             }
             return channel.fail(.closed)
@@ -256,19 +250,19 @@ final class ClientSession {
         let timer = loop.schedule(after: client.config.handshakeTimeout) { channel.fail(.timedOut("visitor handshake")) }
         defer { timer.cancel() }
         do {
-            guard case .serviceHello(let visitorNonce) = try await TunnelProtocol.read(from: channel) else {
+            guard case .serviceHello(let visitorNonce) = try await TunnelProtocol.read(TunnelProtocol.VisitorFrame.self, from: channel) else {
                 throw ChannelError.protocolViolation("expected the visitor's hello")
             }
             let exposerNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
             channel.send(TunnelProtocol.encode(.serviceChallenge(
                 exposerNonce: exposerNonce,
                 exposerProof: TunnelProtocol.exposerProof(key: key, name: spec.name, visitorNonce: visitorNonce, exposerNonce: exposerNonce))))
-            guard case .serviceProof(let proof) = try await TunnelProtocol.read(from: channel) else {
+            guard case .serviceProof(let proof) = try await TunnelProtocol.read(TunnelProtocol.VisitorFrame.self, from: channel) else {
                 throw ChannelError.protocolViolation("expected the visitor's proof")
             }
             let expected = TunnelProtocol.visitorProof(key: key, name: spec.name, visitorNonce: visitorNonce, exposerNonce: exposerNonce)
             guard TunnelCrypto.constantTimeEqual(proof, expected) else {
-                channel.send(TunnelProtocol.encode(.refused(reason: "wrong service token")))
+                channel.send(TunnelProtocol.encode(TunnelProtocol.VisitAnswer.refused(.init(.wrongServiceToken, "wrong service token"))))
                 try? await channel.flush()
                 throw ChannelError.protocolViolation("wrong service token")
             }
@@ -336,7 +330,7 @@ final class ClientSession {
                 self.control.fail(.timedOut("heartbeat"))
                 return
             }
-            self.control.send(TunnelProtocol.encode(.ping(self.loop.now)))
+            self.control.send(TunnelProtocol.encode(TunnelProtocol.ClientControl.ping(self.loop.now)))
             self.scheduleHeartbeat()
         }
     }

@@ -19,15 +19,15 @@ enum SecretVisit {
         defer { timer.cancel() }
         do {
             channel.send(TunnelProtocol.encode(.visit(name: name)))
-            switch try await TunnelProtocol.read(from: channel) {
+            switch try await TunnelProtocol.read(TunnelProtocol.VisitAnswer.self, from: channel) {
             case .visitAccepted: break
-            case .refused(let reason): throw VisitError(message: "server refused the visit: \(reason)")
-            default: throw ChannelError.protocolViolation("expected the server's answer to the visit")
+            case .refused(let refusal): throw VisitError(message: "server refused the visit: \(refusal.reason)")
+            case .serviceChallenge, .serviceReady: throw ChannelError.protocolViolation("expected the server's answer to the visit")
             }
             let key = TunnelProtocol.secretKey(serviceToken: serviceToken, name: name)
             let visitorNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
             channel.send(TunnelProtocol.encode(.serviceHello(visitorNonce: visitorNonce)))
-            switch try await TunnelProtocol.read(from: channel) {
+            switch try await TunnelProtocol.read(TunnelProtocol.VisitAnswer.self, from: channel) {
             case .serviceChallenge(let exposerNonce, let exposerProof):
                 let expected = TunnelProtocol.exposerProof(key: key, name: name, visitorNonce: visitorNonce, exposerNonce: exposerNonce)
                 guard TunnelCrypto.constantTimeEqual(exposerProof, expected) else {
@@ -35,13 +35,13 @@ enum SecretVisit {
                 }
                 channel.send(TunnelProtocol.encode(.serviceProof(visitorProof: TunnelProtocol.visitorProof(
                     key: key, name: name, visitorNonce: visitorNonce, exposerNonce: exposerNonce))))
-            case .refused(let reason): throw VisitError(message: "service '\(name)' refused the visit: \(reason)")
-            default: throw ChannelError.protocolViolation("expected the service's challenge")
+            case .refused(let refusal): throw VisitError(message: "service '\(name)' refused the visit: \(refusal.reason)")
+            case .visitAccepted, .serviceReady: throw ChannelError.protocolViolation("expected the service's challenge")
             }
-            switch try await TunnelProtocol.read(from: channel) {
+            switch try await TunnelProtocol.read(TunnelProtocol.VisitAnswer.self, from: channel) {
             case .serviceReady: break
-            case .refused(let reason): throw VisitError(message: "service '\(name)' refused the visit: \(reason)")
-            default: throw ChannelError.protocolViolation("expected the service to be ready")
+            case .refused(let refusal): throw VisitError(message: "service '\(name)' refused the visit: \(refusal.reason)")
+            case .visitAccepted, .serviceChallenge: throw ChannelError.protocolViolation("expected the service to be ready")
             }
             try await channel.flush()
             return channel.detach()

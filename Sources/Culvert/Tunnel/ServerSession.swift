@@ -85,7 +85,7 @@ final class ServerSession {
         var reason = "control channel closed"
         do {
             while !ended {
-                let message = try await TunnelProtocol.read(from: control)
+                let message = try await TunnelProtocol.read(TunnelProtocol.ClientControl.self, from: control)
                 lastHeard = loop.now
                 switch message {
                 case .registerService(let request): register(request)
@@ -93,9 +93,8 @@ final class ServerSession {
                 case .visit(let name):
                     try await visit(name)
                     return
-                case .ping(let x): control.send(TunnelProtocol.encode(.pong(x)))
+                case .ping(let x): control.send(TunnelProtocol.encode(TunnelProtocol.ServerControl.pong(x)))
                 case .pong: break
-                default: throw ChannelError.protocolViolation("unexpected frame on control channel")
                 }
             }
         } catch {
@@ -113,10 +112,10 @@ final class ServerSession {
 
     private func register(_ request: TunnelProtocol.ServiceRequest) {
         if isRegistered(request.id) {
-            return refuse(request, ServiceRefusal("service id \(request.id) registered twice"))
+            return refuse(request, TunnelProtocol.Refusal(.duplicateService, "service id \(request.id) registered twice"))
         }
         guard serviceCount < server.config.maxServicesPerClient else {
-            return refuse(request, ServiceRefusal("too many services (limit \(server.config.maxServicesPerClient))"))
+            return refuse(request, TunnelProtocol.Refusal(.tooManyServices, "too many services (limit \(server.config.maxServicesPerClient))"))
         }
         switch server.bindService(request) {
         case .failure(let refusal):
@@ -129,7 +128,7 @@ final class ServerSession {
                 try service.start(listeners)
             } catch {
                 service.close()
-                return refuse(request, ServiceRefusal("cannot watch UDP port: \(error)"))
+                return refuse(request, TunnelProtocol.Refusal(.listenFailed, "cannot watch UDP port: \(error)"))
             }
             udpServices[request.id] = (service, request.compress)
             control.send(TunnelProtocol.encode(.serviceAccepted(id: request.id, address: listeners[0].1.description)))
@@ -143,7 +142,7 @@ final class ServerSession {
                     self.visitorArrived(TCPStream(fd: fd, noDelay: false), peer: visitor?.description ?? "?", service: request.id)
                 }
             } catch {
-                return refuse(request, ServiceRefusal("cannot watch port \(request.port): \(error)"))
+                return refuse(request, TunnelProtocol.Refusal(.listenFailed, "cannot watch port \(request.port): \(error)"))
             }
             let exposed = ExposedService(request: request, listeners: exposedListeners)
             services[request.id] = exposed
@@ -152,21 +151,21 @@ final class ServerSession {
         }
     }
 
-    private func refuse(_ request: TunnelProtocol.ServiceRequest, _ refusal: ServiceRefusal) {
-        control.send(TunnelProtocol.encode(.serviceRefused(id: request.id, reason: refusal.reason)))
+    private func refuse(_ request: TunnelProtocol.ServiceRequest, _ refusal: TunnelProtocol.Refusal) {
+        control.send(TunnelProtocol.encode(.serviceRefused(id: request.id, refusal)))
         logger.warning("service refused", metadata: ["peer": "\(peer)", "port": .stringConvertible(request.port), "reason": "\(refusal.reason)"])
     }
 
     private func registerSecret(_ sid: UInt32, name: String) {
         let request = TunnelProtocol.ServiceRequest(id: sid, kind: .tcp, bindHost: "", port: 0)
         if isRegistered(sid) {
-            return refuse(request, ServiceRefusal("service id \(sid) registered twice"))
+            return refuse(request, TunnelProtocol.Refusal(.duplicateService, "service id \(sid) registered twice"))
         }
         guard serviceCount < server.config.maxServicesPerClient else {
-            return refuse(request, ServiceRefusal("too many services (limit \(server.config.maxServicesPerClient))"))
+            return refuse(request, TunnelProtocol.Refusal(.tooManyServices, "too many services (limit \(server.config.maxServicesPerClient))"))
         }
         guard !name.isEmpty, server.secretServices[name] == nil else {
-            return refuse(request, ServiceRefusal("secret service '\(name)' is already registered by another client"))
+            return refuse(request, TunnelProtocol.Refusal(.nameTaken, "secret service '\(name)' is already registered by another client"))
         }
         secrets[sid] = name
         server.secretServices[name] = (self, sid)
@@ -179,7 +178,7 @@ final class ServerSession {
     /// end; the server only pairs the two connections.
     private func visit(_ name: String) async throws {
         guard let (exposer, sid) = server.secretServices[name], exposer !== self else {
-            control.send(TunnelProtocol.encode(.refused(reason: "no secret service named '\(name)'")))
+            control.send(TunnelProtocol.encode(TunnelProtocol.VisitAnswer.refused(.init(.noSuchService, "no secret service named '\(name)'"))))
             try? await control.flush()
             logger.warning("visit refused: unknown secret service", metadata: ["peer": "\(peer)", "service": "\(name)"])
             end(reason: "visit refused")
@@ -419,7 +418,7 @@ final class ServerSession {
                 self.control.fail(.timedOut("heartbeat (\(hb.misses) missed)"))
                 return
             }
-            self.control.send(TunnelProtocol.encode(.ping(self.loop.now)))
+            self.control.send(TunnelProtocol.encode(TunnelProtocol.ServerControl.ping(self.loop.now)))
             self.scheduleHeartbeat()
         }
     }

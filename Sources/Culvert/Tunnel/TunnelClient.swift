@@ -41,8 +41,8 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
 
     public static func start(config: TunnelClientConfig, group: LoopGroup, logger: Logger, control: ServiceControl) async throws -> TunnelClient {
         let connector = try TunnelConnector(loop: group.main, config: config)
-        if config.transport == .plain {
-            logger.warning("transport is plain: tunnel traffic is not encrypted")
+        if let warning = connector.transport.warning {
+            logger.warning("\(warning)")
         }
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control)
         Task(executorPreference: group.main.tasks) { await client.run() }
@@ -76,7 +76,8 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         }
     }
 
-    /// Opens a data channel: a fresh connection with TLS, before its DataHello.
+    /// Opens a data channel: a fresh connection past the transport's handshake, before
+    /// its DataHello.
     func openChannel() async throws -> AsyncDuplex {
         try await connector.openChannel()
     }

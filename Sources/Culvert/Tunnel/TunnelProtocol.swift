@@ -1,15 +1,17 @@
 import Transfer
 
-/// The culvert tunnel wire protocol, version 3 (docs/PROTOCOL.md): every message of the
-/// control and data channels, their encoding, and the proofs. This file is the codec;
-/// nothing else knows byte layouts.
+/// The culvert tunnel wire protocol, version 4 (docs/PROTOCOL.md): the frames of the
+/// control, data and visit channels, grouped by the reader that accepts them, their
+/// encoding, and the proofs. The stream frames of a multiplexed data channel are coded
+/// in Transfer/Mux.swift and the datagram frames of a UDP service's channel in
+/// Transfer/DatagramChannel.swift; only the mux `open` payload is coded here.
 ///
 /// Frame: u32 big-endian length of what follows (type byte + body), u8 type, body.
 /// Integers are big-endian; strings and byte strings are u16 length + bytes.
 enum TunnelProtocol {
     /// 2 added multiplexed data channels (`clientAuth` carries their count, `mux`);
-    /// 3 raised the payload limit of their data frames to 256 KiB.
-    static let version: UInt16 = 3
+    /// 3 raised the payload limit of their data frames to 256 KiB; 4 added refusal codes.
+    static let version: UInt16 = 4
     /// The most multiplexed data channels a client may ask for.
     static let maxMuxChannels = 16
     /// Hard limit on a frame (type + body); larger frames end the connection.
@@ -35,6 +37,7 @@ enum TunnelProtocol {
         }
     }
 
+    /// What a registered service carries.
     enum ServiceKind: UInt8 {
         case tcp = 1
         /// Datagrams, framed with the visitor's address on one data channel.
@@ -53,56 +56,329 @@ enum TunnelProtocol {
         var compress: Bool = false
     }
 
-    enum Message: Equatable {
-        /// client → server, first frame of a control channel.
-        case controlHello(version: UInt16, clientNonce: [UInt8])
-        /// server → client: its nonce and its proof of the token.
-        case challenge(version: UInt16, serverNonce: [UInt8], serverProof: [UInt8])
-        /// client → server: the client's proof, its pool size, heartbeat interval (ms) and
-        /// how many multiplexed data channels carry its TCP visitors (0: a dedicated
-        /// data channel per visitor).
-        case clientAuth(clientProof: [UInt8], poolSize: UInt16, heartbeatMillis: UInt32, muxChannels: UInt8)
-        /// server → client: authenticated; the session's id.
-        case welcome(sessionID: [UInt8])
-        /// Either way: refusal with a reason, then the connection closes.
-        case refused(reason: String)
-        case registerService(ServiceRequest)
-        case serviceAccepted(id: UInt32, address: String)
-        case serviceRefused(id: UInt32, reason: String)
-        /// server → client on the control channel: open one data channel with this nonce.
-        case openData(channelNonce: [UInt8])
-        /// client → server, first frame of a data channel: one-time proof for the nonce.
-        case dataHello(version: UInt16, sessionID: [UInt8], channelNonce: [UInt8], proof: [UInt8])
-        /// server → client on a data channel: a visitor for this service; raw bytes follow.
-        case connect(serviceID: UInt32, visitor: String)
-        /// server → client on a data channel: it carries multiplexed streams from now on
-        /// (Transfer/Mux.swift frames); each stream opens with `encodeOpen`'s payload.
-        case mux
-        case ping(UInt64)
-        case pong(UInt64)
-        /// client → server: a secret service, reachable only by visitors who know its token.
-        case registerSecret(id: UInt32, name: String)
-        /// visitor → server after welcome: pair this connection with the named secret service.
-        case visit(name: String)
-        /// server → visitor: paired; what follows is the exposing client's end.
-        case visitAccepted
-        /// visitor → exposer, end to end through the server: the visitor's nonce.
-        case serviceHello(visitorNonce: [UInt8])
-        /// exposer → visitor: its nonce and its proof of the service token.
-        case serviceChallenge(exposerNonce: [UInt8], exposerProof: [UInt8])
-        /// visitor → exposer: the visitor's proof of the service token.
-        case serviceProof(visitorProof: [UInt8])
-        /// exposer → visitor: accepted and connected to the local service; raw bytes follow.
-        case serviceReady
+    // MARK: refusals
+
+    /// Why a peer turned a request down, for the requester to act on (the text is for people).
+    enum RefusalCode: UInt8, CaseIterable {
+        /// The peers speak different versions. Sent as the absence of a code byte, so
+        /// that a peer of any version can read it (see `Refusal`).
+        case version = 0
+        case authFailed = 1
+        /// The server has as many clients as it accepts.
+        case serverFull = 2
+        case tooManyServices = 3
+        /// The client registered a service id twice.
+        case duplicateService = 4
+        /// Another client registered a secret service of that name.
+        case nameTaken = 5
+        /// The bind address is not allowed, or not a numeric address.
+        case bindNotAllowed = 6
+        case portNotAllowed = 7
+        case portInUse = 8
+        /// No allowed port was free.
+        case noFreePort = 9
+        /// Binding or watching the port failed for another reason.
+        case listenFailed = 10
+        case noSuchService = 11
+        case wrongServiceToken = 12
+        case localUnreachable = 13
     }
 
-    private enum TypeCode: UInt8 {
-        case controlHello = 0x01, challenge = 0x02, clientAuth = 0x03, welcome = 0x04, refused = 0x05
-        case registerService = 0x10, serviceAccepted = 0x11, serviceRefused = 0x12
-        case openData = 0x20, dataHello = 0x21, connect = 0x22, mux = 0x23
-        case ping = 0x30, pong = 0x31
-        case registerSecret = 0x13, visit = 0x14, visitAccepted = 0x15
-        case serviceHello = 0x40, serviceChallenge = 0x41, serviceProof = 0x42, serviceReady = 0x43
+    /// A refusal as it travels (in `refused` and `serviceRefused`): reason str, then the
+    /// code u8. A version refusal has no code byte: it keeps the layout that versions
+    /// before 4 send and read, so a peer of any version understands why it was refused.
+    struct Refusal: Error, Equatable, CustomStringConvertible {
+        let code: RefusalCode
+        let reason: String
+
+        init(_ code: RefusalCode, _ reason: String) {
+            self.code = code
+            self.reason = reason
+        }
+
+        var description: String { reason }
+
+        fileprivate var body: [UInt8] {
+            code == .version ? string(reason) : string(reason) + [code.rawValue]
+        }
+
+        fileprivate static func read(_ r: inout Reader) throws(ChannelError) -> Refusal {
+            let reason = try r.string()
+            if r.isAtEnd { return Refusal(.version, reason) }
+            guard let code = RefusalCode(rawValue: try r.u8()), code != .version else {
+                throw ChannelError.protocolViolation("unknown refusal code")
+            }
+            return Refusal(code, reason)
+        }
+    }
+
+    // MARK: frames, one set per reader
+
+    /// The frames one reader accepts, each set with its own type codes. A code means the
+    /// same frame in every set that has it (ping, pong, refused), so a frame that
+    /// reaches the wrong reader is rejected, never misread.
+    protocol FrameSet: Equatable {
+        associatedtype Code: RawRepresentable, CaseIterable where Code.RawValue == UInt8
+        /// Who reads this set, for errors.
+        static var reader: String { get }
+        var encoded: (code: Code, body: [UInt8]) { get }
+        static func decode(_ code: Code, _ body: inout Reader) throws(ChannelError) -> Self
+    }
+
+    /// client → server: the first frame of every connection.
+    enum Hello: FrameSet {
+        /// Opens a control channel. The version comes first in every version; when it is
+        /// not ours the rest is not read (`clientNonce` is empty) and the server refuses.
+        case controlHello(version: UInt16, clientNonce: [UInt8])
+        /// Opens a data channel: the one-time proof for a nonce the server sent in
+        /// `openData`. As above, a foreign version leaves the other fields empty.
+        case dataHello(version: UInt16, sessionID: [UInt8], channelNonce: [UInt8], proof: [UInt8])
+
+        enum Code: UInt8, CaseIterable { case controlHello = 0x01, dataHello = 0x21 }
+        static let reader = "the first frame of a connection"
+
+        var encoded: (code: Code, body: [UInt8]) {
+            switch self {
+            case .controlHello(let v, let n): return (.controlHello, be(v) + n)
+            case .dataHello(let v, let id, let n, let p): return (.dataHello, be(v) + id + n + p)
+            }
+        }
+
+        static func decode(_ code: Code, _ r: inout Reader) throws(ChannelError) -> Hello {
+            let v = try r.u16()
+            guard v == TunnelProtocol.version else {
+                r.skipRest()
+                switch code {
+                case .controlHello: return .controlHello(version: v, clientNonce: [])
+                case .dataHello: return .dataHello(version: v, sessionID: [], channelNonce: [], proof: [])
+                }
+            }
+            switch code {
+            case .controlHello:
+                return .controlHello(version: v, clientNonce: try r.bytes(nonceSize))
+            case .dataHello:
+                return .dataHello(version: v, sessionID: try r.bytes(sessionIDSize),
+                                  channelNonce: try r.bytes(channelNonceSize), proof: try r.bytes(proofSize))
+            }
+        }
+    }
+
+    /// server → client on a control channel, before the session exists.
+    enum ServerHandshake: FrameSet {
+        /// The server's nonce and its proof of the token.
+        case challenge(version: UInt16, serverNonce: [UInt8], serverProof: [UInt8])
+        /// Authenticated; the session's id.
+        case welcome(sessionID: [UInt8])
+        /// Then the connection closes.
+        case refused(Refusal)
+
+        enum Code: UInt8, CaseIterable { case challenge = 0x02, welcome = 0x04, refused = 0x05 }
+        static let reader = "the client's handshake"
+
+        var encoded: (code: Code, body: [UInt8]) {
+            switch self {
+            case .challenge(let v, let n, let p): return (.challenge, be(v) + n + p)
+            case .welcome(let id): return (.welcome, id)
+            case .refused(let refusal): return (.refused, refusal.body)
+            }
+        }
+
+        static func decode(_ code: Code, _ r: inout Reader) throws(ChannelError) -> ServerHandshake {
+            switch code {
+            case .challenge:
+                return .challenge(version: try r.u16(), serverNonce: try r.bytes(nonceSize), serverProof: try r.bytes(proofSize))
+            case .welcome: return .welcome(sessionID: try r.bytes(sessionIDSize))
+            case .refused: return .refused(try Refusal.read(&r))
+            }
+        }
+    }
+
+    /// client → server, the answer to the challenge: the client's proof, its pool size,
+    /// heartbeat interval (ms) and how many multiplexed data channels carry its TCP
+    /// visitors (0: a dedicated data channel per visitor).
+    struct ClientAuth: FrameSet {
+        var clientProof: [UInt8]
+        var poolSize: UInt16
+        var heartbeatMillis: UInt32
+        var muxChannels: UInt8
+
+        enum Code: UInt8, CaseIterable { case clientAuth = 0x03 }
+        static let reader = "the server's handshake"
+
+        var encoded: (code: Code, body: [UInt8]) {
+            (.clientAuth, clientProof + be(poolSize) + be(heartbeatMillis) + [muxChannels])
+        }
+
+        static func decode(_ code: Code, _ r: inout Reader) throws(ChannelError) -> ClientAuth {
+            switch code {
+            case .clientAuth:
+                return ClientAuth(clientProof: try r.bytes(proofSize), poolSize: try r.u16(), heartbeatMillis: try r.u32(),
+                                  muxChannels: try r.u8())
+            }
+        }
+    }
+
+    /// client → server on an authenticated control channel.
+    enum ClientControl: FrameSet {
+        case registerService(ServiceRequest)
+        /// A secret service, reachable only by visitors who know its token.
+        case registerSecret(id: UInt32, name: String)
+        /// Instead of registering: this connection is a visitor for the named secret
+        /// service; what follows is a visit channel.
+        case visit(name: String)
+        case ping(UInt64)
+        case pong(UInt64)
+
+        enum Code: UInt8, CaseIterable {
+            case registerService = 0x10, registerSecret = 0x13, visit = 0x14, ping = 0x30, pong = 0x31
+        }
+        static let reader = "the server's control channel"
+
+        var encoded: (code: Code, body: [UInt8]) {
+            switch self {
+            case .registerService(let s):
+                return (.registerService, be(s.id) + [s.kind.rawValue] + string(s.bindHost) + be(s.port) + [s.compress ? 1 : 0])
+            case .registerSecret(let id, let name): return (.registerSecret, be(id) + string(name))
+            case .visit(let name): return (.visit, string(name))
+            case .ping(let x): return (.ping, be(x))
+            case .pong(let x): return (.pong, be(x))
+            }
+        }
+
+        static func decode(_ code: Code, _ r: inout Reader) throws(ChannelError) -> ClientControl {
+            switch code {
+            case .registerService:
+                let id = try r.u32()
+                guard let kind = ServiceKind(rawValue: try r.u8()) else { throw ChannelError.protocolViolation("unknown service kind") }
+                let bindHost = try r.string()
+                let port = try r.u16()
+                let flags = try r.u8()
+                return .registerService(ServiceRequest(id: id, kind: kind, bindHost: bindHost, port: port, compress: flags & 1 != 0))
+            case .registerSecret: return .registerSecret(id: try r.u32(), name: try r.string())
+            case .visit: return .visit(name: try r.string())
+            case .ping: return .ping(try r.u64())
+            case .pong: return .pong(try r.u64())
+            }
+        }
+    }
+
+    /// server → client on an authenticated control channel.
+    enum ServerControl: FrameSet {
+        case serviceAccepted(id: UInt32, address: String)
+        case serviceRefused(id: UInt32, Refusal)
+        /// Open one data channel with this nonce.
+        case openData(channelNonce: [UInt8])
+        case ping(UInt64)
+        case pong(UInt64)
+
+        enum Code: UInt8, CaseIterable {
+            case serviceAccepted = 0x11, serviceRefused = 0x12, openData = 0x20, ping = 0x30, pong = 0x31
+        }
+        static let reader = "the client's control channel"
+
+        var encoded: (code: Code, body: [UInt8]) {
+            switch self {
+            case .serviceAccepted(let id, let address): return (.serviceAccepted, be(id) + string(address))
+            case .serviceRefused(let id, let refusal): return (.serviceRefused, be(id) + refusal.body)
+            case .openData(let n): return (.openData, n)
+            case .ping(let x): return (.ping, be(x))
+            case .pong(let x): return (.pong, be(x))
+            }
+        }
+
+        static func decode(_ code: Code, _ r: inout Reader) throws(ChannelError) -> ServerControl {
+            switch code {
+            case .serviceAccepted: return .serviceAccepted(id: try r.u32(), address: try r.string())
+            case .serviceRefused: return .serviceRefused(id: try r.u32(), try Refusal.read(&r))
+            case .openData: return .openData(channelNonce: try r.bytes(channelNonceSize))
+            case .ping: return .ping(try r.u64())
+            case .pong: return .pong(try r.u64())
+            }
+        }
+    }
+
+    /// server → client, the first frame on a data channel, once the server uses it.
+    enum DataCommand: FrameSet {
+        /// A visitor for this service; raw bytes follow.
+        case connect(serviceID: UInt32, visitor: String)
+        /// The channel carries multiplexed streams from now on (Transfer/Mux.swift
+        /// frames); each stream opens with `encodeOpen`'s payload.
+        case mux
+
+        enum Code: UInt8, CaseIterable { case connect = 0x22, mux = 0x23 }
+        static let reader = "a data channel"
+
+        var encoded: (code: Code, body: [UInt8]) {
+            switch self {
+            case .connect(let id, let visitor): return (.connect, be(id) + string(visitor))
+            case .mux: return (.mux, [])
+            }
+        }
+
+        static func decode(_ code: Code, _ r: inout Reader) throws(ChannelError) -> DataCommand {
+            switch code {
+            case .connect: return .connect(serviceID: try r.u32(), visitor: try r.string())
+            case .mux: return .mux
+            }
+        }
+    }
+
+    /// visitor → exposing client on a visit channel, end to end through the server.
+    enum VisitorFrame: FrameSet {
+        case serviceHello(visitorNonce: [UInt8])
+        /// The visitor's proof of the service token.
+        case serviceProof(visitorProof: [UInt8])
+
+        enum Code: UInt8, CaseIterable { case serviceHello = 0x40, serviceProof = 0x42 }
+        static let reader = "the exposing client"
+
+        var encoded: (code: Code, body: [UInt8]) {
+            switch self {
+            case .serviceHello(let n): return (.serviceHello, n)
+            case .serviceProof(let p): return (.serviceProof, p)
+            }
+        }
+
+        static func decode(_ code: Code, _ r: inout Reader) throws(ChannelError) -> VisitorFrame {
+            switch code {
+            case .serviceHello: return .serviceHello(visitorNonce: try r.bytes(nonceSize))
+            case .serviceProof: return .serviceProof(visitorProof: try r.bytes(proofSize))
+            }
+        }
+    }
+
+    /// → visitor on a visit channel: the server's answer to `visit`, then the exposing
+    /// client's frames.
+    enum VisitAnswer: FrameSet {
+        /// server: paired; what follows is the exposing client's end.
+        case visitAccepted
+        /// exposer: its nonce and its proof of the service token.
+        case serviceChallenge(exposerNonce: [UInt8], exposerProof: [UInt8])
+        /// exposer: accepted and connected to the local service; raw bytes follow.
+        case serviceReady
+        /// server or exposer; then the connection closes.
+        case refused(Refusal)
+
+        enum Code: UInt8, CaseIterable { case visitAccepted = 0x15, serviceChallenge = 0x41, serviceReady = 0x43, refused = 0x05 }
+        static let reader = "the visitor"
+
+        var encoded: (code: Code, body: [UInt8]) {
+            switch self {
+            case .visitAccepted: return (.visitAccepted, [])
+            case .serviceChallenge(let n, let p): return (.serviceChallenge, n + p)
+            case .serviceReady: return (.serviceReady, [])
+            case .refused(let refusal): return (.refused, refusal.body)
+            }
+        }
+
+        static func decode(_ code: Code, _ r: inout Reader) throws(ChannelError) -> VisitAnswer {
+            switch code {
+            case .visitAccepted: return .visitAccepted
+            case .serviceChallenge: return .serviceChallenge(exposerNonce: try r.bytes(nonceSize), exposerProof: try r.bytes(proofSize))
+            case .serviceReady: return .serviceReady
+            case .refused: return .refused(try Refusal.read(&r))
+            }
+        }
     }
 
     // MARK: proofs
@@ -139,58 +415,19 @@ enum TunnelProtocol {
 
     // MARK: encoding
 
-    static func encode(_ message: Message) -> [UInt8] {
-        var body: [UInt8] = []
-        let type: TypeCode
-        switch message {
-        case .controlHello(let v, let n):
-            type = .controlHello; body = be(v) + n
-        case .challenge(let v, let n, let p):
-            type = .challenge; body = be(v) + n + p
-        case .clientAuth(let p, let pool, let hb, let mux):
-            type = .clientAuth; body = p + be(pool) + be(hb) + [mux]
-        case .welcome(let id):
-            type = .welcome; body = id
-        case .refused(let reason):
-            type = .refused; body = string(reason)
-        case .registerService(let s):
-            type = .registerService; body = be(s.id) + [s.kind.rawValue] + string(s.bindHost) + be(s.port) + [s.compress ? 1 : 0]
-        case .serviceAccepted(let id, let address):
-            type = .serviceAccepted; body = be(id) + string(address)
-        case .serviceRefused(let id, let reason):
-            type = .serviceRefused; body = be(id) + string(reason)
-        case .openData(let n):
-            type = .openData; body = n
-        case .dataHello(let v, let id, let n, let p):
-            type = .dataHello; body = be(v) + id + n + p
-        case .connect(let id, let visitor):
-            type = .connect; body = be(id) + string(visitor)
-        case .mux:
-            type = .mux
-        case .ping(let x):
-            type = .ping; body = be(x)
-        case .pong(let x):
-            type = .pong; body = be(x)
-        case .registerSecret(let id, let name):
-            type = .registerSecret; body = be(id) + string(name)
-        case .visit(let name):
-            type = .visit; body = string(name)
-        case .visitAccepted:
-            type = .visitAccepted
-        case .serviceHello(let n):
-            type = .serviceHello; body = n
-        case .serviceChallenge(let n, let p):
-            type = .serviceChallenge; body = n + p
-        case .serviceProof(let p):
-            type = .serviceProof; body = p
-        case .serviceReady:
-            type = .serviceReady
-        }
-        return be(UInt32(body.count + 1)) + [type.rawValue] + body
-    }
+    // One overload per set, so that a call site names just the frame (`.welcome(...)`)
+    // unless two sets share it (ping, pong, refused).
+    static func encode(_ frame: Hello) -> [UInt8] { frame.wire }
+    static func encode(_ frame: ServerHandshake) -> [UInt8] { frame.wire }
+    static func encode(_ frame: ClientAuth) -> [UInt8] { frame.wire }
+    static func encode(_ frame: ClientControl) -> [UInt8] { frame.wire }
+    static func encode(_ frame: ServerControl) -> [UInt8] { frame.wire }
+    static func encode(_ frame: DataCommand) -> [UInt8] { frame.wire }
+    static func encode(_ frame: VisitorFrame) -> [UInt8] { frame.wire }
+    static func encode(_ frame: VisitAnswer) -> [UInt8] { frame.wire }
 
-    /// Reads one frame exactly (never past its end) and decodes it.
-    static func read(from channel: AsyncDuplex) async throws -> Message {
+    /// Reads one frame exactly (never past its end) and decodes it as one of `set`.
+    static func read<F: FrameSet>(_ set: F.Type, from channel: AsyncDuplex) async throws -> F {
         let header = try await channel.readExactly(4)
         let length = Int(UInt32(header[0]) << 24 | UInt32(header[1]) << 16 | UInt32(header[2]) << 8 | UInt32(header[3]))
         guard length >= 1 else { throw ChannelError.protocolViolation("empty frame") }
@@ -198,68 +435,17 @@ enum TunnelProtocol {
             throw ChannelError.protocolViolation("frame of \(length) bytes exceeds the limit of \(maxFrame)")
         }
         let frame = try await channel.readExactly(length)
-        return try decode(type: frame[0], body: frame[1...])
+        return try decode(set, type: frame[0], body: frame[1...])
     }
 
-    static func decode(type raw: UInt8, body: ArraySlice<UInt8>) throws(ChannelError) -> Message {
-        guard let type = TypeCode(rawValue: raw) else {
-            throw ChannelError.protocolViolation("unknown frame type 0x\(String(raw, radix: 16))")
+    static func decode<F: FrameSet>(_ set: F.Type, type raw: UInt8, body: ArraySlice<UInt8>) throws(ChannelError) -> F {
+        guard let code = F.Code(rawValue: raw) else {
+            throw ChannelError.protocolViolation("unexpected frame type 0x\(String(raw, radix: 16)) for \(F.reader)")
         }
         var r = Reader(bytes: body)
-        let message: Message
-        switch type {
-        case .controlHello:
-            message = .controlHello(version: try r.u16(), clientNonce: try r.bytes(nonceSize))
-        case .challenge:
-            message = .challenge(version: try r.u16(), serverNonce: try r.bytes(nonceSize), serverProof: try r.bytes(proofSize))
-        case .clientAuth:
-            message = .clientAuth(clientProof: try r.bytes(proofSize), poolSize: try r.u16(), heartbeatMillis: try r.u32(),
-                                  muxChannels: try r.u8())
-        case .welcome:
-            message = .welcome(sessionID: try r.bytes(sessionIDSize))
-        case .refused:
-            message = .refused(reason: try r.string())
-        case .registerService:
-            let id = try r.u32()
-            guard let kind = ServiceKind(rawValue: try r.u8()) else { throw ChannelError.protocolViolation("unknown service kind") }
-            let bindHost = try r.string()
-            let port = try r.u16()
-            let flags = try r.u8()
-            message = .registerService(ServiceRequest(id: id, kind: kind, bindHost: bindHost, port: port, compress: flags & 1 != 0))
-        case .serviceAccepted:
-            message = .serviceAccepted(id: try r.u32(), address: try r.string())
-        case .serviceRefused:
-            message = .serviceRefused(id: try r.u32(), reason: try r.string())
-        case .openData:
-            message = .openData(channelNonce: try r.bytes(channelNonceSize))
-        case .dataHello:
-            message = .dataHello(version: try r.u16(), sessionID: try r.bytes(sessionIDSize),
-                                 channelNonce: try r.bytes(channelNonceSize), proof: try r.bytes(proofSize))
-        case .connect:
-            message = .connect(serviceID: try r.u32(), visitor: try r.string())
-        case .mux:
-            message = .mux
-        case .ping:
-            message = .ping(try r.u64())
-        case .pong:
-            message = .pong(try r.u64())
-        case .registerSecret:
-            message = .registerSecret(id: try r.u32(), name: try r.string())
-        case .visit:
-            message = .visit(name: try r.string())
-        case .visitAccepted:
-            message = .visitAccepted
-        case .serviceHello:
-            message = .serviceHello(visitorNonce: try r.bytes(nonceSize))
-        case .serviceChallenge:
-            message = .serviceChallenge(exposerNonce: try r.bytes(nonceSize), exposerProof: try r.bytes(proofSize))
-        case .serviceProof:
-            message = .serviceProof(visitorProof: try r.bytes(proofSize))
-        case .serviceReady:
-            message = .serviceReady
-        }
+        let frame = try F.decode(code, &r)
         guard r.isAtEnd else { throw ChannelError.protocolViolation("trailing bytes in frame type 0x\(String(raw, radix: 16))") }
-        return message
+        return frame
     }
 
     // MARK: multiplexed streams
@@ -279,17 +465,18 @@ enum TunnelProtocol {
 
     // MARK: primitives
 
-    private static func be<T: FixedWidthInteger>(_ v: T) -> [UInt8] {
+    fileprivate static func be<T: FixedWidthInteger>(_ v: T) -> [UInt8] {
         withUnsafeBytes(of: v.bigEndian) { Array($0) }
     }
 
-    private static func string(_ s: String) -> [UInt8] {
+    fileprivate static func string(_ s: String) -> [UInt8] {
         let utf8 = Array(s.utf8.prefix(1024))
         return be(UInt16(utf8.count)) + utf8
     }
 
-    private struct Reader {
-        var bytes: ArraySlice<UInt8>
+    /// Takes a frame's body apart, field by field; every read checks the length.
+    struct Reader {
+        fileprivate var bytes: ArraySlice<UInt8>
         var isAtEnd: Bool { bytes.isEmpty }
 
         mutating func bytes(_ n: Int) throws(ChannelError) -> [UInt8] {
@@ -298,6 +485,9 @@ enum TunnelProtocol {
             bytes = bytes.dropFirst(n)
             return out
         }
+
+        /// Drops what is left: the body of a frame whose layout is another version's.
+        mutating func skipRest() { bytes = [] }
 
         mutating func int<T: FixedWidthInteger>(_: T.Type) throws(ChannelError) -> T {
             let raw = try bytes(MemoryLayout<T>.size)
@@ -316,5 +506,13 @@ enum TunnelProtocol {
             }
             return s
         }
+    }
+}
+
+extension TunnelProtocol.FrameSet {
+    /// The whole frame: length, type code, body.
+    var wire: [UInt8] {
+        let (code, body) = encoded
+        return TunnelProtocol.be(UInt32(body.count + 1)) + [code.rawValue] + body
     }
 }

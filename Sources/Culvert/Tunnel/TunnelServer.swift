@@ -18,7 +18,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     let loop: EventLoop
     let logger: Logger
     let keys: TokenKeys
-    private let tls: TLSContext?
+    private let transport: any Transport
     /// Every visitor relay of every session on `loop`.
     let relays: RelayGroup
     private let listeners: Listeners
@@ -31,11 +31,11 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     private var draining = false
     public private(set) var boundAddresses: [SocketAddress] = []
 
-    private init(config: TunnelServerConfig, loop: EventLoop, logger: Logger, tls: TLSContext?) {
+    private init(config: TunnelServerConfig, loop: EventLoop, logger: Logger, transport: any Transport) {
         self.config = config
         self.loop = loop
         self.logger = logger
-        self.tls = tls
+        self.transport = transport
         keys = TokenKeys(token: config.token)
         relays = RelayGroup(loop: loop, logger: logger)
         listeners = Listeners(loop: loop, logger: logger)
@@ -44,18 +44,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     public static func start(config: TunnelServerConfig, group: LoopGroup, logger: Logger) async throws -> TunnelServer {
         let loop = group.main
         let keys = TokenKeys(token: config.token)
-        let tls: TLSContext?
-        switch config.transport {
-        case .plain:
-            tls = nil
-        case .tls:
-            if let cert = config.certFile, let key = config.keyFile {
-                tls = try TLSContext.server(certificate: cert, key: key)
-            } else {
-                tls = try TLSContext.psk(key: keys.tlsPSK, server: true)
-            }
-        }
-        let server = TunnelServer(config: config, loop: loop, logger: logger, tls: tls)
+        let transport = try config.transport.implementation.init(server: config, keys: keys)
+        let server = TunnelServer(config: config, loop: loop, logger: logger, transport: transport)
         var bound: [(fd: Int32, address: SocketAddress)] = []
         do {
             for spec in config.listen {
@@ -70,8 +60,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         for address in server.boundAddresses {
             ReadyLine.print("listening tunnel \(address)")
         }
-        if config.transport == .plain {
-            logger.warning("transport is plain: tunnel traffic is not encrypted")
+        if let warning = transport.warning {
+            logger.warning("\(warning)")
         }
         return server
     }
@@ -90,15 +80,15 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         Task(executorPreference: loop.tasks) { await self.handshake(fd: fd, peer: peerText) }
     }
 
-    /// Reads the first frame of a new connection (after TLS) and hands it to the control
-    /// or data-channel path; the whole exchange must finish within the handshake timeout.
+    /// Reads the first frame of a new connection (after the transport's handshake) and
+    /// hands it to the control or data-channel path; the whole exchange must finish
+    /// within the handshake timeout.
     private func handshake(fd: Int32, peer: String) async {
         let channel: AsyncDuplex
+        let transportHandshake: Transport.Handshake
         do {
-            let stream: Duplex = try tls.map { try TLSStream(fd: fd, context: $0) } ?? TCPStream(fd: fd, noDelay: false)
-            channel = try AsyncDuplex(loop: loop, duplex: stream)
+            (channel, transportHandshake) = try transport.channel(fd, on: loop)
         } catch {
-            Posix.close(fd)
             unauthenticated -= 1
             logger.warning("cannot set up connection", metadata: ["peer": "\(peer)", "error": "\(error)"])
             return
@@ -112,8 +102,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             if counted { unauthenticated -= 1 }
         }
         do {
-            try await channel.handshake()
-            switch try await TunnelProtocol.read(from: channel) {
+            try await transportHandshake(channel)
+            switch try await TunnelProtocol.read(TunnelProtocol.Hello.self, from: channel) {
             case .controlHello(let version, let clientNonce):
                 guard let session = try await authenticateControl(channel, peer: peer, version: version, clientNonce: clientNonce) else { return }
                 timer.cancel()
@@ -129,8 +119,6 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
                     return
                 }
                 session.dataChannelArrived(channel)
-            default:
-                throw ChannelError.protocolViolation("unexpected first frame")
             }
         } catch {
             logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
@@ -141,7 +129,8 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
     /// The mutual proof exchange; nil (connection closed) when the client fails it.
     private func authenticateControl(_ channel: AsyncDuplex, peer: String, version: UInt16, clientNonce: [UInt8]) async throws -> ServerSession? {
         guard version == TunnelProtocol.version else {
-            channel.send(TunnelProtocol.encode(.refused(reason: "unsupported protocol version \(version); this server speaks \(TunnelProtocol.version)")))
+            channel.send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(
+                .init(.version, "unsupported protocol version \(version); this server speaks \(TunnelProtocol.version)"))))
             try? await channel.flush()
             channel.close()
             logger.warning("client refused: protocol version", metadata: ["peer": "\(peer)", "version": .stringConvertible(version)])
@@ -151,19 +140,18 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         channel.send(TunnelProtocol.encode(.challenge(
             version: TunnelProtocol.version, serverNonce: serverNonce,
             serverProof: TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce))))
-        guard case .clientAuth(let proof, let pool, _, let mux) = try await TunnelProtocol.read(from: channel) else {
-            throw ChannelError.protocolViolation("expected client authentication")
-        }
+        let auth = try await TunnelProtocol.read(TunnelProtocol.ClientAuth.self, from: channel)
         let expected = TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
-        guard TunnelCrypto.constantTimeEqual(proof, expected) else {
+        guard TunnelCrypto.constantTimeEqual(auth.clientProof, expected) else {
             logger.warning("authentication failed", metadata: ["peer": "\(peer)"])
-            channel.send(TunnelProtocol.encode(.refused(reason: "authentication failed")))
+            channel.send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.authFailed, "authentication failed"))))
             try? await channel.flush()
             channel.close()
             return nil
         }
         guard sessions.count < config.maxClients, !draining else {
-            channel.send(TunnelProtocol.encode(.refused(reason: "server full: \(config.maxClients) clients connected")))
+            channel.send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(
+                .init(.serverFull, "server full: \(config.maxClients) clients connected"))))
             try? await channel.flush()
             channel.close()
             logger.warning("client refused: limit reached", metadata: ["peer": "\(peer)", "max": .stringConvertible(config.maxClients)])
@@ -173,7 +161,7 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         let session = ServerSession(
             server: self, control: channel, id: id, peer: peer,
             sessionKey: TunnelProtocol.sessionKey(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
-            poolSize: min(Int(pool), 64), muxChannels: min(Int(mux), TunnelProtocol.maxMuxChannels))
+            poolSize: min(Int(auth.poolSize), 64), muxChannels: min(Int(auth.muxChannels), TunnelProtocol.maxMuxChannels))
         sessions[TunnelProtocol.Key16(id)] = session
         channel.send(TunnelProtocol.encode(.welcome(sessionID: id)))
         logger.info("client connected", metadata: ["peer": "\(peer)"])
@@ -184,23 +172,23 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
 
     /// Binds the listeners for a service request, or says why not. Without a BIND (and
     /// without --bind-addr) a service listens on every address, IPv4 and IPv6, on one port.
-    func bindService(_ request: TunnelProtocol.ServiceRequest) -> Result<[(Int32, SocketAddress)], ServiceRefusal> {
+    func bindService(_ request: TunnelProtocol.ServiceRequest) -> Result<[(Int32, SocketAddress)], TunnelProtocol.Refusal> {
         let wildcard = request.bindHost.isEmpty && config.bindAddresses.isEmpty
         let hosts = wildcard ? ["0.0.0.0", "::"] : [request.bindHost.isEmpty ? config.bindAddresses[0] : request.bindHost]
         if !config.bindAddresses.isEmpty && !config.bindAddresses.contains(hosts[0]) {
-            return .failure(ServiceRefusal("bind address \(hosts[0]) is not allowed (allowed: \(config.bindAddresses.joined(separator: ",")))"))
+            return .failure(TunnelProtocol.Refusal(.bindNotAllowed, "bind address \(hosts[0]) is not allowed (allowed: \(config.bindAddresses.joined(separator: ",")))"))
         }
         var bases: [SocketAddress] = []
         for host in hosts {
             guard let base = SocketAddress(numericHost: host, port: 0) else {
-                return .failure(ServiceRefusal("bind address '\(host)' is not a numeric IP address"))
+                return .failure(TunnelProtocol.Refusal(.bindNotAllowed, "bind address '\(host)' is not a numeric IP address"))
             }
             bases.append(base)
         }
         let ports: [UInt16]
         if request.port != 0 {
             guard config.allowPorts.contains(request.port) else {
-                return .failure(ServiceRefusal("port \(request.port) is not allowed (allowed: \(config.allowPorts))"))
+                return .failure(TunnelProtocol.Refusal(.portNotAllowed, "port \(request.port) is not allowed (allowed: \(config.allowPorts))"))
             }
             ports = [request.port]
         } else {
@@ -216,10 +204,11 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             }
         }
         if request.port != 0, let lastError {
-            return .failure(ServiceRefusal(lastError.errno == EADDRINUSE ? "port \(request.port) is already in use"
-                                                                         : "cannot listen on port \(request.port): \(lastError)"))
+            return .failure(lastError.errno == EADDRINUSE
+                ? TunnelProtocol.Refusal(.portInUse, "port \(request.port) is already in use")
+                : TunnelProtocol.Refusal(.listenFailed, "cannot listen on port \(request.port): \(lastError)"))
         }
-        return .failure(ServiceRefusal("no free port in the allowed ranges (\(config.allowPorts))"))
+        return .failure(TunnelProtocol.Refusal(.noFreePort, "no free port in the allowed ranges (\(config.allowPorts))"))
     }
 
     /// Listens on every base address with one port (0: the kernel's choice for the
@@ -255,11 +244,4 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         await relays.drain(timeout: timeout)
         for s in Array(sessions.values) { s.end(reason: "server shutting down") }
     }
-}
-
-/// Why the server would not expose a service; sent to the client as is.
-struct ServiceRefusal: Error, CustomStringConvertible {
-    let reason: String
-    init(_ reason: String) { self.reason = reason }
-    var description: String { reason }
 }

@@ -1,0 +1,83 @@
+import Reactor
+import Transfer
+
+/// TLS 1.3 (`TLSStream`): an external PSK derived from the token, or X.509 when the
+/// server has a certificate. The client checks here what the handshake alone does not
+/// prove: that the PSK was really used, or that the certificate is the pinned one.
+struct TLSTransport: Transport {
+    /// Who this end is, and what it verifies once the handshake is done.
+    private enum Role {
+        case server
+        /// The token's PSK authenticates the server; a server that answers with a
+        /// certificate instead was verified by nothing.
+        case pskClient
+        /// The server has a certificate: the handshake checks its chain and name against
+        /// `--ca` (then `serverName` is sent as SNI), or the stream is compared with
+        /// the pinned fingerprint afterwards.
+        case certificateClient(serverName: String?, fingerprint: [UInt8]?)
+    }
+
+    private let context: TLSContext
+    private let role: Role
+
+    init(server config: TunnelServerConfig, keys: TokenKeys) throws {
+        if let cert = config.certFile, let key = config.keyFile {
+            context = try TLSContext.server(certificate: cert, key: key)
+        } else {
+            context = try TLSContext.psk(key: keys.tlsPSK, server: true)
+        }
+        role = .server
+    }
+
+    init(client config: TunnelClientConfig, keys: TokenKeys) throws {
+        if config.caFile != nil || config.fingerprint != nil {
+            context = try TLSContext.client(caFile: config.caFile)
+            role = .certificateClient(serverName: config.caFile == nil ? nil : config.server.host, fingerprint: config.fingerprint)
+        } else {
+            context = try TLSContext.psk(key: keys.tlsPSK, server: false)
+            role = .pskClient
+        }
+    }
+
+    var warning: String? { nil }
+
+    func wrap(_ fd: Int32) throws -> (stream: Duplex, handshake: Handshake) {
+        let stream: TLSStream
+        do {
+            switch role {
+            case .server, .pskClient: stream = try TLSStream(fd: fd, context: context)
+            case .certificateClient(let serverName, _): stream = try TLSStream(fd: fd, context: context, serverName: serverName)
+            }
+        } catch {
+            Posix.close(fd)
+            throw error
+        }
+        let role = self.role
+        return (stream, { channel in try await Self.handshake(stream, over: channel, role: role) })
+    }
+
+    private static func handshake(_ stream: TLSStream, over channel: AsyncDuplex, role: Role) async throws {
+        do {
+            while try stream.handshakeStep() != .done {
+                try await channel.waitForReadiness()
+            }
+        } catch let e as TLSError where e.isRejection {
+            guard case .server = role else {
+                throw FatalClientError(message: "authentication failed: the server rejected the TLS handshake (\(e.message)); check the token, --ca or --fingerprint")
+            }
+            throw e
+        }
+        switch role {
+        case .server, .certificateClient(_, nil):
+            break
+        case .pskClient:
+            guard stream.usedPSK else {
+                throw FatalClientError(message: "authentication failed: the server presented a certificate instead of using the token; give --ca FILE or --fingerprint sha256:HEX to verify it")
+            }
+        case .certificateClient(_, let pinned?):
+            guard let actual = stream.peerFingerprint(), TunnelCrypto.constantTimeEqual(actual, pinned) else {
+                throw FatalClientError(message: "authentication failed: server certificate fingerprint does not match --fingerprint")
+            }
+        }
+    }
+}
