@@ -58,6 +58,9 @@ struct TunnelCommonOptions: ParsableArguments {
     @Option(help: "On SIGINT/SIGTERM, time tunneled connections get to finish (default: 30s).", transform: parseDuration)
     var drainTimeout: Duration?
 
+    @Option(help: "Event loop threads (default: the number of cores).")
+    var threads: Int?
+
     var flags: TunnelCommonFlags {
         var flags = TunnelCommonFlags()
         flags.transport = transport
@@ -65,6 +68,7 @@ struct TunnelCommonOptions: ParsableArguments {
         flags.heartbeatMisses = heartbeatMisses
         flags.handshakeTimeout = handshakeTimeout
         flags.drainTimeout = drainTimeout
+        flags.threads = threads
         return flags
     }
 }
@@ -137,7 +141,7 @@ struct ServerCommand: ParsableCommand {
         let resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: common.config) }
         let config = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: 1, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
             try await TunnelServer.start(config: config, group: group, logger: logger)
         }
         if status != 0 { throw ExitCode(status) }
@@ -236,7 +240,7 @@ struct ClientCommand: ParsableCommand {
         let resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: common.config) }
         let config = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: 1, drainTimeout: config.drainTimeout, logger: logger) { group, control in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, control in
             if let visit = config.visit {
                 return try await VisitorListener.start(config: config, name: visit.name, serviceToken: visit.serviceToken,
                                                        listen: visit.listen, group: group, logger: logger)

@@ -92,7 +92,7 @@ extension TunnelClientConfig {
             throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret or [services.NAME] in the config file")
         }
         flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
-                           handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
+                           handshake: &config.handshakeTimeout, drain: &config.drainTimeout, threads: &config.threads)
         if let ca = flags.ca { config.caFile = ca; config.fingerprint = nil }
         if let fingerprint = flags.fingerprint { config.fingerprint = fingerprint; config.caFile = nil }
         if let pool = flags.pool { config.pool = pool }

@@ -3,10 +3,10 @@
 ///
 /// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
 /// max_clients, max_services, max_unauthenticated, handshake_timeout,
-/// heartbeat_interval, heartbeat_misses, drain_timeout, log_level, log_format.
+/// heartbeat_interval, heartbeat_misses, drain_timeout, threads, log_level, log_format.
 /// Client keys: server, token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
-/// heartbeat_misses, drain_timeout, log_level, log_format, and `[services.NAME]` tables
+/// heartbeat_misses, drain_timeout, threads, log_level, log_format, and `[services.NAME]` tables
 /// with remote_port, local, bind, compress, protocol (tcp or udp) — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
 public enum TunnelConfigFile {
@@ -42,6 +42,7 @@ public enum TunnelConfigFile {
         config.maxUnauthenticated = try file.int("max_unauthenticated", range: 1...100_000) ?? config.maxUnauthenticated
         config.handshakeTimeout = try file.duration("handshake_timeout") ?? config.handshakeTimeout
         config.drainTimeout = try file.duration("drain_timeout") ?? config.drainTimeout
+        config.threads = try file.int("threads", range: 1...1024) ?? config.threads
         config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
         config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
         let common = try readCommon(file)
@@ -70,6 +71,7 @@ public enum TunnelConfigFile {
         config.reconnectMax = try file.duration("reconnect_max") ?? config.reconnectMax
         config.handshakeTimeout = try file.duration("handshake_timeout") ?? config.handshakeTimeout
         config.drainTimeout = try file.duration("drain_timeout") ?? config.drainTimeout
+        config.threads = try file.int("threads", range: 1...1024) ?? config.threads
         config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
         config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
         var services: [ServiceSpec] = []

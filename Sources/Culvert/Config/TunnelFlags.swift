@@ -26,6 +26,7 @@ public struct TunnelCommonFlags: Sendable {
     public var heartbeatMisses: Int?
     public var handshakeTimeout: Duration?
     public var drainTimeout: Duration?
+    public var threads: Int?
 
     public init() {}
 
@@ -34,10 +35,15 @@ public struct TunnelCommonFlags: Sendable {
         if let m = heartbeatMisses, m < 1 { throw ConfigError(setting: "--heartbeat-misses", "--heartbeat-misses must be at least 1") }
         if heartbeatInterval == .zero { throw ConfigError(setting: "--heartbeat-interval", "--heartbeat-interval must be more than 0") }
         if handshakeTimeout == .zero { throw ConfigError(setting: "--handshake-timeout", "--handshake-timeout must be more than 0") }
+        if let threads, threads < 1 || threads > 1024 {
+            throw ConfigError(setting: "--threads", "--threads must be between 1 and 1024, got \(threads)")
+        }
     }
 
     /// Lays the given flags over what the file (or the defaults) set.
-    func apply(transport t: inout TunnelTransport, heartbeat: inout Heartbeat, handshake: inout Duration, drain: inout Duration) {
+    func apply(transport t: inout TunnelTransport, heartbeat: inout Heartbeat, handshake: inout Duration, drain: inout Duration,
+               threads n: inout Int) {
+        if let threads { n = threads }
         if let transport { t = transport }
         if let heartbeatInterval { heartbeat.interval = heartbeatInterval }
         if let heartbeatMisses { heartbeat.misses = heartbeatMisses }

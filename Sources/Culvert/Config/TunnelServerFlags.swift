@@ -49,7 +49,7 @@ extension TunnelServerConfig {
         config.token = token
         if !flags.listen.isEmpty { config.listen = flags.listen }
         flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
-                           handshake: &config.handshakeTimeout, drain: &config.drainTimeout)
+                           handshake: &config.handshakeTimeout, drain: &config.drainTimeout, threads: &config.threads)
         if let cert = flags.cert, let key = flags.key {
             config.certFile = cert
             config.keyFile = key

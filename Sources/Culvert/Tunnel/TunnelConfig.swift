@@ -206,6 +206,8 @@ public struct TunnelServerConfig: Sendable {
     public var visitorTimeout: Duration = .seconds(10)
     public var heartbeat = Heartbeat()
     public var drainTimeout: Duration = .seconds(30)
+    /// Event loop threads; sessions, carriers and data channels spread over them.
+    public var threads: Int = LoopGroup.coreCount
     public init() {}
 }
 
@@ -230,6 +232,8 @@ public struct TunnelClientConfig: Sendable {
     public var reconnectInitial: Duration = .milliseconds(500)
     public var reconnectMax: Duration = .seconds(30)
     public var drainTimeout: Duration = .seconds(30)
+    /// Event loop threads; sessions, carriers and data channels spread over them.
+    public var threads: Int = LoopGroup.coreCount
     /// A UDP visitor's session to the local service ends after this long without traffic.
     public var udpIdleTimeout: Duration = .seconds(60)
     public init() {}
