@@ -465,9 +465,12 @@ def test_garbage_closed(kit, transport):
 def test_unauthenticated_limit(kit):
     echo = kit.echo()
     srv = kit.start_server("plain", opts=["--max-unauthenticated", "4", "--handshake-timeout", "3s"])
+    before = settle_fd_count(srv.pid)
     idle = [raw_connect(srv.server_addr) for _ in range(4)]
     try:
-        poll(lambda: len(idle) == 4, 1, "setup")
+        # the server's loops accept in parallel: wait until all four are in (one
+        # descriptor each), so the fifth is the one over the limit
+        poll(lambda: fd_count(srv.pid) >= before + 4, 5, "the four idle connections accepted")
         # a fifth one is turned away at once
         with raw_connect(srv.server_addr) as s:
             closed, _ = wait_closed_no_data(s, 2)

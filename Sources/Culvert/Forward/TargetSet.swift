@@ -93,3 +93,12 @@ public final class TargetSet: Sendable {
     /// `127.0.0.1:8080,[::1]:9000`: how ready lines name the targets.
     public var summary: String { targets.map(\.spec.description).joined(separator: ",") }
 }
+/// Resolves a forwarder's targets off-loop; a target written without a host means this host.
+func resolveTargets(_ specs: [HostPort], on loop: EventLoop) async throws -> [TargetSet.Target] {
+    var resolved: [TargetSet.Target] = []
+    for spec in specs {
+        let addresses = try await Resolver.resolve(host: spec.host ?? "127.0.0.1", port: spec.port, passive: false, on: loop)
+        resolved.append(TargetSet.Target(spec: spec, addresses: addresses))
+    }
+    return resolved
+}

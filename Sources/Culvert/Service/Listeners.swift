@@ -70,9 +70,51 @@ final class Listeners {
     }
 }
 
-/// A listening address could not be bound; the message names it.
+/// A listening address could not be bound: exit status 1, not a usage error.
 public struct ListenError: Error, CustomStringConvertible {
     public let address: HostPort
     public let error: SystemError
     public var description: String { "cannot listen on \(address): \(error)" }
 }
+
+/// Listening sockets spread over loops: for each listen address, one SO_REUSEPORT socket
+/// per loop, so each loop accepts (or receives) on its own socket and keeps what arrives
+/// (forwarders, the tunnel server).
+struct LoopListeners {
+    typealias Listener = (fd: Int32, address: SocketAddress)
+
+    /// The addresses actually bound (port 0 replaced by the port the kernel chose).
+    let bound: [SocketAddress]
+    /// `perLoop[i]` are loop i's sockets, one per bound address.
+    let perLoop: [[Listener]]
+
+    /// Binds everything or nothing: on failure every socket opened so far is closed.
+    static func bind(_ addresses: [SocketAddress], loops: Int, spec: HostPort,
+                     open: (SocketAddress) throws(SystemError) -> Int32) throws(ListenError) -> LoopListeners {
+        var bound: [SocketAddress] = []
+        var perLoop: [[Listener]] = Array(repeating: [], count: loops)
+        do throws(SystemError) {
+            for requested in addresses {
+                var address = requested
+                for i in 0..<loops {
+                    let fd = try open(address)
+                    if i == 0 {
+                        do throws(SystemError) {
+                            address = try Net.localAddress(fd)
+                        } catch {
+                            Posix.close(fd)
+                            throw error
+                        }
+                        bound.append(address)
+                    }
+                    perLoop[i].append((fd, address))
+                }
+            }
+        } catch {
+            for listeners in perLoop { for l in listeners { Posix.close(l.fd) } }
+            throw ListenError(address: spec, error: error)
+        }
+        return LoopListeners(bound: bound, perLoop: perLoop)
+    }
+}
+

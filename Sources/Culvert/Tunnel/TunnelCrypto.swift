@@ -59,7 +59,7 @@ enum TunnelCrypto {
 
 /// The secrets one token gives: an auth key for the handshake proofs and a TLS PSK,
 /// derived apart so neither reveals the other.
-struct TokenKeys {
+struct TokenKeys: Sendable {
     let auth: [UInt8]
     let tlsPSK: [UInt8]
 

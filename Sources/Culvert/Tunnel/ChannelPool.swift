@@ -1,0 +1,363 @@
+import Logging
+import Reactor
+import Transfer
+
+/// The data channels of one session: every channel requested from the client (by its
+/// one-time nonce), idle dedicated channels, the carriers of multiplexed visitors, and
+/// the visitors and UDP services waiting for a channel.
+///
+/// Channels and carriers are placed on several loops: a dedicated channel stays on the
+/// loop that accepted it (the kernel spreads those), and each new carrier goes to the
+/// next loop after the session's. A visitor is handed to the loop of the channel it
+/// rides and relayed there.
+///
+/// Thread confinement: lives on the session's loop; it reaches a carrier's loop only
+/// through `ServerLoop.run`, and carriers report back the same way.
+final class ChannelPool {
+    /// A visitor (accepted on an exposed port, or a secret service's visitor arriving
+    /// through the tunnel) waiting for a data channel.
+    private final class Waiter {
+        let stream: Duplex
+        let peer: String
+        let service: ExposedService
+        var timer: LoopTimer?
+        init(stream: Duplex, peer: String, service: ExposedService) {
+            self.stream = stream
+            self.peer = peer
+            self.service = service
+        }
+    }
+
+    private let home: ServerLoop
+    private let context: ServerContext
+    private let sessionID: [UInt8]
+    private let sessionKey: [UInt8]
+    private let peer: String
+    private let poolSize: Int
+    /// How many carriers take this client's TCP visitors (0: a dedicated channel each).
+    private let muxChannels: Int
+    /// Sends a frame on the session's control channel.
+    private let send: ([UInt8]) -> Void
+    /// Nonces sent in openData and not used yet: each opens exactly one data channel.
+    private var outstanding: Set<TunnelProtocol.Key16> = []
+    private var idle: [(stream: Duplex, home: ServerLoop)] = []
+    private var waiting: [Waiter] = []
+    /// TCP visitors waiting for a carrier (only while none is up).
+    private var muxWaiting: [Waiter] = []
+    private var udpWaiting: [(ExposedService, ServerUDPService)] = []
+    private var carriers: [Carrier] = []
+    /// Carriers being started on their loop.
+    private var carriersStarting = 0
+    private var carriersPlaced = 0
+    private var nextCarrier = 0
+    private var ended = false
+    private var loop: EventLoop { home.loop }
+    private var logger: Logger { context.logger }
+
+    init(home: ServerLoop, context: ServerContext, sessionID: [UInt8], sessionKey: [UInt8], peer: String,
+         poolSize: Int, muxChannels: Int, send: @escaping ([UInt8]) -> Void) {
+        self.home = home
+        self.context = context
+        self.sessionID = sessionID
+        self.sessionKey = sessionKey
+        self.peer = peer
+        self.poolSize = poolSize
+        self.muxChannels = muxChannels
+        self.send = send
+    }
+
+    /// Asks the client for enough channels to cover the pool, the carriers and every
+    /// waiting visitor and UDP service.
+    func requestChannels() {
+        guard !ended else { return }
+        let carriersWanted = max(0, muxChannels - carriers.count - carriersStarting)
+        while idle.count + outstanding.count < poolSize + waiting.count + udpWaiting.count + carriersWanted {
+            let nonce = TunnelCrypto.random(TunnelProtocol.channelNonceSize)
+            outstanding.insert(TunnelProtocol.Key16(nonce))
+            send(TunnelProtocol.encode(.openData(channelNonce: nonce)))
+        }
+    }
+
+    /// Checks a data channel's one-time proof and uses up its nonce.
+    func accept(nonce: [UInt8], proof: [UInt8]) -> Bool {
+        let key = TunnelProtocol.Key16(nonce)
+        guard !ended, outstanding.contains(key) else { return false }
+        let expected = TunnelProtocol.dataProof(sessionKey: sessionKey, sessionID: sessionID, channelNonce: nonce)
+        guard TunnelCrypto.constantTimeEqual(proof, expected) else { return false }
+        outstanding.remove(key)
+        return true
+    }
+
+    /// A proven channel (detached, on no loop yet) that `channelHome` accepted.
+    func channelArrived(_ stream: Duplex, home channelHome: ServerLoop) {
+        guard !ended else { return stream.close(reset: false) }
+        if carriers.count + carriersStarting < muxChannels {
+            startCarrier(stream)
+        } else if !udpWaiting.isEmpty {
+            let (service, udp) = udpWaiting.removeFirst()
+            attachUDP(service, udp, stream)
+        } else if waiting.isEmpty {
+            idle.append((stream, channelHome))
+        } else {
+            let visitor = waiting.removeFirst()
+            visitor.timer?.cancel()
+            pair(stream, on: channelHome, visitor.stream, peer: visitor.peer, service: visitor.service)
+        }
+    }
+
+    func visitorArrived(_ stream: Duplex, peer visitor: String, service: ExposedService) {
+        guard !ended else { return stream.close(reset: true) }
+        if muxChannels > 0, case .tcp = service.kind {
+            if let carrier = pickCarrier() {
+                return openStream(on: carrier, stream, peer: visitor, service: service)
+            }
+            muxWaiting.append(makeWaiter(stream, peer: visitor, service: service))
+            return requestChannels()
+        }
+        if let (channel, channelHome) = idle.popLast() {
+            pair(channel, on: channelHome, stream, peer: visitor, service: service)
+        } else {
+            waiting.append(makeWaiter(stream, peer: visitor, service: service))
+        }
+        requestChannels()
+    }
+
+    func udpNeedsChannel(_ service: ExposedService, _ udp: ServerUDPService) {
+        guard !ended, !service.isRetired else { return }
+        if let (channel, _) = idle.popLast() {
+            attachUDP(service, udp, channel)
+        } else {
+            udpWaiting.append((service, udp))
+        }
+        requestChannels()
+    }
+
+    // MARK: dedicated channels
+
+    /// Tells the client which service the visitor wants, then relays raw bytes, on the
+    /// channel's loop.
+    private func pair(_ channel: Duplex, on channelHome: ServerLoop, _ visitor: Duplex, peer: String, service: ExposedService) {
+        let frame = TunnelProtocol.encode(.connect(serviceID: service.id, visitor: peer))
+        let handoff = Handoff((channel, visitor))
+        channelHome.run {
+            let (channel, visitor) = handoff.value
+            channelHome.startDedicated(channel, frame: frame, visitor: visitor, service: service, peer: peer)
+        }
+    }
+
+    /// Dedicates a data channel to a UDP service's datagrams, on the session's loop
+    /// (where the service's sockets are).
+    private func attachUDP(_ service: ExposedService, _ udp: ServerUDPService, _ stream: Duplex) {
+        let channel: AsyncDuplex
+        do {
+            channel = try AsyncDuplex(loop: loop, duplex: stream)
+        } catch {
+            stream.close(reset: true)
+            return udpNeedsChannel(service, udp)
+        }
+        channel.send(TunnelProtocol.encode(.connect(serviceID: service.id, visitor: "udp")))
+        Task(executorPreference: loop.tasks) {
+            do {
+                try await channel.flush()
+            } catch {
+                return self.udpNeedsChannel(service, udp)
+            }
+            var data = channel.detach()
+            if service.compress {
+                guard let z = try? ZlibStream(wrapping: data) else {
+                    data.close(reset: true)
+                    return self.udpNeedsChannel(service, udp)
+                }
+                data = z
+            }
+            guard !self.ended, !service.isRetired else { return data.close(reset: false) }
+            udp.attach(data)
+        }
+        requestChannels()
+    }
+
+    // MARK: carriers
+
+    /// Turns a fresh channel into a carrier on the next loop in turn.
+    private func startCarrier(_ stream: Duplex) {
+        carriersStarting += 1
+        let carrier = Carrier(home: context.loop(after: home, step: carriersPlaced))
+        carriersPlaced += 1
+        let session = Handoff(self)
+        let sessionLoop = home
+        carrier.start(stream,
+            onUp: { sessionLoop.run { session.value.carrierUp(carrier) } },
+            onFailed: { sessionLoop.run { session.value.carrierFailed() } },
+            onClosed: { error in
+                let text = error.map { "\($0)" } ?? "closed"
+                sessionLoop.run { session.value.carrierClosed(carrier, error: text) }
+            })
+    }
+
+    private func carrierUp(_ carrier: Carrier) {
+        carriersStarting -= 1
+        guard !ended else { return carrier.closeWhenIdle() }
+        carriers.append(carrier)
+        let queued = muxWaiting
+        muxWaiting.removeAll()
+        for v in queued {
+            v.timer?.cancel()
+            openStream(on: carrier, v.stream, peer: v.peer, service: v.service)
+        }
+    }
+
+    private func carrierFailed() {
+        carriersStarting -= 1
+        requestChannels()
+    }
+
+    private func carrierClosed(_ carrier: Carrier, error: String) {
+        guard let i = carriers.firstIndex(where: { $0 === carrier }) else { return }
+        carriers.remove(at: i)
+        guard !ended else { return }
+        logger.warning("multiplexed data channel lost", metadata: ["peer": "\(peer)", "error": "\(error)"])
+        requestChannels()
+    }
+
+    /// The carriers in turn; their stream counts live on their own loops.
+    private func pickCarrier() -> Carrier? {
+        guard !carriers.isEmpty else { return nil }
+        nextCarrier = (nextCarrier + 1) % carriers.count
+        return carriers[nextCarrier]
+    }
+
+    private func openStream(on carrier: Carrier, _ visitor: Duplex, peer: String, service: ExposedService) {
+        let payload = TunnelProtocol.encodeOpen(serviceID: service.id, visitor: peer)
+        let handoff = Handoff(visitor)
+        let carrierHome = carrier.home
+        carrierHome.run {
+            guard let stream = carrier.open(payload) else { return handoff.value.close(reset: true) }
+            carrierHome.startRelay(visitor: handoff.value, data: stream, service: service, peer: peer)
+        }
+    }
+
+    // MARK: waiting visitors
+
+    private func makeWaiter(_ stream: Duplex, peer visitor: String, service: ExposedService) -> Waiter {
+        let waiter = Waiter(stream: stream, peer: visitor, service: service)
+        waiter.timer = loop.schedule(after: context.config.visitorTimeout) { [weak self, unowned waiter] in
+            self?.visitorTimedOut(waiter)
+        }
+        return waiter
+    }
+
+    private func visitorTimedOut(_ waiter: Waiter) {
+        if let i = waiting.firstIndex(where: { $0 === waiter }) {
+            waiting.remove(at: i)
+        } else if let i = muxWaiting.firstIndex(where: { $0 === waiter }) {
+            muxWaiting.remove(at: i)
+        } else {
+            return
+        }
+        waiter.stream.close(reset: true)
+        logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": "\(DurationSpec.format(context.config.visitorTimeout))"])
+    }
+
+    // MARK: ending
+
+    /// Releases idle channels and waiting visitors; carriers close once their last
+    /// stream ends (visitors already relayed go on).
+    func end() {
+        guard !ended else { return }
+        ended = true
+        for (stream, _) in idle { stream.close(reset: false) }
+        idle.removeAll()
+        for v in waiting + muxWaiting {
+            v.timer?.cancel()
+            v.stream.close(reset: true)
+        }
+        waiting.removeAll()
+        muxWaiting.removeAll()
+        udpWaiting.removeAll()
+        for c in carriers { c.closeWhenIdle() }
+        carriers.removeAll()
+        outstanding.removeAll()
+    }
+}
+
+/// A data channel carrying multiplexed visitor streams, on the loop the session placed
+/// it on; the session holds it, the carrier's own loop drives it.
+///
+/// Thread confinement: `mux` is touched on `home` only; `start`, `open` and
+/// `closeWhenIdle` run there (`closeWhenIdle` gets there by itself).
+final class Carrier: @unchecked Sendable {
+    let home: ServerLoop
+    private var mux: MuxConnection?
+
+    init(home: ServerLoop) {
+        self.home = home
+    }
+
+    /// Sends the `mux` frame and starts multiplexing, on `home`. Exactly one of
+    /// `onUp` and `onFailed` is called; `onClosed` follows `onUp` when the carrier ends.
+    func start(_ stream: Duplex, onUp: @escaping @Sendable () -> Void, onFailed: @escaping @Sendable () -> Void,
+               onClosed: @escaping @Sendable (Error?) -> Void) {
+        let handoff = Handoff(stream)
+        home.run { [self] in
+            let channel: AsyncDuplex
+            do {
+                channel = try AsyncDuplex(loop: home.loop, duplex: handoff.value)
+            } catch {
+                handoff.value.close(reset: true)
+                return onFailed()
+            }
+            channel.send(TunnelProtocol.encode(.mux))
+            guard channel.hasPendingOutput else { return begin(channel.detach(), onUp: onUp, onFailed: onFailed, onClosed: onClosed) }
+            Task(executorPreference: home.loop.tasks) {
+                do {
+                    try await channel.flush()
+                } catch {
+                    channel.close()
+                    return onFailed()
+                }
+                self.begin(channel.detach(), onUp: onUp, onFailed: onFailed, onClosed: onClosed)
+            }
+        }
+    }
+
+    private func begin(_ stream: Duplex, onUp: @escaping () -> Void, onFailed: @escaping () -> Void, onClosed: @escaping (Error?) -> Void) {
+        let mux = MuxConnection(loop: home.loop, carrier: stream, isOpener: true, pipes: home.relays.resources.pipes)
+        // A carrier whose first read fails closes inside start(): that is a failed
+        // start, not a carrier that was up.
+        var up = false
+        var diedStarting = false
+        mux.onClose = { _, error in
+            if up { onClosed(error) } else { diedStarting = true }
+        }
+        do {
+            try mux.start()
+        } catch {
+            context.logger.warning("cannot watch a multiplexed data channel", metadata: ["error": "\(error)"])
+            return onFailed()
+        }
+        if diedStarting { return onFailed() }
+        up = true
+        self.mux = mux
+        onUp()
+    }
+
+    private var context: ServerContext { home.context }
+
+    /// A new stream for a visitor; nil when the carrier is gone. On `home` only.
+    func open(_ payload: [UInt8]) -> MuxStream? {
+        home.loop.assertInLoop()
+        return mux?.open(payload)
+    }
+
+    /// Closes the carrier once its last stream has ended; from any loop.
+    func closeWhenIdle() {
+        home.run { [self] in mux?.closeWhenIdle() }
+    }
+}
+
+/// A value handed from one loop to another through an inbox: the sender gives it up, so
+/// only the receiving loop touches it from then on.
+struct Handoff<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}

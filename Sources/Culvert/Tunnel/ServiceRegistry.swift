@@ -1,0 +1,145 @@
+import Logging
+import Reactor
+import Synchronization
+import Transfer
+
+/// One service a client registered, as every loop sees it: immutable but for
+/// `isRetired`, so a visitor can carry it to the loop that relays it.
+final class ExposedService: @unchecked Sendable {
+    enum Kind {
+        /// Public TCP listeners on the session's loop.
+        case tcp(Listeners)
+        /// Public UDP sockets whose datagrams ride one data channel.
+        case udp(ServerUDPService)
+        /// No port: reachable only by visitors who know its token.
+        case secret(name: String)
+    }
+
+    /// The client's id for it, stable for the session.
+    let id: UInt32
+    /// Unique on this server: names the service's relay set on each loop.
+    let key: UInt64
+    let kind: Kind
+    let compress: Bool
+    /// How close lines name it: the bound addresses, or `secret:NAME`.
+    let listen: String
+    private let retired = Atomic<Bool>(false)
+
+    init(id: UInt32, key: UInt64, kind: Kind, compress: Bool, listen: String) {
+        self.id = id
+        self.key = key
+        self.kind = kind
+        self.compress = compress
+        self.listen = listen
+    }
+
+    /// Gone from its session: no new visitors; running relays go on.
+    var isRetired: Bool { retired.load(ordering: .relaxed) }
+    fileprivate func retire() { retired.store(true, ordering: .relaxed) }
+}
+
+/// The services of one session: their stable ids (the client's), their kinds and what
+/// each owns (listeners, UDP sockets, a secret name in the directory), under the
+/// server's port policy and per-client limit. Visitors it accepts go to `onVisitor`.
+///
+/// Thread confinement: lives on the session's loop.
+final class ServiceRegistry {
+    private let home: ServerLoop
+    private let context: ServerContext
+    private let peer: String
+    private var services: [UInt32: ExposedService] = [:]
+    /// A visitor accepted on a TCP service's port.
+    var onVisitor: (Duplex, String, ExposedService) -> Void = { stream, _, _ in stream.close(reset: true) }
+    /// A UDP service has no data channel (new, or its channel was lost).
+    var onUDPNeedsChannel: (ExposedService, ServerUDPService) -> Void = { _, _ in }
+    private var logger: Logger { context.logger }
+
+    init(home: ServerLoop, context: ServerContext, peer: String) {
+        self.home = home
+        self.context = context
+        self.peer = peer
+    }
+
+    subscript(id: UInt32) -> ExposedService? { services[id] }
+
+    /// Binds and watches a TCP or UDP service's ports; the bound address, or why not.
+    func register(_ request: TunnelProtocol.ServiceRequest) -> Result<String, TunnelProtocol.Refusal> {
+        if let refusal = checkNew(request.id) { return .failure(refusal) }
+        let bound: [(Int32, SocketAddress)]
+        switch context.policy.bind(request) {
+        case .failure(let refusal): return .failure(refusal)
+        case .success(let sockets): bound = sockets
+        }
+        let key = context.nextServiceKey()
+        switch request.kind {
+        case .udp:
+            var service: ExposedService?
+            let udp = ServerUDPService(id: request.id, loop: home.loop, logger: logger, batch: home.datagramBatch) { [weak self] lost in
+                guard let self, let service, self.services[service.id] === service else { return }
+                self.onUDPNeedsChannel(service, lost)
+            }
+            do {
+                try udp.start(bound)
+            } catch {
+                udp.close()
+                return .failure(.init(.listenFailed, "cannot watch UDP port: \(error)"))
+            }
+            let registered = ExposedService(id: request.id, key: key, kind: .udp(udp), compress: request.compress, listen: udp.listen)
+            service = registered
+            services[request.id] = registered
+            logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "udp \(udp.listen)"])
+            onUDPNeedsChannel(registered, udp)
+        case .tcp:
+            let listeners = Listeners(loop: home.loop, logger: logger)
+            var service: ExposedService?
+            do {
+                try listeners.start(bound.map { (fd: $0.0, address: $0.1) }) { [weak self] fd, visitor in
+                    guard let self, let service, !service.isRetired else { return Net.closeWithReset(fd) }
+                    self.onVisitor(TCPStream(fd: fd, noDelay: false), visitor?.description ?? "?", service)
+                }
+            } catch {
+                return .failure(.init(.listenFailed, "cannot watch port \(request.port): \(error)"))
+            }
+            let listen = listeners.addresses.map(\.description).joined(separator: ",")
+            let registered = ExposedService(id: request.id, key: key, kind: .tcp(listeners), compress: request.compress, listen: listen)
+            service = registered
+            services[request.id] = registered
+            logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "\(listen)"])
+        }
+        return .success(bound[0].1.description)
+    }
+
+    /// Claims a secret service's name for `session` in the server's directory.
+    func registerSecret(_ id: UInt32, name: String, session: SessionDirectory.Entry) -> Result<String, TunnelProtocol.Refusal> {
+        if let refusal = checkNew(id) { return .failure(refusal) }
+        let service = ExposedService(id: id, key: context.nextServiceKey(), kind: .secret(name: name), compress: false, listen: "secret:\(name)")
+        guard !name.isEmpty, context.directory.claimSecret(name, by: session, serviceID: id) else {
+            return .failure(.init(.nameTaken, "secret service '\(name)' is already registered by another client"))
+        }
+        services[id] = service
+        logger.info("secret service registered", metadata: ["peer": "\(peer)", "service": "\(name)"])
+        return .success("secret:\(name)")
+    }
+
+    private func checkNew(_ id: UInt32) -> TunnelProtocol.Refusal? {
+        if services[id] != nil { return .init(.duplicateService, "service id \(id) registered twice") }
+        let limit = context.config.maxServicesPerClient
+        if services.count >= limit { return .init(.tooManyServices, "too many services (limit \(limit))") }
+        return nil
+    }
+
+    /// Closes every port and releases every name (a drain, or the session's end); relays
+    /// already running go on, each loop's set of a service leaving once it is idle.
+    func closeAll(session: ServerSession) {
+        for service in services.values {
+            service.retire()
+            switch service.kind {
+            case .tcp(let listeners): listeners.stop()
+            case .udp(let udp): udp.close()
+            case .secret(let name): context.directory.releaseSecret(name, by: session)
+            }
+            for l in context.loops { l.run { l.retire(service) } }
+        }
+        services.removeAll()
+    }
+}
