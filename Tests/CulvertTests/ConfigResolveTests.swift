@@ -211,16 +211,12 @@ final class TunnelClientResolveTests: XCTestCase {
                              key: "services.db.protocol", contains: "secret services are TCP only")
     }
 
-    func testKindIsTheOneTruthAndTheBooleansFollowIt() throws {
+    func testKindIsTheOneTruth() throws {
         let udp = try ServiceSpec.parse("udp:5353:127.0.0.1:53")
         XCTAssertEqual(udp.kind, .udp)
-        XCTAssertTrue(udp.isUDP)
-        XCTAssertFalse(udp.isSecret)
         XCTAssertEqual(udp.kindName, "udp")
         let secret = try ServiceSpec.parseSecret("db=127.0.0.1:5432")
         XCTAssertEqual(secret.kind, .secret)
-        XCTAssertTrue(secret.isSecret)
-        XCTAssertFalse(secret.isUDP)
         XCTAssertEqual(secret.kindName, "tcp")
         XCTAssertEqual(try ServiceSpec.parse("tcp:8080:127.0.0.1:80").kind, .tcp)
         XCTAssertEqual(try ServiceSpec.parse("8080:127.0.0.1:80").kind, .tcp)

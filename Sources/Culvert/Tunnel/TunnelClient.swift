@@ -23,20 +23,21 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     let logger: Logger
     private let connector: TunnelConnector
     private let control: ServiceControl
-    /// Every visitor relay of every session, current and past.
-    let relays: RelayGroup
+    /// The data plane, one share per loop; data channels go to them in turn.
+    private let loops: [ClientLoop]
     private var everConnected = false
     private var announced: Set<UInt32> = []
     private var stopping = false
     private var current: ClientSession?
 
-    private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connector: TunnelConnector, control: ServiceControl) {
+    private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connector: TunnelConnector, control: ServiceControl,
+                 loops: [ClientLoop]) {
         self.config = config
         self.loop = loop
         self.logger = logger
         self.connector = connector
         self.control = control
-        relays = RelayGroup(loop: loop, logger: logger)
+        self.loops = loops
     }
 
     public static func start(config: TunnelClientConfig, group: LoopGroup, logger: Logger, control: ServiceControl) async throws -> TunnelClient {
@@ -44,7 +45,8 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         if let warning = connector.transport.warning {
             logger.warning("\(warning)")
         }
-        let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control)
+        let loops = try group.loops.map { try ClientLoop(loop: $0, config: config, logger: logger) }
+        let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client
     }
@@ -76,21 +78,16 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         }
     }
 
-    /// Opens a data channel: a fresh connection past the transport's handshake, before
-    /// its DataHello.
-    func openChannel() async throws -> AsyncDuplex {
-        try await connector.openChannel()
-    }
-
     /// One control session: handshake, service registration, then serving requests until
     /// the channel dies. Returns whether the session got as far as authentication.
     private func runSession() async throws -> Bool {
         let channel = try await connector.openChannel()
         // With multiplexing, pooled dedicated channels serve only secret services' visitors.
-        let pool = config.mux > 0 && !config.services.contains(where: \.isSecret) ? 0 : config.pool
+        let pool = config.mux > 0 && !config.services.contains(where: { $0.kind == .secret }) ? 0 : config.pool
         let auth = try await connector.authenticate(channel, poolSize: pool, muxChannels: config.mux, heartbeat: config.heartbeat)
         logger.info("connected to server", metadata: ["target": "\(config.server)"])
-        let session = ClientSession(client: self, control: channel, id: auth.id, key: auth.key)
+        let session = ClientSession(client: self, control: channel, credentials: SessionCredentials(id: auth.id, key: auth.key),
+                                    loops: loops)
         current = session
         let firstSession = !everConnected
         everConnected = true
@@ -100,8 +97,9 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     }
 
     /// Prints the ready line the first time a service becomes reachable.
-    func serviceExposed(_ spec: ServiceSpec, id: UInt32, address: String) {
-        if spec.isSecret {
+    func serviceExposed(_ spec: ServiceSpec, address: String) {
+        let id = spec.id
+        if spec.kind == .secret {
             logger.info("secret service registered", metadata: ["service": "\(spec.name)", "target": "\(spec.localDescription)"])
             if announced.insert(id).inserted { ReadyLine.print("exposed secret \(spec.name) -> \(spec.localDescription)") }
             return
@@ -126,9 +124,10 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     public func drain(timeout: Duration) async {
         stopping = true
         current?.end()
-        if relays.count == 0 { return }
-        logger.notice("draining", metadata: ["connections": .stringConvertible(relays.count)])
-        await relays.drain(timeout: timeout)
+        let running = await onEachLoop(loops, loop: \.loop) { $0.relayCount }.reduce(0, +)
+        if running == 0 { return }
+        logger.notice("draining", metadata: ["connections": .stringConvertible(running)])
+        _ = await onEachLoop(loops, loop: \.loop) { await $0.relays.drain(timeout: timeout) }
     }
 }
 

@@ -86,12 +86,6 @@ public struct ServiceSpec: Equatable, Sendable {
         self.localPort = localPort
     }
 
-    /// Convenience for code written before `kind`: `kind == .secret`.
-    public var isSecret: Bool { kind == .secret }
-
-    /// Convenience for code written before `kind`: `kind == .udp`.
-    public var isUDP: Bool { kind == .udp }
-
     public struct ParseError: Error, CustomStringConvertible {
         public let input: String
         public let reason: String

@@ -106,13 +106,6 @@ final class ServerContext: @unchecked Sendable {
 
     /// Runs `body` on every loop (as a task on its executor) and returns the results.
     func onEachLoop<T: Sendable>(_ body: @escaping @Sendable (ServerLoop) async -> T) async -> [T] {
-        await withTaskGroup(of: T.self) { group in
-            for l in loops {
-                group.addTask(executorPreference: l.loop.tasks) { await body(l) }
-            }
-            var results: [T] = []
-            for await r in group { results.append(r) }
-            return results
-        }
+        await Culvert.onEachLoop(loops, loop: \.loop, body)
     }
 }

@@ -1,0 +1,333 @@
+import Logging
+import Reactor
+import Synchronization
+import Transfer
+
+/// The identity a data channel proves to the server: its session's id and key. `isEnded`
+/// is set (on the session's loop) before the loops hear of the end, so a channel still
+/// on its way for an ended session is closed instead of pooled.
+final class SessionCredentials: Sendable {
+    let id: [UInt8]
+    let key: [UInt8]
+    private let ended = Atomic<Bool>(false)
+
+    init(id: [UInt8], key: [UInt8]) {
+        self.id = id
+        self.key = key
+    }
+
+    var isEnded: Bool { ended.load(ordering: .relaxed) }
+    func end() { ended.store(true, ordering: .relaxed) }
+}
+
+/// One loop's share of a tunnel client's data plane: the data channels the session
+/// asked it to open, the carriers among them, the connections to local services and
+/// the relays, one relay set per service. The control session hands each data-channel
+/// request to the next loop in turn, so one busy client uses every core.
+///
+/// Thread confinement: everything but `loop` and `run` is touched on `loop` only.
+final class ClientLoop: @unchecked Sendable {
+    let loop: EventLoop
+    private let config: TunnelClientConfig
+    private let logger: Logger
+    private let connector: TunnelConnector
+    let relays: RelayGroup
+    private let services: [UInt32: ServiceSpec]
+    /// This loop's relay set of each service.
+    private var serviceRelays: [UInt32: RelaySet] = [:]
+    /// Local service addresses resolved so far, by service id.
+    private var resolvedLocal: [UInt32: [SocketAddress]] = [:]
+    /// Data channels opened and waiting for the server's command.
+    private var pooled: [ObjectIdentifier: AsyncDuplex] = [:]
+    /// Data channels carrying multiplexed TCP visitors.
+    private var carriers: [ObjectIdentifier: MuxConnection] = [:]
+    /// Local connections being made for multiplexed visitors.
+    private var connecting: [ObjectIdentifier: Connector] = [:]
+    /// Data channels carrying UDP services.
+    private var udpRelays: [ObjectIdentifier: ClientUDPRelay] = [:]
+
+    init(loop: EventLoop, config: TunnelClientConfig, logger: Logger) throws {
+        self.loop = loop
+        self.config = config
+        self.logger = logger
+        connector = try TunnelConnector(loop: loop, config: config)
+        relays = RelayGroup(loop: loop, logger: logger)
+        services = Dictionary(config.services.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+    }
+
+    /// Runs `body` on this loop: at once when already there, else through its inbox.
+    func run(_ body: @escaping @Sendable () -> Void) {
+        if loop.inEventLoop { body() } else { loop.execute(body) }
+    }
+
+    /// Relays running on this loop.
+    var relayCount: Int { relays.count }
+
+    // MARK: data channels
+
+    /// Opens one data channel for the server's nonce, waits in the pool until the server
+    /// says what it carries, then serves it: a carrier, a UDP service, or one visitor
+    /// relayed to its local service.
+    func openDataChannel(nonce: [UInt8], session: SessionCredentials) async {
+        let channel: AsyncDuplex
+        do {
+            channel = try await connector.openChannel()
+        } catch {
+            logger.warning("cannot open data channel", metadata: ["error": "\(error)"])
+            return
+        }
+        guard !session.isEnded else { return channel.close() }
+        let key = ObjectIdentifier(channel)
+        pooled[key] = channel
+        defer { pooled[key] = nil }
+        let serviceID: UInt32
+        let visitor: String
+        do {
+            channel.send(TunnelProtocol.encode(.dataHello(
+                version: TunnelProtocol.version, sessionID: session.id, channelNonce: nonce,
+                proof: TunnelProtocol.dataProof(sessionKey: session.key, sessionID: session.id, channelNonce: nonce))))
+            switch try await TunnelProtocol.read(TunnelProtocol.DataCommand.self, from: channel) {
+            case .connect(let sid, let who):
+                serviceID = sid
+                visitor = who
+            case .mux:
+                return startCarrier(channel.detach(), session: session)
+            }
+        } catch {
+            if !session.isEnded && error as? ChannelError != .closed {
+                logger.debug("pooled data channel closed", metadata: ["error": "\(error)"])
+            }
+            channel.fail(.closed)
+            return
+        }
+        guard let spec = services[serviceID] else {
+            return channel.fail(.protocolViolation("unknown service \(serviceID)"))
+        }
+        switch spec.kind {
+        case .udp:
+            await startUDPRelay(channel, spec: spec)
+        case .tcp:
+            await serveVisitor(channel, spec: spec, visitor: visitor)
+        case .secret:
+            // The visitor must prove the service token before anything local is touched.
+            do {
+                let key = TunnelProtocol.secretKey(serviceToken: spec.serviceToken ?? config.token, name: spec.name)
+                try await challengeVisitor(channel, spec: spec, key: key)
+            } catch {
+                logger.warning("visitor refused", metadata: ["peer": "\(visitor)", "service": "\(spec.name)", "error": "\(error)"])
+                return
+            }
+            await serveVisitor(channel, spec: spec, visitor: visitor)
+        }
+    }
+
+    /// Connects a dedicated channel's visitor to its local service and relays.
+    private func serveVisitor(_ channel: AsyncDuplex, spec: ServiceSpec, visitor: String) async {
+        let localFD: Int32
+        do {
+            localFD = try await Connector.connect(to: try await localAddresses(of: spec), timeout: config.connectTimeout, on: loop)
+        } catch {
+            logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
+            if spec.kind == .secret {
+                channel.send(TunnelProtocol.encode(TunnelProtocol.VisitAnswer.refused(.init(.localUnreachable, "local service unreachable"))))
+                try? await channel.flush()
+            }
+            return channel.fail(.closed)
+        }
+        if spec.kind == .secret {
+            channel.send(TunnelProtocol.encode(.serviceReady))
+            do {
+                try await channel.flush()
+            } catch {
+                Posix.close(localFD)
+                return channel.fail(.closed)
+            }
+        }
+        guard let data = wrap(channel.detach(), compress: spec.compress) else { return Posix.close(localFD) }
+        startRelay(data, localFD: localFD, visitor: visitor, spec: spec)
+    }
+
+    /// The exposer's half of the end-to-end service-token proof. On a wrong proof the
+    /// visitor is told so and the channel closed.
+    private func challengeVisitor(_ channel: AsyncDuplex, spec: ServiceSpec, key: [UInt8]) async throws {
+        let timer = loop.schedule(after: config.handshakeTimeout) { channel.fail(.timedOut("visitor handshake")) }
+        defer { timer.cancel() }
+        do {
+            guard case .serviceHello(let visitorNonce) = try await TunnelProtocol.read(TunnelProtocol.VisitorFrame.self, from: channel) else {
+                throw ChannelError.protocolViolation("expected the visitor's hello")
+            }
+            let exposerNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
+            channel.send(TunnelProtocol.encode(.serviceChallenge(
+                exposerNonce: exposerNonce,
+                exposerProof: TunnelProtocol.exposerProof(key: key, name: spec.name, visitorNonce: visitorNonce, exposerNonce: exposerNonce))))
+            guard case .serviceProof(let proof) = try await TunnelProtocol.read(TunnelProtocol.VisitorFrame.self, from: channel) else {
+                throw ChannelError.protocolViolation("expected the visitor's proof")
+            }
+            let expected = TunnelProtocol.visitorProof(key: key, name: spec.name, visitorNonce: visitorNonce, exposerNonce: exposerNonce)
+            guard TunnelCrypto.constantTimeEqual(proof, expected) else {
+                channel.send(TunnelProtocol.encode(TunnelProtocol.VisitAnswer.refused(.init(.wrongServiceToken, "wrong service token"))))
+                try? await channel.flush()
+                throw ChannelError.protocolViolation("wrong service token")
+            }
+        } catch {
+            channel.fail(.closed)
+            throw error
+        }
+    }
+
+    // MARK: multiplexed data channels
+
+    private func startCarrier(_ stream: Duplex, session: SessionCredentials) {
+        guard !session.isEnded else { return stream.close(reset: false) }
+        let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false, pipes: relays.resources.pipes)
+        carrier.onOpen = { [weak self] stream, payload in
+            guard let self else { return stream.close(reset: true) }
+            self.streamOpened(stream, payload)
+        }
+        var started = false
+        carrier.onClose = { [weak self] carrier, error in
+            guard let self else { return }
+            self.carriers[ObjectIdentifier(carrier)] = nil
+            if started, !session.isEnded, let error {
+                self.logger.warning("multiplexed data channel lost", metadata: ["error": "\(error)"])
+            }
+        }
+        do {
+            try carrier.start()
+        } catch {
+            return logger.warning("cannot watch a multiplexed data channel", metadata: ["error": "\(error)"])
+        }
+        // A carrier whose first read failed closed inside start(): nothing to keep.
+        guard !carrier.isClosed else { return }
+        started = true
+        carriers[ObjectIdentifier(carrier)] = carrier
+    }
+
+    /// A visitor arrived on a carrier: connect to its local service and relay.
+    private func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer) {
+        let serviceID: UInt32
+        let visitor: String
+        do {
+            (serviceID, visitor) = try TunnelProtocol.decodeOpen(payload)
+        } catch {
+            logger.warning("malformed stream on a multiplexed data channel", metadata: ["error": "\(error)"])
+            return stream.close(reset: true)
+        }
+        guard let spec = services[serviceID], spec.kind == .tcp else {
+            logger.warning("multiplexed stream for an unknown service", metadata: ["service": .stringConvertible(serviceID)])
+            return stream.close(reset: true)
+        }
+        if let addresses = resolvedLocal[serviceID] {
+            return dial(stream, spec: spec, visitor: visitor, addresses: addresses)
+        }
+        Task(executorPreference: loop.tasks) {
+            do {
+                let addresses = try await self.localAddresses(of: spec)
+                self.dial(stream, spec: spec, visitor: visitor, addresses: addresses)
+            } catch {
+                self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
+                stream.close(reset: true)
+            }
+        }
+    }
+
+    /// Connects a multiplexed visitor to its local service (callbacks on the loop, no
+    /// task per visitor), then relays.
+    private func dial(_ stream: MuxStream, spec: ServiceSpec, visitor: String, addresses: [SocketAddress]) {
+        let connector = Connector(loop: loop, addresses: addresses, timeout: config.connectTimeout) { [weak self] connector, outcome in
+            guard let self else { return stream.close(reset: true) }
+            self.connecting[ObjectIdentifier(connector)] = nil
+            switch outcome {
+            case .connected(let fd, let registration, _):
+                guard let data = self.wrap(stream, compress: spec.compress) else {
+                    if let registration { self.loop.forget(registration: registration) }
+                    return Posix.close(fd)
+                }
+                self.startRelay(data, localFD: fd, adopting: registration, visitor: visitor, spec: spec)
+            case .exhausted(_, let lastError):
+                self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(lastError.map { "\($0)" } ?? "no address")"])
+                stream.close(reset: true)
+            case .cancelled:
+                stream.close(reset: true)
+            }
+        }
+        connecting[ObjectIdentifier(connector)] = connector
+        connector.start()
+    }
+
+    // MARK: UDP services
+
+    /// A UDP service's data channel: per-visitor sessions to the local service until the
+    /// channel closes (the server then asks for a new one).
+    private func startUDPRelay(_ channel: AsyncDuplex, spec: ServiceSpec) async {
+        let target: [SocketAddress]
+        do {
+            target = try await Resolver.resolve(host: spec.localHost, port: spec.localPort, passive: false, on: loop)
+        } catch {
+            logger.warning("local service unreachable", metadata: ["target": "\(spec.localDescription)", "error": "\(error)"])
+            return channel.fail(.closed)
+        }
+        guard let data = wrap(channel.detach(), compress: spec.compress) else { return }
+        let relay = ClientUDPRelay(loop: loop, logger: logger, stream: data, target: target,
+                                   idleTimeout: config.udpIdleTimeout) { [weak self] relay in
+            self?.udpRelays[ObjectIdentifier(relay)] = nil
+        }
+        udpRelays[ObjectIdentifier(relay)] = relay
+        do {
+            try relay.start()
+        } catch {
+            relay.closeAll()
+        }
+    }
+
+    // MARK: relays
+
+    /// The data channel, compressed when the service asks for it; nil (closed) on failure.
+    private func wrap(_ stream: Duplex, compress: Bool) -> Duplex? {
+        guard compress else { return stream }
+        do {
+            return try ZlibStream(wrapping: stream)
+        } catch {
+            stream.close(reset: true)
+            return nil
+        }
+    }
+
+    /// A service's local addresses, resolved once per loop (off-loop for names).
+    private func localAddresses(of spec: ServiceSpec) async throws -> [SocketAddress] {
+        if let known = resolvedLocal[spec.id] { return known }
+        let addresses = try await Resolver.resolve(host: spec.localHost, port: spec.localPort, passive: false, on: loop)
+        resolvedLocal[spec.id] = addresses
+        return addresses
+    }
+
+    private func startRelay(_ data: Duplex, localFD: Int32, adopting registration: Registration? = nil, visitor: String, spec: ServiceSpec) {
+        let set: RelaySet
+        if let known = serviceRelays[spec.id] {
+            set = known
+        } else {
+            set = relays.makeSet()
+            serviceRelays[spec.id] = set
+        }
+        let logger = self.logger
+        let target = spec.localDescription
+        set.start(a: data, b: TCPStream(fd: localFD), adopting: registration, peer: visitor) { relay, reason in
+            logger.connectionClosed(peer: visitor, ("target", target), relay: relay, reason: reason)
+        }
+    }
+
+    // MARK: ending
+
+    /// The session ended: closes pooled channels and UDP relays, gives up local
+    /// connections still being made, and lets each carrier close after its last stream.
+    /// Visitors already relayed go on (a drain waits for them).
+    func sessionEnded() {
+        for c in pooled.values { c.fail(.closed) }
+        pooled.removeAll()
+        for c in Array(connecting.values) { c.cancel() }
+        connecting.removeAll()
+        for c in Array(carriers.values) { c.closeWhenIdle() }
+        carriers.removeAll()
+        for r in Array(udpRelays.values) { r.closeAll() }
+    }
+}
