@@ -30,8 +30,10 @@ struct ForwardUDPCommand: ParsableCommand {
             transform: parseDuration)
     var idleTimeout: Duration = .seconds(60)
 
-    @Option(help: "Drop datagrams from new clients beyond this many sessions (0: no limit).")
-    var maxSessions: Int = 0
+    @Option(help: ArgumentHelp(
+        "Drop datagrams from new clients beyond this many sessions (default: half the descriptors free at start, at most 10,000, so a flood meets this limit before EMFILE; 0: no limit, and a flood can take every descriptor).",
+        valueName: "N"))
+    var maxSessions: Int?
 
     @Option(help: "SO_RCVBUF/SO_SNDBUF per socket in bytes, suffixes K and M allowed (default: 4M).",
             transform: parseByteSize)

@@ -18,6 +18,7 @@ import selectors
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -79,12 +80,17 @@ class UdpCulvert(Culvert):
 
 @pytest.fixture
 def start_udp(culvert_path):
-    """start_udp(listen, *targets, opts=[...]) -> UdpCulvert past its ready line.
-    Every process is killed at teardown."""
+    """start_udp(listen, *targets, opts=[...], nofile=N) -> UdpCulvert past its ready
+    line; with `nofile`, under that descriptor limit.  Every process is killed at teardown."""
     procs: list[UdpCulvert] = []
 
-    def start(listen: str, *targets: str, opts=(), ready: int = 1, timeout: float = 15.0) -> UdpCulvert:
-        c = UdpCulvert(culvert_path, ["forward", "udp", *opts, listen, *targets])
+    def start(listen: str, *targets: str, opts=(), ready: int = 1, timeout: float = 15.0,
+              nofile: int | None = None) -> UdpCulvert:
+        args = ["forward", "udp", *opts, listen, *targets]
+        if nofile is None:
+            c = UdpCulvert(culvert_path, args)
+        else:  # soft = hard, so culvert cannot raise it
+            c = UdpCulvert("prlimit", [f"--nofile={nofile}:{nofile}", culvert_path, *args])
         procs.append(c)
         if ready:
             c.wait_ready(ready, timeout=timeout)
@@ -617,6 +623,114 @@ def test_max_sessions_enforced(start_udp, udp_servers):
     closed = c.session_closed()
     assert len(closed) == 5, closed
     assert sixth_addr not in {r["peer"] for r in closed}
+
+
+def flood_from_many_sources(addr, count: int, every, between: int = 500) -> float:
+    """One datagram from each of `count` client addresses (127.0.0.2-251, a fresh
+    port each; a socket is closed before the next opens, so this process holds one
+    at a time), calling every() after each `between`.  Returns the seconds taken."""
+    t0 = time.monotonic()
+    for i in range(count):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((f"127.0.0.{2 + i % 250}", 0))
+            s.sendto(b"flood %d" % i, addr)
+        if i % between == between - 1:
+            every()
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize(
+    "opts, counter",
+    [
+        pytest.param([], "session_limit", id="default-limit"),
+        pytest.param(["--max-sessions", "0"], "no_descriptor", id="no-limit-runs-out-of-descriptors"),
+    ],
+)
+def test_source_flood_is_summarised_and_service_recovers(start_udp, udp_servers, opts, counter):
+    # 3,000 client addresses against 256 descriptors: by the default session limit, or
+    # (no limit) by EMFILE.  Either way the process lives, logs a few summary lines
+    # rather than one per datagram, keeps serving the session it had, and takes new
+    # clients again once the flood's sessions have idled out.
+    server = udp_servers(echo)
+    c = start_udp("127.0.0.1:0", server.address, nofile=256,
+                  opts=["--idle-timeout", "1s", "--threads", "2", *opts])
+    addr = c.addr
+    checks = 0
+    with udp_client(addr) as old:
+        def old_session_answers():
+            nonlocal checks
+            p = os.urandom(48)
+            assert request(old, addr, p, lambda r, p=p: r == p, tries=3, wait=0.5) == p, c.describe()
+            checks += 1
+
+        old_session_answers()
+        seconds = flood_from_many_sources(addr, 3000, old_session_answers)
+        assert seconds < 5, f"the flood took {seconds:.1f}s"
+        old_session_answers()
+        assert checks == 8 and c.running(), c.describe()
+
+        # a new client gets through once the flood's sessions idle out (1 s, swept every 0.25 s)
+        t0 = time.monotonic()
+        with udp_client(addr) as new:
+            p = os.urandom(48)
+            assert request(new, addr, p, lambda r, p=p: r == p, tries=20, wait=0.25) == p
+        assert time.monotonic() - t0 < 3, f"new client waited {time.monotonic() - t0:.1f}s"
+        old_session_answers()
+    assert stop(c) == 0, c.describe()
+
+    assert not c.stderr_matching(r"^warning cannot open session socket"), c.describe()
+    drops = [parse_text_line(l) for l in c.stderr_matching(r"^warning datagrams dropped ")]
+    # at most once a second per loop while flooding, plus once per loop at shutdown
+    assert 1 <= len(drops) <= 2 * (int(seconds) + 2), drops
+    assert sum(int(d[counter]) for d in drops) >= 100, drops
+    assert len(c.stderr_lines) < 1000, f"{len(c.stderr_lines)} log lines"
+
+
+def test_default_session_limit_follows_descriptor_limit(start_udp, udp_servers):
+    # With no --max-sessions the limit is half the descriptors free at start, stated
+    # in one info line; under 128 descriptors that is a few dozen sessions.
+    server = udp_servers(echo)
+    c = start_udp("127.0.0.1:0", server.address, nofile=128, opts=["--threads", "1"])
+    addr = c.addr
+    line = c.wait_record("session limit", level="info", timeout=5)[0]
+    free, limit = int(line["free_descriptors"]), int(line["max_sessions"])
+    assert line["from"] == "default" and 100 < free < 128 and limit == free // 2, line
+    assert not c.matching("session limit exceeds free descriptors"), c.describe()
+
+    socks = [udp_client(addr) for _ in range(limit + 1)]
+    try:
+        for k, s in enumerate(socks[:limit]):
+            p = b"client %d" % k
+            assert request(s, addr, p, lambda r, p=p: r == p) == p
+        socks[limit].sendto(b"one too many", addr)
+        expect_silence(socks[limit], 0.5)
+        assert request(socks[0], addr, b"still here", lambda r: r == b"still here") == b"still here"
+    finally:
+        for s in socks:
+            s.close()
+    assert stop(c) == 0, c.describe()
+    drops = [parse_text_line(l) for l in c.stderr_matching(r"^warning datagrams dropped ")]
+    assert sum(int(d["session_limit"]) for d in drops) >= 1, drops
+    assert all(d["max_sessions"] == str(limit) for d in drops), drops
+    assert len(c.session_closed()) == limit
+
+
+def test_default_session_limit_is_at_most_10000(start_udp, udp_servers):
+    if subprocess.run(["prlimit", "--nofile=100000:100000", "true"]).returncode != 0:
+        pytest.skip("cannot raise RLIMIT_NOFILE to 100000 (not root)")
+    server = udp_servers(echo)
+    c = start_udp("127.0.0.1:0", server.address, nofile=100000)
+    line = c.wait_record("session limit", level="info", timeout=5)[0]
+    assert (line["from"], line["max_sessions"]) == ("default", "10000"), line
+    assert int(line["free_descriptors"]) > 99000, line
+
+
+def test_max_sessions_above_free_descriptors_warns(start_udp, udp_servers):
+    server = udp_servers(echo)
+    c = start_udp("127.0.0.1:0", server.address, nofile=256, opts=["--max-sessions", "1000"])
+    line = c.wait_record("session limit exceeds free descriptors", level="warning", timeout=5)[0]
+    assert line["max_sessions"] == "1000" and line["from"] == "--max-sessions", line
+    assert int(line["free_descriptors"]) < 256, line
 
 
 # --------------------------------------------------------------------------

@@ -7,8 +7,9 @@ public struct UDPForwardConfig: Sendable {
     public var balance: BalanceStrategy = .roundRobin
     /// A session with no datagram either way for this long is closed.
     public var idleTimeout: Duration = .seconds(60)
-    /// 0 means unlimited.
-    public var maxSessions: Int = 0
+    /// nil: `UDPSessionBudget`'s default, taken from the descriptors free at start.
+    /// 0: no limit, so new sessions stop only when descriptors run out.
+    public var maxSessions: Int?
     /// SO_RCVBUF/SO_SNDBUF for every socket.
     public var socketBuffer: Int = 4 << 20
     public var threads: Int = LoopGroup.coreCount
@@ -54,7 +55,7 @@ extension UDPForwardConfig {
         var config = UDPForwardConfig(listen: flags.listen, targets: flags.targets)
         if let balance = flags.balance { config.balance = balance }
         if let idleTimeout = flags.idleTimeout { config.idleTimeout = idleTimeout }
-        if let maxSessions = flags.maxSessions { config.maxSessions = maxSessions }
+        config.maxSessions = flags.maxSessions
         if let socketBuffer = flags.socketBuffer { config.socketBuffer = socketBuffer }
         if let threads = flags.threads { config.threads = threads }
         return Resolved(config: config, log: flags.log.over(LogSettings()))

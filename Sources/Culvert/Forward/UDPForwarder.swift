@@ -15,10 +15,14 @@ public final class UDPForwarder: DrainableService, @unchecked Sendable {
     private let sessions = Atomic<Int>(0)
     public private(set) var boundAddresses: [SocketAddress] = []
 
-    private init(config: UDPForwardConfig, group: LoopGroup, targets: TargetSet, logger: Logger) {
+    /// The session limit in force (0: none): `config.maxSessions` or the default.
+    let maxSessions: Int
+
+    private init(config: UDPForwardConfig, group: LoopGroup, targets: TargetSet, maxSessions: Int, logger: Logger) {
         self.config = config
         self.group = group
         self.targets = targets
+        self.maxSessions = maxSessions
         self.logger = logger
     }
 
@@ -28,13 +32,17 @@ public final class UDPForwarder: DrainableService, @unchecked Sendable {
         let main = group.main
         let resolvedTargets = try await resolveTargets(config.targets, on: main)
         let listenAddrs = try await Resolver.resolve(host: config.listen.host, port: config.listen.port, passive: true, on: main)
-        let forwarder = UDPForwarder(config: config, group: group,
-                                     targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
-                                     logger: logger)
-        forwarder.workers = group.loops.map { UDPWorker(loop: $0, forwarder: forwarder) }
         let listeners = try LoopListeners.bind(listenAddrs, loops: group.loops.count, spec: config.listen) { (a) throws(SystemError) in
             try Net.udpListen(a, reusePort: true, bufferSize: config.socketBuffer)
         }
+        // Counted once the listeners hold theirs: what is left is what sessions can take.
+        let free = UDPSessionBudget.freeDescriptors()
+        let maxSessions = config.maxSessions ?? UDPSessionBudget.defaultLimit(freeDescriptors: free)
+        logSessionLimit(maxSessions, configured: config.maxSessions != nil, freeDescriptors: free, logger: logger)
+        let forwarder = UDPForwarder(config: config, group: group,
+                                     targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
+                                     maxSessions: maxSessions, logger: logger)
+        forwarder.workers = group.loops.map { UDPWorker(loop: $0, forwarder: forwarder) }
         forwarder.boundAddresses = listeners.bound
         for (worker, mine) in zip(forwarder.workers, listeners.perLoop) {
             worker.loop.execute { worker.start(listeners: mine) }
@@ -43,6 +51,20 @@ public final class UDPForwarder: DrainableService, @unchecked Sendable {
             ReadyLine.print("listening udp \(address) -> \(forwarder.targets.summary)")
         }
         return forwarder
+    }
+
+    /// One line that states the limit, and a warning when a flood would meet EMFILE
+    /// before the limit: new clients are then still dropped and counted, not logged one
+    /// by one, but the limit is not what stops them.
+    private static func logSessionLimit(_ maxSessions: Int, configured: Bool, freeDescriptors free: Int, logger: Logger) {
+        let metadata: Logger.Metadata = [
+            "max_sessions": .stringConvertible(maxSessions), "free_descriptors": .stringConvertible(free),
+            "from": configured ? "--max-sessions" : "default",
+        ]
+        logger.info("session limit", metadata: metadata)
+        if maxSessions == 0 || maxSessions > free {
+            logger.warning("session limit exceeds free descriptors", metadata: metadata)
+        }
     }
 
     /// UDP has nothing in flight to wait for: stop receiving and close every session.
@@ -62,7 +84,7 @@ public final class UDPForwarder: DrainableService, @unchecked Sendable {
 
     func admitSession() -> Bool {
         let now = sessions.wrappingAdd(1, ordering: .relaxed).newValue
-        if config.maxSessions > 0 && now > config.maxSessions {
+        if maxSessions > 0 && now > maxSessions {
             sessions.wrappingSubtract(1, ordering: .relaxed)
             return false
         }

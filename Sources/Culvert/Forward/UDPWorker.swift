@@ -33,7 +33,7 @@ final class UDPWorker {
     private var sweepTimer: LoopTimer?
     /// Batches one socket may take per wake-up before yielding to the others.
     private static let batchesPerWakeup = 8
-    private var dropped = (limit: 0, full: 0, oversized: 0)
+    private var dropped = (limit: 0, noDescriptor: 0, full: 0, oversized: 0)
     private var lastDropLog: UInt64 = 0
 
     init(loop: EventLoop, forwarder: UDPForwarder) {
@@ -152,12 +152,21 @@ final class UDPWorker {
                 forwarder.logger.debug("session opened", metadata: ["peer": "\(client)", "target": "\(attempt.address)"])
                 return session
             } catch {
+                // Out of descriptors or socket memory: another target would fail the same
+                // way, and in a flood a line per datagram would bury everything else.
+                if Self.outOfResources(error.errno) {
+                    dropped.noDescriptor += 1
+                    break
+                }
                 forwarder.logger.warning("cannot open session socket", metadata: ["target": "\(attempt.address)", "error": "\(error)"])
-                if error.errno == EMFILE || error.errno == ENFILE { break }
             }
         }
         forwarder.releaseSession()
         return nil
+    }
+
+    private static func outOfResources(_ code: Int32) -> Bool {
+        code == EMFILE || code == ENFILE || code == ENOBUFS || code == ENOMEM
     }
 
     // MARK: target -> client
@@ -235,13 +244,14 @@ final class UDPWorker {
     }
 
     private func logDrops(force: Bool) {
-        let total = dropped.limit + dropped.full + dropped.oversized
+        let total = dropped.limit + dropped.noDescriptor + dropped.full + dropped.oversized
         guard total > 0, force || loop.now &- lastDropLog >= 1_000_000_000 else { return }
         lastDropLog = loop.now
         forwarder.logger.warning("datagrams dropped", metadata: [
-            "session_limit": .stringConvertible(dropped.limit), "socket_full": .stringConvertible(dropped.full),
-            "oversized": .stringConvertible(dropped.oversized), "max_sessions": .stringConvertible(forwarder.config.maxSessions),
+            "session_limit": .stringConvertible(dropped.limit), "no_descriptor": .stringConvertible(dropped.noDescriptor),
+            "socket_full": .stringConvertible(dropped.full), "oversized": .stringConvertible(dropped.oversized),
+            "max_sessions": .stringConvertible(forwarder.maxSessions),
         ])
-        dropped = (0, 0, 0)
+        dropped = (0, 0, 0, 0)
     }
 }
