@@ -357,6 +357,10 @@ class CpuMeter:
         self._take()
         return sum(self.last[k] - self.first[k] for k in self.last) / CLK_TCK
 
+    def seconds_of(self, pids):
+        """CPU seconds of just the processes `pids` (of those measured), up to stop()."""
+        return sum(self.last[k] - self.first[k] for k in self.last if k[0] in pids) / CLK_TCK
+
 
 def rss_kib(root_pids, include_children=True):
     """Sum of VmRSS over the tool's processes (tree_pids) in KiB, plus process count."""
@@ -537,22 +541,45 @@ def install_signal_handlers():
 def run_cmd(cmd, timeout, cwd=None):
     """Run to completion with a timeout; returns (rc, stdout, stderr). Kills the whole
     group on timeout. rc is None on timeout."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd,
-                         preexec_fn=_raise_nofile, text=True)
-    _LIVE[p.pid] = p
+    return run_cmds([cmd], timeout, cwd)[0]
+
+
+def run_cmds(cmds, timeout, cwd=None):
+    """Run the commands at the same time, each to completion within one shared timeout
+    -> [(rc, stdout, stderr)] in their order (rc None: killed at the timeout). Outputs
+    are read one process after the other; one whose pipe fills meanwhile just waits."""
+    procs = []
     try:
-        out, err = p.communicate(timeout=timeout)
-        return p.returncode, out, err
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        out, err = p.communicate()
-        return None, out, err
+        for cmd in cmds:
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd,
+                                 preexec_fn=_raise_nofile, text=True)
+            _LIVE[p.pid] = p
+            procs.append(p)
+        end = time.monotonic() + timeout
+        results = []
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=max(0.0, end - time.monotonic()))
+                results.append((p.returncode, out, err))
+            except subprocess.TimeoutExpired:
+                _killpg(p)
+                out, err = p.communicate()
+                results.append((None, out, err))
+        return results
     finally:
-        _LIVE.pop(p.pid, None)
+        for p in procs:  # an exception (SIGTERM) may leave some running
+            if p.poll() is None:
+                _killpg(p)
+                p.wait()
+            _LIVE.pop(p.pid, None)
+
+
+def _killpg(p):
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def tail(path, n=400):

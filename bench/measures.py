@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from benchlib import (CpuMeter, Failed, StartError, free_port, free_port_tcp_udp, kill_proc,
                       parse_closed_line, parse_iperf3_json, parse_iperf3_udp_json,
                       parse_probe_json, parse_sockperf, parse_ss_backlog, parse_wrk, pss_kib,
-                      rss_kib, run_cmd, sockstat_tcp_mem_kib, spawn, wait_listening)
+                      rss_kib, run_cmd, run_cmds, sockstat_tcp_mem_kib, spawn, wait_listening)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,12 +63,49 @@ class Backend:
         if self.proc is None or self.proc.poll() is not None:
             raise StartError(f"back end {self.name} is not running")
 
+    @property
+    def ports(self):
+        """The services this back end offers, one port each."""
+        return [self.port]
+
 
 class IperfServer(Backend):
     name = "iperf3-server"
 
     def cmd(self):
         return ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.port)]
+
+
+class IperfServers(Backend):
+    """Two iperf3 servers, a service for each of two tunnel clients: one iperf3 server
+    runs one test at a time."""
+    name = "iperf3-servers"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.servers = [IperfServer(ctx), IperfServer(ctx)]
+        self.port = self.servers[0].port
+
+    def start(self):
+        try:
+            for s in self.servers:
+                s.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self):
+        for s in self.servers:
+            s.stop()
+
+    def check(self):
+        for s in self.servers:
+            s.check()
+
+    @property
+    def ports(self):
+        return [s.port for s in self.servers]
 
 
 class SockperfServer(Backend):
@@ -190,16 +227,25 @@ class RandomSource(SourceServer):
 
 # --------------------------------------------------------------------------- run functions
 
-def _iperf(ctx, port, streams):
-    cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(ctx.tput_seconds),
-           "-P", str(streams), "-J", "--connect-timeout", "5000"]
-    rc, out, err = run_cmd(cmd, timeout=ctx.tput_seconds + 25)
+def _iperf_cmd(port, streams, seconds):
+    return ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
+            "-P", str(streams), "-J", "--connect-timeout", "5000"]
+
+
+def _iperf_result(rc, out, err):
+    """One iperf3 -J run -> parse_iperf3_json's dict; ValueError with the reason."""
     if rc is None:
         raise ValueError("iperf3 timed out")
     try:
         return parse_iperf3_json(out)
     except ValueError as e:
         raise ValueError(f"{e} (rc={rc}{', ' + err.strip()[:200] if err.strip() else ''})")
+
+
+def _iperf(ctx, port, streams):
+    rc, out, err = run_cmd(_iperf_cmd(port, streams, ctx.tput_seconds),
+                           timeout=ctx.tput_seconds + 25)
+    return _iperf_result(rc, out, err)
 
 
 def run_throughput(ctx, fwd, be):
@@ -243,12 +289,15 @@ def run_latency(ctx, fwd, be):
     return {"rtt_p50_us": r["p50"], "rtt_p99_us": r["p99"]}
 
 
+def _wrk_cmd(port, conns, seconds):
+    return ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s",
+            "-H", "Connection: close", f"http://127.0.0.1:{port}/{SMALL_FILE}"]
+
+
 def run_connrate(ctx, fwd, be):
     be.check()
-    url = f"http://127.0.0.1:{fwd.port}/{SMALL_FILE}"
-    cmd = ["wrk", "-t1", f"-c{ctx.wrk_conns}", f"-d{ctx.wrk_seconds}s", "--timeout", "5s",
-           "-H", "Connection: close", url]
-    rc, out, err = run_cmd(cmd, timeout=ctx.wrk_seconds + 20)
+    rc, out, err = run_cmd(_wrk_cmd(fwd.port, ctx.wrk_conns, ctx.wrk_seconds),
+                           timeout=ctx.wrk_seconds + 20)
     if rc != 0:
         return {"conn_per_s": Failed(f"wrk rc={rc}: {(err or out).strip()[-200:]}")}
     try:
@@ -259,6 +308,63 @@ def run_connrate(ctx, fwd, be):
     if r["errors"]:
         res["_notes"] = [f"wrk reported {r['errors']} errors of {r['requests']} requests"]
     return res
+
+
+def split_keys(prefix):
+    """Metric keys of a load split over a tunnel's public ports (make_run_split_*)."""
+    return {"gbps": f"{prefix}_gbps", "conn_per_s": f"{prefix}_conn_per_s",
+            "cpu_server": f"{prefix}_cpu_server_s_per_gb", "cpu_all": f"{prefix}_cpu_s_per_gb"}
+
+
+def make_run_split_iperf(prefix, streams):
+    """iperf3 -P `streams` to every public port of the tunnel (fwd.ports) at once for
+    ctx.ab_seconds -> the summed throughput, and CPU seconds per GB received of the
+    server process (fwd.procs[0]) and of server and clients together."""
+    def run_split_iperf(ctx, fwd, be):
+        be.restart()
+        k = split_keys(prefix)
+        keys = (k["gbps"], k["cpu_server"], k["cpu_all"])
+        meter = CpuMeter(fwd.root_pids()).start()
+        try:
+            done = run_cmds([_iperf_cmd(p, streams, ctx.ab_seconds) for p in fwd.ports],
+                            timeout=ctx.ab_seconds + 25)
+            time.sleep(0.2)  # let the tunnel finish closing the connections
+        finally:
+            cpu_all = meter.stop()
+        try:
+            runs = [_iperf_result(*r) for r in done]
+        except ValueError as e:
+            return {key: Failed(e) for key in keys}
+        gb = sum(r["bytes"] for r in runs) / 1e9
+        return {k["gbps"]: sum(r["bps"] for r in runs) / 1e9,
+                k["cpu_server"]: meter.seconds_of({fwd.procs[0].pid}) / gb,
+                k["cpu_all"]: cpu_all / gb}
+    return run_split_iperf
+
+
+def make_run_split_connrate(prefix):
+    """wrk to every public port of the tunnel at once for ctx.ab_seconds, ctx.wrk_conns
+    connections split evenly over them -> the summed new connections/s."""
+    def run_split_connrate(ctx, fwd, be):
+        be.check()
+        key = split_keys(prefix)["conn_per_s"]
+        conns = max(1, ctx.wrk_conns // len(fwd.ports))
+        done = run_cmds([_wrk_cmd(p, conns, ctx.ab_seconds) for p in fwd.ports],
+                        timeout=ctx.ab_seconds + 20)
+        rps, notes = 0.0, []
+        for port, (rc, out, err) in zip(fwd.ports, done):
+            if rc != 0:
+                return {key: Failed(f"wrk to :{port} rc={rc}: {(err or out).strip()[-200:]}")}
+            try:
+                r = parse_wrk(out)
+            except ValueError as e:
+                return {key: Failed(f"{e} (port {port})")}
+            rps += r["rps"]
+            if r["errors"]:
+                notes.append(f"wrk to :{port} reported {r['errors']} errors of "
+                             f"{r['requests']} requests")
+        return {key: rps, "_notes": notes}
+    return run_split_connrate
 
 
 def udp_keys(prefix):
@@ -481,12 +587,16 @@ DERIVED = [
 
 @dataclass
 class Group:
+    """A measurement: one back end, one run function, the metrics it yields."""
     name: str
     backend: type
     run: callable
     metrics: list
     est_seconds: callable  # estimated wall time of one (run, tool), for the time budget
     in_quick: bool = True  # False: left out of QUICK runs (to keep them < 3 min)
+    # (ctx, tool, backend) -> Forwarder, for groups whose set-up is not the tool's own
+    # (the tool is a setting, e.g. Tool.threads); None: tool.start(ctx, backend.port)
+    start: callable = None
 
 
 GROUPS = [

@@ -125,7 +125,12 @@ def build_all(sections, meta):
     doc = dict(meta)
     doc["sections"] = {}
     for sec, raw, notes, names, baseline, sctx in sections:
-        res = build(raw, notes, names, baseline, {}, sec.metrics, sec.derived)
+        ab_tools = {n for t in sec.ab for n in (t.a, t.b)}
+        ab_keys = {k for t in sec.ab for _, keys in t.rows for k in keys}
+        res = build(raw, notes, [n for n in names if n not in ab_tools], baseline, {},
+                    [m for m in sec.metrics if m.key not in ab_keys], sec.derived)
+        res["ab"] = [build_ab(raw, notes, t, sec.metrics) for t in sec.ab
+                     if t.a in names or t.b in names]
         if sec.name == "forward":
             doc.update(res)
             continue
@@ -138,10 +143,23 @@ def build_all(sections, meta):
                    config={k: sctx[k] for k in sorted(sctx)
                            if k in ("tput_seconds", "lat_seconds", "wrk_seconds", "wrk_conns",
                                     "mem_conns", "fb_conns", "fb_gap_ms", "udp_seconds",
-                                    "compress_bytes")})
+                                    "compress_bytes", "ab_seconds")})
         doc["sections"][sec.name] = res
     doc["targets"] = targets(doc)
     return doc
+
+
+def build_ab(raw, notes, table, metrics):
+    """One ABTable (sections.py) -> {title, a, b, rows: [[label, keys]], metrics, tools
+    (as in build), ratio: {key: b's median / a's median, None when either is missing}}."""
+    keys = [k for _, ks in table.rows for k in ks]
+    res = build(raw, notes, [table.a, table.b], None, {},
+                [m for m in metrics if m.key in keys], [])
+    a_b = {k: [_med(res, t, k) for t in (table.a, table.b)] for k in keys}
+    return {"title": table.title, "a": table.a, "b": table.b,
+            "rows": [[label, ks] for label, ks in table.rows],
+            "metrics": res["metrics"], "tools": res["tools"], "flags": res["flags"],
+            "ratio": {k: ratio(b, a) for k, (a, b) in a_b.items()}}
 
 
 # --------------------------------------------------------------------------- issue targets
@@ -397,6 +415,8 @@ def _section_body(sec):
         keys = [k for k in keys if _measured(sec, k)]  # e.g. loads left out of QUICK
         if keys:
             lines += _table(sec, title, keys, level="###")
+    for ab in sec.get("ab", []):
+        lines += _ab_table(ab)
     lines += _ratio_table(sec, level="###")
     vb = {k: v for k, v in sec.get("vs_best_peer", {}).items() if v["best_peer"]}
     if vb:
@@ -418,10 +438,28 @@ def _section_body(sec):
                          f"{'higher' if c['higher_is_better'] else 'lower'} | {c['best_peer']} | "
                          f"{_fmt(c['best_value'], f)} | " + " | ".join(cells) + " |")
         lines.append("")
-    foot = _failures(sec)
+    foot = _failures(sec) + [f for ab in sec.get("ab", []) for f in _failures(ab)]
     if foot:
         lines += ["### Failures, flags and notes", ""] + foot + [""]
     return lines
+
+
+def _ab_table(ab):
+    """Rows of metrics, the two tools' cells side by side and b / a; a row label is
+    shown on its first metric only."""
+    a, b = ab["a"], ab["b"]
+    rows = []
+    for label, keys in ab["rows"]:
+        for i, k in enumerate(k for k in keys if _measured(ab, k)):  # --groups may skip some
+            m = ab["metrics"][k]
+            rows.append(f"| {label if i == 0 else ''} | {m['label']} ({m['unit']}) | "
+                        f"{'higher' if m['higher_is_better'] else 'lower'} | "
+                        f"{_cell(ab, a, k)} | {_cell(ab, b, k)} | "
+                        f"{_fmt(ab['ratio'][k], '{:.2f}x')} |")
+    if not rows:
+        return []
+    return [f"### {ab['title']}", "", f"| row | metric | better | {a} | {b} | {b} / {a} |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def _targets_table(rows):

@@ -149,7 +149,7 @@ def measure_one(ctx, g, tool, be):
     fwd = None
     try:
         try:
-            fwd = tool.start(ctx, be.port)
+            fwd = g.start(ctx, tool, be) if g.start else tool.start(ctx, be.port)
         except StartError as e:
             return {k: Failed(f"{tool.name} did not start: {e}") for k in g.metrics}
         if not tool.baseline and fwd.port == be.port:
@@ -171,7 +171,7 @@ def measure_one(ctx, g, tool, be):
 
 
 SECTION_CTX_KEYS = ("tput_seconds", "lat_seconds", "wrk_seconds", "wrk_conns", "mem_conns",
-                    "fb_conns", "fb_gap_ms", "udp_seconds", "compress_bytes")
+                    "fb_conns", "fb_gap_ms", "udp_seconds", "compress_bytes", "ab_seconds")
 
 
 def section_ctx(ctx, sec, quick, mem_conns_flag=None):
@@ -232,7 +232,7 @@ def main(argv=None):
     ap.add_argument("--culvert", default=os.environ.get(
         "CULVERT_BIN", os.path.join(ROOT, ".build", "release", "culvert")))
     ap.add_argument("--budget", type=float, help="seconds; later measurements are FAILED "
-                    "as 'skipped' past it (default 840, QUICK 150)")
+                    "as 'skipped' past it (default 880, QUICK 170)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get missing peers")
     ap.add_argument("--mem-conns", type=int, help="idle connections for the forward memory "
                     "test (default 7000, QUICK 1000; the tunnel section uses 5000, QUICK 2000)")
@@ -243,7 +243,7 @@ def main(argv=None):
     t_start = time.monotonic()
     q = a.quick
     runs = a.runs or (1 if q else 2)
-    budget = a.budget or (150 if q else 840)
+    budget = a.budget or (170 if q else 880)
     chosen = select(a, ap)
 
     if not a.no_install:
@@ -255,7 +255,7 @@ def main(argv=None):
     ctx = SimpleNamespace(
         tmp=tmp, culvert=os.path.abspath(a.culvert), start_timeout=10.0,
         tput_seconds=1 if q else 5, lat_seconds=1 if q else 3,
-        wrk_seconds=1 if q else 3, wrk_conns=50,
+        wrk_seconds=1 if q else 3, wrk_conns=50, ab_seconds=1 if q else 2,
         mem_conns=1000 if q else 7000, mem_timeout=60,
         fb_conns=500, fb_gap_ms=2.0, udp_seconds=3, compress_bytes=256 * 2**20)
     fwd = next((x for x in chosen if x[0].name == "forward"), None)

@@ -3,22 +3,36 @@ groups (measures.py), reported in its own tables. `run.py --only NAME,...` picks
 
     forward     TCP forwarders side by side (culvert forward tcp, socat, haproxy, ...)
     udp         UDP forwarders: iperf3 -u at fixed offered rates (culvert forward udp, socat)
-    tunnel      culvert server + client (plain, TLS) against ssh -R; first byte vs haproxy
+    tunnel      culvert server + client (plain, TLS) against ssh -R; first byte vs haproxy;
+                --threads 1 vs 2 with two clients of one server and one TLS client
     compress    256 MiB text / random through the plain tunnel with and without --compress
     tunnel-udp  iperf3 -u through the plain tunnel (-R udp:...)
 
 To add a section: its tools in tools.py, its groups/metrics here, and a Section(...) in
-SECTIONS; report.py renders it generically from `tables`."""
-from dataclasses import dataclass, field
+SECTIONS; report.py renders it generically from `tables` (and `ab`: two tools side by
+side with their ratio)."""
+from dataclasses import dataclass, field, replace
 
 import tools as T
-from measures import (DERIVED, GROUPS, METRICS, ByteServer, Group, Metric, RandomSource,
-                      TextSource, UdpIperfServer, fetch_keys, make_run_fetch, make_run_udp,
-                      run_firstbyte, udp_keys)
+from measures import (DERIVED, GROUPS, METRICS, ByteServer, Group, IperfServer, IperfServers,
+                      Metric, Nginx, RandomSource, TextSource, UdpIperfServer, fetch_keys,
+                      make_run_fetch, make_run_split_connrate, make_run_split_iperf,
+                      make_run_udp, run_firstbyte, split_keys, udp_keys)
+
+
+@dataclass
+class ABTable:
+    """Two tools of a section side by side, metric by metric, with the ratio b / a of
+    their medians (report.py). Its tools appear in no other table of the section."""
+    title: str
+    a: str
+    b: str
+    rows: list                   # [(row label, [metric keys])]
 
 
 @dataclass
 class Section:
+    """Tools measured with groups, reported in tables of its own."""
     name: str
     title: str
     tools: list
@@ -31,6 +45,7 @@ class Section:
     intro: str = ""              # one paragraph of method, shown above the tables (format(**ctx))
     # None: the metric table layout of the forward section (report.markdown)
     generic: bool = True
+    ab: list = field(default_factory=list)  # [ABTable]
 
 
 # --------------------------------------------------------------------------- udp
@@ -69,6 +84,66 @@ TUNNEL_GROUPS = [
           lambda ctx: ctx.fb_conns * (ctx.fb_gap_ms + 1.5) / 1000 + 3),
     _G["connrate"], _G["memory"],
 ]
+
+# Several loops: the same tunnel set-up with --threads 1 and with --threads 2 (two tools,
+# interleaved run by run). Each row is a pair of groups, one load each, the tunnel
+# started afresh for each: throughput (with CPU) and new visitor connections.
+
+def _threads_groups(prefix, label, backend, clients, streams, transport, client_args=()):
+    """The throughput and connection-rate groups of one A/B row: `clients` tunnel
+    clients of one server, each exposing a service of the back end (cycling through its
+    ports: one iperf3 server per client, one nginx for all); iperf3 -P `streams` to
+    every public port at once, then wrk to all of them at once."""
+    def start(ctx, tool, be):
+        targets = [be.ports[i % len(be.ports)] for i in range(clients)]
+        return T.start_tunnel_clients(ctx, tool.name, targets, tool.threads, transport,
+                                      client_args)
+    k = split_keys(prefix)
+    return [
+        Group(f"{label} throughput", backend, make_run_split_iperf(prefix, streams),
+              [k["gbps"], k["cpu_server"], k["cpu_all"]],
+              lambda ctx: ctx.ab_seconds + 6, start=start),
+        Group(f"{label} connrate", Nginx, make_run_split_connrate(prefix), [k["conn_per_s"]],
+              lambda ctx: ctx.ab_seconds + 4, start=start),
+    ]
+
+
+def _threads_metrics(prefix, load):
+    k = split_keys(prefix)
+    return [
+        Metric(k["gbps"], f"throughput ({load})", "Gbit/s", True, "{:.2f}", vs_peer=False),
+        Metric(k["conn_per_s"], "visitor connections/s (wrk)", "/s", True, "{:.0f}",
+               vs_peer=False),
+        Metric(k["cpu_server"], "CPU per GB, server", "CPU-s/GB", False, "{:.2f}",
+               vs_peer=False),
+        Metric(k["cpu_all"], "CPU per GB, server + clients", "CPU-s/GB", False, "{:.2f}",
+               vs_peer=False),
+    ]
+
+
+# Two clients of one server, plain, the defaults (--mux 1): the server's sessions are
+# what can spread over its loops. One TLS client with --mux 2: two carriers, which the
+# client and the server can put on two loops (4 of the 8 streams each: a visitor goes to
+# the carrier with the fewest streams); with the default --mux 1 all streams and their
+# TLS records share one carrier and so one loop, and more carriers than the machine's
+# two cores would add nothing a third loop could run.
+THREADS_GROUPS = (
+    _threads_groups("two", "2 clients", IperfServers, clients=2, streams=4, transport="plain")
+    + _threads_groups("tls8", "tls 8 streams", IperfServer, clients=1, streams=8,
+                      transport="tls", client_args=("--mux", "2")))
+THREADS_METRICS = _threads_metrics("two", "2 × iperf3 -P 4") + _threads_metrics("tls8",
+                                                                                "iperf3 -P 8")
+THREADS_TABLE = ABTable(
+    "Several loops: --threads 1 vs --threads 2 (server and clients alike)",
+    T.THREADS_TOOLS[0].name, T.THREADS_TOOLS[1].name,
+    [("2 tunnel clients under load", [m.key for m in THREADS_METRICS[:4]]),
+     ("1 TLS client with 8 streams", [m.key for m in THREADS_METRICS[4:]])])
+
+# The tunnel variants run the variant groups, the two thread settings only theirs.
+_VARIANT_NAMES = {g.name for g in TUNNEL_GROUPS}
+_THREADS_NAMES = {g.name for g in THREADS_GROUPS}
+TUNNEL_SECTION_TOOLS = ([replace(t, na=t.na | _THREADS_NAMES) for t in T.TUNNEL_TOOLS]
+                        + [replace(t, na=_VARIANT_NAMES) for t in T.THREADS_TOOLS])
 
 # --------------------------------------------------------------------------- compress
 
@@ -120,8 +195,8 @@ SECTIONS = [
               "the same port for iperf3's control connection; socat: `UDP-LISTEN:P,fork,"
               "reuseaddr UDP:127.0.0.1:T` + `TCP-LISTEN:P,fork`."),
     Section(
-        "tunnel", "Tunnels: culvert server + client vs ssh -R", T.TUNNEL_TOOLS, TUNNEL_GROUPS,
-        METRICS + FB_METRICS,
+        "tunnel", "Tunnels: culvert server + client vs ssh -R", TUNNEL_SECTION_TOOLS,
+        TUNNEL_GROUPS + THREADS_GROUPS, METRICS + FB_METRICS + THREADS_METRICS,
         [("Throughput, latency, first byte, connection rate",
           ["tput1_gbps", "tput8_gbps", "rtt_p50_us", "rtt_p99_us", "fb_p50_us", "fb_p99_us",
            "conn_per_s"]),
@@ -143,7 +218,13 @@ SECTIONS = [
               "connections); first byte = connect() start -> first byte from a server that "
               "writes one byte on accept, {fb_conns} sequential new connections with "
               "{fb_gap_ms} ms between them (bench/probe.py). CPU and RSS sum server and "
-              "client (sshd and ssh)."),
+              "client (sshd and ssh). Several loops: one server with two plain clients "
+              "(defaults), each exposing its own iperf3 server, and one TLS client with "
+              "`--mux 2`, all processes at `--threads 1` and at `--threads 2`, alternating "
+              "run by run; iperf3 {ab_seconds} s to every public port at once (CPU per GB "
+              "over that interval), then wrk {ab_seconds} s with the -c{wrk_conns} split "
+              "over the public ports; a fresh tunnel for each.",
+        ab=[THREADS_TABLE]),
     Section(
         "compress", "Compression through the plain tunnel", T.COMPRESS_TOOLS, COMPRESS_GROUPS,
         COMPRESS_METRICS,

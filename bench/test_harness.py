@@ -534,7 +534,7 @@ def _sec(name, raw, tools_, ctx_=None):
                                                "compress_bytes": 2**28, "fb_conns": 500,
                                                "fb_gap_ms": 2.0, "tput_seconds": 5,
                                                "lat_seconds": 3, "wrk_seconds": 3,
-                                               "wrk_conns": 50})
+                                               "wrk_conns": 50, "ab_seconds": 2})
 
 
 def test_sections_report_and_targets():
@@ -665,3 +665,234 @@ def test_added_latency_below_direct_counts_as_none_added():
     assert doc_for(305.0, 243.0)["holds"] is False
     assert doc_for(305.0, 310.0)["holds"] is True
     assert "noise" not in doc_for(305.0, 310.0)["measured"]
+
+
+# --------------------------------------------------------------------------- several loops
+
+def test_run_cmds_runs_at_once_keeps_order_and_times_out():
+    t = time.monotonic()
+    done = benchlib.run_cmds([["sh", "-c", "sleep 0.6; echo one"],
+                              ["sh", "-c", "sleep 0.6; echo two >&2; exit 3"]], timeout=10)
+    assert time.monotonic() - t < 1.1  # together, not one after the other
+    assert done == [(0, "one\n", ""), (3, "", "two\n")]
+    t = time.monotonic()
+    done = benchlib.run_cmds([["true"], ["sleep", "30"]], timeout=0.3)
+    assert [rc for rc, _, _ in done] == [0, None] and time.monotonic() - t < 5
+    assert not benchlib._LIVE
+
+
+def test_cpu_meter_seconds_of_some_processes():
+    m = benchlib.CpuMeter([])
+    m.first = {(10, 1): 100, (11, 1): 50}
+    m.last = {(10, 1): 100 + 2 * benchlib.CLK_TCK, (11, 1): 50 + benchlib.CLK_TCK,
+              (12, 5): benchlib.CLK_TCK}  # 12 was born after start(): counted from 0
+    m.first.setdefault((12, 5), 0)
+    assert m.seconds_of({10}) == pytest.approx(2.0)
+    assert m.seconds_of({11, 12}) == pytest.approx(2.0)
+
+
+def _fake_bin(tmp_path, name, body):
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    f = d / name
+    f.write_text("#!/bin/sh\n" + body)
+    f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    return str(d)
+
+
+class SplitBackend(FakeBackend):
+    def restart(self):
+        self.restarted = True
+
+    def check(self):
+        pass
+
+
+def _split_fwd(tmp_path, ports):
+    srv = benchlib.spawn(["sleep", "30"], str(tmp_path / "srv.log"))
+    fwd = tools.Forwarder("culvert --threads 2", ports[0], [srv])
+    fwd.ports = ports
+    return fwd
+
+
+def test_split_iperf_sums_ports_and_divides_cpu_by_bytes(tmp_path, monkeypatch):
+    """iperf3 to each public port at once: throughputs and bytes add up; CPU per GB
+    divides by the bytes of both runs."""
+    monkeypatch.setenv("PATH", _fake_bin(tmp_path, "iperf3", f"cat <<'EOF'\n{IPERF_OK}\nEOF\n")
+                       + os.pathsep + os.environ["PATH"])
+    fwd = _split_fwd(tmp_path, [40001, 40002])
+    used = {}
+
+    class Meter:
+        def __init__(self, pids):
+            used["roots"] = pids
+
+        def start(self):
+            return self
+
+        def stop(self):
+            return 3.0
+
+        def seconds_of(self, pids):
+            used["server"] = pids
+            return 1.0
+
+    monkeypatch.setattr(measures, "CpuMeter", Meter)
+    be = SplitBackend(None)
+    try:
+        out = measures.make_run_split_iperf("two", 4)(SimpleNamespace(ab_seconds=1), fwd, be)
+    finally:
+        fwd.stop()
+    gb = 2 * 2568355840 / 1e9
+    assert be.restarted and used == {"roots": [fwd.procs[0].pid], "server": {fwd.procs[0].pid}}
+    assert out["two_gbps"] == pytest.approx(2 * 20533971919.6 / 1e9)
+    assert out["two_cpu_server_s_per_gb"] == pytest.approx(1.0 / gb)
+    assert out["two_cpu_s_per_gb"] == pytest.approx(3.0 / gb)
+
+
+def test_split_iperf_one_failed_port_fails_the_row(tmp_path, monkeypatch):
+    body = (f"case \"$*\" in *40002*) echo '{{\"error\": \"unable to connect\"}}'; exit 1 ;; esac\n"
+            f"cat <<'EOF'\n{IPERF_OK}\nEOF\n")
+    monkeypatch.setenv("PATH", _fake_bin(tmp_path, "iperf3", body) + os.pathsep
+                       + os.environ["PATH"])
+    fwd = _split_fwd(tmp_path, [40001, 40002])
+    try:
+        out = measures.make_run_split_iperf("two", 4)(SimpleNamespace(ab_seconds=1), fwd,
+                                                      SplitBackend(None))
+    finally:
+        fwd.stop()
+    assert set(out) == {"two_gbps", "two_cpu_server_s_per_gb", "two_cpu_s_per_gb"}
+    assert all(isinstance(v, Failed) and "unable to connect" in v.reason for v in out.values())
+
+
+def test_split_connrate_splits_connections_and_sums_rates(tmp_path, monkeypatch):
+    args = tmp_path / "wrk.args"
+    body = f"echo \"$*\" >> {args}\ncat <<'EOF'\n{WRK_ERRORS}\nEOF\n"
+    monkeypatch.setenv("PATH", _fake_bin(tmp_path, "wrk", body) + os.pathsep
+                       + os.environ["PATH"])
+    fwd = _split_fwd(tmp_path, [40001, 40002])
+    try:
+        out = measures.make_run_split_connrate("two")(
+            SimpleNamespace(ab_seconds=1, wrk_conns=50), fwd, SplitBackend(None))
+    finally:
+        fwd.stop()
+    assert out["two_conn_per_s"] == pytest.approx(2 * 11907.38)
+    assert len(out["_notes"]) == 2 and "20 errors" in out["_notes"][0]
+    lines = args.read_text().splitlines()
+    assert len(lines) == 2 and all("-c25 -d1s" in x for x in lines)
+    assert {x.split("/")[2] for x in lines} == {"127.0.0.1:40001", "127.0.0.1:40002"}
+
+
+FAKE_TUNNEL = """\
+case "$1" in
+ token) echo tok ;;
+ server) echo "$@" >> {args}; echo 'listening tunnel 127.0.0.1:40000'; exec sleep 30 ;;
+ client) echo "$@" >> {args}
+   {never}
+   exec {py} -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen()
+print("exposed tcp 127.0.0.1:%d -> x" % s.getsockname()[1], flush=True); time.sleep(30)' ;;
+esac
+"""
+
+
+def _fake_tunnel(ctx, tmp_path, never=""):
+    args = tmp_path / "args"
+    fake = tmp_path / "culvert"
+    fake.write_text("#!/bin/sh\n" + FAKE_TUNNEL.format(args=args, py=sys.executable,
+                                                       never=never))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return args
+
+
+def test_tunnel_clients_one_server_a_port_per_client(ctx, tmp_path):
+    args = _fake_tunnel(ctx, tmp_path)
+    fwd = tools.start_tunnel_clients(ctx, "t", [7001, 7002], 2, "tls", ("--mux", "2"))
+    try:
+        assert len(fwd.procs) == 3 and len(set(fwd.ports)) == 2 and fwd.port == fwd.ports[0]
+    finally:
+        fwd.stop()
+    assert not benchlib._LIVE
+    srv, c1, c2 = args.read_text().splitlines()
+    assert srv.startswith("server") and "--threads 2" in srv and "--transport tls" in srv
+    for line, target in ((c1, 7001), (c2, 7002)):
+        assert line.startswith("client 127.0.0.1:40000") and "--threads 2" in line
+        assert "--mux 2" in line and line.endswith(f"-R 127.0.0.1:0:127.0.0.1:{target}")
+
+
+def test_tunnel_clients_second_client_never_exposes(ctx, tmp_path):
+    ctx.start_timeout = 1.0
+    _fake_tunnel(ctx, tmp_path, never='[ "$(wc -l < ' + str(tmp_path / "args")
+                 + ')" -ge 3 ] && exec sleep 30')
+    with pytest.raises(StartError, match="no ready line"):
+        tools.start_tunnel_clients(ctx, "t", [7001, 7002], 1)
+    assert not benchlib._LIVE
+
+
+def test_group_start_gets_the_tool_setting(ctx):
+    got = []
+
+    def start(c, tool, be):
+        got.append(tool.threads)
+        return tools.Forwarder(tool.name, be.port + 1, [])
+
+    g = Group("2 clients connrate", FakeBackend, lambda c, f, b: {"x": 1.0}, ["x"],
+              lambda c: 0, start=start)
+    raw, _ = run.run_all(ctx, tools.THREADS_TOOLS, [g], 2, time.monotonic() + 60)
+    assert got == [1, 2, 1, 2]  # interleaved run by run
+    assert raw["culvert --threads 2"]["x"] == [1.0, 1.0]
+
+
+def test_tunnel_section_keeps_variants_and_thread_settings_apart():
+    sec = sections.SECTION_BY_NAME["tunnel"]
+    threads = {g.name for g in sections.THREADS_GROUPS}
+    assert threads == {"2 clients throughput", "2 clients connrate",
+                       "tls 8 streams throughput", "tls 8 streams connrate"}
+    assert threads <= {g.name for g in sec.groups}
+    for t in sec.tools:
+        runs = {g.name for g in sec.groups} - t.na
+        assert runs == threads if t.threads else not runs & threads, t.name
+
+
+def _threads_raw():
+    A, B = "culvert --threads 1", "culvert --threads 2"
+    return {
+        "direct": {"tput1_gbps": [20.0, 20.0], "two_gbps": [NA, NA]},
+        "culvert tunnel plain": {"tput1_gbps": [10.0, 10.0], "two_gbps": [NA, NA]},
+        A: {"tput1_gbps": [NA, NA], "two_gbps": [4.0, 6.0], "two_conn_per_s": [5000.0] * 2,
+            "two_cpu_server_s_per_gb": [0.5, 0.5], "two_cpu_s_per_gb": [1.0, 1.0],
+            "tls8_gbps": [2.0, 2.0]},
+        B: {"tput1_gbps": [NA, NA], "two_gbps": [8.0, 8.0], "two_conn_per_s": [7500.0] * 2,
+            "two_cpu_server_s_per_gb": [0.6, 0.6], "two_cpu_s_per_gb": [1.2, 1.2],
+            "tls8_gbps": [Failed("culvert --threads 2 did not start: boom")] * 2}}
+
+
+def test_threads_ab_table_ratio_and_markdown():
+    names = ["direct", "culvert tunnel plain", "culvert --threads 1", "culvert --threads 2"]
+    doc = report.build_all([_sec("tunnel", _threads_raw(), names)], {**META, "elapsed_s": 1})
+    tun = doc["sections"]["tunnel"]
+    assert list(tun["tools"]) == ["direct", "culvert tunnel plain"]  # not in the main tables
+    assert "two_gbps" not in tun["metrics"]
+    ab, = tun["ab"]
+    assert ab["ratio"]["two_gbps"] == pytest.approx(8.0 / 5.0)
+    assert ab["ratio"]["two_cpu_server_s_per_gb"] == pytest.approx(1.2)
+    assert ab["ratio"]["tls8_gbps"] is None
+    assert ab["tools"]["culvert --threads 2"]["metrics"]["tls8_gbps"]["status"] == "FAILED"
+    md = report.markdown(doc)
+    lines = md.splitlines()
+    assert "| row | metric | better | culvert --threads 1 | culvert --threads 2 | " \
+           "culvert --threads 2 / culvert --threads 1 |" in lines
+    row = next(x for x in lines if x.startswith("| 2 tunnel clients under load |"))
+    assert "| 5.00 (4.00–6.00) | 8.00 (8.00–8.00) | 1.60x |" in row and "higher" in row
+    tls = next(x for x in lines if x.startswith("| 1 TLS client with 8 streams |"))
+    assert "| 2.00 (2.00–2.00) | FAILED | n/a |" in tls
+    assert "tls8_conn_per_s" not in md and "visitor connections/s (wrk) (/s) | higher | 5000" in md
+    assert not any(x.startswith("| culvert --threads") for x in lines)
+    assert "culvert --threads 2 / tls8_gbps: FAILED: culvert --threads 2 did not start" in md
+    json.dumps(doc)
+
+
+def test_threads_ab_table_absent_when_its_tools_did_not_run():
+    raw = {k: v for k, v in _threads_raw().items() if "--threads" not in k}
+    doc = report.build_all([_sec("tunnel", raw, ["direct", "culvert tunnel plain"])], META)
+    assert doc["sections"]["tunnel"]["ab"] == []
+    assert sections.THREADS_TABLE.title not in report.markdown(doc)

@@ -266,19 +266,33 @@ def _token(ctx):
     return path
 
 
+def _tunnel_server(ctx, name, common, log_level="warning"):
+    """`culvert server` on a free loopback port -> (process, its tunnel port)."""
+    srv = spawn([ctx.culvert, "server", "--listen", "127.0.0.1:0", *common,
+                 "--log-level", log_level],
+                _log(ctx, name + " server"), stdout_pipe=True)
+    try:
+        return srv, read_ready_line(srv, ctx.start_timeout, parse_tunnel_ready)
+    except BaseException:
+        kill_proc(srv)
+        raise
+
+
+def _tunnel_common(ctx, transport, threads):
+    """Flags both ends take: token, transport, drain timeout, and --threads when set."""
+    common = ["--token-file", _token(ctx), "--transport", transport, "--drain-timeout", "1s"]
+    return common + (["--threads", str(threads)] if threads else [])
+
+
 def start_tunnel(ctx, target_port, name, transport="plain", client_args=(), udp=False,
                  server_log_level="warning"):
     """`culvert server` + `culvert client -R` on loopback; visitors connect to the
     server's public port (the returned Forwarder's port). With udp=True the client
     exposes the target both as TCP and as UDP on one fixed port (iperf3 -u)."""
     _check_culvert(ctx)
-    tok = _token(ctx)
-    common = ["--token-file", tok, "--transport", transport, "--drain-timeout", "1s"]
-    srv = spawn([ctx.culvert, "server", "--listen", "127.0.0.1:0", *common,
-                 "--log-level", server_log_level],
-                _log(ctx, name + " server"), stdout_pipe=True)
+    common = _tunnel_common(ctx, transport, None)
+    srv, sport = _tunnel_server(ctx, name, common, server_log_level)
     try:
-        sport = read_ready_line(srv, ctx.start_timeout, parse_tunnel_ready)
         if udp:
             pub = free_port_tcp_udp()
             rs = ["-R", f"127.0.0.1:{pub}:127.0.0.1:{target_port}",
@@ -304,6 +318,34 @@ def start_tunnel(ctx, target_port, name, transport="plain", client_args=(), udp=
         raise
     fwd = Forwarder(name, port, [srv, cli])
     fwd.server_log = srv.log_path
+    return fwd
+
+
+def start_tunnel_clients(ctx, name, targets, threads, transport="plain", client_args=()):
+    """One `culvert server` and one `culvert client` per target, each client exposing
+    its own target on a public port of its own; server and clients run `--threads
+    threads`. The Forwarder's `ports` are the public ports in the order of `targets`,
+    `port` the first, `procs[0]` the server."""
+    _check_culvert(ctx)
+    common = _tunnel_common(ctx, transport, threads)
+    srv, sport = _tunnel_server(ctx, name, common)
+    procs, ports = [srv], []
+    try:
+        for i, target in enumerate(targets):
+            cli = spawn([ctx.culvert, "client", f"127.0.0.1:{sport}", *common,
+                         "--log-level", "warning", *client_args,
+                         "-R", f"127.0.0.1:0:127.0.0.1:{target}"],
+                        _log(ctx, f"{name} client {i + 1}"), stdout_pipe=True)
+            procs.append(cli)
+            ports.append(parse_exposed(read_lines(cli, 1, ctx.start_timeout)[0])[1])
+        for port in ports:
+            wait_listening(port, procs, ctx.start_timeout)
+    except BaseException:
+        for p in reversed(procs):
+            kill_proc(p)
+        raise
+    fwd = Forwarder(name, ports[0], procs)
+    fwd.ports = ports
     return fwd
 
 
@@ -349,11 +391,14 @@ def start_tunnel_udp(ctx, target_port):
 
 @dataclass
 class Tool:
+    """One column of a section: what is started and measured side by side with the others."""
     name: str
+    # (ctx, target_port) -> Forwarder; None for a setting whose groups start it (Group.start)
     start: callable
     # measurement groups that do not apply to this tool -> shown as "n/a"
     na: set = field(default_factory=set)
     baseline: bool = False  # the "direct" reference
+    threads: int = None     # --threads of tunnel server and clients, for Group.start
 
 
 TOOLS = [
@@ -390,6 +435,14 @@ TUNNEL_TOOLS = [
     Tool("culvert tunnel tls --mux 0", start_tunnel_tls_dedicated),
     Tool("ssh -R", start_ssh_reverse),
     Tool("haproxy", start_haproxy, na=_NA_BUT_FIRSTBYTE),  # the one-hop reference
+]
+
+# The same tunnel set-up with one and with two loops per process, as two tools so that
+# run_all interleaves them run by run; the groups that measure them (sections.py) start
+# the set-up from `threads`.
+THREADS_TOOLS = [
+    Tool("culvert --threads 1", None, threads=1),
+    Tool("culvert --threads 2", None, threads=2),
 ]
 
 COMPRESS_TOOLS = [
