@@ -69,6 +69,7 @@ final class ChannelPool {
     /// Asks the client for enough channels to cover the pool, the carriers and every
     /// waiting visitor and UDP service.
     func requestChannels() {
+        loop.assertInLoop()
         guard !ended else { return }
         let carriersWanted = max(0, muxChannels - carriers.count - carriersStarting)
         while idle.count + outstanding.count < poolSize + waiting.count + udpWaiting.count + carriersWanted {
@@ -90,6 +91,7 @@ final class ChannelPool {
 
     /// A proven channel (detached, on no loop yet) that `channelHome` accepted.
     func channelArrived(_ stream: Duplex, home channelHome: ServerLoop) {
+        loop.assertInLoop()
         guard !ended else { return stream.close(reset: false) }
         if carriers.count + carriersStarting < muxChannels {
             startCarrier(stream)
@@ -106,6 +108,7 @@ final class ChannelPool {
     }
 
     func visitorArrived(_ stream: Duplex, peer visitor: String, service: ExposedService) {
+        loop.assertInLoop()
         guard !ended else { return stream.close(reset: true) }
         if muxChannels > 0, case .tcp = service.kind {
             if let carrier = pickCarrier() {
@@ -123,6 +126,7 @@ final class ChannelPool {
     }
 
     func udpNeedsChannel(_ service: ExposedService, _ udp: ServerUDPService) {
+        loop.assertInLoop()
         guard !ended, !service.isRetired else { return }
         if let (channel, _) = idle.popLast() {
             attachUDP(service, udp, channel)
@@ -263,6 +267,7 @@ final class ChannelPool {
     /// Releases idle channels and waiting visitors; carriers close once their last
     /// stream ends (visitors already relayed go on).
     func end() {
+        loop.assertInLoop()
         guard !ended else { return }
         ended = true
         for (stream, _) in idle { stream.close(reset: false) }

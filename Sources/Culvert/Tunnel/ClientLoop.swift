@@ -69,6 +69,7 @@ final class ClientLoop: @unchecked Sendable {
     /// says what it carries, then serves it: a carrier, a UDP service, or one visitor
     /// relayed to its local service.
     func openDataChannel(nonce: [UInt8], session: SessionCredentials) async {
+        loop.assertInLoop()
         let channel: AsyncDuplex
         do {
             channel = try await connector.openChannel()
@@ -322,6 +323,7 @@ final class ClientLoop: @unchecked Sendable {
     /// connections still being made, and lets each carrier close after its last stream.
     /// Visitors already relayed go on (a drain waits for them).
     func sessionEnded() {
+        loop.assertInLoop()
         for c in pooled.values { c.fail(.closed) }
         pooled.removeAll()
         for c in Array(connecting.values) { c.cancel() }

@@ -96,6 +96,7 @@ final class ClientSession {
 
     /// Closes the control channel and tells every loop; running relays go on.
     func end() {
+        loop.assertInLoop()
         guard !ended else { return }
         ended = true
         heartbeat?.stop()

@@ -36,6 +36,7 @@ final class ServerLoop: @unchecked Sendable {
     }
 
     func startAccepting(_ bound: [LoopListeners.Listener]) {
+        loop.assertInLoop()
         do {
             try listeners.start(bound) { [unowned self] fd, peer in accepted(fd, peer: peer) }
         } catch {
@@ -48,12 +49,14 @@ final class ServerLoop: @unchecked Sendable {
     /// Closes the tunnel socket and every service port of the sessions here; returns the
     /// relays still running on this loop.
     func stopAccepting() -> Int {
+        loop.assertInLoop()
         listeners.stop()
         for s in sessions.values { s.stopAccepting() }
         return relays.count
     }
 
     func endSessions() {
+        loop.assertInLoop()
         for s in Array(sessions.values) { s.end(reason: "server shutting down") }
     }
 
@@ -93,6 +96,7 @@ final class ServerLoop: @unchecked Sendable {
     /// Sends a dedicated channel its `connect` frame, then relays the visitor over it.
     /// The frame nearly always fits the socket at once; only when it does not, a task waits.
     func startDedicated(_ stream: Duplex, frame: [UInt8], visitor: Duplex, service: ExposedService, peer: String) {
+        loop.assertInLoop()
         let channel: AsyncDuplex
         do {
             channel = try AsyncDuplex(loop: loop, duplex: stream)
@@ -126,6 +130,7 @@ final class ServerLoop: @unchecked Sendable {
 
     /// The service is gone: its set here leaves once its last relay ended.
     func retire(_ service: ExposedService) {
+        loop.assertInLoop()
         if let set = serviceRelays.removeValue(forKey: service.key) { relays.retire(set) }
     }
 

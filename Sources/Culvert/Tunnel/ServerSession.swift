@@ -102,12 +102,14 @@ final class ServerSession {
 
     /// A secret service's visitor, handed over by the visitor's session.
     func visitorArrived(_ stream: Duplex, peer visitor: String, service id: UInt32) {
+        loop.assertInLoop()
         guard !ended, let service = services[id] else { return stream.close(reset: true) }
         channels.visitorArrived(stream, peer: visitor, service: service)
     }
 
     /// A data channel for this session, from whichever loop accepted it.
     func dataChannelArrived(_ arrival: DataChannelArrival) {
+        loop.assertInLoop()
         guard !ended, channels.accept(nonce: arrival.nonce, proof: arrival.proof) else {
             logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(arrival.peer)"])
             return arrival.stream.close(reset: true)
@@ -117,11 +119,13 @@ final class ServerSession {
 
     /// Closes the exposed ports (for a graceful drain), keeping running relays.
     func stopAccepting() {
+        loop.assertInLoop()
         services.closeAll(session: self)
     }
 
     /// Releases the client's ports, pooled channels and waiting visitors.
     func end(reason: String) {
+        loop.assertInLoop()
         guard !ended else { return }
         ended = true
         heartbeat?.stop()

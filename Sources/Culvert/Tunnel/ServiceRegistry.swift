@@ -64,6 +64,7 @@ final class ServiceRegistry {
 
     /// Binds and watches a TCP or UDP service's ports; the bound address, or why not.
     func register(_ request: TunnelProtocol.ServiceRequest) -> Result<String, TunnelProtocol.Refusal> {
+        home.loop.assertInLoop()
         if let refusal = checkNew(request.id) { return .failure(refusal) }
         let bound: [(Int32, SocketAddress)]
         switch context.policy.bind(request) {
@@ -111,6 +112,7 @@ final class ServiceRegistry {
 
     /// Claims a secret service's name for `session` in the server's directory.
     func registerSecret(_ id: UInt32, name: String, session: SessionDirectory.Entry) -> Result<String, TunnelProtocol.Refusal> {
+        home.loop.assertInLoop()
         if let refusal = checkNew(id) { return .failure(refusal) }
         let service = ExposedService(id: id, key: context.nextServiceKey(), kind: .secret(name: name), compress: false, listen: "secret:\(name)")
         guard !name.isEmpty, context.directory.claimSecret(name, by: session, serviceID: id) else {
@@ -131,6 +133,7 @@ final class ServiceRegistry {
     /// Closes every port and releases every name (a drain, or the session's end); relays
     /// already running go on, each loop's set of a service leaving once it is idle.
     func closeAll(session: ServerSession) {
+        home.loop.assertInLoop()
         for service in services.values {
             service.retire()
             switch service.kind {
