@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <errno.h>
 #include <unistd.h>
@@ -22,6 +23,8 @@ ssize_t culvert_splice(int fd_in, int fd_out, size_t len, unsigned int flags) {
 }
 
 int culvert_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
+
+int culvert_set_dumpable(int value) { return prctl(PR_SET_DUMPABLE, value, 0, 0, 0); }
 
 int culvert_fcntl_int(int fd, int cmd, int arg) { return fcntl(fd, cmd, arg); }
 

@@ -55,6 +55,16 @@ extension Resolved {
         for warning in warnings { logger.warning("\(warning)") }
         return logger
     }
+
+    /// These settings after keeping the process, which now holds their token, out of core
+    /// dumps; a failure to do so becomes a warning, as the token itself still works.
+    func holdingToken() -> Resolved {
+        var resolved = self
+        do { try TokenHolder.keepOutOfCoreDumps() } catch {
+            resolved.warnings.append("cannot keep the token out of core dumps: \(error)")
+        }
+        return resolved
+    }
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {

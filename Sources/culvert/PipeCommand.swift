@@ -62,7 +62,8 @@ struct PipeCommand: ParsableCommand {
     }
 
     func run() throws {
-        let resolved = try usage { try PipeConfig.resolve(flags: flags) }
+        var resolved = try usage { try PipeConfig.resolve(flags: flags) }
+        if case .secretService = resolved.config { resolved = resolved.holdingToken() }
         let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: 1, drainTimeout: .seconds(1), logger: logger) { group, control in
             switch resolved.config {

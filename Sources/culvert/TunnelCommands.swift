@@ -13,13 +13,10 @@ struct TokenOptions: ParsableArguments {
     @Option(help: "The shared token itself. Visible in the process list: prefer --token-file or CULVERT_TOKEN.")
     var token: String?
 
-    /// The token's sources as given, with CULVERT_TOKEN read from the environment.
+    /// The token's sources as given, with CULVERT_TOKEN read from the environment; set
+    /// but empty counts as given, so that the token rules refuse it by name.
     var flags: TokenFlags {
-        var environment: String?
-        if let env = getenv("CULVERT_TOKEN"), case let token = String(cString: env), !token.isEmpty {
-            environment = token
-        }
-        return TokenFlags(tokenFile: tokenFile, environment: environment, token: token)
+        TokenFlags(tokenFile: tokenFile, environment: getenv("CULVERT_TOKEN").map { String(cString: $0) }, token: token)
     }
 }
 
@@ -138,7 +135,7 @@ struct ServerCommand: ParsableCommand {
     }
 
     func run() throws {
-        let resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: common.config) }
+        let resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: common.config) }.holdingToken()
         let config = resolved.config
         let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
@@ -237,7 +234,7 @@ struct ClientCommand: ParsableCommand {
     }
 
     func run() throws {
-        let resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: common.config) }
+        let resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: common.config) }.holdingToken()
         let config = resolved.config
         let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, control in

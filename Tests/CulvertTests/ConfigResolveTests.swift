@@ -131,18 +131,11 @@ final class TunnelServerResolveTests: XCTestCase {
                              key: "--token-file", contains: "no token: give --token-file FILE or set CULVERT_TOKEN")
     }
 
-    func testAShortTokenIsAWarningNotAnError() throws {
-        var flags = TunnelServerFlags()
-        flags.token.environment = "short"
-        let resolved = try TunnelServerConfig.resolve(flags: flags, file: nil)
-        XCTAssertEqual(resolved.warnings, ["the token is short (5 bytes); use at least 16, e.g. from 'culvert token'"])
-    }
-
-    func testAnUnreadableTokenFileNamesTheFlag() {
+    func testAnUnreadableTokenFileNamesTheFlagAndTheReason() {
         var flags = TunnelServerFlags()
         flags.token.tokenFile = "/nonexistent/token"
         XCTAssertConfigError({ () throws(ConfigError) in try TunnelServerConfig.resolve(flags: flags, file: nil) },
-                             key: "--token-file", contains: "--token-file: cannot read '/nonexistent/token'")
+                             key: "--token-file", contains: "cannot read --token-file '/nonexistent/token': no such file (ENOENT)")
     }
 
     func testABadLogLevelInTheFileIsNamed() throws {
@@ -156,7 +149,7 @@ final class TunnelServerResolveTests: XCTestCase {
 final class TunnelClientResolveTests: XCTestCase {
     private let clientFile = """
         server = "tunnel.example:7100"
-        token = "client-token"
+        token = "client-token-0123456789"
         mux = 4
         pool = 3
 
@@ -172,7 +165,7 @@ final class TunnelClientResolveTests: XCTestCase {
         [services.db]
         secret = true
         local = "127.0.0.1:5432"
-        token = "db-token"
+        token = "db-service-token-0123456789"
         """
 
     func testFlagsOverrideTheFileAndServicesAreNumberedInMergedOrder() throws {
@@ -185,7 +178,7 @@ final class TunnelClientResolveTests: XCTestCase {
         flags.secrets = [try ServiceSpec.parseSecret("ssh=127.0.0.1:22")]
         let config = try TunnelClientConfig.resolve(flags: flags, file: path).config
         XCTAssertEqual(config.server, HostPort(host: "tunnel.example", port: 7100))
-        XCTAssertEqual(config.token, "client-token")
+        XCTAssertEqual(config.token, "client-token-0123456789")
         XCTAssertEqual(config.mux, 0, "the flag wins over the file")
         XCTAssertEqual(config.pool, 3, "the file wins over the default")
         XCTAssertEqual(config.services.map(\.name), ["db", "dns", "web", "udp:0:127.0.0.1:9", "ssh"],
@@ -193,7 +186,7 @@ final class TunnelClientResolveTests: XCTestCase {
         XCTAssertEqual(config.services.map(\.id), [0, 1, 2, 3, 4])
         XCTAssertEqual(config.services.map(\.kind), [.secret, .udp, .tcp, .udp, .secret])
         XCTAssertEqual(config.services.map(\.compress), [false, false, false, true, false], "--compress is for -R services")
-        XCTAssertEqual(config.services[0].serviceToken, "db-token")
+        XCTAssertEqual(config.services[0].serviceToken, "db-service-token-0123456789")
         XCTAssertNil(config.visit)
     }
 
@@ -201,7 +194,7 @@ final class TunnelClientResolveTests: XCTestCase {
         let scratch = try ScratchFiles()
         let path = try scratch.write("client.toml", """
             server = "127.0.0.1"
-            token = "t"
+            token = "client-token-0123456789"
             [services.db]
             secret = true
             local = "127.0.0.1:5432"
@@ -224,7 +217,7 @@ final class TunnelClientResolveTests: XCTestCase {
 
     func testWithoutAFileTheFlagsMustNameServerAndServices() {
         var flags = TunnelClientFlags()
-        flags.token.environment = "t"
+        flags.token.environment = "client-token-0123456789"
         XCTAssertConfigError({ () throws(ConfigError) in try TunnelClientConfig.resolve(flags: flags, file: nil) },
                              key: "<server>", contains: "missing <server>: give HOST[:PORT] of the culvert server")
         flags.server = HostPort(host: "127.0.0.1", port: 7000)
@@ -234,7 +227,7 @@ final class TunnelClientResolveTests: XCTestCase {
 
     func testAFileWithoutServerOrServicesIsRefusedAfterMerging() throws {
         let scratch = try ScratchFiles()
-        let noServer = try scratch.write("a.toml", "token = \"t\"\n")
+        let noServer = try scratch.write("a.toml", "token = \"client-token-0123456789\"\n")
         XCTAssertConfigError({ () throws(ConfigError) in try TunnelClientConfig.resolve(flags: TunnelClientFlags(), file: noServer) },
                              key: "<server>", contains: "server = \"HOST:PORT\" in the config file")
         var flags = TunnelClientFlags()
@@ -264,7 +257,7 @@ final class TunnelClientResolveTests: XCTestCase {
         let scratch = try ScratchFiles()
         let pinned = try scratch.write("pinned.toml", """
             server = "127.0.0.1"
-            token = "t"
+            token = "client-token-0123456789"
             fingerprint = "sha256:\(String(repeating: "ab", count: 32))"
             [services.web]
             remote_port = 0
@@ -278,15 +271,15 @@ final class TunnelClientResolveTests: XCTestCase {
 
     func testAVisitCarriesItsServiceToken() throws {
         let scratch = try ScratchFiles()
-        let serviceToken = try scratch.write("db.token", "db-token\n")
+        let serviceToken = try scratch.write("db.token", "db-service-token-0123456789\n")
         var flags = TunnelClientFlags()
         flags.server = HostPort(host: "127.0.0.1", port: 7000)
-        flags.token.environment = "t"
+        flags.token.environment = "client-token-0123456789"
         flags.visit = "db"
         flags.localListen = HostPort(host: "127.0.0.1", port: 15432)
         flags.serviceTokenFile = serviceToken
         let config = try TunnelClientConfig.resolve(flags: flags, file: nil).config
-        XCTAssertEqual(config.visit, VisitSpec(name: "db", listen: HostPort(host: "127.0.0.1", port: 15432), serviceToken: "db-token"))
+        XCTAssertEqual(config.visit, VisitSpec(name: "db", listen: HostPort(host: "127.0.0.1", port: 15432), serviceToken: "db-service-token-0123456789"))
         XCTAssertEqual(config.services, [])
     }
 }
@@ -348,14 +341,14 @@ final class PipeResolveTests: XCTestCase {
         var flags = PipeFlags()
         flags.via = HostPort(host: "tunnel.example", port: 7000)
         flags.service = "db"
-        flags.token.environment = "t"
+        flags.token.environment = "client-token-0123456789"
         flags.transport = .plain
         let resolved = try PipeConfig.resolve(flags: flags)
         guard case .secretService(let name, let serviceToken, let tunnel) = resolved.config else { return XCTFail("\(resolved.config)") }
         XCTAssertEqual(name, "db")
         XCTAssertNil(serviceToken)
         XCTAssertEqual(tunnel.server, HostPort(host: "tunnel.example", port: 7000))
-        XCTAssertEqual(tunnel.token, "t")
+        XCTAssertEqual(tunnel.token, "client-token-0123456789")
         XCTAssertEqual(tunnel.transport, .plain)
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import re
@@ -383,6 +384,31 @@ def test_unknown_service_and_wrong_server_token(stack, echo, tmp_path, transport
     assert r.returncode == 1, err
     assert "authentication failed" in err, err
     assert echo.accepted == 0
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_service_name_from_a_peer_cannot_forge_log_lines(stack, echo, log_format):
+    """The visitor names the service; the server logs that name. A newline must not
+    start a line of its own, and no ESC may reach the terminal (issue 13, item 8)."""
+    server, port = stack.server(extra=["--log-format", log_format])
+    stack.exposer(port, [f"known={echo.address}"])
+    # No space, quote or `=`, which once were the only reasons to quote a value; no NUL,
+    # which a command line cannot carry (the unit tests cover it).
+    forged = "nope\nerror:forged\x1b[31m\t\x7f\u009b"
+    r = stack.pipe_via(port, forged, b"x", timeout=30)
+    assert r.returncode == 1, r.stderr
+    if log_format == "text":
+        line = server.wait_stderr(r"^warning visit refused: unknown secret service ")[0]
+        assert 'service="nope\\nerror:forged\\u001b[31m\\t\\u007f\\u009b"' in line, line
+    else:
+        line = server.wait_stderr(r'"msg":"visit refused: unknown secret service"')[0]
+        assert json.loads(line)["service"] == forged, line
+    assert not server.stderr_matching(r"^error:forged"), server.describe()
+    assert not server.stderr_matching("[\x00-\x1f\x7f-\x9f]"), server.describe()
+    # the pipe's own error line quotes the refusal, name included: still one line
+    err = r.stderr.decode("utf-8", "replace")
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", err), repr(err)
+    assert "\nerror:forged" not in err, repr(err)
 
 
 # --------------------------------------------------------------------------

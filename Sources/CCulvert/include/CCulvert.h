@@ -36,6 +36,9 @@ int culvert_block_signals(const int *signals, int count);
 /// Reads one signal number from a signalfd, or -1 when none is pending.
 int culvert_signalfd_read(int fd);
 void culvert_ignore_sigpipe(void);
+/// prctl(PR_SET_DUMPABLE, value): 0 means no core dump and no ptrace or /proc/PID
+/// access by other processes of the same user. prctl is variadic, which Swift cannot call.
+int culvert_set_dumpable(int value);
 
 /// One datagram slot for batched UDP I/O: a caller-owned buffer, its length, and the
 /// peer address (source on receive, destination on send when `addrlen` is non-zero).

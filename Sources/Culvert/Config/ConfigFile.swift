@@ -65,9 +65,18 @@ public final class ConfigFile {
         return b
     }
 
-    /// The first line of a token file named by `key`.
-    public func tokenFromFile(_ path: String, key: String) throws(ConfigError) -> String {
-        do { return try TextFile.token(at: path, what: key) } catch { throw ConfigError(file: self.path, key: nil, message: error.description) }
+    /// A service's own token from its table: `token_file` (read and checked), then
+    /// `token`, which wins when both are given; nil when neither is.
+    func serviceToken(in table: TOMLTable, prefix: String, warnings: inout [String]) throws(ConfigError) -> String? {
+        var token: String?
+        if let tokenFile = try string("token_file", in: table, prefix: prefix) {
+            let origin = TokenOrigin(prefix + "token_file", configFile: path, path: tokenFile, isServiceToken: true)
+            token = try TokenRules.read(origin, warnings: &warnings)
+        }
+        if let text = try string("token", in: table, prefix: prefix) {
+            token = try TokenRules.check(text, from: TokenOrigin(prefix + "token", configFile: path, isServiceToken: true))
+        }
+        return token
     }
 
     public func duration(_ key: String, in table: TOMLTable? = nil, prefix: String = "") throws(ConfigError) -> Duration? {

@@ -72,8 +72,9 @@ extension TunnelClientConfig {
         } else if fromFile?.hasServer != true {
             throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] or server = \"HOST:PORT\" in the config file")
         }
+        warnings += fromFile?.warnings ?? []
         let serviceToken = try flags.serviceTokenFile.map { path throws(ConfigError) in
-            try readToken(at: path, setting: "--service-token-file")
+            try readServiceToken(at: path, setting: "--service-token-file", warnings: &warnings)
         }
         config.services += flags.services.map { spec in
             var s = spec

@@ -10,14 +10,20 @@
 /// with remote_port, local, bind, compress, protocol (tcp or udp) — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
 public enum TunnelConfigFile {
-    /// What both commands read besides their model: where the token and logs come from.
+    /// What both commands read besides their model: where the token and logs come from,
+    /// and advice about the file's service token files.
     public struct Common {
+        /// The config file itself, which errors about `token` and `token_file` name.
+        public var path: String
         public var token: String?
         public var tokenFile: String?
         public var logLevel: String?
         public var logFormat: String?
         /// Whether the file named the server (client files).
         public var hasServer = false
+        /// Advice found while reading, logged once there is a logger (a service token
+        /// file that others can open).
+        public var warnings: [String] = []
     }
 
     public static func loadServer(_ path: String, into config: inout TunnelServerConfig) throws(ConfigError) -> Common {
@@ -75,6 +81,7 @@ public enum TunnelConfigFile {
         config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
         config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
         var services: [ServiceSpec] = []
+        var warnings: [String] = []
         let compressAll = try file.bool("compress") ?? false
         for (name, table) in try file.tables("services") {
             let prefix = "services.\(name)."
@@ -103,19 +110,17 @@ public enum TunnelConfigFile {
                                    localHost: local.host ?? "127.0.0.1", localPort: local.port)
             spec.compress = try file.bool("compress", in: table, prefix: prefix) ?? compressAll
             if spec.compress && secret { throw file.error(prefix + "compress", "secret services cannot be compressed") }
-            if let tokenFile = try file.string("token_file", in: table, prefix: prefix) {
-                spec.serviceToken = try file.tokenFromFile(tokenFile, key: prefix + "token_file")
-            }
-            if let token = try file.string("token", in: table, prefix: prefix) { spec.serviceToken = token }
-            if spec.serviceToken != nil && !secret {
+            if !secret && (table["token"] != nil || table["token_file"] != nil) {
                 throw file.error(prefix + "token", "only secret services have their own token")
             }
+            spec.serviceToken = try file.serviceToken(in: table, prefix: prefix, warnings: &warnings)
             try file.rejectUnknownKeys(in: table, prefix: prefix)
             services.append(spec)
         }
         config.services += services
         var common = try readCommon(file)
         common.hasServer = hasServer
+        common.warnings = warnings
         try file.rejectUnknownKeys()
         if config.caFile != nil && config.fingerprint != nil {
             throw ConfigError(file: path, key: "fingerprint", message: "give ca or fingerprint, not both")
@@ -124,7 +129,7 @@ public enum TunnelConfigFile {
     }
 
     private static func readCommon(_ file: ConfigFile) throws(ConfigError) -> Common {
-        Common(token: try file.string("token"), tokenFile: try file.string("token_file"),
+        Common(path: file.path, token: try file.string("token"), tokenFile: try file.string("token_file"),
                logLevel: try file.string("log_level"), logFormat: try file.string("log_format"))
     }
 

@@ -6,7 +6,7 @@ import Logging
 public struct TokenFlags: Sendable {
     /// `--token-file`.
     public var tokenFile: String?
-    /// `CULVERT_TOKEN`, when set and not empty.
+    /// `CULVERT_TOKEN`, when set (an empty value is refused, not skipped).
     public var environment: String?
     /// `--token`, which every user can read in the process list.
     public var token: String?
@@ -73,23 +73,28 @@ extension TunnelConfigFile.Common {
 }
 
 extension TokenFlags {
-    /// The token from the flags or the environment, else from the config file; nil when
-    /// none was given anywhere.
+    /// The token from the flags or the environment, else from the config file, checked by
+    /// `TokenRules` wherever it came from; nil when none was given anywhere.
     func resolve(_ file: TunnelConfigFile.Common?, warnings: inout [String]) throws(ConfigError) -> String? {
-        if let tokenFile { return try readToken(at: tokenFile, setting: "--token-file") }
-        if let environment { return environment }
+        if let tokenFile { return try TokenRules.read(TokenOrigin("--token-file", path: tokenFile), warnings: &warnings) }
+        if let environment { return try TokenRules.check(environment, from: TokenOrigin("CULVERT_TOKEN")) }
         if let token {
             warnings.append("--token is visible to every user in the process list; use --token-file or CULVERT_TOKEN")
-            return token
+            return try TokenRules.check(token, from: TokenOrigin("--token"))
         }
-        if let path = file?.tokenFile { return try readToken(at: path, setting: "token_file") }
-        return file?.token
+        guard let file else { return nil }
+        if let path = file.tokenFile {
+            return try TokenRules.read(TokenOrigin("token_file", configFile: file.path, path: path), warnings: &warnings)
+        }
+        return try file.token.map { token throws(ConfigError) in
+            try TokenRules.check(token, from: TokenOrigin("token", configFile: file.path))
+        }
     }
 }
 
-/// The first line of a token file; `setting` names the flag or key the path came from.
-func readToken(at path: String, setting: String) throws(ConfigError) -> String {
-    do { return try TextFile.token(at: path, what: setting) } catch { throw ConfigError(setting: setting, error.description) }
+/// A secret service's token from the file named by `setting` (`--service-token-file`).
+func readServiceToken(at path: String, setting: String, warnings: inout [String]) throws(ConfigError) -> String {
+    try TokenRules.read(TokenOrigin(setting, path: path, isServiceToken: true), warnings: &warnings)
 }
 
 /// Loads a config file's part of a model, when there is a file.

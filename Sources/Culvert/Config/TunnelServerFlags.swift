@@ -43,9 +43,6 @@ extension TunnelServerConfig {
         guard let token = try flags.token.resolve(fromFile, warnings: &warnings) else {
             throw ConfigError(setting: "--token-file", "no token: give --token-file FILE or set CULVERT_TOKEN (make one with 'culvert token')")
         }
-        if token.utf8.count < 16 {
-            warnings.append("the token is short (\(token.utf8.count) bytes); use at least 16, e.g. from 'culvert token'")
-        }
         config.token = token
         if !flags.listen.isEmpty { config.listen = flags.listen }
         flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,

@@ -75,7 +75,7 @@ extension PipeConfig {
         tunnel.caFile = flags.ca
         tunnel.fingerprint = flags.fingerprint
         let serviceToken = try flags.serviceTokenFile.map { path throws(ConfigError) in
-            try readToken(at: path, setting: "--service-token-file")
+            try readServiceToken(at: path, setting: "--service-token-file", warnings: &warnings)
         }
         return Resolved(config: .secretService(name: service, serviceToken: serviceToken, tunnel: tunnel),
                         log: log, warnings: warnings)

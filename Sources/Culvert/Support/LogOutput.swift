@@ -15,6 +15,13 @@ public enum LogFormat: String, CaseIterable, Sendable {
 /// Writes log lines to stderr, one `write(2)` per line so concurrent loops never
 /// interleave within a line. Metadata keys come out in a fixed order (connection fields
 /// first) so lines are easy to read and to grep.
+///
+/// Values and messages may carry text from peers (service names, refusal reasons), so
+/// no control character (C0, DEL, C1) is ever written raw: a newline could forge a line
+/// and an ESC could drive the terminal. In text format a value that is empty or holds a
+/// space, `"`, `=`, `\` or a control character is written as a JSON string (`\n`, `\t`,
+/// `\u001b`); so an unquoted value is always literal. The message keeps its spaces and
+/// quotes but has its control characters escaped the same way.
 public struct StderrLogHandler: LogHandler {
     public var metadata: Logger.Metadata = [:]
     public var metadataProvider: Logger.MetadataProvider?
@@ -39,6 +46,11 @@ public struct StderrLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
+        writeLine(line(for: event), to: 2)
+    }
+
+    /// The line `event` is written as, without the newline.
+    func line(for event: LogEvent) -> String {
         var all = metadata
         if let extra = event.metadata { all.merge(extra) { _, new in new } }
         let keys = all.keys.sorted { l, r in
@@ -49,22 +61,50 @@ public struct StderrLogHandler: LogHandler {
         var line: String
         switch format {
         case .text:
-            line = "\(event.level.rawValue) \(event.message.description)"
+            line = "\(event.level.rawValue) \(Self.textMessage(event.message.description))"
             for key in keys { line += " \(key)=\(Self.textValue(all[key]!))" }
         case .json:
             line = "{\"ts\":\"\(Self.timestamp())\",\"level\":\"\(event.level.rawValue)\",\"msg\":\(Self.jsonString(event.message.description))"
             for key in keys { line += ",\(Self.jsonString(key)):\(Self.jsonValue(all[key]!))" }
             line += "}"
         }
-        writeLine(line, to: 2)
+        return line
     }
 
-    private static func textValue(_ v: Logger.Metadata.Value) -> String {
+    static func textValue(_ v: Logger.Metadata.Value) -> String {
         let s = v.description
-        if s.isEmpty || s.contains(where: { $0 == " " || $0 == "\"" || $0 == "=" }) {
+        if s.isEmpty || s.unicodeScalars.contains(where: { " \"=\\".unicodeScalars.contains($0) || isControl($0) }) {
             return jsonString(s)
         }
         return s
+    }
+
+    static func textMessage(_ s: String) -> String {
+        guard s.unicodeScalars.contains(where: isControl) else { return s }
+        var out = ""
+        for scalar in s.unicodeScalars {
+            if isControl(scalar) { appendEscaped(scalar, to: &out) } else { out.unicodeScalars.append(scalar) }
+        }
+        return out
+    }
+
+    /// C0 controls, DEL and the C1 range (U+0080-U+009F, which some terminals read as
+    /// escape sequences, e.g. U+009B as CSI).
+    static func isControl(_ scalar: Unicode.Scalar) -> Bool {
+        scalar.value < 0x20 || (0x7f...0x9f).contains(scalar.value)
+    }
+
+    /// A control character as JSON writes it: the short forms for newline, return and
+    /// tab, `\u00XX` for the others.
+    private static func appendEscaped(_ scalar: Unicode.Scalar, to out: inout String) {
+        switch scalar {
+        case "\n": out += "\\n"
+        case "\r": out += "\\r"
+        case "\t": out += "\\t"
+        default:
+            let hex = String(scalar.value, radix: 16)
+            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+        }
     }
 
     private static func jsonValue(_ v: Logger.Metadata.Value) -> String {
@@ -87,16 +127,8 @@ public struct StderrLogHandler: LogHandler {
             switch scalar {
             case "\"": out += "\\\""
             case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
             default:
-                if scalar.value < 0x20 {
-                    let hex = String(scalar.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
+                if isControl(scalar) { appendEscaped(scalar, to: &out) } else { out.unicodeScalars.append(scalar) }
             }
         }
         return out + "\""

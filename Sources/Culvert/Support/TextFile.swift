@@ -2,7 +2,7 @@
 import Glibc
 #endif
 
-/// Small whole-file reads for config and token files.
+/// Small whole-file reads for config files (token files have their own rules: `TokenRules`).
 public enum TextFile {
     /// The file as UTF-8 text; nil when it cannot be read or is not UTF-8.
     public static func read(_ path: String) -> String? {
@@ -16,18 +16,5 @@ public enum TextFile {
             if n < buf.count { break }
         }
         return String(validating: bytes, as: UTF8.self)
-    }
-
-    /// Why a token file is unusable; `what` names the flag or key it came from.
-    public struct TokenError: Error, CustomStringConvertible {
-        public let description: String
-    }
-
-    /// A token file's first line, trimmed.
-    public static func token(at path: String, what: String) throws(TokenError) -> String {
-        guard let text = read(path) else { throw TokenError(description: "\(what): cannot read '\(path)'") }
-        let first = text.split(whereSeparator: \.isNewline).first.map(String.init)?.trimmingWhitespace() ?? ""
-        guard !first.isEmpty else { throw TokenError(description: "\(what): '\(path)' is empty") }
-        return first
     }
 }
