@@ -7,8 +7,8 @@ import Transfer
 /// the visitors and UDP services waiting for a channel.
 ///
 /// Channels and carriers are placed on several loops: a dedicated channel stays on the
-/// loop that accepted it (the kernel spreads those), and each new carrier goes to the
-/// next loop after the session's. A visitor is handed to the loop of the channel it
+/// loop that accepted it (the kernel spreads those), and the carriers go to successive
+/// loops, the first on the session's own. A visitor is handed to the loop of the channel it
 /// rides and relayed there.
 ///
 /// Thread confinement: lives on the session's loop; it reaches a carrier's loop only
@@ -182,7 +182,7 @@ final class ChannelPool {
 
     // MARK: carriers
 
-    /// Turns a fresh channel into a carrier on the next loop in turn.
+    /// Turns a fresh channel into a carrier on the next loop in turn (the session's first).
     private func startCarrier(_ stream: Duplex) {
         carriersStarting += 1
         let carrier = Carrier(home: context.loop(after: home, step: carriersPlaced))
