@@ -149,6 +149,11 @@ public final class StdioStream: Duplex {
 
     public var isSpliceable: Bool { false }
 
+    /// A pipe or terminal has no pending socket error to ask for (SO_ERROR would say
+    /// ENOTSOCK): its failures come back from read and write, and a reader of stdout
+    /// that went away is the normal end of an ssh ProxyCommand session, not an error.
+    public func pendingError() -> Int32 { 0 }
+
     public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {
         Net.read(0, buffer, count)
     }

@@ -65,7 +65,7 @@ struct PipeCommand: ParsableCommand {
         var resolved = try usage { try PipeConfig.resolve(flags: flags) }
         if case .secretService = resolved.config { resolved = resolved.holdingToken() }
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: 1, drainTimeout: .seconds(1), logger: logger) { group, control in
+        let status = ServiceRunner.run(threads: 1, drainTimeout: .seconds(1), logger: logger, hangupStops: true) { group, control in
             switch resolved.config {
             case .address(let target, let connectTimeout):
                 return try await StdioPipe.start(target: target, connectTimeout: connectTimeout, group: group,

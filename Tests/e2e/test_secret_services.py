@@ -566,3 +566,48 @@ def test_openssh_through_culvert_pipe(stack, tmp_path):
         assert out == ["culvert-ok", "Linux"], out
     finally:
         sshd.close()
+
+
+RECORDER = """\
+import signal, subprocess, sys
+child = subprocess.Popen(sys.argv[3:], stderr=open(sys.argv[2], "wb"))
+# ssh sends SIGHUP to its ProxyCommand when the session ends: pass it on, as if
+# culvert were the ProxyCommand itself, and record how culvert ended.
+signal.signal(signal.SIGHUP, lambda *_: child.send_signal(signal.SIGHUP))
+rc = child.wait()
+open(sys.argv[1], "w").write(str(rc))
+"""
+
+
+def test_pipe_as_proxycommand_ends_with_0_and_no_error(stack, tmp_path):
+    """A normal ssh session through `culvert pipe` (directly and `--via` a secret
+    service) ends with exit 0 and nothing on stderr: no ENOTSOCK from asking stdout,
+    a pipe, for a socket error, and ssh's SIGHUP is a clean stop."""
+    ensure_openssh()
+    sshd = Sshd(tmp_path / "sshd")
+    try:
+        server, port = stack.server()
+        stack.exposer(port, [f"home-ssh=127.0.0.1:{sshd.port}"])
+        cul = binary()
+        recorder = tmp_path / "recorder.py"
+        recorder.write_text(RECORDER)
+        cases = {
+            "direct": ([f"{cul}", "pipe", "%h:%p"], ["-p", str(sshd.port), "root@127.0.0.1"]),
+            "via": (["env", f"CULVERT_TOKEN={stack.token}", f"{cul}", "pipe", "--via", f"127.0.0.1:{port}",
+                     "--service", "home-ssh"], ["root@home-ssh"]),
+        }
+        for name, (command, dest) in cases.items():
+            for attempt in range(3):
+                rc_file, err_file = tmp_path / f"{name}{attempt}.rc", tmp_path / f"{name}{attempt}.err"
+                proxy = " ".join(shlex.quote(a) for a in [sys.executable, str(recorder), str(rc_file), str(err_file), *command])
+                r = ssh(sshd.key, proxy, dest)
+                assert r.returncode == 0, (name, r.returncode, r.stderr.decode(errors="replace"))
+                assert r.stdout.decode(errors="replace").splitlines() == ["culvert-ok", "Linux"]
+                deadline = time.monotonic() + 10
+                while not (rc_file.exists() and rc_file.read_text() != "") and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                err = err_file.read_text(errors="replace")
+                assert rc_file.read_text() == "0", (name, attempt, rc_file.read_text(), err)
+                assert err == "", (name, attempt, err)
+    finally:
+        sshd.close()

@@ -4,11 +4,15 @@ import Transfer
 
 /// `culvert pipe HOST:PORT`: joins stdin/stdout to one TCP connection, as ssh's
 /// ProxyCommand wants. EOF on stdin half-closes the connection; the remote end closing
-/// ends the command (exit 0), a reset or error ends it with 1.
+/// ends the command (exit 0), a reset or error ends it with 1. SIGHUP, SIGINT or SIGTERM
+/// (ssh sends SIGHUP when its session ends) give the connection a moment to close by
+/// itself, then end it; either way the exit is 0.
 public final class StdioPipe: DrainableService, @unchecked Sendable {
     private var relay: CopyBidirectional?
-    /// Set by SIGINT/SIGTERM: ending then is a success (exit 0), like every command.
+    /// Set by a stop signal: ending then is a success (exit 0), like every command.
     private var stopping = false
+    /// A stop waiting for the connection to end by itself.
+    private var onEnded: (() -> Void)?
 
     private init() {}
 
@@ -48,8 +52,9 @@ public final class StdioPipe: DrainableService, @unchecked Sendable {
                 "target": "\(name)", "up": .stringConvertible(relay.bytesAToB), "down": .stringConvertible(relay.bytesBToA),
                 "reason": "\(reason.label)",
             ])
-            if case .reset(let e) = reason { logger.error("connection to \(name) failed: \(e)") }
+            if case .reset(let e) = reason, !pipe.stopping { logger.error("connection to \(name) failed: \(e)") }
             control.exit(status: reason == .eof || pipe.stopping ? 0 : 1)
+            pipe.onEnded?()
         }
         pipe.relay = relay
         try relay.start()
@@ -58,7 +63,15 @@ public final class StdioPipe: DrainableService, @unchecked Sendable {
 
     public func drain(timeout: Duration) async {
         stopping = true
-        relay?.abort(.drainTimeout)
+        guard let relay, !relay.isClosed else { return }
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let deadline = relay.loop.schedule(after: timeout) { relay.abort(.drainTimeout) }
+            onEnded = { [weak self] in
+                deadline.cancel()
+                self?.onEnded = nil
+                done.resume()
+            }
+        }
     }
 }
 

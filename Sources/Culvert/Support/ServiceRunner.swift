@@ -28,7 +28,9 @@ public enum ServiceRunner {
         var exitStatus: Int32 = 0
     }
 
-    public static func run(threads: Int, drainTimeout: Duration, logger: Logger,
+    /// - Parameter hangupStops: SIGHUP stops the command like SIGTERM (`pipe`: OpenSSH
+    ///   sends it to its ProxyCommand when the session ends); otherwise it is logged.
+    public static func run(threads: Int, drainTimeout: Duration, logger: Logger, hangupStops: Bool = false,
                            start: @escaping (LoopGroup, ServiceControl) async throws -> DrainableService) -> Int32 {
         let group: LoopGroup
         let signals: SignalSource
@@ -40,7 +42,8 @@ public enum ServiceRunner {
             // Before any loop thread exists, so every thread inherits the blocked signals.
             let state = State()
             signals = try SignalSource(loop: group.main) { signo in
-                signalReceived(signo, state: state, group: group, drainTimeout: drainTimeout, logger: logger)
+                signalReceived(signo, state: state, group: group, drainTimeout: drainTimeout, logger: logger,
+                               hangupStops: hangupStops)
             }
             let control = ServiceControl { status in
                 group.main.execute {
@@ -71,12 +74,13 @@ public enum ServiceRunner {
         }
     }
 
-    private static func signalReceived(_ signo: Int32, state: State, group: LoopGroup, drainTimeout: Duration, logger: Logger) {
-        if signo == SIGHUP {
+    private static func signalReceived(_ signo: Int32, state: State, group: LoopGroup, drainTimeout: Duration, logger: Logger,
+                                       hangupStops: Bool) {
+        if signo == SIGHUP && !hangupStops {
             logger.notice("SIGHUP received; nothing to reload for this command")
             return
         }
-        let name = signo == SIGINT ? "SIGINT" : "SIGTERM"
+        let name = signo == SIGINT ? "SIGINT" : signo == SIGHUP ? "SIGHUP" : "SIGTERM"
         if state.stopping {
             logger.warning("\(name) received again, exiting without waiting")
             group.stop()
