@@ -59,7 +59,9 @@ public final class EventLoop: @unchecked Sendable {
     private let inbox = Mutex<[() -> Void]>([])
     private let stopRequested = Atomic<Bool>(false)
     /// The thread running `run()`, nil while the loop is not running.
-    @usableFromInline var thread: pthread_t?
+    /// The thread running the loop, 0 while none does. Atomic because other threads ask
+    /// (`inEventLoop` decides between a direct call and the inbox).
+    @usableFromInline let owner = Atomic<UInt>(0)
     private let maxEvents: Int32 = 256
     private let events: UnsafeMutablePointer<epoll_event>
     /// Runs async tasks on this loop: `Task(executorPreference: loop.tasks)`.
@@ -95,8 +97,14 @@ public final class EventLoop: @unchecked Sendable {
 
     /// True on the thread that runs this loop.
     public var inEventLoop: Bool {
-        guard let thread else { return false }
-        return pthread_equal(thread, pthread_self()) != 0
+        owner.load(ordering: .acquiring) == UInt(pthread_self())
+    }
+
+    /// On the loop's thread, or no thread runs the loop (set-up, tear-down).
+    @inlinable
+    var inLoopOrIdle: Bool {
+        let t = owner.load(ordering: .acquiring)
+        return t == 0 || t == UInt(pthread_self())
     }
 
     /// Stops the process unless called on the thread that runs this loop, or while no
@@ -109,7 +117,7 @@ public final class EventLoop: @unchecked Sendable {
     /// corrupting its handler table or timer heap.
     @inline(__always)
     public func assertInLoop(file: StaticString = #fileID, line: UInt = #line) {
-        precondition(thread == nil || inEventLoop, "called off event loop \(id)", file: file, line: line)
+        precondition(inLoopOrIdle, "called off event loop \(id)", file: file, line: line)
     }
 
     /// `assertInLoop()` for the data path, in debug builds only: the multiplexed stream
@@ -118,7 +126,7 @@ public final class EventLoop: @unchecked Sendable {
     /// away in other modules too.
     @inlinable
     public func debugAssertInLoop(file: StaticString = #fileID, line: UInt = #line) {
-        assert(thread == nil || inEventLoop, "not on event loop \(id)", file: file, line: line)
+        assert(inLoopOrIdle, "not on event loop \(id)", file: file, line: line)
     }
 
     /// Live registrations, for tests and leak checks.
@@ -250,8 +258,8 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Runs the loop on the calling thread until `stop()`.
     public func run() {
-        thread = pthread_self()
-        defer { thread = nil }
+        owner.store(UInt(pthread_self()), ordering: .releasing)
+        defer { owner.store(0, ordering: .releasing) }
         while !stopRequested.load(ordering: .acquiring) {
             let timeout = nextTimeoutMillis()
             let n = epoll_wait(epollFD, events, maxEvents, timeout)

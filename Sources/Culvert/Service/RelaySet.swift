@@ -163,7 +163,15 @@ final class RelayGroup {
     /// Relays running in every set.
     var count: Int { sets.values.reduce(0) { $0 + $1.count } }
 
+    /// Waits until every set is idle, sets that start relays during the drain included
+    /// (a visitor handed over from another loop), aborting what is left at `timeout`.
     func drain(timeout: Duration) async {
-        await RelaySet.drain(Array(sets.values), on: loop, timeout: timeout, logger: logger)
+        let deadline = loop.now &+ timeout.nanoseconds
+        while true {
+            let busy = sets.values.filter { !$0.isIdle }
+            if busy.isEmpty { return }
+            let left = deadline > loop.now ? deadline - loop.now : 0
+            await RelaySet.drain(busy, on: loop, timeout: .nanoseconds(Int64(left)), logger: logger)
+        }
     }
 }

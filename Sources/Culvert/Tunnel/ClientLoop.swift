@@ -144,6 +144,9 @@ final class ClientLoop: @unchecked Sendable {
                 return channel.fail(.closed)
             }
         }
+        // The session may have ended while this connect was under way: its end closed
+        // the channel, whose descriptor must not be used again.
+        guard channel.isOpen else { return Posix.close(localFD) }
         guard let data = wrap(channel.detach(), compress: spec.compress) else { return Posix.close(localFD) }
         startRelay(data, localFD: localFD, visitor: visitor, spec: spec)
     }
@@ -268,7 +271,7 @@ final class ClientLoop: @unchecked Sendable {
             logger.warning("local service unreachable", metadata: ["target": "\(spec.localDescription)", "error": "\(error)"])
             return channel.fail(.closed)
         }
-        guard let data = wrap(channel.detach(), compress: spec.compress) else { return }
+        guard channel.isOpen, let data = wrap(channel.detach(), compress: spec.compress) else { return }
         let relay = ClientUDPRelay(loop: loop, logger: logger, stream: data, target: target,
                                    idleTimeout: config.udpIdleTimeout) { [weak self] relay in
             self?.udpRelays[ObjectIdentifier(relay)] = nil

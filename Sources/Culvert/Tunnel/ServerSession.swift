@@ -90,10 +90,19 @@ final class ServerSession {
             end(reason: "visit refused")
             return
         }
+        // The connection becomes the visitor's end: whatever this session set up as a
+        // client (services, channels) goes now, as at any end.
         ended = true
         heartbeat?.stop()
+        services.closeAll(session: self)
+        channels.end()
         control.send(TunnelProtocol.encode(.visitAccepted))
-        try await control.flush()
+        do {
+            try await control.flush()
+        } catch {
+            control.close()
+            throw error
+        }
         logger.info("visitor connected", metadata: ["peer": "\(peer)", "service": "\(name)"])
         let handoff = Handoff(control.detach())
         let peer = self.peer

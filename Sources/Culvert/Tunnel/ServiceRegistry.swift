@@ -74,7 +74,9 @@ final class ServiceRegistry {
         let key = context.nextServiceKey()
         switch request.kind {
         case .udp:
-            var service: ExposedService?
+            // Weak both ways round: the service holds the UDP sockets, whose callback
+            // must not keep the service alive once the session lets go of it.
+            weak var service: ExposedService?
             let udp = ServerUDPService(id: request.id, loop: home.loop, logger: logger, batch: home.datagramBatch) { [weak self] lost in
                 guard let self, let service, self.services[service.id] === service else { return }
                 self.onUDPNeedsChannel(service, lost)
@@ -124,6 +126,7 @@ final class ServiceRegistry {
     }
 
     private func checkNew(_ id: UInt32) -> TunnelProtocol.Refusal? {
+        if context.draining.load(ordering: .relaxed) { return .init(.serverFull, "the server is shutting down") }
         if services[id] != nil { return .init(.duplicateService, "service id \(id) registered twice") }
         let limit = context.config.maxServicesPerClient
         if services.count >= limit { return .init(.tooManyServices, "too many services (limit \(limit))") }

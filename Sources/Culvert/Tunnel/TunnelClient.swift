@@ -85,6 +85,11 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         // With multiplexing, pooled dedicated channels serve only secret services' visitors.
         let pool = config.mux > 0 && !config.services.contains(where: { $0.kind == .secret }) ? 0 : config.pool
         let auth = try await connector.authenticate(channel, poolSize: pool, muxChannels: config.mux, heartbeat: config.heartbeat)
+        // A drain that began while this session was being set up ends it here.
+        guard !stopping else {
+            channel.close()
+            return true
+        }
         logger.info("connected to server", metadata: ["target": "\(config.server)"])
         let session = ClientSession(client: self, control: channel, credentials: SessionCredentials(id: auth.id, key: auth.key),
                                     loops: loops)

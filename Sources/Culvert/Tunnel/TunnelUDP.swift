@@ -67,6 +67,8 @@ final class ServerUDPService: EventHandler {
     }
 
     func handleEvents(_ events: UInt32, tag: UInt8) {
+        // A read deferred to the next turn may find the service closed meanwhile.
+        guard Int(tag) < listeners.count else { return }
         let fd = listeners[Int(tag)].fd
         for _ in 0..<8 {
             guard let n = try? batch.receive(from: fd), n > 0 else { return }
