@@ -230,6 +230,7 @@ def test_visitor_burst_leaks_no_requests(kit):
     addr = cli.exposed_map[local_of(echo)]
     assert_echoed(addr, [os.urandom(64 * 1024)], timeout=10)
     baseline = settle_fd_count(srv.pid)
+    client_baseline = settle_fd_count(cli.pid)
 
     started = time.monotonic()
     served, dropped = burst(addr, 200, timeout=15)  # visitors wait at most 10 s for a channel
@@ -247,3 +248,5 @@ def test_visitor_burst_leaks_no_requests(kit):
 
     settled = settle_fd_count(srv.pid, timeout=15)
     assert settled <= baseline + 4, f"server descriptors: {baseline} before the burst, {settled} after"
+    settled = settle_fd_count(cli.pid, timeout=15)
+    assert settled <= client_baseline + 4, f"client descriptors: {client_baseline} before the burst, {settled} after"

@@ -51,6 +51,8 @@ final class ChannelPool {
     /// Requests forgotten since the last summary line, and the timer that writes it.
     private var expiredUnreported = 0
     private var expiryReport: LoopTimer?
+    /// How often at most a summary of expired requests is written, per session.
+    private static let reportInterval: Duration = .seconds(1)
     private var idle: [(stream: Duplex, home: ServerLoop)] = []
     private var waiting: [Waiter] = []
     /// TCP visitors waiting for a carrier (only while none is up).
@@ -64,6 +66,8 @@ final class ChannelPool {
     private var ended = false
     private var loop: EventLoop { home.loop }
     private var logger: Logger { context.logger }
+    /// How long a requested channel may take to arrive.
+    private var requestDeadline: Duration { context.config.handshakeTimeout }
 
     init(home: ServerLoop, context: ServerContext, sessionID: [UInt8], sessionKey: [UInt8], peer: String,
          poolSize: Int, muxChannels: Int, send: @escaping ([UInt8]) -> Void) {
@@ -91,8 +95,6 @@ final class ChannelPool {
         }
     }
 
-    private var requestDeadline: Duration { context.config.handshakeTimeout }
-
     /// The client did not bring this request's channel in time: forget the nonce and
     /// ask again if the channel is still needed.
     private func requestExpired(_ key: TunnelProtocol.Key16) {
@@ -104,9 +106,6 @@ final class ChannelPool {
         }
         requestChannels()
     }
-
-    /// How often at most a summary of expired requests is written, per session.
-    private static let reportInterval: Duration = .seconds(1)
 
     private func reportExpired() {
         expiryReport = nil
