@@ -6,6 +6,13 @@ import Transfer
 /// one-time nonce), idle dedicated channels, the carriers of multiplexed visitors, and
 /// the visitors and UDP services waiting for a channel.
 ///
+/// Every request has a deadline, the handshake timeout: a channel gets as long to arrive
+/// as a connection gets to prove itself. A request still open then (refused by the
+/// unauthenticated-connection limit, lost on the way, ignored by the client) is
+/// forgotten, its nonce refused from then on, and asked again if still needed. So at
+/// most the channels needed are asked for at any time, at most once per deadline, and a
+/// lost request delays visitors by one deadline instead of stopping the pool for good.
+///
 /// Channels and carriers are placed on several loops: a dedicated channel stays on the
 /// loop that accepted it (the kernel spreads those), and the carriers go to successive
 /// loops, the first on the session's own. A visitor is handed to the loop of the channel it
@@ -38,8 +45,14 @@ final class ChannelPool {
     private let muxChannels: Int
     /// Sends a frame on the session's control channel.
     private let send: ([UInt8]) -> Void
-    /// Nonces sent in openData and not used yet: each opens exactly one data channel.
-    private var outstanding: Set<TunnelProtocol.Key16> = []
+    /// Nonces sent in openData and not used yet, each opening exactly one data channel,
+    /// with the timer that forgets it at its deadline.
+    private var outstanding: [TunnelProtocol.Key16: LoopTimer] = [:]
+    /// Requests forgotten since the last summary line, and the timer that writes it.
+    private var expiredUnreported = 0
+    private var expiryReport: LoopTimer?
+    /// How often at most a summary of expired requests is written, per session.
+    private static let reportInterval: Duration = .seconds(1)
     private var idle: [(stream: Duplex, home: ServerLoop)] = []
     private var waiting: [Waiter] = []
     /// TCP visitors waiting for a carrier (only while none is up).
@@ -53,6 +66,8 @@ final class ChannelPool {
     private var ended = false
     private var loop: EventLoop { home.loop }
     private var logger: Logger { context.logger }
+    /// How long a requested channel may take to arrive.
+    private var requestDeadline: Duration { context.config.handshakeTimeout }
 
     init(home: ServerLoop, context: ServerContext, sessionID: [UInt8], sessionKey: [UInt8], peer: String,
          poolSize: Int, muxChannels: Int, send: @escaping ([UInt8]) -> Void) {
@@ -74,18 +89,44 @@ final class ChannelPool {
         let carriersWanted = max(0, muxChannels - carriers.count - carriersStarting)
         while idle.count + outstanding.count < poolSize + waiting.count + udpWaiting.count + carriersWanted {
             let nonce = TunnelCrypto.random(TunnelProtocol.channelNonceSize)
-            outstanding.insert(TunnelProtocol.Key16(nonce))
+            let key = TunnelProtocol.Key16(nonce)
+            outstanding[key] = loop.schedule(after: requestDeadline) { [weak self] in self?.requestExpired(key) }
             send(TunnelProtocol.encode(.openData(channelNonce: nonce)))
         }
     }
 
-    /// Checks a data channel's one-time proof and uses up its nonce.
+    /// The client did not bring this request's channel in time: forget the nonce and
+    /// ask again if the channel is still needed.
+    private func requestExpired(_ key: TunnelProtocol.Key16) {
+        guard !ended, outstanding.removeValue(forKey: key) != nil else { return }
+        expiredUnreported += 1
+        // Requests sent together expire together: one line for the lot.
+        if expiryReport == nil {
+            expiryReport = loop.schedule(after: Self.reportInterval) { [weak self] in self?.reportExpired() }
+        }
+        requestChannels()
+    }
+
+    private func reportExpired() {
+        expiryReport = nil
+        guard expiredUnreported > 0 else { return }
+        logger.warning("data channel requests expired", metadata: [
+            "peer": "\(peer)", "count": .stringConvertible(expiredUnreported),
+            "deadline": "\(DurationSpec.format(requestDeadline))",
+        ])
+        expiredUnreported = 0
+    }
+
+    /// Checks a data channel's one-time proof and uses up its nonce (false for a nonce
+    /// never sent, used or expired).
     func accept(nonce: [UInt8], proof: [UInt8]) -> Bool {
+        loop.assertInLoop()
         let key = TunnelProtocol.Key16(nonce)
-        guard !ended, outstanding.contains(key) else { return false }
+        guard !ended, let deadline = outstanding[key] else { return false }
         let expected = TunnelProtocol.dataProof(sessionKey: sessionKey, sessionID: sessionID, channelNonce: nonce)
         guard TunnelCrypto.constantTimeEqual(proof, expected) else { return false }
-        outstanding.remove(key)
+        deadline.cancel()
+        outstanding[key] = nil
         return true
     }
 
@@ -281,7 +322,11 @@ final class ChannelPool {
         udpWaiting.removeAll()
         for c in carriers { c.closeWhenIdle() }
         carriers.removeAll()
+        for deadline in outstanding.values { deadline.cancel() }
         outstanding.removeAll()
+        expiryReport?.cancel()
+        expiryReport = nil
+        reportExpired()
     }
 }
 

@@ -45,6 +45,12 @@ final class ClientLoop: @unchecked Sendable {
     private var connecting: [ObjectIdentifier: Connector] = [:]
     /// Data channels carrying UDP services.
     private var udpRelays: [ObjectIdentifier: ClientUDPRelay] = [:]
+    /// Data channels that failed since the last summary line, by session, and the timer
+    /// that writes it.
+    private var channelFailures: [ObjectIdentifier: (session: SessionCredentials, count: Int, reason: String)] = [:]
+    private var failureReport: LoopTimer?
+    /// How often at most this loop writes a summary of failed data channels.
+    private static let reportInterval: Duration = .seconds(1)
 
     init(loop: EventLoop, config: TunnelClientConfig, logger: Logger) throws {
         self.loop = loop
@@ -74,8 +80,7 @@ final class ClientLoop: @unchecked Sendable {
         do {
             channel = try await connector.openChannel()
         } catch {
-            logger.warning("cannot open data channel", metadata: ["error": "\(error)"])
-            return
+            return channelFailed(session, reason: "\(error)")
         }
         guard !session.isEnded else { return channel.close() }
         let key = ObjectIdentifier(channel)
@@ -95,8 +100,9 @@ final class ClientLoop: @unchecked Sendable {
                 return startCarrier(channel.detach(), session: session)
             }
         } catch {
-            if !session.isEnded && error as? ChannelError != .closed {
-                logger.debug("pooled data channel closed", metadata: ["error": "\(error)"])
+            // .closed: this end closed it (the session ended).
+            if error as? ChannelError != .closed {
+                channelFailed(session, reason: "before the server's command: \(error)")
             }
             channel.fail(.closed)
             return
@@ -120,6 +126,25 @@ final class ClientLoop: @unchecked Sendable {
             }
             await serveVisitor(channel, spec: spec, visitor: visitor)
         }
+    }
+
+    /// Counts a data channel that could not be opened or was lost before the server said
+    /// what it carries (refused by a limit, expired, cut on the way). The server asks
+    /// again; a flood of them is one line per interval. Failures of a session that ended
+    /// meanwhile are not reported: the server closed its pooled channels on purpose.
+    private func channelFailed(_ session: SessionCredentials, reason: String) {
+        let key = ObjectIdentifier(session)
+        channelFailures[key] = (session, (channelFailures[key]?.count ?? 0) + 1, reason)
+        guard failureReport == nil else { return }
+        failureReport = loop.schedule(after: Self.reportInterval) { [weak self] in self?.reportFailures() }
+    }
+
+    private func reportFailures() {
+        failureReport = nil
+        for (session, count, reason) in channelFailures.values where !session.isEnded {
+            logger.warning("cannot open data channel", metadata: ["error": "\(reason)", "count": .stringConvertible(count)])
+        }
+        channelFailures.removeAll()
     }
 
     /// Connects a dedicated channel's visitor to its local service and relays.

@@ -1,0 +1,252 @@
+"""Fault injection: data-channel requests that are never answered (issue 13, item 1).
+
+The server asks the client for a data channel (OpenData with a one-time nonce) and
+counts the request as outstanding until the channel arrives. A request whose channel
+is lost on the way (cut, held, refused by --max-unauthenticated) must expire after the
+handshake timeout and be asked again, or the pool stops asking and every later visitor
+is dropped. A relay between client and server injects the faults; the server runs with
+--handshake-timeout 2s so each lost request costs two seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import MiB
+from tunnel_support import TunnelKit, echo_many, poll, settle_fd_count
+
+DEADLINE = 2.0  # the server's --handshake-timeout, which is also the request deadline
+SERVED_AFTER_FAULT = 2.0  # a visitor is served this long after the lost request expires
+
+
+@pytest.fixture
+def kit(tmp_path):
+    def no_certs():
+        raise AssertionError("these tests use no certificates")
+
+    k = TunnelKit(tmp_path, no_certs)
+    try:
+        yield k
+    finally:
+        k.close()
+
+
+def local_of(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def assert_echoed(addr: tuple[str, int], payloads: list[bytes], timeout: float) -> None:
+    results = echo_many(addr, payloads, timeout=timeout)
+    bad = [i for i, p in enumerate(payloads) if results.get(i) != (len(p), hashlib.sha256(p).hexdigest())]
+    assert not bad, f"visitors {bad[:5]} got a wrong echo: {[results.get(i) for i in bad[:3]]}"
+
+
+class FaultRelay:
+    """A loopback TCP relay between a client and the server. The first connection (the
+    control channel) and every one after the fault pass through; connections 1..count
+    meet the fault: `cut` accepts and closes them, `hold` accepts and leaves them unread
+    and unanswered until `release` forwards them (with what the client sent) late."""
+
+    def __init__(self, upstream: tuple[str, int], fault: str, count: int):
+        assert fault in ("cut", "hold")
+        self.upstream, self.fault, self.count = upstream, fault, count
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.fault_ended_at: float | None = None
+        self._held: list[socket.socket] = []
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        index = 0
+        while not self._stop.is_set():
+            r, _, _ = select.select([self.sock], [], [], 0.1)
+            if not r:
+                continue
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if 1 <= index <= self.count:
+                if self.fault == "cut":
+                    conn.close()
+                else:
+                    with self._lock:
+                        self._held.append(conn)
+                if index == self.count:
+                    self.fault_ended_at = time.monotonic()
+            else:
+                self._pass(conn)
+            index += 1
+
+    def _pass(self, conn: socket.socket) -> None:
+        try:
+            up = socket.create_connection(self.upstream, timeout=5)
+        except OSError:
+            conn.close()
+            return
+        up.settimeout(None)
+        with self._lock:
+            self._socks += [conn, up]
+        for src, dst in ((conn, up), (up, conn)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                chunk = src.recv(65536)
+                if not chunk:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(chunk)
+        except OSError:
+            for s in (src, dst):
+                s.close()
+
+    def wait_fault_ended(self, timeout: float) -> float:
+        return poll(lambda: self.fault_ended_at, timeout, f"{self.count} faulty connection(s) through the relay")
+
+    def release(self) -> None:
+        """Forwards the held connections to the server, late."""
+        with self._lock:
+            held, self._held = self._held, []
+        for conn in held:
+            self._pass(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        with self._lock:
+            for s in self._socks + self._held:
+                s.close()
+
+
+@pytest.fixture
+def relays():
+    made: list[FaultRelay] = []
+    yield made
+    for r in made:
+        r.close()
+
+
+# --------------------------------------------------------------------------
+# (a) the first data channels are lost: the lost requests expire and are asked again
+
+
+@pytest.mark.parametrize("fault,count,mode", [("cut", 2, "plain"), ("cut", 2, "tls-psk"), ("hold", 1, "plain")])
+def test_lost_first_data_channels_are_asked_again(kit, relays, fault, count, mode):
+    echo = kit.echo()
+    srv = kit.start_server(mode, opts=["--handshake-timeout", f"{DEADLINE:g}s"])
+    relay = FaultRelay(srv.server_addr, fault, count)
+    relays.append(relay)
+    # the default --mux 1: one carrier takes every TCP visitor
+    cli = kit.start_client(("127.0.0.1", relay.port), [f"0:{local_of(echo)}"], mode)
+    addr = cli.exposed_map[local_of(echo)]
+
+    ended = relay.wait_fault_ended(timeout=count * DEADLINE + 10)
+    payload = os.urandom(256 * 1024)
+    assert_echoed(addr, [payload], timeout=DEADLINE + SERVED_AFTER_FAULT)
+    took = time.monotonic() - ended
+    assert took <= DEADLINE + SERVED_AFTER_FAULT, f"served {took:.1f}s after the fault ended"
+    assert_echoed(addr, [os.urandom(64 * 1024) for _ in range(5)], timeout=10)
+
+    srv.wait_stderr(r"data channel requests expired.*count=1", timeout=5)
+    if fault == "cut":
+        # the client says why, at warning (once per channel here: one per second at most)
+        cli.wait_stderr(r"warning.*cannot open data channel.*error=", timeout=5)
+
+
+def test_late_channel_of_an_expired_request_is_rejected(kit, relays):
+    echo = kit.echo()
+    srv = kit.start_server("plain", opts=["--handshake-timeout", f"{DEADLINE:g}s"])
+    relay = FaultRelay(srv.server_addr, "hold", 1)
+    relays.append(relay)
+    cli = kit.start_client(("127.0.0.1", relay.port), [f"0:{local_of(echo)}"], "plain")
+    addr = cli.exposed_map[local_of(echo)]
+
+    relay.wait_fault_ended(timeout=10)
+    srv.wait_stderr(r"data channel requests expired", timeout=DEADLINE + 5)
+    assert not srv.stderr_matching(r"data channel rejected"), srv.describe()
+    # the held channel, with the client's proof for the forgotten nonce, arrives now
+    relay.release()
+    srv.wait_stderr(r"data channel rejected", timeout=5)
+    assert_echoed(addr, [os.urandom(128 * 1024)], timeout=10)
+
+
+# --------------------------------------------------------------------------
+# (b) a burst of visitors against a low unauthenticated-connection limit
+
+
+def burst(addr: tuple[str, int], n: int, timeout: float) -> tuple[int, int]:
+    """n visitors at once, each sending 1 KiB and waiting for its echo or for the server
+    to drop it; (served, dropped). Every socket is closed on return."""
+    socks, want, got = [], {}, {}
+    try:
+        for i in range(n):
+            s = socket.create_connection(addr, timeout=5)
+            s.sendall(bytes([i % 256]) * 1024)
+            socks.append(s)
+            want[s], got[s] = bytes([i % 256]) * 1024, b""
+        served = dropped = 0
+        open_ = set(socks)
+        deadline = time.monotonic() + timeout
+        while open_ and time.monotonic() < deadline:
+            r, _, _ = select.select(list(open_), [], [], 0.2)
+            for s in r:
+                try:
+                    chunk = s.recv(4096)
+                except OSError:
+                    chunk = b""
+                got[s] += chunk
+                if got[s] == want[s]:
+                    served += 1
+                    open_.discard(s)
+                elif not chunk:
+                    dropped += 1
+                    open_.discard(s)
+        assert not open_, f"{len(open_)} visitors neither served nor dropped after {timeout}s"
+        return served, dropped
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_visitor_burst_leaks_no_requests(kit):
+    echo = kit.echo()
+    srv = kit.start_server("tls-psk", opts=["--max-unauthenticated", "8", "--handshake-timeout", f"{DEADLINE:g}s"])
+    cli = kit.start_client(srv.server_addr, [f"0:{local_of(echo)}"], "tls-psk", opts=["--mux", "0", "--pool", "2"])
+    addr = cli.exposed_map[local_of(echo)]
+    assert_echoed(addr, [os.urandom(64 * 1024)], timeout=10)
+    baseline = settle_fd_count(srv.pid)
+    client_baseline = settle_fd_count(cli.pid)
+
+    started = time.monotonic()
+    served, dropped = burst(addr, 200, timeout=15)  # visitors wait at most 10 s for a channel
+    print(f"burst: {served} served, {dropped} dropped")
+
+    # afterwards the service is back at once: no request is left hanging
+    assert_echoed(addr, [os.urandom(256 * 1024) for _ in range(3)], timeout=DEADLINE + SERVED_AFTER_FAULT)
+    lines = srv.wait_stderr(r"data channel requests expired", timeout=5)
+    expired = sum(int(m) for line in lines for m in re.findall(r"count=(\d+)", line))
+    elapsed = time.monotonic() - started
+    # one summary line per second at most, not one per request
+    assert len(lines) <= elapsed + 2 and expired >= len(lines), lines
+    client_lines = cli.stderr_matching(r"cannot open data channel")
+    assert len(client_lines) <= 2 * (elapsed + 2), f"{len(client_lines)} client failure lines in {elapsed:.0f}s"
+
+    settled = settle_fd_count(srv.pid, timeout=15)
+    assert settled <= baseline + 4, f"server descriptors: {baseline} before the burst, {settled} after"
+    settled = settle_fd_count(cli.pid, timeout=15)
+    assert settled <= client_baseline + 4, f"client descriptors: {client_baseline} before the burst, {settled} after"
