@@ -271,14 +271,32 @@ final class ChannelPool {
         return carriers[nextCarrier]
     }
 
-    private func openStream(on carrier: Carrier, _ visitor: Duplex, peer: String, service: ExposedService) {
+    /// Hands the visitor to the carrier's loop. A carrier that closed before the visitor
+    /// got there sends it back once, to wait for another (its close report is on the way).
+    private func openStream(on carrier: Carrier, _ visitor: Duplex, peer: String, service: ExposedService, retry: Bool = true) {
         let payload = TunnelProtocol.encodeOpen(serviceID: service.id, visitor: peer)
         let handoff = Handoff(visitor)
         let carrierHome = carrier.home
+        let pool = Handoff(self)
+        let sessionLoop = home
         carrierHome.run {
-            guard let stream = carrier.open(payload) else { return handoff.value.close(reset: true) }
+            guard let stream = carrier.open(payload) else {
+                guard retry else { return handoff.value.close(reset: true) }
+                return sessionLoop.run { pool.value.carrierGone(carrier, handoff.value, peer: peer, service: service) }
+            }
             carrierHome.startRelay(visitor: handoff.value, data: stream, service: service, peer: peer)
         }
+    }
+
+    /// A visitor came back from a carrier that had closed: it goes to another carrier
+    /// that is up, or waits for the replacement (the carrier's close report, on its way,
+    /// removes it and asks for one).
+    private func carrierGone(_ carrier: Carrier, _ visitor: Duplex, peer: String, service: ExposedService) {
+        guard !ended else { return visitor.close(reset: true) }
+        if let other = carriers.first(where: { $0 !== carrier }) {
+            return openStream(on: other, visitor, peer: peer, service: service, retry: false)
+        }
+        muxWaiting.append(makeWaiter(visitor, peer: peer, service: service))
     }
 
     // MARK: waiting visitors
