@@ -144,8 +144,9 @@ final class ClientUDPRelay {
         var sessionLimit = 0
         /// A new visitor's session socket failed for want of descriptors or socket memory.
         var noDescriptor = 0
-        /// No session socket could be opened for another reason; the last one.
+        /// No session socket could be opened for another reason.
         var unreachable = 0
+        /// The last of those reasons.
         var unreachableError: SystemError?
 
         var isEmpty: Bool { sessionLimit == 0 && noDescriptor == 0 && unreachable == 0 }
