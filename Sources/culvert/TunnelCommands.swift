@@ -206,6 +206,15 @@ struct ClientCommand: ParsableCommand {
     @Option(help: "Longest wait between reconnect attempts (default: 30s).", transform: parseDuration)
     var reconnectMax: Duration?
 
+    @Option(help: "End a UDP visitor's session to the local service after this long without a datagram either way (default: 60s).",
+            transform: parseDuration)
+    var udpIdleTimeout: Duration?
+
+    @Option(help: ArgumentHelp(
+        "Sessions (visitor addresses) each UDP service may hold; datagrams from new visitors beyond them are dropped and counted (default: an equal share of half the descriptors free at start, at most 10,000 in all; 0: no limit).",
+        valueName: "N"))
+    var udpMaxSessions: Int?
+
     @OptionGroup var logging: LoggingOptions
 
     var flags: TunnelClientFlags {
@@ -226,6 +235,8 @@ struct ClientCommand: ParsableCommand {
         flags.mux = mux
         flags.connectTimeout = connectTimeout
         flags.reconnectMax = reconnectMax
+        flags.udpIdleTimeout = udpIdleTimeout
+        flags.udpMaxSessions = udpMaxSessions
         return flags
     }
 

@@ -21,6 +21,8 @@ public struct TunnelClientFlags: Sendable {
     public var mux: Int?
     public var connectTimeout: Duration?
     public var reconnectMax: Duration?
+    public var udpIdleTimeout: Duration?
+    public var udpMaxSessions: Int?
 
     public init() {}
 
@@ -31,6 +33,12 @@ public struct TunnelClientFlags: Sendable {
         try common.check()
         if let pool, pool < 0 || pool > 64 { throw ConfigError(setting: "--pool", "--pool must be between 0 and 64, got \(pool)") }
         if let mux, mux < 0 || mux > 16 { throw ConfigError(setting: "--mux", "--mux must be between 0 and 16, got \(mux)") }
+        if let udpIdleTimeout, udpIdleTimeout <= .zero {
+            throw ConfigError(setting: "--udp-idle-timeout", "--udp-idle-timeout must be more than 0")
+        }
+        if let udpMaxSessions, udpMaxSessions < 0 {
+            throw ConfigError(setting: "--udp-max-sessions", "--udp-max-sessions must be 0 (no limit) or more, got \(udpMaxSessions)")
+        }
         if ca != nil && fingerprint != nil { throw ConfigError(setting: "--fingerprint", "give --ca or --fingerprint, not both") }
         if (ca != nil || fingerprint != nil) && common.transport == .plain {
             throw ConfigError(setting: ca != nil ? "--ca" : "--fingerprint", "--ca and --fingerprint need --transport tls")
@@ -100,6 +108,8 @@ extension TunnelClientConfig {
         if let mux = flags.mux { config.mux = mux }
         if let connectTimeout = flags.connectTimeout { config.connectTimeout = connectTimeout }
         if let reconnectMax = flags.reconnectMax { config.reconnectMax = reconnectMax }
+        if let udpIdleTimeout = flags.udpIdleTimeout { config.udpIdleTimeout = udpIdleTimeout }
+        if let udpMaxSessions = flags.udpMaxSessions { config.udpMaxSessions = udpMaxSessions }
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")
         }

@@ -6,7 +6,8 @@
 /// heartbeat_interval, heartbeat_misses, drain_timeout, threads, log_level, log_format.
 /// Client keys: server, token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
-/// heartbeat_misses, drain_timeout, threads, log_level, log_format, and `[services.NAME]` tables
+/// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, log_level,
+/// log_format, and `[services.NAME]` tables
 /// with remote_port, local, bind, compress, protocol (tcp or udp) — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
 public enum TunnelConfigFile {
@@ -80,6 +81,11 @@ public enum TunnelConfigFile {
         config.threads = try file.int("threads", range: 1...1024) ?? config.threads
         config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
         config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
+        if let idle = try file.duration("udp_idle_timeout") {
+            guard idle > .zero else { throw file.error("udp_idle_timeout", "must be more than 0") }
+            config.udpIdleTimeout = idle
+        }
+        config.udpMaxSessions = try file.int("udp_max_sessions", range: 0...Int(Int32.max)) ?? config.udpMaxSessions
         var services: [ServiceSpec] = []
         var warnings: [String] = []
         let compressAll = try file.bool("compress") ?? false

@@ -2,7 +2,8 @@
 import Glibc
 #endif
 
-/// How many sessions `forward udp` admits when `--max-sessions` is not given.
+/// How many sessions `forward udp` admits when `--max-sessions` is not given, and each
+/// UDP service of `culvert client` when `--udp-max-sessions` is not.
 ///
 /// Every session holds a descriptor until it idles out, and a new client address costs a
 /// sender nothing (source addresses can be spoofed), so without a limit one flood takes
@@ -17,6 +18,20 @@ enum UDPSessionBudget {
     /// The default limit when `free` descriptors are left; never 0, which means no limit.
     static func defaultLimit(freeDescriptors free: Int) -> Int {
         max(1, min(ceiling, free / 2))
+    }
+
+    /// The default limit of each of `services` limits drawn from the same descriptors (a
+    /// tunnel client's UDP services): an equal share, so a flood on one service leaves the
+    /// others their sessions.
+    static func defaultLimit(freeDescriptors free: Int, sharedBy services: Int) -> Int {
+        max(1, defaultLimit(freeDescriptors: free) / max(1, services))
+    }
+
+    /// Whether a session socket failed for want of descriptors or socket memory: another
+    /// target would fail the same way, and a flood must meet a counter, not a log line
+    /// per datagram.
+    static func isOutOfResources(_ code: Int32) -> Bool {
+        code == EMFILE || code == ENFILE || code == ENOBUFS || code == ENOMEM
     }
 
     /// The soft RLIMIT_NOFILE minus the descriptors open now (as counted in

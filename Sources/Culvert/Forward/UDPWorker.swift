@@ -154,7 +154,7 @@ final class UDPWorker {
             } catch {
                 // Out of descriptors or socket memory: another target would fail the same
                 // way, and in a flood a line per datagram would bury everything else.
-                if Self.outOfResources(error.errno) {
+                if UDPSessionBudget.isOutOfResources(error.errno) {
                     dropped.noDescriptor += 1
                     break
                 }
@@ -163,10 +163,6 @@ final class UDPWorker {
         }
         forwarder.releaseSession()
         return nil
-    }
-
-    private static func outOfResources(_ code: Int32) -> Bool {
-        code == EMFILE || code == ENFILE || code == ENOBUFS || code == ENOMEM
     }
 
     // MARK: target -> client

@@ -51,10 +51,13 @@ final class ClientLoop: @unchecked Sendable {
     private var failureReport: LoopTimer?
     /// How often at most this loop writes a summary of failed data channels.
     private static let reportInterval: Duration = .seconds(1)
+    /// The session cap of each UDP service (`ClientUDPRelay.sessionLimit`).
+    private let udpMaxSessions: Int
 
-    init(loop: EventLoop, config: TunnelClientConfig, logger: Logger) throws {
+    init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, logger: Logger) throws {
         self.loop = loop
         self.config = config
+        self.udpMaxSessions = udpMaxSessions
         self.logger = logger
         connector = try TunnelConnector(loop: loop, config: config)
         relays = RelayGroup(loop: loop, logger: logger)
@@ -297,8 +300,8 @@ final class ClientLoop: @unchecked Sendable {
             return channel.fail(.closed)
         }
         guard channel.isOpen, let data = wrap(channel.detach(), compress: spec.compress) else { return }
-        let relay = ClientUDPRelay(loop: loop, logger: logger, stream: data, target: target,
-                                   idleTimeout: config.udpIdleTimeout) { [weak self] relay in
+        let relay = ClientUDPRelay(loop: loop, logger: logger, service: spec.name, stream: data, target: target,
+                                   idleTimeout: config.udpIdleTimeout, maxSessions: udpMaxSessions) { [weak self] relay in
             self?.udpRelays[ObjectIdentifier(relay)] = nil
         }
         udpRelays[ObjectIdentifier(relay)] = relay

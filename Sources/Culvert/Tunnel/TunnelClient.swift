@@ -45,7 +45,8 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         if let warning = connector.transport.warning {
             logger.warning("\(warning)")
         }
-        let loops = try group.loops.map { try ClientLoop(loop: $0, config: config, logger: logger) }
+        let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
+        let loops = try group.loops.map { try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, logger: logger) }
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client

@@ -230,5 +230,8 @@ public struct TunnelClientConfig: Sendable {
     public var threads: Int = LoopGroup.coreCount
     /// A UDP visitor's session to the local service ends after this long without traffic.
     public var udpIdleTimeout: Duration = .seconds(60)
+    /// Sessions each UDP service may hold; nil: an equal share of `UDPSessionBudget`'s
+    /// default, taken from the descriptors free at start; 0: no limit.
+    public var udpMaxSessions: Int?
     public init() {}
 }

@@ -117,6 +117,12 @@ final class ServerUDPService: EventHandler {
 /// service through one connected socket per visitor (a session, closed after the idle
 /// timeout), and replies go back framed with that visitor's address.
 ///
+/// Visitor addresses cost a sender nothing (they can be spoofed), so sessions are capped
+/// (`maxSessions`, 0: no cap): datagrams from new visitors beyond the cap, or whose
+/// session socket finds no descriptor, are dropped and counted, and the counts are
+/// logged at most once per `reportInterval`, so a flood takes neither the descriptors the
+/// other services need nor the log.
+///
 /// Thread confinement: lives on the client's loop.
 final class ClientUDPRelay {
     private final class Session: EventHandler {
@@ -134,27 +140,69 @@ final class ClientUDPRelay {
         func handleEvents(_ events: UInt32, tag: UInt8) { relay.repliesReady(self) }
     }
 
+    /// Datagrams dropped since the last report, by reason.
+    private struct Drops {
+        /// A new visitor found `maxSessions` sessions open.
+        var sessionLimit = 0
+        /// A new visitor's session socket failed for want of descriptors or socket memory.
+        var noDescriptor = 0
+        /// No session socket could be opened for another reason.
+        var unreachable = 0
+        /// The last of those reasons.
+        var unreachableError: SystemError?
+
+        var isEmpty: Bool { sessionLimit == 0 && noDescriptor == 0 && unreachable == 0 }
+    }
+
+    static let reportInterval: Duration = .seconds(1)
+
     private let loop: EventLoop
     private let logger: Logger
+    private let service: String
     private let target: [SocketAddress]
     private let idleTimeout: Duration
+    private let maxSessions: Int
     private var channel: DatagramChannel!
     private var sessions: [SocketAddress: Session] = [:]
     private var sweep: LoopTimer?
     private var buffer = [UInt8](repeating: 0, count: 65536)
+    private var drops = Drops()
+    private var lastReport: UInt64?
+    private var reportTimer: LoopTimer?
     private var finished = false
     private let onClose: (ClientUDPRelay) -> Void
 
-    init(loop: EventLoop, logger: Logger, stream: Duplex, target: [SocketAddress], idleTimeout: Duration,
-         onClose: @escaping (ClientUDPRelay) -> Void) {
+    init(loop: EventLoop, logger: Logger, service: String, stream: Duplex, target: [SocketAddress], idleTimeout: Duration,
+         maxSessions: Int, onClose: @escaping (ClientUDPRelay) -> Void) {
         self.loop = loop
         self.logger = logger
+        self.service = service
         self.target = target
         self.idleTimeout = idleTimeout
+        self.maxSessions = maxSessions
         self.onClose = onClose
         channel = DatagramChannel(loop: loop, stream: stream,
             onDatagram: { [unowned self] visitor, payload in forward(payload, from: visitor) },
             onClose: { [unowned self] _ in closeAll() })
+    }
+
+    /// The session cap of each UDP service: `config.udpMaxSessions`, or an equal share of
+    /// `UDPSessionBudget`'s default taken from the descriptors free now (call it at start,
+    /// before any session holds one). Logged once when there are UDP services.
+    static func sessionLimit(config: TunnelClientConfig, logger: Logger) -> Int {
+        let services = config.services.filter { $0.kind == .udp }.count
+        guard services > 0 else { return config.udpMaxSessions ?? 0 }
+        let free = UDPSessionBudget.freeDescriptors()
+        let limit = config.udpMaxSessions ?? UDPSessionBudget.defaultLimit(freeDescriptors: free, sharedBy: services)
+        let metadata: Logger.Metadata = [
+            "max_sessions": .stringConvertible(limit), "free_descriptors": .stringConvertible(free),
+            "services": .stringConvertible(services), "from": config.udpMaxSessions == nil ? "default" : "--udp-max-sessions",
+        ]
+        logger.info("UDP session limit", metadata: metadata)
+        if limit == 0 || limit * services > free {
+            logger.warning("UDP session limit exceeds free descriptors", metadata: metadata)
+        }
+        return limit
     }
 
     func start() throws(SystemError) {
@@ -169,18 +217,36 @@ final class ClientUDPRelay {
     }
 
     private func open(_ visitor: SocketAddress) -> Session? {
-        for address in target {
-            guard let fd = try? Net.udpConnect(address, bufferSize: 1 << 20) else { continue }
-            let session = Session(visitor: visitor, fd: fd, now: loop.now, relay: self)
-            guard let reg = try? loop.register(fd: fd, interest: .read, handler: session) else {
-                Posix.close(fd)
-                continue
-            }
-            session.registration = reg
-            sessions[visitor] = session
-            return session
+        if maxSessions > 0 && sessions.count >= maxSessions {
+            drops.sessionLimit += 1
+            report()
+            return nil
         }
-        logger.warning("local UDP service unreachable", metadata: ["peer": "\(visitor)"])
+        var failure: SystemError?
+        for address in target {
+            do throws(SystemError) {
+                let fd = try Net.udpConnect(address, bufferSize: 1 << 20)
+                let session = Session(visitor: visitor, fd: fd, now: loop.now, relay: self)
+                do {
+                    session.registration = try loop.register(fd: fd, interest: .read, handler: session)
+                } catch {
+                    Posix.close(fd)
+                    throw error
+                }
+                sessions[visitor] = session
+                return session
+            } catch {
+                failure = error
+                if UDPSessionBudget.isOutOfResources(error.errno) { break }
+            }
+        }
+        if let failure, UDPSessionBudget.isOutOfResources(failure.errno) {
+            drops.noDescriptor += 1
+        } else {
+            drops.unreachable += 1
+            drops.unreachableError = failure
+        }
+        report()
         return nil
     }
 
@@ -216,12 +282,51 @@ final class ClientUDPRelay {
         }
     }
 
+    // MARK: drop reports
+
+    /// Writes the drops now when the last report is at least `reportInterval` old, else
+    /// once it is: the first drop of a flood is seen at once, the rest in one line a second.
+    private func report() {
+        guard reportTimer == nil else { return }
+        let interval = Self.reportInterval.nanoseconds
+        let elapsed = lastReport.map { loop.now &- $0 } ?? interval
+        if elapsed >= interval { return writeReport() }
+        reportTimer = loop.schedule(after: .nanoseconds(Int64(interval - elapsed))) { [weak self] in
+            guard let self else { return }
+            self.reportTimer = nil
+            self.writeReport()
+        }
+    }
+
+    private func writeReport() {
+        guard !drops.isEmpty else { return }
+        lastReport = loop.now
+        if drops.sessionLimit + drops.noDescriptor > 0 {
+            logger.warning("UDP datagrams dropped", metadata: [
+                "service": "\(service)", "session_limit": .stringConvertible(drops.sessionLimit),
+                "no_descriptor": .stringConvertible(drops.noDescriptor), "max_sessions": .stringConvertible(maxSessions),
+            ])
+        }
+        if drops.unreachable > 0 {
+            var metadata: Logger.Metadata = [
+                "service": "\(service)", "target": "\(target.map(\.description).joined(separator: ","))",
+                "dropped": .stringConvertible(drops.unreachable),
+            ]
+            if let error = drops.unreachableError { metadata["error"] = "\(error)" }
+            logger.warning("local UDP service unreachable", metadata: metadata)
+        }
+        drops = Drops()
+    }
+
     /// Ends every session; the relay is finished.
     func closeAll() {
         guard !finished else { return }
         finished = true
         sweep?.cancel()
         sweep = nil
+        reportTimer?.cancel()
+        reportTimer = nil
+        writeReport()
         for s in Array(sessions.values) { close(s) }
         if !channel.isClosed { channel.close() }
         onClose(self)
