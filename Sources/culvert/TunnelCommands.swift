@@ -109,8 +109,11 @@ struct ServerCommand: ParsableCommand {
     @Option(help: "Most services per client (default: 32).")
     var maxServices: Int?
 
-    @Option(help: "Most connections still in their handshake (default: 128).")
+    @Option(help: "Most connections still in their handshake from addresses without a session (default: 128; addresses with one have as many again).")
     var maxUnauthenticated: Int?
+
+    @Option(help: "Most connections still in their handshake from one IPv4 address or IPv6 /64 without a session (default: 8).")
+    var maxUnauthenticatedPerSource: Int?
 
     @OptionGroup var logging: LoggingOptions
 
@@ -127,6 +130,7 @@ struct ServerCommand: ParsableCommand {
         flags.maxClients = maxClients
         flags.maxServices = maxServices
         flags.maxUnauthenticated = maxUnauthenticated
+        flags.maxUnauthenticatedPerSource = maxUnauthenticatedPerSource
         return flags
     }
 

@@ -2,7 +2,7 @@
 /// models the flags fill; flags given on the command line override the file.
 ///
 /// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
-/// max_clients, max_services, max_unauthenticated, handshake_timeout,
+/// max_clients, max_services, max_unauthenticated, max_unauthenticated_per_source, handshake_timeout,
 /// heartbeat_interval, heartbeat_misses, drain_timeout, threads, log_level, log_format.
 /// Client keys: server, token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
@@ -47,6 +47,7 @@ public enum TunnelConfigFile {
         config.maxClients = try file.int("max_clients", range: 1...100_000) ?? config.maxClients
         config.maxServicesPerClient = try file.int("max_services", range: 1...10_000) ?? config.maxServicesPerClient
         config.maxUnauthenticated = try file.int("max_unauthenticated", range: 1...100_000) ?? config.maxUnauthenticated
+        config.maxUnauthenticatedPerSource = try file.int("max_unauthenticated_per_source", range: 1...100_000) ?? config.maxUnauthenticatedPerSource
         config.handshakeTimeout = try file.duration("handshake_timeout") ?? config.handshakeTimeout
         config.drainTimeout = try file.duration("drain_timeout") ?? config.drainTimeout
         config.threads = try file.int("threads", range: 1...1024) ?? config.threads

@@ -12,6 +12,7 @@ public struct TunnelServerFlags: Sendable {
     public var maxClients: Int?
     public var maxServices: Int?
     public var maxUnauthenticated: Int?
+    public var maxUnauthenticatedPerSource: Int?
 
     public init() {}
 
@@ -24,7 +25,8 @@ public struct TunnelServerFlags: Sendable {
         for a in bindAddresses where !SocketAddressCheck.isNumeric(a) {
             throw ConfigError(setting: "--bind-addr", "--bind-addr '\(a)' is not a numeric IP address")
         }
-        for (name, value) in [("--max-clients", maxClients), ("--max-services", maxServices), ("--max-unauthenticated", maxUnauthenticated)] {
+        for (name, value) in [("--max-clients", maxClients), ("--max-services", maxServices), ("--max-unauthenticated", maxUnauthenticated),
+                                 ("--max-unauthenticated-per-source", maxUnauthenticatedPerSource)] {
             if let v = value, v < 1 { throw ConfigError(setting: name, "\(name) must be at least 1, got \(v)") }
         }
     }
@@ -59,6 +61,7 @@ extension TunnelServerConfig {
         if let maxClients = flags.maxClients { config.maxClients = maxClients }
         if let maxServices = flags.maxServices { config.maxServicesPerClient = maxServices }
         if let maxUnauthenticated = flags.maxUnauthenticated { config.maxUnauthenticated = maxUnauthenticated }
+        if let perSource = flags.maxUnauthenticatedPerSource { config.maxUnauthenticatedPerSource = perSource }
         return Resolved(config: config, log: log, warnings: warnings)
     }
 }

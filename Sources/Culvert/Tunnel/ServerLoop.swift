@@ -137,55 +137,71 @@ final class ServerLoop: @unchecked Sendable {
     // MARK: new connections
 
     private func accepted(_ fd: Int32, peer: SocketAddress?) {
-        let max = context.config.maxUnauthenticated
-        let draining = context.draining.load(ordering: .relaxed)
-        guard !draining, context.unauthenticated.wrappingAdd(1, ordering: .relaxed).newValue <= max else {
-            if !draining { context.unauthenticated.wrappingSubtract(1, ordering: .relaxed) }
+        guard !context.draining.load(ordering: .relaxed) else { return Net.closeWithReset(fd) }
+        let budget = context.unauthenticated
+        switch budget.admit(peer.map(SourceAddress.init) ?? .v4(0), on: loop) {
+        case .refused(let refusal):
             Net.closeWithReset(fd)
-            logger.warning("connection refused: too many unauthenticated connections",
-                           metadata: ["peer": "\(peer.logDescription)", "max": .stringConvertible(max)])
-            return
+            guard context.refusals.record(refusal.rawValue) else { return }
+            switch refusal {
+            case .limit:
+                logger.warning("connection refused: too many unauthenticated connections",
+                               metadata: ["peer": "\(peer.logDescription)", "max": .stringConvertible(budget.max)])
+            case .perSource:
+                logger.warning("connection refused: too many unauthenticated connections from this address",
+                               metadata: ["peer": "\(peer.logDescription)", "max": .stringConvertible(budget.perSource)])
+            }
+        case .admitted(let pending):
+            let peerText = peer?.description ?? "?"
+            Task(executorPreference: loop.tasks) { await self.handshake(fd: fd, peer: peerText, pending: pending) }
         }
-        let peerText = peer?.description ?? "?"
-        Task(executorPreference: loop.tasks) { await self.handshake(fd: fd, peer: peerText) }
     }
 
     /// Runs the transport's handshake and reads the first frame of a new connection:
     /// a control channel stays here; a data channel goes to its session's loop. The
-    /// whole exchange must finish within the handshake timeout.
-    private func handshake(fd: Int32, peer: String) async {
+    /// whole exchange must finish within the handshake timeout, and holds a place in the
+    /// unauthenticated budget until then.
+    private func handshake(fd: Int32, peer: String, pending: PendingHandshake) async {
+        let budget = context.unauthenticated
         let channel: AsyncDuplex
         let transportHandshake: Transport.Handshake
         do {
             (channel, transportHandshake) = try context.transport.channel(fd, on: loop)
         } catch {
-            context.unauthenticated.wrappingSubtract(1, ordering: .relaxed)
+            budget.release(pending)
             logger.warning("cannot set up connection", metadata: ["peer": "\(peer)", "error": "\(error)"])
             return
         }
         let timer = loop.schedule(after: context.config.handshakeTimeout) {
             channel.fail(.timedOut("handshake"))
         }
-        var counted = true
-        defer {
+        var inBudget = true
+        func leaveBudget() {
+            guard inBudget else { return }
+            inBudget = false
             timer.cancel()
-            if counted { context.unauthenticated.wrappingSubtract(1, ordering: .relaxed) }
+            pending.finished()
+            budget.release(pending)
         }
+        defer { leaveBudget() }
         do {
+            guard pending.started(channel) else { throw ChannelError.closed }
             try await transportHandshake(channel)
             switch try await TunnelProtocol.read(TunnelProtocol.Hello.self, from: channel) {
             case .controlHello(let version, let clientNonce):
                 guard let session = try await authenticateControl(channel, peer: peer, version: version, clientNonce: clientNonce) else { return }
-                timer.cancel()
-                counted = false
-                context.unauthenticated.wrappingSubtract(1, ordering: .relaxed)
+                leaveBudget()
+                budget.sessionStarted(pending.source)
                 sessions[ObjectIdentifier(session)] = session
                 await session.run()
                 sessions[ObjectIdentifier(session)] = nil
+                budget.sessionEnded(pending.source)
                 context.directory.remove(session.id)
             case .dataHello(let version, let sessionID, let nonce, let proof):
                 guard version == TunnelProtocol.version, let entry = context.directory.session(sessionID) else {
-                    logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(peer)"])
+                    if context.refusals.record("data_rejected") {
+                        logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(peer)"])
+                    }
                     channel.fail(.protocolViolation("data channel rejected"))
                     return
                 }
@@ -193,8 +209,15 @@ final class ServerLoop: @unchecked Sendable {
                 entry.loop.execute { entry.session.dataChannelArrived(arrival) }
             }
         } catch {
-            logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
             channel.fail(error as? ChannelError ?? .closed)
+            if pending.wasDisplaced {
+                if context.refusals.record("displaced") {
+                    logger.warning("connection dropped: its place went to one from an address with fewer unauthenticated connections",
+                                   metadata: ["peer": "\(peer)"])
+                }
+            } else if context.refusals.record(error as? ChannelError == .timedOut("handshake") ? "timed_out" : "handshake_failed") {
+                logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            }
         }
     }
 
@@ -217,7 +240,9 @@ final class ServerLoop: @unchecked Sendable {
         let auth = try await TunnelProtocol.read(TunnelProtocol.ClientAuth.self, from: channel)
         let expected = TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
         guard TunnelCrypto.constantTimeEqual(auth.clientProof, expected) else {
-            logger.warning("authentication failed", metadata: ["peer": "\(peer)"])
+            if context.refusals.record("auth_failed") {
+                logger.warning("authentication failed", metadata: ["peer": "\(peer)"])
+            }
             channel.send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.authFailed, "authentication failed"))))
             try? await channel.flush()
             channel.close()

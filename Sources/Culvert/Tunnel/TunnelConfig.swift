@@ -194,7 +194,13 @@ public struct TunnelServerConfig: Sendable {
     public var bindAddresses: [String] = []
     public var maxClients: Int = 64
     public var maxServicesPerClient: Int = 32
+    /// Connections in their handshake at once from addresses without a session; those
+    /// with a session have a budget of the same size of their own (`UnauthenticatedBudget`).
     public var maxUnauthenticated: Int = 128
+    /// Of those, the most from one IPv4 address or IPv6 /64: enough for several clients
+    /// behind one NAT reconnecting together, few enough that one address cannot hold a
+    /// real share of `maxUnauthenticated`.
+    public var maxUnauthenticatedPerSource: Int = 8
     public var handshakeTimeout: Duration = .seconds(10)
     /// How long a visitor waits for a data channel before it is closed.
     public var visitorTimeout: Duration = .seconds(10)

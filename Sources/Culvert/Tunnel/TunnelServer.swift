@@ -78,8 +78,12 @@ final class ServerContext: @unchecked Sendable {
     let policy: PortPolicy
     let directory: SessionDirectory
     let loops: [ServerLoop]
-    /// Connections accepted and not authenticated yet, on every loop (`--max-unauthenticated`).
-    let unauthenticated = Atomic<Int>(0)
+    /// Connections accepted and not authenticated yet, on every loop
+    /// (`--max-unauthenticated`, `--max-unauthenticated-per-source`).
+    let unauthenticated: UnauthenticatedBudget
+    /// Refused and failed unauthenticated connections: anyone can cause them by the
+    /// thousand, so past the first few they are counted, one line per second.
+    let refusals: RefusalSummary
     let draining = Atomic<Bool>(false)
     private let serviceSerial = Atomic<UInt64>(0)
 
@@ -90,6 +94,8 @@ final class ServerContext: @unchecked Sendable {
         self.transport = transport
         policy = PortPolicy(config: config)
         directory = SessionDirectory(maxSessions: config.maxClients)
+        unauthenticated = UnauthenticatedBudget(max: config.maxUnauthenticated, perSource: config.maxUnauthenticatedPerSource)
+        refusals = RefusalSummary(logger: logger, message: "unauthenticated connections refused", loop: loops[0])
         self.loops = loops.enumerated().map { ServerLoop(loop: $1, index: $0, logger: logger) }
         for l in self.loops { l.context = self }
     }
