@@ -7,6 +7,8 @@ public enum ChannelError: Error, Equatable, CustomStringConvertible, Sendable {
     case io(SystemError)
     case timedOut(String)
     case protocolViolation(String)
+    /// More than the channel's send limit was waiting for the peer to read.
+    case peerNotReading(queued: Int, limit: Int)
 
     public var description: String {
         switch self {
@@ -15,6 +17,8 @@ public enum ChannelError: Error, Equatable, CustomStringConvertible, Sendable {
         case .io(let e): return "\(e)"
         case .timedOut(let what): return "\(what) timed out"
         case .protocolViolation(let why): return why
+        case .peerNotReading(let queued, let limit):
+            return "peer is not reading: \(queued) bytes queued, over the send queue cap of \(limit)"
         }
     }
 }
@@ -23,12 +27,20 @@ public enum ChannelError: Error, Equatable, CustomStringConvertible, Sendable {
 /// (handshakes, framed messages), before it is handed to a relay with `detach()`.
 ///
 /// Reads suspend until the loop reports readiness; `send` queues bytes and flushes them
-/// as the socket allows, so heartbeats and requests from timers never block.
+/// as the socket allows, so heartbeats and requests from timers never block. The queue
+/// is capped (`sendLimit`): a peer that keeps sending requests but never reads the
+/// answers fails the channel instead of growing memory without end.
 ///
 /// Thread confinement: used only from tasks running on `loop` (its executor) and from
 /// the loop's callbacks.
 public final class AsyncDuplex: EventHandler {
+    /// A control channel carries frames of at most a few KiB, a handful in flight; a
+    /// megabyte the socket has not taken means the peer has stopped reading.
+    public static let defaultSendLimit = 1 << 20
+
     public let loop: EventLoop
+    /// The most bytes `send` may leave queued (beyond what the socket took).
+    public let sendLimit: Int
     public private(set) var duplex: Duplex
     private var registration: Registration?
     private var readWaiter: CheckedContinuation<Void, Error>?
@@ -37,9 +49,10 @@ public final class AsyncDuplex: EventHandler {
     private var outgoingOffset = 0
     private var failure: ChannelError?
 
-    public init(loop: EventLoop, duplex: Duplex) throws(SystemError) {
+    public init(loop: EventLoop, duplex: Duplex, sendLimit: Int = AsyncDuplex.defaultSendLimit) throws(SystemError) {
         self.loop = loop
         self.duplex = duplex
+        self.sendLimit = sendLimit
         registration = try loop.register(fd: duplex.fd, interest: .readWrite, handler: self)
     }
 
@@ -106,10 +119,14 @@ public final class AsyncDuplex: EventHandler {
     // MARK: writing
 
     /// Queues `bytes` and writes what the socket takes now; the rest goes out as it drains.
+    /// When more than `sendLimit` bytes are left waiting, the channel fails with
+    /// `ChannelError.peerNotReading` (readers and `flush` see it).
     public func send(_ bytes: [UInt8]) {
         guard failure == nil else { return }
         outgoing += bytes
         flushOutgoing()
+        let queued = outgoing.count - outgoingOffset
+        if queued > sendLimit { fail(.peerNotReading(queued: queued, limit: sendLimit)) }
     }
 
     /// Waits until everything sent has been written to the socket.
@@ -138,6 +155,11 @@ public final class AsyncDuplex: EventHandler {
         if outgoingOffset == outgoing.count {
             outgoing.removeAll(keepingCapacity: false)
             outgoingOffset = 0
+        } else if outgoingOffset * 2 >= outgoing.count {
+            // A peer that reads slowly but never lets the queue empty would otherwise
+            // keep every byte ever sent; dropping the written half keeps the copy amortised.
+            outgoing.removeSubrange(..<outgoingOffset)
+            outgoingOffset = 0
         }
     }
 
@@ -148,6 +170,8 @@ public final class AsyncDuplex: EventHandler {
     public func fail(_ error: ChannelError, reset: Bool = true) {
         guard failure == nil else { return }
         failure = error
+        outgoing = []
+        outgoingOffset = 0
         resume(&readWaiter)
         resume(&writeWaiter)
         release()
