@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import MiB
+from conftest import MiB, recv_exactly
 from tunnel_support import TunnelKit, echo_many, poll, settle_fd_count
 
 DEADLINE = 2.0  # the server's --handshake-timeout, which is also the request deadline
@@ -52,10 +52,13 @@ class FaultRelay:
     """A loopback TCP relay between a client and the server. The first connection (the
     control channel) and every one after the fault pass through; connections 1..count
     meet the fault: `cut` accepts and closes them, `hold` accepts and leaves them unread
-    and unanswered until `release` forwards them (with what the client sent) late."""
+    and unanswered until `release` forwards them (with what the client sent) late, and
+    `hello-only` passes the client's first frame (its data-channel hello) to the server,
+    then ends the connection (FIN to the server, close to the client): the server finds
+    the channel dead as it starts using it."""
 
     def __init__(self, upstream: tuple[str, int], fault: str, count: int):
-        assert fault in ("cut", "hold")
+        assert fault in ("cut", "hold", "hello-only")
         self.upstream, self.fault, self.count = upstream, fault, count
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -81,6 +84,8 @@ class FaultRelay:
             if 1 <= index <= self.count:
                 if self.fault == "cut":
                     conn.close()
+                elif self.fault == "hello-only":
+                    threading.Thread(target=self._hello_only, args=(conn,), daemon=True).start()
                 else:
                     with self._lock:
                         self._held.append(conn)
@@ -101,6 +106,22 @@ class FaultRelay:
             self._socks += [conn, up]
         for src, dst in ((conn, up), (up, conn)):
             threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _hello_only(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5)
+            header = recv_exactly(conn, 4)
+            hello = header + recv_exactly(conn, int.from_bytes(header, "big"))
+            up = socket.create_connection(self.upstream, timeout=5)
+            up.sendall(hello)
+            up.shutdown(socket.SHUT_WR)
+            up.settimeout(5)
+            while up.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -166,6 +187,25 @@ def test_lost_first_data_channels_are_asked_again(kit, relays, fault, count, mod
     if fault == "cut":
         # the client says why, at warning (once per channel here: one per second at most)
         cli.wait_stderr(r"warning.*cannot open data channel.*error=", timeout=5)
+
+
+def test_carrier_that_dies_in_its_start_is_replaced(kit, relays):
+    """Issue 13 item 2: the server's first carrier is already closed by the time it
+    reads from it (inside its start). That is a failed start: a replacement is asked for
+    at once, not after a deadline, and visitors are served; before, the dead carrier was
+    counted as live and TCP visitors were lost until the client reconnected."""
+    echo = kit.echo()
+    # a deadline far beyond the test's wait: only an immediate replacement can pass
+    srv = kit.start_server("plain", opts=["--handshake-timeout", "30s"])
+    relay = FaultRelay(srv.server_addr, "hello-only", 1)
+    relays.append(relay)
+    cli = kit.start_client(("127.0.0.1", relay.port), [f"0:{local_of(echo)}"], "plain")
+    addr = cli.exposed_map[local_of(echo)]
+    ended = relay.wait_fault_ended(timeout=10)
+    assert_echoed(addr, [os.urandom(256 * 1024) for _ in range(4)], timeout=SERVED_AFTER_FAULT + 3)
+    took = time.monotonic() - ended
+    assert took <= SERVED_AFTER_FAULT + 3, f"served {took:.1f}s after the carrier died"
+    assert not srv.stderr_matching(r"data channel requests expired"), srv.describe()
 
 
 def test_late_channel_of_an_expired_request_is_rejected(kit, relays):
