@@ -507,6 +507,22 @@ class SlowServer(TcpServer):
 
 
 @pytest.fixture
+def kit(tmp_path):
+    """A tunnel test kit (tunnel_support.TunnelKit) for tests that use no certificates;
+    test files that need certificates define their own `kit`."""
+    from tunnel_support import TunnelKit
+
+    def no_certs():
+        raise AssertionError("these tests use no certificates")
+
+    k = TunnelKit(tmp_path, no_certs)
+    try:
+        yield k
+    finally:
+        k.close()
+
+
+@pytest.fixture
 def servers():
     """Factory registry: servers(EchoServer(...)) registers a server for cleanup."""
     started: list[TcpServer] = []

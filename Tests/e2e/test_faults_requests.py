@@ -20,22 +20,10 @@ import time
 import pytest
 
 from conftest import MiB, recv_exactly
-from tunnel_support import TunnelKit, echo_many, poll, settle_fd_count
+from tunnel_support import echo_many, poll, settle_fd_count
 
 DEADLINE = 2.0  # the server's --handshake-timeout, which is also the request deadline
 SERVED_AFTER_FAULT = 2.0  # a visitor is served this long after the lost request expires
-
-
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use no certificates")
-
-    k = TunnelKit(tmp_path, no_certs)
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 def local_of(server) -> str:
@@ -278,10 +266,12 @@ def test_visitor_burst_leaks_no_requests(kit):
 
     # afterwards the service is back at once: no request is left hanging
     assert_echoed(addr, [os.urandom(256 * 1024) for _ in range(3)], timeout=DEADLINE + SERVED_AFTER_FAULT)
-    lines = srv.wait_stderr(r"data channel requests expired", timeout=5)
+    # Whether requests expire depends on how many of the burst's data channels the
+    # server's budget for addresses with a session let in; when they do, one summary
+    # line per second at most, not one per request.
+    lines = srv.stderr_matching(r"data channel requests expired")
     expired = sum(int(m) for line in lines for m in re.findall(r"count=(\d+)", line))
     elapsed = time.monotonic() - started
-    # one summary line per second at most, not one per request
     assert len(lines) <= elapsed + 2 and expired >= len(lines), lines
     client_lines = cli.stderr_matching(r"cannot open data channel")
     assert len(client_lines) <= 2 * (elapsed + 2), f"{len(client_lines)} client failure lines in {elapsed:.0f}s"

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tunnel_support import TunnelKit, echo_many, fd_count, poll, raw_connect, settle_fd_count, wait_closed_no_data
+from tunnel_support import echo_many, fd_count, poll, raw_connect, settle_fd_count, wait_closed_no_data
 
 # 39 attacker addresses holding 6 silent connections each: 234 > the default budget of
 # 128, and under the default per-address cap of 8, so only the budget's own fairness
@@ -22,18 +22,6 @@ from tunnel_support import TunnelKit, echo_many, fd_count, poll, raw_connect, se
 ATTACKERS = [f"127.0.0.{i}" for i in range(2, 41)]
 PER_ATTACKER = 6
 REFUSAL_LINE = r"connection refused|handshake failed|connection dropped|unauthenticated connections refused"
-
-
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use no certificates")
-
-    k = TunnelKit(tmp_path, no_certs)
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 class Slowloris:

@@ -12,21 +12,9 @@ import signal
 import pytest
 
 from conftest import MiB, echo_once
-from tunnel_support import TunnelKit, echo_many
+from tunnel_support import echo_many
 
 THREADS = 3
-
-
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use no certificates")
-
-    k = TunnelKit(tmp_path, no_certs)
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 _BLOCK = os.urandom(8 * MiB)

@@ -28,7 +28,6 @@ from tunnel_support import (
     FloodServer,
     StallServer,
     StuckUpload,
-    TunnelKit,
     connections_to,
     echo_many,
     free_port,
@@ -41,18 +40,6 @@ from tunnel_support import (
 
 # the transports: plain TCP and TLS with the token as pre-shared key
 TRANSPORTS = ["plain", "tls-psk"]
-
-
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use no certificates")
-
-    k = TunnelKit(tmp_path, no_certs)
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 @pytest.fixture(params=TRANSPORTS)

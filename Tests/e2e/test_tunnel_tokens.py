@@ -22,18 +22,6 @@ from tunnel_support import TunnelKit, clean_env, new_token, run_cli
 SIXTEEN = "0123456789abcdef"
 
 
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use no certificates")
-
-    k = TunnelKit(tmp_path, no_certs)
-    try:
-        yield k
-    finally:
-        k.close()
-
-
 # every end that holds the shared token, started so that it would print a ready line
 # (or keep retrying) if the token were accepted
 ENDS = {
