@@ -73,7 +73,7 @@ final class TunnelConnector {
             }
             let expected = TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
             guard TunnelCrypto.constantTimeEqual(serverProof, expected) else {
-                throw FatalClientError(message: "authentication failed: the server could not prove it knows the token")
+                throw FatalClientError(message: "authentication failed: the server's token is not this client's; give both ends the same token (--token-file, CULVERT_TOKEN or token_file), and check that \(server) is the culvert server meant")
             }
             channel.send(TunnelProtocol.encode(TunnelProtocol.ClientAuth(
                 clientProof: TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),
