@@ -147,6 +147,23 @@ final class TunnelServerResolveTests: XCTestCase {
 }
 
 final class TunnelClientResolveTests: XCTestCase {
+    func testTwoServicesOnOnePortOrANamedBindAreUsageErrors() throws {
+        var flags = TunnelClientFlags()
+        flags.server = HostPort(host: "127.0.0.1", port: 7000)
+        flags.token = TokenFlags(token: "client-token-0123456789")
+        flags.services = [try ServiceSpec.parse("20022:127.0.0.1:22"), try ServiceSpec.parse("20022:127.0.0.1:2222")]
+        XCTAssertConfigError({ () throws(ConfigError) in try TunnelClientConfig.resolve(flags: flags, file: nil) },
+                             key: "-R", contains: "services '20022:127.0.0.1:22' and '20022:127.0.0.1:2222' both ask for tcp port 20022")
+        // the same number for TCP and UDP, or port 0 twice, is fine
+        flags.services = [try ServiceSpec.parse("20022:127.0.0.1:22"), try ServiceSpec.parse("udp:20022:127.0.0.1:53"),
+                          try ServiceSpec.parse("0:127.0.0.1:1"), try ServiceSpec.parse("0:127.0.0.1:2")]
+        XCTAssertEqual(try TunnelClientConfig.resolve(flags: flags, file: nil).config.services.count, 4)
+        XCTAssertThrowsError(try ServiceSpec.parse("myhost:20022:127.0.0.1:22")) { error in
+            XCTAssertTrue("\(error)".contains("BIND 'myhost' is not a numeric IP address"), "\(error)")
+        }
+        XCTAssertEqual(try ServiceSpec.parse("[::1]:20022:127.0.0.1:22").bindHost, "::1")
+    }
+
     private let clientFile = """
         server = "tunnel.example:7100"
         token = "client-token-0123456789"

@@ -237,6 +237,21 @@ def test_client_without_token(kit):
     assert "token" in r.stderr.lower(), r.stderr
 
 
+@pytest.mark.parametrize("specs,message", [
+    (["20022:127.0.0.1:22", "20022:127.0.0.1:2222"], "both ask for tcp port 20022"),
+    (["myhost:20022:127.0.0.1:22"], "BIND 'myhost' is not a numeric IP address"),
+])
+def test_client_service_conflicts_are_usage_errors(kit, specs, message):
+    # found before connecting (the server address here answers nothing), exit 2
+    args = ["client", "127.0.0.1:1", "--token-file", kit.token_file]
+    for spec in specs:
+        args += ["-R", spec]
+    r = run_cli(args, timeout=10)
+    assert r.returncode == 2, r
+    assert message in r.stderr, r.stderr
+    assert r.stdout == "", r.stdout
+
+
 def test_short_token_refused(kit):
     # once a warning; a short token lets anyone who sees the server's proof guess it
     # offline, so it is refused (more cases in test_tunnel_tokens.py)

@@ -95,6 +95,7 @@ extension TunnelClientConfig {
             return s
         }
         for i in config.services.indices { config.services[i].id = UInt32(i) }
+        try checkDistinct(config.services)
         if let name = flags.visit, let listen = flags.localListen {
             config.visit = VisitSpec(name: name, listen: listen, serviceToken: serviceToken)
         } else if config.services.isEmpty {
@@ -114,5 +115,28 @@ extension TunnelClientConfig {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")
         }
         return Resolved(config: config, log: log, warnings: warnings)
+    }
+}
+
+/// Two services asking for the same public port (same protocol and bind address), or two
+/// secret services of one name, would have the server refuse the second after the first
+/// is exposed; found here, before connecting, as a usage error.
+private func checkDistinct(_ services: [ServiceSpec]) throws(ConfigError) {
+    var ports: [String: String] = [:]
+    var secrets: Set<String> = []
+    for s in services {
+        switch s.kind {
+        case .secret:
+            guard secrets.insert(s.name).inserted else {
+                throw ConfigError(setting: "--secret", "two secret services are named '\(s.name)'; give each its own name")
+            }
+        case .tcp, .udp:
+            guard s.remotePort != 0 else { continue }
+            let key = "\(s.kind.rawValue) \(s.bindHost ?? "*") \(s.remotePort)"
+            if let first = ports[key] {
+                throw ConfigError(setting: "-R", "services '\(first)' and '\(s.name)' both ask for \(s.kind.rawValue) port \(s.remotePort); give each service its own remote port (0 lets the server pick)")
+            }
+            ports[key] = s.name
+        }
     }
 }

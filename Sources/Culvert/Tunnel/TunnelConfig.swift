@@ -123,6 +123,9 @@ public struct ServiceSpec: Equatable, Sendable {
             throw ParseError(input: text, reason: "expected 3 or 4 fields separated by ':'")
         }
         let bind: String? = fields.count == 4 ? (fields[0].isEmpty || fields[0] == "*" ? nil : fields[0]) : nil
+        if let bind, !SocketAddressCheck.isNumeric(bind) {
+            throw ParseError(input: text, reason: "BIND '\(bind)' is not a numeric IP address (the server binds it as given)")
+        }
         let rest = fields.suffix(3).map { $0 }
         guard let remote = UInt16(rest[0]) else {
             throw ParseError(input: text, reason: "remote port '\(rest[0])' is not a number 0-65535")
