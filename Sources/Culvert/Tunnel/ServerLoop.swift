@@ -208,6 +208,12 @@ final class ServerLoop: @unchecked Sendable {
                 let arrival = DataChannelArrival(stream: channel.detach(), nonce: nonce, proof: proof, home: self, peer: peer)
                 entry.loop.execute { entry.session.dataChannelArrived(arrival) }
             }
+        } catch let mismatch as TransportMismatch {
+            // The client has its answer in flight: close without a reset that could drop it.
+            channel.close()
+            if context.refusals.record("transport_mismatch") {
+                logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(mismatch)"])
+            }
         } catch {
             channel.fail(error as? ChannelError ?? .closed)
             if pending.wasDisplaced {

@@ -93,14 +93,18 @@ final class TunnelConnector {
         }
     }
 
-    /// What a refusal of the handshake means for the client: a wrong token or another
-    /// protocol version stays wrong however often it retries; the rest may pass later.
+    /// What a refusal of the handshake means for the client: a wrong token, another
+    /// protocol version or another transport stays wrong however often it retries; the
+    /// rest may pass later. Only a TLS server refuses our transport: a plain one
+    /// refuses a TLS client's ClientHello, which `TLSTransport` recognises.
     private static func failure(_ refusal: TunnelProtocol.Refusal) -> Error {
         switch refusal.code {
         case .authFailed:
             return FatalClientError(message: "authentication failed")
         case .version:
             return FatalClientError(message: "server refused: \(refusal.reason)")
+        case .transportMismatch:
+            return FatalClientError(message: TransportMismatch.serverUsesTLS)
         case .serverFull, .tooManyServices, .duplicateService, .nameTaken, .bindNotAllowed, .portNotAllowed, .portInUse,
              .noFreePort, .listenFailed, .noSuchService, .wrongServiceToken, .localUnreachable:
             return ChannelError.protocolViolation("server refused: \(refusal.reason)")

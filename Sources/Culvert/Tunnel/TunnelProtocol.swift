@@ -82,6 +82,8 @@ enum TunnelProtocol {
         case noSuchService = 11
         case wrongServiceToken = 12
         case localUnreachable = 13
+        /// One end uses `--transport plain`, the other TLS; sent in plain by the server.
+        case transportMismatch = 14
     }
 
     /// A refusal as it travels (in `refused` and `serviceRefused`): reason str, then the

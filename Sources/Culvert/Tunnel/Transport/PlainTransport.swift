@@ -4,14 +4,23 @@ import Transfer
 /// above still authenticates both ends), and data channels splice.
 struct PlainTransport: Transport {
     /// Accepted sockets inherit TCP_NODELAY from the listener; dialed ones need it set.
-    private let setNoDelay: Bool
+    /// Only the server checks the peer's transport: the client speaks first, and a TLS
+    /// server answers its frame with a plain `refused` frame (`TransportMismatch`).
+    private let isServer: Bool
 
-    init(server config: TunnelServerConfig, keys: TokenKeys) { setNoDelay = false }
-    init(client config: TunnelClientConfig, keys: TokenKeys) { setNoDelay = true }
+    init(server config: TunnelServerConfig, keys: TokenKeys) { isServer = true }
+    init(client config: TunnelClientConfig, keys: TokenKeys) { isServer = false }
 
     var warning: String? { "transport is plain: tunnel traffic is not encrypted" }
 
     func wrap(_ fd: Int32) -> (stream: Duplex, handshake: Handshake) {
-        (TCPStream(fd: fd, noDelay: setNoDelay), { _ in })
+        guard isServer else { return (TCPStream(fd: fd, noDelay: true), { _ in }) }
+        return (TCPStream(fd: fd, noDelay: false), Self.refuseTLS)
+    }
+
+    /// Waits for the client's first bytes and refuses a TLS ClientHello.
+    private static func refuseTLS(_ channel: AsyncDuplex) async throws {
+        guard let head = try await TransportMismatch.firstBytes(of: channel), TransportMismatch.isTLSRecord(head) else { return }
+        throw TransportMismatch.refuse(channel.duplex.fd, .clientSpeaksTLS)
     }
 }

@@ -57,8 +57,16 @@ struct TLSTransport: Transport {
     }
 
     private static func handshake(_ stream: TLSStream, over channel: AsyncDuplex, role: Role) async throws {
+        // Until the peer's first bytes arrive, each step looks at them before OpenSSL
+        // reads them: a frame there comes from an end on `--transport plain`.
+        var peerChecked = false
         do {
-            while try stream.handshakeStep() != .done {
+            while true {
+                if !peerChecked, let head = TransportMismatch.peek(stream.fd), !head.isEmpty {
+                    peerChecked = true
+                    try refusePlain(head, on: stream.fd, role: role)
+                }
+                if try stream.handshakeStep() == .done { break }
                 try await channel.waitForReadiness()
             }
         } catch let e as TLSError where e.isRejection {
@@ -79,5 +87,16 @@ struct TLSTransport: Transport {
                 throw FatalClientError(message: "authentication failed: server certificate fingerprint does not match --fingerprint")
             }
         }
+    }
+
+    /// Stops the handshake when the peer's first bytes are a frame: a plain client's hello
+    /// (answered with a plain refusal), or a plain server's refusal of our ClientHello.
+    private static func refusePlain(_ head: [UInt8], on fd: Int32, role: Role) throws {
+        if case .server = role {
+            guard TransportMismatch.isFrame(head, of: TunnelProtocol.Hello.self) else { return }
+            throw TransportMismatch.refuse(fd, .clientSpeaksPlain)
+        }
+        guard TransportMismatch.isFrame(head, of: TunnelProtocol.ServerHandshake.self) else { return }
+        throw FatalClientError(message: TransportMismatch.serverUsesPlain)
     }
 }
