@@ -140,6 +140,10 @@ final class ChannelPool {
             let (service, udp) = udpWaiting.removeFirst()
             attachUDP(service, udp, stream)
         } else if waiting.isEmpty {
+            // A channel asked for a visitor who has gone meanwhile (timed out, or served
+            // by another channel) is surplus beyond the pool: closed cleanly, so the
+            // client knows it was not a failure.
+            guard idle.count < poolSize else { return stream.close(reset: false) }
             idle.append((stream, channelHome))
         } else {
             let visitor = waiting.removeFirst()

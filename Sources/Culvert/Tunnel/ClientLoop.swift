@@ -103,8 +103,14 @@ final class ClientLoop: @unchecked Sendable {
                 return startCarrier(channel.detach(), session: session)
             }
         } catch {
-            // .closed: this end closed it (the session ended).
-            if error as? ChannelError != .closed {
+            // .closed: this end closed it (the session ended). .eof: the server closed it
+            // cleanly, a pooled channel it had no use for; a refused or lost one is reset.
+            switch error as? ChannelError {
+            case .closed?:
+                break
+            case .eof?:
+                logger.debug("pooled data channel closed by the server")
+            default:
                 channelFailed(session, reason: "before the server's command: \(error)")
             }
             channel.fail(.closed)
