@@ -9,7 +9,6 @@ is dropped. A relay between client and server injects the faults; the server run
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import select
@@ -19,21 +18,11 @@ import time
 
 import pytest
 
-from conftest import MiB, recv_exactly
-from tunnel_support import echo_many, poll, settle_fd_count
+from conftest import recv_exactly
+from tunnel_support import assert_echoed, local_of, poll, settle_fd_count
 
 DEADLINE = 2.0  # the server's --handshake-timeout, which is also the request deadline
 SERVED_AFTER_FAULT = 2.0  # a visitor is served this long after the lost request expires
-
-
-def local_of(server) -> str:
-    return f"127.0.0.1:{server.port}"
-
-
-def assert_echoed(addr: tuple[str, int], payloads: list[bytes], timeout: float) -> None:
-    results = echo_many(addr, payloads, timeout=timeout)
-    bad = [i for i, p in enumerate(payloads) if results.get(i) != (len(p), hashlib.sha256(p).hexdigest())]
-    assert not bad, f"visitors {bad[:5]} got a wrong echo: {[results.get(i) for i in bad[:3]]}"
 
 
 class FaultRelay:

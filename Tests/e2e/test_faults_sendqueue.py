@@ -12,15 +12,12 @@ import struct
 import threading
 import time
 
-import pytest
-
 from conftest import MiB
 from tunnel_support import (
     CHALLENGE,
     CLIENT_AUTH,
     PROTOCOL_VERSION,
     WELCOME,
-    TunnelKit,
     echo_many,
     frame,
     hello,
@@ -30,18 +27,6 @@ from tunnel_support import (
 )
 
 PING = 0x30
-
-
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use the plain transport")
-
-    k = TunnelKit(tmp_path, no_certs)
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 def _hmac(key: bytes, *parts: bytes) -> bytes:

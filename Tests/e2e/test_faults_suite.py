@@ -17,9 +17,7 @@ import socket
 import threading
 import time
 
-import pytest
-
-from tunnel_support import TunnelKit, close_wait_pids, connect_refused, echo_many, free_port, poll, settle_fd_count
+from tunnel_support import assert_echoed, close_wait_pids, connect_refused, free_port, local_of, poll, settle_fd_count
 
 HEARTBEAT = ["--heartbeat-interval", "500ms", "--heartbeat-misses", "2"]
 HEARTBEAT_TIMEOUT = 1.0  # 500 ms x 2 misses
@@ -27,28 +25,6 @@ BACKOFF = 1.0  # --reconnect-max
 RECONNECT = ["--reconnect-max", f"{BACKOFF:g}s"]
 SERVED_AFTER_FAULT = 2.0
 FD_SLACK = 6  # descriptors a settled process may hold beyond its baseline (timers, a spare channel)
-
-
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use no certificates")
-
-    k = TunnelKit(tmp_path, no_certs)
-    try:
-        yield k
-    finally:
-        k.close()
-
-
-def local_of(server) -> str:
-    return f"127.0.0.1:{server.port}"
-
-
-def assert_echoed(addr: tuple[str, int], payloads: list[bytes], timeout: float) -> None:
-    results = echo_many(addr, payloads, timeout=timeout)
-    bad = [i for i, p in enumerate(payloads) if results.get(i) != (len(p), hashlib.sha256(p).hexdigest())]
-    assert not bad, f"visitors {bad[:5]} got a wrong echo: {[results.get(i) for i in bad[:3]]}"
 
 
 def served_within(addr: tuple[str, int], limit: float, since: float, what: str) -> float:

@@ -10,19 +10,6 @@ import time
 
 import pytest
 
-from tunnel_support import TunnelKit
-
-
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use no certificates")
-
-    k = TunnelKit(tmp_path, no_certs)
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 # (server mode, client mode, client's message, server's line)

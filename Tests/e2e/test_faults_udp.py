@@ -13,41 +13,11 @@ import time
 
 import pytest
 
-from tunnel_support import TunnelKit, echo_many, poll
+from tunnel_support import TunnelKit, UdpServer, echo_many, poll
 
 EXPOSED_ANY_RE = re.compile(r"^exposed (tcp|udp) (\S+) -> (\S+)$")
 FLOOD_HOSTS = [f"127.0.0.{x}" for x in range(2, 202)]
 PORTS_PER_HOST = 15  # 200 hosts x 15 ports = 3,000 visitor addresses
-
-
-class UdpEcho:
-    """A UDP echo service on 127.0.0.1, answered by one thread."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(70000)
-                self.sock.sendto(data, addr)
-            except socket.timeout:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 class Visitor:
@@ -154,7 +124,7 @@ def kit(tmp_path):
 
 
 def test_address_flood_meets_the_session_cap_not_the_descriptor_limit(kit):
-    udp = UdpEcho()
+    udp = UdpServer(lambda datagram: datagram)
     try:
         tcp = kit.echo()
         server = kit.start_server("plain")

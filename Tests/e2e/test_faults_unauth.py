@@ -12,8 +12,6 @@ import socket
 import threading
 import time
 
-import pytest
-
 from tunnel_support import echo_many, fd_count, poll, raw_connect, settle_fd_count, wait_closed_no_data
 
 # 39 attacker addresses holding 6 silent connections each: 234 > the default budget of

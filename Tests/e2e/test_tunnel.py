@@ -43,6 +43,7 @@ from tunnel_support import (
     frames_until_close,
     free_port,
     hello,
+    local_of,
     make_certs,
     poll,
     raw_connect,
@@ -75,10 +76,6 @@ def kit(tmp_path, certs_factory):
         yield k
     finally:
         k.close()
-
-
-def local_of(server) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 # one random block; each connection sends its own slice of it

@@ -5,14 +5,13 @@ byte verified."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 
 import pytest
 
 from conftest import MiB, echo_once
-from tunnel_support import echo_many
+from tunnel_support import assert_echoed
 
 THREADS = 3
 
@@ -43,9 +42,7 @@ def busy_threads(before: dict[int, int], after: dict[int, int], min_ticks: int) 
 
 
 def verified_echo(addr, n: int) -> None:
-    results = echo_many(addr, [payload(i) for i in range(n)], timeout=60)
-    bad = [i for i in range(n) if results.get(i) != (len(payload(i)), hashlib.sha256(payload(i)).hexdigest())]
-    assert not bad, f"{len(bad)} visitor(s) got a wrong echo, e.g. {bad[:5]}"
+    assert_echoed(addr, [payload(i) for i in range(n)], timeout=60)
 
 
 @pytest.mark.parametrize("mode,mux", [("tls-psk", 3), ("plain", 3), ("tls-psk", 0)])

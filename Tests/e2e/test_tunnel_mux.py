@@ -25,6 +25,7 @@ from conftest import (
     round_trip,
 )
 from tunnel_support import (
+    local_of,
     FloodServer,
     StallServer,
     StuckUpload,
@@ -45,10 +46,6 @@ TRANSPORTS = ["plain", "tls-psk"]
 @pytest.fixture(params=TRANSPORTS)
 def mode(request):
     return request.param
-
-
-def local_of(server) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 def tunnel_connections(srv, expected: int, timeout: float = 5.0) -> int:

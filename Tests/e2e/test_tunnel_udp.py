@@ -8,49 +8,12 @@ import random
 import selectors
 import socket
 import struct
-import threading
 import time
 
 import pytest
 
 from conftest import Culvert, wait_stdout_line
-
-
-class UdpServer:
-    """A UDP server on 127.0.0.1 answering each datagram with `answer(datagram)`."""
-
-    def __init__(self, answer):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        # A single Python thread answers; a big buffer keeps bursts from overflowing it.
-        self.sock.setsockopt(socket.SOL_SOCKET, 33 if os.geteuid() == 0 else socket.SO_RCVBUF, 8 << 20)  # SO_RCVBUFFORCE
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.answer = answer
-        self.received = 0
-        self.sources: set = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(70000)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.received += 1
-            self.sources.add(addr)
-            reply = self.answer(data)
-            if reply is not None:
-                self.sock.sendto(reply, addr)
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
+from tunnel_support import UdpServer
 
 
 @pytest.fixture

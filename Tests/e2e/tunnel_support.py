@@ -612,6 +612,59 @@ def echo_many(addr: tuple[str, int], payloads: list[bytes], timeout: float) -> d
     return results
 
 
+def assert_echoed(addr: tuple[str, int], payloads: list[bytes], timeout: float) -> None:
+    """echo_many, then every visitor's echo checked by length and SHA-256."""
+    results = echo_many(addr, payloads, timeout=timeout)
+    bad = [i for i, p in enumerate(payloads) if results.get(i) != (len(p), hashlib.sha256(p).hexdigest())]
+    assert not bad, f"visitors {bad[:5]} got a wrong echo: {[results.get(i) for i in bad[:3]]}"
+
+
+def local_of(server) -> str:
+    """The `HOST:PORT` a client's `-R` names for a local test server (and its ready line shows)."""
+    return f"127.0.0.1:{server.port}"
+
+
+class UdpServer:
+    """A UDP server on 127.0.0.1 answering each datagram with `answer(datagram)` (None: no
+    answer), from one thread; counts what it received and from whom."""
+
+    def __init__(self, answer):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # A single Python thread answers; a big buffer keeps bursts from overflowing it.
+        self.sock.setsockopt(socket.SOL_SOCKET, 33 if os.geteuid() == 0 else socket.SO_RCVBUF, 8 << 20)  # SO_RCVBUFFORCE
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.answer = answer
+        self.received = 0
+        self.sources: set = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(70000)
+                self.received += 1
+                self.sources.add(addr)
+                reply = self.answer(data)
+                if reply is not None:
+                    self.sock.sendto(reply, addr)
+            except socket.timeout:
+                continue
+            except OSError:
+                # a reply that cannot go out (ENOBUFS in a flood) drops that datagram;
+                # a closed socket ends the thread
+                if self._stop.is_set():
+                    return
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
 @contextlib.contextmanager
 def open_visitors(addr: tuple[str, int], n: int, greeting: bytes):
     """n visitor connections, each checked with one round trip of `greeting % i`, kept

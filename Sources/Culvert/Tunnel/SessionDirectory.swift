@@ -44,9 +44,6 @@ final class SessionDirectory: Sendable {
         state.withLock { $0.sessions[TunnelProtocol.Key16(id)] }
     }
 
-    /// Every session, for a drain.
-    var all: [Entry] { state.withLock { Array($0.sessions.values) } }
-
     /// Claims a secret service name; false when another session holds it.
     func claimSecret(_ name: String, by entry: Entry, serviceID: UInt32) -> Bool {
         state.withLock {
