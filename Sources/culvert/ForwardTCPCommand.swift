@@ -13,36 +13,43 @@ struct ForwardTCPCommand: ParsableCommand {
             'listening tcp ADDR -> TARGETS' on stdout shows the port actually bound. \
             With several targets, a target that refuses or times out is skipped and marked \
             down for a backoff (1 s, doubling up to 60 s). Plain TCP is relayed with \
-            splice(2), without copying through user space.
+            splice(2), without copying through user space. With -c FILE the listeners come \
+            from a TOML file (the flags' keys, plus [services.NAME] tables for more \
+            listeners); SIGHUP re-reads it and starts, drains or replaces only the \
+            listeners that changed.
             """
     )
 
-    @Argument(help: "Address to listen on.", transform: parseHostPort)
-    var listen: HostPort
+    @Argument(help: "Address to listen on (may come from the config file).", transform: parseHostPort)
+    var listen: HostPort?
 
     @Argument(help: "Target address(es) to relay to.", transform: parseHostPort)
     var targets: [HostPort] = []
 
-    @Option(help: "How a connection picks a target: round-robin, random, first (failover in order).")
-    var balance: BalanceStrategy = .roundRobin
+    @Option(name: [.customShort("c"), .customLong("config")],
+            help: ArgumentHelp("TOML config file; flags given on the command line override it. SIGHUP re-reads it.", valueName: "file"))
+    var config: String?
+
+    @Option(help: "How a connection picks a target: round-robin (default), random, first (failover in order).")
+    var balance: BalanceStrategy?
 
     @Option(help: "Time allowed to connect to one target before trying the next (e.g. 500ms; default: 5s).",
             transform: parseDuration)
-    var connectTimeout: Duration = .seconds(5)
+    var connectTimeout: Duration?
 
     @Option(help: "Close a connection with no traffic either way for this long (default off).",
             transform: parseOptionalDuration)
     var idleTimeout: Duration?? = nil
 
-    @Option(help: "Refuse new connections beyond this many open ones (0: no limit).")
-    var maxConnections: Int = 0
+    @Option(help: "Refuse new connections beyond this many open ones (default 0: no limit).")
+    var maxConnections: Int?
 
     @Option(help: "On SIGINT/SIGTERM, time in-flight connections get to finish before they are reset (default: 30s).",
             transform: parseDuration)
-    var drainTimeout: Duration = .seconds(30)
+    var drainTimeout: Duration?
 
     @Option(help: "Event loop threads (defaults to the number of cores).")
-    var threads: Int = LoopGroup.coreCount
+    var threads: Int?
 
     @Flag(help: "Copy through user-space buffers instead of splice(2).")
     var noSplice = false
@@ -53,7 +60,7 @@ struct ForwardTCPCommand: ParsableCommand {
         var flags = TCPForwardFlags(listen: listen, targets: targets)
         flags.balance = balance
         flags.connectTimeout = connectTimeout
-        flags.idleTimeout = idleTimeout ?? nil
+        flags.idleTimeout = idleTimeout
         flags.maxConnections = maxConnections
         flags.drainTimeout = drainTimeout
         flags.threads = threads
@@ -63,15 +70,20 @@ struct ForwardTCPCommand: ParsableCommand {
     }
 
     func validate() throws {
-        try usage { try flags.check() }
+        try usage { try flags.check(withFile: config != nil) }
     }
 
     func run() throws {
-        let resolved = try usage { try TCPForwardConfig.resolve(flags: flags) }
-        let config = resolved.config
+        let (flags, file) = (self.flags, config)
+        let resolved = try usage { try TCPForwardConfig.resolve(flags: flags, file: file) }
+        let configs = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
-            try await TCPForwarder.start(config: config, group: group, logger: logger)
+        let first = configs[0]
+        let status = ServiceRunner.run(threads: first.threads, drainTimeout: first.drainTimeout, logger: logger) { group, _ in
+            try await ForwardSet<TCPForwarder>.start(configs: configs, drainTimeout: first.drainTimeout, group: group, logger: logger,
+                                                     configPath: file) { () throws(ConfigError) in
+                try TCPForwardConfig.resolve(flags: flags, file: file).config
+            }
         }
         if status != 0 { throw ExitCode(status) }
     }

@@ -13,22 +13,28 @@ struct ForwardUDPCommand: ParsableCommand {
             from the target ends only that session. Datagram boundaries are kept; sizes \
             up to 65,507 bytes (IPv4) pass. Addresses as for 'forward tcp'. The ready line \
             is 'listening udp ADDR -> TARGETS'. On SIGINT/SIGTERM every session is closed \
-            and logged, then the process exits 0.
+            and logged, then the process exits 0. -c FILE and SIGHUP work as for \
+            'forward tcp' (the file says protocol = "udp"); a removed listener closes its \
+            sessions at once.
             """
     )
 
-    @Argument(help: "Address to listen on.", transform: parseHostPort)
-    var listen: HostPort
+    @Argument(help: "Address to listen on (may come from the config file).", transform: parseHostPort)
+    var listen: HostPort?
 
     @Argument(help: "Target address(es) to relay to.", transform: parseHostPort)
     var targets: [HostPort] = []
 
-    @Option(help: "How a new session picks a target: round-robin, random, first (failover in order).")
-    var balance: BalanceStrategy = .roundRobin
+    @Option(name: [.customShort("c"), .customLong("config")],
+            help: ArgumentHelp("TOML config file; flags given on the command line override it. SIGHUP re-reads it.", valueName: "file"))
+    var config: String?
+
+    @Option(help: "How a new session picks a target: round-robin (default), random, first (failover in order).")
+    var balance: BalanceStrategy?
 
     @Option(help: "Close a session with no datagram either way for this long (default: 60s).",
             transform: parseDuration)
-    var idleTimeout: Duration = .seconds(60)
+    var idleTimeout: Duration?
 
     @Option(help: ArgumentHelp(
         "Drop datagrams from new clients beyond this many sessions (default: half the descriptors free at start, at most 10,000, so a flood meets this limit before EMFILE; 0: no limit, and a flood can take every descriptor).",
@@ -37,10 +43,10 @@ struct ForwardUDPCommand: ParsableCommand {
 
     @Option(help: "SO_RCVBUF/SO_SNDBUF per socket in bytes, suffixes K and M allowed (default: 4M).",
             transform: parseByteSize)
-    var socketBuffer: Int = 4 << 20
+    var socketBuffer: Int?
 
     @Option(help: "Event loop threads (defaults to the number of cores).")
-    var threads: Int = LoopGroup.coreCount
+    var threads: Int?
 
     @OptionGroup var logging: LoggingOptions
 
@@ -56,15 +62,19 @@ struct ForwardUDPCommand: ParsableCommand {
     }
 
     func validate() throws {
-        try usage { try flags.check() }
+        try usage { try flags.check(withFile: config != nil) }
     }
 
     func run() throws {
-        let resolved = try usage { try UDPForwardConfig.resolve(flags: flags) }
-        let config = resolved.config
+        let (flags, file) = (self.flags, config)
+        let resolved = try usage { try UDPForwardConfig.resolve(flags: flags, file: file) }
+        let configs = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: .seconds(1), logger: logger) { group, _ in
-            try await UDPForwarder.start(config: config, group: group, logger: logger)
+        let status = ServiceRunner.run(threads: configs[0].threads, drainTimeout: .seconds(1), logger: logger) { group, _ in
+            try await ForwardSet<UDPForwarder>.start(configs: configs, drainTimeout: .seconds(1), group: group, logger: logger,
+                                                     configPath: file) { () throws(ConfigError) in
+                try UDPForwardConfig.resolve(flags: flags, file: file).config
+            }
         }
         if status != 0 { throw ExitCode(status) }
     }

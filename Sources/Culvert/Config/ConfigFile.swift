@@ -24,6 +24,16 @@ public final class ConfigFile {
         }
     }
 
+    /// The keys of the top level, or of every table under `key` together (`services`),
+    /// without marking them read: what tells which command a file is for.
+    func keys(under key: String? = nil) -> Set<String> {
+        guard let key else { return Set(root.keys) }
+        guard let table = root[key]?.table else { return [] }
+        var out: Set<String> = []
+        for name in table.keys { out.formUnion(table[name]?.table?.keys ?? []) }
+        return out
+    }
+
     func error(_ key: String, _ message: String) -> ConfigError {
         ConfigError(file: path, key: key, message: message)
     }

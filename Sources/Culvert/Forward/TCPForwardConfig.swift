@@ -1,7 +1,7 @@
 import Reactor
 
 /// Everything `culvert forward tcp` needs, whether it came from flags or a config file.
-public struct TCPForwardConfig: Sendable {
+public struct TCPForwardConfig: Equatable, Sendable {
     public var listen: HostPort
     public var targets: [HostPort]
     public var balance: BalanceStrategy = .roundRobin
@@ -21,29 +21,31 @@ public struct TCPForwardConfig: Sendable {
 }
 
 /// What `culvert forward tcp` was given on the command line; nil when a flag was not
-/// given, so that `TCPForwardConfig`'s defaults apply.
+/// given, so that the config file, and then `TCPForwardConfig`'s defaults, apply.
 public struct TCPForwardFlags: Sendable {
-    public var listen: HostPort
+    /// nil: the listeners come from the config file.
+    public var listen: HostPort?
     public var targets: [HostPort]
     public var balance: BalanceStrategy?
     public var connectTimeout: Duration?
-    /// nil: no idle timeout.
-    public var idleTimeout: Duration?
+    /// nil: not given; `.some(nil)`: `--idle-timeout off`.
+    public var idleTimeout: Duration??
     public var maxConnections: Int?
     public var drainTimeout: Duration?
     public var threads: Int?
     public var noSplice = false
     public var log = LogFlags()
 
-    public init(listen: HostPort, targets: [HostPort]) {
+    public init(listen: HostPort?, targets: [HostPort]) {
         self.listen = listen
         self.targets = targets
     }
 
-    /// The rules the flags must follow; `resolve` checks them first, and a command line
-    /// parser may check them early to report them as usage.
-    public func check() throws(ConfigError) {
-        try checkForwardTargets(targets, threads: threads)
+    /// The rules the flags must follow whatever the file says (`withFile`: whether a
+    /// config file may supply the listeners); `resolve` checks them first, and a command
+    /// line parser may check them early to report them as usage.
+    public func check(withFile: Bool = false) throws(ConfigError) {
+        try checkForwardListen(listen, targets: targets, threads: threads, withFile: withFile)
         if let maxConnections, maxConnections < 0 {
             throw ConfigError(setting: "--max-connections", "--max-connections must be 0 (no limit) or more, got \(maxConnections)")
         }
@@ -52,27 +54,78 @@ public struct TCPForwardFlags: Sendable {
 }
 
 extension TCPForwardConfig {
-    /// The forwarder's settings: `flags` over the defaults, checked.
+    /// The first listener's settings: `flags` over the defaults, checked.
     public static func resolve(flags: TCPForwardFlags) throws(ConfigError) -> Resolved<TCPForwardConfig> {
-        try flags.check()
-        var config = TCPForwardConfig(listen: flags.listen, targets: flags.targets)
-        if let balance = flags.balance { config.balance = balance }
-        if let connectTimeout = flags.connectTimeout { config.connectTimeout = connectTimeout }
-        config.idleTimeout = flags.idleTimeout
-        if let maxConnections = flags.maxConnections { config.maxConnections = maxConnections }
-        if let drainTimeout = flags.drainTimeout { config.drainTimeout = drainTimeout }
-        if let threads = flags.threads { config.threads = threads }
-        config.splice = !flags.noSplice
-        return Resolved(config: config, log: flags.log.over(LogSettings()))
+        let all = try resolve(flags: flags, file: nil)
+        return Resolved(config: all.config[0], log: all.log, warnings: all.warnings)
+    }
+
+    /// Every listener of the process: LISTEN TARGET... from the command line (or else the
+    /// file's top-level `listen` and `targets`), then the file's `[services.NAME]` in name
+    /// order; each is flags over its table over the file's top level over the defaults.
+    /// Pure apart from reading the file, so a reload can call it again.
+    public static func resolve(flags: TCPForwardFlags, file: String?) throws(ConfigError) -> Resolved<[TCPForwardConfig]> {
+        try flags.check(withFile: file != nil)
+        let contents = try file.map { (path) throws(ConfigError) in try ForwardConfigFile.load(path, udp: false) }
+        let layers = try forwardLayers(flags.listen, flags.targets, contents)
+        var configs: [TCPForwardConfig] = []
+        for (_, layer) in layers {
+            var config = TCPForwardConfig(listen: layer.listen!, targets: layer.targets!)
+            if let balance = flags.balance ?? layer.balance { config.balance = balance }
+            if let connectTimeout = flags.connectTimeout ?? layer.connectTimeout { config.connectTimeout = connectTimeout }
+            if let idleTimeout = flags.idleTimeout ?? layer.idleTimeout { config.idleTimeout = idleTimeout }
+            if let maxConnections = flags.maxConnections ?? layer.maxConnections { config.maxConnections = maxConnections }
+            if let drainTimeout = flags.drainTimeout ?? contents?.drainTimeout { config.drainTimeout = drainTimeout }
+            if let threads = flags.threads ?? contents?.threads { config.threads = threads }
+            config.splice = !(flags.noSplice || layer.noSplice == true)
+            configs.append(config)
+        }
+        return Resolved(config: configs, log: flags.log.over(contents?.log ?? LogSettings()))
     }
 }
 
 /// The checks `forward tcp` and `forward udp` share.
-func checkForwardTargets(_ targets: [HostPort], threads: Int?) throws(ConfigError) {
-    if targets.isEmpty {
+func checkForwardListen(_ listen: HostPort?, targets: [HostPort], threads: Int?, withFile: Bool) throws(ConfigError) {
+    if listen == nil && !withFile {
+        throw ConfigError(setting: "<listen>", "missing <listen>: give LISTEN TARGET..., or -c FILE")
+    }
+    if listen == nil && !targets.isEmpty {
+        throw ConfigError(setting: "<targets>", "targets need a LISTEN address before them")
+    }
+    if listen != nil && targets.isEmpty {
         throw ConfigError(setting: "<targets>", "missing <targets>: give at least one TARGET address to relay to")
     }
     if let threads, threads < 1 || threads > 1024 {
         throw ConfigError(setting: "--threads", "--threads must be between 1 and 1024, got \(threads)")
     }
+}
+
+/// The listeners' layers, named by the command line (`<listen>`) or their file table:
+/// the command line's LISTEN TARGET... replaces the file's top-level pair. Two
+/// listeners on one address are an error naming the second.
+func forwardLayers(_ listen: HostPort?, _ targets: [HostPort],
+                   _ contents: ForwardConfigFile.Contents?) throws(ConfigError) -> [(key: String, layer: ForwardConfigFile.Layer)] {
+    let top = contents?.top ?? ForwardConfigFile.Layer()
+    var layers: [(key: String, layer: ForwardConfigFile.Layer)] = []
+    if let listen {
+        var commandLine = top
+        commandLine.listen = listen
+        commandLine.targets = targets.map(\.asTarget)
+        layers.append(("<listen>", commandLine))
+    } else if top.listen != nil {
+        layers.append(("listen", top))
+    }
+    for (name, layer) in contents?.services ?? [] { layers.append(("services.\(name).listen", layer.over(top))) }
+    guard let contents else { return layers }
+    if layers.isEmpty {
+        throw ConfigError(file: contents.path, key: "listen", message: "no listener: set listen and targets, or add [services.NAME] tables")
+    }
+    var seen: [String: String] = [:]
+    for (key, layer) in layers {
+        if let first = seen[layer.listen!.description] {
+            throw ConfigError(file: contents.path, key: key, message: "\(layer.listen!) is already the listen address of \(first)")
+        }
+        seen[layer.listen!.description] = key
+    }
+    return layers
 }

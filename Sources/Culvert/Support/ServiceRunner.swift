@@ -10,6 +10,37 @@ public protocol DrainableService: AnyObject {
     func drain(timeout: Duration) async
 }
 
+/// A running service whose config file SIGHUP re-reads: `reload` applies the difference
+/// and says what changed, or throws (a `ConfigError` naming file and key) and keeps the
+/// running config untouched.
+public protocol ReloadableService: DrainableService {
+    /// The file re-read, as the reload's log line names it; nil when the command runs on
+    /// flags alone, so SIGHUP has nothing to re-read.
+    var configPath: String? { get }
+    func reload() async throws -> ReloadReport
+}
+
+/// What a reload changed, for its one log line.
+public struct ReloadReport: Sendable {
+    public var added: [String] = []
+    public var removed: [String] = []
+    public var replaced: [String] = []
+    /// Settings that changed in the file but take effect only after a restart (kept).
+    public var needsRestart: [String] = []
+    /// Services of the new config that could not start (the rest was applied).
+    public var failed: [String] = []
+
+    public init() {}
+
+    var metadata: Logger.Metadata {
+        var m: Logger.Metadata = [:]
+        for (key, items) in [("added", added), ("removed", removed), ("replaced", replaced), ("failed", failed)] where !items.isEmpty {
+            m[key] = "\(items.joined(separator: ","))"
+        }
+        return m
+    }
+}
+
 /// Lets a running service end the process (a fatal condition such as failed
 /// authentication) with an exit status.
 public struct ServiceControl: Sendable {
@@ -26,6 +57,9 @@ public enum ServiceRunner {
         var service: DrainableService?
         var stopping = false
         var exitStatus: Int32 = 0
+        /// A reload is running; a SIGHUP meanwhile asks for one more after it.
+        var reloading = false
+        var reloadAgain = false
     }
 
     /// - Parameter hangupStops: SIGHUP stops the command like SIGTERM (`pipe`: OpenSSH
@@ -74,10 +108,58 @@ public enum ServiceRunner {
         }
     }
 
+    /// Runs one reload, then another if SIGHUP came meanwhile (the file may have changed
+    /// again). The one place a reload's outcome is known: it is logged here.
+    private static func reload(_ service: ReloadableService, config: String, state: State, group: LoopGroup, logger: Logger) {
+        state.reloading = true
+        state.reloadAgain = false
+        logger.notice("SIGHUP received, reloading", metadata: ["config": "\(config)"])
+        Task(executorPreference: group.main.tasks) {
+            do {
+                let report = try await service.reload()
+                reloaded(report, config: config, logger: logger)
+            } catch {
+                reloadFailed(error, config: config, logger: logger)
+            }
+            state.reloading = false
+            if state.reloadAgain && !state.stopping { reload(service, config: config, state: state, group: group, logger: logger) }
+        }
+    }
+
+    private static func reloaded(_ report: ReloadReport, config: String, logger: Logger) {
+        for setting in report.needsRestart {
+            logger.warning("config setting changed; it needs a restart, the running value is kept",
+                           metadata: ["config": "\(config)", "key": "\(setting)"])
+        }
+        var metadata = report.metadata
+        metadata["config"] = "\(config)"
+        if report.failed.isEmpty {
+            logger.notice("config reloaded", metadata: metadata)
+        } else {
+            logger.error("config reloaded in part: some services could not start", metadata: metadata)
+        }
+    }
+
+    /// The file did not parse or validate: one line with the file, the key and the reason.
+    private static func reloadFailed(_ error: any Error, config: String, logger: Logger) {
+        var metadata: Logger.Metadata = ["config": "\(config)", "error": "\(error)"]
+        if let error = error as? ConfigError, let key = error.key { metadata["key"] = "\(key)" }
+        logger.error("config reload failed, keeping the running config", metadata: metadata)
+    }
+
     private static func signalReceived(_ signo: Int32, state: State, group: LoopGroup, drainTimeout: Duration, logger: Logger,
                                        hangupStops: Bool) {
         if signo == SIGHUP && !hangupStops {
-            logger.notice("SIGHUP received; nothing to reload for this command")
+            guard let service = state.service as? ReloadableService, let path = service.configPath else {
+                logger.notice("SIGHUP received; nothing to reload for this command")
+                return
+            }
+            if state.stopping { return }
+            if state.reloading {
+                state.reloadAgain = true
+                return
+            }
+            reload(service, config: path, state: state, group: group, logger: logger)
             return
         }
         let name = signo == SIGINT ? "SIGINT" : signo == SIGHUP ? "SIGHUP" : "SIGTERM"
