@@ -139,11 +139,14 @@ struct ServerCommand: ParsableCommand {
     }
 
     func run() throws {
-        let resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: common.config) }.holdingToken()
+        let (flags, file) = (self.flags, common.config)
+        let resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: file) }.holdingToken()
         let config = resolved.config
         let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
-            try await TunnelServer.start(config: config, group: group, logger: logger)
+            try await TunnelServer.start(config: config, group: group, logger: logger, configPath: file) { () throws(ConfigError) in
+                try TunnelServerConfig.resolve(flags: flags, file: file).config
+            }
         }
         if status != 0 { throw ExitCode(status) }
     }
@@ -249,7 +252,8 @@ struct ClientCommand: ParsableCommand {
     }
 
     func run() throws {
-        let resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: common.config) }.holdingToken()
+        let (flags, file) = (self.flags, common.config)
+        let resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: file) }.holdingToken()
         let config = resolved.config
         let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, control in
@@ -257,7 +261,10 @@ struct ClientCommand: ParsableCommand {
                 return try await VisitorListener.start(config: config, name: visit.name, serviceToken: visit.serviceToken,
                                                        listen: visit.listen, group: group, logger: logger)
             }
-            return try await TunnelClient.start(config: config, group: group, logger: logger, control: control)
+            return try await TunnelClient.start(config: config, group: group, logger: logger, control: control,
+                                                configPath: file) { () throws(ConfigError) in
+                try TunnelClientConfig.resolve(flags: flags, file: file).config
+            }
         }
         if status != 0 { throw ExitCode(status) }
     }

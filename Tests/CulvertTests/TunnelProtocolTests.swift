@@ -27,7 +27,7 @@ final class TunnelProtocolTests: XCTestCase {
         let clientControl: [P.ClientControl] = [
             .registerService(.init(id: 7, kind: .udp, bindHost: "::1", port: 0, compress: true)),
             .registerService(.init(id: 1, kind: .tcp, bindHost: "", port: 2222)),
-            .registerSecret(id: 3, name: "home-ssh"), .visit(name: "home-ssh"), .ping(1), .pong(42),
+            .registerSecret(id: 3, name: "home-ssh"), .visit(name: "home-ssh"), .unregisterService(id: 3), .ping(1), .pong(42),
         ]
         let serverControl: [P.ServerControl] = [
             .serviceAccepted(id: 7, address: "[::]:20001"), .serviceRefused(id: 1, .init(.portInUse, "port 2222 is already in use")),

@@ -25,6 +25,8 @@ public struct ReloadReport: Sendable {
     public var added: [String] = []
     public var removed: [String] = []
     public var replaced: [String] = []
+    /// Settings that changed and took effect.
+    public var applied: [String] = []
     /// Settings that changed in the file but take effect only after a restart (kept).
     public var needsRestart: [String] = []
     /// Services of the new config that could not start (the rest was applied).
@@ -34,7 +36,7 @@ public struct ReloadReport: Sendable {
 
     var metadata: Logger.Metadata {
         var m: Logger.Metadata = [:]
-        for (key, items) in [("added", added), ("removed", removed), ("replaced", replaced), ("failed", failed)] where !items.isEmpty {
+        for (key, items) in [("added", added), ("removed", removed), ("replaced", replaced), ("applied", applied), ("failed", failed)] where !items.isEmpty {
             m[key] = "\(items.joined(separator: ","))"
         }
         return m

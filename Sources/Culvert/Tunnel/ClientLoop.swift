@@ -32,7 +32,8 @@ final class ClientLoop: @unchecked Sendable {
     private let logger: Logger
     private let connector: TunnelConnector
     let relays: RelayGroup
-    private let services: [UInt32: ServiceSpec]
+    /// The services by id; a reload replaces them (`servicesChanged`).
+    private var services: [UInt32: ServiceSpec]
     /// This loop's relay set of each service.
     private var serviceRelays: [UInt32: RelaySet] = [:]
     /// Local service addresses resolved so far, by service id.
@@ -71,6 +72,17 @@ final class ClientLoop: @unchecked Sendable {
 
     /// Relays running on this loop.
     var relayCount: Int { relays.count }
+
+    /// A reload changed the services: visitors of the removed ones are refused from now
+    /// on, while their running relays go on and leave the group when done.
+    func servicesChanged(_ current: [ServiceSpec]) {
+        loop.assertInLoop()
+        services = Dictionary(current.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        for id in Array(serviceRelays.keys) where services[id] == nil {
+            relays.retire(serviceRelays.removeValue(forKey: id)!)
+            resolvedLocal[id] = nil
+        }
+    }
 
     // MARK: data channels
 

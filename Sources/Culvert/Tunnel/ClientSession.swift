@@ -39,8 +39,7 @@ final class ClientSession {
     /// Serves the control channel until it dies. Throws `FatalClientError` when a
     /// service is refused on the first session.
     func run(firstSession: Bool) async throws {
-        let services = Dictionary(client.config.services.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
-        for spec in client.config.services { register(spec) }
+        for spec in client.services { register(spec) }
         heartbeat?.start()
         defer { end() }
         do {
@@ -49,12 +48,14 @@ final class ClientSession {
                 heartbeat?.heard()
                 switch message {
                 case .serviceAccepted(let sid, let address):
-                    guard let spec = services[sid] else { continue }
+                    guard let spec = client.service(sid) else { continue }
                     client.serviceExposed(spec, address: address)
                 case .serviceRefused(let sid, let refusal):
-                    guard let spec = services[sid] else { continue }
+                    guard let spec = client.service(sid) else { continue }
                     try client.serviceRefused(spec, reason: refusal.reason, firstSession: firstSession)
-                    retryTimers.append(loop.schedule(after: Self.registrationRetry) { [weak self] in
+                    retryTimers.append(loop.schedule(after: Self.registrationRetry) { [weak self, weak client] in
+                        // Unless a reload removed or replaced it meanwhile.
+                        guard client?.service(spec.id) != nil else { return }
                         self?.register(spec)
                     })
                 case .openData(let nonce):
@@ -70,6 +71,15 @@ final class ClientSession {
         } catch {
             if !ended { logger.warning("control channel lost", metadata: ["error": "\(error)"]) }
         }
+    }
+
+    /// A reload changed the services on this live session: the removed ones are
+    /// unregistered, the added ones registered; the others and their visitors stay.
+    func servicesChanged(removed: [ServiceSpec], added: [ServiceSpec]) {
+        loop.assertInLoop()
+        guard !ended else { return }
+        for spec in removed { control.send(TunnelProtocol.encode(.unregisterService(id: spec.id))) }
+        for spec in added { register(spec) }
     }
 
     private func register(_ spec: ServiceSpec) {

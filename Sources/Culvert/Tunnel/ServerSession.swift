@@ -54,6 +54,8 @@ final class ServerSession {
                     answer(request.id, port: request.port, services.register(request))
                 case .registerSecret(let sid, let name):
                     answer(sid, port: 0, services.registerSecret(sid, name: name, session: SessionDirectory.Entry(loop: loop, session: self)))
+                case .unregisterService(let sid):
+                    services.unregister(sid, session: self)
                 case .visit(let name):
                     try await visit(name)
                     return

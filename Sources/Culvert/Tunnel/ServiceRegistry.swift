@@ -67,7 +67,7 @@ final class ServiceRegistry {
         home.loop.assertInLoop()
         if let refusal = checkNew(request.id) { return .failure(refusal) }
         let bound: [(Int32, SocketAddress)]
-        switch context.policy.bind(request) {
+        switch context.reloadable.policy.bind(request) {
         case .failure(let refusal): return .failure(refusal)
         case .success(let sockets): bound = sockets
         }
@@ -128,7 +128,7 @@ final class ServiceRegistry {
     private func checkNew(_ id: UInt32) -> TunnelProtocol.Refusal? {
         if context.draining.load(ordering: .relaxed) { return .init(.serverFull, "the server is shutting down") }
         if services[id] != nil { return .init(.duplicateService, "service id \(id) registered twice") }
-        let limit = context.config.maxServicesPerClient
+        let limit = context.reloadable.maxServicesPerClient
         if services.count >= limit { return .init(.tooManyServices, "too many services (limit \(limit))") }
         return nil
     }
@@ -137,15 +137,26 @@ final class ServiceRegistry {
     /// already running go on, each loop's set of a service leaving once it is idle.
     func closeAll(session: ServerSession) {
         home.loop.assertInLoop()
-        for service in services.values {
-            service.retire()
-            switch service.kind {
-            case .tcp(let listeners): listeners.stop()
-            case .udp(let udp): udp.close()
-            case .secret(let name): context.directory.releaseSecret(name, by: session)
-            }
-            for l in context.loops { l.run { l.retire(service) } }
-        }
+        for service in services.values { close(service, session: session) }
         services.removeAll()
+    }
+
+    /// The client removed one service (a reload): as `closeAll` for that one; an id
+    /// not registered is ignored, as the client may remove one the server refused.
+    func unregister(_ id: UInt32, session: ServerSession) {
+        home.loop.assertInLoop()
+        guard let service = services.removeValue(forKey: id) else { return }
+        close(service, session: session)
+        logger.info("service removed", metadata: ["peer": "\(peer)", "listen": "\(service.listen)"])
+    }
+
+    private func close(_ service: ExposedService, session: ServerSession) {
+        service.retire()
+        switch service.kind {
+        case .tcp(let listeners): listeners.stop()
+        case .udp(let udp): udp.close()
+        case .secret(let name): context.directory.releaseSecret(name, by: session)
+        }
+        for l in context.loops { l.run { l.retire(service) } }
     }
 }

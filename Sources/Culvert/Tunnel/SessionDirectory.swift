@@ -14,23 +14,26 @@ final class SessionDirectory: Sendable {
     }
 
     private struct State {
+        var maxSessions: Int
         var sessions: [TunnelProtocol.Key16: Entry] = [:]
         var secrets: [String: (entry: Entry, serviceID: UInt32)] = [:]
     }
 
-    private let state = Mutex(State())
-    let maxSessions: Int
+    private let state: Mutex<State>
 
     init(maxSessions: Int) {
-        self.maxSessions = maxSessions
+        state = Mutex(State(maxSessions: maxSessions))
     }
+
+    /// A reload changed `max_clients`: sessions beyond a lower limit stay, new ones wait.
+    func setMaxSessions(_ n: Int) { state.withLock { $0.maxSessions = n } }
 
     var count: Int { state.withLock { $0.sessions.count } }
 
     /// Adds a session unless the server already has `maxSessions`.
     func add(_ id: [UInt8], _ entry: Entry) -> Bool {
         state.withLock {
-            guard $0.sessions.count < maxSessions else { return false }
+            guard $0.sessions.count < $0.maxSessions else { return false }
             $0.sessions[TunnelProtocol.Key16(id)] = entry
             return true
         }

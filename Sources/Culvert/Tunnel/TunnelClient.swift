@@ -17,8 +17,17 @@ struct FatalClientError: Error, CustomStringConvertible {
 /// with a visitor and relayed to the local service.
 ///
 /// Thread confinement: everything runs on `loop`.
-public final class TunnelClient: DrainableService, @unchecked Sendable {
+public final class TunnelClient: ReloadableService, @unchecked Sendable {
+    /// The settings at start; a reload changes only the services.
     let config: TunnelClientConfig
+    /// The services exposed now: `config.services` until a reload changes them.
+    private(set) var services: [ServiceSpec]
+    /// The services of the start-up config: a refusal of one of these at the first
+    /// session ends the process; of one a reload added, it is logged.
+    private let startupIDs: Set<UInt32>
+    private var nextServiceID: UInt32
+    public let configPath: String?
+    private let reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?
     let loop: EventLoop
     let logger: Logger
     private let connector: TunnelConnector
@@ -31,8 +40,13 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     private var current: ClientSession?
 
     private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connector: TunnelConnector, control: ServiceControl,
-                 loops: [ClientLoop]) {
+                 loops: [ClientLoop], configPath: String?, reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
         self.config = config
+        services = config.services
+        startupIDs = Set(config.services.map(\.id))
+        nextServiceID = (config.services.map(\.id).max() ?? 0) &+ 1
+        self.configPath = configPath
+        self.reread = reread
         self.loop = loop
         self.logger = logger
         self.connector = connector
@@ -40,14 +54,18 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         self.loops = loops
     }
 
-    public static func start(config: TunnelClientConfig, group: LoopGroup, logger: Logger, control: ServiceControl) async throws -> TunnelClient {
+    /// - Parameter reread: the command's resolution again, run on SIGHUP (with a `configPath`).
+    public static func start(config: TunnelClientConfig, group: LoopGroup, logger: Logger, control: ServiceControl,
+                             configPath: String? = nil,
+                             reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)? = nil) async throws -> TunnelClient {
         let connector = try TunnelConnector(loop: group.main, config: config)
         if let warning = connector.transport.warning {
             logger.warning("\(warning)")
         }
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
         let loops = try group.loops.map { try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, logger: logger) }
-        let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops)
+        let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops,
+                                  configPath: configPath, reread: reread)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client
     }
@@ -84,7 +102,7 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     private func runSession() async throws -> Bool {
         let channel = try await connector.openChannel()
         // With multiplexing, pooled dedicated channels serve only secret services' visitors.
-        let pool = config.mux > 0 && !config.services.contains(where: { $0.kind == .secret }) ? 0 : config.pool
+        let pool = config.mux > 0 && !services.contains(where: { $0.kind == .secret }) ? 0 : config.pool
         let auth = try await connector.authenticate(channel, poolSize: pool, muxChannels: config.mux, heartbeat: config.heartbeat)
         // A drain that began while this session was being set up ends it here.
         guard !stopping else {
@@ -123,8 +141,78 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     /// A refusal at first start ends the process (like ssh's ExitOnForwardFailure).
     func serviceRefused(_ spec: ServiceSpec, reason: String, firstSession: Bool) throws {
         let message = "server refused service \(spec.name): \(reason)"
-        if firstSession { throw FatalClientError(message: message) }
+        if firstSession && startupIDs.contains(spec.id) { throw FatalClientError(message: message) }
         logger.error("\(message)")
+    }
+
+    /// The service of that id, while it is exposed.
+    func service(_ id: UInt32) -> ServiceSpec? {
+        services.first { $0.id == id }
+    }
+
+    // MARK: reload
+
+    /// Applies the re-read file's services by name: added ones are registered on the
+    /// live session (their ready lines follow the server's answer), removed ones are
+    /// unregistered (their running visitors go on), changed ones are both, under a new
+    /// id. The other settings need a restart and are kept.
+    public func reload() async throws -> ReloadReport {
+        guard let reread else { return ReloadReport() }
+        let new = try reread()
+        var report = ReloadReport()
+        report.needsRestart = Self.restartOnly(config, new)
+        let plain = { (specs: [ServiceSpec]) in
+            Dictionary(specs.map { spec in
+                var s = spec
+                s.id = 0
+                return (spec.name, s)
+            }, uniquingKeysWith: { first, _ in first })
+        }
+        let diff = ServiceDiff(running: plain(services), new: plain(new.services))
+        if diff.isEmpty { return report }
+        let byName = Dictionary(services.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        var removed: [ServiceSpec] = []
+        var added: [ServiceSpec] = []
+        for (name, _) in diff.removed {
+            removed.append(byName[name]!)
+            report.removed.append(ConfigCheck.describe(byName[name]!))
+        }
+        for (name, _, spec) in diff.changed {
+            removed.append(byName[name]!)
+            added.append(withNewID(spec))
+            report.replaced.append(ConfigCheck.describe(spec))
+        }
+        for (_, spec) in diff.added {
+            added.append(withNewID(spec))
+            report.added.append(ConfigCheck.describe(spec))
+        }
+        let gone = Set(removed.map(\.id))
+        services = services.filter { !gone.contains($0.id) } + added
+        let specs = services
+        for l in loops { l.run { l.servicesChanged(specs) } }
+        current?.servicesChanged(removed: removed, added: added)
+        return report
+    }
+
+    private func withNewID(_ spec: ServiceSpec) -> ServiceSpec {
+        var s = spec
+        s.id = nextServiceID
+        nextServiceID &+= 1
+        return s
+    }
+
+    /// The settings other than the services that differ: a live client cannot change them.
+    private static func restartOnly(_ a: TunnelClientConfig, _ b: TunnelClientConfig) -> [String] {
+        let checks: [(String, Bool)] = [
+            ("server", a.server == b.server), ("token", a.token == b.token), ("transport", a.transport == b.transport),
+            ("ca", a.caFile == b.caFile), ("fingerprint", a.fingerprint == b.fingerprint), ("pool", a.pool == b.pool),
+            ("mux", a.mux == b.mux), ("heartbeat_interval", a.heartbeat.interval == b.heartbeat.interval),
+            ("heartbeat_misses", a.heartbeat.misses == b.heartbeat.misses), ("handshake_timeout", a.handshakeTimeout == b.handshakeTimeout),
+            ("connect_timeout", a.connectTimeout == b.connectTimeout), ("reconnect_max", a.reconnectMax == b.reconnectMax),
+            ("drain_timeout", a.drainTimeout == b.drainTimeout), ("threads", a.threads == b.threads),
+            ("udp_idle_timeout", a.udpIdleTimeout == b.udpIdleTimeout), ("udp_max_sessions", a.udpMaxSessions == b.udpMaxSessions),
+        ]
+        return checks.filter { !$0.1 }.map(\.0)
     }
 
     public func drain(timeout: Duration) async {

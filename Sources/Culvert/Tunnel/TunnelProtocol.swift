@@ -228,11 +228,14 @@ enum TunnelProtocol {
         /// Instead of registering: this connection is a visitor for the named secret
         /// service; what follows is a visit channel.
         case visit(name: String)
+        /// A reload removed the service: close its port or release its name; relays
+        /// already running go on. No answer.
+        case unregisterService(id: UInt32)
         case ping(UInt64)
         case pong(UInt64)
 
         enum Code: UInt8, CaseIterable {
-            case registerService = 0x10, registerSecret = 0x13, visit = 0x14, ping = 0x30, pong = 0x31
+            case registerService = 0x10, registerSecret = 0x13, visit = 0x14, unregisterService = 0x16, ping = 0x30, pong = 0x31
         }
         static let reader = "the server's control channel"
 
@@ -242,6 +245,7 @@ enum TunnelProtocol {
                 return (.registerService, be(s.id) + [s.kind.rawValue] + string(s.bindHost) + be(s.port) + [s.compress ? 1 : 0])
             case .registerSecret(let id, let name): return (.registerSecret, be(id) + string(name))
             case .visit(let name): return (.visit, string(name))
+            case .unregisterService(let id): return (.unregisterService, be(id))
             case .ping(let x): return (.ping, be(x))
             case .pong(let x): return (.pong, be(x))
             }
@@ -258,6 +262,7 @@ enum TunnelProtocol {
                 return .registerService(ServiceRequest(id: id, kind: kind, bindHost: bindHost, port: port, compress: flags & 1 != 0))
             case .registerSecret: return .registerSecret(id: try r.u32(), name: try r.string())
             case .visit: return .visit(name: try r.string())
+            case .unregisterService: return .unregisterService(id: try r.u32())
             case .ping: return .ping(try r.u64())
             case .pong: return .pong(try r.u64())
             }

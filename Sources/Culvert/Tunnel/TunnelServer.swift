@@ -13,17 +13,24 @@ import Transfer
 /// it rides. Loops hand each other work only through their inboxes.
 ///
 /// Thread confinement: `start` and `drain` run on the main loop.
-public final class TunnelServer: DrainableService, @unchecked Sendable {
+public final class TunnelServer: ReloadableService, @unchecked Sendable {
     private let context: ServerContext
     /// The tunnel listener's addresses (port 0 resolved), one per listen address.
     public let boundAddresses: [SocketAddress]
+    public let configPath: String?
+    private let reread: (@Sendable () throws(ConfigError) -> TunnelServerConfig)?
 
-    private init(context: ServerContext, boundAddresses: [SocketAddress]) {
+    private init(context: ServerContext, boundAddresses: [SocketAddress], configPath: String?,
+                 reread: (@Sendable () throws(ConfigError) -> TunnelServerConfig)?) {
         self.context = context
         self.boundAddresses = boundAddresses
+        self.configPath = configPath
+        self.reread = reread
     }
 
-    public static func start(config: TunnelServerConfig, group: LoopGroup, logger: Logger) async throws -> TunnelServer {
+    /// - Parameter reread: the command's resolution again, run on SIGHUP (with a `configPath`).
+    public static func start(config: TunnelServerConfig, group: LoopGroup, logger: Logger, configPath: String? = nil,
+                             reread: (@Sendable () throws(ConfigError) -> TunnelServerConfig)? = nil) async throws -> TunnelServer {
         let keys = TokenKeys(token: config.token)
         let transport = try config.transport.implementation.init(server: config, keys: keys)
         var bound: [SocketAddress] = []
@@ -51,7 +58,38 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
         if let warning = transport.warning {
             logger.warning("\(warning)")
         }
-        return TunnelServer(context: context, boundAddresses: bound)
+        return TunnelServer(context: context, boundAddresses: bound, configPath: configPath, reread: reread)
+    }
+
+    /// Applies what a live server can change: the port policy (allow_ports, bind_addr)
+    /// and the limits max_clients and max_services, for registrations and sessions from
+    /// now on (services and sessions already there stay). The rest needs a restart.
+    public func reload() async throws -> ReloadReport {
+        guard let reread else { return ReloadReport() }
+        let new = try reread()
+        let old = context.config
+        let live = context.reloadable
+        var report = ReloadReport()
+        let applied: [(String, Bool)] = [
+            ("allow_ports", live.policy.config.allowPorts != new.allowPorts),
+            ("bind_addr", live.policy.config.bindAddresses != new.bindAddresses),
+            ("max_services", live.maxServicesPerClient != new.maxServicesPerClient),
+            ("max_clients", live.maxClients != new.maxClients),
+        ]
+        report.applied = applied.filter(\.1).map(\.0)
+        let restartOnly: [(String, Bool)] = [
+            ("listen", old.listen != new.listen), ("token", old.token != new.token), ("transport", old.transport != new.transport),
+            ("cert", old.certFile != new.certFile), ("key", old.keyFile != new.keyFile),
+            ("max_unauthenticated", old.maxUnauthenticated != new.maxUnauthenticated),
+            ("max_unauthenticated_per_source", old.maxUnauthenticatedPerSource != new.maxUnauthenticatedPerSource),
+            ("handshake_timeout", old.handshakeTimeout != new.handshakeTimeout),
+            ("heartbeat_interval", old.heartbeat.interval != new.heartbeat.interval),
+            ("heartbeat_misses", old.heartbeat.misses != new.heartbeat.misses),
+            ("drain_timeout", old.drainTimeout != new.drainTimeout), ("threads", old.threads != new.threads),
+        ]
+        report.needsRestart = restartOnly.filter(\.1).map(\.0)
+        context.apply(ServerContext.Reloadable(new))
+        return report
     }
 
     /// Stops accepting clients and visitors, lets running relays finish (resetting what
@@ -75,7 +113,6 @@ final class ServerContext: @unchecked Sendable {
     let logger: Logger
     let keys: TokenKeys
     let transport: any Transport
-    let policy: PortPolicy
     let directory: SessionDirectory
     let loops: [ServerLoop]
     /// Connections accepted and not authenticated yet, on every loop
@@ -87,12 +124,33 @@ final class ServerContext: @unchecked Sendable {
     let draining = Atomic<Bool>(false)
     private let serviceSerial = Atomic<UInt64>(0)
 
+    /// The settings a reload changes on a live server; read once per registration.
+    struct Reloadable: Sendable {
+        var policy: PortPolicy
+        var maxServicesPerClient: Int
+        var maxClients: Int
+
+        init(_ config: TunnelServerConfig) {
+            policy = PortPolicy(config: config)
+            maxServicesPerClient = config.maxServicesPerClient
+            maxClients = config.maxClients
+        }
+    }
+
+    private let live: Mutex<Reloadable>
+    var reloadable: Reloadable { live.withLock { $0 } }
+
+    func apply(_ settings: Reloadable) {
+        live.withLock { $0 = settings }
+        directory.setMaxSessions(settings.maxClients)
+    }
+
     init(config: TunnelServerConfig, logger: Logger, keys: TokenKeys, transport: any Transport, loops: [EventLoop]) {
         self.config = config
         self.logger = logger
         self.keys = keys
         self.transport = transport
-        policy = PortPolicy(config: config)
+        live = Mutex(Reloadable(config))
         directory = SessionDirectory(maxSessions: config.maxClients)
         unauthenticated = UnauthenticatedBudget(max: config.maxUnauthenticated, perSource: config.maxUnauthenticatedPerSource)
         refusals = RefusalSummary(logger: logger, message: "unauthenticated connections refused", loop: loops[0])
