@@ -261,7 +261,7 @@ final class ServerLoop: @unchecked Sendable {
             poolSize: min(Int(auth.poolSize), 64), muxChannels: min(Int(auth.muxChannels), TunnelProtocol.maxMuxChannels))
         guard !context.draining.load(ordering: .relaxed),
               context.directory.add(id, SessionDirectory.Entry(loop: loop, session: session)) else {
-            let max = context.config.maxClients
+            let max = context.reloadable.maxClients
             channel.send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(
                 .init(.serverFull, "server full: \(max) clients connected"))))
             try? await channel.flush()
