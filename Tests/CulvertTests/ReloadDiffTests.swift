@@ -50,8 +50,8 @@ final class ReloadDiffTests: XCTestCase {
         let flags = TCPForwardFlags(listen: nil, targets: [])
         let cases: [(String, String, String)] = [
             ("[services.a]\nlisten = \"8000\"\n", "services.a.targets", "missing"),
-            ("listen = \"8000\"\ntargets = \"9\"\n[services.a]\nlisten = \"8000\"\ntargets = \"9\"\n", "services.a.listen", "already the listen address"),
-            ("protocol = \"udp\"\nlisten = \"8000\"\ntargets = \"9\"\n", "protocol", "not 'forward tcp'"),
+            ("listen = \"8000\"\ntargets = \"9\"\n[services.a]\nlisten = \"8000\"\ntargets = \"9\"\n", "services.a.listen", "127.0.0.1:8000 is already the listen address of listen"),
+            ("protocol = \"udp\"\nlisten = \"8000\"\ntargets = \"9\"\n", "protocol", "this file is for 'forward udp', not 'forward tcp'"),
             ("listen = \"8000\"\ntargets = \"9\"\nno_splice = 1\n", "no_splice", "expected true or false"),
             ("threads = 2\n", "listen", "no listener"),
         ]
