@@ -73,11 +73,20 @@ final class ProxyConnection {
         deadline = nil
     }
 
-    /// Sends a final answer (a refusal) and closes once it is out.
+    /// Sends a final answer (a refusal) and closes once it is out. Bytes the client
+    /// sent that culvert did not read (the rest of an oversized head) are read and
+    /// dropped for a moment first: closing with them unread would reset the connection
+    /// and could destroy the answer before the client reads it.
     func answerAndClose(_ bytes: [UInt8]) async {
-        disarm()
+        arm(.seconds(2), "closing")
+        defer { disarm() }
         client.channel.send(bytes)
-        try? await client.channel.flush()
+        do {
+            try await client.channel.flush()
+            _ = client.channel.duplex.shutdownWrite()
+            var dropped = 0
+            while dropped < 1 << 20 { dropped += try await client.channel.read(max: 64 * 1024).count }
+        } catch {}
         client.channel.close()
     }
 
