@@ -8,8 +8,10 @@ import Transfer
 /// hop-by-hop fields removed and the client's connection kept alive between them.
 extension ProxyConnection {
     func runHTTP() async throws -> Bool {
-        var origin: (destination: ProxyDestination, channel: ProxyChannel)?
-        defer { origin?.channel.channel.close() }
+        defer {
+            origin?.channel.channel.close()
+            origin = nil
+        }
         var first = true
         while true {
             if !first { arm(config.keepAliveTimeout, "keep-alive wait") }
@@ -82,7 +84,12 @@ extension ProxyConnection {
                     await answerAndClose(failure.httpStatus.response(body: "\(destination): \(failure)"))
                     return false
                 case .success(let upstream):
-                    origin = (destination, try ProxyChannel(loop: loop, stream: upstream.stream))
+                    do {
+                        origin = (destination, try ProxyChannel(loop: loop, stream: upstream.stream))
+                    } catch {
+                        upstream.stream.close(reset: true)
+                        throw error
+                    }
                 }
             }
             guard let upstream = origin?.channel else { return false }

@@ -13,6 +13,9 @@ final class ProxyConnection {
     let relays: RelaySet
     let client: ProxyChannel
     let peer: String
+    /// The origin connection an HTTP client's forwarded requests are using, kept for the
+    /// next request to the same destination.
+    var origin: (destination: ProxyDestination, channel: ProxyChannel)?
     private var deadline: LoopTimer?
 
     var loop: EventLoop { relays.loop }
@@ -56,6 +59,13 @@ final class ProxyConnection {
             }
             return false
         }
+    }
+
+    /// Ends the handshake or forwarding now (a drain deadline): whatever the task awaits
+    /// on either connection throws.
+    func abort() {
+        client.channel.fail(.closed)
+        origin?.channel.channel.fail(.closed)
     }
 
     /// (Re)starts the deadline: when it passes, the client connection (and `also`) fail

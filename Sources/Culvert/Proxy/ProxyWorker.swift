@@ -49,7 +49,7 @@ final class ProxyWorker {
             if let pending = outcome.pending { relays.remove(pending: pending) }
         }
         outcome.pending = relays.add {
-            connection.client.channel.fail(.closed)
+            connection.abort()
             task.cancel()
         }
     }
