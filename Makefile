@@ -31,6 +31,9 @@ deps:
 		 $(PYTHON) -c 'import pytest' 2>/dev/null) || \
 		$(PYTHON) -m pip install --quiet pytest || \
 		$(PYTHON) -m pip install --quiet --break-system-packages pytest
+	@$(PYTHON) -c 'import socks' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet PySocks || \
+		$(PYTHON) -m pip install --quiet --break-system-packages PySocks
 
 build:
 	$(SWIFT) build $(RELEASE_FLAGS)

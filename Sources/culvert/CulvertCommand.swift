@@ -16,7 +16,7 @@ struct CulvertCommand: ParsableCommand {
             failure, 2 on a usage error. See culvert(1).
             """,
         version: "0.1.0",
-        subcommands: [ForwardCommand.self, ServerCommand.self, ClientCommand.self, PipeCommand.self, TokenCommand.self, CheckCommand.self]
+        subcommands: [ForwardCommand.self, ProxyCommand.self, ServerCommand.self, ClientCommand.self, PipeCommand.self, TokenCommand.self, CheckCommand.self]
     )
 }
 

@@ -1,0 +1,111 @@
+import Reactor
+import Transfer
+
+/// Everything `culvert proxy` needs, checked.
+public struct ProxyConfig: Sendable {
+    public var listen: HostPort
+    /// nil: no authentication.
+    public var credentials: ProxyCredentials?
+    public var policy = ProxyPolicy()
+    /// Time allowed to connect to a destination (all its addresses).
+    public var connectTimeout: Duration = .seconds(10)
+    /// Time a client gets to finish its greeting and request (slow clients hold a place).
+    public var handshakeTimeout: Duration = .seconds(10)
+    /// Time a kept-alive HTTP client connection may wait for its next request.
+    public var keepAliveTimeout: Duration = .seconds(60)
+    public var idleTimeout: Duration?
+    /// nil: derived from the descriptors free at start.
+    public var maxConnections: Int?
+    public var drainTimeout: Duration = .seconds(30)
+    public var threads: Int = LoopGroup.coreCount
+    public var splice = true
+    /// The longest request or response head the HTTP side reads.
+    public var maxHeadBytes = 16 * 1024
+
+    public init(listen: HostPort) {
+        self.listen = listen
+    }
+}
+
+/// What `culvert proxy` was given on the command line; nil when a flag was not given.
+public struct ProxyFlags: Sendable {
+    public var listen: HostPort
+    public var authFile: String?
+    public var noAuth = false
+    public var allow: [String] = []
+    public var deny: [String] = []
+    public var connectTimeout: Duration?
+    public var handshakeTimeout: Duration?
+    public var idleTimeout: Duration?
+    public var maxConnections: Int?
+    public var drainTimeout: Duration?
+    public var threads: Int?
+    public var noSplice = false
+    public var log = LogFlags()
+
+    public init(listen: HostPort) {
+        self.listen = listen
+    }
+
+    /// The checks that need no file: `resolve` runs them first, a parser may run them early.
+    public func check() throws(ConfigError) {
+        if let threads, threads < 1 || threads > 1024 {
+            throw ConfigError(setting: "--threads", "--threads must be between 1 and 1024, got \(threads)")
+        }
+        if let maxConnections, maxConnections < 1 {
+            throw ConfigError(setting: "--max-connections", "--max-connections must be 1 or more, got \(maxConnections)")
+        }
+        if connectTimeout == .zero { throw ConfigError(setting: "--connect-timeout", "--connect-timeout must be more than 0") }
+        if handshakeTimeout == .zero { throw ConfigError(setting: "--handshake-timeout", "--handshake-timeout must be more than 0") }
+        if authFile != nil && noAuth {
+            throw ConfigError(setting: "--no-auth", "--no-auth and --auth-file contradict each other: give one")
+        }
+        if authFile == nil && !noAuth && !ProxyConfig.isLoopback(listen.host) {
+            throw ConfigError(setting: "--no-auth",
+                "refusing to run an unauthenticated proxy on \(listen), which is not a loopback address: "
+                + "give --auth-file FILE, or --no-auth to run it open on purpose")
+        }
+        _ = try rules(allow, flag: "--allow")
+        _ = try rules(deny, flag: "--deny")
+    }
+
+    fileprivate func rules(_ texts: [String], flag: String) throws(ConfigError) -> [ProxyRule] {
+        var out: [ProxyRule] = []
+        for text in texts {
+            do throws(ProxyRule.ParseError) {
+                out.append(try ProxyRule.parse(text))
+            } catch {
+                throw ConfigError(setting: flag, "\(flag): \(error)")
+            }
+        }
+        return out
+    }
+}
+
+extension ProxyConfig {
+    /// The proxy's settings: `flags` over the defaults, checked, the auth file read.
+    public static func resolve(flags: ProxyFlags) throws(ConfigError) -> Resolved<ProxyConfig> {
+        try flags.check()
+        var config = ProxyConfig(listen: flags.listen)
+        config.credentials = try flags.authFile.map { (path) throws(ConfigError) in try ProxyCredentials.load(path) }
+        config.policy = ProxyPolicy(allow: try flags.rules(flags.allow, flag: "--allow"), deny: try flags.rules(flags.deny, flag: "--deny"))
+        if let v = flags.connectTimeout { config.connectTimeout = v }
+        if let v = flags.handshakeTimeout { config.handshakeTimeout = v }
+        config.idleTimeout = flags.idleTimeout
+        config.maxConnections = flags.maxConnections
+        if let v = flags.drainTimeout { config.drainTimeout = v }
+        if let v = flags.threads { config.threads = v }
+        config.splice = !flags.noSplice
+        return Resolved(config: config, log: flags.log.over(LogSettings()))
+    }
+
+    /// Whether a listen host reaches this machine only: 127.0.0.0/8, ::1, `localhost`.
+    /// A wildcard or another name counts as public.
+    static func isLoopback(_ host: String?) -> Bool {
+        guard let host else { return false }
+        if host.lowercased() == "localhost" { return true }
+        guard let address = SocketAddress(numericHost: host, port: 0) else { return false }
+        let bytes = ProxyRule.addressBytes(address)
+        return bytes.count == 4 ? bytes[0] == 127 : bytes == [UInt8](repeating: 0, count: 15) + [1]
+    }
+}

@@ -1,0 +1,182 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Transfer
+
+/// The HTTP proxy: `CONNECT host:port` becomes a relay; absolute-form requests
+/// (`GET http://host/path HTTP/1.1`) are forwarded one by one to the origin, with
+/// hop-by-hop fields removed and the client's connection kept alive between them.
+extension ProxyConnection {
+    func runHTTP() async throws -> Bool {
+        defer {
+            origin?.channel.channel.close()
+            origin = nil
+        }
+        var first = true
+        while true {
+            if !first { arm(config.keepAliveTimeout, "keep-alive wait") }
+            first = false
+            let head: HTTPHead
+            switch try await client.readHead(limit: config.maxHeadBytes) {
+            case .closed:
+                client.channel.close()
+                return false
+            case .tooLarge:
+                context.refused("head_too_large", "proxy request refused", peer, ["error": "request head over \(config.maxHeadBytes) bytes"])
+                await answerAndClose(HTTPStatus.headersTooLarge.response(body: "request head longer than \(config.maxHeadBytes) bytes"))
+                return false
+            case .malformed(let why):
+                context.refused("bad_request", "proxy request refused", peer, ["error": "\(why)"])
+                await answerAndClose(HTTPStatus.badRequest.response(body: "malformed request: \(why)"))
+                return false
+            case .head(let parsed):
+                head = parsed
+            }
+            disarm()
+            if let credentials = config.credentials,
+               !head.values("Proxy-Authorization").contains(where: { credentials.check(basic: $0) }) {
+                let given = !head.values("Proxy-Authorization").isEmpty
+                context.refused(given ? "bad_auth" : "no_auth", "proxy client refused: \(given ? "wrong user or password" : "no credentials")", peer)
+                await answerAndClose(HTTPStatus.proxyAuthenticationRequired.response(
+                    body: "proxy authentication required", extra: [("Proxy-Authenticate", "Basic realm=\"culvert\"")]))
+                return false
+            }
+            let (method, target, version) = head.start
+            if method == "CONNECT" {
+                guard let destination = HTTPTarget.authority(Substring(target), defaultPort: nil) else {
+                    context.refused("bad_request", "proxy request refused", peer, ["error": "CONNECT target '\(target)' is not host:port"])
+                    await answerAndClose(HTTPStatus.badRequest.response(body: "CONNECT needs host:port"))
+                    return false
+                }
+                switch await open(destination) {
+                case .failure(let failure):
+                    await answerAndClose(failure.httpStatus.response(body: "\(destination): \(failure)"))
+                    return false
+                case .success(let upstream):
+                    client.channel.send(HTTPStatus.established)
+                    do {
+                        try await client.channel.flush()
+                    } catch {
+                        upstream.stream.close(reset: true)
+                        throw error
+                    }
+                    return await relay(to: upstream, destination: destination)
+                }
+            }
+            guard let (destination, path) = HTTPTarget.absolute(target) else {
+                context.refused("bad_request", "proxy request refused", peer, ["error": "target '\(target)' is neither absolute http:// nor CONNECT"])
+                await answerAndClose(HTTPStatus.badRequest.response(body: "a proxy request needs an absolute http:// target or CONNECT"))
+                return false
+            }
+            let requestBody: HTTPBody
+            do throws(HTTPHead.Malformed) {
+                requestBody = try HTTPBody.of(request: head)
+            } catch {
+                context.refused("bad_request", "proxy request refused", peer, ["error": "\(error)"])
+                await answerAndClose(HTTPStatus.badRequest.response(body: "malformed request: \(error)"))
+                return false
+            }
+            if origin?.destination != destination || origin?.channel.channel.isOpen != true {
+                origin?.channel.channel.close()
+                origin = nil
+                switch await open(destination) {
+                case .failure(let failure):
+                    await answerAndClose(failure.httpStatus.response(body: "\(destination): \(failure)"))
+                    return false
+                case .success(let upstream):
+                    do {
+                        origin = (destination, try ProxyChannel(loop: loop, stream: upstream.stream))
+                    } catch {
+                        upstream.stream.close(reset: true)
+                        throw error
+                    }
+                }
+            }
+            guard let upstream = origin?.channel else { return false }
+            let keepClient = wantsKeepAlive(head, version: version)
+            var forwarded = head.removingHopByHop()
+            forwarded = HTTPHead(start: (method, path, version), fields: forwarded.fields)
+            if forwarded.values("Host").isEmpty { forwarded.fields.insert(("Host", hostHeader(destination)), at: 0) }
+            if !keepClient { forwarded.fields.append(("Connection", "close")) }
+            // From here on, a silence of the keep-alive time on either side ends the exchange.
+            let activity = { [self] in arm(config.keepAliveTimeout, "request", also: upstream) }
+            activity()
+            try await upstream.write(forwarded.encoded())
+            try await client.copyBody(requestBody, to: upstream, progress: activity)
+            guard let keep = try await forwardResponse(from: upstream, method: method, clientVersion: version, keepClient: keepClient, progress: activity) else {
+                origin?.channel.channel.close()
+                origin = nil
+                return false
+            }
+            disarm()
+            if !keep.origin {
+                origin?.channel.channel.close()
+                origin = nil
+            }
+            if !keep.client {
+                client.channel.close()
+                return false
+            }
+        }
+    }
+
+    /// Sends the origin's response to the client (interim 1xx ones first); nil when the
+    /// origin failed before a whole head arrived (the client got a 502 and is closed).
+    private func forwardResponse(from upstream: ProxyChannel, method: String, clientVersion: String,
+                                 keepClient: Bool, progress: () -> Void) async throws -> (client: Bool, origin: Bool)? {
+        while true {
+            let head: HTTPHead
+            let read: ProxyChannel.HeadRead
+            do {
+                read = try await upstream.readHead(limit: config.maxHeadBytes, response: true)
+            } catch {
+                read = .malformed("\(error)")
+            }
+            switch read {
+            case .head(let parsed):
+                head = parsed
+            case .closed, .tooLarge, .malformed:
+                context.refused("bad_response", "proxy request failed", peer, ["error": "origin sent no valid response head"])
+                await answerAndClose(HTTPStatus.badGateway.response(body: "the origin sent no valid response"))
+                return nil
+            }
+            let code = Int(head.start.1) ?? 0
+            var answer = head.removingHopByHop()
+            if (100..<200).contains(code) {
+                client.channel.send(answer.encoded())
+                continue
+            }
+            let body: HTTPBody
+            do throws(HTTPHead.Malformed) {
+                body = try HTTPBody.of(response: head, method: method)
+            } catch {
+                await answerAndClose(HTTPStatus.badGateway.response(body: "the origin sent a malformed response: \(error)"))
+                return nil
+            }
+            let originKeeps = body != .untilClose && wantsKeepAlive(head, version: head.start.0)
+            let keep = keepClient && body != .untilClose
+            if !keep {
+                answer.fields.append(("Connection", "close"))
+            } else if clientVersion == "HTTP/1.0" {
+                answer.fields.append(("Connection", "keep-alive"))
+            }
+            try await client.write(answer.encoded())
+            try await upstream.copyBody(body, to: client, progress: progress)
+            return (keep, originKeeps)
+        }
+    }
+
+    /// HTTP/1.1 keeps a connection unless `Connection: close`; 1.0 only with `keep-alive`.
+    private func wantsKeepAlive(_ head: HTTPHead, version: String) -> Bool {
+        let tokens = head.tokens("Connection").union(head.tokens("Proxy-Connection"))
+        return version == "HTTP/1.1" ? !tokens.contains("close") : tokens.contains("keep-alive")
+    }
+
+    private func hostHeader(_ destination: ProxyDestination) -> String {
+        let port = destination.port == 80 ? "" : ":\(destination.port)"
+        switch destination {
+        case .address(let a): return (a.family == AF_INET6 ? "[\(a.host)]" : a.host) + port
+        case .name(let host, _): return host + port
+        }
+    }
+}

@@ -1,0 +1,72 @@
+import Logging
+import Reactor
+import Transfer
+
+/// `culvert proxy`: SOCKS5 and HTTP proxy on one port (one SO_REUSEPORT socket per loop,
+/// like the forwarders), connecting out through a `LocalExit`.
+public final class ProxyServer: DrainableService, @unchecked Sendable {
+    private let context: ProxyContext
+    private let group: LoopGroup
+    private var workers: [ProxyWorker] = []
+    /// The addresses actually bound (port 0 resolved).
+    public private(set) var boundAddresses: [SocketAddress] = []
+
+    private init(context: ProxyContext, group: LoopGroup) {
+        self.context = context
+        self.group = group
+    }
+
+    /// Binds the listeners, hands them to the loops and prints one ready line per
+    /// address. Runs on the main loop.
+    public static func start(config: ProxyConfig, group: LoopGroup, logger: Logger) async throws -> ProxyServer {
+        let main = group.main
+        let listenAddrs = try await Resolver.resolve(host: config.listen.host, port: config.listen.port, passive: true, on: main)
+        let listeners = try LoopListeners.bind(listenAddrs, loops: group.loops.count, spec: config.listen) { (a) throws(SystemError) in
+            try Net.listen(a, reusePort: true)
+        }
+        // A proxied connection holds two sockets, and two pipe ends while it splices.
+        let maxConnections = config.maxConnections ?? max(1, UDPSessionBudget.freeDescriptors() / 4)
+        let exit = LocalExit(policy: config.policy, resolver: CachingResolver(), connectTimeout: config.connectTimeout)
+        let context = ProxyContext(config: config, exit: exit, logger: logger,
+                                   refusals: RefusalSummary(logger: logger, message: "proxy requests refused", loop: main),
+                                   maxConnections: maxConnections)
+        let server = ProxyServer(context: context, group: group)
+        server.workers = group.loops.map { ProxyWorker(loop: $0, context: context) }
+        server.boundAddresses = listeners.bound
+        for (worker, mine) in zip(server.workers, listeners.perLoop) {
+            worker.loop.execute { worker.startAccepting(listeners: mine) }
+        }
+        logger.info("proxy started", metadata: [
+            "auth": "\(config.credentials.map { "\($0.count) users" } ?? "none")",
+            "max_connections": .stringConvertible(maxConnections),
+        ])
+        for address in server.boundAddresses { ReadyLine.print("listening proxy \(address)") }
+        return server
+    }
+
+    /// Client connections open now, across all loops.
+    public var activeConnections: Int { context.activeConnections }
+
+    /// Stops accepting, lets connections finish, and resets what is left at `timeout`.
+    public func drain(timeout: Duration) async {
+        let main = group.main
+        let logger = context.logger
+        logger.notice("draining", metadata: ["connections": .stringConvertible(activeConnections), "deadline": "\(DurationSpec.format(timeout))"])
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            var deadline: LoopTimer?
+            let barrier = Barrier(count: workers.count) {
+                deadline?.cancel()
+                done.resume()
+            }
+            deadline = main.schedule(after: timeout) { [workers, self] in
+                guard activeConnections > 0 else { return }
+                logger.warning("drain deadline passed, closing remaining connections",
+                               metadata: ["connections": .stringConvertible(activeConnections)])
+                for w in workers { w.loop.execute { w.abortAll(.drainTimeout) } }
+            }
+            for w in workers {
+                w.loop.execute { w.beginDrain { main.execute { barrier.arrive() } } }
+            }
+        }
+    }
+}

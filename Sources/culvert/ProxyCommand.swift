@@ -1,0 +1,94 @@
+import ArgumentParser
+import Culvert
+import Reactor
+
+/// `culvert proxy [options] LISTEN`
+struct ProxyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "proxy",
+        abstract: "Run a SOCKS5 and HTTP proxy on one port.",
+        discussion: """
+            LISTEN is HOST:PORT, [IPv6]:PORT, PORT (loopback only) or :PORT / *:PORT (all \
+            interfaces); the ready line 'listening proxy ADDR' on stdout shows the port \
+            bound. Each connection speaks SOCKS5 (RFC 1928: CONNECT with IPv4, IPv6 or a \
+            name culvert resolves; BIND and UDP ASSOCIATE are answered 'command not \
+            supported') or HTTP (CONNECT host:port, and absolute-form http:// requests \
+            forwarded with keep-alive), chosen by its first byte. Without --auth-file, \
+            culvert refuses to listen on a non-loopback address unless --no-auth is given. \
+            DEST for --allow/--deny is a CIDR or address, a host name or *.domain, or *, \
+            with an optional :PORT or :LOW-HIGH; deny wins, and with any --allow only what \
+            is allowed is reached. Names are checked as asked and again after resolution.
+            """
+    )
+
+    @Argument(help: "Address to listen on.", transform: parseHostPort)
+    var listen: HostPort
+
+    @Option(help: "File of 'user:password' lines: clients must authenticate (SOCKS5 username/password, HTTP Proxy-Authorization: Basic).")
+    var authFile: String?
+
+    @Flag(help: "Allow an unauthenticated proxy on a non-loopback address.")
+    var noAuth = false
+
+    @Option(help: ArgumentHelp("Destination clients may reach (repeatable).", valueName: "DEST"))
+    var allow: [String] = []
+
+    @Option(help: ArgumentHelp("Destination clients may not reach (repeatable; wins over --allow).", valueName: "DEST"))
+    var deny: [String] = []
+
+    @Option(help: "Time allowed to connect to a destination (default: 10s).", transform: parseDuration)
+    var connectTimeout: Duration = .seconds(10)
+
+    @Option(help: "Time a client gets to finish its greeting and request (default: 10s).", transform: parseDuration)
+    var handshakeTimeout: Duration = .seconds(10)
+
+    @Option(help: "Close a relayed connection with no traffic either way for this long (default off).",
+            transform: parseOptionalDuration)
+    var idleTimeout: Duration?? = nil
+
+    @Option(help: "Refuse clients beyond this many open connections (default: a quarter of the free descriptors).")
+    var maxConnections: Int?
+
+    @Option(help: "On SIGINT/SIGTERM, time in-flight connections get to finish before they are reset (default: 30s).",
+            transform: parseDuration)
+    var drainTimeout: Duration = .seconds(30)
+
+    @Option(help: "Event loop threads (defaults to the number of cores).")
+    var threads: Int = LoopGroup.coreCount
+
+    @Flag(help: "Copy through user-space buffers instead of splice(2).")
+    var noSplice = false
+
+    @OptionGroup var logging: LoggingOptions
+
+    var flags: ProxyFlags {
+        var flags = ProxyFlags(listen: listen)
+        flags.authFile = authFile
+        flags.noAuth = noAuth
+        flags.allow = allow
+        flags.deny = deny
+        flags.connectTimeout = connectTimeout
+        flags.handshakeTimeout = handshakeTimeout
+        flags.idleTimeout = idleTimeout ?? nil
+        flags.maxConnections = maxConnections
+        flags.drainTimeout = drainTimeout
+        flags.threads = threads
+        flags.noSplice = noSplice
+        flags.log = logging.flags
+        return flags
+    }
+
+    func validate() throws {
+        try usage { try flags.check() }
+    }
+
+    func run() throws {
+        let resolved = try usage { try ProxyConfig.resolve(flags: flags) }
+        let config = resolved.config
+        let logger = resolved.makeLogger()
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
+            try await ProxyServer.start(config: config, group: group, logger: logger)
+        }
+        if status != 0 { throw ExitCode(status) }
+    }
+}
