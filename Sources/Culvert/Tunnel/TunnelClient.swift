@@ -25,8 +25,8 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     private let control: ServiceControl
     /// The data plane, one share per loop; data channels go to them in turn.
     private let loops: [ClientLoop]
-    private var everConnected = false
-    private var announced: Set<UInt32> = []
+    /// Whether the ready lines are out: until then, a refused service ends the client.
+    private var ready = false
     private var stopping = false
     private var current: ClientSession?
 
@@ -46,7 +46,10 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
             logger.warning("\(warning)")
         }
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
-        let loops = try group.loops.map { try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, logger: logger) }
+        let refusals = RefusalSummary(logger: logger, message: "visitors refused", loop: group.main)
+        let loops = try group.loops.map {
+            try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, refusals: refusals, logger: logger)
+        }
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client
@@ -95,41 +98,52 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         let session = ClientSession(client: self, control: channel, credentials: SessionCredentials(id: auth.id, key: auth.key),
                                     loops: loops)
         current = session
-        let firstSession = !everConnected
-        everConnected = true
         defer { current = nil }
-        try await session.run(firstSession: firstSession)
+        try await session.run()
         return true
     }
 
-    /// Prints the ready line the first time a service becomes reachable.
-    func serviceExposed(_ spec: ServiceSpec, address: String) {
-        let id = spec.id
+    /// Logs a service the server accepted; returns its ready line.
+    func serviceExposed(_ spec: ServiceSpec, address: String) -> String {
         if spec.kind == .secret {
             logger.info("secret service registered", metadata: ["service": "\(spec.name)", "target": "\(spec.localDescription)"])
-            if announced.insert(id).inserted { ReadyLine.print("exposed secret \(spec.name) -> \(spec.localDescription)") }
-            return
+            return "exposed secret \(spec.name) -> \(spec.localDescription)"
         }
         var shown = address
         if let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" {
             shown = HostPort(host: config.server.host, port: bound.port).description
         }
         logger.info("service exposed", metadata: ["listen": "\(shown)", "target": "\(spec.localDescription)"])
-        if announced.insert(id).inserted {
-            ReadyLine.print("exposed \(spec.kindName) \(shown) -> \(spec.localDescription)")
+        return "exposed \(spec.kindName) \(shown) -> \(spec.localDescription)"
+    }
+
+    /// Every service is exposed in one session: the ready lines, in the order the
+    /// services were given, the first time only. A script that reads them can rely on
+    /// every service being reachable.
+    func allServicesExposed(_ lines: [UInt32: String]) {
+        guard !ready else { return }
+        ready = true
+        for spec in config.services {
+            if let line = lines[spec.id] { ReadyLine.print(line) }
         }
     }
 
-    /// A refusal at first start ends the process (like ssh's ExitOnForwardFailure).
-    func serviceRefused(_ spec: ServiceSpec, reason: String, firstSession: Bool) throws {
+    /// What a refused service means: before the ready lines, the error that ends the
+    /// process (like ssh's ExitOnForwardFailure); after them, a logged error (the session
+    /// registers it again later).
+    func serviceRefused(_ spec: ServiceSpec, reason: String) -> FatalClientError? {
         let message = "server refused service \(spec.name): \(reason)"
-        if firstSession { throw FatalClientError(message: message) }
+        if !ready { return FatalClientError(message: message) }
         logger.error("\(message)")
+        return nil
     }
 
     public func drain(timeout: Duration) async {
         stopping = true
-        current?.end()
+        if let session = current {
+            session.leave(reason: "stopped")
+            await session.waitUntilEnded()
+        }
         let running = await onEachLoop(loops, loop: \.loop) { $0.relayCount }.reduce(0, +)
         if running == 0 { return }
         logger.notice("draining", metadata: ["connections": .stringConvertible(running)])
