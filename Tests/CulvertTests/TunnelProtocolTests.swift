@@ -105,7 +105,7 @@ final class TunnelProtocolTests: XCTestCase {
             nameOf[code] = name
             codeOf[name] = code
         }
-        XCTAssertEqual(nameOf.count, 21)
+        XCTAssertEqual(nameOf.count, 22)
     }
 
     func testMalformedFramesAreRejected() {
