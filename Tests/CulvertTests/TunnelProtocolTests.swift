@@ -28,10 +28,11 @@ final class TunnelProtocolTests: XCTestCase {
             .registerService(.init(id: 7, kind: .udp, bindHost: "::1", port: 0, compress: true)),
             .registerService(.init(id: 1, kind: .tcp, bindHost: "", port: 2222)),
             .registerSecret(id: 3, name: "home-ssh"), .visit(name: "home-ssh"), .unregisterService(id: 3), .ping(1), .pong(42),
+            .goodbye(reason: "stopped"),
         ]
         let serverControl: [P.ServerControl] = [
             .serviceAccepted(id: 7, address: "[::]:20001"), .serviceRefused(id: 1, .init(.portInUse, "port 2222 is already in use")),
-            .openData(channelNonce: short), .ping(.max), .pong(0),
+            .openData(channelNonce: short), .ping(.max), .pong(0), .goodbye(reason: "server shutting down"),
         ]
         let data: [P.DataCommand] = [.connect(serviceID: 3, visitor: "127.0.0.1:5000"), .mux]
         let visitor: [P.VisitorFrame] = [.serviceHello(visitorNonce: nonce), .serviceProof(visitorProof: proof)]
@@ -74,7 +75,7 @@ final class TunnelProtocolTests: XCTestCase {
             let takers = readers.filter(\.1).map(\.0)
             switch frame[4] {
             case 0x05: XCTAssertEqual(takers, ["ServerHandshake", "VisitAnswer"])   // refused
-            case 0x30, 0x31: XCTAssertEqual(takers, ["ClientControl", "ServerControl"])   // ping, pong
+            case 0x30, 0x31, 0x32: XCTAssertEqual(takers, ["ClientControl", "ServerControl"])   // ping, pong, goodbye
             default: XCTAssertEqual(takers.count, 1, "frame type \(frame[4]) read by \(takers)")
             }
         }
@@ -104,7 +105,7 @@ final class TunnelProtocolTests: XCTestCase {
             nameOf[code] = name
             codeOf[name] = code
         }
-        XCTAssertEqual(nameOf.count, 22)
+        XCTAssertEqual(nameOf.count, 23)
     }
 
     func testMalformedFramesAreRejected() {

@@ -9,11 +9,15 @@ import Transfer
 final class Listeners {
     let loop: EventLoop
     private let logger: Logger
+    /// Counts accept failures past the first few (a descriptor shortage repeats every
+    /// pause); without it each failure is logged.
+    private let refusals: RefusalSummary?
     private var acceptors: [Acceptor] = []
 
-    init(loop: EventLoop, logger: Logger) {
+    init(loop: EventLoop, logger: Logger, refusals: RefusalSummary? = nil) {
         self.loop = loop
         self.logger = logger
+        self.refusals = refusals
     }
 
     /// The bound addresses, in the order given to `start`.
@@ -25,7 +29,8 @@ final class Listeners {
         loop.assertInLoop()
         for (i, (fd, address)) in bound.enumerated() {
             let acceptor = Acceptor(loop: loop, fd: fd, address: address, onAccept: onAccept,
-                onError: { [logger] error in
+                onError: { [logger, refusals] error in
+                    guard refusals?.record("accept_failed") ?? true else { return }
                     logger.warning("accept failed", metadata: ["listen": "\(address)", "error": "\(error)"])
                 })
             do {

@@ -63,7 +63,11 @@ final class ChannelPool {
     private var carriersStarting = 0
     private var carriersPlaced = 0
     private var nextCarrier = 0
-    private var ended = false
+    /// Serving; saying goodbye (the client is about to close every channel and carrier,
+    /// which is no loss to report or replace); or ended.
+    private enum Phase { case serving, leaving, ended }
+    private var phase = Phase.serving
+    private var ended: Bool { phase == .ended }
     private var loop: EventLoop { home.loop }
     private var logger: Logger { context.logger }
     /// How long a requested channel may take to arrive.
@@ -85,7 +89,7 @@ final class ChannelPool {
     /// waiting visitor and UDP service.
     func requestChannels() {
         loop.assertInLoop()
-        guard !ended else { return }
+        guard case .serving = phase else { return }
         let carriersWanted = max(0, muxChannels - carriers.count - carriersStarting)
         while idle.count + outstanding.count < poolSize + waiting.count + udpWaiting.count + carriersWanted {
             let nonce = TunnelCrypto.random(TunnelProtocol.channelNonceSize)
@@ -263,7 +267,7 @@ final class ChannelPool {
     private func carrierClosed(_ carrier: Carrier, error: String) {
         guard let i = carriers.firstIndex(where: { $0 === carrier }) else { return }
         carriers.remove(at: i)
-        guard !ended else { return }
+        guard case .serving = phase else { return }
         logger.warning("multiplexed data channel lost", metadata: ["peer": "\(peer)", "error": "\(error)"])
         requestChannels()
     }
@@ -327,12 +331,19 @@ final class ChannelPool {
 
     // MARK: ending
 
+    /// The session is saying goodbye: channels and carriers the client closes from now on
+    /// end with it.
+    func sessionLeaving() {
+        loop.assertInLoop()
+        if case .serving = phase { phase = .leaving }
+    }
+
     /// Releases idle channels and waiting visitors; carriers close once their last
     /// stream ends (visitors already relayed go on).
     func end() {
         loop.assertInLoop()
         guard !ended else { return }
-        ended = true
+        phase = .ended
         for (stream, _) in idle { stream.close(reset: false) }
         idle.removeAll()
         for v in waiting + muxWaiting {

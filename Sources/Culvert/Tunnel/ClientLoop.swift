@@ -54,11 +54,15 @@ final class ClientLoop: @unchecked Sendable {
     private static let reportInterval: Duration = .seconds(1)
     /// The session cap of each UDP service (`ClientUDPRelay.sessionLimit`).
     private let udpMaxSessions: Int
+    /// Secret-service visitors turned away: anyone with the server's token can send them
+    /// by the thousand, so past the first few they are counted (shared by every loop).
+    private let refusals: RefusalSummary
 
-    init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, logger: Logger) throws {
+    init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, refusals: RefusalSummary, logger: Logger) throws {
         self.loop = loop
         self.config = config
         self.udpMaxSessions = udpMaxSessions
+        self.refusals = refusals
         self.logger = logger
         connector = try TunnelConnector(loop: loop, config: config)
         relays = RelayGroup(loop: loop, logger: logger)
@@ -142,7 +146,9 @@ final class ClientLoop: @unchecked Sendable {
                 let key = TunnelProtocol.secretKey(serviceToken: spec.serviceToken ?? config.token, name: spec.name)
                 try await challengeVisitor(channel, spec: spec, key: key)
             } catch {
-                logger.warning("visitor refused", metadata: ["peer": "\(visitor)", "service": "\(spec.name)", "error": "\(error)"])
+                if refusals.record("visitor_refused") {
+                    logger.warning("visitor refused", metadata: ["peer": "\(visitor)", "service": "\(spec.name)", "error": "\(error)"])
+                }
                 return
             }
             await serveVisitor(channel, spec: spec, visitor: visitor)

@@ -4,7 +4,9 @@ import Transfer
 
 /// One authenticated control session of the client: registers the services (retrying
 /// those the server refused after a reconnect), hands each data-channel request to the
-/// next loop in turn, and keeps the heartbeat.
+/// next loop in turn, and keeps the heartbeat. Either end that leaves on purpose says
+/// goodbye and the other closes the control channel, so that neither takes the channels
+/// going away for a fault.
 ///
 /// Thread confinement: lives on the client's main loop.
 final class ClientSession {
@@ -16,10 +18,18 @@ final class ClientSession {
     private var heartbeat: HeartbeatTimer?
     private var retryTimers: [LoopTimer] = []
     private var ended = false
+    /// Set while this client says goodbye: the server's close of the control channel
+    /// ends the session, or this timer does when the server does not answer.
+    private var leaving: LoopTimer?
+    private var endWaiters: [CheckedContinuation<Void, Never>] = []
+    /// The ready line of each service the server accepted in this session.
+    private var readyLines: [UInt32: String] = [:]
     private var logger: Logger { client.logger }
     private var loop: EventLoop { client.loop }
     /// Seconds between retries of a service the server refused after a reconnect.
     private static let registrationRetry: Duration = .seconds(5)
+    /// How long a goodbye waits for the server to close its end.
+    private static let goodbyeDeadline: Duration = .seconds(1)
 
     init(client: TunnelClient, control: AsyncDuplex, credentials: SessionCredentials, loops: [ClientLoop]) {
         self.client = client
@@ -36,23 +46,30 @@ final class ClientSession {
             })
     }
 
-    /// Serves the control channel until it dies. Throws `FatalClientError` when a
-    /// service is refused on the first session.
-    func run(firstSession: Bool) async throws {
+    /// Serves the control channel until it dies or either end leaves. Throws
+    /// `FatalClientError`, after saying goodbye, when a service is refused before the
+    /// client is ready.
+    func run() async throws {
         for spec in client.services { register(spec) }
         heartbeat?.start()
         defer { end() }
+        var fatal: FatalClientError?
         do {
             while !ended {
                 let message = try await TunnelProtocol.read(TunnelProtocol.ServerControl.self, from: control)
                 heartbeat?.heard()
                 switch message {
                 case .serviceAccepted(let sid, let address):
-                    guard let spec = client.service(sid) else { continue }
-                    client.serviceExposed(spec, address: address)
+                    guard let spec = client.service(sid), leaving == nil else { continue }
+                    readyLines[sid] = client.serviceExposed(spec, address: address)
+                    client.servicesExposed(readyLines)
                 case .serviceRefused(let sid, let refusal):
-                    guard let spec = client.service(sid) else { continue }
-                    try client.serviceRefused(spec, reason: refusal.reason, firstSession: firstSession)
+                    guard let spec = client.service(sid), leaving == nil else { continue }
+                    if let error = client.serviceRefused(spec, reason: refusal.reason) {
+                        fatal = error
+                        leave(reason: "exiting: a service was refused")
+                        continue
+                    }
                     retryTimers.append(loop.schedule(after: Self.registrationRetry) { [weak self, weak client] in
                         // Unless a reload removed or replaced it meanwhile.
                         guard client?.service(spec.id) != nil else { return }
@@ -64,13 +81,34 @@ final class ClientSession {
                     control.send(TunnelProtocol.encode(TunnelProtocol.ClientControl.pong(x)))
                 case .pong:
                     break
+                case .goodbye(let reason):
+                    logger.info("disconnected from server", metadata: ["reason": "\(reason)"])
+                    return
                 }
             }
-        } catch let fatal as FatalClientError {
-            throw fatal
         } catch {
-            if !ended { logger.warning("control channel lost", metadata: ["error": "\(error)"]) }
+            if !ended && leaving == nil { logger.warning("control channel lost", metadata: ["error": "\(error)"]) }
         }
+        if let fatal { throw fatal }
+    }
+
+    /// Tells the server this client is leaving (a drain, or a fatal refusal); the
+    /// server's close of the control channel, or the deadline, ends the session.
+    func leave(reason: String) {
+        loop.assertInLoop()
+        guard !ended, leaving == nil else { return }
+        // From now on the server closes this session's channels and carriers: no failure.
+        credentials.end()
+        for t in retryTimers { t.cancel() }
+        retryTimers.removeAll()
+        control.send(TunnelProtocol.encode(TunnelProtocol.ClientControl.goodbye(reason: reason)))
+        leaving = loop.schedule(after: Self.goodbyeDeadline) { [weak self] in self?.end() }
+    }
+
+    func waitUntilEnded() async {
+        loop.assertInLoop()
+        guard !ended else { return }
+        await withCheckedContinuation { endWaiters.append($0) }
     }
 
     /// A reload changed the services on this live session: the removed ones are
@@ -111,10 +149,15 @@ final class ClientSession {
         ended = true
         heartbeat?.stop()
         heartbeat = nil
+        leaving?.cancel()
+        leaving = nil
         for t in retryTimers { t.cancel() }
         retryTimers.removeAll()
         credentials.end()
         for l in loops { l.run { l.sessionEnded() } }
         control.close()
+        let waiters = endWaiters
+        endWaiters.removeAll()
+        for w in waiters { w.resume() }
     }
 }

@@ -23,11 +23,11 @@ final class ServerLoop: @unchecked Sendable {
     private var serviceRelays: [UInt64: RelaySet] = [:]
     private var logger: Logger { context.logger }
 
-    init(loop: EventLoop, index: Int, logger: Logger) {
+    init(loop: EventLoop, index: Int, logger: Logger, refusals: RefusalSummary) {
         self.loop = loop
         self.index = index
         relays = RelayGroup(loop: loop, logger: logger)
-        listeners = Listeners(loop: loop, logger: logger)
+        listeners = Listeners(loop: loop, logger: logger, refusals: refusals)
     }
 
     /// Runs `body` on this loop: at once when already there, else through its inbox.
@@ -55,9 +55,12 @@ final class ServerLoop: @unchecked Sendable {
         return relays.count
     }
 
-    func endSessions() {
+    /// Says goodbye to every client here at once; returns when all sessions have ended.
+    func endSessions() async {
         loop.assertInLoop()
-        for s in Array(sessions.values) { s.end(reason: "server shutting down") }
+        let here = Array(sessions.values)
+        for s in here { s.leave() }
+        for s in here { await s.waitUntilEnded() }
     }
 
     // MARK: visitor relays
@@ -169,7 +172,9 @@ final class ServerLoop: @unchecked Sendable {
             (channel, transportHandshake) = try context.transport.channel(fd, on: loop)
         } catch {
             budget.release(pending)
-            logger.warning("cannot set up connection", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            if context.refusals.record("setup_failed") {
+                logger.warning("cannot set up connection", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            }
             return
         }
         let timer = loop.schedule(after: context.config.handshakeTimeout) {
@@ -236,14 +241,29 @@ final class ServerLoop: @unchecked Sendable {
                 .init(.version, "unsupported protocol version \(version); this server speaks \(TunnelProtocol.version)"))))
             try? await channel.flush()
             channel.close()
-            logger.warning("client refused: protocol version", metadata: ["peer": "\(peer)", "version": .stringConvertible(version)])
+            if context.refusals.record("version") {
+                logger.warning("client refused: protocol version", metadata: ["peer": "\(peer)", "version": .stringConvertible(version)])
+            }
             return nil
         }
         let serverNonce = TunnelCrypto.random(TunnelProtocol.nonceSize)
         channel.send(TunnelProtocol.encode(.challenge(
             version: TunnelProtocol.version, serverNonce: serverNonce,
             serverProof: TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce))))
-        let auth = try await TunnelProtocol.read(TunnelProtocol.ClientAuth.self, from: channel)
+        let auth: TunnelProtocol.ClientAuth
+        do {
+            auth = try await TunnelProtocol.read(TunnelProtocol.ClientAuth.self, from: channel)
+        } catch ChannelError.eof {
+            // What a client with another token does: it checks the server's proof first
+            // and hangs up without a word.
+            channel.close()
+            if context.refusals.record("auth_failed") {
+                logger.warning("authentication failed", metadata: [
+                    "peer": "\(peer)", "error": "the client hung up at the server's proof: its token is not this server's",
+                ])
+            }
+            return nil
+        }
         let expected = TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
         guard TunnelCrypto.constantTimeEqual(auth.clientProof, expected) else {
             if context.refusals.record("auth_failed") {
@@ -266,7 +286,9 @@ final class ServerLoop: @unchecked Sendable {
                 .init(.serverFull, "server full: \(max) clients connected"))))
             try? await channel.flush()
             channel.close()
-            logger.warning("client refused: limit reached", metadata: ["peer": "\(peer)", "max": .stringConvertible(max)])
+            if context.refusals.record("max_clients") {
+                logger.warning("client refused: limit reached", metadata: ["peer": "\(peer)", "max": .stringConvertible(max)])
+            }
             return nil
         }
         channel.send(TunnelProtocol.encode(.welcome(sessionID: id)))

@@ -18,6 +18,13 @@ final class ServerSession {
     private let channels: ChannelPool
     private var heartbeat: HeartbeatTimer?
     private var ended = false
+    /// Set while the server says goodbye: the client's close of the control channel ends
+    /// the session, or this timer does when the client does not answer.
+    private var leaving: LoopTimer?
+    private var endWaiters: [CheckedContinuation<Void, Never>] = []
+    /// How long a goodbye waits for the client to close its end.
+    private static let goodbyeDeadline: Duration = .seconds(1)
+    private static let shuttingDown = "server shutting down"
     private var loop: EventLoop { home.loop }
     private var logger: Logger { context.logger }
 
@@ -63,12 +70,17 @@ final class ServerSession {
                     control.send(TunnelProtocol.encode(TunnelProtocol.ServerControl.pong(x)))
                 case .pong:
                     break
+                case .goodbye(let said):
+                    // The client's own end: its channels go with it, nothing was lost.
+                    return end(reason: said)
                 }
             }
         } catch {
             reason = "\(error)"
         }
-        end(reason: reason)
+        // Without a goodbye the client (or the network to it) failed.
+        if leaving != nil { return end(reason: Self.shuttingDown) }
+        end(reason: reason, level: .warning)
     }
 
     private func answer(_ id: UInt32, port: UInt16, _ result: Result<String, TunnelProtocol.Refusal>) {
@@ -122,7 +134,9 @@ final class ServerSession {
     func dataChannelArrived(_ arrival: DataChannelArrival) {
         loop.assertInLoop()
         guard !ended, channels.accept(nonce: arrival.nonce, proof: arrival.proof) else {
-            logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(arrival.peer)"])
+            if context.refusals.record("data_rejected") {
+                logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(arrival.peer)"])
+            }
             return arrival.stream.close(reset: true)
         }
         channels.channelArrived(arrival.stream, home: arrival.home)
@@ -134,16 +148,40 @@ final class ServerSession {
         services.closeAll(session: self)
     }
 
-    /// Releases the client's ports, pooled channels and waiting visitors.
-    func end(reason: String) {
+    /// The server is shutting down: tells the client, so that both ends part without a
+    /// warning. The client ends its session and closes the control channel, which ends
+    /// this one; only then are the carriers closed here, when the client has stopped
+    /// watching them.
+    func leave() {
+        loop.assertInLoop()
+        guard !ended, leaving == nil else { return }
+        channels.sessionLeaving()
+        control.send(TunnelProtocol.encode(TunnelProtocol.ServerControl.goodbye(reason: Self.shuttingDown)))
+        leaving = loop.schedule(after: Self.goodbyeDeadline) { [weak self] in self?.end(reason: Self.shuttingDown) }
+    }
+
+    func waitUntilEnded() async {
+        loop.assertInLoop()
+        guard !ended else { return }
+        await withCheckedContinuation { endWaiters.append($0) }
+    }
+
+    /// Releases the client's ports, pooled channels and waiting visitors. `level` is
+    /// warning for a fault (the client vanished, stopped answering, or was cut off).
+    func end(reason: String, level: Logger.Level = .info) {
         loop.assertInLoop()
         guard !ended else { return }
         ended = true
         heartbeat?.stop()
         heartbeat = nil
+        leaving?.cancel()
+        leaving = nil
         services.closeAll(session: self)
         channels.end()
         control.close()
-        logger.info("client disconnected", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
+        logger.log(level: level, "client disconnected", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
+        let waiters = endWaiters
+        endWaiters.removeAll()
+        for w in waiters { w.resume() }
     }
 }

@@ -93,7 +93,7 @@ final class ServiceRegistry {
             logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "udp \(udp.listen)"])
             onUDPNeedsChannel(registered, udp)
         case .tcp:
-            let listeners = Listeners(loop: home.loop, logger: logger)
+            let listeners = Listeners(loop: home.loop, logger: logger, refusals: context.refusals)
             var service: ExposedService?
             do {
                 try listeners.start(bound.map { (fd: $0.0, address: $0.1) }) { [weak self] fd, visitor in

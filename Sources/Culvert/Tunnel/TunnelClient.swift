@@ -22,9 +22,8 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
     let config: TunnelClientConfig
     /// The services exposed now: `config.services` until a reload changes them.
     private(set) var services: [ServiceSpec]
-    /// The services of the start-up config: a refusal of one of these at the first
-    /// session ends the process; of one a reload added, it is logged.
-    private let startupIDs: Set<UInt32>
+    /// Services whose ready line is out (a reload adds more after the first set).
+    private var announced: Set<UInt32> = []
     private var nextServiceID: UInt32
     public let configPath: String?
     private let reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?
@@ -34,8 +33,8 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
     private let control: ServiceControl
     /// The data plane, one share per loop; data channels go to them in turn.
     private let loops: [ClientLoop]
-    private var everConnected = false
-    private var announced: Set<UInt32> = []
+    /// Whether the ready lines are out: until then, a refused service ends the client.
+    private var ready = false
     private var stopping = false
     private var current: ClientSession?
 
@@ -43,7 +42,6 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
                  loops: [ClientLoop], configPath: String?, reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
         self.config = config
         services = config.services
-        startupIDs = Set(config.services.map(\.id))
         nextServiceID = (config.services.map(\.id).max() ?? 0) &+ 1
         self.configPath = configPath
         self.reread = reread
@@ -63,7 +61,10 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
             logger.warning("\(warning)")
         }
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
-        let loops = try group.loops.map { try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, logger: logger) }
+        let refusals = RefusalSummary(logger: logger, message: "visitors refused", loop: group.main)
+        let loops = try group.loops.map {
+            try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, refusals: refusals, logger: logger)
+        }
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops,
                                   configPath: configPath, reread: reread)
         Task(executorPreference: group.main.tasks) { await client.run() }
@@ -113,36 +114,54 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
         let session = ClientSession(client: self, control: channel, credentials: SessionCredentials(id: auth.id, key: auth.key),
                                     loops: loops)
         current = session
-        let firstSession = !everConnected
-        everConnected = true
         defer { current = nil }
-        try await session.run(firstSession: firstSession)
+        try await session.run()
         return true
     }
 
-    /// Prints the ready line the first time a service becomes reachable.
-    func serviceExposed(_ spec: ServiceSpec, address: String) {
-        let id = spec.id
+    /// Logs a service the server accepted; returns its ready line.
+    func serviceExposed(_ spec: ServiceSpec, address: String) -> String {
         if spec.kind == .secret {
             logger.info("secret service registered", metadata: ["service": "\(spec.name)", "target": "\(spec.localDescription)"])
-            if announced.insert(id).inserted { ReadyLine.print("exposed secret \(spec.name) -> \(spec.localDescription)") }
-            return
+            return "exposed secret \(spec.name) -> \(spec.localDescription)"
         }
         var shown = address
         if let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" {
             shown = HostPort(host: config.server.host, port: bound.port).description
         }
         logger.info("service exposed", metadata: ["listen": "\(shown)", "target": "\(spec.localDescription)"])
-        if announced.insert(id).inserted {
-            ReadyLine.print("exposed \(spec.kindName) \(shown) -> \(spec.localDescription)")
+        return "exposed \(spec.kindName) \(shown) -> \(spec.localDescription)"
+    }
+
+    /// A session's accepted services so far: once every current service is among them,
+    /// the ready lines, in the order the services were given, the first time only (a
+    /// script that reads them can rely on every service being reachable); after that, a
+    /// service a reload added gets its line when the server accepts it.
+    func servicesExposed(_ lines: [UInt32: String]) {
+        if ready {
+            for spec in services where !announced.contains(spec.id) {
+                guard let line = lines[spec.id] else { continue }
+                announced.insert(spec.id)
+                ReadyLine.print(line)
+            }
+            return
+        }
+        guard services.allSatisfy({ lines[$0.id] != nil }) else { return }
+        ready = true
+        for spec in services {
+            announced.insert(spec.id)
+            ReadyLine.print(lines[spec.id]!)
         }
     }
 
-    /// A refusal at first start ends the process (like ssh's ExitOnForwardFailure).
-    func serviceRefused(_ spec: ServiceSpec, reason: String, firstSession: Bool) throws {
+    /// What a refused service means: before the ready lines, the error that ends the
+    /// process (like ssh's ExitOnForwardFailure); after them, a logged error (the session
+    /// registers it again later).
+    func serviceRefused(_ spec: ServiceSpec, reason: String) -> FatalClientError? {
         let message = "server refused service \(spec.name): \(reason)"
-        if firstSession && startupIDs.contains(spec.id) { throw FatalClientError(message: message) }
+        if !ready { return FatalClientError(message: message) }
         logger.error("\(message)")
+        return nil
     }
 
     /// The service of that id, while it is exposed.
@@ -217,7 +236,10 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
 
     public func drain(timeout: Duration) async {
         stopping = true
-        current?.end()
+        if let session = current {
+            session.leave(reason: "stopped")
+            await session.waitUntilEnded()
+        }
         let running = await onEachLoop(loops, loop: \.loop) { $0.relayCount }.reduce(0, +)
         if running == 0 { return }
         logger.notice("draining", metadata: ["connections": .stringConvertible(running)])

@@ -57,7 +57,8 @@ final class TunnelConnector {
     }
 
     /// The mutual proof exchange on a fresh channel. Throws `FatalClientError` when the
-    /// token is wrong (retrying cannot help); closes the channel on any failure.
+    /// token is wrong (retrying cannot help); closes the channel on any failure, in good
+    /// order when this end gives up (the server logs that as a refusal, not a fault).
     func authenticate(_ channel: AsyncDuplex, poolSize: Int, muxChannels: Int, heartbeat: Heartbeat) async throws -> Session {
         let timer = loop.schedule(after: handshakeTimeout) { channel.fail(.timedOut("handshake")) }
         defer { timer.cancel() }
@@ -88,7 +89,7 @@ final class TunnelConnector {
                 throw ChannelError.protocolViolation("expected welcome from the server")
             }
         } catch {
-            channel.fail(.closed)
+            if error is FatalClientError { channel.close() } else { channel.fail(.closed) }
             throw error
         }
     }

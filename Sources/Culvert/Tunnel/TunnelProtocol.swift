@@ -10,7 +10,9 @@ import Transfer
 /// Integers are big-endian; strings and byte strings are u16 length + bytes.
 enum TunnelProtocol {
     /// 2 added multiplexed data channels (`clientAuth` carries their count, `mux`);
-    /// 3 raised the payload limit of their data frames to 256 KiB; 4 added refusal codes.
+    /// 3 raised the payload limit of their data frames to 256 KiB; 4 added refusal codes
+    /// and, later, `goodbye` (docs/PROTOCOL.md: an older 4 peer ends on it as it would
+    /// at the close that follows).
     static let version: UInt16 = 4
     /// The most multiplexed data channels a client may ask for.
     static let maxMuxChannels = 16
@@ -233,9 +235,12 @@ enum TunnelProtocol {
         case unregisterService(id: UInt32)
         case ping(UInt64)
         case pong(UInt64)
+        /// The client is leaving on purpose (stopped, or exiting); the server ends the
+        /// session and closes the control channel, which tells the client it may go.
+        case goodbye(reason: String)
 
         enum Code: UInt8, CaseIterable {
-            case registerService = 0x10, registerSecret = 0x13, visit = 0x14, unregisterService = 0x16, ping = 0x30, pong = 0x31
+            case registerService = 0x10, registerSecret = 0x13, visit = 0x14, unregisterService = 0x16, ping = 0x30, pong = 0x31, goodbye = 0x32
         }
         static let reader = "the server's control channel"
 
@@ -248,6 +253,7 @@ enum TunnelProtocol {
             case .unregisterService(let id): return (.unregisterService, be(id))
             case .ping(let x): return (.ping, be(x))
             case .pong(let x): return (.pong, be(x))
+            case .goodbye(let reason): return (.goodbye, string(reason))
             }
         }
 
@@ -265,6 +271,7 @@ enum TunnelProtocol {
             case .unregisterService: return .unregisterService(id: try r.u32())
             case .ping: return .ping(try r.u64())
             case .pong: return .pong(try r.u64())
+            case .goodbye: return .goodbye(reason: try r.string())
             }
         }
     }
@@ -277,9 +284,12 @@ enum TunnelProtocol {
         case openData(channelNonce: [UInt8])
         case ping(UInt64)
         case pong(UInt64)
+        /// The server is shutting down; the client ends the session, closes the control
+        /// channel (which tells the server it may go) and reconnects as after any end.
+        case goodbye(reason: String)
 
         enum Code: UInt8, CaseIterable {
-            case serviceAccepted = 0x11, serviceRefused = 0x12, openData = 0x20, ping = 0x30, pong = 0x31
+            case serviceAccepted = 0x11, serviceRefused = 0x12, openData = 0x20, ping = 0x30, pong = 0x31, goodbye = 0x32
         }
         static let reader = "the client's control channel"
 
@@ -290,6 +300,7 @@ enum TunnelProtocol {
             case .openData(let n): return (.openData, n)
             case .ping(let x): return (.ping, be(x))
             case .pong(let x): return (.pong, be(x))
+            case .goodbye(let reason): return (.goodbye, string(reason))
             }
         }
 
@@ -300,6 +311,7 @@ enum TunnelProtocol {
             case .openData: return .openData(channelNonce: try r.bytes(channelNonceSize))
             case .ping: return .ping(try r.u64())
             case .pong: return .pong(try r.u64())
+            case .goodbye: return .goodbye(reason: try r.string())
             }
         }
     }

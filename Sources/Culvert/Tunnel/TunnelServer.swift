@@ -101,7 +101,7 @@ public final class TunnelServer: ReloadableService, @unchecked Sendable {
             "connections": .stringConvertible(relays.reduce(0, +)), "clients": .stringConvertible(context.directory.count),
         ])
         _ = await context.onEachLoop { await $0.relays.drain(timeout: timeout) }
-        _ = await context.onEachLoop { $0.endSessions() }
+        _ = await context.onEachLoop { await $0.endSessions() }
     }
 }
 
@@ -118,8 +118,9 @@ final class ServerContext: @unchecked Sendable {
     /// Connections accepted and not authenticated yet, on every loop
     /// (`--max-unauthenticated`, `--max-unauthenticated-per-source`).
     let unauthenticated: UnauthenticatedBudget
-    /// Refused and failed unauthenticated connections: anyone can cause them by the
-    /// thousand, so past the first few they are counted, one line per second.
+    /// Refused and failed unauthenticated connections, and connections the tunnel port or
+    /// a service's port could not accept: anyone can cause them by the thousand, so past
+    /// the first few they are counted, one line per second.
     let refusals: RefusalSummary
     let draining = Atomic<Bool>(false)
     private let serviceSerial = Atomic<UInt64>(0)
@@ -154,7 +155,7 @@ final class ServerContext: @unchecked Sendable {
         directory = SessionDirectory(maxSessions: config.maxClients)
         unauthenticated = UnauthenticatedBudget(max: config.maxUnauthenticated, perSource: config.maxUnauthenticatedPerSource)
         refusals = RefusalSummary(logger: logger, message: "unauthenticated connections refused", loop: loops[0])
-        self.loops = loops.enumerated().map { ServerLoop(loop: $1, index: $0, logger: logger) }
+        self.loops = loops.enumerated().map { [refusals] in ServerLoop(loop: $1, index: $0, logger: logger, refusals: refusals) }
         for l in self.loops { l.context = self }
     }
 
