@@ -46,7 +46,10 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
             logger.warning("\(warning)")
         }
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
-        let loops = try group.loops.map { try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, logger: logger) }
+        let visitorLimits = VisitorLimit.make(config: config, udpMaxSessions: udpMaxSessions, logger: logger)
+        let loops = try group.loops.map {
+            try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, visitorLimits: visitorLimits, logger: logger)
+        }
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client

@@ -247,5 +247,8 @@ public struct TunnelClientConfig: Sendable {
     /// Sessions each UDP service may hold; nil: an equal share of `UDPSessionBudget`'s
     /// default, taken from the descriptors free at start; 0: no limit.
     public var udpMaxSessions: Int?
+    /// Visitors each TCP or secret service relays at once; nil: `VisitorLimit`'s default,
+    /// from the descriptors free at start; 0: no limit.
+    public var maxVisitors: Int?
     public init() {}
 }
