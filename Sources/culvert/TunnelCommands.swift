@@ -222,6 +222,11 @@ struct ClientCommand: ParsableCommand {
         valueName: "N"))
     var udpMaxSessions: Int?
 
+    @Option(help: ArgumentHelp(
+        "Visitors each TCP or secret service relays at once; visitors beyond them are refused and counted (default: an equal share of the descriptors free at start, less a reserve for the control channel and carriers; 0: no limit).",
+        valueName: "N"))
+    var maxVisitors: Int?
+
     @OptionGroup var logging: LoggingOptions
 
     var flags: TunnelClientFlags {
@@ -244,6 +249,7 @@ struct ClientCommand: ParsableCommand {
         flags.reconnectMax = reconnectMax
         flags.udpIdleTimeout = udpIdleTimeout
         flags.udpMaxSessions = udpMaxSessions
+        flags.maxVisitors = maxVisitors
         return flags
     }
 

@@ -23,6 +23,7 @@ public struct TunnelClientFlags: Sendable {
     public var reconnectMax: Duration?
     public var udpIdleTimeout: Duration?
     public var udpMaxSessions: Int?
+    public var maxVisitors: Int?
 
     public init() {}
 
@@ -38,6 +39,9 @@ public struct TunnelClientFlags: Sendable {
         }
         if let udpMaxSessions, udpMaxSessions < 0 {
             throw ConfigError(setting: "--udp-max-sessions", "--udp-max-sessions must be 0 (no limit) or more, got \(udpMaxSessions)")
+        }
+        if let maxVisitors, maxVisitors < 0 {
+            throw ConfigError(setting: "--max-visitors", "--max-visitors must be 0 (no limit) or more, got \(maxVisitors)")
         }
         if ca != nil && fingerprint != nil { throw ConfigError(setting: "--fingerprint", "give --ca or --fingerprint, not both") }
         if (ca != nil || fingerprint != nil) && common.transport == .plain {
@@ -111,6 +115,7 @@ extension TunnelClientConfig {
         if let reconnectMax = flags.reconnectMax { config.reconnectMax = reconnectMax }
         if let udpIdleTimeout = flags.udpIdleTimeout { config.udpIdleTimeout = udpIdleTimeout }
         if let udpMaxSessions = flags.udpMaxSessions { config.udpMaxSessions = udpMaxSessions }
+        if let maxVisitors = flags.maxVisitors { config.maxVisitors = maxVisitors }
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")
         }

@@ -6,7 +6,7 @@
 /// heartbeat_interval, heartbeat_misses, drain_timeout, threads, log_level, log_format.
 /// Client keys: server, token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
-/// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, log_level,
+/// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, max_visitors, log_level,
 /// log_format, and `[services.NAME]` tables
 /// with remote_port, local, bind, compress, protocol (tcp or udp) — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
@@ -87,6 +87,7 @@ public enum TunnelConfigFile {
             config.udpIdleTimeout = idle
         }
         config.udpMaxSessions = try file.int("udp_max_sessions", range: 0...Int(Int32.max)) ?? config.udpMaxSessions
+        config.maxVisitors = try file.int("max_visitors", range: 0...Int(Int32.max)) ?? config.maxVisitors
         var services: [ServiceSpec] = []
         var warnings: [String] = []
         let compressAll = try file.bool("compress") ?? false

@@ -57,11 +57,19 @@ final class ClientLoop: @unchecked Sendable {
     /// Secret-service visitors turned away: anyone with the server's token can send them
     /// by the thousand, so past the first few they are counted (shared by every loop).
     private let refusals: RefusalSummary
+    /// The visitor limit of each TCP and secret service, shared by every loop.
+    private let visitorLimits: [UInt32: VisitorLimit]
+    /// Visitors refused at their service's limit since the last summary line, by
+    /// service id, and the timer that writes it.
+    private var refusedAtLimit: [UInt32: Int] = [:]
+    private var refusalReport: LoopTimer?
 
-    init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, refusals: RefusalSummary, logger: Logger) throws {
+    init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, visitorLimits: [UInt32: VisitorLimit],
+         refusals: RefusalSummary, logger: Logger) throws {
         self.loop = loop
         self.config = config
         self.udpMaxSessions = udpMaxSessions
+        self.visitorLimits = visitorLimits
         self.refusals = refusals
         self.logger = logger
         connector = try TunnelConnector(loop: loop, config: config)
@@ -174,12 +182,15 @@ final class ClientLoop: @unchecked Sendable {
         channelFailures.removeAll()
     }
 
-    /// Connects a dedicated channel's visitor to its local service and relays.
+    /// Connects a dedicated channel's visitor to its local service and relays. At the
+    /// service's visitor limit the channel is closed, which closes the visitor.
     private func serveVisitor(_ channel: AsyncDuplex, spec: ServiceSpec, visitor: String) async {
+        guard admit(spec) else { return channel.fail(.closed) }
         let localFD: Int32
         do {
             localFD = try await Connector.connect(to: try await localAddresses(of: spec), timeout: config.connectTimeout, on: loop)
         } catch {
+            visitorLimits[spec.id]?.release()
             logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
             if spec.kind == .secret {
                 channel.send(TunnelProtocol.encode(TunnelProtocol.VisitAnswer.refused(.init(.localUnreachable, "local service unreachable"))))
@@ -192,15 +203,40 @@ final class ClientLoop: @unchecked Sendable {
             do {
                 try await channel.flush()
             } catch {
+                visitorLimits[spec.id]?.release()
                 Posix.close(localFD)
                 return channel.fail(.closed)
             }
         }
         // The session may have ended while this connect was under way: its end closed
         // the channel, whose descriptor must not be used again.
-        guard channel.isOpen else { return Posix.close(localFD) }
-        guard let data = wrap(channel.detach(), compress: spec.compress) else { return Posix.close(localFD) }
+        guard channel.isOpen, let data = wrap(channel.detach(), compress: spec.compress) else {
+            visitorLimits[spec.id]?.release()
+            return Posix.close(localFD)
+        }
         startRelay(data, localFD: localFD, visitor: visitor, spec: spec)
+    }
+
+    /// Takes a place under the service's visitor limit; a refusal is counted for the
+    /// summary line.
+    private func admit(_ spec: ServiceSpec) -> Bool {
+        guard let limit = visitorLimits[spec.id], !limit.admit() else { return true }
+        refusedAtLimit[spec.id, default: 0] += 1
+        if refusalReport == nil {
+            refusalReport = loop.schedule(after: Self.reportInterval) { [weak self] in self?.reportRefusals() }
+        }
+        return false
+    }
+
+    private func reportRefusals() {
+        refusalReport = nil
+        for (id, count) in refusedAtLimit {
+            guard let spec = services[id], let limit = visitorLimits[id] else { continue }
+            logger.warning("visitors refused: service at its limit", metadata: [
+                "service": "\(spec.name)", "count": .stringConvertible(count), "max": .stringConvertible(limit.max),
+            ])
+        }
+        refusedAtLimit.removeAll()
     }
 
     /// The exposer's half of the end-to-end service-token proof. On a wrong proof the
@@ -273,6 +309,7 @@ final class ClientLoop: @unchecked Sendable {
             logger.warning("multiplexed stream for an unknown service", metadata: ["service": .stringConvertible(serviceID)])
             return stream.close(reset: true)
         }
+        guard admit(spec) else { return stream.close(reset: true) }
         if let addresses = resolvedLocal[serviceID] {
             return dial(stream, spec: spec, visitor: visitor, addresses: addresses)
         }
@@ -281,6 +318,7 @@ final class ClientLoop: @unchecked Sendable {
                 let addresses = try await self.localAddresses(of: spec)
                 self.dial(stream, spec: spec, visitor: visitor, addresses: addresses)
             } catch {
+                self.visitorLimits[spec.id]?.release()
                 self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
                 stream.close(reset: true)
             }
@@ -288,22 +326,27 @@ final class ClientLoop: @unchecked Sendable {
     }
 
     /// Connects a multiplexed visitor to its local service (callbacks on the loop, no
-    /// task per visitor), then relays.
+    /// task per visitor), then relays. The visitor holds a place under its service's
+    /// limit, given back here unless a relay starts.
     private func dial(_ stream: MuxStream, spec: ServiceSpec, visitor: String, addresses: [SocketAddress]) {
+        let limit = visitorLimits[spec.id]
         let connector = Connector(loop: loop, addresses: addresses, timeout: config.connectTimeout) { [weak self] connector, outcome in
             guard let self else { return stream.close(reset: true) }
             self.connecting[ObjectIdentifier(connector)] = nil
             switch outcome {
             case .connected(let fd, let registration, _):
                 guard let data = self.wrap(stream, compress: spec.compress) else {
+                    limit?.release()
                     if let registration { self.loop.forget(registration: registration) }
                     return Posix.close(fd)
                 }
                 self.startRelay(data, localFD: fd, adopting: registration, visitor: visitor, spec: spec)
             case .exhausted(_, let lastError):
+                limit?.release()
                 self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(lastError.map { "\($0)" } ?? "no address")"])
                 stream.close(reset: true)
             case .cancelled:
+                limit?.release()
                 stream.close(reset: true)
             }
         }
@@ -357,6 +400,7 @@ final class ClientLoop: @unchecked Sendable {
         return addresses
     }
 
+    /// Relays a visitor admitted under its service's limit; its place is given back when the relay ends.
     private func startRelay(_ data: Duplex, localFD: Int32, adopting registration: Registration? = nil, visitor: String, spec: ServiceSpec) {
         let set: RelaySet
         if let known = serviceRelays[spec.id] {
@@ -367,9 +411,13 @@ final class ClientLoop: @unchecked Sendable {
         }
         let logger = self.logger
         let target = spec.localDescription
-        set.start(a: data, b: TCPStream(fd: localFD), adopting: registration, peer: visitor) { relay, reason in
+        let limit = visitorLimits[spec.id]
+        let relay = set.start(a: data, b: TCPStream(fd: localFD), adopting: registration, peer: visitor) { relay, reason in
+            limit?.release()
             logger.connectionClosed(peer: visitor, ("target", target), relay: relay, reason: reason)
         }
+        // A relay that could not start never calls its close callback.
+        if relay == nil { limit?.release() }
     }
 
     // MARK: ending

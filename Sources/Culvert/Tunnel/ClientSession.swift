@@ -8,6 +8,12 @@ import Transfer
 /// goodbye and the other closes the control channel, so that neither takes the channels
 /// going away for a fault.
 ///
+/// Data channels being opened or waiting for the server's command are capped
+/// (`channelsOpeningMax`): without multiplexing the server asks for one per waiting
+/// visitor, so a visitor flood would otherwise open channels until descriptors run out.
+/// Requests beyond the cap wait in a bounded queue, oldest dropped first (the server
+/// forgets a request at its deadline and asks again).
+///
 /// Thread confinement: lives on the client's main loop.
 final class ClientSession {
     private unowned let client: TunnelClient
@@ -17,6 +23,9 @@ final class ClientSession {
     private var nextLoop = 0
     private var heartbeat: HeartbeatTimer?
     private var retryTimers: [LoopTimer] = []
+    private var channelsOpening = 0
+    private var queuedRequests: [[UInt8]] = []
+    private let channelsOpeningMax: Int
     private var ended = false
     /// Set while this client says goodbye: the server's close of the control channel
     /// ends the session, or this timer does when the server does not answer.
@@ -36,6 +45,7 @@ final class ClientSession {
         self.control = control
         self.credentials = credentials
         self.loops = loops
+        channelsOpeningMax = Self.channelsOpeningMax(client.config)
         let misses = client.config.heartbeat.misses
         let logger = client.logger
         heartbeat = HeartbeatTimer(loop: client.loop, heartbeat: client.config.heartbeat,
@@ -132,14 +142,45 @@ final class ClientSession {
         }
     }
 
-    /// The server wants a data channel: the next loop in turn opens it.
+    /// Channels opening or pooled at once: the pool and the carriers, and as many more
+    /// for visitors; part of `VisitorLimit.reserve`.
+    static func channelsOpeningMax(_ config: TunnelClientConfig) -> Int {
+        32 + config.pool + config.mux
+    }
+
+    /// The server wants a data channel: the next loop in turn opens it, or it waits for
+    /// a place.
     private func openData(_ nonce: [UInt8]) {
+        guard channelsOpening >= channelsOpeningMax else { return dispatch(nonce) }
+        queuedRequests.append(nonce)
+        if queuedRequests.count > Self.queuedRequestsMax { queuedRequests.removeFirst() }
+    }
+
+    /// Requests kept waiting for a place; older ones are past use by the time the queue
+    /// is this long (the server asks again for what it still needs).
+    private static let queuedRequestsMax = 1024
+
+    private func dispatch(_ nonce: [UInt8]) {
+        channelsOpening += 1
         let target = loops[nextLoop]
         nextLoop = (nextLoop + 1) % loops.count
         let credentials = self.credentials
+        let session = Handoff(self)
+        let home = loop
         target.run {
-            Task(executorPreference: target.loop.tasks) { await target.openDataChannel(nonce: nonce, session: credentials) }
+            Task(executorPreference: target.loop.tasks) {
+                await target.openDataChannel(nonce: nonce, session: credentials)
+                home.execute { session.value.channelSettled() }
+            }
         }
+    }
+
+    /// A channel was placed (a carrier, a visitor, a UDP service) or failed: its place
+    /// goes to the oldest waiting request.
+    private func channelSettled() {
+        channelsOpening -= 1
+        guard !ended, !queuedRequests.isEmpty else { return }
+        dispatch(queuedRequests.removeFirst())
     }
 
     /// Closes the control channel and tells every loop; running relays go on.
@@ -153,6 +194,7 @@ final class ClientSession {
         leaving = nil
         for t in retryTimers { t.cancel() }
         retryTimers.removeAll()
+        queuedRequests.removeAll()
         credentials.end()
         for l in loops { l.run { l.sessionEnded() } }
         control.close()

@@ -226,6 +226,12 @@ final class ServerLoop: @unchecked Sendable {
                     logger.warning("connection dropped: its place went to one from an address with fewer unauthenticated connections",
                                    metadata: ["peer": "\(peer)"])
                 }
+            } else if error as? ChannelError == .eof {
+                // A clean close before the handshake ended: a leaving client's pooled channel
+                // or a port check, not a fault.
+                if context.refusals.record("closed_early") {
+                    logger.info("connection closed during its handshake", metadata: ["peer": "\(peer)"])
+                }
             } else if context.refusals.record(error as? ChannelError == .timedOut("handshake") ? "timed_out" : "handshake_failed") {
                 logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(error)"])
             }

@@ -58,9 +58,9 @@ final class ServerSession {
                 heartbeat?.heard()
                 switch message {
                 case .registerService(let request):
-                    answer(request.id, port: request.port, services.register(request))
+                    answer(request.id, port: request.port, await register(request))
                 case .registerSecret(let sid, let name):
-                    answer(sid, port: 0, services.registerSecret(sid, name: name, session: SessionDirectory.Entry(loop: loop, session: self)))
+                    answer(sid, port: 0, await registerSecret(sid, name: name))
                 case .unregisterService(let sid):
                     services.unregister(sid, session: self)
                 case .visit(let name):
@@ -81,6 +81,66 @@ final class ServerSession {
         // Without a goodbye the client (or the network to it) failed.
         if leaving != nil { return end(reason: Self.shuttingDown) }
         end(reason: reason, level: .warning)
+    }
+
+    private var entry: SessionDirectory.Entry { SessionDirectory.Entry(loop: loop, session: self) }
+
+    /// Registers a service. A port that another session holds goes to this client when
+    /// that session does not answer a ping in time (see `takeOver`).
+    private func register(_ request: TunnelProtocol.ServiceRequest) async -> Result<String, TunnelProtocol.Refusal> {
+        let first = services.register(request, session: entry)
+        guard case .failure(let refusal) = first, refusal.code == .portInUse else { return first }
+        let port = SessionDirectory.Port(udp: request.kind == .udp, number: request.port)
+        let holders = context.directory.holders(of: port).filter { $0.session !== self }
+        guard !holders.isEmpty, await takeOver(from: holders, what: "port \(request.port)") else { return first }
+        return services.register(request, session: entry)
+    }
+
+    /// Claims a secret service's name; a name held by a session that does not answer a
+    /// ping in time goes to this client.
+    private func registerSecret(_ id: UInt32, name: String) async -> Result<String, TunnelProtocol.Refusal> {
+        let first = services.registerSecret(id, name: name, session: entry)
+        guard case .failure(let refusal) = first, refusal.code == .nameTaken,
+              let holder = context.directory.secret(name)?.entry, holder.session !== self,
+              await takeOver(from: [holder], what: "secret service '\(name)'") else { return first }
+        return services.registerSecret(id, name: name, session: entry)
+    }
+
+    /// Asks each session holding what this client wants to prove it is alive within
+    /// `handoverProbe`; the silent ones are ended (a stopped or cut-off client would
+    /// otherwise keep its ports until the heartbeat gives up, and its replacement would
+    /// be refused all that time). True when every holder let go and this session is still
+    /// up. The control channel waits meanwhile; the loop does not.
+    private func takeOver(from holders: [SessionDirectory.Entry], what: String) async -> Bool {
+        let deadline = context.config.handoverProbe
+        let claimant = peer
+        for holder in holders {
+            let released = await withCheckedContinuation { (done: CheckedContinuation<Bool, Never>) in
+                holder.loop.execute {
+                    holder.session.yieldIfSilent(what, to: claimant, within: deadline) { done.resume(returning: $0) }
+                }
+            }
+            guard released else { return false }
+        }
+        return !ended
+    }
+
+    /// Another client wants `what`, which this session holds: the session keeps it if its
+    /// client answers a ping within `deadline`, and ends otherwise. `released` gets
+    /// whether the session let go (also when it had ended already).
+    func yieldIfSilent(_ what: String, to claimant: String, within deadline: Duration, released: @escaping (Bool) -> Void) {
+        loop.assertInLoop()
+        guard !ended, let heartbeat else { return released(true) }
+        heartbeat.probe(within: deadline) { [weak self] answered in
+            guard let self, !self.ended else { return released(true) }
+            guard !answered else { return released(false) }
+            let waited = DurationSpec.format(deadline)
+            self.logger.warning("client did not answer a ping; its services go to a new client", metadata: [
+                "peer": "\(self.peer)", "claimant": "\(claimant)", "wants": "\(what)", "deadline": "\(waited)",
+            ])
+            self.end(reason: "no answer to a ping within \(waited) while another client asked for \(what)")
+            released(true)
+        }
     }
 
     private func answer(_ id: UInt32, port: UInt16, _ result: Result<String, TunnelProtocol.Refusal>) {

@@ -23,14 +23,17 @@ final class ExposedService: @unchecked Sendable {
     let compress: Bool
     /// How close lines name it: the bound addresses, or `secret:NAME`.
     let listen: String
+    /// The public port it holds in the session directory; nil for a secret service.
+    let port: SessionDirectory.Port?
     private let retired = Atomic<Bool>(false)
 
-    init(id: UInt32, key: UInt64, kind: Kind, compress: Bool, listen: String) {
+    init(id: UInt32, key: UInt64, kind: Kind, compress: Bool, listen: String, port: SessionDirectory.Port?) {
         self.id = id
         self.key = key
         self.kind = kind
         self.compress = compress
         self.listen = listen
+        self.port = port
     }
 
     /// Gone from its session: no new visitors; running relays go on.
@@ -62,8 +65,8 @@ final class ServiceRegistry {
 
     subscript(id: UInt32) -> ExposedService? { services[id] }
 
-    /// Binds and watches a TCP or UDP service's ports; the bound address, or why not.
-    func register(_ request: TunnelProtocol.ServiceRequest) -> Result<String, TunnelProtocol.Refusal> {
+    /// Binds and watches a TCP or UDP service's ports for `session`; the bound address, or why not.
+    func register(_ request: TunnelProtocol.ServiceRequest, session: SessionDirectory.Entry) -> Result<String, TunnelProtocol.Refusal> {
         home.loop.assertInLoop()
         if let refusal = checkNew(request.id) { return .failure(refusal) }
         let bound: [(Int32, SocketAddress)]
@@ -72,6 +75,7 @@ final class ServiceRegistry {
         case .success(let sockets): bound = sockets
         }
         let key = context.nextServiceKey()
+        let port = SessionDirectory.Port(udp: request.kind == .udp, number: bound[0].1.port)
         switch request.kind {
         case .udp:
             // Weak both ways round: the service holds the UDP sockets, whose callback
@@ -87,7 +91,7 @@ final class ServiceRegistry {
                 udp.close()
                 return .failure(.init(.listenFailed, "cannot watch UDP port: \(error)"))
             }
-            let registered = ExposedService(id: request.id, key: key, kind: .udp(udp), compress: request.compress, listen: udp.listen)
+            let registered = ExposedService(id: request.id, key: key, kind: .udp(udp), compress: request.compress, listen: udp.listen, port: port)
             service = registered
             services[request.id] = registered
             logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "udp \(udp.listen)"])
@@ -104,11 +108,12 @@ final class ServiceRegistry {
                 return .failure(.init(.listenFailed, "cannot watch port \(request.port): \(error)"))
             }
             let listen = listeners.addresses.map(\.description).joined(separator: ",")
-            let registered = ExposedService(id: request.id, key: key, kind: .tcp(listeners), compress: request.compress, listen: listen)
+            let registered = ExposedService(id: request.id, key: key, kind: .tcp(listeners), compress: request.compress, listen: listen, port: port)
             service = registered
             services[request.id] = registered
             logger.info("service exposed", metadata: ["peer": "\(peer)", "listen": "\(listen)"])
         }
+        context.directory.claimPort(port, by: session)
         return .success(bound[0].1.description)
     }
 
@@ -116,7 +121,7 @@ final class ServiceRegistry {
     func registerSecret(_ id: UInt32, name: String, session: SessionDirectory.Entry) -> Result<String, TunnelProtocol.Refusal> {
         home.loop.assertInLoop()
         if let refusal = checkNew(id) { return .failure(refusal) }
-        let service = ExposedService(id: id, key: context.nextServiceKey(), kind: .secret(name: name), compress: false, listen: "secret:\(name)")
+        let service = ExposedService(id: id, key: context.nextServiceKey(), kind: .secret(name: name), compress: false, listen: "secret:\(name)", port: nil)
         guard !name.isEmpty, context.directory.claimSecret(name, by: session, serviceID: id) else {
             return .failure(.init(.nameTaken, "secret service '\(name)' is already registered by another client"))
         }
@@ -157,6 +162,7 @@ final class ServiceRegistry {
         case .udp(let udp): udp.close()
         case .secret(let name): context.directory.releaseSecret(name, by: session)
         }
+        if let port = service.port { context.directory.releasePort(port, by: session) }
         for l in context.loops { l.run { l.retire(service) } }
     }
 }

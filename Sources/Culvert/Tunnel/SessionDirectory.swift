@@ -1,9 +1,10 @@
 import Synchronization
 import Reactor
 
-/// The server's authenticated sessions and secret services, across every loop: where a
-/// data channel finds the session it belongs to, and a visitor the client that exposes
-/// a secret service. Looked up once per new connection (the control path), never per
+/// The server's authenticated sessions, their public ports and secret services, across
+/// every loop: where a data channel finds the session it belongs to, a visitor the
+/// client that exposes a secret service, and a client asking for a taken port the
+/// sessions that hold it. Looked up once per new connection (the control path), never per
 /// byte, so one lock is cheap here. A session is only ever touched on its own loop: the
 /// directory hands out the loop with it.
 final class SessionDirectory: Sendable {
@@ -13,10 +14,18 @@ final class SessionDirectory: Sendable {
         let session: ServerSession
     }
 
+    /// A public port as services claim it: TCP and UDP ports of one number are distinct.
+    struct Port: Hashable {
+        let udp: Bool
+        let number: UInt16
+    }
+
     private struct State {
         var maxSessions: Int
         var sessions: [TunnelProtocol.Key16: Entry] = [:]
         var secrets: [String: (entry: Entry, serviceID: UInt32)] = [:]
+        /// Several sessions may hold one port number on different bind addresses.
+        var ports: [Port: [Entry]] = [:]
     }
 
     private let state: Mutex<State>
@@ -61,6 +70,23 @@ final class SessionDirectory: Sendable {
         state.withLock {
             if $0.secrets[name]?.entry.session === session { $0.secrets[name] = nil }
         }
+    }
+
+    /// Records that `entry`'s session listens on `port`.
+    func claimPort(_ port: Port, by entry: Entry) {
+        state.withLock { $0.ports[port, default: []].append(entry) }
+    }
+
+    func releasePort(_ port: Port, by session: ServerSession) {
+        state.withLock {
+            $0.ports[port]?.removeAll { $0.session === session }
+            if $0.ports[port]?.isEmpty == true { $0.ports[port] = nil }
+        }
+    }
+
+    /// The sessions listening on `port`, on whatever address.
+    func holders(of port: Port) -> [Entry] {
+        state.withLock { $0.ports[port] ?? [] }
     }
 
     func secret(_ name: String) -> (entry: Entry, serviceID: UInt32)? {

@@ -62,8 +62,10 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
         }
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
         let refusals = RefusalSummary(logger: logger, message: "visitors refused", loop: group.main)
+        let visitorLimits = VisitorLimit.make(config: config, udpMaxSessions: udpMaxSessions, logger: logger)
         let loops = try group.loops.map {
-            try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, refusals: refusals, logger: logger)
+            try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, visitorLimits: visitorLimits,
+                           refusals: refusals, logger: logger)
         }
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops,
                                   configPath: configPath, reread: reread)

@@ -208,6 +208,11 @@ public struct TunnelServerConfig: Sendable {
     /// How long a visitor waits for a data channel before it is closed.
     public var visitorTimeout: Duration = .seconds(10)
     public var heartbeat = Heartbeat()
+    /// How long a client has to answer a ping when another client asks for a port or
+    /// secret name it holds; silent, it is ended and the newcomer gets them. Long enough
+    /// for a busy but live client on a slow link, short enough that a supervisor's
+    /// restart of a hung client does not fail.
+    public var handoverProbe: Duration = .seconds(2)
     public var drainTimeout: Duration = .seconds(30)
     /// Event loop threads; sessions, carriers and data channels spread over them.
     public var threads: Int = LoopGroup.coreCount
@@ -242,5 +247,8 @@ public struct TunnelClientConfig: Sendable {
     /// Sessions each UDP service may hold; nil: an equal share of `UDPSessionBudget`'s
     /// default, taken from the descriptors free at start; 0: no limit.
     public var udpMaxSessions: Int?
+    /// Visitors each TCP or secret service relays at once; nil: `VisitorLimit`'s default,
+    /// from the descriptors free at start; 0: no limit.
+    public var maxVisitors: Int?
     public init() {}
 }
