@@ -13,6 +13,10 @@ public struct TCPForwardConfig: Sendable {
     public var threads: Int = LoopGroup.coreCount
     /// false forces the buffered copier (for comparison and tests).
     public var splice: Bool = true
+    /// `forward ws`: accepted connections are WebSocket upgrades.
+    public var ingress: WebSocketIngress?
+    /// A `ws://`/`wss://` target: connections are carried to a WebSocket endpoint.
+    public var egress: WebSocketEgress?
 
     public init(listen: HostPort, targets: [HostPort]) {
         self.listen = listen
@@ -34,6 +38,9 @@ public struct TCPForwardFlags: Sendable {
     public var threads: Int?
     public var noSplice = false
     public var log = LogFlags()
+    public var ingress: WebSocketIngress?
+    /// Set when the target is a WebSocket URL (`targets` then holds its host and port).
+    public var egress: WebSocketEgress?
 
     public init(listen: HostPort, targets: [HostPort]) {
         self.listen = listen
@@ -48,6 +55,28 @@ public struct TCPForwardFlags: Sendable {
             throw ConfigError(setting: "--max-connections", "--max-connections must be 0 (no limit) or more, got \(maxConnections)")
         }
         if connectTimeout == .zero { throw ConfigError(setting: "--connect-timeout", "--connect-timeout must be more than 0") }
+        if let ingress {
+            if !ingress.path.hasPrefix("/") || ingress.path.contains(where: { $0.isWhitespace || $0 == "?" }) {
+                throw ConfigError(setting: "--ws-path", "--ws-path must start with / and hold no spaces or '?', got '\(ingress.path)'")
+            }
+            if (ingress.certFile == nil) != (ingress.keyFile == nil) {
+                throw ConfigError(setting: "--cert", "--cert and --key go together: give both for wss, neither for ws")
+            }
+            try checkMaxMessage(ingress.settings.maxMessage)
+        }
+        if let egress {
+            if targets.count != 1 {
+                throw ConfigError(setting: "<targets>", "a WebSocket target (\(egress.url)) must be the only target")
+            }
+            if !egress.url.secure && (egress.caFile != nil || egress.serverName != nil) {
+                throw ConfigError(setting: egress.caFile != nil ? "--ca" : "--sni", "--ca and --sni apply to a wss:// target, not \(egress.url)")
+            }
+            try checkMaxMessage(egress.settings.maxMessage)
+        }
+    }
+
+    private func checkMaxMessage(_ size: Int) throws(ConfigError) {
+        if size < 1 { throw ConfigError(setting: "--ws-max-message", "--ws-max-message must be at least 1 byte, got \(size)") }
     }
 }
 
@@ -63,6 +92,8 @@ extension TCPForwardConfig {
         if let drainTimeout = flags.drainTimeout { config.drainTimeout = drainTimeout }
         if let threads = flags.threads { config.threads = threads }
         config.splice = !flags.noSplice
+        config.ingress = flags.ingress
+        config.egress = flags.egress
         return Resolved(config: config, log: flags.log.over(LogSettings()))
     }
 }
