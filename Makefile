@@ -31,6 +31,9 @@ deps:
 		 $(PYTHON) -c 'import pytest' 2>/dev/null) || \
 		$(PYTHON) -m pip install --quiet pytest || \
 		$(PYTHON) -m pip install --quiet --break-system-packages pytest
+	@$(PYTHON) -c 'import websockets.asyncio.client' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet websockets || \
+		$(PYTHON) -m pip install --quiet --break-system-packages websockets
 
 build:
 	$(SWIFT) build $(RELEASE_FLAGS)
