@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import MiB, Culvert, EchoServer, RespondAfterEofServer, TcpServer, recv_all
+from conftest import MiB, Culvert, EchoServer, RespondAfterEofServer, TcpServer, recv_all, run_culvert
 from tunnel_support import fd_count, half_close_exchange, make_certs, poll, settle_fd_count, wait_for_binary
 
 websockets = pytest.importorskip("websockets")
@@ -423,3 +423,17 @@ def test_wss_with_a_ca_file_and_without_a_trusted_ca(bridge, servers, tmp_path):
         assert closed_without_data(s)
     poll(lambda: "websocket upgrade failed" in system.stderr_text(), 5, "the certificate error")
     assert "certificate" in system.stderr_text() and "--ca FILE" in system.stderr_text()
+
+
+def test_websocket_options_without_a_url_target_are_usage_errors(culvert_path):
+    cases = [
+        (["forward", "tcp", "0", "127.0.0.1:1", "--header", "X-Token: a"], "--header applies to a ws:// or wss:// target only"),
+        (["forward", "tcp", "0", "ws://127.0.0.1:1/", "127.0.0.1:2"], "must be the only target"),
+        (["forward", "tcp", "0", "ws://127.0.0.1:1/", "--ca", "ca.pem"], "--ca and --sni apply to a wss:// target"),
+        (["forward", "tcp", "0", "wss://h/", "--header", "Host: x"], "use --host-header"),
+        (["forward", "ws", "0", "127.0.0.1:1", "--ws-path", "nope"], "--ws-path must start with /"),
+        (["forward", "ws", "0", "127.0.0.1:1", "--cert", "c.pem"], "--cert and --key go together"),
+    ]
+    for args, message in cases:
+        r = run_culvert(culvert_path, args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.returncode, r.stderr)
