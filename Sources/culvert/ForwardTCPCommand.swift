@@ -62,9 +62,8 @@ struct ForwardTCPCommand: ParsableCommand {
     @Option(help: "Verify a wss:// server against the CA certificates in this PEM file instead of the system store.")
     var ca: String?
 
-    @Option(help: "Ping a WebSocket target this often and drop it when a ping goes unanswered until the next (default: 20s; off).",
-            transform: parseOptionalDuration)
-    var wsPing: Duration?? = nil
+    @Option(help: "Ping a WebSocket target this often and drop it when a ping goes unanswered until the next (default: 20s; off).", transform: parseWebSocketPing)
+    var wsPing: WebSocketPing?
 
     @Option(help: "Largest WebSocket message taken from the target, in bytes (default: 16777216); a longer one closes with 1009.")
     var wsMaxMessage: Int?
@@ -80,7 +79,7 @@ struct ForwardTCPCommand: ParsableCommand {
                 egress.hostHeader = hostHeader
                 egress.serverName = sni
                 egress.caFile = ca
-                egress.setLimits(ping: wsPing, maxMessage: wsMaxMessage)
+                egress.setLimits(ping: wsPing?.interval, maxMessage: wsMaxMessage)
                 flags.egress = egress
                 flags.targets = targets.count == 1 ? [egress.url.target] : try targets.map(WebSocketURL.parseTarget)
             } else {
@@ -131,6 +130,16 @@ extension WebSocketURL {
         }
         do { return try HostPort.parse(text) } catch { throw ConfigError(setting: "<targets>", error.description) }
     }
+}
+
+/// `--ws-ping` as given: an interval, or off (nil). A type of its own, because a
+/// doubly optional option cannot tell "not given" from "off".
+struct WebSocketPing {
+    let interval: Duration?
+}
+
+func parseWebSocketPing(_ text: String) throws -> WebSocketPing {
+    WebSocketPing(interval: try parseOptionalDuration(text))
 }
 
 func parseHostPort(_ text: String) throws -> HostPort {

@@ -33,9 +33,8 @@ struct ForwardWSCommand: ParsableCommand {
     @Option(help: "Private key (PEM) for wss; needs --cert.")
     var key: String?
 
-    @Option(help: "Ping each client this often and drop it when a ping goes unanswered until the next (default: 20s; off).",
-            transform: parseOptionalDuration)
-    var wsPing: Duration?? = nil
+    @Option(help: "Ping each client this often and drop it when a ping goes unanswered until the next (default: 20s; off).", transform: parseWebSocketPing)
+    var wsPing: WebSocketPing?
 
     @Option(help: "Largest message taken from a client, in bytes (default: 16777216); a longer one closes with 1009.")
     var wsMaxMessage: Int?
@@ -69,7 +68,7 @@ struct ForwardWSCommand: ParsableCommand {
         ingress.path = wsPath
         ingress.certFile = cert
         ingress.keyFile = key
-        ingress.setLimits(ping: wsPing, maxMessage: wsMaxMessage)
+        ingress.setLimits(ping: wsPing?.interval, maxMessage: wsMaxMessage)
         flags.ingress = ingress
         flags.balance = balance
         flags.connectTimeout = connectTimeout

@@ -275,9 +275,11 @@ def test_forward_ws_refuses_wrong_path_and_missing_upgrade(bridge, servers):
     assert old_version.startswith(b"HTTP/1.1 426 ") and b"Sec-WebSocket-Version: 13" in old_version
     garbage = raw_http(addr, b"\x16\x03\x01 not http at all\r\n\r\n")
     assert garbage.startswith(b"HTTP/1.1 400 ")
-    poll(lambda: "status=404" in b.stderr_text(), 5, "the 404 log line")
-    lines = [l for l in b.stderr_text().splitlines() if "websocket upgrade refused" in l]
-    assert len(lines) == 4 and "no WebSocket endpoint at this path" in lines[0], lines
+    def refusal_lines():
+        return [l for l in b.stderr_text().splitlines() if "websocket upgrade refused" in l]
+    poll(lambda: len(refusal_lines()) == 4, 5, "one log line per refusal")
+    lines = refusal_lines()
+    assert "status=404" in lines[0] and "no WebSocket endpoint at this path" in lines[0], lines
     assert "connection closed" not in b.stderr_text(), "no target connection for a refused upgrade"
 
 
