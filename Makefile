@@ -34,6 +34,9 @@ deps:
 	@$(PYTHON) -c 'import socks' 2>/dev/null || \
 		$(PYTHON) -m pip install --quiet PySocks || \
 		$(PYTHON) -m pip install --quiet --break-system-packages PySocks
+	@$(PYTHON) -c 'import websockets.asyncio.client' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet websockets || \
+		$(PYTHON) -m pip install --quiet --break-system-packages websockets
 
 build:
 	$(SWIFT) build $(RELEASE_FLAGS)

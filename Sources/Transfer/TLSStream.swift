@@ -56,6 +56,15 @@ public final class TLSContext: @unchecked Sendable {
                        what: caFile.map { "cannot load CA file '\($0)'" } ?? "cannot set up TLS")
     }
 
+    /// A client context that verifies the server against the system's CA store (wss://
+    /// to a public endpoint).
+    public static func clientWithSystemCAs() throws(TLSError) -> TLSContext {
+        let context = try TLSContext(culvert_tls_client_cert(nil), isServer: false, what: "cannot set up TLS")
+        guard SSL_CTX_set_default_verify_paths(context.ctx) == 1 else { throw TLSError.last("cannot load the system CA store") }
+        SSL_CTX_set_verify(context.ctx, SSL_VERIFY_PEER, nil)
+        return context
+    }
+
     /// SHA-256 over the DER of the first certificate in a PEM file.
     public static func fingerprint(ofCertificateFile path: String) -> [UInt8]? {
         var out = [UInt8](repeating: 0, count: 32)

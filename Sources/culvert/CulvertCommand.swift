@@ -25,7 +25,7 @@ struct ForwardCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "forward",
         abstract: "Listen here and relay to one or more targets.",
-        subcommands: [ForwardTCPCommand.self, ForwardUDPCommand.self]
+        subcommands: [ForwardTCPCommand.self, ForwardUDPCommand.self, ForwardWSCommand.self]
     )
 }
 

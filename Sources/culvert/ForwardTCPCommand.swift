@@ -13,7 +13,10 @@ struct ForwardTCPCommand: ParsableCommand {
             'listening tcp ADDR -> TARGETS' on stdout shows the port actually bound. \
             With several targets, a target that refuses or times out is skipped and marked \
             down for a backoff (1 s, doubling up to 60 s). Plain TCP is relayed with \
-            splice(2), without copying through user space. With -c FILE the listeners come \
+            splice(2), without copying through user space. A TARGET written \
+            ws://HOST[:PORT]/PATH or wss://HOST[:PORT]/PATH carries each connection to a \
+            WebSocket endpoint as binary messages (wss verifies the server against the \
+            system CA store, or --ca). With -c FILE the listeners come \
             from a TOML file (the flags' keys, plus [services.NAME] tables for more \
             listeners); SIGHUP re-reads it and starts, drains or replaces only the \
             listeners that changed.
@@ -23,8 +26,8 @@ struct ForwardTCPCommand: ParsableCommand {
     @Argument(help: "Address to listen on (may come from the config file).", transform: parseHostPort)
     var listen: HostPort?
 
-    @Argument(help: "Target address(es) to relay to.", transform: parseHostPort)
-    var targets: [HostPort] = []
+    @Argument(help: "Target address(es) to relay to, or one ws:// or wss:// URL.")
+    var targets: [String] = []
 
     @Option(name: [.customShort("c"), .customLong("config")],
             help: ArgumentHelp("TOML config file; flags given on the command line override it. SIGHUP re-reads it.", valueName: "file"))
@@ -54,10 +57,52 @@ struct ForwardTCPCommand: ParsableCommand {
     @Flag(help: "Copy through user-space buffers instead of splice(2).")
     var noSplice = false
 
+    @Option(name: .customLong("header"), help: "Extra header of the WebSocket upgrade request, 'Name: value' (repeatable; ws:// and wss:// targets).")
+    var headers: [String] = []
+
+    @Option(help: "Host header of the WebSocket upgrade instead of the URL's (a CDN's edge name).")
+    var hostHeader: String?
+
+    @Option(help: "TLS server name (SNI and certificate check) instead of the URL's host (wss:// targets).")
+    var sni: String?
+
+    @Option(help: "Verify a wss:// server against the CA certificates in this PEM file instead of the system store.")
+    var ca: String?
+
+    @Option(help: "Ping a WebSocket target this often and drop it when a ping goes unanswered until the next (default: 20s; off).", transform: parseWebSocketPing)
+    var wsPing: WebSocketPing?
+
+    @Option(help: "Largest WebSocket message taken from the target, in bytes (default: 16777216); a longer one closes with 1009.")
+    var wsMaxMessage: Int?
+
     @OptionGroup var logging: LoggingOptions
 
     var flags: TCPForwardFlags {
-        var flags = TCPForwardFlags(listen: listen, targets: targets)
+        get throws {
+            var flags = TCPForwardFlags(listen: listen, targets: [])
+            if let url = targets.first(where: WebSocketURL.looksLikeURL) {
+                var egress = WebSocketEgress(url: try WebSocketURL.parse(url))
+                egress.headers = try headers.map { (h) throws(ConfigError) in try WebSocketEgress.parseHeader(h) }
+                egress.hostHeader = hostHeader
+                egress.serverName = sni
+                egress.caFile = ca
+                egress.setLimits(ping: wsPing?.interval, maxMessage: wsMaxMessage)
+                flags.egress = egress
+                flags.targets = targets.count == 1 ? [egress.url.target] : try targets.map(WebSocketURL.parseTarget)
+            } else {
+                let unused = [("--header", !headers.isEmpty), ("--host-header", hostHeader != nil), ("--sni", sni != nil),
+                              ("--ca", ca != nil), ("--ws-ping", wsPing != nil), ("--ws-max-message", wsMaxMessage != nil)]
+                if let (flag, _) = unused.first(where: \.1) {
+                    throw ConfigError(setting: flag, "\(flag) applies to a ws:// or wss:// target only")
+                }
+                flags.targets = try targets.map(WebSocketURL.parseTarget)
+            }
+            return fill(flags)
+        }
+    }
+
+    private func fill(_ base: TCPForwardFlags) -> TCPForwardFlags {
+        var flags = base
         flags.balance = balance
         flags.connectTimeout = connectTimeout
         flags.idleTimeout = idleTimeout
@@ -74,7 +119,7 @@ struct ForwardTCPCommand: ParsableCommand {
     }
 
     func run() throws {
-        let (flags, file) = (self.flags, config)
+        let (flags, file) = (try self.flags, config)
         let resolved = try usage { try TCPForwardConfig.resolve(flags: flags, file: file) }
         let configs = resolved.config
         let logger = resolved.makeLogger()
@@ -87,6 +132,26 @@ struct ForwardTCPCommand: ParsableCommand {
         }
         if status != 0 { throw ExitCode(status) }
     }
+}
+
+extension WebSocketURL {
+    /// A plain HOST:PORT target next to others; a URL here is one too many.
+    static func parseTarget(_ text: String) throws -> HostPort {
+        if looksLikeURL(text) {
+            throw ConfigError(setting: "<targets>", "a WebSocket target (\(text)) must be the only target")
+        }
+        do { return try HostPort.parse(text) } catch { throw ConfigError(setting: "<targets>", error.description) }
+    }
+}
+
+/// `--ws-ping` as given: an interval, or off (nil). A type of its own, because a
+/// doubly optional option cannot tell "not given" from "off".
+struct WebSocketPing {
+    let interval: Duration?
+}
+
+func parseWebSocketPing(_ text: String) throws -> WebSocketPing {
+    WebSocketPing(interval: try parseOptionalDuration(text))
 }
 
 func parseHostPort(_ text: String) throws -> HostPort {

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Reactor
 import Transfer
@@ -41,6 +44,51 @@ final class ForwardWorker {
             }
             return
         }
+        if let layers = forwarder.webSocket, layers.ingress != nil {
+            return acceptUpgrade(fd, peer: peer, layers: layers)
+        }
+        dial(client: TCPStream(fd: fd, noDelay: false), peer: peer)
+    }
+
+    /// `forward ws`: TLS and the upgrade first (a request for another path never costs a
+    /// target connection), then the dial.
+    private func acceptUpgrade(_ fd: Int32, peer: SocketAddress?, layers: WebSocketLayers) {
+        let channel: AsyncDuplex
+        do {
+            channel = try layers.incomingChannel(fd, on: loop)
+        } catch {
+            forwarder.release()
+            forwarder.logger.warning("cannot set up connection", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
+            return
+        }
+        let pending = relays.add { channel.fail(.closed) }
+        let timer = loop.schedule(after: layers.ingress?.handshakeTimeout ?? .seconds(10)) { channel.fail(.timedOut("WebSocket handshake")) }
+        Task(executorPreference: loop.tasks) { [self] in
+            defer {
+                timer.cancel()
+                relays.remove(pending: pending)
+            }
+            do {
+                let stream = try await layers.acceptUpgrade(on: channel)
+                dial(client: stream, peer: peer)
+            } catch {
+                forwarder.release()
+                if let refusal = error as? WebSocketRefusal {
+                    // Its answer is in flight: FIN, not a reset that could drop it.
+                    channel.close()
+                    guard forwarder.refusals.record("http_\(refusal.status)") else { return }
+                    forwarder.logger.warning("websocket upgrade refused", metadata: [
+                        "peer": "\(peer.logDescription)", "status": .stringConvertible(refusal.status), "reason": "\(refusal.reason)"])
+                } else {
+                    channel.fail(error as? ChannelError ?? .closed)
+                    guard forwarder.refusals.record("handshake_failed") else { return }
+                    forwarder.logger.warning("websocket handshake failed", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
+                }
+            }
+        }
+    }
+
+    private func dial(client: Duplex, peer: SocketAddress?) {
         let attempts = forwarder.targets.attempts(now: loop.now)
         var pending: RelaySet.Pending?
         let connector = Connector(loop: loop, addresses: attempts.map(\.address), timeout: forwarder.config.connectTimeout,
@@ -49,33 +97,78 @@ final class ForwardWorker {
             },
             onDone: { [unowned self] _, outcome in
                 if let pending { relays.remove(pending: pending) }
-                connectFinished(client: fd, peer: peer, attempts: attempts, outcome: outcome)
+                connectFinished(client: client, peer: peer, attempts: attempts, outcome: outcome)
             })
         pending = relays.add(pending: connector.cancel)
         connector.start()
     }
 
-    private func connectFinished(client: Int32, peer: SocketAddress?, attempts: [TargetSet.Attempt], outcome: Connector.Outcome) {
+    private func connectFinished(client: Duplex, peer: SocketAddress?, attempts: [TargetSet.Attempt], outcome: Connector.Outcome) {
         switch outcome {
         case .exhausted(let tried, _):
-            Net.closeWithReset(client)
+            client.close(reset: true)
             forwarder.release()
             forwarder.logger.error("no target reachable", metadata: ["peer": "\(peer.logDescription)", "tried": .stringConvertible(tried), "reason": "connect-failed"])
         case .cancelled:
-            Net.closeWithReset(client)
+            client.close(reset: true)
             forwarder.release()
             forwarder.logger.info("connection closed", metadata: ["peer": "\(peer.logDescription)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
         case .connected(let fd, let registration, let index):
             let attempt = attempts[index]
             forwarder.targets.markUp(attempt.target)
-            let target = attempt.address
-            let started = relays.start(a: TCPStream(fd: client, noDelay: false), b: TCPStream(fd: fd),
-                                       preferSplice: forwarder.config.splice, idleTimeout: forwarder.config.idleTimeout,
-                                       adopting: registration, peer: peer.logDescription) { [unowned self] relay, reason in
-                forwarder.release()
-                forwarder.logClose(peer: peer, target: target, relay: relay, reason: reason)
+            if let layers = forwarder.webSocket, layers.egress != nil {
+                // The upgrade runs on a channel of its own; the relay registers afresh.
+                if let registration { loop.deregister(fd: fd, registration: registration) }
+                return connectUpgrade(client: client, target: fd, address: attempt.address, peer: peer, layers: layers)
             }
-            if started == nil { forwarder.release() }
+            startRelay(client: client, target: TCPStream(fd: fd), address: attempt.address, registration: registration, peer: peer)
+        }
+    }
+
+    /// A `ws://`/`wss://` target: TLS and the upgrade on the new connection, then the relay.
+    private func connectUpgrade(client: Duplex, target fd: Int32, address: SocketAddress, peer: SocketAddress?, layers: WebSocketLayers) {
+        let channel: AsyncDuplex
+        do {
+            channel = try layers.outgoingChannel(fd, on: loop)
+        } catch {
+            client.close(reset: true)
+            forwarder.release()
+            forwarder.logger.warning("cannot set up connection", metadata: ["target": "\(address)", "error": "\(error)"])
+            return
+        }
+        let pending = relays.add { channel.fail(.closed) }
+        let timer = loop.schedule(after: layers.egress?.handshakeTimeout ?? .seconds(10)) { channel.fail(.timedOut("WebSocket handshake")) }
+        Task(executorPreference: loop.tasks) { [self] in
+            defer {
+                timer.cancel()
+                relays.remove(pending: pending)
+            }
+            do {
+                let stream = try await layers.connectUpgrade(on: channel)
+                startRelay(client: client, target: stream, address: address, registration: nil, peer: peer)
+            } catch {
+                channel.fail(error as? ChannelError ?? .closed)
+                client.close(reset: true)
+                forwarder.release()
+                guard forwarder.refusals.record("upgrade_failed") else { return }
+                forwarder.logger.error("websocket upgrade failed", metadata: [
+                    "peer": "\(peer.logDescription)", "target": "\(layers.egress.map { "\($0.url)" } ?? "\(address)")", "error": "\(error)"])
+            }
+        }
+    }
+
+    private func startRelay(client: Duplex, target: Duplex, address: SocketAddress, registration: Registration?, peer: SocketAddress?) {
+        let relay = relays.start(a: client, b: target, preferSplice: forwarder.config.splice, idleTimeout: forwarder.config.idleTimeout,
+                                 adopting: registration, peer: peer.logDescription) { [unowned self] relay, reason in
+            forwarder.release()
+            forwarder.logClose(peer: peer, target: address, relay: relay, reason: reason)
+        }
+        guard let relay else { return forwarder.release() }
+        let pings = [(client, forwarder.config.ingress?.settings.pingInterval), (target, forwarder.config.egress?.settings.pingInterval)]
+        for case let (ws as WebSocketStream, interval?) in pings {
+            ws.startKeepalive(on: loop, interval: interval) { [weak relay] in
+                relay?.abort(.reset(SystemError("websocket: no pong within \(DurationSpec.format(interval))", errno: ETIMEDOUT)))
+            }
         }
     }
 

@@ -13,6 +13,10 @@ public struct TCPForwardConfig: Equatable, Sendable {
     public var threads: Int = LoopGroup.coreCount
     /// false forces the buffered copier (for comparison and tests).
     public var splice: Bool = true
+    /// `forward ws`: accepted connections are WebSocket upgrades.
+    public var ingress: WebSocketIngress?
+    /// A `ws://`/`wss://` target: connections are carried to a WebSocket endpoint.
+    public var egress: WebSocketEgress?
 
     public init(listen: HostPort, targets: [HostPort]) {
         self.listen = listen
@@ -35,6 +39,9 @@ public struct TCPForwardFlags: Sendable {
     public var threads: Int?
     public var noSplice = false
     public var log = LogFlags()
+    public var ingress: WebSocketIngress?
+    /// Set when the target is a WebSocket URL (`targets` then holds its host and port).
+    public var egress: WebSocketEgress?
 
     public init(listen: HostPort?, targets: [HostPort]) {
         self.listen = listen
@@ -50,6 +57,28 @@ public struct TCPForwardFlags: Sendable {
             throw ConfigError(setting: "--max-connections", "--max-connections must be 0 (no limit) or more, got \(maxConnections)")
         }
         if connectTimeout == .zero { throw ConfigError(setting: "--connect-timeout", "--connect-timeout must be more than 0") }
+        if let ingress {
+            if !ingress.path.hasPrefix("/") || ingress.path.contains(where: { $0.isWhitespace || $0 == "?" }) {
+                throw ConfigError(setting: "--ws-path", "--ws-path must start with / and hold no spaces or '?', got '\(ingress.path)'")
+            }
+            if (ingress.certFile == nil) != (ingress.keyFile == nil) {
+                throw ConfigError(setting: "--cert", "--cert and --key go together: give both for wss, neither for ws")
+            }
+            try checkMaxMessage(ingress.settings.maxMessage)
+        }
+        if let egress {
+            if targets.count != 1 {
+                throw ConfigError(setting: "<targets>", "a WebSocket target (\(egress.url)) must be the only target")
+            }
+            if !egress.url.secure && (egress.caFile != nil || egress.serverName != nil) {
+                throw ConfigError(setting: egress.caFile != nil ? "--ca" : "--sni", "--ca and --sni apply to a wss:// target, not \(egress.url)")
+            }
+            try checkMaxMessage(egress.settings.maxMessage)
+        }
+    }
+
+    private func checkMaxMessage(_ size: Int) throws(ConfigError) {
+        if size < 1 { throw ConfigError(setting: "--ws-max-message", "--ws-max-message must be at least 1 byte, got \(size)") }
     }
 }
 
@@ -63,13 +92,14 @@ extension TCPForwardConfig {
     /// Every listener of the process: LISTEN TARGET... from the command line (or else the
     /// file's top-level `listen` and `targets`), then the file's `[services.NAME]` in name
     /// order; each is flags over its table over the file's top level over the defaults.
+    /// The WebSocket ends (`forward ws`, a ws:// target) are the command line's listener's.
     /// Pure apart from reading the file, so a reload can call it again.
     public static func resolve(flags: TCPForwardFlags, file: String?) throws(ConfigError) -> Resolved<[TCPForwardConfig]> {
         try flags.check(withFile: file != nil)
         let contents = try file.map { (path) throws(ConfigError) in try ForwardConfigFile.load(path, udp: false) }
         let layers = try forwardLayers(flags.listen, flags.targets, contents)
         var configs: [TCPForwardConfig] = []
-        for (_, layer) in layers {
+        for (key, layer) in layers {
             var config = TCPForwardConfig(listen: layer.listen!, targets: layer.targets!)
             if let balance = flags.balance ?? layer.balance { config.balance = balance }
             if let connectTimeout = flags.connectTimeout ?? layer.connectTimeout { config.connectTimeout = connectTimeout }
@@ -78,6 +108,10 @@ extension TCPForwardConfig {
             if let drainTimeout = flags.drainTimeout ?? contents?.drainTimeout { config.drainTimeout = drainTimeout }
             if let threads = flags.threads ?? contents?.threads { config.threads = threads }
             config.splice = !(flags.noSplice || layer.noSplice == true)
+            if key == "<listen>" {
+                config.ingress = flags.ingress
+                config.egress = flags.egress
+            }
             configs.append(config)
         }
         return Resolved(config: configs, log: flags.log.over(contents?.log ?? LogSettings()))

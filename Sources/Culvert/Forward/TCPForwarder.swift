@@ -10,17 +10,23 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
     public let config: TCPForwardConfig
     let logger: Logger
     let targets: TargetSet
+    /// The WebSocket ends (`forward ws`, a `ws://` target); nil for plain TCP.
+    let webSocket: WebSocketLayers?
+    /// Refused upgrades and failed WebSocket handshakes: a few lines, then one a second.
+    let refusals: RefusalSummary
     private let group: LoopGroup
     private var workers: [ForwardWorker] = []
     private let active = Atomic<Int>(0)
     /// The addresses actually bound (port 0 resolved), one per listen address.
     public private(set) var boundAddresses: [SocketAddress] = []
 
-    private init(config: TCPForwardConfig, group: LoopGroup, targets: TargetSet, logger: Logger) {
+    private init(config: TCPForwardConfig, group: LoopGroup, targets: TargetSet, webSocket: WebSocketLayers?, logger: Logger) {
         self.config = config
         self.group = group
         self.targets = targets
+        self.webSocket = webSocket
         self.logger = logger
+        refusals = RefusalSummary(logger: logger, message: "websocket handshakes failed", loop: group.main)
     }
 
     /// Connections accepted and not yet closed, across all loops.
@@ -32,9 +38,11 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
         let main = group.main
         let resolvedTargets = try await resolveTargets(config.targets, on: main)
         let listenAddrs = try await Resolver.resolve(host: config.listen.host, port: config.listen.port, passive: true, on: main)
+        let webSocket = config.ingress == nil && config.egress == nil ? nil
+            : try WebSocketLayers(ingress: config.ingress, egress: config.egress)
         let forwarder = TCPForwarder(config: config, group: group,
                                      targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
-                                     logger: logger)
+                                     webSocket: webSocket, logger: logger)
         forwarder.workers = group.loops.map { ForwardWorker(loop: $0, forwarder: forwarder) }
         let listeners = try LoopListeners.bind(listenAddrs, loops: group.loops.count, spec: config.listen) { (a) throws(SystemError) in
             try Net.listen(a, reusePort: true)
@@ -43,8 +51,10 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
         for (worker, mine) in zip(forwarder.workers, listeners.perLoop) {
             worker.loop.execute { worker.startAccepting(listeners: mine) }
         }
+        let kind = config.ingress.map { $0.isSecure ? "wss" : "ws" } ?? "tcp"
+        let to = config.egress.map { "\($0.url)" } ?? forwarder.targets.summary
         for address in forwarder.boundAddresses {
-            ReadyLine.print("listening tcp \(address) -> \(forwarder.targets.summary)")
+            ReadyLine.print("listening \(kind) \(address) -> \(to)")
         }
         return forwarder
     }
