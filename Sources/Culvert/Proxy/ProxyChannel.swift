@@ -45,7 +45,7 @@ final class ProxyChannel {
 
     /// What reading a head found.
     enum HeadRead {
-        case head(HTTPHead)
+        case head(ProxyHTTPHead)
         /// The peer closed before sending a byte of a new head (a kept-alive connection's end).
         case closed
         case tooLarge
@@ -56,10 +56,10 @@ final class ProxyChannel {
     func readHead(limit: Int, response: Bool = false) async throws -> HeadRead {
         var scanned = 0
         while true {
-            switch HTTPHead.scan(pending, from: scanned, limit: limit) {
+            switch ProxyHTTPHead.scan(pending, from: scanned, limit: limit) {
             case .complete(let n):
-                do throws(HTTPHead.Malformed) {
-                    let head = try HTTPHead.parse(pending[..<n], response: response)
+                do throws(ProxyHTTPHead.Malformed) {
+                    let head = try ProxyHTTPHead.parse(pending[..<n], response: response)
                     take(n)
                     return .head(head)
                 } catch {

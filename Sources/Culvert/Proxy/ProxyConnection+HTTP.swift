@@ -16,7 +16,7 @@ extension ProxyConnection {
         while true {
             if !first { arm(config.keepAliveTimeout, "keep-alive wait") }
             first = false
-            let head: HTTPHead
+            let head: ProxyHTTPHead
             switch try await client.readHead(limit: config.maxHeadBytes) {
             case .closed:
                 client.channel.close()
@@ -69,7 +69,7 @@ extension ProxyConnection {
                 return false
             }
             let requestBody: HTTPBody
-            do throws(HTTPHead.Malformed) {
+            do throws(ProxyHTTPHead.Malformed) {
                 requestBody = try HTTPBody.of(request: head)
             } catch {
                 context.refused("bad_request", "proxy request refused", peer, ["error": "\(error)"])
@@ -95,7 +95,7 @@ extension ProxyConnection {
             guard let upstream = origin?.channel else { return false }
             let keepClient = wantsKeepAlive(head, version: version)
             var forwarded = head.removingHopByHop()
-            forwarded = HTTPHead(start: (method, path, version), fields: forwarded.fields)
+            forwarded = ProxyHTTPHead(start: (method, path, version), fields: forwarded.fields)
             if forwarded.values("Host").isEmpty { forwarded.fields.insert(("Host", hostHeader(destination)), at: 0) }
             if !keepClient { forwarded.fields.append(("Connection", "close")) }
             // From here on, a silence of the keep-alive time on either side ends the exchange.
@@ -125,7 +125,7 @@ extension ProxyConnection {
     private func forwardResponse(from upstream: ProxyChannel, method: String, clientVersion: String,
                                  keepClient: Bool, progress: () -> Void) async throws -> (client: Bool, origin: Bool)? {
         while true {
-            let head: HTTPHead
+            let head: ProxyHTTPHead
             let read: ProxyChannel.HeadRead
             do {
                 read = try await upstream.readHead(limit: config.maxHeadBytes, response: true)
@@ -147,7 +147,7 @@ extension ProxyConnection {
                 continue
             }
             let body: HTTPBody
-            do throws(HTTPHead.Malformed) {
+            do throws(ProxyHTTPHead.Malformed) {
                 body = try HTTPBody.of(response: head, method: method)
             } catch {
                 await answerAndClose(HTTPStatus.badGateway.response(body: "the origin sent a malformed response: \(error)"))
@@ -167,7 +167,7 @@ extension ProxyConnection {
     }
 
     /// HTTP/1.1 keeps a connection unless `Connection: close`; 1.0 only with `keep-alive`.
-    private func wantsKeepAlive(_ head: HTTPHead, version: String) -> Bool {
+    private func wantsKeepAlive(_ head: ProxyHTTPHead, version: String) -> Bool {
         let tokens = head.tokens("Connection").union(head.tokens("Proxy-Connection"))
         return version == "HTTP/1.1" ? !tokens.contains("close") : tokens.contains("keep-alive")
     }

@@ -1,13 +1,13 @@
 /// An HTTP/1.x message head (request or status line, then header fields), parsed from
 /// the bytes up to the blank line; culvert forwards messages, so it keeps the fields in
 /// order and as sent, and only reads the few it acts on.
-public struct HTTPHead: Equatable, Sendable {
+public struct ProxyHTTPHead: Equatable, Sendable {
     /// Method, request target and version for a request; version, status code and
     /// reason for a response.
     public let start: (String, String, String)
     public var fields: [(name: String, value: String)]
 
-    public static func == (l: HTTPHead, r: HTTPHead) -> Bool {
+    public static func == (l: ProxyHTTPHead, r: ProxyHTTPHead) -> Bool {
         l.start == r.start && l.fields.map(\.name) == r.fields.map(\.name) && l.fields.map(\.value) == r.fields.map(\.value)
     }
 
@@ -39,7 +39,7 @@ public struct HTTPHead: Equatable, Sendable {
 
     /// Parses a complete head (what `scan` measured). For a request, `start` is
     /// (method, target, version); for a response, (version, code, reason).
-    public static func parse(_ bytes: ArraySlice<UInt8>, response: Bool = false) throws(Malformed) -> HTTPHead {
+    public static func parse(_ bytes: ArraySlice<UInt8>, response: Bool = false) throws(Malformed) -> ProxyHTTPHead {
         guard let text = String(validating: bytes, as: UTF8.self) else { throw Malformed(reason: "head is not UTF-8") }
         var lines = text.split(separator: "\r\n", omittingEmptySubsequences: false).map(String.init)
         while lines.last == "" { lines.removeLast() }
@@ -68,7 +68,7 @@ public struct HTTPHead: Equatable, Sendable {
             }
             fields.append((name, String(line[line.index(after: colon)...]).trimmingWhitespace()))
         }
-        return HTTPHead(start: start, fields: fields)
+        return ProxyHTTPHead(start: start, fields: fields)
     }
 
     /// Every value of the field `name` (case-insensitive).
@@ -85,7 +85,7 @@ public struct HTTPHead: Equatable, Sendable {
     /// The head without hop-by-hop fields (RFC 9110 §7.6.1): the fixed ones and those
     /// `Connection` names. `Transfer-Encoding` stays: culvert passes bodies through
     /// unchanged, chunked encoding included.
-    public func removingHopByHop() -> HTTPHead {
+    public func removingHopByHop() -> ProxyHTTPHead {
         var drop: Set<String> = ["connection", "keep-alive", "proxy-connection", "proxy-authorization",
                                  "proxy-authenticate", "te", "trailer", "upgrade"]
         drop.formUnion(tokens("Connection").subtracting(["transfer-encoding"]))
