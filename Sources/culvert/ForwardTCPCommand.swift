@@ -48,6 +48,7 @@ struct ForwardTCPCommand: ParsableCommand {
     var noSplice = false
 
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var admin: AdminOptions
 
     var flags: TCPForwardFlags {
         var flags = TCPForwardFlags(listen: listen, targets: targets)
@@ -67,10 +68,13 @@ struct ForwardTCPCommand: ParsableCommand {
     }
 
     func run() throws {
-        let resolved = try usage { try TCPForwardConfig.resolve(flags: flags) }
+        var resolved = try usage { try TCPForwardConfig.resolve(flags: flags) }
+        let (adminSettings, adminWarnings) = try admin.settings(command: "forward tcp")
+        resolved.warnings += adminWarnings
         let config = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger,
+                                       admin: adminSettings) { group, _ in
             try await TCPForwarder.start(config: config, group: group, logger: logger)
         }
         if status != 0 { throw ExitCode(status) }

@@ -43,6 +43,7 @@ struct ForwardUDPCommand: ParsableCommand {
     var threads: Int = LoopGroup.coreCount
 
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var admin: AdminOptions
 
     var flags: UDPForwardFlags {
         var flags = UDPForwardFlags(listen: listen, targets: targets)
@@ -60,10 +61,13 @@ struct ForwardUDPCommand: ParsableCommand {
     }
 
     func run() throws {
-        let resolved = try usage { try UDPForwardConfig.resolve(flags: flags) }
+        var resolved = try usage { try UDPForwardConfig.resolve(flags: flags) }
+        let (adminSettings, adminWarnings) = try admin.settings(command: "forward udp")
+        resolved.warnings += adminWarnings
         let config = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: .seconds(1), logger: logger) { group, _ in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: .seconds(1), logger: logger,
+                                       admin: adminSettings) { group, _ in
             try await UDPForwarder.start(config: config, group: group, logger: logger)
         }
         if status != 0 { throw ExitCode(status) }

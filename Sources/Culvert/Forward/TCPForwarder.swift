@@ -6,7 +6,7 @@ import Transfer
 /// `culvert forward tcp`: listens on one address (one SO_REUSEPORT socket per loop, so
 /// a connection and its target connection live on the same loop and the data plane takes
 /// no locks) and relays each connection to a target chosen by the balance strategy.
-public final class TCPForwarder: DrainableService, @unchecked Sendable {
+public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sendable {
     public let config: TCPForwardConfig
     let logger: Logger
     let targets: TargetSet
@@ -22,6 +22,9 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
         self.targets = targets
         self.logger = logger
     }
+
+    /// How metrics name the forwarder's one service: its listen address as given.
+    var serviceName: String { config.listen.description }
 
     /// Connections accepted and not yet closed, across all loops.
     public var activeConnections: Int { active.load(ordering: .relaxed) }
@@ -70,6 +73,12 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
                 w.loop.execute { w.beginDrain { main.execute { barrier.arrive() } } }
             }
         }
+    }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        var all = MetricsSnapshot.merged(await onEachLoop(workers.map(\.meters), loop: \.loop) { $0.sample() })
+        all.services[serviceName]?.ports = boundAddresses.map(\.description)
+        return all
     }
 
     // MARK: used by the workers

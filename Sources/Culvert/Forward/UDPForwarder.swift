@@ -6,7 +6,7 @@ import Transfer
 /// `culvert forward udp`: datagrams from each client address form a session with its own
 /// connected upstream socket, so replies go back to the right client and an ICMP error
 /// from the target ends that session alone.
-public final class UDPForwarder: DrainableService, @unchecked Sendable {
+public final class UDPForwarder: DrainableService, MetricsSource, @unchecked Sendable {
     public let config: UDPForwardConfig
     let logger: Logger
     let targets: TargetSet
@@ -27,6 +27,15 @@ public final class UDPForwarder: DrainableService, @unchecked Sendable {
     }
 
     public var activeSessions: Int { sessions.load(ordering: .relaxed) }
+
+    /// How metrics name the forwarder's one service: its listen address as given.
+    var serviceName: String { config.listen.description }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        var all = MetricsSnapshot.merged(await onEachLoop(workers, loop: \.loop) { $0.sample() })
+        all.services[serviceName]?.ports = boundAddresses.map(\.description)
+        return all
+    }
 
     public static func start(config: UDPForwardConfig, group: LoopGroup, logger: Logger) async throws -> UDPForwarder {
         let main = group.main

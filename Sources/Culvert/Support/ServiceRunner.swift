@@ -20,17 +20,21 @@ public struct ServiceControl: Sendable {
 
 /// Runs a service on a loop group from start-up to exit: starts it with `async` code on
 /// the main loop, turns SIGINT/SIGTERM into a graceful drain (a second signal exits at
-/// once), and returns the process exit status.
+/// once), and returns the process exit status. Around that it runs the admin endpoint
+/// (`--admin`) and tells systemd (`NOTIFY_SOCKET`) when the service is ready and stopping.
 public enum ServiceRunner {
     private final class State: @unchecked Sendable {
         var service: DrainableService?
+        var admin: AdminEndpoint?
         var stopping = false
         var exitStatus: Int32 = 0
     }
 
     /// - Parameter hangupStops: SIGHUP stops the command like SIGTERM (`pipe`: OpenSSH
     ///   sends it to its ProxyCommand when the session ends); otherwise it is logged.
+    /// - Parameter admin: the admin endpoint to start once the service runs.
     public static func run(threads: Int, drainTimeout: Duration, logger: Logger, hangupStops: Bool = false,
+                           admin: AdminSettings? = nil,
                            start: @escaping (LoopGroup, ServiceControl) async throws -> DrainableService) -> Int32 {
         let group: LoopGroup
         let signals: SignalSource
@@ -53,8 +57,15 @@ public enum ServiceRunner {
             }
             Task(executorPreference: group.main.tasks) {
                 do {
+                    ProcessMetrics.markStarted()
                     let service = try await start(group, control)
                     state.service = service
+                    if let admin, !state.stopping {
+                        state.admin = try await AdminEndpoint.start(settings: admin, loop: group.main,
+                                                                    source: service as? MetricsSource, logger: logger)
+                    }
+                    SystemdNotifier.current.ready()
+                    if let interval = SystemdNotifier.watchdogInterval() { keepWatchdogFed(every: interval, on: group.main) }
                     if state.stopping {
                         await service.drain(timeout: drainTimeout)
                         group.stop()
@@ -87,11 +98,19 @@ public enum ServiceRunner {
             return
         }
         state.stopping = true
+        SystemdNotifier.current.stopping()
         logger.notice("\(name) received, shutting down")
         guard let service = state.service else { return }
         Task(executorPreference: group.main.tasks) {
             await service.drain(timeout: drainTimeout)
             group.stop()
         }
+    }
+
+    /// Sends `WATCHDOG=1` from the main loop every `interval`: a stuck main loop stops
+    /// the pings, and systemd restarts the service.
+    private static func keepWatchdogFed(every interval: Duration, on loop: EventLoop) {
+        SystemdNotifier.current.watchdog()
+        _ = loop.schedule(after: interval) { keepWatchdogFed(every: interval, on: loop) }
     }
 }

@@ -32,6 +32,7 @@ final class ClientLoop: @unchecked Sendable {
     private let logger: Logger
     private let connector: TunnelConnector
     let relays: RelayGroup
+    let meters: LoopMeters
     private let services: [UInt32: ServiceSpec]
     /// This loop's relay set of each service.
     private var serviceRelays: [UInt32: RelaySet] = [:]
@@ -61,6 +62,7 @@ final class ClientLoop: @unchecked Sendable {
         self.logger = logger
         connector = try TunnelConnector(loop: loop, config: config)
         relays = RelayGroup(loop: loop, logger: logger)
+        meters = LoopMeters(loop: loop)
         services = Dictionary(config.services.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
     }
 
@@ -159,9 +161,12 @@ final class ClientLoop: @unchecked Sendable {
     /// Connects a dedicated channel's visitor to its local service and relays.
     private func serveVisitor(_ channel: AsyncDuplex, spec: ServiceSpec, visitor: String) async {
         let localFD: Int32
+        let dialStarted = loop.now
         do {
             localFD = try await Connector.connect(to: try await localAddresses(of: spec), timeout: config.connectTimeout, on: loop)
+            meters.observeConnect(since: dialStarted)
         } catch {
+            meter(of: spec).count(result: "connect-failed")
             logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
             if spec.kind == .secret {
                 channel.send(TunnelProtocol.encode(TunnelProtocol.VisitAnswer.refused(.init(.localUnreachable, "local service unreachable"))))
@@ -272,17 +277,20 @@ final class ClientLoop: @unchecked Sendable {
     /// Connects a multiplexed visitor to its local service (callbacks on the loop, no
     /// task per visitor), then relays.
     private func dial(_ stream: MuxStream, spec: ServiceSpec, visitor: String, addresses: [SocketAddress]) {
+        let dialStarted = loop.now
         let connector = Connector(loop: loop, addresses: addresses, timeout: config.connectTimeout) { [weak self] connector, outcome in
             guard let self else { return stream.close(reset: true) }
             self.connecting[ObjectIdentifier(connector)] = nil
             switch outcome {
             case .connected(let fd, let registration, _):
+                self.meters.observeConnect(since: dialStarted)
                 guard let data = self.wrap(stream, compress: spec.compress) else {
                     if let registration { self.loop.forget(registration: registration) }
                     return Posix.close(fd)
                 }
                 self.startRelay(data, localFD: fd, adopting: registration, visitor: visitor, spec: spec)
             case .exhausted(_, let lastError):
+                self.meter(of: spec).count(result: "connect-failed")
                 self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(lastError.map { "\($0)" } ?? "no address")"])
                 stream.close(reset: true)
             case .cancelled:
@@ -346,12 +354,17 @@ final class ClientLoop: @unchecked Sendable {
         } else {
             set = relays.makeSet()
             serviceRelays[spec.id] = set
+            meter(of: spec).watch(set)
         }
         let logger = self.logger
         let target = spec.localDescription
         set.start(a: data, b: TCPStream(fd: localFD), adopting: registration, peer: visitor) { relay, reason in
             logger.connectionClosed(peer: visitor, ("target", target), relay: relay, reason: reason)
         }
+    }
+
+    private func meter(of spec: ServiceSpec) -> ServiceMeter {
+        meters.service(spec.name, kind: spec.kindName)
     }
 
     // MARK: ending

@@ -15,6 +15,7 @@ final class ServerLoop: @unchecked Sendable {
     /// Set once by the context, before any loop runs server code.
     unowned(unsafe) var context: ServerContext!
     let relays: RelayGroup
+    let meters: LoopMeters
     /// One datagram batch for every UDP service on this loop (one handler runs at a time).
     let datagramBatch = DatagramBatch()
     private let listeners: Listeners
@@ -27,6 +28,7 @@ final class ServerLoop: @unchecked Sendable {
         self.loop = loop
         self.index = index
         relays = RelayGroup(loop: loop, logger: logger)
+        meters = LoopMeters(loop: loop)
         listeners = Listeners(loop: loop, logger: logger)
     }
 
@@ -58,6 +60,13 @@ final class ServerLoop: @unchecked Sendable {
     func endSessions() {
         loop.assertInLoop()
         for s in Array(sessions.values) { s.end(reason: "server shutting down") }
+    }
+
+    /// This loop's share of the server's metrics, its sessions included.
+    func sample() -> MetricsSnapshot {
+        var snapshot = meters.sample()
+        snapshot.tunnelSessions = sessions.count
+        return snapshot
     }
 
     // MARK: visitor relays
@@ -125,6 +134,9 @@ final class ServerLoop: @unchecked Sendable {
         if let set = serviceRelays[service.key] { return set }
         let set = relays.makeSet()
         serviceRelays[service.key] = set
+        let meter = meters.service(service.listen, kind: "tcp")
+        if case .tcp = service.kind { meter.ports = service.listen.split(separator: ",").map(String.init) }
+        meter.watch(set)
         return set
     }
 
@@ -199,6 +211,7 @@ final class ServerLoop: @unchecked Sendable {
                 context.directory.remove(session.id)
             case .dataHello(let version, let sessionID, let nonce, let proof):
                 guard version == TunnelProtocol.version, let entry = context.directory.session(sessionID) else {
+                    meters.countAuthFailure(reason: "data_rejected")
                     if context.refusals.record("data_rejected") {
                         logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(peer)"])
                     }
@@ -211,6 +224,7 @@ final class ServerLoop: @unchecked Sendable {
         } catch let mismatch as TransportMismatch {
             // The client has its answer in flight: close without a reset that could drop it.
             channel.close()
+            meters.countAuthFailure(reason: "transport_mismatch")
             if context.refusals.record("transport_mismatch") {
                 logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(mismatch)"])
             }
@@ -236,6 +250,7 @@ final class ServerLoop: @unchecked Sendable {
                 .init(.version, "unsupported protocol version \(version); this server speaks \(TunnelProtocol.version)"))))
             try? await channel.flush()
             channel.close()
+            meters.countAuthFailure(reason: "version")
             logger.warning("client refused: protocol version", metadata: ["peer": "\(peer)", "version": .stringConvertible(version)])
             return nil
         }
@@ -246,6 +261,7 @@ final class ServerLoop: @unchecked Sendable {
         let auth = try await TunnelProtocol.read(TunnelProtocol.ClientAuth.self, from: channel)
         let expected = TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
         guard TunnelCrypto.constantTimeEqual(auth.clientProof, expected) else {
+            meters.countAuthFailure(reason: "bad_proof")
             if context.refusals.record("auth_failed") {
                 logger.warning("authentication failed", metadata: ["peer": "\(peer)"])
             }

@@ -17,7 +17,7 @@ struct FatalClientError: Error, CustomStringConvertible {
 /// with a visitor and relayed to the local service.
 ///
 /// Thread confinement: everything runs on `loop`.
-public final class TunnelClient: DrainableService, @unchecked Sendable {
+public final class TunnelClient: DrainableService, MetricsSource, @unchecked Sendable {
     let config: TunnelClientConfig
     let loop: EventLoop
     let logger: Logger
@@ -29,6 +29,10 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
     private var announced: Set<UInt32> = []
     private var stopping = false
     private var current: ClientSession?
+    /// Sessions established after the first one.
+    private var reconnects: UInt64 = 0
+    /// Where the server exposed each service, by name, as its ready line says.
+    private var exposedAt: [String: String] = [:]
 
     private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connector: TunnelConnector, control: ServiceControl,
                  loops: [ClientLoop]) {
@@ -96,6 +100,7 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
                                     loops: loops)
         current = session
         let firstSession = !everConnected
+        if !firstSession { reconnects += 1 }
         everConnected = true
         defer { current = nil }
         try await session.run(firstSession: firstSession)
@@ -114,6 +119,7 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         if let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" {
             shown = HostPort(host: config.server.host, port: bound.port).description
         }
+        exposedAt[spec.name] = shown
         logger.info("service exposed", metadata: ["listen": "\(shown)", "target": "\(spec.localDescription)"])
         if announced.insert(id).inserted {
             ReadyLine.print("exposed \(spec.kindName) \(shown) -> \(spec.localDescription)")
@@ -125,6 +131,16 @@ public final class TunnelClient: DrainableService, @unchecked Sendable {
         let message = "server refused service \(spec.name): \(reason)"
         if firstSession { throw FatalClientError(message: message) }
         logger.error("\(message)")
+    }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        var all = MetricsSnapshot.merged(await onEachLoop(loops, loop: \.loop) { $0.meters.sample() })
+        for spec in config.services {
+            all.services[spec.name, default: ServiceSample(kind: spec.kindName)].ports = exposedAt[spec.name].map { [$0] } ?? []
+        }
+        all.tunnelSessions = current == nil ? 0 : 1
+        all.tunnelReconnects = reconnects
+        return all
     }
 
     public func drain(timeout: Duration) async {

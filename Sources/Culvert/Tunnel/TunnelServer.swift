@@ -13,7 +13,7 @@ import Transfer
 /// it rides. Loops hand each other work only through their inboxes.
 ///
 /// Thread confinement: `start` and `drain` run on the main loop.
-public final class TunnelServer: DrainableService, @unchecked Sendable {
+public final class TunnelServer: DrainableService, MetricsSource, @unchecked Sendable {
     private let context: ServerContext
     /// The tunnel listener's addresses (port 0 resolved), one per listen address.
     public let boundAddresses: [SocketAddress]
@@ -52,6 +52,10 @@ public final class TunnelServer: DrainableService, @unchecked Sendable {
             logger.warning("\(warning)")
         }
         return TunnelServer(context: context, boundAddresses: bound)
+    }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        MetricsSnapshot.merged(await context.onEachLoop { $0.sample() })
     }
 
     /// Stops accepting clients and visitors, lets running relays finish (resetting what
