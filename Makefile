@@ -31,6 +31,9 @@ deps:
 		 $(PYTHON) -c 'import pytest' 2>/dev/null) || \
 		$(PYTHON) -m pip install --quiet pytest || \
 		$(PYTHON) -m pip install --quiet --break-system-packages pytest
+	@$(PYTHON) -c 'import prometheus_client' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet prometheus-client || \
+		$(PYTHON) -m pip install --quiet --break-system-packages prometheus-client
 
 build:
 	$(SWIFT) build $(RELEASE_FLAGS)

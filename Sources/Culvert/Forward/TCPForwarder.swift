@@ -23,8 +23,9 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
         self.logger = logger
     }
 
-    /// How metrics name the forwarder's one service: its listen address as given.
-    var serviceName: String { config.listen.description }
+    /// How metrics name the forwarder's one service: its listen address as given, with
+    /// the port the kernel chose for port 0.
+    var serviceName: String { HostPort(host: config.listen.host, port: boundAddresses.first?.port ?? config.listen.port).description }
 
     /// Connections accepted and not yet closed, across all loops.
     public var activeConnections: Int { active.load(ordering: .relaxed) }
@@ -38,11 +39,11 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
         let forwarder = TCPForwarder(config: config, group: group,
                                      targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
                                      logger: logger)
-        forwarder.workers = group.loops.map { ForwardWorker(loop: $0, forwarder: forwarder) }
         let listeners = try LoopListeners.bind(listenAddrs, loops: group.loops.count, spec: config.listen) { (a) throws(SystemError) in
             try Net.listen(a, reusePort: true)
         }
         forwarder.boundAddresses = listeners.bound
+        forwarder.workers = group.loops.map { ForwardWorker(loop: $0, forwarder: forwarder) }
         for (worker, mine) in zip(forwarder.workers, listeners.perLoop) {
             worker.loop.execute { worker.startAccepting(listeners: mine) }
         }

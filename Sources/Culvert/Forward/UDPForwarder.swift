@@ -28,8 +28,9 @@ public final class UDPForwarder: DrainableService, MetricsSource, @unchecked Sen
 
     public var activeSessions: Int { sessions.load(ordering: .relaxed) }
 
-    /// How metrics name the forwarder's one service: its listen address as given.
-    var serviceName: String { config.listen.description }
+    /// How metrics name the forwarder's one service: its listen address as given, with
+    /// the port the kernel chose for port 0.
+    var serviceName: String { HostPort(host: config.listen.host, port: boundAddresses.first?.port ?? config.listen.port).description }
 
     public func gatherMetrics() async -> MetricsSnapshot {
         var all = MetricsSnapshot.merged(await onEachLoop(workers, loop: \.loop) { $0.sample() })
@@ -51,8 +52,8 @@ public final class UDPForwarder: DrainableService, MetricsSource, @unchecked Sen
         let forwarder = UDPForwarder(config: config, group: group,
                                      targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
                                      maxSessions: maxSessions, logger: logger)
-        forwarder.workers = group.loops.map { UDPWorker(loop: $0, forwarder: forwarder) }
         forwarder.boundAddresses = listeners.bound
+        forwarder.workers = group.loops.map { UDPWorker(loop: $0, forwarder: forwarder) }
         for (worker, mine) in zip(forwarder.workers, listeners.perLoop) {
             worker.loop.execute { worker.start(listeners: mine) }
         }

@@ -198,7 +198,13 @@ final class ServerLoop: @unchecked Sendable {
         defer { leaveBudget() }
         do {
             guard pending.started(channel) else { throw ChannelError.closed }
-            try await transportHandshake(channel)
+            do {
+                try await transportHandshake(channel)
+            } catch let error as TLSError {
+                // With the token's PSK, a wrong token fails here, before any proof is sent.
+                meters.countAuthFailure(reason: "tls_handshake")
+                throw error
+            }
             switch try await TunnelProtocol.read(TunnelProtocol.Hello.self, from: channel) {
             case .controlHello(let version, let clientNonce):
                 guard let session = try await authenticateControl(channel, peer: peer, version: version, clientNonce: clientNonce) else { return }
