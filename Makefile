@@ -37,6 +37,9 @@ deps:
 	@$(PYTHON) -c 'import websockets.asyncio.client' 2>/dev/null || \
 		$(PYTHON) -m pip install --quiet websockets || \
 		$(PYTHON) -m pip install --quiet --break-system-packages websockets
+	@$(PYTHON) -c 'import prometheus_client' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet prometheus-client || \
+		$(PYTHON) -m pip install --quiet --break-system-packages prometheus-client
 
 build:
 	$(SWIFT) build $(RELEASE_FLAGS)

@@ -15,7 +15,7 @@ struct CulvertCommand: ParsableCommand {
             and logs to stderr. Exit status: 0 on success and after SIGINT/SIGTERM, 1 on a runtime \
             failure, 2 on a usage error. See culvert(1).
             """,
-        version: "0.1.0",
+        version: ProcessMetrics.version,
         subcommands: [ForwardCommand.self, ProxyCommand.self, ServerCommand.self, ClientCommand.self, PipeCommand.self, TokenCommand.self, CheckCommand.self]
     )
 }

@@ -76,6 +76,7 @@ struct ForwardTCPCommand: ParsableCommand {
     var wsMaxMessage: Int?
 
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var admin: AdminOptions
 
     var flags: TCPForwardFlags {
         get throws {
@@ -120,11 +121,14 @@ struct ForwardTCPCommand: ParsableCommand {
 
     func run() throws {
         let (flags, file) = (try self.flags, config)
-        let resolved = try usage { try TCPForwardConfig.resolve(flags: flags, file: file) }
+        var resolved = try usage { try TCPForwardConfig.resolve(flags: flags, file: file) }
+        let (adminSettings, adminWarnings) = try admin.settings(command: "forward tcp")
+        resolved.warnings += adminWarnings
         let configs = resolved.config
         let logger = resolved.makeLogger()
         let first = configs[0]
-        let status = ServiceRunner.run(threads: first.threads, drainTimeout: first.drainTimeout, logger: logger) { group, _ in
+        let status = ServiceRunner.run(threads: first.threads, drainTimeout: first.drainTimeout, logger: logger,
+                                       admin: adminSettings) { group, _ in
             try await ForwardSet<TCPForwarder>.start(configs: configs, drainTimeout: first.drainTimeout, group: group, logger: logger,
                                                      configPath: file) { () throws(ConfigError) in
                 try TCPForwardConfig.resolve(flags: flags, file: file).config

@@ -49,6 +49,7 @@ struct ForwardUDPCommand: ParsableCommand {
     var threads: Int?
 
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var admin: AdminOptions
 
     var flags: UDPForwardFlags {
         var flags = UDPForwardFlags(listen: listen, targets: targets)
@@ -67,10 +68,13 @@ struct ForwardUDPCommand: ParsableCommand {
 
     func run() throws {
         let (flags, file) = (self.flags, config)
-        let resolved = try usage { try UDPForwardConfig.resolve(flags: flags, file: file) }
+        var resolved = try usage { try UDPForwardConfig.resolve(flags: flags, file: file) }
+        let (adminSettings, adminWarnings) = try admin.settings(command: "forward udp")
+        resolved.warnings += adminWarnings
         let configs = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: configs[0].threads, drainTimeout: .seconds(1), logger: logger) { group, _ in
+        let status = ServiceRunner.run(threads: configs[0].threads, drainTimeout: .seconds(1), logger: logger,
+                                       admin: adminSettings) { group, _ in
             try await ForwardSet<UDPForwarder>.start(configs: configs, drainTimeout: .seconds(1), group: group, logger: logger,
                                                      configPath: file) { () throws(ConfigError) in
                 try UDPForwardConfig.resolve(flags: flags, file: file).config

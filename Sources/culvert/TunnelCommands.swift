@@ -116,6 +116,7 @@ struct ServerCommand: ParsableCommand {
     var maxUnauthenticatedPerSource: Int?
 
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var admin: AdminOptions
 
     var flags: TunnelServerFlags {
         var flags = TunnelServerFlags()
@@ -140,10 +141,13 @@ struct ServerCommand: ParsableCommand {
 
     func run() throws {
         let (flags, file) = (self.flags, common.config)
-        let resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: file) }.holdingToken()
+        var resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: file) }.holdingToken()
+        let (adminSettings, adminWarnings) = try admin.settings(command: "server")
+        resolved.warnings += adminWarnings
         let config = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger,
+                                       admin: adminSettings) { group, _ in
             try await TunnelServer.start(config: config, group: group, logger: logger, configPath: file) { () throws(ConfigError) in
                 try TunnelServerConfig.resolve(flags: flags, file: file).config
             }
@@ -228,6 +232,7 @@ struct ClientCommand: ParsableCommand {
     var maxVisitors: Int?
 
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var admin: AdminOptions
 
     var flags: TunnelClientFlags {
         var flags = TunnelClientFlags()
@@ -259,10 +264,13 @@ struct ClientCommand: ParsableCommand {
 
     func run() throws {
         let (flags, file) = (self.flags, common.config)
-        let resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: file) }.holdingToken()
+        var resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: file) }.holdingToken()
+        let (adminSettings, adminWarnings) = try admin.settings(command: "client")
+        resolved.warnings += adminWarnings
         let config = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, control in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger,
+                                       admin: adminSettings) { group, control in
             if let visit = config.visit {
                 return try await VisitorListener.start(config: config, name: visit.name, serviceToken: visit.serviceToken,
                                                        listen: visit.listen, group: group, logger: logger)

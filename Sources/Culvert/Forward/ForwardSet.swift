@@ -2,7 +2,7 @@ import Logging
 import Reactor
 
 /// A forwarder of one listen address, as `ForwardSet` starts, replaces and drains it.
-public protocol ForwardListener: DrainableService {
+public protocol ForwardListener: DrainableService, MetricsSource {
     associatedtype Config: ForwardListenerConfig
     static func start(config: Config, group: LoopGroup, logger: Logger) async throws -> Self
 }
@@ -47,7 +47,7 @@ extension UDPForwarder: ForwardListener {}
 /// address never refuses); the others and their connections are not touched.
 ///
 /// Thread confinement: `start`, `reload` and `drain` run on the main loop.
-public final class ForwardSet<Listener: ForwardListener>: ReloadableService, @unchecked Sendable {
+public final class ForwardSet<Listener: ForwardListener>: ReloadableService, MetricsSource, @unchecked Sendable {
     public typealias Config = Listener.Config
     private let group: LoopGroup
     private let logger: Logger
@@ -141,6 +141,13 @@ public final class ForwardSet<Listener: ForwardListener>: ReloadableService, @un
             await listener.drain(timeout: drainTimeout)
             self.retiring[serial] = nil
         }
+    }
+
+    /// Every running listener's counters (a listener a reload removed takes its own along).
+    public func gatherMetrics() async -> MetricsSnapshot {
+        var all = MetricsSnapshot()
+        for entry in running.values { all.add(await entry.listener.gatherMetrics()) }
+        return all
     }
 
     /// Drains every listener at once, and waits for those a reload retired.

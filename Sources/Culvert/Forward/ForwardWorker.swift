@@ -16,12 +16,17 @@ final class ForwardWorker {
     private let relays: RelaySet
     private let listeners: Listeners
     private var lastLimitLog: UInt64 = 0
+    let meters: LoopMeters
+    private let meter: ServiceMeter
 
     init(loop: EventLoop, forwarder: TCPForwarder) {
         self.loop = loop
         self.forwarder = forwarder
         relays = RelaySet(loop: loop, resources: LoopResources(), logger: forwarder.logger)
         listeners = Listeners(loop: loop, logger: forwarder.logger)
+        meters = LoopMeters(loop: loop)
+        meter = meters.service(forwarder.serviceName, kind: "tcp")
+        meter.watch(relays)
     }
 
     func startAccepting(listeners bound: [(fd: Int32, address: SocketAddress)]) {
@@ -37,6 +42,7 @@ final class ForwardWorker {
         // below info, and inet_ntop plus string building per connection adds up.
         guard forwarder.admit() else {
             Net.closeWithReset(fd)
+            meter.count(result: "refused")
             if loop.now &- lastLimitLog >= 1_000_000_000 {
                 lastLimitLog = loop.now
                 forwarder.logger.warning("connection refused: limit reached",
@@ -90,6 +96,7 @@ final class ForwardWorker {
 
     private func dial(client: Duplex, peer: SocketAddress?) {
         let attempts = forwarder.targets.attempts(now: loop.now)
+        let acceptedAt = loop.now
         var pending: RelaySet.Pending?
         let connector = Connector(loop: loop, addresses: attempts.map(\.address), timeout: forwarder.config.connectTimeout,
             onAttemptFailed: { [unowned self] index, error in
@@ -97,24 +104,28 @@ final class ForwardWorker {
             },
             onDone: { [unowned self] _, outcome in
                 if let pending { relays.remove(pending: pending) }
-                connectFinished(client: client, peer: peer, attempts: attempts, outcome: outcome)
+                connectFinished(client: client, peer: peer, attempts: attempts, acceptedAt: acceptedAt, outcome: outcome)
             })
         pending = relays.add(pending: connector.cancel)
         connector.start()
     }
 
-    private func connectFinished(client: Duplex, peer: SocketAddress?, attempts: [TargetSet.Attempt], outcome: Connector.Outcome) {
+    private func connectFinished(client: Duplex, peer: SocketAddress?, attempts: [TargetSet.Attempt], acceptedAt: UInt64,
+                                 outcome: Connector.Outcome) {
         switch outcome {
         case .exhausted(let tried, _):
             client.close(reset: true)
             forwarder.release()
+            meter.count(result: "connect-failed")
             forwarder.logger.error("no target reachable", metadata: ["peer": "\(peer.logDescription)", "tried": .stringConvertible(tried), "reason": "connect-failed"])
         case .cancelled:
             client.close(reset: true)
             forwarder.release()
+            meter.count(result: CloseReason.drainTimeout.label)
             forwarder.logger.info("connection closed", metadata: ["peer": "\(peer.logDescription)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
         case .connected(let fd, let registration, let index):
             let attempt = attempts[index]
+            meters.observeConnect(since: acceptedAt)
             forwarder.targets.markUp(attempt.target)
             if let layers = forwarder.webSocket, layers.egress != nil {
                 // The upgrade runs on a channel of its own; the relay registers afresh.

@@ -6,7 +6,7 @@ import Transfer
 /// `culvert forward tcp`: listens on one address (one SO_REUSEPORT socket per loop, so
 /// a connection and its target connection live on the same loop and the data plane takes
 /// no locks) and relays each connection to a target chosen by the balance strategy.
-public final class TCPForwarder: DrainableService, @unchecked Sendable {
+public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sendable {
     public let config: TCPForwardConfig
     let logger: Logger
     let targets: TargetSet
@@ -29,6 +29,10 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
         refusals = RefusalSummary(logger: logger, message: "websocket handshakes failed", loop: group.main)
     }
 
+    /// How metrics name the forwarder's one service: its listen address as given, with
+    /// the port the kernel chose for port 0.
+    var serviceName: String { HostPort(host: config.listen.host, port: boundAddresses.first?.port ?? config.listen.port).description }
+
     /// Connections accepted and not yet closed, across all loops.
     public var activeConnections: Int { active.load(ordering: .relaxed) }
 
@@ -43,11 +47,11 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
         let forwarder = TCPForwarder(config: config, group: group,
                                      targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
                                      webSocket: webSocket, logger: logger)
-        forwarder.workers = group.loops.map { ForwardWorker(loop: $0, forwarder: forwarder) }
         let listeners = try LoopListeners.bind(listenAddrs, loops: group.loops.count, spec: config.listen) { (a) throws(SystemError) in
             try Net.listen(a, reusePort: true)
         }
         forwarder.boundAddresses = listeners.bound
+        forwarder.workers = group.loops.map { ForwardWorker(loop: $0, forwarder: forwarder) }
         for (worker, mine) in zip(forwarder.workers, listeners.perLoop) {
             worker.loop.execute { worker.startAccepting(listeners: mine) }
         }
@@ -80,6 +84,12 @@ public final class TCPForwarder: DrainableService, @unchecked Sendable {
                 w.loop.execute { w.beginDrain { main.execute { barrier.arrive() } } }
             }
         }
+    }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        var all = MetricsSnapshot.merged(await onEachLoop(workers.map(\.meters), loop: \.loop) { $0.sample() })
+        all.services[serviceName]?.ports = boundAddresses.map(\.description)
+        return all
     }
 
     // MARK: used by the workers

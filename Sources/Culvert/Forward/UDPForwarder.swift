@@ -6,7 +6,7 @@ import Transfer
 /// `culvert forward udp`: datagrams from each client address form a session with its own
 /// connected upstream socket, so replies go back to the right client and an ICMP error
 /// from the target ends that session alone.
-public final class UDPForwarder: DrainableService, @unchecked Sendable {
+public final class UDPForwarder: DrainableService, MetricsSource, @unchecked Sendable {
     public let config: UDPForwardConfig
     let logger: Logger
     let targets: TargetSet
@@ -28,6 +28,16 @@ public final class UDPForwarder: DrainableService, @unchecked Sendable {
 
     public var activeSessions: Int { sessions.load(ordering: .relaxed) }
 
+    /// How metrics name the forwarder's one service: its listen address as given, with
+    /// the port the kernel chose for port 0.
+    var serviceName: String { HostPort(host: config.listen.host, port: boundAddresses.first?.port ?? config.listen.port).description }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        var all = MetricsSnapshot.merged(await onEachLoop(workers, loop: \.loop) { $0.sample() })
+        all.services[serviceName]?.ports = boundAddresses.map(\.description)
+        return all
+    }
+
     public static func start(config: UDPForwardConfig, group: LoopGroup, logger: Logger) async throws -> UDPForwarder {
         let main = group.main
         let resolvedTargets = try await resolveTargets(config.targets, on: main)
@@ -42,8 +52,8 @@ public final class UDPForwarder: DrainableService, @unchecked Sendable {
         let forwarder = UDPForwarder(config: config, group: group,
                                      targets: TargetSet(targets: resolvedTargets, strategy: config.balance),
                                      maxSessions: maxSessions, logger: logger)
-        forwarder.workers = group.loops.map { UDPWorker(loop: $0, forwarder: forwarder) }
         forwarder.boundAddresses = listeners.bound
+        forwarder.workers = group.loops.map { UDPWorker(loop: $0, forwarder: forwarder) }
         for (worker, mine) in zip(forwarder.workers, listeners.perLoop) {
             worker.loop.execute { worker.start(listeners: mine) }
         }

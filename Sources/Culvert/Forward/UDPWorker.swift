@@ -9,8 +9,9 @@ import Transfer
 /// client's datagrams on the same socket, hence the same loop), its sessions, and one
 /// datagram batch reused for every recvmmsg/sendmmsg.
 ///
-/// Thread confinement: every method runs on `loop`.
-final class UDPWorker {
+/// Thread confinement: every method runs on `loop`; Sendable only so that a scrape can
+/// reach it there (`onEachLoop`).
+final class UDPWorker: @unchecked Sendable {
     /// A listening socket and its registration.
     private final class Listener: EventHandler {
         let fd: Int32
@@ -35,10 +36,36 @@ final class UDPWorker {
     private static let batchesPerWakeup = 8
     private var dropped = (limit: 0, noDescriptor: 0, full: 0, oversized: 0)
     private var lastDropLog: UInt64 = 0
+    let meters: LoopMeters
+    private let meter: ServiceMeter
 
     init(loop: EventLoop, forwarder: UDPForwarder) {
         self.loop = loop
         self.forwarder = forwarder
+        meters = LoopMeters(loop: loop)
+        meter = meters.service(forwarder.serviceName, kind: "udp")
+    }
+
+    /// This loop's metrics: ended sessions, live sessions' counters, drops not yet logged.
+    func sample() -> MetricsSnapshot {
+        loop.assertInLoop()
+        var snapshot = meters.sample()
+        var live = ServiceSample(kind: "udp")
+        for s in sessions.values {
+            live.bytesUp += s.bytesUp
+            live.bytesDown += s.bytesDown
+            live.datagramsUp += s.datagramsUp
+            live.datagramsDown += s.datagramsDown
+        }
+        live.dropped = droppedByReason.filter { $0.value > 0 }
+        snapshot.services[forwarder.serviceName]?.add(live)
+        return snapshot
+    }
+
+    /// Drops counted since the last summary line, by metric reason.
+    private var droppedByReason: [String: UInt64] {
+        ["session_limit": UInt64(dropped.limit), "no_descriptor": UInt64(dropped.noDescriptor),
+         "socket_full": UInt64(dropped.full), "oversized": UInt64(dropped.oversized)]
     }
 
     func start(listeners fds: [(fd: Int32, address: SocketAddress)]) {
@@ -149,6 +176,7 @@ final class UDPWorker {
                     throw error
                 }
                 sessions[client] = session
+                meter.sessionOpened()
                 forwarder.logger.debug("session opened", metadata: ["peer": "\(client)", "target": "\(attempt.address)"])
                 return session
             } catch {
@@ -214,6 +242,8 @@ final class UDPWorker {
         Posix.close(session.fd)
         sessions[session.client] = nil
         forwarder.releaseSession()
+        meter.sessionClosed(result: end.rawValue, bytesUp: session.bytesUp, bytesDown: session.bytesDown,
+                            datagramsUp: session.datagramsUp, datagramsDown: session.datagramsDown)
         var metadata: Logger.Metadata = [
             "peer": "\(session.client)", "target": "\(session.attempt.address)",
             "up": .stringConvertible(session.bytesUp), "down": .stringConvertible(session.bytesDown),
@@ -248,6 +278,7 @@ final class UDPWorker {
             "socket_full": .stringConvertible(dropped.full), "oversized": .stringConvertible(dropped.oversized),
             "max_sessions": .stringConvertible(forwarder.maxSessions),
         ])
+        for (reason, count) in droppedByReason { meter.countDropped(Int(count), reason: reason) }
         dropped = (0, 0, 0, 0)
     }
 }

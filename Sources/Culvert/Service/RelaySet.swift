@@ -42,6 +42,12 @@ final class RelaySet {
     var load: Int { relays.count + pending.count }
     var isIdle: Bool { relays.isEmpty && pending.isEmpty }
 
+    /// Bytes moved so far by the relays running now: a scrape adds them to what ended
+    /// relays moved, so long connections show up before they end.
+    var bytesInFlight: (up: UInt64, down: UInt64) {
+        relays.values.reduce((0, 0)) { ($0.0 + $1.bytesAToB, $0.1 + $1.bytesBToA) }
+    }
+
     /// Starts relaying between `a` and `b`. `onClose` runs once the relay has ended and
     /// left the set (log its close line there). When the relay cannot start, both ends
     /// are closed, a warning names `peer`, and the result is nil.

@@ -53,10 +53,12 @@ public struct ServiceControl: Sendable {
 
 /// Runs a service on a loop group from start-up to exit: starts it with `async` code on
 /// the main loop, turns SIGINT/SIGTERM into a graceful drain (a second signal exits at
-/// once), and returns the process exit status.
+/// once), and returns the process exit status. Around that it runs the admin endpoint
+/// (`--admin`) and tells systemd (`NOTIFY_SOCKET`) when the service is ready and stopping.
 public enum ServiceRunner {
     private final class State: @unchecked Sendable {
         var service: DrainableService?
+        var admin: AdminEndpoint?
         var stopping = false
         var exitStatus: Int32 = 0
         /// A reload is running; a SIGHUP meanwhile asks for one more after it.
@@ -66,7 +68,9 @@ public enum ServiceRunner {
 
     /// - Parameter hangupStops: SIGHUP stops the command like SIGTERM (`pipe`: OpenSSH
     ///   sends it to its ProxyCommand when the session ends); otherwise it is logged.
+    /// - Parameter admin: the admin endpoint to start once the service runs.
     public static func run(threads: Int, drainTimeout: Duration, logger: Logger, hangupStops: Bool = false,
+                           admin: AdminSettings? = nil,
                            start: @escaping (LoopGroup, ServiceControl) async throws -> DrainableService) -> Int32 {
         let group: LoopGroup
         let signals: SignalSource
@@ -89,8 +93,15 @@ public enum ServiceRunner {
             }
             Task(executorPreference: group.main.tasks) {
                 do {
+                    ProcessMetrics.markStarted()
                     let service = try await start(group, control)
                     state.service = service
+                    if let admin, !state.stopping {
+                        state.admin = try await AdminEndpoint.start(settings: admin, loop: group.main,
+                                                                    source: service as? MetricsSource, logger: logger)
+                    }
+                    SystemdNotifier.current.ready()
+                    if let interval = SystemdNotifier.watchdogInterval() { keepWatchdogFed(every: interval, on: group.main) }
                     if state.stopping {
                         await service.drain(timeout: drainTimeout)
                         group.stop()
@@ -116,13 +127,17 @@ public enum ServiceRunner {
         state.reloading = true
         state.reloadAgain = false
         logger.notice("SIGHUP received, reloading", metadata: ["config": "\(config)"])
+        SystemdNotifier.current.reloading()
         Task(executorPreference: group.main.tasks) {
             do {
                 let report = try await service.reload()
                 reloaded(report, config: config, logger: logger)
+                ProcessMetrics.recordReload(applied: true)
             } catch {
                 reloadFailed(error, config: config, logger: logger)
+                ProcessMetrics.recordReload(applied: false)
             }
+            SystemdNotifier.current.ready()
             state.reloading = false
             if state.reloadAgain && !state.stopping { reload(service, config: config, state: state, group: group, logger: logger) }
         }
@@ -171,11 +186,19 @@ public enum ServiceRunner {
             return
         }
         state.stopping = true
+        SystemdNotifier.current.stopping()
         logger.notice("\(name) received, shutting down")
         guard let service = state.service else { return }
         Task(executorPreference: group.main.tasks) {
             await service.drain(timeout: drainTimeout)
             group.stop()
         }
+    }
+
+    /// Sends `WATCHDOG=1` from the main loop every `interval`: a stuck main loop stops
+    /// the pings, and systemd restarts the service.
+    private static func keepWatchdogFed(every interval: Duration, on loop: EventLoop) {
+        SystemdNotifier.current.watchdog()
+        _ = loop.schedule(after: interval) { keepWatchdogFed(every: interval, on: loop) }
     }
 }

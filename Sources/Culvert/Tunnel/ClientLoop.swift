@@ -32,6 +32,7 @@ final class ClientLoop: @unchecked Sendable {
     private let logger: Logger
     private let connector: TunnelConnector
     let relays: RelayGroup
+    let meters: LoopMeters
     /// The services by id; a reload replaces them (`servicesChanged`).
     private var services: [UInt32: ServiceSpec]
     /// This loop's relay set of each service.
@@ -74,6 +75,7 @@ final class ClientLoop: @unchecked Sendable {
         self.logger = logger
         connector = try TunnelConnector(loop: loop, config: config)
         relays = RelayGroup(loop: loop, logger: logger)
+        meters = LoopMeters(loop: loop)
         services = Dictionary(config.services.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
     }
 
@@ -187,10 +189,13 @@ final class ClientLoop: @unchecked Sendable {
     private func serveVisitor(_ channel: AsyncDuplex, spec: ServiceSpec, visitor: String) async {
         guard admit(spec) else { return channel.fail(.closed) }
         let localFD: Int32
+        let dialStarted = loop.now
         do {
             localFD = try await Connector.connect(to: try await localAddresses(of: spec), timeout: config.connectTimeout, on: loop)
+            meters.observeConnect(since: dialStarted)
         } catch {
             visitorLimits[spec.id]?.release()
+            meter(of: spec).count(result: "connect-failed")
             logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
             if spec.kind == .secret {
                 channel.send(TunnelProtocol.encode(TunnelProtocol.VisitAnswer.refused(.init(.localUnreachable, "local service unreachable"))))
@@ -330,11 +335,13 @@ final class ClientLoop: @unchecked Sendable {
     /// limit, given back here unless a relay starts.
     private func dial(_ stream: MuxStream, spec: ServiceSpec, visitor: String, addresses: [SocketAddress]) {
         let limit = visitorLimits[spec.id]
+        let dialStarted = loop.now
         let connector = Connector(loop: loop, addresses: addresses, timeout: config.connectTimeout) { [weak self] connector, outcome in
             guard let self else { return stream.close(reset: true) }
             self.connecting[ObjectIdentifier(connector)] = nil
             switch outcome {
             case .connected(let fd, let registration, _):
+                self.meters.observeConnect(since: dialStarted)
                 guard let data = self.wrap(stream, compress: spec.compress) else {
                     limit?.release()
                     if let registration { self.loop.forget(registration: registration) }
@@ -343,6 +350,7 @@ final class ClientLoop: @unchecked Sendable {
                 self.startRelay(data, localFD: fd, adopting: registration, visitor: visitor, spec: spec)
             case .exhausted(_, let lastError):
                 limit?.release()
+                self.meter(of: spec).count(result: "connect-failed")
                 self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(lastError.map { "\($0)" } ?? "no address")"])
                 stream.close(reset: true)
             case .cancelled:
@@ -408,6 +416,7 @@ final class ClientLoop: @unchecked Sendable {
         } else {
             set = relays.makeSet()
             serviceRelays[spec.id] = set
+            meter(of: spec).watch(set)
         }
         let logger = self.logger
         let target = spec.localDescription
@@ -418,6 +427,10 @@ final class ClientLoop: @unchecked Sendable {
         }
         // A relay that could not start never calls its close callback.
         if relay == nil { limit?.release() }
+    }
+
+    private func meter(of spec: ServiceSpec) -> ServiceMeter {
+        meters.service(spec.name, kind: spec.kindName)
     }
 
     // MARK: ending

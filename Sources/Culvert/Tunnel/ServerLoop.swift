@@ -15,6 +15,7 @@ final class ServerLoop: @unchecked Sendable {
     /// Set once by the context, before any loop runs server code.
     unowned(unsafe) var context: ServerContext!
     let relays: RelayGroup
+    let meters: LoopMeters
     /// One datagram batch for every UDP service on this loop (one handler runs at a time).
     let datagramBatch = DatagramBatch()
     private let listeners: Listeners
@@ -27,6 +28,7 @@ final class ServerLoop: @unchecked Sendable {
         self.loop = loop
         self.index = index
         relays = RelayGroup(loop: loop, logger: logger)
+        meters = LoopMeters(loop: loop)
         listeners = Listeners(loop: loop, logger: logger, refusals: refusals)
     }
 
@@ -61,6 +63,13 @@ final class ServerLoop: @unchecked Sendable {
         let here = Array(sessions.values)
         for s in here { s.leave() }
         for s in here { await s.waitUntilEnded() }
+    }
+
+    /// This loop's share of the server's metrics, its sessions included.
+    func sample() -> MetricsSnapshot {
+        var snapshot = meters.sample()
+        snapshot.tunnelSessions = sessions.count
+        return snapshot
     }
 
     // MARK: visitor relays
@@ -128,6 +137,9 @@ final class ServerLoop: @unchecked Sendable {
         if let set = serviceRelays[service.key] { return set }
         let set = relays.makeSet()
         serviceRelays[service.key] = set
+        let meter = meters.service(service.listen, kind: "tcp")
+        if case .tcp = service.kind { meter.ports = service.listen.split(separator: ",").map(String.init) }
+        meter.watch(set)
         return set
     }
 
@@ -191,7 +203,13 @@ final class ServerLoop: @unchecked Sendable {
         defer { leaveBudget() }
         do {
             guard pending.started(channel) else { throw ChannelError.closed }
-            try await transportHandshake(channel)
+            do {
+                try await transportHandshake(channel)
+            } catch let error as TLSError {
+                // With the token's PSK, a wrong token fails here, before any proof is sent.
+                meters.countAuthFailure(reason: "tls_handshake")
+                throw error
+            }
             switch try await TunnelProtocol.read(TunnelProtocol.Hello.self, from: channel) {
             case .controlHello(let version, let clientNonce):
                 guard let session = try await authenticateControl(channel, peer: peer, version: version, clientNonce: clientNonce) else { return }
@@ -204,6 +222,7 @@ final class ServerLoop: @unchecked Sendable {
                 context.directory.remove(session.id)
             case .dataHello(let version, let sessionID, let nonce, let proof):
                 guard version == TunnelProtocol.version, let entry = context.directory.session(sessionID) else {
+                    meters.countAuthFailure(reason: "data_rejected")
                     if context.refusals.record("data_rejected") {
                         logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(peer)"])
                     }
@@ -216,6 +235,7 @@ final class ServerLoop: @unchecked Sendable {
         } catch let mismatch as TransportMismatch {
             // The client has its answer in flight: close without a reset that could drop it.
             channel.close()
+            meters.countAuthFailure(reason: "transport_mismatch")
             if context.refusals.record("transport_mismatch") {
                 logger.warning("handshake failed", metadata: ["peer": "\(peer)", "error": "\(mismatch)"])
             }
@@ -247,6 +267,7 @@ final class ServerLoop: @unchecked Sendable {
                 .init(.version, "unsupported protocol version \(version); this server speaks \(TunnelProtocol.version)"))))
             try? await channel.flush()
             channel.close()
+            meters.countAuthFailure(reason: "version")
             if context.refusals.record("version") {
                 logger.warning("client refused: protocol version", metadata: ["peer": "\(peer)", "version": .stringConvertible(version)])
             }
@@ -272,6 +293,7 @@ final class ServerLoop: @unchecked Sendable {
         }
         let expected = TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
         guard TunnelCrypto.constantTimeEqual(auth.clientProof, expected) else {
+            meters.countAuthFailure(reason: "bad_proof")
             if context.refusals.record("auth_failed") {
                 logger.warning("authentication failed", metadata: ["peer": "\(peer)"])
             }

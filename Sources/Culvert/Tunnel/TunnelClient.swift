@@ -17,7 +17,7 @@ struct FatalClientError: Error, CustomStringConvertible {
 /// with a visitor and relayed to the local service.
 ///
 /// Thread confinement: everything runs on `loop`.
-public final class TunnelClient: ReloadableService, @unchecked Sendable {
+public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Sendable {
     /// The settings at start; a reload changes only the services.
     let config: TunnelClientConfig
     /// The services exposed now: `config.services` until a reload changes them.
@@ -37,6 +37,11 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
     private var ready = false
     private var stopping = false
     private var current: ClientSession?
+    /// Sessions established after the first one.
+    private var reconnects: UInt64 = 0
+    private var everConnected = false
+    /// Where the server exposed each service, by name, as its ready line says.
+    private var exposedAt: [String: String] = [:]
 
     private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connector: TunnelConnector, control: ServiceControl,
                  loops: [ClientLoop], configPath: String?, reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
@@ -116,6 +121,8 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
         let session = ClientSession(client: self, control: channel, credentials: SessionCredentials(id: auth.id, key: auth.key),
                                     loops: loops)
         current = session
+        if everConnected { reconnects += 1 }
+        everConnected = true
         defer { current = nil }
         try await session.run()
         return true
@@ -131,6 +138,7 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
         if let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" {
             shown = HostPort(host: config.server.host, port: bound.port).description
         }
+        exposedAt[spec.name] = shown
         logger.info("service exposed", metadata: ["listen": "\(shown)", "target": "\(spec.localDescription)"])
         return "exposed \(spec.kindName) \(shown) -> \(spec.localDescription)"
     }
@@ -234,6 +242,16 @@ public final class TunnelClient: ReloadableService, @unchecked Sendable {
             ("udp_idle_timeout", a.udpIdleTimeout == b.udpIdleTimeout), ("udp_max_sessions", a.udpMaxSessions == b.udpMaxSessions),
         ]
         return checks.filter { !$0.1 }.map(\.0)
+    }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        var all = MetricsSnapshot.merged(await onEachLoop(loops, loop: \.loop) { $0.meters.sample() })
+        for spec in config.services {
+            all.services[spec.name, default: ServiceSample(kind: spec.kindName)].ports = exposedAt[spec.name].map { [$0] } ?? []
+        }
+        all.tunnelSessions = current == nil ? 0 : 1
+        all.tunnelReconnects = reconnects
+        return all
     }
 
     public func drain(timeout: Duration) async {

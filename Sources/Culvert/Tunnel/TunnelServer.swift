@@ -13,7 +13,7 @@ import Transfer
 /// it rides. Loops hand each other work only through their inboxes.
 ///
 /// Thread confinement: `start` and `drain` run on the main loop.
-public final class TunnelServer: ReloadableService, @unchecked Sendable {
+public final class TunnelServer: ReloadableService, MetricsSource, @unchecked Sendable {
     private let context: ServerContext
     /// The tunnel listener's addresses (port 0 resolved), one per listen address.
     public let boundAddresses: [SocketAddress]
@@ -90,6 +90,10 @@ public final class TunnelServer: ReloadableService, @unchecked Sendable {
         report.needsRestart = restartOnly.filter(\.1).map(\.0)
         context.apply(ServerContext.Reloadable(new))
         return report
+    }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        MetricsSnapshot.merged(await context.onEachLoop { $0.sample() })
     }
 
     /// Stops accepting clients and visitors, lets running relays finish (resetting what

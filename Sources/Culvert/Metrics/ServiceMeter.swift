@@ -1,0 +1,127 @@
+import Reactor
+import Transfer
+
+/// One service's counters on one loop: plain integers that only this loop touches, fed by
+/// the relay sets it watches (`RelayEvent`) and by the service's refusal points, read when
+/// a scrape gathers them on this loop. Nothing here runs per byte: a relay's byte counts
+/// are taken from the relay when it ends, and from the still running relays of the
+/// watched sets when sampled.
+///
+/// Thread confinement: every method runs on the loop of the `LoopMeters` that made it.
+final class ServiceMeter {
+    private var totals: ServiceSample
+    /// Where the service listens, when the meter's owner knows.
+    var ports: [String] {
+        get { totals.ports }
+        set { totals.ports = newValue }
+    }
+    /// The sets whose relays count here; weak, as a retired set leaves on its own.
+    private var sets: [WeakRelaySet] = []
+
+    init(kind: String) {
+        totals = ServiceSample(kind: kind)
+    }
+
+    /// Counts the relays of `set` from now on (it becomes the set's observer).
+    func watch(_ set: RelaySet) {
+        set.observer = { [unowned self] event in record(event) }
+        sets.removeAll { $0.set == nil }
+        sets.append(WeakRelaySet(set: set))
+    }
+
+    private func record(_ event: RelayEvent) {
+        switch event {
+        case .started:
+            totals.active += 1
+        case .ended(let relay, let reason):
+            totals.active -= 1
+            totals.results[reason.label, default: 0] += 1
+            totals.bytesUp += relay.bytesAToB
+            totals.bytesDown += relay.bytesBToA
+        }
+    }
+
+    /// A connection that never became a relay: `refused` (a limit), `connect-failed`.
+    func count(result: String) {
+        totals.results[result, default: 0] += 1
+    }
+
+    /// UDP sessions count in `active` while they exist.
+    func sessionOpened() { totals.active += 1 }
+
+    /// A UDP session ended; its datagrams and bytes join the totals.
+    func sessionClosed(result: String, bytesUp: UInt64, bytesDown: UInt64, datagramsUp: UInt64, datagramsDown: UInt64) {
+        totals.active -= 1
+        totals.results[result, default: 0] += 1
+        totals.bytesUp += bytesUp
+        totals.bytesDown += bytesDown
+        totals.datagramsUp += datagramsUp
+        totals.datagramsDown += datagramsDown
+    }
+
+    func countDropped(_ count: Int, reason: String) {
+        guard count > 0 else { return }
+        totals.dropped[reason, default: 0] += UInt64(count)
+    }
+
+    /// The totals so far, with the bytes of relays still running.
+    func sample() -> ServiceSample {
+        var now = totals
+        for weak in sets {
+            guard let set = weak.set else { continue }
+            let (up, down) = set.bytesInFlight
+            now.bytesUp += up
+            now.bytesDown += down
+        }
+        return now
+    }
+}
+
+/// A relay set a meter watches without keeping it alive.
+private struct WeakRelaySet {
+    weak var set: RelaySet?
+}
+
+/// The counters of one command on one loop: a `ServiceMeter` per service name (a service
+/// that comes back under the same name keeps counting on the same meter), failed
+/// authentications and connect times.
+///
+/// Thread confinement: every method runs on `loop`; the owner may make its meters before
+/// handing itself to the loop. Sendable so that a scrape can reach it on its loop.
+final class LoopMeters: @unchecked Sendable {
+    let loop: EventLoop
+    private var services: [String: ServiceMeter] = [:]
+    private var authFailures: [String: UInt64] = [:]
+    private var connectDuration = Histogram()
+
+    init(loop: EventLoop) {
+        self.loop = loop
+    }
+
+    /// The meter of the service `name`, made on first use.
+    func service(_ name: String, kind: String) -> ServiceMeter {
+        if let known = services[name] { return known }
+        let meter = ServiceMeter(kind: kind)
+        services[name] = meter
+        return meter
+    }
+
+    func countAuthFailure(reason: String) {
+        authFailures[reason, default: 0] += 1
+    }
+
+    /// A dial that started at `since` (the loop's clock) has just connected.
+    func observeConnect(since: UInt64) {
+        connectDuration.observe(nanoseconds: loop.now &- since)
+    }
+
+    /// This loop's share of the command's metrics.
+    func sample() -> MetricsSnapshot {
+        loop.assertInLoop()
+        var snapshot = MetricsSnapshot()
+        for (name, meter) in services { snapshot.services[name] = meter.sample() }
+        snapshot.authFailures = authFailures
+        snapshot.connectDuration = connectDuration
+        return snapshot
+    }
+}
