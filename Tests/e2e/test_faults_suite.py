@@ -17,83 +17,18 @@ import socket
 import threading
 import time
 
-from tunnel_support import assert_echoed, close_wait_pids, connect_refused, free_port, local_of, poll, settle_fd_count
+from tunnel_support import (Transfer, assert_echoed, assert_settled, connect_refused, free_port, local_of, poll,
+                            served_within, settle_fd_count)
 
 HEARTBEAT = ["--heartbeat-interval", "500ms", "--heartbeat-misses", "2"]
 HEARTBEAT_TIMEOUT = 1.0  # 500 ms x 2 misses
 BACKOFF = 1.0  # --reconnect-max
 RECONNECT = ["--reconnect-max", f"{BACKOFF:g}s"]
 SERVED_AFTER_FAULT = 2.0
-FD_SLACK = 6  # descriptors a settled process may hold beyond its baseline (timers, a spare channel)
-
-
-def served_within(addr: tuple[str, int], limit: float, since: float, what: str) -> float:
-    """Retries a verified 64 KiB echo until it succeeds; fails unless that happens within
-    `limit` seconds of `since`. The seconds it took."""
-    payload = os.urandom(64 * 1024)
-
-    def works():
-        assert_echoed(addr, [payload], timeout=max(0.2, since + limit - time.monotonic()))
-        return True
-
-    poll(works, limit + 0.5, what, step=0.05)
-    took = time.monotonic() - since
-    assert took <= limit, f"{what}: served {took:.2f}s after the fault ended (limit {limit:g}s)"
-    return took
-
-
-def close_wait(pid: int) -> int:
-    return close_wait_pids().get(pid, 0)
-
-
-def assert_settled(proc, baseline: int, what: str) -> None:
-    """The process's descriptors are back within FD_SLACK of `baseline`, and it holds no
-    CLOSE_WAIT socket (a peer's close it never noticed)."""
-    def back():
-        return settle_fd_count(proc.pid, timeout=5) <= baseline + FD_SLACK
-
-    poll(back, 10, f"{what}'s descriptors to return near {baseline}")
-    poll(lambda: close_wait(proc.pid) == 0, 5, f"{what} to close its CLOSE_WAIT sockets")
 
 
 # --------------------------------------------------------------------------
 # kill -9 of the client during 50 concurrent transfers
-
-
-class Transfer:
-    """One visitor echoing `size` random bytes from a thread; the echo may be cut short
-    by a fault, but what arrives must be the start of what was sent."""
-
-    def __init__(self, addr: tuple[str, int], size: int):
-        self.payload = os.urandom(size)
-        self.got = 0
-        self.corrupt = ""
-        self._thread = threading.Thread(target=self._run, args=(addr,), daemon=True)
-        self._thread.start()
-
-    def _run(self, addr: tuple[str, int]) -> None:
-        try:
-            with socket.create_connection(addr, timeout=10) as s:
-                writer = threading.Thread(target=self._send, args=(s,), daemon=True)
-                writer.start()
-                while chunk := s.recv(256 * 1024):
-                    if self.payload[self.got:self.got + len(chunk)] != chunk:
-                        self.corrupt = f"wrong bytes at offset {self.got}"
-                        return
-                    self.got += len(chunk)
-        except OSError:
-            pass
-
-    def _send(self, s: socket.socket) -> None:
-        try:
-            s.sendall(self.payload)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def join(self, deadline: float) -> None:
-        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        assert not self._thread.is_alive(), f"a cut transfer hung after {self.got} bytes"
 
 
 def test_client_kill9_during_50_transfers(kit):

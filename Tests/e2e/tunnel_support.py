@@ -785,3 +785,347 @@ class StuckUpload:
         if reset:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
+
+
+# --------------------------------------------------------------------------
+# recovery checks of the fault-injection suite
+
+
+FD_SLACK = 6  # descriptors a settled process may hold beyond its baseline (timers, a spare channel)
+
+
+def served_within(addr: tuple[str, int], limit: float, since: float, what: str) -> float:
+    """Retries a verified 64 KiB echo until it succeeds; fails unless that happens within
+    `limit` seconds of `since`. The seconds it took."""
+    payload = os.urandom(64 * 1024)
+
+    def works():
+        assert_echoed(addr, [payload], timeout=max(0.2, since + limit - time.monotonic()))
+        return True
+
+    poll(works, limit + 0.5, what, step=0.05)
+    took = time.monotonic() - since
+    assert took <= limit, f"{what}: served {took:.2f}s after the fault ended (limit {limit:g}s)"
+    return took
+
+
+def close_wait(pid: int) -> int:
+    return close_wait_pids().get(pid, 0)
+
+
+def assert_settled(proc, baseline: int, what: str, slack: int = FD_SLACK) -> None:
+    """The process's descriptors are back within `slack` of `baseline`, and it holds no
+    CLOSE_WAIT socket (a peer's close it never noticed)."""
+    def back():
+        return settle_fd_count(proc.pid, timeout=5) <= baseline + slack
+
+    poll(back, 10, f"{what}'s descriptors to return near {baseline}")
+    poll(lambda: close_wait(proc.pid) == 0, 5, f"{what} to close its CLOSE_WAIT sockets")
+
+
+class Transfer:
+    """One visitor echoing `size` random bytes from a thread; the echo may be cut short
+    by a fault, but what arrives must be the start of what was sent."""
+
+    def __init__(self, addr: tuple[str, int], size: int):
+        self.payload = os.urandom(size)
+        self.got = 0
+        self.corrupt = ""
+        self.ended = ""  # "complete", "eof" (cut short), "reset" or "error: ..."
+        self.ended_at = 0.0
+        self._thread = threading.Thread(target=self._run, args=(addr,), daemon=True)
+        self._thread.start()
+
+    def _run(self, addr: tuple[str, int]) -> None:
+        try:
+            with socket.create_connection(addr, timeout=10) as s:
+                writer = threading.Thread(target=self._send, args=(s,), daemon=True)
+                writer.start()
+                while chunk := s.recv(256 * 1024):
+                    if self.payload[self.got:self.got + len(chunk)] != chunk:
+                        self.corrupt = f"wrong bytes at offset {self.got}"
+                        return
+                    self.got += len(chunk)
+            self.ended = "complete" if self.got == len(self.payload) else "eof"
+        except (ConnectionResetError, ConnectionAbortedError):
+            self.ended = "reset"
+        except OSError as e:
+            self.ended = f"error: {e!r}"
+        finally:
+            self.ended_at = time.monotonic()
+
+    def _send(self, s: socket.socket) -> None:
+        try:
+            s.sendall(self.payload)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def join(self, deadline: float) -> None:
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert not self._thread.is_alive(), f"a cut transfer hung after {self.got} bytes"
+
+
+# --------------------------------------------------------------------------
+# a fault-injecting TCP relay (loopback), between a client and the server or between
+# visitors and an exposed port
+
+
+@dataclass
+class Fault:
+    """What a FaultProxy does to one connection once `after` bytes have passed in
+    `direction` ("c2s": from the connecting side, "s2c": towards it): the bytes up to
+    the offset are forwarded, then
+
+    - `cut`: FIN both ways; whatever arrives afterwards is read and thrown away;
+    - `reset`: RST both ways (SO_LINGER 0);
+    - `drop`: nothing more is forwarded either way, the connection stays open;
+    - `stall`: nothing is read either way for `seconds` (buffers fill, as in a
+      partition), then `then` (`resume`, `cut` or `reset`);
+    - `delay`: every later chunk, both ways, waits `seconds` before it is forwarded."""
+
+    action: str
+    direction: str = "c2s"
+    after: int = 0
+    seconds: float = 0.0
+    then: str = "resume"
+
+    def __post_init__(self) -> None:
+        assert self.action in ("cut", "reset", "drop", "stall", "delay"), self.action
+        assert self.direction in ("c2s", "s2c"), self.direction
+        assert self.then in ("resume", "cut", "reset"), self.then
+
+
+class FaultLink:
+    """One connection through a FaultProxy: two pumps (a thread each way) and its
+    state. `pass` forwards; `stalled` reads nothing until `stall_until`; `dropping`
+    reads and discards; `cutting` discards until EOF or a bounded drain; `resetting`
+    stops at once. The last pump to stop closes both sockets (with RST for a reset).
+    Faults can be armed by byte offset (`arm`) or applied now (`apply`)."""
+
+    # How long a cut link goes on reading (and discarding), so that its peers see a FIN
+    # and nothing else: longer than any of them should take to notice it.
+    DRAIN_SECONDS = 5.0
+
+    def __init__(self, index: int, down: socket.socket, up: socket.socket, record: int):
+        self.index = index
+        self.down, self.up = down, up
+        self.record_limit = record
+        self.forwarded = {"c2s": 0, "s2c": 0}
+        self.recorded = {"c2s": bytearray(), "s2c": bytearray()}
+        self.faults: list[Fault] = []
+        self.state = "pass"
+        self.stall_until = 0.0
+        self.stall_then = "resume"
+        self.delay = 0.0
+        self.fault_at: float | None = None  # when the fault hit
+        self.fault_ended_at: float | None = None  # when a stall ended or a terminal fault hit
+        self.closed = threading.Event()
+        self._lock = threading.Lock()
+        self._drain_until = 0.0
+        self._pumps_left = 2
+
+    def start(self) -> None:
+        for src, dst, direction in ((self.down, self.up, "c2s"), (self.up, self.down, "s2c")):
+            threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True,
+                             name=f"fault-link-{self.index}-{direction}").start()
+
+    def arm(self, fault: Fault) -> None:
+        with self._lock:
+            self.faults.append(fault)
+
+    def apply(self, fault: Fault) -> None:
+        """Applies `fault` now, whatever its offset."""
+        with self._lock:
+            self._apply_locked(fault)
+
+    def _apply_locked(self, fault: Fault) -> None:
+        now = time.monotonic()
+        self.fault_at = self.fault_at or now
+        if fault.action == "delay":
+            self.delay = fault.seconds
+            self.fault_ended_at = now
+        elif fault.action == "stall":
+            self.state, self.stall_until, self.stall_then = "stalled", now + fault.seconds, fault.then
+        elif fault.action == "drop":
+            self.state = "dropping"
+            self.fault_ended_at = now
+        else:
+            self._terminate_locked(fault.action, now)
+
+    def _terminate_locked(self, action: str, now: float) -> None:
+        self.fault_ended_at = now
+        if action == "reset":
+            self.state = "resetting"
+            return
+        self.state, self._drain_until = "cutting", now + self.DRAIN_SECONDS
+        for s in (self.down, self.up):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
+
+    def _due(self, direction: str, size: int) -> tuple[int, Fault | None]:
+        """How many of `size` new bytes in `direction` may pass before an armed fault."""
+        sent = self.forwarded[direction]
+        for fault in self.faults:
+            if fault.direction == direction and fault.after < sent + size:
+                return max(0, fault.after - sent), fault
+        return size, None
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        try:
+            self._forward(src, dst, direction)
+        except OSError:
+            # one side reset or failed: the other side learns it the same way
+            with self._lock:
+                if self.state in ("pass", "stalled", "dropping"):
+                    self.state = "resetting"
+        finally:
+            self._stopped()
+
+    def _next_state(self) -> str:
+        """The state this pump acts on now; a stall that is over resumes or ends here."""
+        with self._lock:
+            now = time.monotonic()
+            if self.state == "stalled" and now >= self.stall_until:
+                self.fault_ended_at = now
+                if self.stall_then == "resume":
+                    self.state = "pass"
+                else:
+                    self._terminate_locked(self.stall_then, now)
+            if self.state == "cutting" and now >= self._drain_until:
+                return "resetting"
+            return self.state
+
+    def _forward(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        while (state := self._next_state()) != "resetting":
+            if state == "stalled":
+                time.sleep(0.02)
+                continue
+            if not select.select([src], [], [], 0.05)[0]:
+                continue
+            chunk = src.recv(65536)
+            if not chunk:
+                if state == "pass":
+                    dst.shutdown(socket.SHUT_WR)  # half-close passes through
+                return
+            with self._lock:
+                if self.state != "pass":
+                    continue
+                n, fault = self._due(direction, len(chunk))
+                delay = self.delay
+            if delay:
+                time.sleep(delay)
+            if not self._send(dst, chunk[:n]):
+                continue
+            with self._lock:
+                self.forwarded[direction] += n
+                room = self.record_limit - len(self.recorded[direction])
+                if room > 0:
+                    self.recorded[direction] += chunk[:min(n, room)]
+                if fault is not None:
+                    self.faults.remove(fault)
+                    self._apply_locked(fault)
+
+    def _send(self, dst: socket.socket, data: bytes) -> bool:
+        """Sends all of `data` unless a cut, reset or drop ends forwarding meanwhile (False
+        then); never blocks for long, so a peer that stopped reading cannot pin the pump."""
+        view = memoryview(data)
+        while view:
+            if self._next_state() in ("resetting", "cutting", "dropping"):
+                return False
+            if not select.select([], [dst], [], 0.05)[1]:
+                continue
+            try:
+                view = view[dst.send(view, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                continue
+        return True
+
+    def _stopped(self) -> None:
+        """The last pump out closes both sockets (with RST after a reset)."""
+        with self._lock:
+            self._pumps_left -= 1
+            if self._pumps_left > 0:
+                return
+            reset = self.state == "resetting"
+        for s in (self.down, self.up):
+            with contextlib.suppress(OSError):
+                if reset:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+        self.closed.set()
+
+
+class FaultProxy:
+    """A loopback TCP relay to `upstream` that injects Faults: `arm(index, fault)`
+    before the index-th accepted connection arrives (0 is the first: a tunnel client's
+    control channel, then its data channels in the order it opens them), or
+    `links[i].apply(fault)` at a moment of the test's choosing. Each link records at most
+    `record` bytes each way for inspection. Bounded: at most `max_links` connections,
+    threads that poll with short timeouts, everything closed by `close()`."""
+
+    def __init__(self, upstream: tuple[str, int], record: int = 0, max_links: int = 256):
+        self.upstream = upstream
+        self.record = record
+        self.max_links = max_links
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.addr = ("127.0.0.1", self.port)
+        self.links: list[FaultLink] = []
+        self._armed: dict[int, list[Fault]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True, name="fault-proxy")
+        self._thread.start()
+
+    def arm(self, index: int, fault: Fault) -> None:
+        with self._lock:
+            if index < len(self.links):
+                self.links[index].arm(fault)
+            else:
+                self._armed.setdefault(index, []).append(fault)
+
+    def link(self, index: int, timeout: float = 10.0) -> FaultLink:
+        """The index-th connection, waiting for it to arrive."""
+        return poll(lambda: self.links[index] if len(self.links) > index else None, timeout,
+                    f"connection {index} through the fault proxy", step=0.01)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            if not select.select([self.sock], [], [], 0.05)[0]:
+                continue
+            try:
+                down, _ = self.sock.accept()
+            except OSError:
+                return
+            if len(self.links) >= self.max_links:
+                down.close()
+                continue
+            try:
+                up = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                down.close()
+                continue
+            for s in (down, up):
+                s.settimeout(None)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                link = FaultLink(len(self.links), down, up, self.record)
+                for fault in self._armed.pop(link.index, []):
+                    link.arm(fault)
+                self.links.append(link)
+            link.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+        with self._lock:
+            links = list(self.links)
+        for link in links:
+            link.apply(Fault("reset"))
+        for link in links:
+            link.closed.wait(timeout=2)

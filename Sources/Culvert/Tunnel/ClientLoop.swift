@@ -107,7 +107,7 @@ final class ClientLoop: @unchecked Sendable {
         loop.assertInLoop()
         let channel: AsyncDuplex
         do {
-            channel = try await connector.openChannel()
+            channel = try await openChannel(for: session)
         } catch {
             return channelFailed(session, reason: "\(error)")
         }
@@ -164,6 +164,24 @@ final class ClientLoop: @unchecked Sendable {
             await serveVisitor(channel, spec: spec, visitor: visitor)
         }
     }
+
+    /// A connection for a data channel, ready for its hello. One that fails before the
+    /// hello goes out (refused, reset, or cut in the transport handshake) cannot have
+    /// used the server's nonce, so it is tried once more after a moment: a connection
+    /// lost on the way then costs the visitor that moment instead of the server's request
+    /// deadline, which by default is as long as a visitor waits.
+    private func openChannel(for session: SessionCredentials) async throws -> AsyncDuplex {
+        do {
+            return try await connector.openChannel()
+        } catch {
+            await loop.sleep(for: Self.retryPause)
+            guard !session.isEnded else { throw error }
+            return try await connector.openChannel()
+        }
+    }
+
+    /// The pause before the one retry of a data channel that failed before its hello.
+    private static let retryPause: Duration = .milliseconds(100)
 
     /// Counts a data channel that could not be opened or was lost before the server said
     /// what it carries (refused by a limit, expired, cut on the way). The server asks
