@@ -378,3 +378,23 @@ def test_client_connects_during_partial_handshake_flood(kit, mode):
     lines = len(srv.stderr_matching(r"handshake failed|connection refused|connection dropped|unauthenticated connections refused"))
     print(f"{mode}: client connected in {connected:.2f}s among {flood.opened} flood connections; "
           f"served {took:.2f}s after the flood; {lines} refusal lines")
+
+
+def test_client_back_before_the_server_noticed(rig):
+    """The client notices a stalled control channel (250 ms heartbeat) long before the
+    server does (1 s): it reconnects and asks for its fixed port while the server still
+    holds the old session. The new registration waits for the old session to answer a
+    ping or end, and gets the port; before, it was refused as "already in use" and the
+    client retried only 5 s later."""
+    r = rig("tls-psk", client_opts=["--heartbeat-interval", "250ms"])
+    control = r.proxy.link(0)
+    r.warm_up()
+    links_before = len(r.proxy.links)
+    control.apply(Fault("stall", seconds=2.5 * HEARTBEAT_TIMEOUT, then="cut"))
+    hit = control.fault_at
+    r.proxy.link(links_before, timeout=2)
+    took = served_within(r.addr, SERVED_AFTER_FAULT + 2.5 * HEARTBEAT_TIMEOUT, hit, "a visitor after the client came back")
+    assert r.cli.count_stderr(r"already in use") == 0, r.cli.describe()
+    ended = poll(lambda: control.fault_ended_at, 5, "the fault to end", step=0.01)
+    r.assert_recovered(ended, "a stall the client noticed first")
+    print(f"served {took:.2f}s after the stall began")

@@ -232,11 +232,13 @@ final class ServerSession {
         loop.assertInLoop()
         guard !ended else { return }
         ended = true
+        // Ports first: stopping the heartbeat tells a client waiting on a probe of this
+        // session (`yieldIfSilent`) that the port is free, and it binds at once.
+        services.closeAll(session: self)
         heartbeat?.stop()
         heartbeat = nil
         leaving?.cancel()
         leaving = nil
-        services.closeAll(session: self)
         channels.end()
         control.close()
         logger.log(level: level, "client disconnected", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
