@@ -160,6 +160,14 @@ public final class TLSStream: Duplex {
     /// have verified that certificate.
     public var usedPSK: Bool { culvert_tls_used_psk(ssl) == 1 }
 
+    /// Why this end did not accept the peer's certificate (OpenSSL's verify result), or
+    /// nil when it did or did not check one: tells our own refusal from the peer's.
+    public func localVerifyFailure() -> String? {
+        let result = SSL_get_verify_result(ssl)
+        guard result != Int(X509_V_OK) else { return nil }
+        return String(cString: X509_verify_cert_error_string(result))
+    }
+
     /// SHA-256 of the peer's certificate, once the handshake is done.
     public func peerFingerprint() -> [UInt8]? {
         var out = [UInt8](repeating: 0, count: 32)

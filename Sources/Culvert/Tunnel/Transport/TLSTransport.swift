@@ -70,6 +70,12 @@ struct TLSTransport: Transport {
                 try await channel.waitForReadiness()
             }
         } catch let e as TLSError where e.isRejection {
+            if case .certificateClient(let name, _) = role, let why = stream.localVerifyFailure() {
+                // Our check of the server's certificate failed, not the server.
+                let checked = name.map { " for the name '\($0)'" } ?? ""
+                throw FatalClientError(message: "authentication failed: the server's certificate did not verify\(checked): \(why); "
+                    + "give --ca FILE with the CA that signed it (and connect by a name the certificate holds), or pin it with --fingerprint sha256:HEX")
+            }
             guard case .server = role else {
                 throw FatalClientError(message: "authentication failed: the server rejected the TLS handshake (\(e.message)); check the token, --ca or --fingerprint")
             }
