@@ -269,3 +269,25 @@ def test_visitor_burst_leaks_no_requests(kit):
     assert settled <= baseline + 4, f"server descriptors: {baseline} before the burst, {settled} after"
     settled = settle_fd_count(cli.pid, timeout=15)
     assert settled <= client_baseline + 4, f"client descriptors: {client_baseline} before the burst, {settled} after"
+
+
+def test_visitors_dropped_without_a_channel_are_summarised(kit, relays):
+    """Every carrier the client opens is cut, so the 40 visitors waiting for one are
+    dropped at the visitor timeout (10 s): a few lines one by one, then counted in one
+    summary line, not a line each."""
+    echo = kit.echo()
+    srv = kit.start_server("plain", opts=["--handshake-timeout", f"{DEADLINE:g}s"])
+    relay = FaultRelay(srv.server_addr, "cut", 100_000)
+    relays.append(relay)
+    cli = kit.start_client(("127.0.0.1", relay.port), [f"0:{local_of(echo)}"], "plain")
+    addr = cli.exposed_map[local_of(echo)]
+    visitors = [socket.create_connection(addr, timeout=5) for _ in range(40)]
+    try:
+        srv.wait_stderr(r"visitors dropped .*no_data_channel=", timeout=15)
+        dropped_lines = srv.count_stderr(r"visitor dropped: no data channel in time")
+        assert 1 <= dropped_lines <= 5, srv.describe()
+        summarised = sum(int(m) for m in re.findall(r"no_data_channel=(\d+)", srv.stderr_text()))
+        assert dropped_lines + summarised == 40, srv.describe()
+    finally:
+        for v in visitors:
+            v.close()

@@ -326,6 +326,7 @@ final class ChannelPool {
             return
         }
         waiter.stream.close(reset: true)
+        guard context.visitorDrops.record("no_data_channel") else { return }
         logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": "\(DurationSpec.format(context.config.visitorTimeout))"])
     }
 

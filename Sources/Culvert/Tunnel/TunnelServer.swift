@@ -126,6 +126,9 @@ final class ServerContext: @unchecked Sendable {
     /// a service's port could not accept: anyone can cause them by the thousand, so past
     /// the first few they are counted, one line per second.
     let refusals: RefusalSummary
+    /// Visitors of exposed services dropped because no data channel came in time: a
+    /// client that cannot keep up with a flood of visitors would log one line each.
+    let visitorDrops: RefusalSummary
     let draining = Atomic<Bool>(false)
     private let serviceSerial = Atomic<UInt64>(0)
 
@@ -159,6 +162,7 @@ final class ServerContext: @unchecked Sendable {
         directory = SessionDirectory(maxSessions: config.maxClients)
         unauthenticated = UnauthenticatedBudget(max: config.maxUnauthenticated, perSource: config.maxUnauthenticatedPerSource)
         refusals = RefusalSummary(logger: logger, message: "unauthenticated connections refused", loop: loops[0])
+        visitorDrops = RefusalSummary(logger: logger, message: "visitors dropped", loop: loops[0])
         self.loops = loops.enumerated().map { [refusals] in ServerLoop(loop: $1, index: $0, logger: logger, refusals: refusals) }
         for l in self.loops { l.context = self }
     }
