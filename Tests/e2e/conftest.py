@@ -506,16 +506,28 @@ class SlowServer(TcpServer):
             self.finished += 1
 
 
+@pytest.fixture(scope="session")
+def certs_factory(tmp_path_factory):
+    """The test CA and certificates (tunnel_support.make_certs), made once per run on
+    first use: tests that use no certificates never pay for them."""
+    from tunnel_support import make_certs
+
+    made = {}
+
+    def get():
+        if "c" not in made:
+            made["c"] = make_certs(tmp_path_factory.mktemp("certs"))
+        return made["c"]
+
+    return get
+
+
 @pytest.fixture
-def kit(tmp_path):
-    """A tunnel test kit (tunnel_support.TunnelKit) for tests that use no certificates;
-    test files that need certificates define their own `kit`."""
+def kit(tmp_path, certs_factory):
+    """A tunnel test kit (tunnel_support.TunnelKit)."""
     from tunnel_support import TunnelKit
 
-    def no_certs():
-        raise AssertionError("these tests use no certificates")
-
-    k = TunnelKit(tmp_path, no_certs)
+    k = TunnelKit(tmp_path, certs_factory)
     try:
         yield k
     finally:

@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-from conftest import EchoServer
 from tunnel_support import assert_echoed, fd_count, local_of, poll, settle_fd_count
 
 FLOOD = 1000

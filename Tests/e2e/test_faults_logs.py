@@ -13,33 +13,12 @@ import time
 
 import pytest
 
-from tunnel_support import TunnelKit, assert_echoed, hello, local_of, make_certs, poll, read_frame
+from tunnel_support import assert_echoed, hello, local_of, poll, read_frame
 
 # Warnings every server or client of a given mode prints at start, whatever happens later.
 START_WARNINGS = r"transport is plain"
 REFUSAL_LINE = (r"handshake failed|authentication failed|client refused|connection refused|connection dropped"
                 r"|data channel rejected|cannot set up connection|accept failed|unauthenticated connections refused")
-
-
-@pytest.fixture(scope="module")
-def certs_factory(tmp_path_factory):
-    made = {}
-
-    def get():
-        if "c" not in made:
-            made["c"] = make_certs(tmp_path_factory.mktemp("certs"))
-        return made["c"]
-
-    return get
-
-
-@pytest.fixture
-def kit(tmp_path, certs_factory):
-    k = TunnelKit(tmp_path, certs_factory)
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 def warnings(proc) -> list[str]:

@@ -11,9 +11,7 @@ import socket
 import threading
 import time
 
-import pytest
-
-from tunnel_support import TunnelKit, UdpServer, echo_many, poll
+from tunnel_support import UdpServer, echo_many, poll
 
 EXPOSED_ANY_RE = re.compile(r"^exposed (tcp|udp) (\S+) -> (\S+)$")
 FLOOD_HOSTS = [f"127.0.0.{x}" for x in range(2, 202)]
@@ -111,16 +109,6 @@ def first_echo(addr: tuple[str, int], timeout: float) -> float | None:
         return None
     finally:
         s.close()
-
-
-@pytest.fixture
-def kit(tmp_path):
-    def no_certs():
-        raise AssertionError("these tests use the plain transport")
-
-    k = TunnelKit(tmp_path, no_certs)
-    yield k
-    k.close()
 
 
 def test_address_flood_meets_the_session_cap_not_the_descriptor_limit(kit):

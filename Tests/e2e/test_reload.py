@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import socket
-import threading
 
 import pytest
 

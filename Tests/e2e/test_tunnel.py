@@ -34,7 +34,6 @@ from tunnel_support import (
     WELCOME,
     CloseFirstServer,
     RecordingRelay,
-    TunnelKit,
     close_wait_pids,
     connect_refused,
     echo_many,
@@ -44,7 +43,6 @@ from tunnel_support import (
     free_port,
     hello,
     local_of,
-    make_certs,
     poll,
     raw_connect,
     read_frame,
@@ -55,27 +53,6 @@ from tunnel_support import (
     wait_closed_no_data,
     clean_env,
 )
-
-
-@pytest.fixture(scope="session")
-def certs_factory(tmp_path_factory):
-    made = {}
-
-    def get():
-        if "c" not in made:
-            made["c"] = make_certs(tmp_path_factory.mktemp("certs"))
-        return made["c"]
-
-    return get
-
-
-@pytest.fixture
-def kit(tmp_path, certs_factory):
-    k = TunnelKit(tmp_path, certs_factory)
-    try:
-        yield k
-    finally:
-        k.close()
 
 
 # one random block; each connection sends its own slice of it
