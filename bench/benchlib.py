@@ -165,6 +165,15 @@ def parse_tunnel_ready(line):
     return int(m.group(2))
 
 
+def parse_listening(line, kind):
+    """A ready line without a target, `listening KIND HOST:PORT` (culvert proxy's
+    `listening proxy`, `--admin`'s `listening admin`) -> port."""
+    m = re.match(r"listening " + re.escape(kind) + r" (\S+):(\d+)\s*$", line)
+    if not m:
+        raise ValueError(f"not a `listening {kind}` line: {line!r}")
+    return int(m.group(2))
+
+
 def parse_exposed(line):
     """culvert client ready line `exposed tcp|udp HOST:PORT -> LOCAL` -> (proto, port)."""
     m = re.match(r"exposed (tcp|udp) (\S+):(\d+) -> \S+", line)
@@ -360,6 +369,58 @@ class CpuMeter:
     def seconds_of(self, pids):
         """CPU seconds of just the processes `pids` (of those measured), up to stop()."""
         return sum(self.last[k] - self.first[k] for k in self.last if k[0] in pids) / CLK_TCK
+
+
+def check_metrics_text(status, body):
+    """One /metrics answer -> None when it is a Prometheus text page of culvert's, else
+    the reason."""
+    if status != 200:
+        return f"HTTP {status}"
+    if not re.search(r"^culvert_\w+", body, re.M):
+        return "no culvert_ metric in the page"
+    return None
+
+
+class MetricsScraper:
+    """GET http://127.0.0.1:PORT/metrics every `interval` s in a thread, the first at
+    once, like a Prometheus server; stop() -> (answered, [reasons of failed ones])."""
+
+    def __init__(self, port, interval=1.0):
+        import threading
+        self.port, self.interval = port, interval
+        self.ok, self.failures = 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _scrape(self):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            why = check_metrics_text(r.status, r.read().decode(errors="replace"))
+        except (OSError, http.client.HTTPException) as e:
+            why = f"{type(e).__name__}: {e}"
+        finally:
+            conn.close()
+        if why:
+            self.failures.append(why)
+        else:
+            self.ok += 1
+
+    def _loop(self):
+        self._scrape()
+        while not self._stop.wait(self.interval):
+            self._scrape()
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        return self.ok, self.failures
 
 
 def rss_kib(root_pids, include_children=True):

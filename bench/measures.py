@@ -10,7 +10,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from benchlib import (CpuMeter, Failed, StartError, free_port, free_port_tcp_udp, kill_proc,
+from benchlib import (CpuMeter, Failed, MetricsScraper, StartError, free_port,
+                      free_port_tcp_udp, kill_proc,
                       parse_closed_line, parse_iperf3_json, parse_iperf3_udp_json,
                       parse_probe_json, parse_sockperf, parse_ss_backlog, parse_wrk, pss_kib,
                       rss_kib, run_cmd, run_cmds, sockstat_tcp_mem_kib, spawn, wait_listening)
@@ -242,20 +243,44 @@ def _iperf_result(rc, out, err):
         raise ValueError(f"{e} (rc={rc}{', ' + err.strip()[:200] if err.strip() else ''})")
 
 
-def _iperf(ctx, port, streams):
-    rc, out, err = run_cmd(_iperf_cmd(port, streams, ctx.tput_seconds),
+PROXYCHAINS_CONF = """\
+strict_chain
+quiet_mode
+tcp_read_time_out 15000
+tcp_connect_time_out 8000
+[ProxyList]
+socks5 127.0.0.1 {port}
+"""
+
+
+def proxychains_prefix(ctx, fwd):
+    """For a proxy (fwd.via set): the command prefix that runs a program under
+    proxychains4 with this proxy as its only hop; () for a forwarder."""
+    if not getattr(fwd, "via", None):
+        return ()
+    conf = os.path.join(ctx.tmp, f"proxychains-{fwd.port}.conf")
+    with open(conf, "w") as f:
+        f.write(PROXYCHAINS_CONF.format(port=fwd.port))
+    return ("proxychains4", "-q", "-f", conf)
+
+
+def _iperf(ctx, port, streams, prefix=()):
+    rc, out, err = run_cmd([*prefix, *_iperf_cmd(port, streams, ctx.tput_seconds)],
                            timeout=ctx.tput_seconds + 25)
     return _iperf_result(rc, out, err)
 
 
 def run_throughput(ctx, fwd, be):
-    """iperf3 1 stream (with CPU accounting of the forwarder) then 8 streams."""
+    """iperf3 1 stream (with CPU accounting of the forwarder) then 8 streams. Through a
+    proxy (fwd.via), iperf3 runs under proxychains4 and asks it for the back end."""
     be.restart()  # a fresh iperf3 server: a stuck one must not poison the next tool
     out = {}
     pids = fwd.root_pids()
+    prefix = proxychains_prefix(ctx, fwd)
+    port = be.port if prefix else fwd.port
     meter = CpuMeter(pids).start() if pids else None
     try:
-        r1 = _iperf(ctx, fwd.port, 1)
+        r1 = _iperf(ctx, port, 1, prefix)
         out["tput1_gbps"] = r1["bps"] / 1e9
         if meter:
             time.sleep(0.2)  # let the forwarder finish closing the connections
@@ -268,7 +293,7 @@ def run_throughput(ctx, fwd, be):
         if meter:
             meter.stop()
     try:
-        out["tput8_gbps"] = _iperf(ctx, fwd.port, 8)["bps"] / 1e9
+        out["tput8_gbps"] = _iperf(ctx, port, 8, prefix)["bps"] / 1e9
     except ValueError as e:
         out["tput8_gbps"] = Failed(e)
     return out
@@ -409,6 +434,79 @@ def run_firstbyte(ctx, fwd, be):
     return {"fb_p50_us": r["p50_us"], "fb_p99_us": r["p99_us"]}
 
 
+def make_run_proxy_connrate(key, kind):
+    """New connections/s through a proxy with bench/proxyload.py: each opens, asks the
+    proxy (`kind`: socks5 or http CONNECT) for the nginx back end, fetches the small
+    file, closes; ctx.wrk_conns in flight for ctx.wrk_seconds. A forwarder (fwd.via
+    None) gets the same requests without a handshake."""
+    def run_proxy_connrate(ctx, fwd, be):
+        be.check()
+        via = kind if getattr(fwd, "via", None) else "none"
+        cmd = [sys.executable, os.path.join(HERE, "proxyload.py"), "connrate",
+               "--port", str(fwd.port), "--via", via, "--target", str(be.port),
+               "--path", f"/{SMALL_FILE}", "--conns", str(ctx.wrk_conns),
+               "--seconds", str(ctx.wrk_seconds)]
+        rc, out, err = run_cmd(cmd, timeout=ctx.wrk_seconds + 30)
+        try:
+            if rc != 0:
+                raise ValueError(f"proxyload rc={rc}: {(err or out).strip()[-200:]}")
+            r = parse_probe_json(out, ("ok", "failed", "rate", "errors"))
+            if r["ok"] == 0:
+                raise ValueError(f"no request completed: {r['errors']}")
+        except ValueError as e:
+            return {key: Failed(e)}
+        res = {key: r["rate"]}
+        if r["failed"]:
+            res["_notes"] = [f"{key}: {r['failed']} of {r['ok'] + r['failed']} requests "
+                             f"failed: {r['errors']}"]
+        return res
+    return run_proxy_connrate
+
+
+def run_proxy_firstbyte(ctx, fwd, be):
+    """ctx.fb_conns sequential new connections through the proxy (SOCKS5) to the
+    byte server: connect() start -> its byte, handshake included."""
+    be.check()
+    keys = ("fb_p50_us", "fb_p99_us")
+    via = "socks5" if getattr(fwd, "via", None) else "none"
+    cmd = [sys.executable, os.path.join(HERE, "proxyload.py"), "firstbyte", "--port",
+           str(fwd.port), "--via", via, "--target", str(be.port), "--n", str(ctx.fb_conns),
+           "--gap-ms", str(ctx.fb_gap_ms)]
+    rc, out, err = run_cmd(cmd, timeout=ctx.fb_conns * 0.1 + 30)
+    try:
+        if rc != 0:
+            raise ValueError(f"proxyload rc={rc}: {(err or out).strip()[-200:]}")
+        r = parse_probe_json(out, ("ok", "n"))
+        if r["ok"] < r["n"]:
+            raise ValueError(f"only {r['ok']}/{r['n']} connections got their byte: "
+                             f"{'; '.join(r.get('errors', []))}")
+    except ValueError as e:
+        return {k: Failed(e) for k in keys}
+    return {"fb_p50_us": r["p50_us"], "fb_p99_us": r["p99_us"]}
+
+
+def with_scrape(run):
+    """The measurement `run`, with the forwarder's admin endpoint (fwd.admin_port, when
+    it has one) scraped once a second while it runs. Every scrape must answer: a
+    failed one makes the values FAILED (the row claims a scraped forwarder)."""
+    def run_scraped(ctx, fwd, be):
+        port = getattr(fwd, "admin_port", None)
+        if port is None:
+            return run(ctx, fwd, be)
+        scraper = MetricsScraper(port).start()
+        try:
+            vals = run(ctx, fwd, be)
+        finally:
+            ok, failures = scraper.stop()
+        if failures:
+            why = Failed(f"admin scrape failed: {failures[0]}")
+            return {k: (v if k == "_notes" or v is NA else why) for k, v in vals.items()}
+        vals.setdefault("_notes", []).append("/metrics scraped once a second during every "
+                                             "measurement, every scrape answered")
+        return vals
+    return run_scraped
+
+
 def fetch_keys(kind):
     return [f"{kind}_gbps", f"{kind}_wire_mib", f"{kind}_wire_pct"]
 
@@ -489,9 +587,10 @@ def run_memory(ctx, fwd, be):
     timeout = ctx.mem_timeout
     backlog = listen_backlog(fwd.port)
     batch = max(1, min(100, backlog // 2)) if backlog else 8
+    via = ["--socks5-target", str(be.port)] if getattr(fwd, "via", None) == "socks5" else []
     client = spawn([sys.executable, os.path.join(HERE, "memload.py"), "client",
                     "--port", str(fwd.port), "--n", str(n), "--timeout", str(timeout),
-                    "--batch", str(batch), "--sink-status", be.status],
+                    "--batch", str(batch), "--sink-status", be.status, *via],
                    os.path.join(ctx.tmp, "memload-client.log"), stdout_pipe=True,
                    stdin_pipe=True)
     notes = []

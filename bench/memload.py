@@ -7,7 +7,10 @@
         connections every 100 ms.
 
     memload.py client --port P --n N --timeout S [--batch B] [--sink-status FILE]
-        opens N connections to 127.0.0.1:P in batches of B; with --sink-status it
+                      [--socks5-target T]
+        opens N connections to 127.0.0.1:P in batches of B (with --socks5-target, P is
+        a SOCKS5 proxy: each connection asks it for 127.0.0.1:T, no authentication,
+        and counts once the proxy has answered that it is connected); with --sink-status it
         waits after each batch until the sink has seen every connection so far (so
         a forwarder's listen backlog never overflows: an overflowed handshake of a
         client that then sends nothing can stay half-open forever). Prints
@@ -22,6 +25,8 @@ import asyncio
 import os
 import resource
 import sys
+
+from proxyload import handshake_steps
 
 
 def raise_nofile():
@@ -68,7 +73,22 @@ def _sink_count(path):
         return 0
 
 
-async def client(port, n, timeout, batch, sink_status):
+async def socks5_handshake(reader, writer, target):
+    """SOCKS5 CONNECT to 127.0.0.1:target on an open connection; ValueError or
+    ConnectionError when the proxy does not agree."""
+    for data, parse in handshake_steps("socks5", "127.0.0.1", target):
+        writer.write(data)
+        buf = bytearray()
+        while True:
+            chunk = await reader.read(512)
+            if not chunk:
+                raise ConnectionError("proxy closed during the handshake")
+            buf += chunk
+            if parse(buf) is not None:
+                break
+
+
+async def client(port, n, timeout, batch, sink_status, socks5_target=None):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     writers = []
@@ -80,10 +100,13 @@ async def client(port, n, timeout, batch, sink_status):
             errors.append("deadline")
             return
         try:
-            _, w = await asyncio.wait_for(
+            r, w = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", port), remaining)
+            if socks5_target:
+                await asyncio.wait_for(socks5_handshake(r, w, socks5_target),
+                                       deadline - loop.time())
             writers.append(w)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (OSError, ValueError, asyncio.TimeoutError) as e:
             errors.append(type(e).__name__ + ": " + str(e))
 
     while len(writers) < n and not errors:
@@ -124,12 +147,13 @@ def main():
     c.add_argument("--timeout", type=float, default=60)
     c.add_argument("--batch", type=int, default=100)
     c.add_argument("--sink-status")
+    c.add_argument("--socks5-target", type=int)
     a = ap.parse_args()
     raise_nofile()
     if a.mode == "sink":
         asyncio.run(sink(a.port, a.status))
     else:
-        asyncio.run(client(a.port, a.n, a.timeout, a.batch, a.sink_status))
+        asyncio.run(client(a.port, a.n, a.timeout, a.batch, a.sink_status, a.socks5_target))
 
 
 if __name__ == "__main__":

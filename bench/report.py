@@ -301,7 +301,40 @@ def targets(doc):
             _target(rows, f"{t}: ≤ 4 KiB RSS (server + client) per idle connection at 5,000",
                     f"{_fmt(c)} KiB at {n}", None if c is None or n != 5000 else c <= 4,
                     "n/a (not measured at 5,000)" if c is not None and n != 5000 else None)
+    prx = secs.get("proxy")
+    if prx:
+        _proxy_targets(rows, prx)
     return rows
+
+
+PROXY_PEERS = ("dante", "microsocks", "ssh -D")
+
+
+def _proxy_targets(rows, prx):
+    """Issue 14's targets for culvert proxy, against its own forward tcp and the peers
+    measured in the same run."""
+    C, F = "culvert proxy", "culvert forward tcp"
+    for key, n in (("tput1_gbps", "1 stream"), ("tput8_gbps", "8 streams")):
+        c, f = _med(prx, C, key), _med(prx, F, key)
+        r = ratio(c, f)
+        _target(rows, f"culvert proxy: throughput {n} ≥ 0.9× culvert forward tcp",
+                f"{_fmt(c)} vs {_fmt(f)} Gbit/s = {_fmt(r, '{:.2f}×')}",
+                None if r is None else r >= 0.9)
+        peer, best = best_of({p: _med(prx, p, key) for p in PROXY_PEERS}, True)
+        r = ratio(c, best)
+        _target(rows, f"culvert proxy: throughput {n} ≥ 1.5× the best peer",
+                f"{_fmt(c)} vs {_fmt(best)} Gbit/s ({peer or 'no peer measured'}) = "
+                f"{_fmt(r, '{:.2f}×')}", None if r is None else r >= 1.5)
+    c, d = _med(prx, C, "socks_conn_per_s"), _med(prx, "dante", "socks_conn_per_s")
+    r = ratio(c, d)
+    _target(rows, "culvert proxy: new SOCKS5 connections/s ≥ 1.5× dante",
+            f"{_fmt(c, '{:.0f}')} vs {_fmt(d, '{:.0f}')} /s = {_fmt(r, '{:.2f}×')}",
+            None if r is None else r >= 1.5)
+    n = prx.get("config", {}).get("mem_conns")
+    c = _med(prx, C, "kib_per_conn")
+    _target(rows, "culvert proxy: ≤ 2 KiB RSS per idle proxied connection at 5,000",
+            f"{_fmt(c)} KiB at {n}", None if c is None or n != 5000 else c <= 2,
+            "n/a (not measured at 5,000)" if c is not None and n != 5000 else None)
 
 
 # --------------------------------------------------------------------------- markdown
@@ -345,10 +378,11 @@ def _ratio_table(res, level="##"):
           if any(k in res["tools"][t]["metrics"] for t in res["tools"])]
     if not rk:
         return []
-    lines = [f"{level} Ratio to direct (median / direct's median)", "",
+    base = res.get("baseline") or res.get("config", {}).get("baseline")
+    ref = base or "direct"  # a section's reference need not be "direct" (proxy: forward tcp)
+    lines = [f"{level} Ratio to {ref} (median / {ref}'s median)", "",
              "| tool | " + " | ".join(res["metrics"][k]["label"] for k in rk) + " |",
              "|" + "---|" * (len(rk) + 1)]
-    base = res.get("baseline") or res.get("config", {}).get("baseline")
     for t in res["tools"]:
         if t == base or t == "direct":
             continue

@@ -3,7 +3,8 @@
 
 Measures on loopback, one tool at a time, in sections (sections.py): TCP forwarders
 (direct, culvert, socat, haproxy, rinetd, redir, ssh -L), UDP forwarders, tunnels
-(culvert server+client plain/TLS vs ssh -R), compression, UDP through the tunnel.
+(culvert server+client plain/TLS vs ssh -R), compression, UDP through the tunnel,
+proxies (culvert proxy vs dante, microsocks, ssh -D), forward tcp with --admin.
 Writes bench/results/latest.{md,json,png}. See bench/README.md."""
 import argparse
 import atexit
@@ -33,10 +34,11 @@ ROOT = os.path.dirname(HERE)
 PEERS = {"iperf3": "iperf3", "sockperf": "sockperf", "wrk": "wrk", "nginx": "nginx",
          "socat": "socat", "haproxy": "haproxy", "rinetd": "rinetd", "redir": "redir",
          "sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client",
-         "gnuplot": "gnuplot-nox"}
+         "gnuplot": "gnuplot-nox", "danted": "dante-server", "microsocks": "microsocks",
+         "proxychains4": "proxychains4"}
 # services a fresh apt install may start; we stop and disable them again
 SERVICES = {"nginx": "nginx", "haproxy": "haproxy", "rinetd": "rinetd",
-            "openssh-server": "ssh"}
+            "openssh-server": "ssh", "dante-server": "danted", "microsocks": "microsocks"}
 
 
 def log(msg):
@@ -216,6 +218,12 @@ def select(a, ap):
     return out
 
 
+def default_budget(chosen, quick):
+    """Seconds for the selected sections: the base budget, which the five older sections
+    fit in, plus what each newer section adds (Section.budget)."""
+    return (170 if quick else 880) + sum(sec.budget[1 if quick else 0] for sec, _, _ in chosen)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="1 run, short tests (< 3 min)")
@@ -232,7 +240,10 @@ def main(argv=None):
     ap.add_argument("--culvert", default=os.environ.get(
         "CULVERT_BIN", os.path.join(ROOT, ".build", "release", "culvert")))
     ap.add_argument("--budget", type=float, help="seconds; later measurements are FAILED "
-                    "as 'skipped' past it (default 880, QUICK 170)")
+                    "as 'skipped' past it (default 880, QUICK 170, plus what the proxy "
+                    "and admin sections add when they run: "
+                    + ", ".join(f"{s.name} {s.budget[0]}/{s.budget[1]}" for s in SECTIONS
+                                if any(s.budget)) + ")")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get missing peers")
     ap.add_argument("--mem-conns", type=int, help="idle connections for the forward memory "
                     "test (default 7000, QUICK 1000; the tunnel section uses 5000, QUICK 2000)")
@@ -243,8 +254,8 @@ def main(argv=None):
     t_start = time.monotonic()
     q = a.quick
     runs = a.runs or (1 if q else 2)
-    budget = a.budget or (170 if q else 880)
     chosen = select(a, ap)
+    budget = a.budget or default_budget(chosen, q)
 
     if not a.no_install:
         ensure_peers()

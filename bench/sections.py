@@ -7,6 +7,8 @@ groups (measures.py), reported in its own tables. `run.py --only NAME,...` picks
                 --threads 1 vs 2 with two clients of one server and one TLS client
     compress    256 MiB text / random through the plain tunnel with and without --compress
     tunnel-udp  iperf3 -u through the plain tunnel (-R udp:...)
+    proxy       culvert proxy vs dante, microsocks, ssh -D; culvert forward tcp as reference
+    admin       forward tcp without and with --admin (scraped once a second), alternating
 
 To add a section: its tools in tools.py, its groups/metrics here, and a Section(...) in
 SECTIONS; report.py renders it generically from `tables` (and `ab`: two tools side by
@@ -14,10 +16,13 @@ side with their ratio)."""
 from dataclasses import dataclass, field, replace
 
 import tools as T
-from measures import (DERIVED, GROUPS, METRICS, ByteServer, Group, IperfServer, IperfServers,
-                      Metric, Nginx, RandomSource, TextSource, UdpIperfServer, fetch_keys,
-                      make_run_fetch, make_run_split_connrate, make_run_split_iperf,
-                      make_run_udp, run_firstbyte, split_keys, udp_keys)
+from measures import (DERIVED, GROUPS, MEM_KEYS, METRIC_BY_KEY, METRICS, ByteServer, Group,
+                      IperfServer, IperfServers, Metric, Nginx, RandomSource, Sink,
+                      SockperfServer, TextSource, UdpIperfServer, fetch_keys,
+                      make_run_fetch, make_run_proxy_connrate, make_run_split_connrate,
+                      make_run_split_iperf, make_run_udp, run_connrate, run_firstbyte,
+                      run_latency, run_memory, run_proxy_firstbyte, run_throughput,
+                      split_keys, udp_keys, with_scrape)
 
 
 @dataclass
@@ -46,6 +51,9 @@ class Section:
     # None: the metric table layout of the forward section (report.markdown)
     generic: bool = True
     ab: list = field(default_factory=list)  # [ABTable]
+    # seconds the section adds to the default time budget (full, QUICK); the sections
+    # older than this field fit in the base budget (run.py)
+    budget: tuple = (0, 0)
 
 
 # --------------------------------------------------------------------------- udp
@@ -175,6 +183,54 @@ def _tudp_group(rate, length):
 
 TUNNEL_UDP_RATE = ("500M", 1400)
 
+# --------------------------------------------------------------------------- proxy
+
+PROXY_METRICS = [
+    Metric("tput1_gbps", "throughput 1 stream", "Gbit/s", True, "{:.2f}", vs_direct=True),
+    Metric("tput8_gbps", "throughput 8 streams", "Gbit/s", True, "{:.2f}", vs_direct=True),
+    Metric("socks_conn_per_s", "new connections/s, SOCKS5", "/s", True, "{:.0f}",
+           vs_direct=True),
+    Metric("http_conn_per_s", "new connections/s, HTTP CONNECT", "/s", True, "{:.0f}",
+           vs_direct=True),
+    Metric("fb_p50_us", "first byte, new conn, p50", "µs", False, "{:.0f}", vs_direct=True),
+    Metric("fb_p99_us", "first byte, new conn, p99", "µs", False, "{:.0f}", vs_direct=True),
+    METRIC_BY_KEY["cpu_s_per_gb"],
+    *(METRIC_BY_KEY[k] for k in MEM_KEYS),
+]
+PROXY_GROUPS = [
+    Group("proxy throughput", IperfServer, run_throughput,
+          ["tput1_gbps", "tput8_gbps", "cpu_s_per_gb"], lambda ctx: 2 * ctx.tput_seconds + 6),
+    Group("proxy connrate socks5", Nginx,
+          make_run_proxy_connrate("socks_conn_per_s", "socks5"), ["socks_conn_per_s"],
+          lambda ctx: ctx.wrk_seconds + 4),
+    Group("proxy connrate http", Nginx, make_run_proxy_connrate("http_conn_per_s", "http"),
+          ["http_conn_per_s"], lambda ctx: ctx.wrk_seconds + 4),
+    Group("proxy firstbyte", ByteServer, run_proxy_firstbyte, ["fb_p50_us", "fb_p99_us"],
+          lambda ctx: ctx.fb_conns * (ctx.fb_gap_ms + 2.5) / 1000 + 3),
+    # danted took 26 s for 5,000 (a process per few connections)
+    Group("proxy memory", Sink, run_memory, list(MEM_KEYS),
+          lambda ctx: 10 + ctx.mem_conns / 200),
+]
+
+# --------------------------------------------------------------------------- admin
+
+_AB_ROWS = [("throughput", ["tput1_gbps", "tput8_gbps", "cpu_s_per_gb"]),
+            ("latency", ["rtt_p50_us", "rtt_p99_us"]),
+            ("connection rate", ["conn_per_s"])]
+ADMIN_METRICS = [replace(METRIC_BY_KEY[k], vs_direct=False, vs_peer=False,
+                         suspicious_above_direct=False)
+                 for _, keys in _AB_ROWS for k in keys]
+ADMIN_GROUPS = [
+    Group("admin throughput", IperfServer, with_scrape(run_throughput),
+          ["tput1_gbps", "tput8_gbps", "cpu_s_per_gb"], lambda ctx: 2 * ctx.tput_seconds + 6),
+    Group("admin latency", SockperfServer, with_scrape(run_latency),
+          ["rtt_p50_us", "rtt_p99_us"], lambda ctx: ctx.lat_seconds + 3),
+    Group("admin connrate", Nginx, with_scrape(run_connrate), ["conn_per_s"],
+          lambda ctx: ctx.wrk_seconds + 3),
+]
+ADMIN_TABLE = ABTable("forward tcp without and with --admin 127.0.0.1:0, /metrics scraped "
+                      "once a second", T.ADMIN_TOOLS[0].name, T.ADMIN_TOOLS[1].name, _AB_ROWS)
+
 # --------------------------------------------------------------------------- the list
 
 SECTIONS = [
@@ -244,5 +300,44 @@ SECTIONS = [
         intro="culvert client exposes the iperf3 server twice on one fixed public port P: "
               "`-R 127.0.0.1:P:127.0.0.1:T` (control) and `-R udp:127.0.0.1:P:127.0.0.1:T` "
               "(data); `iperf3 -u -t {udp_seconds}` to P."),
+    Section(
+        "proxy", "Proxies: culvert proxy vs dante, microsocks and ssh -D", T.PROXY_TOOLS,
+        PROXY_GROUPS, PROXY_METRICS,
+        [("Throughput, connection rate, first byte",
+          ["tput1_gbps", "tput8_gbps", "socks_conn_per_s", "http_conn_per_s", "fb_p50_us",
+           "fb_p99_us"]),
+         ("Resources", ["cpu_s_per_gb", "rss_idle_mib", "rss_loaded_mib", "kib_per_conn",
+                        "pss_kib_per_conn", "sock_mem_mib"])],
+        # mem_timeout: ssh -D had taken 4,774 of 5,000 connections after 60 s (each new
+        # channel costs it more as they add up)
+        ctx={"full": {"mem_conns": 5000, "fb_conns": 500, "fb_gap_ms": 2.0, "mem_timeout": 150},
+             "quick": {"mem_conns": 2000, "fb_conns": 200, "fb_gap_ms": 2.0}},
+        intro="Each proxy asks for the back end on 127.0.0.1 without authentication: "
+              "`culvert proxy` (defaults but `--max-connections 6000`: the default cap is a "
+              "quarter of the free descriptors, ~4,990 here), danted (own config, "
+              "errors logged only), microsocks (1.0.3 has no -q: one log line per "
+              "connection, to a file), `ssh -N -D` through the throwaway sshd. "
+              "The reference is culvert's own `forward tcp` to the same back end, measured "
+              "the same way without a handshake. Throughput: iperf3 {tput_seconds} s "
+              "under proxychains4 (SOCKS5, the only hop) -P 1 / -P 8, CPU per GB of the "
+              "proxy's processes. Connections/s: bench/proxyload.py, {wrk_conns} in flight "
+              "for {wrk_seconds} s, each a new connection: handshake (SOCKS5 CONNECT, or "
+              "HTTP CONNECT, which only culvert proxy speaks), GET of the ~600-byte file "
+              "from nginx with `Connection: close`, read to EOF, close. First byte: "
+              "{fb_conns} sequential new connections through SOCKS5 to a server that "
+              "writes one byte on accept, connect() start -> that byte, {fb_gap_ms} ms "
+              "apart. Memory: {mem_conns} idle connections, each through a SOCKS5 "
+              "CONNECT, RSS/PSS as in the TCP table.",
+        budget=(560, 150)),
+    Section(
+        "admin", "forward tcp with the admin endpoint", T.ADMIN_TOOLS, ADMIN_GROUPS,
+        ADMIN_METRICS, [],
+        intro="`culvert forward tcp` with the defaults, and the same with `--admin "
+              "127.0.0.1:0` while the harness GETs `/metrics` once a second (the first at "
+              "the start of each measurement; a failed scrape fails the cell). The two "
+              "alternate run by run, each fresh per measurement; iperf3 {tput_seconds} s, "
+              "sockperf {lat_seconds} s, wrk -c{wrk_conns} {wrk_seconds} s as in the TCP "
+              "table.",
+        ab=[ADMIN_TABLE], budget=(120, 40)),
 ]
 SECTION_BY_NAME = {s.name: s for s in SECTIONS}

@@ -896,3 +896,369 @@ def test_threads_ab_table_absent_when_its_tools_did_not_run():
     doc = report.build_all([_sec("tunnel", raw, ["direct", "culvert tunnel plain"])], META)
     assert doc["sections"]["tunnel"]["ab"] == []
     assert sections.THREADS_TABLE.title not in report.markdown(doc)
+
+
+# --------------------------------------------------------------------------- proxy, admin
+
+import proxyload  # noqa: E402
+
+
+def test_socks5_messages():
+    assert proxyload.SOCKS5_GREETING == b"\x05\x01\x00"
+    assert proxyload.socks5_connect_request("127.0.0.1", 8080) == \
+        b"\x05\x01\x00\x01\x7f\x00\x00\x01\x1f\x90"
+    assert proxyload.parse_socks5_method(b"\x05") is None
+    assert proxyload.parse_socks5_method(b"\x05\x00") == 2
+    for bad, why in ((b"\x05\xff", "method 0xff"), (b"\x04\x00", "version 4")):
+        with pytest.raises(ValueError, match=why):
+            proxyload.parse_socks5_method(bad)
+    ok4 = b"\x05\x00\x00\x01\x7f\x00\x00\x01\x9c\x40"
+    assert proxyload.parse_socks5_reply(ok4[:9]) is None
+    assert proxyload.parse_socks5_reply(ok4 + b"payload") == 10
+    assert proxyload.parse_socks5_reply(b"\x05\x00\x00\x04" + bytes(16) + b"\x00\x01") == 22
+    assert proxyload.parse_socks5_reply(b"\x05\x00\x00\x03\x04host\x00\x50") == 11
+    assert proxyload.parse_socks5_reply(b"\x05\x00\x00\x03\x04hos") is None
+    for bad, why in ((b"\x05\x05\x00\x01" + bytes(6), "reply code 0x05"),
+                     (b"\x05\x00\x00\x09" + bytes(6), "address type 9"),
+                     (b"\x04\x5a\x00\x00\x00", "version 4")):
+        with pytest.raises(ValueError, match=why):
+            proxyload.parse_socks5_reply(bad)
+
+
+def test_http_connect_messages():
+    assert proxyload.http_connect_request("127.0.0.1", 80) == \
+        b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n"
+    ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert proxyload.parse_http_connect_reply(ok[:-2]) is None
+    assert proxyload.parse_http_connect_reply(ok + b"HTTP/1.1 200 OK") == len(ok)
+    with pytest.raises(ValueError, match="CONNECT answered 407"):
+        proxyload.parse_http_connect_reply(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                                           b"Proxy-Authenticate: Basic\r\n\r\n")
+    with pytest.raises(ValueError, match="no end of head"):
+        proxyload.parse_http_connect_reply(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 20000)
+    assert proxyload.http_status(b"HTTP/1.0 502 Bad Gateway\r\n") == 502
+    with pytest.raises(ValueError, match="not a status line"):
+        proxyload.http_status(b"SSH-2.0-OpenSSH\r\n")
+    assert proxyload.get_request("/small.html").startswith(b"GET /small.html HTTP/1.1\r\n")
+    assert b"Connection: close\r\n" in proxyload.get_request("/")
+    assert proxyload.handshake_steps("none", "127.0.0.1", 1) == []
+    assert [d for d, _ in proxyload.handshake_steps("socks5", "127.0.0.1", 1)] == \
+        [b"\x05\x01\x00", b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x01"]
+    with pytest.raises(ValueError):
+        proxyload.handshake_steps("socks4", "127.0.0.1", 1)
+
+
+# A tiny SOCKS5 (no auth, CONNECT to IPv4) and HTTP CONNECT proxy for the round trips:
+# one thread per client, the first byte chooses; `refuse` answers every request with
+# SOCKS5 code 0x05 / HTTP 403.
+FAKE_PROXY = r"""
+import socket, struct, sys, threading
+refuse = sys.argv[2] == "refuse"
+def pump(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    try:
+        b.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+def serve(c):
+    first = c.recv(1, socket.MSG_PEEK)
+    if first == b"\x05":
+        c.recv(3)
+        c.sendall(b"\x05\x00")
+        req = b""
+        while len(req) < 10:
+            req += c.recv(10 - len(req))
+        host, port = socket.inet_ntoa(req[4:8]), struct.unpack("!H", req[8:10])[0]
+        if refuse:
+            c.sendall(b"\x05\x05\x00\x01" + bytes(6)); c.close(); return
+        u = socket.create_connection((host, port))
+        c.sendall(b"\x05\x00\x00\x01" + bytes(6))
+    else:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += c.recv(1)
+        host, port = head.split()[1].decode().rsplit(":", 1)
+        if refuse:
+            c.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\n"); c.close(); return
+        u = socket.create_connection((host, int(port)))
+        c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    threading.Thread(target=pump, args=(u, c), daemon=True).start()
+    pump(c, u)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(128)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+HTTP_SERVER = r"""
+import socket, sys, threading
+def serve(c):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(4096)
+        if not d:
+            return c.close()
+        buf += d
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    c.close()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(128)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def fake_proxies(tmp_path):
+    """-> (port of a working proxy, port of a refusing one, HTTP server port, byte server
+    port); all killed afterwards."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    ports = [benchlib.free_port() for _ in range(4)]
+    (tmp_path / "proxy.py").write_text(FAKE_PROXY)
+    (tmp_path / "http.py").write_text(HTTP_SERVER)
+    procs = [benchlib.spawn([sys.executable, str(tmp_path / "proxy.py"), str(ports[0]), "ok"],
+                            str(tmp_path / "p1")),
+             benchlib.spawn([sys.executable, str(tmp_path / "proxy.py"), str(ports[1]),
+                             "refuse"], str(tmp_path / "p2")),
+             benchlib.spawn([sys.executable, str(tmp_path / "http.py"), str(ports[2])],
+                            str(tmp_path / "h")),
+             benchlib.spawn([sys.executable, os.path.join(here, "probe.py"), "byte-server",
+                             "--port", str(ports[3])], str(tmp_path / "b"))]
+    try:
+        for p, port in zip(procs, ports):
+            benchlib.wait_listening(port, [p], 10)
+        yield ports
+    finally:
+        for p in procs:
+            benchlib.kill_proc(p)
+
+
+def _proxyload(*args):
+    here = os.path.dirname(os.path.abspath(__file__))
+    rc, out, err = benchlib.run_cmd([sys.executable, os.path.join(here, "proxyload.py"),
+                                     *map(str, args)], 60)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def test_proxyload_connrate_and_firstbyte_roundtrip(fake_proxies):
+    """Both handshakes and the plain mode against a real (tiny) proxy, bounded by --max;
+    refusals are counted by reason, never as completed requests."""
+    ok_p, refuse_p, http_p, byte_p = fake_proxies
+    for via, port in (("socks5", ok_p), ("http", ok_p), ("none", http_p)):
+        r = _proxyload("connrate", "--port", port, "--via", via, "--target", http_p,
+                       "--conns", 4, "--seconds", 10, "--max", 30)
+        assert (r["ok"], r["failed"]) == (30, 0) and r["rate"] > 0, (via, r)
+    r = _proxyload("connrate", "--port", refuse_p, "--via", "socks5", "--target", http_p,
+                   "--conns", 2, "--seconds", 10, "--max", 5)
+    assert r == {**r, "ok": 0, "failed": 5, "errors": {"socks5: reply code 0x05": 5}}
+    r = _proxyload("connrate", "--port", refuse_p, "--via", "http", "--target", http_p,
+                   "--conns", 2, "--seconds", 10, "--max", 3)
+    assert r["errors"] == {"http: CONNECT answered 403": 3}
+    for via in ("socks5", "http"):
+        r = _proxyload("firstbyte", "--port", ok_p, "--via", via, "--target", byte_p,
+                       "--n", 10, "--gap-ms", 0)
+        assert r["ok"] == 10 and 0 < r["p50_us"] <= r["p99_us"]
+    r = _proxyload("firstbyte", "--port", refuse_p, "--via", "socks5", "--target", byte_p,
+                   "--n", 3, "--gap-ms", 0)
+    assert r["ok"] == 0 and "p50_us" not in r and "reply code 0x05" in r["errors"][0]
+
+
+def test_memload_through_socks5(tmp_path, fake_proxies):
+    """memload's client asks a SOCKS5 proxy for the sink: the sink sees every one."""
+    ok_p, refuse_p, _, _ = fake_proxies
+    here = os.path.dirname(os.path.abspath(__file__))
+    port, status = benchlib.free_port(), str(tmp_path / "count")
+    sink = benchlib.spawn([sys.executable, os.path.join(here, "memload.py"), "sink",
+                           "--port", str(port), "--status", status], str(tmp_path / "s"))
+    try:
+        benchlib.wait_listening(port, [sink], 10)
+        for proxy, want in ((ok_p, "connected 12"), (refuse_p, "partial 0 ValueError")):
+            c = subprocess.run([sys.executable, os.path.join(here, "memload.py"), "client",
+                                "--port", str(proxy), "--n", "12", "--batch", "5",
+                                "--sink-status", status, "--timeout", "10",
+                                "--socks5-target", str(port)],
+                               input="close\n", capture_output=True, text=True, timeout=30)
+            assert c.stdout.splitlines()[0].startswith(want), c.stdout + c.stderr
+    finally:
+        benchlib.kill_proc(sink)
+
+
+def test_proxychains_prefix(tmp_path):
+    c = SimpleNamespace(tmp=str(tmp_path))
+    assert measures.proxychains_prefix(c, tools.Forwarder("culvert forward tcp", 5, [])) == ()
+    fwd = tools.Forwarder("dante", 41080, [])
+    fwd.via = "socks5"
+    prefix = measures.proxychains_prefix(c, fwd)
+    assert prefix[:3] == ("proxychains4", "-q", "-f")
+    conf = open(prefix[3]).read()
+    assert conf.splitlines()[-2:] == ["[ProxyList]", "socks5 127.0.0.1 41080"]
+    assert "strict_chain" in conf and "proxy_dns" not in conf
+
+
+def test_listening_lines_and_metrics_check():
+    assert benchlib.parse_listening("listening proxy 127.0.0.1:42605", "proxy") == 42605
+    assert benchlib.parse_listening("listening admin 127.0.0.1:34935\n", "admin") == 34935
+    for bad in ("listening tcp 127.0.0.1:1 -> 127.0.0.1:2", "listening admin [::1]"):
+        with pytest.raises(ValueError):
+            benchlib.parse_listening(bad, "admin")
+    page = "# HELP culvert_build_info x\n# TYPE culvert_build_info gauge\nculvert_build_info 1\n"
+    assert benchlib.check_metrics_text(200, page) is None
+    assert benchlib.check_metrics_text(401, page) == "HTTP 401"
+    assert "no culvert_" in benchlib.check_metrics_text(200, "# nothing\n")
+
+
+def _metrics_server(tmp_path, status):
+    port = benchlib.free_port()
+    body = "culvert_build_info 1" if status == 200 else "no"
+    script = tmp_path / f"m{status}.py"
+    script.write_text(
+        "import http.server, sys\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        f"        self.send_response({status}); self.end_headers()\n"
+        f"        self.wfile.write(b'{body}' if self.path == '/metrics' else b'')\n"
+        "    def log_message(self, *a): pass\n"
+        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    p = benchlib.spawn([sys.executable, str(script)], str(tmp_path / f"m{status}.log"))
+    benchlib.wait_listening(port, [p], 10)
+    return p, port
+
+
+def test_with_scrape_scrapes_once_a_second_and_fails_on_a_bad_scrape(tmp_path, monkeypatch):
+    good, gport = _metrics_server(tmp_path, 200)
+    bad, bport = _metrics_server(tmp_path, 500)
+    try:
+        scrapes = []
+
+        def measurement(c, f, b):
+            time.sleep(1.6)
+            return {"tput1_gbps": 5.0, "cpu_s_per_gb": NA}
+
+        class Counting(benchlib.MetricsScraper):
+            def stop(self):
+                scrapes.append(super().stop())
+                return scrapes[-1]
+
+        monkeypatch.setattr(measures, "MetricsScraper", Counting)
+
+        run_fn = measures.with_scrape(measurement)
+        fwd = tools.Forwarder("culvert --admin", 1, [])
+        fwd.admin_port = gport
+        out = run_fn(None, fwd, None)
+        assert out["tput1_gbps"] == 5.0 and out["cpu_s_per_gb"] is NA
+        assert scrapes == [(2, [])]  # at the start and a second later
+        assert out["_notes"] == ["/metrics scraped once a second during every measurement, "
+                                 "every scrape answered"]
+        fwd.admin_port = bport
+        out = run_fn(None, fwd, None)
+        assert isinstance(out["tput1_gbps"], Failed) and "HTTP 500" in out["tput1_gbps"].reason
+        assert out["cpu_s_per_gb"] is NA
+        # a forwarder without the endpoint: the measurement alone
+        assert run_fn(None, tools.Forwarder("culvert", 1, []), None) == \
+            {"tput1_gbps": 5.0, "cpu_s_per_gb": NA}
+    finally:
+        benchlib.kill_proc(good)
+        benchlib.kill_proc(bad)
+
+
+def test_culvert_admin_start_reads_both_ready_lines(ctx, tmp_path):
+    fake = tmp_path / "culvert"
+    fake.write_text(
+        "#!/bin/sh\necho \"$@\" > " + str(tmp_path / "args") + "\n"
+        f"exec {sys.executable} -c 'import socket,time; s=socket.socket(); "
+        "s.bind((\"127.0.0.1\",0)); s.listen()\n"
+        "print(\"listening tcp 127.0.0.1:%d -> x\" % s.getsockname()[1])\n"
+        "print(\"listening admin 127.0.0.1:34935\", flush=True); time.sleep(30)'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    fwd = tools.start_culvert_admin(ctx, 9)
+    try:
+        assert fwd.admin_port == 34935 and fwd.port != 9
+    finally:
+        fwd.stop()
+    assert (tmp_path / "args").read_text().startswith("forward tcp --admin 127.0.0.1:0 ")
+    fake.write_text("#!/bin/sh\necho 'listening tcp 127.0.0.1:1 -> x'\necho oops\nsleep 30\n")
+    with pytest.raises(StartError, match="listening admin"):
+        tools.start_culvert_admin(ctx, 9)
+    assert not benchlib._LIVE
+
+
+def _proxy_raw(culvert_mem=1.5):
+    C, F = "culvert proxy", "culvert forward tcp"
+    return {
+        F: {"tput1_gbps": [10.0, 10.0], "tput8_gbps": [12.0, 12.0],
+            "socks_conn_per_s": [8000.0] * 2, "http_conn_per_s": [8000.0] * 2,
+            "kib_per_conn": [0.6, 0.6]},
+        C: {"tput1_gbps": [9.5, 9.5], "tput8_gbps": [10.0, 10.0],
+            "socks_conn_per_s": [6000.0] * 2, "http_conn_per_s": [6500.0] * 2,
+            "kib_per_conn": [culvert_mem] * 2},
+        "dante": {"tput1_gbps": [6.0, 6.0], "tput8_gbps": [Failed("iperf3 timed out")] * 2,
+                  "socks_conn_per_s": [4500.0] * 2, "http_conn_per_s": [NA, NA]},
+        "microsocks": {"tput1_gbps": [3.0, 3.0], "tput8_gbps": [5.0, 5.0],
+                       "http_conn_per_s": [NA, NA]},
+        "ssh -D": {"tput1_gbps": [1.0, 1.0], "tput8_gbps": [1.0, 1.0],
+                   "http_conn_per_s": [NA, NA]}}
+
+
+def test_proxy_targets_against_forward_tcp_the_best_peer_and_dante():
+    names = ["culvert forward tcp", "culvert proxy", "dante", "microsocks", "ssh -D"]
+    doc = report.build_all([_sec("proxy", _proxy_raw(), names)], {**META, "elapsed_s": 1})
+    t = {r["target"]: r for r in doc["targets"]}
+    assert t["culvert proxy: throughput 1 stream ≥ 0.9× culvert forward tcp"]["holds"] is True
+    r = t["culvert proxy: throughput 1 stream ≥ 1.5× the best peer"]
+    assert r["holds"] is True and "(dante) = 1.58×" in r["measured"]
+    assert t["culvert proxy: throughput 8 streams ≥ 0.9× culvert forward tcp"]["holds"] is False
+    r = t["culvert proxy: throughput 8 streams ≥ 1.5× the best peer"]  # dante FAILED
+    assert r["holds"] is True and "(microsocks) = 2.00×" in r["measured"]
+    r = t["culvert proxy: new SOCKS5 connections/s ≥ 1.5× dante"]
+    assert r["holds"] is False and "1.33×" in r["measured"]
+    assert t["culvert proxy: ≤ 2 KiB RSS per idle proxied connection at 5,000"]["holds"] is True
+    prx = doc["sections"]["proxy"]
+    assert prx["ratios_to_direct"]["socks_conn_per_s"]["culvert proxy"] == pytest.approx(0.75)
+    assert prx["vs_best_peer"]["tput1_gbps"]["best_peer"] == "dante"
+    md = report.markdown(doc)
+    assert "### Ratio to culvert forward tcp (median / culvert forward tcp's median)" in md
+    row = next(x for x in md.splitlines() if x.startswith("| dante |") and "FAILED" in x)
+    assert "| n/a |" in row  # HTTP CONNECT: dante does not speak it
+    json.dumps(doc)
+    doc = report.build_all([_sec("proxy", _proxy_raw(3.0), names, {"mem_conns": 2000})], META)
+    t = {r["target"]: r for r in doc["targets"]}
+    r = t["culvert proxy: ≤ 2 KiB RSS per idle proxied connection at 5,000"]
+    assert r["holds"] is None and "not measured at 5,000" in r["why"]
+
+
+def test_admin_section_is_one_ab_table():
+    A, B = "culvert", "culvert --admin"
+    raw = {A: {"tput1_gbps": [10.0, 12.0], "conn_per_s": [9000.0, 9000.0]},
+           B: {"tput1_gbps": [11.0, 11.0], "conn_per_s": [Failed("admin scrape failed: x")] * 2}}
+    doc = report.build_all([_sec("admin", raw, [A, B])], META)
+    adm = doc["sections"]["admin"]
+    assert adm["tools"] == {} and adm["ab"][0]["ratio"]["tput1_gbps"] == pytest.approx(1.0)
+    assert adm["ab"][0]["ratio"]["conn_per_s"] is None
+    md = report.markdown(doc)
+    assert f"| {A} | {B} | {B} / {A} |" in md
+    assert "| throughput | throughput 1 stream (Gbit/s) | higher | 11.00 (10.00–12.00) | " \
+           "11.00 (11.00–11.00) | 1.00x |" in md
+    assert "culvert --admin / conn_per_s: FAILED: admin scrape failed: x" in md
+
+
+def test_proxy_and_admin_sections_select_and_budget():
+    ap = run.argparse.ArgumentParser()
+    got = run.select(SimpleNamespace(only="proxy,admin", tools=None, groups=None), ap)
+    assert [s.name for s, _, _ in got] == ["proxy", "admin"]
+    assert run.default_budget(got, quick=False) == 880 + 560 + 120
+    assert run.default_budget(got, quick=True) == 170 + 150 + 40
+    fwd = run.select(SimpleNamespace(only="forward", tools=None, groups=None), ap)
+    assert run.default_budget(fwd, quick=False) == 880
+    sec = sections.SECTION_BY_NAME["proxy"]
+    assert next(t for t in sec.tools if t.baseline).name == "culvert forward tcp"
+    speaks_http = [t.name for t in sec.tools if "proxy connrate http" not in t.na]
+    assert speaks_http == ["culvert forward tcp", "culvert proxy"]
+    assert {"danted": "dante-server", "microsocks": "microsocks",
+            "proxychains4": "proxychains4"}.items() <= run.PEERS.items()

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 
 from benchlib import (StartError, free_port, free_port_tcp_udp, kill_proc, parse_exposed,
-                      parse_ready_line, parse_tunnel_ready, read_lines, read_ready_line,
-                      run_cmd, spawn, wait_listening, wait_udp_bound)
+                      parse_listening, parse_ready_line, parse_tunnel_ready, read_lines,
+                      read_ready_line, run_cmd, spawn, wait_listening, wait_udp_bound)
 
 START_TIMEOUT = 10.0
 
@@ -82,6 +82,30 @@ def start_culvert(ctx, target_port):
 
 def start_culvert_nosplice(ctx, target_port):
     return _culvert(ctx, target_port, "culvert --no-splice", ["--no-splice"])
+
+
+def start_culvert_admin(ctx, target_port):
+    """`forward tcp --admin 127.0.0.1:0`: the admin port from its `listening admin`
+    line (printed after the forwarder's own) is the Forwarder's `admin_port`."""
+    _check_culvert(ctx)
+    name = "culvert --admin"
+    p = spawn([ctx.culvert, "forward", "tcp", "--admin", "127.0.0.1:0", "--log-level",
+               "warning", "127.0.0.1:0", f"127.0.0.1:{target_port}"],
+              _log(ctx, name), stdout_pipe=True)
+    try:
+        first, second = read_lines(p, 2, ctx.start_timeout)
+        port = parse_ready_line(first)
+        admin = parse_listening(second, "admin")
+        wait_listening(port, [p], ctx.start_timeout)
+    except ValueError as e:
+        kill_proc(p)
+        raise StartError(str(e))
+    except BaseException:
+        kill_proc(p)
+        raise
+    fwd = Forwarder(name, port, [p])
+    fwd.admin_port = admin
+    return fwd
 
 
 def start_socat(ctx, target_port):
@@ -170,8 +194,9 @@ def _ssh_keys(ctx):
 
 
 def _ssh(ctx, target_port, flag, name):
-    """sshd on a loopback port with its own config, then `ssh -N -L|-R` through it.
-    -L: ssh listens on the port; -R: sshd does (the reverse tunnel's public side)."""
+    """sshd on a loopback port with its own config, then `ssh -N -L|-R|-D` through it.
+    -L and -D: ssh listens on the port; -R: sshd does (the reverse tunnel's public
+    side). -D (a SOCKS proxy) takes no target: target_port is None."""
     sshd = "/usr/sbin/sshd"
     if not os.access(sshd, os.X_OK):
         raise StartError("sshd not installed")
@@ -188,7 +213,8 @@ def _ssh(ctx, target_port, flag, name):
                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
                "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
-               flag, f"127.0.0.1:{port}:127.0.0.1:{target_port}",
+               flag, f"127.0.0.1:{port}" + (f":127.0.0.1:{target_port}" if target_port
+                                            else ""),
                f"{getpass.getuser()}@127.0.0.1"]
         c = _start_listening(ctx, name, cmd, port, extra_procs=[d])
     except BaseException:
@@ -389,6 +415,90 @@ def start_tunnel_udp(ctx, target_port):
     return start_tunnel(ctx, target_port, "culvert tunnel plain", "plain", udp=True)
 
 
+# --------------------------------------------------------------------------- proxies
+# A proxy's Forwarder has `via`: how clients ask it for the back end ("socks5"; culvert
+# proxy also speaks HTTP CONNECT on the same port). The reference, culvert's own
+# forward tcp, has none: its clients connect and are at the back end.
+
+def start_proxy_reference(ctx, target_port):
+    return _culvert(ctx, target_port, "culvert forward tcp", [])
+
+
+# The default cap, a quarter of the free descriptors, is ~4,990 under this machine's
+# hard limit of 20,000: below the 5,000 idle connections of the memory test.
+PROXY_MAX_CONNECTIONS = 6000
+
+
+def start_culvert_proxy(ctx, target_port):
+    _check_culvert(ctx)
+    name = "culvert proxy"
+    p = spawn([ctx.culvert, "proxy", "--max-connections", str(PROXY_MAX_CONNECTIONS),
+               "--log-level", "warning", "127.0.0.1:0"], _log(ctx, name), stdout_pipe=True)
+    try:
+        port = read_ready_line(p, ctx.start_timeout, lambda x: parse_listening(x, "proxy"))
+        wait_listening(port, [p], ctx.start_timeout)
+    except BaseException:
+        kill_proc(p)
+        raise
+    fwd = Forwarder(name, port, [p])
+    fwd.via = "socks5"
+    return fwd
+
+
+DANTE_CFG = """\
+logoutput: {log}
+errorlog: {log}
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+    log: error
+}}
+socks pass {{
+    from: 127.0.0.0/8 to: 127.0.0.0/8
+    command: connect
+    log: error
+}}
+"""
+
+
+def start_dante(ctx, target_port):
+    """danted in the foreground with its own config: no authentication, CONNECT from
+    and to loopback, errors logged only."""
+    danted = "/usr/sbin/danted"
+    if not os.access(danted, os.X_OK):
+        raise StartError("danted not installed")
+    port = free_port()
+    cfg = os.path.join(ctx.tmp, "danted.conf")
+    with open(cfg, "w") as f:
+        f.write(DANTE_CFG.format(port=port, log=_log(ctx, "danted-own")))
+    cmd = [danted, "-f", cfg, "-p", os.path.join(ctx.tmp, "danted.pid")]
+    fwd = Forwarder("dante", port, [_start_listening(ctx, "dante", cmd, port)])
+    fwd.via = "socks5"
+    return fwd
+
+
+def start_microsocks(ctx, target_port):
+    """microsocks 1.0.3 (Debian 12) has no -q: it writes a line per connection to its
+    log file."""
+    port = free_port()
+    cmd = ["microsocks", "-i", "127.0.0.1", "-p", str(port)]
+    fwd = Forwarder("microsocks", port, [_start_listening(ctx, "microsocks", cmd, port)])
+    fwd.via = "socks5"
+    return fwd
+
+
+def start_ssh_dynamic(ctx, target_port):
+    """`ssh -N -D`: the SOCKS listener is the ssh client's, sshd connects to the target."""
+    fwd = _ssh(ctx, None, "-D", "ssh -D")
+    fwd.via = "socks5"
+    return fwd
+
+
 @dataclass
 class Tool:
     """One column of a section: what is started and measured side by side with the others."""
@@ -454,4 +564,21 @@ COMPRESS_TOOLS = [
 TUNNEL_UDP_TOOLS = [
     Tool("direct", start_direct, baseline=True),
     Tool("culvert tunnel plain", start_tunnel_udp),
+]
+
+# The proxy section: culvert's forward tcp as the reference, then the proxies. Only
+# culvert proxy speaks HTTP CONNECT.
+_NO_HTTP = {"proxy connrate http"}
+PROXY_TOOLS = [
+    Tool("culvert forward tcp", start_proxy_reference, baseline=True),
+    Tool("culvert proxy", start_culvert_proxy),
+    Tool("dante", start_dante, na=_NO_HTTP),
+    Tool("microsocks", start_microsocks, na=_NO_HTTP),
+    Tool("ssh -D", start_ssh_dynamic, na=_NO_HTTP),
+]
+
+# forward tcp with and without the admin endpoint, alternating run by run.
+ADMIN_TOOLS = [
+    Tool("culvert", start_culvert),
+    Tool("culvert --admin", start_culvert_admin),
 ]
