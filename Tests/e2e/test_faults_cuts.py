@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import struct
 import subprocess
-import threading
 import time
 
 import pytest
 
-from tunnel_support import (Fault, FaultProxy, Transfer, assert_echoed, close_wait_pids, free_port, local_of, poll,
+from tunnel_support import (Fault, FaultProxy, Slowloris, Transfer, assert_echoed, close_wait_pids, free_port, local_of, poll,
                             rss_bytes, served_within, settle_fd_count)
 
 HEARTBEAT = ["--heartbeat-interval", "500ms", "--heartbeat-misses", "2"]
@@ -276,70 +274,10 @@ def test_control_channel_fault(rig, fault):
 # (d) slowloris with partial handshakes from other addresses while a client connects
 
 
-class PartialHandshakes:
-    """From each source address, `per_source` connections that send the first bytes of
-    a handshake (a TLS record header and a little of a ClientHello, or a frame header on
-    plain) and a byte now and then, renewed every `renew` seconds and reopened when the
-    server closes them. Bounded: stops at exit or after `max_seconds`."""
-
-    def __init__(self, server: tuple[str, int], sources: list[str], per_source: int, plain: bool,
-                 renew: float = 3.0, max_seconds: float = 30.0):
-        self.server = server
-        self.start_bytes = struct.pack(">IB", 71, 0x21) + b"\x00" if plain else bytes.fromhex("160301020001")
-        self.slots: list[list] = [[src, None, 0.0] for src in sources for _ in range(per_source)]
-        self.renew, self.max_seconds = renew, max_seconds
-        self.opened = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="partial-handshakes")
-
-    def __enter__(self) -> "PartialHandshakes":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        for slot in self.slots:
-            if slot[1]:
-                slot[1].close()
-
-    def _open(self, source: str) -> socket.socket | None:
-        s = socket.socket()
-        try:
-            s.bind((source, 0))
-            s.settimeout(1)
-            s.connect(self.server)
-            s.sendall(self.start_bytes)
-            s.setblocking(False)
-        except OSError:
-            s.close()
-            return None
-        self.opened += 1
-        return s
-
-    def _run(self) -> None:
-        end = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < end:
-            for slot in self.slots:
-                source, s, since = slot
-                if s is not None:
-                    try:
-                        gone = s.recv(1) == b""
-                        if not gone:
-                            continue  # an answer to a partial hello is not expected; keep it
-                    except BlockingIOError:
-                        gone = time.monotonic() - since > self.renew
-                        if not gone:
-                            with contextlib.suppress(OSError):
-                                s.send(b"\x00")  # a byte now and then, as a slow client would
-                    except OSError:
-                        gone = True
-                    if gone:
-                        s.close()
-                        s = None
-                if s is None:
-                    slot[1], slot[2] = self._open(source), time.monotonic()
-            self._stop.wait(0.3)
+def partial_hello(plain: bool) -> bytes:
+    """The first bytes of a handshake: a frame header and a little of a DataHello on
+    plain, a TLS record header and a little of a ClientHello otherwise."""
+    return struct.pack(">IB", 71, 0x21) + b"\x00" if plain else bytes.fromhex("160301020001")
 
 
 @pytest.mark.parametrize("mode", ["plain", "tls-psk"])
@@ -354,12 +292,12 @@ def test_client_connects_during_partial_handshake_flood(kit, mode):
     sources = [f"127.0.0.{i}" for i in range(2, 21)]
     # The same flood once before the level is taken: the allocator keeps most of what the
     # first 128 TLS handshakes in the budget took (a plateau, not growth per flood).
-    with PartialHandshakes(srv.server_addr, sources, per_source=8, plain=mode == "plain") as warm_up:
+    with Slowloris(srv.server_addr, sources, per_source=8, first_bytes=partial_hello(mode == "plain"), renew=3.0, max_seconds=30.0) as warm_up:
         poll(lambda: warm_up.opened >= len(warm_up.slots) + 20, 15, "the warm-up flood to churn")
     settle_fd_count(srv.pid)
     sockets, rss = sockets_of(srv.pid), rss_bytes(srv.pid)
 
-    with PartialHandshakes(srv.server_addr, sources, per_source=8, plain=mode == "plain") as flood:
+    with Slowloris(srv.server_addr, sources, per_source=8, first_bytes=partial_hello(mode == "plain"), renew=3.0, max_seconds=30.0) as flood:
         poll(lambda: flood.opened >= len(flood.slots) + 20, 15, "the flood to fill the budget and churn")
         started = time.monotonic()
         second = kit.start_client(srv.server_addr, [f"0:{local_of(echo)}"], mode, ready=False,

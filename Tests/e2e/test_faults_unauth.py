@@ -4,15 +4,12 @@ and the server logs such a flood in a bounded number of lines (issue 13, item 4)
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import select
 import socket
-import threading
 import time
 
-from tunnel_support import echo_many, fd_count, poll, raw_connect, settle_fd_count, wait_closed_no_data
+from tunnel_support import Slowloris, echo_many, fd_count, poll, raw_connect, settle_fd_count, wait_closed_no_data
 
 # 39 attacker addresses holding 6 silent connections each: 234 > the default budget of
 # 128, and under the default per-address cap of 8, so only the budget's own fairness
@@ -20,67 +17,6 @@ from tunnel_support import echo_many, fd_count, poll, raw_connect, settle_fd_cou
 ATTACKERS = [f"127.0.0.{i}" for i in range(2, 41)]
 PER_ATTACKER = 6
 REFUSAL_LINE = r"connection refused|handshake failed|connection dropped|unauthenticated connections refused"
-
-
-class Slowloris:
-    """Holds `per_source` silent connections from each source address to the server,
-    reopening each as soon as the server closes it (checked every `tick`) and renewing
-    it after `renew` seconds, as an attacker would to stay under the handshake timeout.
-    Bounded: stops at `stop()` or after `max_seconds`."""
-
-    def __init__(self, server: tuple[str, int], sources: list[str], per_source: int,
-                 tick: float = 0.3, renew: float = 4.0, max_seconds: float = 40.0):
-        self.server = server
-        self.slots: list[tuple[str, socket.socket | None, float]] = [(s, None, 0.0) for s in sources for _ in range(per_source)]
-        self.tick, self.renew, self.max_seconds = tick, renew, max_seconds
-        self.opened = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="slowloris", daemon=True)
-
-    def __enter__(self) -> "Slowloris":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        for _, s, _ in self.slots:
-            if s:
-                s.close()
-
-    def _open(self, source: str) -> socket.socket | None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.bind((source, 0))
-            s.setblocking(False)
-            s.connect_ex(self.server)
-        except OSError:
-            s.close()
-            return None
-        self.opened += 1
-        return s
-
-    def _run(self) -> None:
-        end = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < end:
-            now = time.monotonic()
-            live = [s for _, s, _ in self.slots if s]
-            readable = set(select.select(live, [], [], 0)[0]) if live else set()
-            for i, (source, s, since) in enumerate(self.slots):
-                if s is not None and s in readable:
-                    # the server closed it (refused, displaced or timed out)
-                    with contextlib.suppress(OSError):
-                        s.recv(1)
-                    s.close()
-                    s = None
-                elif s is not None and now - since > self.renew:
-                    s.close()
-                    s = None
-                if s is None:
-                    s = self._open(source)
-                    since = now
-                self.slots[i] = (source, s, since)
-            self._stop.wait(self.tick)
 
 
 def wait_flooded(srv, flood: Slowloris) -> None:

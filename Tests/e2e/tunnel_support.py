@@ -1129,3 +1129,75 @@ class FaultProxy:
             link.apply(Fault("reset"))
         for link in links:
             link.closed.wait(timeout=2)
+
+
+class Slowloris:
+    """Holds `per_source` connections from each source address to `server` that never
+    finish a handshake: silent, or (with `first_bytes`) sending the start of one and
+    then a byte every `tick`, as a slow client would. Each is reopened as soon as the
+    server closes it and renewed after `renew` seconds, to stay under the handshake
+    timeout. Bounded: stops at exit or after `max_seconds`."""
+
+    def __init__(self, server: tuple[str, int], sources: list[str], per_source: int, first_bytes: bytes = b"",
+                 tick: float = 0.3, renew: float = 4.0, max_seconds: float = 40.0):
+        self.server, self.first_bytes = server, first_bytes
+        self.slots: list[list] = [[src, None, 0.0] for src in sources for _ in range(per_source)]
+        self.tick, self.renew, self.max_seconds = tick, renew, max_seconds
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slowloris", daemon=True)
+
+    def __enter__(self) -> "Slowloris":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for slot in self.slots:
+            if slot[1]:
+                slot[1].close()
+
+    def _open(self, source: str) -> socket.socket | None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((source, 0))
+            if self.first_bytes:
+                s.settimeout(1)
+                s.connect(self.server)
+                s.sendall(self.first_bytes)
+                s.setblocking(False)
+            else:
+                s.setblocking(False)
+                s.connect_ex(self.server)
+        except OSError:
+            s.close()
+            return None
+        self.opened += 1
+        return s
+
+    def _closed_by_server(self, s: socket.socket) -> bool:
+        try:
+            return s.recv(1) == b""  # an answer to a partial hello is not expected; keep it
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < end:
+            now = time.monotonic()
+            live = [slot[1] for slot in self.slots if slot[1]]
+            readable = set(select.select(live, [], [], 0)[0]) if live else set()
+            for slot in self.slots:
+                source, s, since = slot
+                if s is not None and ((s in readable and self._closed_by_server(s)) or now - since > self.renew):
+                    s.close()
+                    s = None
+                elif s is not None and self.first_bytes:
+                    with contextlib.suppress(OSError):
+                        s.send(b"\x00")
+                if s is None:
+                    slot[1], slot[2] = self._open(source), now
+            self._stop.wait(self.tick)
