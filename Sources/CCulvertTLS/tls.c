@@ -297,3 +297,34 @@ int culvert_tls_flush(SSL *ssl, int fd) {
     w->start = w->end = w->capacity = 0;
     return 1;
 }
+
+size_t culvert_tls_output(SSL *ssl, const unsigned char **data) {
+    struct write_buffer *w = BIO_get_data(SSL_get_wbio(ssl));
+    if (w == NULL || w->start == w->end) { *data = NULL; return 0; }
+    *data = w->data + w->start;
+    return w->end - w->start;
+}
+
+void culvert_tls_consume(SSL *ssl, size_t count) {
+    struct write_buffer *w = BIO_get_data(SSL_get_wbio(ssl));
+    if (w == NULL) return;
+    w->start += count < w->end - w->start ? count : w->end - w->start;
+    if (w->start == w->end) {
+        free(w->data);
+        w->data = NULL;
+        w->start = w->end = w->capacity = 0;
+    }
+}
+
+int culvert_tls_use_read_buffer(SSL *ssl) {
+    BIO *bio = BIO_new(BIO_s_mem());
+    if (bio == NULL) return -1;
+    /* Empty means "no bytes yet", not end of stream: the owner reports the end itself. */
+    BIO_set_mem_eof_return(bio, -1);
+    SSL_set0_rbio(ssl, bio);
+    return 0;
+}
+
+int culvert_tls_feed(SSL *ssl, const void *bytes, size_t count) {
+    return BIO_write(SSL_get_rbio(ssl), bytes, (int)count) == (int)count ? 0 : -1;
+}

@@ -180,6 +180,14 @@ public final class AsyncDuplex: EventHandler {
 
     public func close() { fail(.closed, reset: false) }
 
+    /// Puts `layer` (a stream over the current one, on the same socket) in its place once
+    /// a handshake on the bare stream is done: a WebSocket after its HTTP upgrade, TLS
+    /// inside that WebSocket. Nothing may be queued for sending.
+    public func layer(_ layer: Duplex) {
+        precondition(outgoing.isEmpty && layer.fd == duplex.fd, "a layer goes over the same socket, nothing unsent")
+        duplex = layer
+    }
+
     /// Stops watching the connection and hands it over (to a relay); nothing may be
     /// queued for sending.
     public func detach() -> Duplex {

@@ -72,8 +72,8 @@ public final class TLSContext: @unchecked Sendable {
     }
 }
 
-/// TLS over a non-blocking TCP socket, as a `Duplex`: the buffered copier moves its
-/// plaintext. Half-close sends close_notify and then FIN; TLS 1.3 lets the other
+/// TLS over a non-blocking TCP socket, or inside another stream on one (`init(over:)`),
+/// as a `Duplex`: the buffered copier moves its plaintext. Half-close sends close_notify and then FIN; TLS 1.3 lets the other
 /// direction go on.
 ///
 /// Records collect in a write buffer and leave with one send(2) per write call (up to
@@ -91,6 +91,10 @@ public final class TLSStream: Duplex {
     private var held = 0
     /// Plaintext encrypted per write call at most.
     private static let batch = 64 * 1024
+    /// The stream the records travel in when it is not the socket itself.
+    private let carrier: Duplex?
+    /// Received carrier bytes on their way into OpenSSL's read buffer.
+    private var carrierInput: UnsafeMutableRawPointer?
 
     /// What the handshake needs next.
     public enum HandshakeStep { case done, wantRead, wantWrite }
@@ -101,9 +105,29 @@ public final class TLSStream: Duplex {
         guard let ssl = SSL_new(context.ctx) else { throw TLSError.last("SSL_new") }
         self.ssl = ssl
         self.fd = fd
+        carrier = nil
         var one: Int32 = 1
         _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         SSL_set_fd(ssl, fd)
+        try setUp(context: context, serverName: serverName)
+    }
+
+    /// TLS inside another stream (the tunnel's inner layer in a WebSocket): records go
+    /// out through `carrier`'s writes and come in through its reads. The stream owns the
+    /// carrier from here on and closes it.
+    public init(over carrier: Duplex, context: TLSContext, serverName: String? = nil) throws(TLSError) {
+        guard let ssl = SSL_new(context.ctx) else { throw TLSError.last("SSL_new") }
+        self.ssl = ssl
+        fd = carrier.fd
+        self.carrier = carrier
+        guard culvert_tls_use_read_buffer(ssl) == 0 else {
+            SSL_free(ssl)
+            throw TLSError.last("cannot set up the TLS read buffer")
+        }
+        try setUp(context: context, serverName: serverName)
+    }
+
+    private func setUp(context: TLSContext, serverName: String?) throws(TLSError) {
         guard culvert_tls_use_write_buffer(ssl) == 0 else {
             SSL_free(ssl)
             throw TLSError.last("cannot set up the TLS write buffer")
@@ -123,17 +147,68 @@ public final class TLSStream: Duplex {
 
     deinit {
         SSL_free(ssl)
-        if !isClosed { Posix.close(fd) }
+        carrierInput?.deallocate()
+        if !isClosed {
+            if let carrier { carrier.close(reset: true) } else { Posix.close(fd) }
+        }
+    }
+
+    /// Sends the buffered records: 1 all out, 0 would block, -1 failed (errno set).
+    private func sendRecords() -> Int32 {
+        guard let carrier else { return culvert_tls_flush(ssl, fd) }
+        while true {
+            var data: UnsafePointer<UInt8>?
+            let count = culvert_tls_output(ssl, &data)
+            guard count > 0, let data else { return 1 }
+            switch carrier.write(from: data, count: count) {
+            case .bytes(let n): culvert_tls_consume(ssl, n)
+            case .wouldBlock: return 0
+            case .eof:
+                errno = EPIPE
+                return -1
+            case .failed(let e):
+                errno = e.errno
+                return -1
+            }
+        }
+    }
+
+    /// Moves what the carrier has received into OpenSSL's read buffer: nil when bytes
+    /// came (OpenSSL may go on), else why none did.
+    private func receiveRecords(from carrier: Duplex) -> IOResult? {
+        let capacity = 64 * 1024
+        let input = carrierInput ?? UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 16)
+        carrierInput = input
+        switch carrier.read(into: input, count: capacity) {
+        case .bytes(let n):
+            guard culvert_tls_feed(ssl, input, n) == 0 else { return .failed(SystemError("BIO_write", errno: ENOMEM)) }
+            return nil
+        case let other:
+            return other
+        }
     }
 
     public var isSpliceable: Bool { false }
 
     public func handshakeStep() throws(TLSError) -> HandshakeStep {
+        while true {
+            let step = try handshakeOnce()
+            guard step == .wantRead, let carrier else { return step }
+            switch receiveRecords(from: carrier) {
+            case nil: continue
+            case .wouldBlock?: return .wantRead
+            case .failed(let e)?: throw TLSError(message: "TLS handshake: \(e)", isRejection: false)
+            case .eof?, .bytes?: throw TLSError(message: "TLS handshake: connection closed by peer", isRejection: false)
+            }
+        }
+    }
+
+    private func handshakeOnce() throws(TLSError) -> HandshakeStep {
         ERR_clear_error()
         let rc = SSL_do_handshake(ssl)
         let error = rc == 1 ? SSL_ERROR_NONE : SSL_get_error(ssl, rc)
         if error == SSL_ERROR_NONE || error == SSL_ERROR_WANT_READ || error == SSL_ERROR_WANT_WRITE {
-            switch culvert_tls_flush(ssl, fd) {
+            switch sendRecords() {
             case 1: break
             case 0: return .wantWrite
             default:
@@ -142,7 +217,7 @@ public final class TLSStream: Duplex {
         }
         if rc == 1 { return .done }
         // A failed handshake may have queued an alert for the peer: send it if we can.
-        if error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE { _ = culvert_tls_flush(ssl, fd) }
+        if error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE { _ = sendRecords() }
         switch error {
         case SSL_ERROR_WANT_READ: return .wantRead
         case SSL_ERROR_WANT_WRITE: return .wantWrite
@@ -180,10 +255,15 @@ public final class TLSStream: Duplex {
         ERR_clear_error()
         var total = 0
         var n = 0
-        guard SSL_read_ex(ssl, buffer, count, &n) == 1 else {
+        while SSL_read_ex(ssl, buffer, count, &n) != 1 {
             let error = SSL_get_error(ssl, 0)
+            if error == SSL_ERROR_WANT_READ, let carrier {
+                if let r = receiveRecords(from: carrier) { return r }
+                ERR_clear_error()
+                continue
+            }
             // A failed read may have queued an alert for the peer.
-            if error != SSL_ERROR_WANT_READ && held == 0 { _ = culvert_tls_flush(ssl, fd) }
+            if error != SSL_ERROR_WANT_READ && held == 0 { _ = sendRecords() }
             return result(of: error, call: "SSL_read")
         }
         total = n
@@ -195,13 +275,13 @@ public final class TLSStream: Duplex {
             total += n
         }
         // Reading may have produced records to send (a key update's answer).
-        if held == 0 && culvert_tls_pending_output(ssl) > 0 { _ = culvert_tls_flush(ssl, fd) }
+        if held == 0 && culvert_tls_pending_output(ssl) > 0 { _ = sendRecords() }
         return .bytes(total)
     }
 
     public func write(from buffer: UnsafeRawPointer, count: Int) -> IOResult {
         if held > 0 || culvert_tls_pending_output(ssl) > 0 {
-            switch culvert_tls_flush(ssl, fd) {
+            switch sendRecords() {
             case 1: break
             case 0: return .wouldBlock
             default: return .failed(SystemError("send", errno: errno))
@@ -225,7 +305,7 @@ public final class TLSStream: Duplex {
             }
             total += n
         }
-        switch culvert_tls_flush(ssl, fd) {
+        switch sendRecords() {
         case 1: return .bytes(total)
         case 0:
             held = total
@@ -253,15 +333,15 @@ public final class TLSStream: Duplex {
                 total += n
             }
         }
-        if culvert_tls_flush(ssl, fd) < 0 { return .failed(SystemError("send", errno: errno)) }
+        if sendRecords() < 0 { return .failed(SystemError("send", errno: errno)) }
         return .bytes(headerCount + bodyCount)
     }
 
-    public var bufferedOutput: Int { held == 0 ? Int(culvert_tls_pending_output(ssl)) : 0 }
+    public var bufferedOutput: Int { held == 0 ? Int(culvert_tls_pending_output(ssl)) + (carrier?.bufferedOutput ?? 0) : 0 }
 
     public func flushBuffered() -> IOResult {
-        switch culvert_tls_flush(ssl, fd) {
-        case 1: return .bytes(0)
+        switch sendRecords() {
+        case 1: return carrier?.flushBuffered() ?? .bytes(0)
         case 0: return .wouldBlock
         default: return .failed(SystemError("send", errno: errno))
         }
@@ -285,22 +365,22 @@ public final class TLSStream: Duplex {
         _ = SSL_shutdown(ssl)
         // Best effort: every earlier write is out already (see the write contract), so
         // only the close_notify record can be left when the socket is full.
-        _ = culvert_tls_flush(ssl, fd)
-        return Net.shutdownWrite(fd)
+        _ = sendRecords()
+        return carrier?.shutdownWrite() ?? Net.shutdownWrite(fd)
     }
 
     public func close(reset: Bool) {
         guard !isClosed else { return }
         isClosed = true
         if reset {
-            Net.closeWithReset(fd)
+            if let carrier { carrier.close(reset: true) } else { Net.closeWithReset(fd) }
         } else {
             // An orderly end says so (close_notify), best effort on a non-blocking socket.
             ERR_clear_error()
             _ = SSL_shutdown(ssl)
             ERR_clear_error()
-            _ = culvert_tls_flush(ssl, fd)
-            Posix.close(fd)
+            _ = sendRecords()
+            if let carrier { carrier.close(reset: false) } else { Posix.close(fd) }
         }
     }
 }

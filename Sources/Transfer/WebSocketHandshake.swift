@@ -26,7 +26,8 @@ public enum WebSocketHandshake {
         return base64(nonce)
     }
 
-    static func base64(_ bytes: [UInt8]) -> String {
+    /// Standard base64 with padding (also HTTP Basic credentials).
+    public static func base64(_ bytes: [UInt8]) -> String {
         var out = [UInt8](repeating: 0, count: (bytes.count + 2) / 3 * 4 + 1)
         let n = EVP_EncodeBlock(&out, bytes, Int32(bytes.count))
         return String(decoding: out.prefix(Int(n)), as: UTF8.self)

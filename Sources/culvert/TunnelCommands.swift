@@ -21,6 +21,7 @@ struct TokenOptions: ParsableArguments {
 }
 
 extension TunnelTransport: ExpressibleByArgument {}
+extension TunnelWebSocket.Inner: ExpressibleByArgument {}
 
 /// `culvert token`: prints a new random token.
 struct TokenCommand: ParsableCommand {
@@ -40,7 +41,7 @@ struct TunnelCommonOptions: ParsableArguments {
             help: ArgumentHelp("TOML config file; flags given on the command line override it.", valueName: "file"))
     var config: String?
 
-    @Option(help: "tls (default; TLS 1.3, a PSK from the token unless certificates are set) or plain (both ends must ask; not encrypted).")
+    @Option(help: "tls (default; TLS 1.3, a PSK from the token unless certificates are set), plain (both ends must ask; not encrypted), or on the server ws / wss (in a WebSocket; clients give a ws:// or wss:// URL).")
     var transport: TunnelTransport?
 
     @Option(help: "Heartbeat interval (default: 5s).", transform: parseDuration)
@@ -115,6 +116,12 @@ struct ServerCommand: ParsableCommand {
     @Option(help: "Most connections still in their handshake from one IPv4 address or IPv6 /64 without a session (default: 8).")
     var maxUnauthenticatedPerSource: Int?
 
+    @Option(help: "With --transport ws/wss: the path that upgrades (default: /); any other gets 404.")
+    var wsPath: String?
+
+    @Option(help: "With --transport ws/wss: tls (default; the token's TLS-PSK inside the WebSocket, end to end) or plain.")
+    var inner: TunnelWebSocket.Inner?
+
     @OptionGroup var logging: LoggingOptions
     @OptionGroup var admin: AdminOptions
 
@@ -132,6 +139,8 @@ struct ServerCommand: ParsableCommand {
         flags.maxServices = maxServices
         flags.maxUnauthenticated = maxUnauthenticated
         flags.maxUnauthenticatedPerSource = maxUnauthenticatedPerSource
+        flags.wsPath = wsPath
+        flags.inner = inner
         return flags
     }
 
@@ -169,9 +178,9 @@ struct ClientCommand: ParsableCommand {
             exits 1 on authentication failure or when a service is refused at first start.
             """)
 
-    @Argument(help: "Server address, HOST[:PORT] (default port 7000; may come from the config file).",
-              transform: parseServerAddress)
-    var server: HostPort?
+    @Argument(help: "Server address, HOST[:PORT] (default port 7000; may come from the config file), or ws://HOST[:PORT]/PATH or wss://… for a server on --transport ws/wss.",
+              transform: parseServerArgument)
+    var server: ServerArgument?
 
     @Option(name: .customShort("R"), parsing: .singleValue,
             help: "Service to expose: [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT; repeat for several.",
@@ -231,12 +240,46 @@ struct ClientCommand: ParsableCommand {
         valueName: "N"))
     var maxVisitors: Int?
 
+    @Option(name: .customLong("header"), help: "Extra header of the WebSocket upgrade request, 'Name: value' (repeatable; ws:// and wss:// servers).")
+    var headers: [String] = []
+
+    @Option(help: "Host header of the WebSocket upgrade instead of the URL's (a CDN's edge name).")
+    var hostHeader: String?
+
+    @Option(help: "TLS server name (SNI and certificate check) instead of the URL's host (wss:// servers).")
+    var sni: String?
+
+    @Option(help: "With a ws:// or wss:// server: tls (default; the token's TLS-PSK inside the WebSocket) or plain (the server must agree).")
+    var inner: TunnelWebSocket.Inner?
+
+    @Option(help: "Ping each tunnel WebSocket this often and drop it when a ping goes unanswered until the next (default: 20s; off).",
+            transform: parseWebSocketPing)
+    var wsPing: WebSocketPing?
+
+    @Option(help: "Reach the server through a proxy: http://[USER:PASS@]HOST:PORT (CONNECT), socks5://[USER:PASS@]HOST:PORT, or env (HTTPS_PROXY and NO_PROXY).")
+    var proxy: String?
+
     @OptionGroup var logging: LoggingOptions
     @OptionGroup var admin: AdminOptions
 
     var flags: TunnelClientFlags {
         var flags = TunnelClientFlags()
-        flags.server = server
+        switch server {
+        case .address(let address)?: flags.server = address
+        case .webSocket(let url)?: flags.webSocketURL = url
+        case nil: break
+        }
+        flags.headers = headers
+        flags.hostHeader = hostHeader
+        flags.sni = sni
+        flags.inner = inner
+        flags.wsPing = wsPing.map { $0.interval }
+        flags.proxy = proxy
+        if proxy == "env" {
+            for name in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+                flags.proxyEnvironment[name] = getenv(name).map { String(cString: $0) }
+            }
+        }
         flags.services = services
         flags.secrets = secrets
         flags.serviceTokenFile = serviceTokenFile
@@ -288,8 +331,21 @@ func parseSecretSpec(_ text: String) throws -> ServiceSpec {
     do { return try ServiceSpec.parseSecret(text) } catch { throw ValidationError(error.description) }
 }
 
+/// The client's <server>: HOST[:PORT], or a ws:// or wss:// URL (which picks the transport).
+enum ServerArgument {
+    case address(HostPort)
+    case webSocket(WebSocketURL)
+}
+
 func parseServerAddress(_ text: String) throws -> HostPort {
     do { return try TunnelConfigFile.parseServer(text) } catch { throw ValidationError(error.description) }
+}
+
+func parseServerArgument(_ text: String) throws -> ServerArgument {
+    if WebSocketURL.looksLikeURL(text) {
+        do { return .webSocket(try WebSocketURL.parse(text)) } catch { throw ValidationError(error.description) }
+    }
+    do { return .address(try TunnelConfigFile.parseServer(text)) } catch { throw ValidationError(error.description) }
 }
 
 func parseServiceSpec(_ text: String) throws -> ServiceSpec {

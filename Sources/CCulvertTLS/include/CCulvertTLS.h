@@ -43,5 +43,14 @@ size_t culvert_tls_pending_output(SSL *ssl);
 /// Sends the buffered records: 1 all sent (the buffer is freed), 0 the socket would
 /// block, -1 failed (errno set).
 int culvert_tls_flush(SSL *ssl, int fd);
+/// The buffered records not yet sent, for an owner that sends them over another stream
+/// instead of a socket; their count, `*data` pointing at the first byte.
+size_t culvert_tls_output(SSL *ssl, const unsigned char **data);
+/// Drops `count` bytes from the front of the buffered records (they were sent).
+void culvert_tls_consume(SSL *ssl, size_t count);
+/// Makes `ssl` read records from a memory BIO that `culvert_tls_feed` fills. 0 on success.
+int culvert_tls_use_read_buffer(SSL *ssl);
+/// Appends `count` received bytes to the read BIO. 0 on success.
+int culvert_tls_feed(SSL *ssl, const void *bytes, size_t count);
 
 #endif

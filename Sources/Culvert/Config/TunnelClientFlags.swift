@@ -24,6 +24,18 @@ public struct TunnelClientFlags: Sendable {
     public var udpIdleTimeout: Duration?
     public var udpMaxSessions: Int?
     public var maxVisitors: Int?
+    /// The server given as a ws:// or wss:// URL (then `server` is nil).
+    public var webSocketURL: WebSocketURL?
+    /// `--header`, `--host-header`, `--sni`, `--inner`: with a WebSocket URL only.
+    public var headers: [String] = []
+    public var hostHeader: String?
+    public var sni: String?
+    public var inner: TunnelWebSocket.Inner?
+    /// `--ws-ping`: nil not given, `.some(nil)` off.
+    public var wsPing: Duration??
+    /// `--proxy` as given, and the environment `--proxy env` reads.
+    public var proxy: String?
+    public var proxyEnvironment: [String: String] = [:]
 
     public init() {}
 
@@ -47,6 +59,7 @@ public struct TunnelClientFlags: Sendable {
         if (ca != nil || fingerprint != nil) && common.transport == .plain {
             throw ConfigError(setting: ca != nil ? "--ca" : "--fingerprint", "--ca and --fingerprint need --transport tls")
         }
+        try checkWebSocket()
         if visit != nil {
             if localListen == nil { throw ConfigError(setting: "-L", "--visit needs -L [BIND:]PORT to listen on") }
             if !services.isEmpty || !secrets.isEmpty {
@@ -56,11 +69,35 @@ public struct TunnelClientFlags: Sendable {
             throw ConfigError(setting: "-L", "-L only works with --visit NAME")
         }
         if !withFile {
-            if server == nil { throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] of the culvert server") }
+            if server == nil && webSocketURL == nil {
+                throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT], ws://HOST[:PORT]/PATH or wss://… of the culvert server")
+            }
             if services.isEmpty && secrets.isEmpty && visit == nil {
                 throw ConfigError(setting: "-R", "nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT or --secret NAME=HOST:PORT")
             }
         }
+    }
+}
+
+extension TunnelClientFlags {
+    /// The WebSocket options go with a ws:// or wss:// server, which names the transport.
+    private func checkWebSocket() throws(ConfigError) {
+        guard let url = webSocketURL else {
+            for (name, given) in [("--header", !headers.isEmpty), ("--host-header", hostHeader != nil), ("--sni", sni != nil),
+                                  ("--inner", inner != nil), ("--ws-ping", wsPing != nil)] where given {
+                throw ConfigError(setting: name, "\(name) needs the server as a ws:// or wss:// URL")
+            }
+            return
+        }
+        if let transport = common.transport, transport != (url.secure ? .wss : .ws) {
+            throw ConfigError(setting: "--transport", "--transport \(transport.rawValue) contradicts the server URL \(url); the URL's scheme sets the transport")
+        }
+        if !url.secure {
+            for (name, given) in [("--sni", sni != nil), ("--ca", ca != nil), ("--fingerprint", fingerprint != nil)] where given {
+                throw ConfigError(setting: name, "\(name) needs a wss:// server URL (ws:// has no TLS of its own)")
+            }
+        }
+        for h in headers { _ = try WebSocketEgress.parseHeader(h) }
     }
 }
 
@@ -79,7 +116,11 @@ extension TunnelClientConfig {
             throw ConfigError(setting: "--token-file", "no token: give --token-file FILE or set CULVERT_TOKEN")
         }
         config.token = token
-        if let server = flags.server {
+        if let url = flags.webSocketURL {
+            config.server = url.target
+            config.transport = url.secure ? .wss : .ws
+            config.webSocket.path = url.path
+        } else if let server = flags.server {
             config.server = server
         } else if fromFile?.hasServer != true {
             throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] or server = \"HOST:PORT\" in the config file")
@@ -116,6 +157,14 @@ extension TunnelClientConfig {
         if let udpIdleTimeout = flags.udpIdleTimeout { config.udpIdleTimeout = udpIdleTimeout }
         if let udpMaxSessions = flags.udpMaxSessions { config.udpMaxSessions = udpMaxSessions }
         if let maxVisitors = flags.maxVisitors { config.maxVisitors = maxVisitors }
+        config.webSocket.headers += try flags.headers.map { (h) throws(ConfigError) in try WebSocketEgress.parseHeader(h) }
+        if let hostHeader = flags.hostHeader { config.webSocket.hostHeader = hostHeader }
+        if let sni = flags.sni { config.webSocket.serverName = sni }
+        if let inner = flags.inner { config.webSocket.inner = inner }
+        if let wsPing = flags.wsPing { config.webSocket.ping = wsPing }
+        if let proxy = flags.proxy {
+            config.proxy = try ProxyRoute.parse(proxy, environment: flags.proxyEnvironment, server: config.server)
+        }
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")
         }

@@ -147,7 +147,7 @@ public enum TunnelConfigFile {
     }
 
     static func parseTransport(_ text: String) throws(InvalidValue) -> TunnelTransport {
-        guard let t = TunnelTransport(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not tls or plain") }
+        guard let t = TunnelTransport(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not tls, plain, ws or wss") }
         return t
     }
 

@@ -13,6 +13,9 @@ public struct TunnelServerFlags: Sendable {
     public var maxServices: Int?
     public var maxUnauthenticated: Int?
     public var maxUnauthenticatedPerSource: Int?
+    /// `--ws-path` and `--inner`, with `--transport ws` or `wss`.
+    public var wsPath: String?
+    public var inner: TunnelWebSocket.Inner?
 
     public init() {}
 
@@ -22,6 +25,20 @@ public struct TunnelServerFlags: Sendable {
         try common.check()
         if (cert == nil) != (key == nil) { throw ConfigError(setting: cert == nil ? "--cert" : "--key", "--cert and --key go together") }
         if cert != nil && common.transport == .plain { throw ConfigError(setting: "--cert", "--cert needs --transport tls") }
+        if cert != nil && common.transport == .ws {
+            throw ConfigError(setting: "--cert", "--transport ws leaves TLS to the proxy in front; for culvert to terminate TLS with --cert use --transport wss")
+        }
+        if common.transport == .wss && cert == nil {
+            throw ConfigError(setting: "--transport", "--transport wss needs --cert and --key (or --transport ws behind a TLS-terminating proxy)")
+        }
+        if let wsPath, !wsPath.hasPrefix("/") || wsPath.contains(where: { !$0.isASCII || $0.isWhitespace || $0 == "?" }) {
+            throw ConfigError(setting: "--ws-path", "--ws-path '\(wsPath)' must start with / and be ASCII without spaces or '?'")
+        }
+        if common.transport?.isWebSocket != true {
+            for (name, given) in [("--ws-path", wsPath != nil), ("--inner", inner != nil)] where given {
+                throw ConfigError(setting: name, "\(name) needs --transport ws or wss")
+            }
+        }
         for a in bindAddresses where !SocketAddressCheck.isNumeric(a) {
             throw ConfigError(setting: "--bind-addr", "--bind-addr '\(a)' is not a numeric IP address")
         }
@@ -56,6 +73,8 @@ extension TunnelServerConfig {
         if config.certFile != nil && config.transport == .plain {
             throw ConfigError(setting: "transport", "a certificate needs transport tls")
         }
+        if let wsPath = flags.wsPath { config.webSocket.path = wsPath }
+        if let inner = flags.inner { config.webSocket.inner = inner }
         if let allowPorts = flags.allowPorts { config.allowPorts = allowPorts }
         if !flags.bindAddresses.isEmpty { config.bindAddresses = flags.bindAddresses }
         if let maxClients = flags.maxClients { config.maxClients = maxClients }

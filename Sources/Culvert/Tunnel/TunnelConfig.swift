@@ -6,6 +6,14 @@ public enum TunnelTransport: String, CaseIterable, Sendable {
     case tls
     /// No encryption: only when both ends ask for it; data channels then splice.
     case plain
+    /// Inside a WebSocket over plain HTTP (behind a TLS-terminating proxy); the client
+    /// gets it from a ws:// server URL.
+    case ws
+    /// Inside a WebSocket over TLS (the server's --cert/--key); from a wss:// URL.
+    case wss
+
+    /// Whether the tunnel travels in a WebSocket.
+    public var isWebSocket: Bool { self == .ws || self == .wss }
 }
 
 /// Allowed public ports, e.g. `20000-20100,8080`.
@@ -190,6 +198,8 @@ public struct TunnelServerConfig: Sendable {
     public var listen: [HostPort] = [HostPort(host: nil, port: 7000)]
     public var token: String = ""
     public var transport: TunnelTransport = .tls
+    /// The path, inner layer and keepalive with `--transport ws` or `wss`.
+    public var webSocket = TunnelWebSocket()
     public var certFile: String?
     public var keyFile: String?
     public var allowPorts: PortRanges = .unprivileged
@@ -224,6 +234,10 @@ public struct TunnelClientConfig: Sendable {
     public var server: HostPort = HostPort(host: "127.0.0.1", port: 7000)
     public var token: String = ""
     public var transport: TunnelTransport = .tls
+    /// The path, inner layer, keepalive and request details with a ws:// or wss:// server.
+    public var webSocket = TunnelWebSocket()
+    /// How the server is reached: straight, or through an HTTP or SOCKS5 proxy.
+    public var proxy: ProxyRoute = .direct
     public var caFile: String?
     /// SHA-256 of the server certificate's DER, pinned.
     public var fingerprint: [UInt8]?

@@ -9,6 +9,8 @@ import Transfer
 final class TunnelConnector {
     let loop: EventLoop
     let server: HostPort
+    /// Straight to the server, or through a proxy (`--proxy`).
+    private let proxy: ProxyRoute
     private let keys: TokenKeys
     let transport: any Transport
     let connectTimeout: Duration
@@ -24,6 +26,7 @@ final class TunnelConnector {
     init(loop: EventLoop, config: TunnelClientConfig) throws {
         self.loop = loop
         server = config.server
+        proxy = config.proxy
         keys = TokenKeys(token: config.token)
         transport = try config.transport.implementation.init(client: config, keys: keys)
         connectTimeout = config.connectTimeout
@@ -48,12 +51,16 @@ final class TunnelConnector {
         return channel
     }
 
-    /// A TCP connection to the first of the server's addresses that answers.
+    /// A TCP connection to the first of the server's addresses that answers, or through
+    /// the proxy to the server.
     private func connect() async throws -> Int32 {
+        let dialed = proxy.address(for: server)
         if addresses.isEmpty {
-            addresses = try await Resolver.resolve(host: server.host ?? "127.0.0.1", port: server.port, passive: false, on: loop)
+            addresses = try await Resolver.resolve(host: dialed.host ?? "127.0.0.1", port: dialed.port, passive: false, on: loop)
         }
-        return try await Connector.connect(to: addresses, timeout: connectTimeout, on: loop)
+        let fd = try await Connector.connect(to: addresses, timeout: connectTimeout, on: loop)
+        guard proxy != .direct else { return fd }
+        return try await ProxyDialer.open(fd, through: proxy, to: server, timeout: handshakeTimeout, on: loop)
     }
 
     /// The mutual proof exchange on a fresh channel. Throws `FatalClientError` when the

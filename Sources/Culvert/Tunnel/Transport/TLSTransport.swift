@@ -39,7 +39,28 @@ struct TLSTransport: Transport {
         }
     }
 
+    /// The token's PSK alone, for TLS inside another transport's stream (`layer(over:)`).
+    init(psk keys: TokenKeys, server: Bool) throws {
+        context = try TLSContext.psk(key: keys.tlsPSK, server: server)
+        role = server ? .server : .pskClient
+    }
+
     var warning: String? { nil }
+
+    /// TLS inside `carrier`, which the stream owns from here on (closed on a throw), and
+    /// its handshake with the same checks as `wrap`'s; the carrier's own handshake has
+    /// settled which transport the peer speaks.
+    func layer(over carrier: Duplex) throws -> (stream: TLSStream, handshake: Handshake) {
+        let stream: TLSStream
+        do {
+            stream = try TLSStream(over: carrier, context: context)
+        } catch {
+            carrier.close(reset: true)
+            throw error
+        }
+        let role = self.role
+        return (stream, { channel in try await Self.handshake(stream, over: channel, role: role, checksPeer: false) })
+    }
 
     func wrap(_ fd: Int32) throws -> (stream: Duplex, handshake: Handshake) {
         let stream: TLSStream
@@ -53,13 +74,13 @@ struct TLSTransport: Transport {
             throw error
         }
         let role = self.role
-        return (stream, { channel in try await Self.handshake(stream, over: channel, role: role) })
+        return (stream, { channel in try await Self.handshake(stream, over: channel, role: role, checksPeer: true) })
     }
 
-    private static func handshake(_ stream: TLSStream, over channel: AsyncDuplex, role: Role) async throws {
+    private static func handshake(_ stream: TLSStream, over channel: AsyncDuplex, role: Role, checksPeer: Bool) async throws {
         // Until the peer's first bytes arrive, each step looks at them before OpenSSL
         // reads them: a frame there comes from an end on `--transport plain`.
-        var peerChecked = false
+        var peerChecked = !checksPeer
         do {
             while true {
                 if !peerChecked, let head = TransportMismatch.peek(stream.fd), !head.isEmpty {

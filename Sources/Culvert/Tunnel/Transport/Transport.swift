@@ -46,6 +46,7 @@ extension TunnelTransport {
         switch self {
         case .plain: return PlainTransport.self
         case .tls: return TLSTransport.self
+        case .ws, .wss: return WebSocketTransport.self
         }
     }
 }
