@@ -78,7 +78,7 @@ final class TunnelServerResolveTests: XCTestCase {
         let cases: [(String, String, String)] = [
             ("max_clients = 0", "max_clients", "0 is out of range 1-100000"),
             ("bind_addr = \"example.com\"", "bind_addr", "'example.com' is not a numeric IP address"),
-            ("transport = \"quic\"", "transport", "'quic' is not tls or plain"),
+            ("transport = \"quic\"", "transport", "'quic' is not tls, plain, ws or wss"),
             ("listn = \":7000\"", "listn", "unknown key"),
             ("cert = \"/etc/cert.pem\"", "key", "cert and key go together"),
         ]
@@ -236,7 +236,7 @@ final class TunnelClientResolveTests: XCTestCase {
         var flags = TunnelClientFlags()
         flags.token.environment = "client-token-0123456789"
         XCTAssertConfigError({ () throws(ConfigError) in try TunnelClientConfig.resolve(flags: flags, file: nil) },
-                             key: "<server>", contains: "missing <server>: give HOST[:PORT] of the culvert server")
+                             key: "<server>", contains: "missing <server>: give HOST[:PORT], ws://HOST[:PORT]/PATH or wss://… of the culvert server")
         flags.server = HostPort(host: "127.0.0.1", port: 7000)
         XCTAssertConfigError({ () throws(ConfigError) in try TunnelClientConfig.resolve(flags: flags, file: nil) },
                              key: "-R", contains: "nothing to expose")
