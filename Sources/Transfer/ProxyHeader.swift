@@ -41,7 +41,26 @@ public enum ProxyHeader: Equatable, Sendable {
     /// is held whole while it arrives, so a connection cannot make us hold 64 KiB.
     public static let v2MaxLength = 4096
 
+    /// The client's address the header names; nil for `.local`.
+    public var source: SocketAddress? {
+        guard case .proxied(let source, _) = self else { return nil }
+        return source
+    }
+
     // MARK: encoding
+
+    /// Writes the header to a socket just connected, before any other byte. Its send
+    /// buffer is empty then, so the header (at most 52 bytes, 104 in text) goes in one
+    /// call; a socket that cannot take that much is failing, and a short write is
+    /// reported as such rather than queued.
+    public func write(_ version: Version, to fd: Int32) throws(SystemError) {
+        let bytes = encode(version)
+        switch bytes.withUnsafeBytes({ Net.write(fd, $0.baseAddress!, $0.count) }) {
+        case .bytes(let n) where n == bytes.count: return
+        case .bytes, .wouldBlock, .eof: throw SystemError("send", errno: EAGAIN)
+        case .failed(let error): throw error
+        }
+    }
 
     /// The header in `version`'s format. Mixed families (an IPv4 source towards an IPv6
     /// destination) are sent as IPv6 with the IPv4 address mapped (`::ffff:a.b.c.d`),
@@ -192,6 +211,8 @@ public enum ProxyHeaderError: Error, Equatable, CustomStringConvertible, Sendabl
     case truncated
     case timedOut
     case failed(SystemError)
+    /// The owner gave up waiting (a drain deadline).
+    case cancelled
 
     /// A short label for metrics and refusal summaries.
     public var label: String {
@@ -202,6 +223,7 @@ public enum ProxyHeaderError: Error, Equatable, CustomStringConvertible, Sendabl
         case .truncated: return "proxy_header_truncated"
         case .timedOut: return "proxy_header_timeout"
         case .failed: return "proxy_header_failed"
+        case .cancelled: return "cancelled"
         }
     }
 
@@ -213,6 +235,7 @@ public enum ProxyHeaderError: Error, Equatable, CustomStringConvertible, Sendabl
         case .truncated: return "connection closed inside the PROXY header"
         case .timedOut: return "no whole PROXY header in time"
         case .failed(let error): return "reading the PROXY header: \(error)"
+        case .cancelled: return "given up while waiting for the PROXY header"
         }
     }
 }

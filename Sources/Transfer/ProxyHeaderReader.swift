@@ -52,10 +52,10 @@ public final class ProxyHeaderReader: EventHandler {
         readAvailable()
     }
 
-    /// Gives up (drain deadline, owner gone); reports `failed(ECANCELED)` unless done.
+    /// Gives up (drain deadline, owner gone); reports `cancelled` unless done.
     public func cancel() {
         loop.assertInLoop()
-        end(.failure(.failed(SystemError("proxy header", errno: ECANCELED))))
+        end(.failure(.cancelled))
     }
 
     public func handleEvents(_ events: UInt32, tag: UInt8) {
