@@ -115,6 +115,9 @@ struct ServerCommand: ParsableCommand {
     @Option(help: "Most connections still in their handshake from one IPv4 address or IPv6 /64 without a session (default: 8).")
     var maxUnauthenticatedPerSource: Int?
 
+    @Flag(help: "Visitors of exposed ports must start with a PROXY protocol header (v1 or v2, e.g. haproxy send-proxy in front of the server), read within the handshake timeout; its source is the visitor's address that clients see and pass on.")
+    var acceptProxy = false
+
     @OptionGroup var logging: LoggingOptions
     @OptionGroup var admin: AdminOptions
 
@@ -132,6 +135,7 @@ struct ServerCommand: ParsableCommand {
         flags.maxServices = maxServices
         flags.maxUnauthenticated = maxUnauthenticated
         flags.maxUnauthenticatedPerSource = maxUnauthenticatedPerSource
+        flags.acceptProxy = acceptProxy
         return flags
     }
 
@@ -189,6 +193,9 @@ struct ClientCommand: ParsableCommand {
     @Flag(help: "Deflate the data channels of the -R services (zlib, flushed per write).")
     var compress = false
 
+    @Option(help: ArgumentHelp("Write a PROXY protocol header (v1 text or v2 binary) with the visitor's address and port to the local service of each TCP -R before the visitor's bytes.", valueName: "v1|v2"))
+    var sendProxy: ProxyProtocolVersion?
+
     @Option(help: "Visit the secret service NAME instead of exposing services; needs -L.")
     var visit: String?
 
@@ -241,6 +248,7 @@ struct ClientCommand: ParsableCommand {
         flags.secrets = secrets
         flags.serviceTokenFile = serviceTokenFile
         flags.compress = compress
+        flags.sendProxy = sendProxy
         flags.visit = visit
         flags.localListen = localListen
         flags.token = token.flags

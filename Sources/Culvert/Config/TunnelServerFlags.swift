@@ -13,6 +13,7 @@ public struct TunnelServerFlags: Sendable {
     public var maxServices: Int?
     public var maxUnauthenticated: Int?
     public var maxUnauthenticatedPerSource: Int?
+    public var acceptProxy = false
 
     public init() {}
 
@@ -62,6 +63,7 @@ extension TunnelServerConfig {
         if let maxServices = flags.maxServices { config.maxServicesPerClient = maxServices }
         if let maxUnauthenticated = flags.maxUnauthenticated { config.maxUnauthenticated = maxUnauthenticated }
         if let perSource = flags.maxUnauthenticatedPerSource { config.maxUnauthenticatedPerSource = perSource }
+        if flags.acceptProxy { config.acceptProxy = true }
         return Resolved(config: config, log: log, warnings: warnings)
     }
 }
