@@ -100,6 +100,20 @@ public enum Net {
         return a
     }
 
+    /// The address a connected socket's peer has.
+    public static func peerAddress(_ fd: Int32) throws(SystemError) -> SocketAddress {
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) }
+        }
+        _ = try Posix.check("getpeername", rc)
+        guard let a = withUnsafeBytes(of: &storage, { SocketAddress(storage: $0.baseAddress!) }) else {
+            throw SystemError("getpeername", errno: EAFNOSUPPORT)
+        }
+        return a
+    }
+
     @inline(__always)
     public static func read(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int) -> IOResult {
         while true {

@@ -69,6 +69,15 @@ public enum SocketAddress: Equatable, Hashable, CustomStringConvertible, Sendabl
         return nil
     }
 
+    /// Parses `description`'s form back (`127.0.0.1:80`, `[::1]:80`): how the tunnel
+    /// carries a visitor's address.
+    public init?(description text: String) {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
+        var host = text[..<colon]
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = host.dropFirst().dropLast() }
+        self.init(numericHost: String(host), port: port)
+    }
+
     /// Reads an address the kernel filled in (accept, getsockname, getaddrinfo).
     public init?(storage: UnsafeRawPointer) {
         let family = storage.load(as: sa_family_t.self)

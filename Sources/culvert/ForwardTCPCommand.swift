@@ -57,6 +57,12 @@ struct ForwardTCPCommand: ParsableCommand {
     @Flag(help: "Copy through user-space buffers instead of splice(2).")
     var noSplice = false
 
+    @Option(help: ArgumentHelp("Write a PROXY protocol header (v1 text or v2 binary) naming the client to each target before the client's bytes.", valueName: "v1|v2"))
+    var sendProxy: ProxyProtocolVersion?
+
+    @Flag(help: "Every client must start with a PROXY protocol header (v1 or v2, e.g. from haproxy send-proxy); its source address is the client's from then on. Without a whole header within 5s the connection is closed.")
+    var acceptProxy = false
+
     @Option(name: .customLong("header"), help: "Extra header of the WebSocket upgrade request, 'Name: value' (repeatable; ws:// and wss:// targets).")
     var headers: [String] = []
 
@@ -111,6 +117,8 @@ struct ForwardTCPCommand: ParsableCommand {
         flags.drainTimeout = drainTimeout
         flags.threads = threads
         flags.noSplice = noSplice
+        flags.sendProxy = sendProxy
+        flags.acceptProxy = acceptProxy
         flags.log = logging.flags
         return flags
     }
@@ -169,3 +177,5 @@ func parseDuration(_ text: String) throws -> Duration {
 func parseOptionalDuration(_ text: String) throws -> Duration? {
     do { return try DurationSpec.parseOptional(text) } catch { throw ValidationError(error.description) }
 }
+
+extension ProxyProtocolVersion: ExpressibleByArgument {}

@@ -122,6 +122,9 @@ struct ServerCommand: ParsableCommand {
     @Option(help: "With --transport ws/wss: tls (default; the token's TLS-PSK inside the WebSocket, end to end) or plain.")
     var inner: TunnelWebSocket.Inner?
 
+    @Flag(help: "Visitors of exposed ports must start with a PROXY protocol header (v1 or v2, e.g. haproxy send-proxy in front of the server), read within the handshake timeout; its source is the visitor's address that clients see and pass on.")
+    var acceptProxy = false
+
     @OptionGroup var logging: LoggingOptions
     @OptionGroup var admin: AdminOptions
 
@@ -141,6 +144,7 @@ struct ServerCommand: ParsableCommand {
         flags.maxUnauthenticatedPerSource = maxUnauthenticatedPerSource
         flags.wsPath = wsPath
         flags.inner = inner
+        flags.acceptProxy = acceptProxy
         return flags
     }
 
@@ -197,6 +201,9 @@ struct ClientCommand: ParsableCommand {
 
     @Flag(help: "Deflate the data channels of the -R services (zlib, flushed per write).")
     var compress = false
+
+    @Option(help: ArgumentHelp("Write a PROXY protocol header (v1 text or v2 binary) with the visitor's address and port to the local service of each TCP -R before the visitor's bytes.", valueName: "v1|v2"))
+    var sendProxy: ProxyProtocolVersion?
 
     @Option(help: "Visit the secret service NAME instead of exposing services; needs -L.")
     var visit: String?
@@ -284,6 +291,7 @@ struct ClientCommand: ParsableCommand {
         flags.secrets = secrets
         flags.serviceTokenFile = serviceTokenFile
         flags.compress = compress
+        flags.sendProxy = sendProxy
         flags.visit = visit
         flags.localListen = localListen
         flags.token = token.flags

@@ -9,6 +9,8 @@ public struct TunnelClientFlags: Sendable {
     public var serviceTokenFile: String?
     /// Deflate the `-R` services.
     public var compress = false
+    /// Write a PROXY header naming the visitor to the local service of each TCP `-R`.
+    public var sendProxy: ProxyProtocolVersion?
     public var visit: String?
     /// `-L`, the local end of `--visit`.
     public var localListen: HostPort?
@@ -67,6 +69,9 @@ public struct TunnelClientFlags: Sendable {
             }
         } else if localListen != nil {
             throw ConfigError(setting: "-L", "-L only works with --visit NAME")
+        }
+        if sendProxy != nil && !services.isEmpty && !services.contains(where: { $0.kind == .tcp }) {
+            throw ConfigError(setting: "--send-proxy", "--send-proxy applies to TCP -R services, and every -R given is UDP")
         }
         if !withFile {
             if server == nil && webSocketURL == nil {
@@ -132,6 +137,7 @@ extension TunnelClientConfig {
         config.services += flags.services.map { spec in
             var s = spec
             s.compress = flags.compress
+            if s.kind == .tcp { s.proxyProtocol = flags.sendProxy }
             return s
         }
         config.services += flags.secrets.map { spec in

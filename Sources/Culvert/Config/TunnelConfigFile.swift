@@ -3,12 +3,12 @@
 ///
 /// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
 /// max_clients, max_services, max_unauthenticated, max_unauthenticated_per_source, handshake_timeout,
-/// heartbeat_interval, heartbeat_misses, drain_timeout, threads, log_level, log_format.
+/// heartbeat_interval, heartbeat_misses, drain_timeout, threads, accept_proxy, log_level, log_format.
 /// Client keys: server, token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, max_visitors, log_level,
 /// log_format, and `[services.NAME]` tables
-/// with remote_port, local, bind, compress, protocol (tcp or udp) — or secret = true, local, and optionally token or
+/// with remote_port, local, bind, compress, proxy_protocol (v1 or v2, tcp only), protocol (tcp or udp) — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
 public enum TunnelConfigFile {
     /// What both commands read besides their model: where the token and logs come from,
@@ -53,6 +53,7 @@ public enum TunnelConfigFile {
         config.threads = try file.int("threads", range: 1...1024) ?? config.threads
         config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
         config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
+        config.acceptProxy = try file.bool("accept_proxy") ?? config.acceptProxy
         let common = try readCommon(file)
         try file.rejectUnknownKeys()
         if (config.certFile == nil) != (config.keyFile == nil) {
@@ -118,6 +119,11 @@ public enum TunnelConfigFile {
                                    localHost: local.host ?? "127.0.0.1", localPort: local.port)
             spec.compress = try file.bool("compress", in: table, prefix: prefix) ?? compressAll
             if spec.compress && secret { throw file.error(prefix + "compress", "secret services cannot be compressed") }
+            spec.proxyProtocol = try file.parse(prefix + "proxy_protocol", try file.string("proxy_protocol", in: table, prefix: prefix),
+                                                ForwardConfigFile.parseProxyVersion)
+            if spec.proxyProtocol != nil && kind != .tcp {
+                throw file.error(prefix + "proxy_protocol", "only TCP services with a public port send a PROXY header")
+            }
             if !secret && (table["token"] != nil || table["token_file"] != nil) {
                 throw file.error(prefix + "token", "only secret services have their own token")
             }

@@ -16,6 +16,7 @@ public struct TunnelServerFlags: Sendable {
     /// `--ws-path` and `--inner`, with `--transport ws` or `wss`.
     public var wsPath: String?
     public var inner: TunnelWebSocket.Inner?
+    public var acceptProxy = false
 
     public init() {}
 
@@ -81,6 +82,7 @@ extension TunnelServerConfig {
         if let maxServices = flags.maxServices { config.maxServicesPerClient = maxServices }
         if let maxUnauthenticated = flags.maxUnauthenticated { config.maxUnauthenticated = maxUnauthenticated }
         if let perSource = flags.maxUnauthenticatedPerSource { config.maxUnauthenticatedPerSource = perSource }
+        if flags.acceptProxy { config.acceptProxy = true }
         return Resolved(config: config, log: log, warnings: warnings)
     }
 }

@@ -8,7 +8,7 @@ import TOMLKit
 /// which command the file is for (default tcp).
 ///
 /// Per-listener keys, tcp: balance, connect_timeout, idle_timeout, max_connections,
-/// no_splice; udp: balance, idle_timeout, max_sessions, socket_buffer. Process keys (top
+/// no_splice, send_proxy, accept_proxy; udp: balance, idle_timeout, max_sessions, socket_buffer. Process keys (top
 /// level only): drain_timeout (tcp), threads, log_level, log_format.
 enum ForwardConfigFile {
     /// One listener's settings from the file: `listen` and `targets` when this table gave
@@ -22,6 +22,8 @@ enum ForwardConfigFile {
         var idleTimeout: Duration??
         var maxConnections: Int?
         var noSplice: Bool?
+        var sendProxy: ProxyProtocolVersion?
+        var acceptProxy: Bool?
         var maxSessions: Int?
         var socketBuffer: Int?
 
@@ -30,6 +32,7 @@ enum ForwardConfigFile {
             Layer(listen: listen ?? base.listen, targets: targets ?? base.targets, balance: balance ?? base.balance,
                   connectTimeout: connectTimeout ?? base.connectTimeout, idleTimeout: idleTimeout ?? base.idleTimeout,
                   maxConnections: maxConnections ?? base.maxConnections, noSplice: noSplice ?? base.noSplice,
+                  sendProxy: sendProxy ?? base.sendProxy, acceptProxy: acceptProxy ?? base.acceptProxy,
                   maxSessions: maxSessions ?? base.maxSessions, socketBuffer: socketBuffer ?? base.socketBuffer)
         }
     }
@@ -99,6 +102,8 @@ enum ForwardConfigFile {
             if layer.connectTimeout == .zero { throw file.error(prefix + "connect_timeout", "must be more than 0") }
             layer.maxConnections = try file.int("max_connections", range: 0...Int(Int32.max), in: table, prefix: prefix)
             layer.noSplice = try file.bool("no_splice", in: table, prefix: prefix)
+            layer.sendProxy = try file.parse(prefix + "send_proxy", try file.string("send_proxy", in: table, prefix: prefix), parseProxyVersion)
+            layer.acceptProxy = try file.bool("accept_proxy", in: table, prefix: prefix)
         }
         return layer
     }
@@ -121,6 +126,11 @@ enum ForwardConfigFile {
     private static func parseLogFormat(_ text: String) throws(InvalidValue) -> LogFormat {
         guard let format = LogFormat(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not text or json") }
         return format
+    }
+
+    static func parseProxyVersion(_ text: String) throws(InvalidValue) -> ProxyProtocolVersion {
+        guard let version = ProxyProtocolVersion(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not v1 or v2") }
+        return version
     }
 
     private static func parseBalance(_ text: String) throws(InvalidValue) -> BalanceStrategy {

@@ -50,15 +50,54 @@ final class ForwardWorker {
             }
             return
         }
-        if let layers = forwarder.webSocket, layers.ingress != nil {
-            return acceptUpgrade(fd, peer: peer, layers: layers)
+        if forwarder.config.acceptProxy { return readProxyHeader(fd, peer: peer) }
+        admitted(fd, peer: peer, origin: nil)
+    }
+
+    /// `--accept-proxy`: the client's first bytes must be a PROXY header, whose source
+    /// is the client from here on (logs, the header we send on). Anything else closes the
+    /// connection before a target is dialled.
+    private func readProxyHeader(_ fd: Int32, peer: SocketAddress?) {
+        var pending: RelaySet.Pending?
+        let reader = ProxyHeaderReader(loop: loop, fd: fd, timeout: forwarder.config.proxyHeaderTimeout) { [unowned self] outcome in
+            if let pending { relays.remove(pending: pending) }
+            switch outcome {
+            case .success(let header):
+                admitted(fd, peer: header.source ?? peer, origin: header)
+            case .failure(let error):
+                Net.closeWithReset(fd)
+                forwarder.release()
+                guard error != .cancelled else { return meter.count(result: CloseReason.drainTimeout.label) }
+                meter.count(result: "refused")
+                guard forwarder.proxyRefusals.record(error.label) else { return }
+                forwarder.logger.warning("connection refused: bad PROXY header", metadata: [
+                    "peer": "\(peer.logDescription)", "reason": "\(error.label)", "error": "\(error)"])
+            }
         }
-        dial(client: TCPStream(fd: fd, noDelay: false), peer: peer)
+        pending = relays.add(pending: reader.cancel)
+        reader.start()
+    }
+
+    /// A client taken in (past the limit and any PROXY header); `origin` is the header it
+    /// sent, nil without `--accept-proxy`.
+    private func admitted(_ fd: Int32, peer: SocketAddress?, origin: ProxyHeader?) {
+        let outgoing = forwarder.config.sendProxy.map { ($0, origin ?? Self.origin(of: fd, peer: peer)) }
+        if let layers = forwarder.webSocket, layers.ingress != nil {
+            return acceptUpgrade(fd, peer: peer, layers: layers, proxyHeader: outgoing)
+        }
+        dial(client: TCPStream(fd: fd, noDelay: false), peer: peer, proxyHeader: outgoing)
+    }
+
+    /// Who the client is and which address it reached, for the header we send on: what
+    /// haproxy's send-proxy says of a connection it accepted.
+    private static func origin(of fd: Int32, peer: SocketAddress?) -> ProxyHeader {
+        guard let peer, let local = try? Net.localAddress(fd) else { return .local }
+        return .proxied(source: peer, destination: local)
     }
 
     /// `forward ws`: TLS and the upgrade first (a request for another path never costs a
     /// target connection), then the dial.
-    private func acceptUpgrade(_ fd: Int32, peer: SocketAddress?, layers: WebSocketLayers) {
+    private func acceptUpgrade(_ fd: Int32, peer: SocketAddress?, layers: WebSocketLayers, proxyHeader: (ProxyProtocolVersion, ProxyHeader)?) {
         let channel: AsyncDuplex
         do {
             channel = try layers.incomingChannel(fd, on: loop)
@@ -76,7 +115,7 @@ final class ForwardWorker {
             }
             do {
                 let stream = try await layers.acceptUpgrade(on: channel)
-                dial(client: stream, peer: peer)
+                dial(client: stream, peer: peer, proxyHeader: proxyHeader)
             } catch {
                 forwarder.release()
                 if let refusal = error as? WebSocketRefusal {
@@ -94,7 +133,7 @@ final class ForwardWorker {
         }
     }
 
-    private func dial(client: Duplex, peer: SocketAddress?) {
+    private func dial(client: Duplex, peer: SocketAddress?, proxyHeader: (ProxyProtocolVersion, ProxyHeader)? = nil) {
         let attempts = forwarder.targets.attempts(now: loop.now)
         let acceptedAt = loop.now
         var pending: RelaySet.Pending?
@@ -104,14 +143,14 @@ final class ForwardWorker {
             },
             onDone: { [unowned self] _, outcome in
                 if let pending { relays.remove(pending: pending) }
-                connectFinished(client: client, peer: peer, attempts: attempts, acceptedAt: acceptedAt, outcome: outcome)
+                connectFinished(client: client, peer: peer, attempts: attempts, acceptedAt: acceptedAt, outcome: outcome, proxyHeader: proxyHeader)
             })
         pending = relays.add(pending: connector.cancel)
         connector.start()
     }
 
     private func connectFinished(client: Duplex, peer: SocketAddress?, attempts: [TargetSet.Attempt], acceptedAt: UInt64,
-                                 outcome: Connector.Outcome) {
+                                 outcome: Connector.Outcome, proxyHeader: (ProxyProtocolVersion, ProxyHeader)?) {
         switch outcome {
         case .exhausted(let tried, _):
             client.close(reset: true)
@@ -131,6 +170,21 @@ final class ForwardWorker {
                 // The upgrade runs on a channel of its own; the relay registers afresh.
                 if let registration { loop.deregister(fd: fd, registration: registration) }
                 return connectUpgrade(client: client, target: fd, address: attempt.address, peer: peer, layers: layers)
+            }
+            if let (version, header) = proxyHeader {
+                // Before the relay, so the header precedes every client byte; the relay
+                // still splices, the header being one small write of its own.
+                do {
+                    try header.write(version, to: fd)
+                } catch {
+                    if let registration { loop.forget(registration: registration) }
+                    Posix.close(fd)
+                    client.close(reset: true)
+                    forwarder.release()
+                    meter.count(result: "connect-failed")
+                    forwarder.logger.error("cannot send PROXY header", metadata: ["peer": "\(peer.logDescription)", "target": "\(attempt.address)", "error": "\(error)"])
+                    return
+                }
             }
             startRelay(client: client, target: TCPStream(fd: fd), address: attempt.address, registration: registration, peer: peer)
         }

@@ -1,4 +1,9 @@
 import Reactor
+import Transfer
+
+/// `--send-proxy v1|v2`, `proxy_protocol = "v1"|"v2"`: which PROXY protocol header to
+/// write to a target before the client's bytes.
+public typealias ProxyProtocolVersion = ProxyHeader.Version
 
 /// Everything `culvert forward tcp` needs, whether it came from flags or a config file.
 public struct TCPForwardConfig: Equatable, Sendable {
@@ -17,6 +22,13 @@ public struct TCPForwardConfig: Equatable, Sendable {
     public var ingress: WebSocketIngress?
     /// A `ws://`/`wss://` target: connections are carried to a WebSocket endpoint.
     public var egress: WebSocketEgress?
+    /// Write a PROXY header naming the client to each target connection first.
+    public var sendProxy: ProxyProtocolVersion?
+    /// Each client must start with a PROXY header (we sit behind haproxy or a load
+    /// balancer); its source is the client's address from then on.
+    public var acceptProxy = false
+    /// How long a client gets to send its whole PROXY header.
+    public var proxyHeaderTimeout: Duration = .seconds(5)
 
     public init(listen: HostPort, targets: [HostPort]) {
         self.listen = listen
@@ -42,6 +54,8 @@ public struct TCPForwardFlags: Sendable {
     public var ingress: WebSocketIngress?
     /// Set when the target is a WebSocket URL (`targets` then holds its host and port).
     public var egress: WebSocketEgress?
+    public var sendProxy: ProxyProtocolVersion?
+    public var acceptProxy = false
 
     public init(listen: HostPort?, targets: [HostPort]) {
         self.listen = listen
@@ -67,6 +81,9 @@ public struct TCPForwardFlags: Sendable {
             try checkMaxMessage(ingress.settings.maxMessage)
         }
         if let egress {
+            if sendProxy != nil {
+                throw ConfigError(setting: "--send-proxy", "--send-proxy writes to a TCP target, not to a WebSocket target (\(egress.url))")
+            }
             if targets.count != 1 {
                 throw ConfigError(setting: "<targets>", "a WebSocket target (\(egress.url)) must be the only target")
             }
@@ -108,6 +125,8 @@ extension TCPForwardConfig {
             if let drainTimeout = flags.drainTimeout ?? contents?.drainTimeout { config.drainTimeout = drainTimeout }
             if let threads = flags.threads ?? contents?.threads { config.threads = threads }
             config.splice = !(flags.noSplice || layer.noSplice == true)
+            config.sendProxy = flags.sendProxy ?? layer.sendProxy
+            config.acceptProxy = flags.acceptProxy || layer.acceptProxy == true
             if key == "<listen>" {
                 config.ingress = flags.ingress
                 config.egress = flags.egress

@@ -14,6 +14,8 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
     let webSocket: WebSocketLayers?
     /// Refused upgrades and failed WebSocket handshakes: a few lines, then one a second.
     let refusals: RefusalSummary
+    /// Clients without a valid PROXY header (`--accept-proxy`): a few lines, then one a second.
+    let proxyRefusals: RefusalSummary
     private let group: LoopGroup
     private var workers: [ForwardWorker] = []
     private let active = Atomic<Int>(0)
@@ -27,6 +29,7 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
         self.webSocket = webSocket
         self.logger = logger
         refusals = RefusalSummary(logger: logger, message: "websocket handshakes failed", loop: group.main)
+        proxyRefusals = RefusalSummary(logger: logger, message: "connections refused: bad PROXY header", loop: group.main)
     }
 
     /// How metrics name the forwarder's one service: its listen address as given, with

@@ -221,6 +221,11 @@ final class ClientLoop: @unchecked Sendable {
             }
             return channel.fail(.closed)
         }
+        guard sendProxyHeader(spec, visitor: visitor, to: localFD) else {
+            visitorLimits[spec.id]?.release()
+            Posix.close(localFD)
+            return channel.fail(.closed)
+        }
         if spec.kind == .secret {
             channel.send(TunnelProtocol.encode(.serviceReady))
             do {
@@ -360,6 +365,12 @@ final class ClientLoop: @unchecked Sendable {
             switch outcome {
             case .connected(let fd, let registration, _):
                 self.meters.observeConnect(since: dialStarted)
+                guard self.sendProxyHeader(spec, visitor: visitor, to: fd) else {
+                    limit?.release()
+                    if let registration { self.loop.forget(registration: registration) }
+                    Posix.close(fd)
+                    return stream.close(reset: true)
+                }
                 guard let data = self.wrap(stream, compress: spec.compress) else {
                     limit?.release()
                     if let registration { self.loop.forget(registration: registration) }
@@ -378,6 +389,27 @@ final class ClientLoop: @unchecked Sendable {
         }
         connecting[ObjectIdentifier(connector)] = connector
         connector.start()
+    }
+
+    /// `proxy_protocol`: tells the local service, before any of the visitor's bytes,
+    /// who the visitor is: the address the server sent (the visitor's, or the source
+    /// of the PROXY header the server took), and as destination the local service's
+    /// address as dialled. A server that sent no address ("?") gets a LOCAL header.
+    /// False (logged) when the header could not be written.
+    private func sendProxyHeader(_ spec: ServiceSpec, visitor: String, to fd: Int32) -> Bool {
+        guard let version = spec.proxyProtocol else { return true }
+        var header = ProxyHeader.local
+        if let source = SocketAddress(description: visitor), let local = try? Net.peerAddress(fd) {
+            header = .proxied(source: source, destination: local)
+        }
+        do {
+            try header.write(version, to: fd)
+            return true
+        } catch {
+            meter(of: spec).count(result: "connect-failed")
+            logger.warning("cannot send PROXY header", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
+            return false
+        }
     }
 
     // MARK: UDP services

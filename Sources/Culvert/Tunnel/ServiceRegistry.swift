@@ -102,6 +102,7 @@ final class ServiceRegistry {
             do {
                 try listeners.start(bound.map { (fd: $0.0, address: $0.1) }) { [weak self] fd, visitor in
                     guard let self, let service, !service.isRetired else { return Net.closeWithReset(fd) }
+                    if self.context.config.acceptProxy { return self.readProxyHeader(fd, visitor: visitor, service: service) }
                     self.onVisitor(TCPStream(fd: fd, noDelay: false), visitor?.description ?? "?", service)
                 }
             } catch {
@@ -115,6 +116,25 @@ final class ServiceRegistry {
         }
         context.directory.claimPort(port, by: session)
         return .success(bound[0].1.description)
+    }
+
+    /// `--accept-proxy`: the visitor's first bytes must be a PROXY header, whose source
+    /// then stands for the visitor everywhere (logs, the address the client is told).
+    /// The reader holds only the socket, for at most the handshake timeout.
+    private func readProxyHeader(_ fd: Int32, visitor: SocketAddress?, service: ExposedService) {
+        let reader = ProxyHeaderReader(loop: home.loop, fd: fd, timeout: context.config.handshakeTimeout) { [weak self] outcome in
+            switch outcome {
+            case .success(let header):
+                guard let self, !service.isRetired else { return Net.closeWithReset(fd) }
+                self.onVisitor(TCPStream(fd: fd, noDelay: false), (header.source ?? visitor).logDescription, service)
+            case .failure(let error):
+                Net.closeWithReset(fd)
+                guard let self, self.context.refusals.record(error.label) else { return }
+                self.logger.warning("visitor refused: bad PROXY header", metadata: [
+                    "peer": "\(visitor.logDescription)", "listen": "\(service.listen)", "reason": "\(error.label)", "error": "\(error)"])
+            }
+        }
+        reader.start()
     }
 
     /// Claims a secret service's name for `session` in the server's directory.

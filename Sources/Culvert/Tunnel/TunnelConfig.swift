@@ -78,6 +78,8 @@ public struct ServiceSpec: Equatable, Sendable {
     public var serviceToken: String?
     /// Deflate the data channels of this service (not for secret services).
     public var compress = false
+    /// Write a PROXY header naming the visitor to each local connection (TCP services).
+    public var proxyProtocol: ProxyProtocolVersion?
     /// nil: the server's default bind address.
     public var bindHost: String?
     /// 0: the server picks a free allowed port.
@@ -215,6 +217,10 @@ public struct TunnelServerConfig: Sendable {
     /// real share of `maxUnauthenticated`.
     public var maxUnauthenticatedPerSource: Int = 8
     public var handshakeTimeout: Duration = .seconds(10)
+    /// Visitors on exposed ports must start with a PROXY header (the server sits behind
+    /// haproxy or a load balancer), read within `handshakeTimeout`; its source is the
+    /// visitor's address from then on.
+    public var acceptProxy = false
     /// How long a visitor waits for a data channel before it is closed.
     public var visitorTimeout: Duration = .seconds(10)
     public var heartbeat = Heartbeat()
