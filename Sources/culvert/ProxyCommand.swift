@@ -11,8 +11,8 @@ struct ProxyCommand: ParsableCommand {
             LISTEN is HOST:PORT, [IPv6]:PORT, PORT (loopback only) or :PORT / *:PORT (all \
             interfaces); the ready line 'listening proxy ADDR' on stdout shows the port \
             bound. Each connection speaks SOCKS5 (RFC 1928: CONNECT with IPv4, IPv6 or a \
-            name culvert resolves; BIND and UDP ASSOCIATE are answered 'command not \
-            supported') or HTTP (CONNECT host:port, and absolute-form http:// requests \
+            name culvert resolves; UDP ASSOCIATE with a relay socket on the address the \
+            client connected to; BIND is answered 'command not supported') or HTTP (CONNECT host:port, and absolute-form http:// requests \
             forwarded with keep-alive), chosen by its first byte. Without --auth-file, \
             culvert refuses to listen on a non-loopback address unless --no-auth is given. \
             DEST for --allow/--deny is a CIDR or address, a host name or *.domain, or *, \
@@ -49,6 +49,13 @@ struct ProxyCommand: ParsableCommand {
     @Option(help: "Refuse clients beyond this many open connections (default: a quarter of the free descriptors).")
     var maxConnections: Int?
 
+    @Option(help: "End a UDP association (and its TCP connection) with no datagram either way for this long (default: 2m).",
+            transform: parseDuration)
+    var udpIdleTimeout: Duration = .seconds(120)
+
+    @Option(help: "Refuse UDP ASSOCIATE beyond this many open associations (default: from the free descriptors).")
+    var maxUdpAssociations: Int?
+
     @Option(help: "On SIGINT/SIGTERM, time in-flight connections get to finish before they are reset (default: 30s).",
             transform: parseDuration)
     var drainTimeout: Duration = .seconds(30)
@@ -71,6 +78,8 @@ struct ProxyCommand: ParsableCommand {
         flags.handshakeTimeout = handshakeTimeout
         flags.idleTimeout = idleTimeout ?? nil
         flags.maxConnections = maxConnections
+        flags.udpIdleTimeout = udpIdleTimeout
+        flags.maxAssociations = maxUdpAssociations
         flags.drainTimeout = drainTimeout
         flags.threads = threads
         flags.noSplice = noSplice

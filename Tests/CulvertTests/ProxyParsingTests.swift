@@ -33,6 +33,26 @@ final class Socks5ParsingTests: XCTestCase {
         XCTAssertEqual(Socks5.parseRequest([5, 1, 0, 3, 64] + longLabel + [0, 80]), .invalid(.hostUnreachable, "not a valid host name"))
     }
 
+    func testPortZeroIsRefusedButForUDPAssociate() {
+        XCTAssertEqual(Socks5.parseRequest([5, 1, 0, 1, 1, 2, 3, 4, 0, 0]), .invalid(.hostUnreachable, "destination port 0"))
+        XCTAssertEqual(Socks5.parseRequest([5, 3, 0, 1, 0, 0, 0, 0, 0, 0]),
+                       .done(.init(command: .udpAssociate, destination: .address(SocketAddress(numericHost: "0.0.0.0", port: 0)!)), consumed: 10))
+    }
+
+    func testDatagramHeaderRoundTrip() {
+        let source = SocketAddress(numericHost: "10.0.0.7", port: 5353)!
+        let header = Socks5.datagramHeader(source: source)
+        XCTAssertEqual(header, [0, 0, 0, 1, 10, 0, 0, 7, 0x14, 0xE9])
+        let datagram = header + Array("payload".utf8)
+        let parsed = datagram.withUnsafeBytes { Socks5.parseDatagramHeader($0) }
+        XCTAssertEqual(parsed, .init(fragment: 0, destination: .address(source), length: 10))
+        let named: [UInt8] = [0, 0, 2, 3, 9] + Array("localhost".utf8) + [0, 53] + [1, 2, 3]
+        XCTAssertEqual(named.withUnsafeBytes { Socks5.parseDatagramHeader($0) },
+                       .init(fragment: 2, destination: .name("localhost", port: 53), length: 16))
+        XCTAssertNil([UInt8]([0, 1, 0, 1, 1, 2, 3, 4, 0, 80]).withUnsafeBytes { Socks5.parseDatagramHeader($0) }, "RSV must be zero")
+        XCTAssertNil([UInt8]([0, 0, 0, 1, 1, 2]).withUnsafeBytes { Socks5.parseDatagramHeader($0) }, "truncated header")
+    }
+
     func testCredentialsAndReplies() {
         XCTAssertEqual(Socks5.parseCredentials([1, 1, 97, 2, 98]), .incomplete)
         XCTAssertEqual(Socks5.parseCredentials([1, 1, 97, 2, 98, 99]), .done(.init(user: [97], password: [98, 99]), consumed: 6))

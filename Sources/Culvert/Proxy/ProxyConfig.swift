@@ -19,8 +19,17 @@ public struct ProxyConfig: Sendable {
     public var drainTimeout: Duration = .seconds(30)
     public var threads: Int = LoopGroup.coreCount
     public var splice = true
-    /// The longest request or response head the HTTP side reads.
-    public var maxHeadBytes = 16 * 1024
+    /// The longest request or response head the HTTP side reads (a longer request is
+    /// answered 431).
+    public var maxHeadBytes = 64 * 1024
+    /// A UDP association with no datagram either way for this long ends (and its TCP
+    /// connection with it).
+    public var udpIdleTimeout: Duration = .seconds(120)
+    /// nil: derived from the descriptors free at start.
+    public var maxAssociations: Int?
+    /// Destinations one UDP association talks to at once, a socket each; a new one
+    /// closes the least recently used.
+    public var udpSocketsPerAssociation = 16
 
     public init(listen: HostPort) {
         self.listen = listen
@@ -38,6 +47,8 @@ public struct ProxyFlags: Sendable {
     public var handshakeTimeout: Duration?
     public var idleTimeout: Duration?
     public var maxConnections: Int?
+    public var udpIdleTimeout: Duration?
+    public var maxAssociations: Int?
     public var drainTimeout: Duration?
     public var threads: Int?
     public var noSplice = false
@@ -55,6 +66,10 @@ public struct ProxyFlags: Sendable {
         if let maxConnections, maxConnections < 1 {
             throw ConfigError(setting: "--max-connections", "--max-connections must be 1 or more, got \(maxConnections)")
         }
+        if let maxAssociations, maxAssociations < 1 {
+            throw ConfigError(setting: "--max-udp-associations", "--max-udp-associations must be 1 or more, got \(maxAssociations)")
+        }
+        if udpIdleTimeout == .zero { throw ConfigError(setting: "--udp-idle-timeout", "--udp-idle-timeout must be more than 0") }
         if connectTimeout == .zero { throw ConfigError(setting: "--connect-timeout", "--connect-timeout must be more than 0") }
         if handshakeTimeout == .zero { throw ConfigError(setting: "--handshake-timeout", "--handshake-timeout must be more than 0") }
         if authFile != nil && noAuth {
@@ -93,6 +108,8 @@ extension ProxyConfig {
         if let v = flags.handshakeTimeout { config.handshakeTimeout = v }
         config.idleTimeout = flags.idleTimeout
         config.maxConnections = flags.maxConnections
+        if let v = flags.udpIdleTimeout { config.udpIdleTimeout = v }
+        config.maxAssociations = flags.maxAssociations
         if let v = flags.drainTimeout { config.drainTimeout = v }
         if let v = flags.threads { config.threads = v }
         config.splice = !flags.noSplice

@@ -56,11 +56,13 @@ extension ProxyConnection {
             request = parsed
         }
         switch request.command {
-        case .bind, .udpAssociate:
+        case .bind:
             context.refused("unsupported_command", "proxy request refused", peer,
                             ["error": "SOCKS5 command \(request.command) is not supported", "destination": "\(request.destination)"])
             await answerAndClose(Socks5.reply(.commandNotSupported))
             return false
+        case .udpAssociate:
+            return await runAssociation(request)
         case .connect:
             break
         }
