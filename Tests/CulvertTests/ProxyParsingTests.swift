@@ -34,7 +34,7 @@ final class Socks5ParsingTests: XCTestCase {
     }
 
     func testPortZeroIsRefusedButForUDPAssociate() {
-        XCTAssertEqual(Socks5.parseRequest([5, 1, 0, 1, 1, 2, 3, 4, 0, 0]), .invalid(.hostUnreachable, "destination port 0"))
+        XCTAssertEqual(Socks5.parseRequest([5, 1, 0, 1, 1, 2, 3, 4, 0, 0]), .invalid(.addressTypeNotSupported, "destination port 0"))
         XCTAssertEqual(Socks5.parseRequest([5, 3, 0, 1, 0, 0, 0, 0, 0, 0]),
                        .done(.init(command: .udpAssociate, destination: .address(SocketAddress(numericHost: "0.0.0.0", port: 0)!)), consumed: 10))
     }

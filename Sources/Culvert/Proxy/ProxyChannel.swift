@@ -33,13 +33,18 @@ final class ProxyChannel {
     }
 
     /// Parses with `parse` until it has a message, reading more while it is incomplete;
-    /// at most `limit` bytes are buffered for one message.
+    /// at most `limit` bytes are buffered for one message. A peer that stops sending in
+    /// the middle of a message (half-closes) gets a general failure.
     func read<M>(limit: Int, _ parse: ([UInt8]) -> Socks5.Parse<M>) async throws -> Socks5.Parse<M> {
         while true {
             let result = parse(pending)
             guard case .incomplete = result else { return result }
             guard pending.count < limit else { return .invalid(.generalFailure, "message longer than \(limit) bytes") }
-            try await fill()
+            do {
+                try await fill()
+            } catch ChannelError.eof where !pending.isEmpty {
+                return .invalid(.generalFailure, "truncated message (\(pending.count) bytes, then the client stopped sending)")
+            }
         }
     }
 
@@ -50,6 +55,8 @@ final class ProxyChannel {
         case closed
         case tooLarge
         case malformed(String)
+        /// A request line of an HTTP version other than 1.0 and 1.1.
+        case unsupportedVersion(String)
     }
 
     /// Reads one HTTP head of at most `limit` bytes.
@@ -63,6 +70,9 @@ final class ProxyChannel {
                     take(n)
                     return .head(head)
                 } catch {
+                    if !response, let version = ProxyChannel.requestVersion(pending[..<n]), !["HTTP/1.0", "HTTP/1.1"].contains(version) {
+                        return .unsupportedVersion(version)
+                    }
                     return .malformed(error.reason)
                 }
             case .tooLarge:
@@ -71,11 +81,19 @@ final class ProxyChannel {
                 scanned = pending.count
                 do {
                     try await fill()
-                } catch ChannelError.eof where pending.isEmpty {
-                    return .closed
+                } catch ChannelError.eof {
+                    return pending.isEmpty ? .closed : .malformed("truncated head (\(pending.count) bytes, then the peer stopped sending)")
                 }
             }
         }
+    }
+
+    /// The version of a request line that has the form `METHOD TARGET HTTP/x`.
+    private static func requestVersion(_ head: ArraySlice<UInt8>) -> String? {
+        let line = head.prefix { $0 != 13 && $0 != 10 }
+        let parts = line.split(separator: UInt8(ascii: " "), omittingEmptySubsequences: false)
+        guard parts.count == 3, parts[2].starts(with: Array("HTTP/".utf8)) else { return nil }
+        return String(decoding: parts[2], as: UTF8.self)
     }
 
     /// Sends `bytes` and waits until the socket took them (the backpressure of a body copy).
@@ -85,42 +103,45 @@ final class ProxyChannel {
     }
 
     /// Copies one message body, framed as `body`, from this channel to `destination`;
-    /// `progress` runs after each piece (the caller's idle deadline).
-    func copyBody(_ body: HTTPBody, to destination: ProxyChannel, progress: () -> Void) async throws {
+    /// `progress` runs after each piece (the caller's idle deadline). Returns the bytes copied.
+    @discardableResult
+    func copyBody(_ body: HTTPBody, to destination: ProxyChannel, progress: () -> Void) async throws -> Int {
+        var copied = 0
         switch body {
         case .none:
-            return
+            break
         case .length(let total):
-            var left = total
-            while left > 0 {
+            while copied < total {
                 if pending.isEmpty { try await fill() }
-                let n = min(left, pending.count)
+                let n = min(total - copied, pending.count)
                 try await destination.write(take(n))
                 progress()
-                left -= n
+                copied += n
             }
         case .chunked:
             var scanner = ChunkedScanner()
-            while true {
+            while !scanner.isDone {
                 if pending.isEmpty { try await fill() }
                 let n = try scanner.feed(pending[...])
                 try await destination.write(take(n))
                 progress()
-                if scanner.isDone { return }
+                copied += n
             }
         case .untilClose:
             while true {
                 if !pending.isEmpty {
+                    copied += pending.count
                     try await destination.write(take(pending.count))
                     progress()
                 }
                 do {
                     try await fill()
                 } catch ChannelError.eof {
-                    return
+                    break
                 }
             }
         }
+        return copied
     }
 
     /// Hands the connection over (to a relay) with what is still pending; nothing may be

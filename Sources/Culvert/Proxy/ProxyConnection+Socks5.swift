@@ -12,7 +12,7 @@ extension ProxyConnection {
         case .incomplete: return false
         case .invalid(_, let why):
             context.refused("bad_greeting", "proxy handshake failed", peer, ["error": "\(why)"])
-            client.channel.fail(.protocolViolation(why))
+            await answerAndClose(Socks5.methodChoice(.noAcceptable))
             return false
         case .done(let offered, let n):
             client.take(n)

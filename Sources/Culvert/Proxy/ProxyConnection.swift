@@ -44,6 +44,10 @@ final class ProxyConnection {
             switch client.pending[0] {
             case Socks5.version:
                 return try await runSocks5()
+            case 4:
+                context.refused("unsupported_version", "proxy handshake failed", peer, ["error": "SOCKS4 is not supported, only SOCKS5"])
+                await answerAndClose(Socks5.socks4Rejected)
+                return false
             case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"):
                 return try await runHTTP()
             default:

@@ -62,6 +62,9 @@ public enum Socks5 {
         return .done(Array(b[2..<2 + n]), consumed: 2 + n)
     }
 
+    /// The whole answer to a SOCKS4 request (version 4): "request rejected or failed".
+    public static let socks4Rejected: [UInt8] = [0, 0x5B, 0, 0, 0, 0, 0, 0]
+
     /// The answer to the greeting: the method chosen.
     public static func methodChoice(_ method: Method) -> [UInt8] { [version, method.rawValue] }
 
@@ -93,9 +96,10 @@ public enum Socks5 {
         case .incomplete: return .incomplete
         case .invalid(let reply, let why): return .invalid(reply, why)
         case .done(let destination, let end):
-            // Port 0 names no service; a UDP ASSOCIATE uses it to say "any port".
+            // Port 0 names no service (a UDP ASSOCIATE uses it to say "any port"); the
+            // reply code is dante's for the same request.
             if command != .udpAssociate && destination.port == 0 {
-                return .invalid(.hostUnreachable, "destination port 0")
+                return .invalid(.addressTypeNotSupported, "destination port 0")
             }
             return .done(Request(command: command, destination: destination), consumed: end)
         }
