@@ -1,8 +1,7 @@
 import ArgumentParser
 import Culvert
-import Reactor
 
-/// `culvert proxy [options] LISTEN`
+/// `culvert proxy [options] [-c FILE] [LISTEN]`
 struct ProxyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "proxy",
@@ -17,12 +16,19 @@ struct ProxyCommand: ParsableCommand {
             culvert refuses to listen on a non-loopback address unless --no-auth is given. \
             DEST for --allow/--deny is a CIDR or address, a host name or *.domain, or *, \
             with an optional :PORT or :LOW-HIGH; deny wins, and with any --allow only what \
-            is allowed is reached. Names are checked as asked and again after resolution.
+            is allowed is reached. Names are checked as asked and again after resolution. \
+            With -c FILE, the settings may come from a TOML file whose keys are the \
+            options' names with '_' (listen, auth_file, allow, deny, connect_timeout, ...); \
+            options given on the command line override it.
             """
     )
 
-    @Argument(help: "Address to listen on.", transform: parseHostPort)
-    var listen: HostPort
+    @Argument(help: "Address to listen on (may come from the config file).", transform: parseHostPort)
+    var listen: HostPort?
+
+    @Option(name: [.customShort("c"), .customLong("config")],
+            help: ArgumentHelp("TOML config file with the options as keys; options given here override it.", valueName: "file"))
+    var config: String?
 
     @Option(help: "File of 'user:password' lines: clients must authenticate (SOCKS5 username/password, HTTP Proxy-Authorization: Basic).")
     var authFile: String?
@@ -37,10 +43,10 @@ struct ProxyCommand: ParsableCommand {
     var deny: [String] = []
 
     @Option(help: "Time allowed to connect to a destination (default: 10s).", transform: parseDuration)
-    var connectTimeout: Duration = .seconds(10)
+    var connectTimeout: Duration?
 
     @Option(help: "Time a client gets to finish its greeting and request (default: 10s).", transform: parseDuration)
-    var handshakeTimeout: Duration = .seconds(10)
+    var handshakeTimeout: Duration?
 
     @Option(help: "Close a relayed connection with no traffic either way for this long (default off).",
             transform: parseOptionalDuration)
@@ -51,17 +57,17 @@ struct ProxyCommand: ParsableCommand {
 
     @Option(help: "End a UDP association (and its TCP connection) with no datagram either way for this long (default: 2m).",
             transform: parseDuration)
-    var udpIdleTimeout: Duration = .seconds(120)
+    var udpIdleTimeout: Duration?
 
     @Option(help: "Refuse UDP ASSOCIATE beyond this many open associations (default: from the free descriptors).")
     var maxUdpAssociations: Int?
 
     @Option(help: "On SIGINT/SIGTERM, time in-flight connections get to finish before they are reset (default: 30s).",
             transform: parseDuration)
-    var drainTimeout: Duration = .seconds(30)
+    var drainTimeout: Duration?
 
     @Option(help: "Event loop threads (defaults to the number of cores).")
-    var threads: Int = LoopGroup.coreCount
+    var threads: Int?
 
     @Flag(help: "Copy through user-space buffers instead of splice(2).")
     var noSplice = false
@@ -76,7 +82,7 @@ struct ProxyCommand: ParsableCommand {
         flags.deny = deny
         flags.connectTimeout = connectTimeout
         flags.handshakeTimeout = handshakeTimeout
-        flags.idleTimeout = idleTimeout ?? nil
+        flags.idleTimeout = idleTimeout
         flags.maxConnections = maxConnections
         flags.udpIdleTimeout = udpIdleTimeout
         flags.maxAssociations = maxUdpAssociations
@@ -88,11 +94,12 @@ struct ProxyCommand: ParsableCommand {
     }
 
     func validate() throws {
-        try usage { try flags.check() }
+        try usage { try flags.check(withFile: config != nil) }
     }
 
     func run() throws {
-        let resolved = try usage { try ProxyConfig.resolve(flags: flags) }
+        let (flags, file) = (self.flags, self.config)
+        let resolved = try usage { try ProxyConfig.resolve(flags: flags, file: file) }
         let config = resolved.config
         let logger = resolved.makeLogger()
         let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
