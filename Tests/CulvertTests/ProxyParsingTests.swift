@@ -74,29 +74,29 @@ final class Socks5ParsingTests: XCTestCase {
 final class HTTPProxyParsingTests: XCTestCase {
     func testHeadScanAndLimit() {
         let head = Array("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\nrest".utf8)
-        XCTAssertEqual(ProxyHTTPHead.scan(head, limit: 1024), .complete(head.count - 4))
-        XCTAssertEqual(ProxyHTTPHead.scan(Array(head.prefix(20)), limit: 1024), .incomplete)
-        XCTAssertEqual(ProxyHTTPHead.scan(Array(head.prefix(20)), limit: 16), .tooLarge)
+        XCTAssertEqual(HTTPHead.scan(head, limit: 1024), .complete(head.count - 4))
+        XCTAssertEqual(HTTPHead.scan(Array(head.prefix(20)), limit: 1024), .incomplete)
+        XCTAssertEqual(HTTPHead.scan(Array(head.prefix(20)), limit: 16), .tooLarge)
     }
 
     func testParseAndHopByHop() throws {
         let bytes = Array("GET http://a/ HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nProxy-Authorization: Basic x\r\nKeep-Alive: 5\r\nAccept: */*\r\n\r\n".utf8)
-        let head = try ProxyHTTPHead.parse(bytes[...])
-        XCTAssertEqual(head.start.0, "GET")
+        let head = try HTTPHead.parse(bytes[...], as: .request)
+        XCTAssertEqual(head.startLine.0, "GET")
         XCTAssertEqual(head.tokens("connection"), ["close", "x-secret"])
         XCTAssertEqual(head.removingHopByHop().fields.map(\.name), ["Host", "Accept"])
-        XCTAssertThrowsError(try ProxyHTTPHead.parse(Array("GET / HTTP/2\r\n\r\n".utf8)[...]))
-        XCTAssertThrowsError(try ProxyHTTPHead.parse(Array("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n".utf8)[...]))
+        XCTAssertThrowsError(try HTTPHead.parse(Array("GET / HTTP/2\r\n\r\n".utf8)[...], as: .request))
+        XCTAssertThrowsError(try HTTPHead.parse(Array("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n".utf8)[...], as: .request))
     }
 
     func testBodyFramingRefusesSmuggling() throws {
-        func head(_ fields: String) throws -> ProxyHTTPHead { try ProxyHTTPHead.parse(Array("POST http://a/ HTTP/1.1\r\n\(fields)\r\n".utf8)[...]) }
+        func head(_ fields: String) throws -> HTTPHead { try HTTPHead.parse(Array("POST http://a/ HTTP/1.1\r\n\(fields)\r\n".utf8)[...], as: .request) }
         XCTAssertEqual(try HTTPBody.of(request: head("Content-Length: 5\r\n")), .length(5))
         XCTAssertEqual(try HTTPBody.of(request: head("Transfer-Encoding: chunked\r\n")), .chunked)
         XCTAssertEqual(try HTTPBody.of(request: head("")), HTTPBody.none)
         XCTAssertThrowsError(try HTTPBody.of(request: head("Transfer-Encoding: chunked\r\nContent-Length: 5\r\n")))
         XCTAssertThrowsError(try HTTPBody.of(request: head("Content-Length: 5\r\nContent-Length: 6\r\n")))
-        let response = try ProxyHTTPHead.parse(Array("HTTP/1.1 200 OK\r\n\r\n".utf8)[...], response: true)
+        let response = try HTTPHead.parse(Array("HTTP/1.1 200 OK\r\n\r\n".utf8)[...], as: .response)
         XCTAssertEqual(try HTTPBody.of(response: response, method: "GET"), .untilClose)
         XCTAssertEqual(try HTTPBody.of(response: response, method: "HEAD"), HTTPBody.none)
     }

@@ -50,7 +50,7 @@ final class ProxyChannel {
 
     /// What reading a head found.
     enum HeadRead {
-        case head(ProxyHTTPHead)
+        case head(HTTPHead)
         /// The peer closed before sending a byte of a new head (a kept-alive connection's end).
         case closed
         case tooLarge
@@ -63,16 +63,14 @@ final class ProxyChannel {
     func readHead(limit: Int, response: Bool = false) async throws -> HeadRead {
         var scanned = 0
         while true {
-            switch ProxyHTTPHead.scan(pending, from: scanned, limit: limit) {
+            switch HTTPHead.scan(pending, from: scanned, limit: limit) {
             case .complete(let n):
-                do throws(ProxyHTTPHead.Malformed) {
-                    let head = try ProxyHTTPHead.parse(pending[..<n], response: response)
+                do throws(HTTPHead.Malformed) {
+                    let head = try HTTPHead.parse(pending[..<n], as: response ? .response : .request)
                     take(n)
                     return .head(head)
                 } catch {
-                    if !response, let version = ProxyChannel.requestVersion(pending[..<n]), !["HTTP/1.0", "HTTP/1.1"].contains(version) {
-                        return .unsupportedVersion(version)
-                    }
+                    if let version = error.unsupportedVersion { return .unsupportedVersion(version) }
                     return .malformed(error.reason)
                 }
             case .tooLarge:
@@ -86,14 +84,6 @@ final class ProxyChannel {
                 }
             }
         }
-    }
-
-    /// The version of a request line that has the form `METHOD TARGET HTTP/x`.
-    private static func requestVersion(_ head: ArraySlice<UInt8>) -> String? {
-        let line = head.prefix { $0 != 13 && $0 != 10 }
-        let parts = line.split(separator: UInt8(ascii: " "), omittingEmptySubsequences: false)
-        guard parts.count == 3, parts[2].starts(with: Array("HTTP/".utf8)) else { return nil }
-        return String(decoding: parts[2], as: UTF8.self)
     }
 
     /// Sends `bytes` and waits until the socket took them (the backpressure of a body copy).

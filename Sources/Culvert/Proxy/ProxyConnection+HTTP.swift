@@ -26,7 +26,7 @@ extension ProxyConnection {
                 }
             }
             first = false
-            let head: ProxyHTTPHead
+            let head: HTTPHead
             let read = try await client.readHead(limit: config.maxHeadBytes)
             idleClients.leave(self)
             switch read {
@@ -57,7 +57,7 @@ extension ProxyConnection {
                     body: "proxy authentication required", extra: [("Proxy-Authenticate", "Basic realm=\"culvert\"")]))
                 return false
             }
-            let (method, target, version) = head.start
+            let (method, target, version) = head.startLine
             if method == "CONNECT" {
                 guard let destination = HTTPTarget.authority(Substring(target), defaultPort: nil) else {
                     context.refused("bad_request", "proxy request refused", peer, ["error": "CONNECT target '\(target)' is not host:port"])
@@ -85,7 +85,7 @@ extension ProxyConnection {
                 return false
             }
             let requestBody: HTTPBody
-            do throws(ProxyHTTPHead.Malformed) {
+            do throws(HTTPHead.Malformed) {
                 requestBody = try HTTPBody.of(request: head)
             } catch {
                 context.refused("bad_request", "proxy request refused", peer, ["error": "\(error)"])
@@ -94,7 +94,7 @@ extension ProxyConnection {
             }
             let keepClient = wantsKeepAlive(head, version: version) && !idleClients.draining
             var forwarded = head.removingHopByHop()
-            forwarded = ProxyHTTPHead(start: (method, path, version), fields: forwarded.fields)
+            forwarded = HTTPHead(startLine: (method, path, version), fields: forwarded.fields)
             if forwarded.values("Host").isEmpty { forwarded.fields.insert(("Host", hostHeader(destination)), at: 0) }
             if !keepClient { forwarded.fields.append(("Connection", "close")) }
             // A kept-alive origin connection may have been closed by the origin while it
@@ -178,7 +178,7 @@ extension ProxyConnection {
                                  keepClient: Bool, progress: () -> Void) async throws -> ResponseOutcome {
         var interim = false
         while true {
-            let head: ProxyHTTPHead
+            let head: HTTPHead
             let read: ProxyChannel.HeadRead
             do {
                 read = try await upstream.readHead(limit: config.maxHeadBytes, response: true)
@@ -197,7 +197,7 @@ extension ProxyConnection {
                 await answerAndClose(HTTPStatus.badGateway.response(body: "the origin sent no valid response"))
                 return .failed
             }
-            let code = Int(head.start.1) ?? 0
+            let code = Int(head.startLine.1) ?? 0
             var answer = head.removingHopByHop()
             if (100..<200).contains(code) {
                 client.channel.send(answer.encoded())
@@ -205,13 +205,13 @@ extension ProxyConnection {
                 continue
             }
             let body: HTTPBody
-            do throws(ProxyHTTPHead.Malformed) {
+            do throws(HTTPHead.Malformed) {
                 body = try HTTPBody.of(response: head, method: method)
             } catch {
                 await answerAndClose(HTTPStatus.badGateway.response(body: "the origin sent a malformed response: \(error)"))
                 return .failed
             }
-            let originKeeps = body != .untilClose && wantsKeepAlive(head, version: head.start.0)
+            let originKeeps = body != .untilClose && wantsKeepAlive(head, version: head.startLine.0)
             let keep = keepClient && body != .untilClose
             if !keep {
                 answer.fields.append(("Connection", "close"))
@@ -243,7 +243,7 @@ extension ProxyConnection {
     }
 
     /// HTTP/1.1 keeps a connection unless `Connection: close`; 1.0 only with `keep-alive`.
-    private func wantsKeepAlive(_ head: ProxyHTTPHead, version: String) -> Bool {
+    private func wantsKeepAlive(_ head: HTTPHead, version: String) -> Bool {
         let tokens = head.tokens("Connection").union(head.tokens("Proxy-Connection"))
         return version == "HTTP/1.1" ? !tokens.contains("close") : tokens.contains("keep-alive")
     }
