@@ -253,3 +253,22 @@ def test_drain_ends_associations_at_once(proxy, echo):
     assert time.monotonic() - start < 5
     tcp.settimeout(5)
     assert tcp.recv(100) == b""
+
+
+def test_more_destinations_than_sockets_per_association(proxy):
+    # An association keeps 16 destination sockets; the 17th and later reuse the least
+    # recently used one's place, and a destination whose socket went gets a new one.
+    echoes = [UdpServer(lambda data: data) for _ in range(20)]
+    try:
+        p = proxy()
+        u = pysocks_udp(p)
+        for echo in echoes + echoes[:3]:
+            u.sendto(b"to %d" % echo.port, ("127.0.0.1", echo.port))
+            data, source = u.recvfrom(1000)
+            assert data == b"to %d" % echo.port and source == ("127.0.0.1", echo.port)
+        u.close()
+        line = p.wait_stderr(r"udp association closed")[0]
+        assert "datagrams_down=23" in line and "dropped" not in line, line
+    finally:
+        for echo in echoes:
+            echo.close()
