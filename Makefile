@@ -9,7 +9,7 @@ PYTHON ?= python3
 RELEASE_FLAGS = -c release --static-swift-stdlib
 BIN = .build/release/culvert
 # Build and test dependencies from apt; installed only when missing.
-APT_PACKAGES = libssl-dev zlib1g-dev pkg-config python3 iproute2 procps nftables openssh-server openssh-client openssl haproxy nginx
+APT_PACKAGES = libssl-dev zlib1g-dev pkg-config python3 iproute2 procps nftables openssh-server openssh-client openssl haproxy nginx proxychains4 dante-server
 
 .PHONY: all deps build test unit-test e2e-test bench-selftest demo install uninstall clean bench
 

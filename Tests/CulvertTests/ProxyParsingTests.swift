@@ -33,6 +33,26 @@ final class Socks5ParsingTests: XCTestCase {
         XCTAssertEqual(Socks5.parseRequest([5, 1, 0, 3, 64] + longLabel + [0, 80]), .invalid(.hostUnreachable, "not a valid host name"))
     }
 
+    func testPortZeroIsRefusedButForUDPAssociate() {
+        XCTAssertEqual(Socks5.parseRequest([5, 1, 0, 1, 1, 2, 3, 4, 0, 0]), .invalid(.addressTypeNotSupported, "destination port 0"))
+        XCTAssertEqual(Socks5.parseRequest([5, 3, 0, 1, 0, 0, 0, 0, 0, 0]),
+                       .done(.init(command: .udpAssociate, destination: .address(SocketAddress(numericHost: "0.0.0.0", port: 0)!)), consumed: 10))
+    }
+
+    func testDatagramHeaderRoundTrip() {
+        let source = SocketAddress(numericHost: "10.0.0.7", port: 5353)!
+        let header = Socks5.datagramHeader(source: source)
+        XCTAssertEqual(header, [0, 0, 0, 1, 10, 0, 0, 7, 0x14, 0xE9])
+        let datagram = header + Array("payload".utf8)
+        let parsed = datagram.withUnsafeBytes { Socks5.parseDatagramHeader($0) }
+        XCTAssertEqual(parsed, .init(fragment: 0, destination: .address(source), length: 10))
+        let named: [UInt8] = [0, 0, 2, 3, 9] + Array("localhost".utf8) + [0, 53] + [1, 2, 3]
+        XCTAssertEqual(named.withUnsafeBytes { Socks5.parseDatagramHeader($0) },
+                       .init(fragment: 2, destination: .name("localhost", port: 53), length: 16))
+        XCTAssertNil([UInt8]([0, 1, 0, 1, 1, 2, 3, 4, 0, 80]).withUnsafeBytes { Socks5.parseDatagramHeader($0) }, "RSV must be zero")
+        XCTAssertNil([UInt8]([0, 0, 0, 1, 1, 2]).withUnsafeBytes { Socks5.parseDatagramHeader($0) }, "truncated header")
+    }
+
     func testCredentialsAndReplies() {
         XCTAssertEqual(Socks5.parseCredentials([1, 1, 97, 2, 98]), .incomplete)
         XCTAssertEqual(Socks5.parseCredentials([1, 1, 97, 2, 98, 99]), .done(.init(user: [97], password: [98, 99]), consumed: 6))
@@ -54,29 +74,29 @@ final class Socks5ParsingTests: XCTestCase {
 final class HTTPProxyParsingTests: XCTestCase {
     func testHeadScanAndLimit() {
         let head = Array("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\nrest".utf8)
-        XCTAssertEqual(ProxyHTTPHead.scan(head, limit: 1024), .complete(head.count - 4))
-        XCTAssertEqual(ProxyHTTPHead.scan(Array(head.prefix(20)), limit: 1024), .incomplete)
-        XCTAssertEqual(ProxyHTTPHead.scan(Array(head.prefix(20)), limit: 16), .tooLarge)
+        XCTAssertEqual(HTTPHead.scan(head, limit: 1024), .complete(head.count - 4))
+        XCTAssertEqual(HTTPHead.scan(Array(head.prefix(20)), limit: 1024), .incomplete)
+        XCTAssertEqual(HTTPHead.scan(Array(head.prefix(20)), limit: 16), .tooLarge)
     }
 
     func testParseAndHopByHop() throws {
         let bytes = Array("GET http://a/ HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nProxy-Authorization: Basic x\r\nKeep-Alive: 5\r\nAccept: */*\r\n\r\n".utf8)
-        let head = try ProxyHTTPHead.parse(bytes[...])
-        XCTAssertEqual(head.start.0, "GET")
+        let head = try HTTPHead.parse(bytes[...], as: .request)
+        XCTAssertEqual(head.startLine.0, "GET")
         XCTAssertEqual(head.tokens("connection"), ["close", "x-secret"])
         XCTAssertEqual(head.removingHopByHop().fields.map(\.name), ["Host", "Accept"])
-        XCTAssertThrowsError(try ProxyHTTPHead.parse(Array("GET / HTTP/2\r\n\r\n".utf8)[...]))
-        XCTAssertThrowsError(try ProxyHTTPHead.parse(Array("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n".utf8)[...]))
+        XCTAssertThrowsError(try HTTPHead.parse(Array("GET / HTTP/2\r\n\r\n".utf8)[...], as: .request))
+        XCTAssertThrowsError(try HTTPHead.parse(Array("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n".utf8)[...], as: .request))
     }
 
     func testBodyFramingRefusesSmuggling() throws {
-        func head(_ fields: String) throws -> ProxyHTTPHead { try ProxyHTTPHead.parse(Array("POST http://a/ HTTP/1.1\r\n\(fields)\r\n".utf8)[...]) }
+        func head(_ fields: String) throws -> HTTPHead { try HTTPHead.parse(Array("POST http://a/ HTTP/1.1\r\n\(fields)\r\n".utf8)[...], as: .request) }
         XCTAssertEqual(try HTTPBody.of(request: head("Content-Length: 5\r\n")), .length(5))
         XCTAssertEqual(try HTTPBody.of(request: head("Transfer-Encoding: chunked\r\n")), .chunked)
         XCTAssertEqual(try HTTPBody.of(request: head("")), HTTPBody.none)
         XCTAssertThrowsError(try HTTPBody.of(request: head("Transfer-Encoding: chunked\r\nContent-Length: 5\r\n")))
         XCTAssertThrowsError(try HTTPBody.of(request: head("Content-Length: 5\r\nContent-Length: 6\r\n")))
-        let response = try ProxyHTTPHead.parse(Array("HTTP/1.1 200 OK\r\n\r\n".utf8)[...], response: true)
+        let response = try HTTPHead.parse(Array("HTTP/1.1 200 OK\r\n\r\n".utf8)[...], as: .response)
         XCTAssertEqual(try HTTPBody.of(response: response, method: "GET"), .untilClose)
         XCTAssertEqual(try HTTPBody.of(response: response, method: "HEAD"), HTTPBody.none)
     }

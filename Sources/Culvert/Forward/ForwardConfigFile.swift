@@ -118,12 +118,12 @@ enum ForwardConfigFile {
         let description: String
     }
 
-    private static func parseLogLevel(_ text: String) throws(InvalidValue) -> Logger.Level {
+    static func parseLogLevel(_ text: String) throws(InvalidValue) -> Logger.Level {
         guard let level = Logger.Level(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not a log level") }
         return level
     }
 
-    private static func parseLogFormat(_ text: String) throws(InvalidValue) -> LogFormat {
+    static func parseLogFormat(_ text: String) throws(InvalidValue) -> LogFormat {
         guard let format = LogFormat(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not text or json") }
         return format
     }

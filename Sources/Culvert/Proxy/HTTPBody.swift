@@ -1,3 +1,5 @@
+import Transfer
+
 /// How the body of an HTTP/1.x message is delimited (RFC 9112 §6), which decides where
 /// the next message on a kept-alive connection starts.
 public enum HTTPBody: Equatable, Sendable {
@@ -9,30 +11,30 @@ public enum HTTPBody: Equatable, Sendable {
 
     /// A request's body. Both `Transfer-Encoding` and `Content-Length`, or two lengths
     /// that differ, are refused: they are how requests are smuggled past proxies.
-    public static func of(request head: ProxyHTTPHead) throws(ProxyHTTPHead.Malformed) -> HTTPBody {
+    public static func of(request head: HTTPHead) throws(HTTPHead.Malformed) -> HTTPBody {
         try framing(head, otherwise: .none)
     }
 
     /// A response's body, given the method of the request it answers.
-    public static func of(response head: ProxyHTTPHead, method: String) throws(ProxyHTTPHead.Malformed) -> HTTPBody {
-        let code = Int(head.start.1) ?? 0
+    public static func of(response head: HTTPHead, method: String) throws(HTTPHead.Malformed) -> HTTPBody {
+        let code = Int(head.startLine.1) ?? 0
         if method == "HEAD" || (100..<200).contains(code) || code == 204 || code == 304 { return .none }
         return try framing(head, otherwise: .untilClose)
     }
 
-    private static func framing(_ head: ProxyHTTPHead, otherwise: HTTPBody) throws(ProxyHTTPHead.Malformed) -> HTTPBody {
+    private static func framing(_ head: HTTPHead, otherwise: HTTPBody) throws(HTTPHead.Malformed) -> HTTPBody {
         let encodings = head.tokens("Transfer-Encoding")
         let lengths = Set(head.values("Content-Length").flatMap { $0.split(separator: ",") }.map { String($0).trimmingWhitespace() })
         if !encodings.isEmpty {
-            guard lengths.isEmpty else { throw ProxyHTTPHead.Malformed(reason: "both Transfer-Encoding and Content-Length") }
+            guard lengths.isEmpty else { throw HTTPHead.Malformed(reason: "both Transfer-Encoding and Content-Length") }
             guard head.values("Transfer-Encoding").last?.lowercased().hasSuffix("chunked") == true else {
-                throw ProxyHTTPHead.Malformed(reason: "Transfer-Encoding without chunked last")
+                throw HTTPHead.Malformed(reason: "Transfer-Encoding without chunked last")
             }
             return .chunked
         }
         guard let length = lengths.first else { return otherwise }
         guard lengths.count == 1, let n = Int(length), n >= 0, length.allSatisfy(\.isASCII) else {
-            throw ProxyHTTPHead.Malformed(reason: "bad Content-Length")
+            throw HTTPHead.Malformed(reason: "bad Content-Length")
         }
         return n == 0 ? .none : .length(n)
     }
@@ -71,7 +73,7 @@ public struct ChunkedScanner: Sendable {
 
     /// Scans `bytes` and returns how many belong to the body (all of them unless the
     /// body ends inside).
-    public mutating func feed(_ bytes: ArraySlice<UInt8>) throws(ProxyHTTPHead.Malformed) -> Int {
+    public mutating func feed(_ bytes: ArraySlice<UInt8>) throws(HTTPHead.Malformed) -> Int {
         var i = bytes.startIndex
         while i < bytes.endIndex {
             let c = bytes[i]
@@ -86,35 +88,35 @@ public struct ChunkedScanner: Sendable {
             case .size(let value, let digits):
                 if let d = hexValue(c) {
                     // 15 hex digits is far beyond any real chunk and cannot overflow an Int.
-                    guard digits < 15 else { throw ProxyHTTPHead.Malformed(reason: "chunk size too large") }
+                    guard digits < 15 else { throw HTTPHead.Malformed(reason: "chunk size too large") }
                     state = .size(value: value << 4 | d, digits: digits + 1)
                 } else if digits > 0 && (c == UInt8(ascii: ";") || c == UInt8(ascii: " ") || c == UInt8(ascii: "\t")) {
                     state = .sizeExtension(value: value)
                 } else if digits > 0 && c == 13 {
                     state = .sizeLF(value: value)
                 } else {
-                    throw ProxyHTTPHead.Malformed(reason: "bad chunk size")
+                    throw HTTPHead.Malformed(reason: "bad chunk size")
                 }
             case .sizeExtension(let value):
                 if c == 13 { state = .sizeLF(value: value) }
             case .sizeLF(let value):
-                guard c == 10 else { throw ProxyHTTPHead.Malformed(reason: "bad chunk size line") }
+                guard c == 10 else { throw HTTPHead.Malformed(reason: "bad chunk size line") }
                 state = value == 0 ? .trailerStart : .data(left: value)
             case .dataCR:
-                guard c == 13 else { throw ProxyHTTPHead.Malformed(reason: "chunk data longer than its size") }
+                guard c == 13 else { throw HTTPHead.Malformed(reason: "chunk data longer than its size") }
                 state = .dataLF
             case .dataLF:
-                guard c == 10 else { throw ProxyHTTPHead.Malformed(reason: "chunk data longer than its size") }
+                guard c == 10 else { throw HTTPHead.Malformed(reason: "chunk data longer than its size") }
                 state = .size(value: 0, digits: 0)
             case .trailerStart:
                 state = c == 13 ? .lastLF : .trailerLine
             case .trailerLine:
                 if c == 13 { state = .trailerLF }
             case .trailerLF:
-                guard c == 10 else { throw ProxyHTTPHead.Malformed(reason: "bad trailer line") }
+                guard c == 10 else { throw HTTPHead.Malformed(reason: "bad trailer line") }
                 state = .trailerStart
             case .lastLF:
-                guard c == 10 else { throw ProxyHTTPHead.Malformed(reason: "bad end of chunked body") }
+                guard c == 10 else { throw HTTPHead.Malformed(reason: "bad end of chunked body") }
                 state = .done
             }
             i += 1

@@ -9,6 +9,7 @@ public enum HTTPStatus: Int, Sendable {
     case headersTooLarge = 431
     case badGateway = 502
     case gatewayTimeout = 504
+    case versionNotSupported = 505
 
     public var reason: String {
         switch self {
@@ -20,6 +21,7 @@ public enum HTTPStatus: Int, Sendable {
         case .headersTooLarge: return "Request Header Fields Too Large"
         case .badGateway: return "Bad Gateway"
         case .gatewayTimeout: return "Gateway Timeout"
+        case .versionNotSupported: return "HTTP Version Not Supported"
         }
     }
 

@@ -33,36 +33,44 @@ final class ProxyChannel {
     }
 
     /// Parses with `parse` until it has a message, reading more while it is incomplete;
-    /// at most `limit` bytes are buffered for one message.
+    /// at most `limit` bytes are buffered for one message. A peer that stops sending in
+    /// the middle of a message (half-closes) gets a general failure.
     func read<M>(limit: Int, _ parse: ([UInt8]) -> Socks5.Parse<M>) async throws -> Socks5.Parse<M> {
         while true {
             let result = parse(pending)
             guard case .incomplete = result else { return result }
             guard pending.count < limit else { return .invalid(.generalFailure, "message longer than \(limit) bytes") }
-            try await fill()
+            do {
+                try await fill()
+            } catch ChannelError.eof where !pending.isEmpty {
+                return .invalid(.generalFailure, "truncated message (\(pending.count) bytes, then the client stopped sending)")
+            }
         }
     }
 
     /// What reading a head found.
     enum HeadRead {
-        case head(ProxyHTTPHead)
+        case head(HTTPHead)
         /// The peer closed before sending a byte of a new head (a kept-alive connection's end).
         case closed
         case tooLarge
         case malformed(String)
+        /// A request line of an HTTP version other than 1.0 and 1.1.
+        case unsupportedVersion(String)
     }
 
     /// Reads one HTTP head of at most `limit` bytes.
     func readHead(limit: Int, response: Bool = false) async throws -> HeadRead {
         var scanned = 0
         while true {
-            switch ProxyHTTPHead.scan(pending, from: scanned, limit: limit) {
+            switch HTTPHead.scan(pending, from: scanned, limit: limit) {
             case .complete(let n):
-                do throws(ProxyHTTPHead.Malformed) {
-                    let head = try ProxyHTTPHead.parse(pending[..<n], response: response)
+                do throws(HTTPHead.Malformed) {
+                    let head = try HTTPHead.parse(pending[..<n], as: response ? .response : .request)
                     take(n)
                     return .head(head)
                 } catch {
+                    if let version = error.unsupportedVersion { return .unsupportedVersion(version) }
                     return .malformed(error.reason)
                 }
             case .tooLarge:
@@ -71,8 +79,8 @@ final class ProxyChannel {
                 scanned = pending.count
                 do {
                     try await fill()
-                } catch ChannelError.eof where pending.isEmpty {
-                    return .closed
+                } catch ChannelError.eof {
+                    return pending.isEmpty ? .closed : .malformed("truncated head (\(pending.count) bytes, then the peer stopped sending)")
                 }
             }
         }
@@ -85,42 +93,45 @@ final class ProxyChannel {
     }
 
     /// Copies one message body, framed as `body`, from this channel to `destination`;
-    /// `progress` runs after each piece (the caller's idle deadline).
-    func copyBody(_ body: HTTPBody, to destination: ProxyChannel, progress: () -> Void) async throws {
+    /// `progress` runs after each piece (the caller's idle deadline). Returns the bytes copied.
+    @discardableResult
+    func copyBody(_ body: HTTPBody, to destination: ProxyChannel, progress: () -> Void) async throws -> Int {
+        var copied = 0
         switch body {
         case .none:
-            return
+            break
         case .length(let total):
-            var left = total
-            while left > 0 {
+            while copied < total {
                 if pending.isEmpty { try await fill() }
-                let n = min(left, pending.count)
+                let n = min(total - copied, pending.count)
                 try await destination.write(take(n))
                 progress()
-                left -= n
+                copied += n
             }
         case .chunked:
             var scanner = ChunkedScanner()
-            while true {
+            while !scanner.isDone {
                 if pending.isEmpty { try await fill() }
                 let n = try scanner.feed(pending[...])
                 try await destination.write(take(n))
                 progress()
-                if scanner.isDone { return }
+                copied += n
             }
         case .untilClose:
             while true {
                 if !pending.isEmpty {
+                    copied += pending.count
                     try await destination.write(take(pending.count))
                     progress()
                 }
                 do {
                     try await fill()
                 } catch ChannelError.eof {
-                    return
+                    break
                 }
             }
         }
+        return copied
     }
 
     /// Hands the connection over (to a relay) with what is still pending; nothing may be

@@ -14,10 +14,22 @@ extension ProxyConnection {
         }
         var first = true
         while true {
-            if !first { arm(config.keepAliveTimeout, "keep-alive wait") }
+            if !first {
+                // A drain ends a kept-alive client between two requests, not in one.
+                guard !idleClients.draining else {
+                    client.channel.close()
+                    return false
+                }
+                arm(config.keepAliveTimeout, "keep-alive wait")
+                idleClients.enter(self) { [client] in
+                    if client.pending.isEmpty { client.channel.fail(.closed, reset: false) }
+                }
+            }
             first = false
-            let head: ProxyHTTPHead
-            switch try await client.readHead(limit: config.maxHeadBytes) {
+            let head: HTTPHead
+            let read = try await client.readHead(limit: config.maxHeadBytes)
+            idleClients.leave(self)
+            switch read {
             case .closed:
                 client.channel.close()
                 return false
@@ -28,6 +40,10 @@ extension ProxyConnection {
             case .malformed(let why):
                 context.refused("bad_request", "proxy request refused", peer, ["error": "\(why)"])
                 await answerAndClose(HTTPStatus.badRequest.response(body: "malformed request: \(why)"))
+                return false
+            case .unsupportedVersion(let version):
+                context.refused("unsupported_version", "proxy request refused", peer, ["error": "\(version) is not supported"])
+                await answerAndClose(HTTPStatus.versionNotSupported.response(body: "\(version) is not supported: culvert speaks HTTP/1.0 and HTTP/1.1"))
                 return false
             case .head(let parsed):
                 head = parsed
@@ -41,7 +57,7 @@ extension ProxyConnection {
                     body: "proxy authentication required", extra: [("Proxy-Authenticate", "Basic realm=\"culvert\"")]))
                 return false
             }
-            let (method, target, version) = head.start
+            let (method, target, version) = head.startLine
             if method == "CONNECT" {
                 guard let destination = HTTPTarget.authority(Substring(target), defaultPort: nil) else {
                     context.refused("bad_request", "proxy request refused", peer, ["error": "CONNECT target '\(target)' is not host:port"])
@@ -69,45 +85,82 @@ extension ProxyConnection {
                 return false
             }
             let requestBody: HTTPBody
-            do throws(ProxyHTTPHead.Malformed) {
+            do throws(HTTPHead.Malformed) {
                 requestBody = try HTTPBody.of(request: head)
             } catch {
                 context.refused("bad_request", "proxy request refused", peer, ["error": "\(error)"])
                 await answerAndClose(HTTPStatus.badRequest.response(body: "malformed request: \(error)"))
                 return false
             }
-            if origin?.destination != destination || origin?.channel.channel.isOpen != true {
-                origin?.channel.channel.close()
-                origin = nil
-                switch await open(destination) {
-                case .failure(let failure):
-                    await answerAndClose(failure.httpStatus.response(body: "\(destination): \(failure)"))
-                    return false
-                case .success(let upstream):
-                    do {
-                        origin = (destination, try ProxyChannel(loop: loop, stream: upstream.stream))
-                    } catch {
-                        upstream.stream.close(reset: true)
-                        throw error
-                    }
-                }
-            }
-            guard let upstream = origin?.channel else { return false }
-            let keepClient = wantsKeepAlive(head, version: version)
+            let keepClient = wantsKeepAlive(head, version: version) && !idleClients.draining
             var forwarded = head.removingHopByHop()
-            forwarded = ProxyHTTPHead(start: (method, path, version), fields: forwarded.fields)
+            forwarded = HTTPHead(startLine: (method, path, version), fields: forwarded.fields)
             if forwarded.values("Host").isEmpty { forwarded.fields.insert(("Host", hostHeader(destination)), at: 0) }
             if !keepClient { forwarded.fields.append(("Connection", "close")) }
-            // From here on, a silence of the keep-alive time on either side ends the exchange.
-            let activity = { [self] in arm(config.keepAliveTimeout, "request", also: upstream) }
-            activity()
-            try await upstream.write(forwarded.encoded())
-            try await client.copyBody(requestBody, to: upstream, progress: activity)
-            guard let keep = try await forwardResponse(from: upstream, method: method, clientVersion: version, keepClient: keepClient, progress: activity) else {
-                origin?.channel.channel.close()
-                origin = nil
-                return false
+            // A kept-alive origin connection may have been closed by the origin while it
+            // waited; a request that is safe to repeat and got nothing back yet is sent
+            // again, once, on a fresh connection.
+            let repeatable = (method == "GET" || method == "HEAD") && requestBody == .none
+            var retried = false
+            var response: ForwardedResponse?
+            while response == nil {
+                let reused = origin?.destination == destination && origin?.channel.channel.isOpen == true
+                if !reused {
+                    origin?.channel.channel.close()
+                    origin = nil
+                    switch await open(destination) {
+                    case .failure(let failure):
+                        await answerAndClose(failure.httpStatus.response(body: "\(destination): \(failure)"))
+                        return false
+                    case .success(let upstream):
+                        do {
+                            origin = (destination, try ProxyChannel(loop: loop, stream: upstream.stream))
+                        } catch {
+                            upstream.stream.close(reset: true)
+                            throw error
+                        }
+                    }
+                }
+                guard let upstream = origin?.channel else { return false }
+                // From here on, a silence of the keep-alive time on either side ends the exchange.
+                let activity = { [self] in arm(config.keepAliveTimeout, "request", also: upstream) }
+                activity()
+                // The origin's socket failing while the request goes out means nothing came
+                // back yet: the client has not been sent a byte of this response.
+                var sent = true
+                do {
+                    try await upstream.write(forwarded.encoded())
+                    try await client.copyBody(requestBody, to: upstream, progress: activity)
+                } catch ChannelError.io(let error) where !upstream.channel.isOpen && [ECONNRESET, EPIPE].contains(error.errno) {
+                    sent = false
+                }
+                var outcome = ResponseOutcome.originGone
+                if sent {
+                    outcome = try await forwardResponse(from: upstream, method: method, clientVersion: version,
+                                                        keepClient: keepClient, progress: activity)
+                }
+                switch outcome {
+                case .forwarded(let done):
+                    response = done
+                case .originGone where reused && repeatable && !retried:
+                    retried = true
+                    origin?.channel.channel.close()
+                    origin = nil
+                    context.logger.debug("origin closed a kept-alive connection, request sent again",
+                                         metadata: ["peer": "\(peer)", "destination": "\(destination)"])
+                case .originGone:
+                    context.refused("bad_response", "proxy request failed", peer, ["error": "origin closed the connection without a response"])
+                    await answerAndClose(HTTPStatus.badGateway.response(body: "the origin closed the connection without a response"))
+                    return false
+                case .failed:
+                    return false
+                }
             }
+            guard let keep = response else { return false }
+            context.logger.info("http request forwarded", metadata: [
+                "peer": "\(peer)", "method": "\(method)", "host": "\(destination)",
+                "status": .stringConvertible(keep.status), "bytes": .stringConvertible(keep.bytes),
+            ])
             disarm()
             if !keep.origin {
                 origin?.channel.channel.close()
@@ -120,40 +173,45 @@ extension ProxyConnection {
         }
     }
 
-    /// Sends the origin's response to the client (interim 1xx ones first); nil when the
-    /// origin failed before a whole head arrived (the client got a 502 and is closed).
+    /// Sends the origin's response to the client (interim 1xx ones first).
     private func forwardResponse(from upstream: ProxyChannel, method: String, clientVersion: String,
-                                 keepClient: Bool, progress: () -> Void) async throws -> (client: Bool, origin: Bool)? {
+                                 keepClient: Bool, progress: () -> Void) async throws -> ResponseOutcome {
+        var interim = false
         while true {
-            let head: ProxyHTTPHead
+            let head: HTTPHead
             let read: ProxyChannel.HeadRead
             do {
                 read = try await upstream.readHead(limit: config.maxHeadBytes, response: true)
+            } catch ChannelError.io(let error) where !interim && error.errno == ECONNRESET && upstream.pending.isEmpty {
+                return .originGone
             } catch {
                 read = .malformed("\(error)")
             }
             switch read {
             case .head(let parsed):
                 head = parsed
-            case .closed, .tooLarge, .malformed:
+            case .closed where !interim:
+                return .originGone
+            case .closed, .tooLarge, .malformed, .unsupportedVersion:
                 context.refused("bad_response", "proxy request failed", peer, ["error": "origin sent no valid response head"])
                 await answerAndClose(HTTPStatus.badGateway.response(body: "the origin sent no valid response"))
-                return nil
+                return .failed
             }
-            let code = Int(head.start.1) ?? 0
+            let code = Int(head.startLine.1) ?? 0
             var answer = head.removingHopByHop()
             if (100..<200).contains(code) {
                 client.channel.send(answer.encoded())
+                interim = true
                 continue
             }
             let body: HTTPBody
-            do throws(ProxyHTTPHead.Malformed) {
+            do throws(HTTPHead.Malformed) {
                 body = try HTTPBody.of(response: head, method: method)
             } catch {
                 await answerAndClose(HTTPStatus.badGateway.response(body: "the origin sent a malformed response: \(error)"))
-                return nil
+                return .failed
             }
-            let originKeeps = body != .untilClose && wantsKeepAlive(head, version: head.start.0)
+            let originKeeps = body != .untilClose && wantsKeepAlive(head, version: head.startLine.0)
             let keep = keepClient && body != .untilClose
             if !keep {
                 answer.fields.append(("Connection", "close"))
@@ -161,13 +219,31 @@ extension ProxyConnection {
                 answer.fields.append(("Connection", "keep-alive"))
             }
             try await client.write(answer.encoded())
-            try await upstream.copyBody(body, to: client, progress: progress)
-            return (keep, originKeeps)
+            let bytes = try await upstream.copyBody(body, to: client, progress: progress)
+            return .forwarded(ForwardedResponse(status: code, bytes: bytes, client: keep, origin: originKeeps))
         }
     }
 
+    /// What forwarding a request's response came to.
+    private enum ResponseOutcome {
+        case forwarded(ForwardedResponse)
+        /// The origin closed or reset before a byte of the response: nothing reached the
+        /// client, so the request may be sent again.
+        case originGone
+        /// The client got a 502 and is closed.
+        case failed
+    }
+
+    /// A response passed to the client: its status, body bytes, and which connections stay.
+    private struct ForwardedResponse {
+        let status: Int
+        let bytes: Int
+        let client: Bool
+        let origin: Bool
+    }
+
     /// HTTP/1.1 keeps a connection unless `Connection: close`; 1.0 only with `keep-alive`.
-    private func wantsKeepAlive(_ head: ProxyHTTPHead, version: String) -> Bool {
+    private func wantsKeepAlive(_ head: HTTPHead, version: String) -> Bool {
         let tokens = head.tokens("Connection").union(head.tokens("Proxy-Connection"))
         return version == "HTTP/1.1" ? !tokens.contains("close") : tokens.contains("keep-alive")
     }

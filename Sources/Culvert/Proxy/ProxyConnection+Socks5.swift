@@ -12,7 +12,7 @@ extension ProxyConnection {
         case .incomplete: return false
         case .invalid(_, let why):
             context.refused("bad_greeting", "proxy handshake failed", peer, ["error": "\(why)"])
-            client.channel.fail(.protocolViolation(why))
+            await answerAndClose(Socks5.methodChoice(.noAcceptable))
             return false
         case .done(let offered, let n):
             client.take(n)
@@ -56,11 +56,13 @@ extension ProxyConnection {
             request = parsed
         }
         switch request.command {
-        case .bind, .udpAssociate:
+        case .bind:
             context.refused("unsupported_command", "proxy request refused", peer,
                             ["error": "SOCKS5 command \(request.command) is not supported", "destination": "\(request.destination)"])
             await answerAndClose(Socks5.reply(.commandNotSupported))
             return false
+        case .udpAssociate:
+            return await runAssociation(request)
         case .connect:
             break
         }

@@ -13,6 +13,10 @@ final class ProxyConnection {
     let relays: RelaySet
     let client: ProxyChannel
     let peer: String
+    /// The client's address (the only one a UDP association takes datagrams from).
+    let peerAddress: SocketAddress?
+    /// Where the connection says it may be ended at once by a drain.
+    let idleClients: IdleClients
     /// The origin connection an HTTP client's forwarded requests are using, kept for the
     /// next request to the same destination.
     var origin: (destination: ProxyDestination, channel: ProxyChannel)?
@@ -21,10 +25,12 @@ final class ProxyConnection {
     var loop: EventLoop { relays.loop }
     var config: ProxyConfig { context.config }
 
-    init(client fd: Int32, peer: String, context: ProxyContext, relays: RelaySet) throws(SystemError) {
+    init(client fd: Int32, peer: SocketAddress?, context: ProxyContext, relays: RelaySet, idleClients: IdleClients) throws(SystemError) {
         self.context = context
         self.relays = relays
-        self.peer = peer
+        self.peer = peer.logDescription
+        peerAddress = peer
+        self.idleClients = idleClients
         client = try ProxyChannel(loop: relays.loop, stream: TCPStream(fd: fd, noDelay: false))
     }
 
@@ -38,6 +44,10 @@ final class ProxyConnection {
             switch client.pending[0] {
             case Socks5.version:
                 return try await runSocks5()
+            case 4:
+                context.refused("unsupported_version", "proxy handshake failed", peer, ["error": "SOCKS4 is not supported, only SOCKS5"])
+                await answerAndClose(Socks5.socks4Rejected)
+                return false
             case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"):
                 return try await runHTTP()
             default:

@@ -12,9 +12,12 @@ final class ProxyContext: Sendable {
     /// Refusals (policy, failed dials, bad handshakes, the limit), summarised per interval.
     let refusals: RefusalSummary
     let maxConnections: Int
+    /// UDP ASSOCIATE; nil when the exit carries no datagrams (the command is refused).
+    let udp: ProxyUDP?
     private let active = Atomic<Int>(0)
 
-    init(config: ProxyConfig, exit: ProxyExit, logger: Logger, refusals: RefusalSummary, maxConnections: Int) {
+    init(config: ProxyConfig, exit: ProxyExit, logger: Logger, refusals: RefusalSummary, maxConnections: Int, udp: ProxyUDP? = nil) {
+        self.udp = udp
         self.config = config
         self.exit = exit
         self.logger = logger
@@ -44,4 +47,32 @@ final class ProxyContext: Sendable {
         all["reason"] = "\(reason)"
         logger.warning("\(message)", metadata: all)
     }
+}
+
+/// What the UDP associations of every loop share: the datagram exit, the loops'
+/// datagram batches, the idle timeout and the association count with its cap.
+final class ProxyUDP: Sendable {
+    let exit: DatagramExit
+    let batches: DatagramBatches
+    let idleTimeout: Duration
+    let maxAssociations: Int
+    private let active = Atomic<Int>(0)
+
+    init(exit: DatagramExit, batches: DatagramBatches, idleTimeout: Duration, maxAssociations: Int) {
+        self.exit = exit
+        self.batches = batches
+        self.idleTimeout = idleTimeout
+        self.maxAssociations = maxAssociations
+    }
+
+    /// Counts a new association; false when the cap is reached.
+    func admit() -> Bool {
+        if active.wrappingAdd(1, ordering: .relaxed).newValue > maxAssociations {
+            active.wrappingSubtract(1, ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
+    func release() { active.wrappingSubtract(1, ordering: .relaxed) }
 }

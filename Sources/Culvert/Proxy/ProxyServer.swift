@@ -26,10 +26,18 @@ public final class ProxyServer: DrainableService, @unchecked Sendable {
         }
         // A proxied connection holds two sockets, and two pipe ends while it splices.
         let maxConnections = config.maxConnections ?? max(1, UDPSessionBudget.freeDescriptors() / 4)
-        let exit = LocalExit(policy: config.policy, resolver: CachingResolver(), connectTimeout: config.connectTimeout)
+        let resolver = CachingResolver()
+        let exit = LocalExit(policy: config.policy, resolver: resolver, connectTimeout: config.connectTimeout)
+        // An association holds its relay socket and up to udpSocketsPerAssociation more;
+        // together they get a quarter of the free descriptors, as connections do.
+        let maxAssociations = config.maxAssociations
+            ?? max(1, min(UDPSessionBudget.ceiling, UDPSessionBudget.freeDescriptors() / 4 / (1 + config.udpSocketsPerAssociation)))
+        let batches = DatagramBatches(loops: group.loops.count)
+        let udp = ProxyUDP(exit: LocalDatagramExit(policy: config.policy, resolver: resolver, maxSockets: config.udpSocketsPerAssociation, batches: batches),
+                           batches: batches, idleTimeout: config.udpIdleTimeout, maxAssociations: maxAssociations)
         let context = ProxyContext(config: config, exit: exit, logger: logger,
                                    refusals: RefusalSummary(logger: logger, message: "proxy requests refused", loop: main),
-                                   maxConnections: maxConnections)
+                                   maxConnections: maxConnections, udp: udp)
         let server = ProxyServer(context: context, group: group)
         server.workers = group.loops.map { ProxyWorker(loop: $0, context: context) }
         server.boundAddresses = listeners.bound
@@ -39,6 +47,7 @@ public final class ProxyServer: DrainableService, @unchecked Sendable {
         logger.info("proxy started", metadata: [
             "auth": "\(config.credentials.map { "\($0.count) users" } ?? "none")",
             "max_connections": .stringConvertible(maxConnections),
+            "max_udp_associations": .stringConvertible(maxAssociations),
         ])
         for address in server.boundAddresses { ReadyLine.print("listening proxy \(address)") }
         return server

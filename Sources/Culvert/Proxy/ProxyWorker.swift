@@ -11,6 +11,7 @@ final class ProxyWorker {
     private let context: ProxyContext
     private let relays: RelaySet
     private let listeners: Listeners
+    private let idleClients = IdleClients()
 
     init(loop: EventLoop, context: ProxyContext) {
         self.loop = loop
@@ -36,7 +37,7 @@ final class ProxyWorker {
         }
         let connection: ProxyConnection
         do {
-            connection = try ProxyConnection(client: fd, peer: peer.logDescription, context: context, relays: relays)
+            connection = try ProxyConnection(client: fd, peer: peer, context: context, relays: relays, idleClients: idleClients)
         } catch {
             Posix.close(fd)
             context.release()
@@ -54,9 +55,10 @@ final class ProxyWorker {
         }
     }
 
-    /// Stops accepting; `onIdle` runs (on this loop) once the last connection has ended.
+    /// Stops accepting and ends the idle clients; `onIdle` runs (on this loop) once the last connection has ended.
     func beginDrain(onIdle: @escaping () -> Void) {
         listeners.stop()
+        idleClients.drain()
         relays.whenIdle(onIdle)
     }
 

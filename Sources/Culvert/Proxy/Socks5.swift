@@ -38,8 +38,8 @@ public enum Socks5 {
         case addressTypeNotSupported = 0x08
     }
 
-    /// The request's command byte: culvert answers BIND and UDP ASSOCIATE with
-    /// `commandNotSupported`, so it keeps which one was asked for the log.
+    /// The request's command byte: culvert answers BIND with `commandNotSupported`, so
+    /// it keeps which one was asked for the log.
     public enum Command: UInt8, Equatable, Sendable {
         case connect = 0x01
         case bind = 0x02
@@ -61,6 +61,9 @@ public enum Socks5 {
         guard b.count >= 2 + n else { return .incomplete }
         return .done(Array(b[2..<2 + n]), consumed: 2 + n)
     }
+
+    /// The whole answer to a SOCKS4 request (version 4): "request rejected or failed".
+    public static let socks4Rejected: [UInt8] = [0, 0x5B, 0, 0, 0, 0, 0, 0]
 
     /// The answer to the greeting: the method chosen.
     public static func methodChoice(_ method: Method) -> [UInt8] { [version, method.rawValue] }
@@ -89,36 +92,53 @@ public enum Socks5 {
         guard b.count >= 4 else { return .incomplete }
         guard b[0] == version else { return .invalid(.generalFailure, "request version \(b[0])") }
         guard let command = Command(rawValue: b[1]) else { return .invalid(.commandNotSupported, "unknown command \(b[1])") }
+        switch parseAddress(b, at: 3) {
+        case .incomplete: return .incomplete
+        case .invalid(let reply, let why): return .invalid(reply, why)
+        case .done(let destination, let end):
+            // Port 0 names no service (a UDP ASSOCIATE uses it to say "any port"); the
+            // reply code is dante's for the same request.
+            if command != .udpAssociate && destination.port == 0 {
+                return .invalid(.addressTypeNotSupported, "destination port 0")
+            }
+            return .done(Request(command: command, destination: destination), consumed: end)
+        }
+    }
+
+    /// ATYP, DST.ADDR and DST.PORT starting at `at` (RFC 1928 §4 and §7); `consumed` is
+    /// the index just past the port.
+    static func parseAddress(_ b: [UInt8], at start: Int) -> Parse<ProxyDestination> {
+        guard b.count > start else { return .incomplete }
         let portAt: Int
         let destination: (UInt16) -> ProxyDestination
-        switch b[3] {
+        switch b[start] {
         case 0x01:
-            portAt = 8
+            portAt = start + 5
             guard b.count >= portAt + 2 else { return .incomplete }
             var a = sockaddr_in()
             a.sin_family = sa_family_t(AF_INET)
-            withUnsafeMutableBytes(of: &a.sin_addr) { $0.copyBytes(from: b[4..<8]) }
+            withUnsafeMutableBytes(of: &a.sin_addr) { $0.copyBytes(from: b[(start + 1)..<portAt]) }
             destination = { .address(.v4(a).withPort($0)) }
         case 0x04:
-            portAt = 20
+            portAt = start + 17
             guard b.count >= portAt + 2 else { return .incomplete }
             var a = sockaddr_in6()
             a.sin6_family = sa_family_t(AF_INET6)
-            withUnsafeMutableBytes(of: &a.sin6_addr) { $0.copyBytes(from: b[4..<20]) }
+            withUnsafeMutableBytes(of: &a.sin6_addr) { $0.copyBytes(from: b[(start + 1)..<portAt]) }
             destination = { .address(.v6(a).withPort($0)) }
         case 0x03:
-            guard b.count >= 5 else { return .incomplete }
-            portAt = 5 + Int(b[4])
+            guard b.count > start + 1 else { return .incomplete }
+            portAt = start + 2 + Int(b[start + 1])
             guard b.count >= portAt + 2 else { return .incomplete }
-            guard let name = hostName(b[5..<portAt]) else {
+            guard let name = hostName(b[(start + 2)..<portAt]) else {
                 return .invalid(.hostUnreachable, "not a valid host name")
             }
             destination = { .name(name, port: $0) }
         default:
-            return .invalid(.addressTypeNotSupported, "unknown address type \(b[3])")
+            return .invalid(.addressTypeNotSupported, "unknown address type \(b[start])")
         }
         let port = UInt16(b[portAt]) << 8 | UInt16(b[portAt + 1])
-        return .done(Request(command: command, destination: destination(port)), consumed: portAt + 2)
+        return .done(destination(port), consumed: portAt + 2)
     }
 
     /// A domain name as DNS allows it: letters, digits, '-', '_' and dots, 1-253 bytes,
@@ -143,8 +163,13 @@ public enum Socks5 {
 
     /// A reply; `bound` is the proxy's address for the connection (zeros when there is none).
     public static func reply(_ code: Reply, bound: SocketAddress? = nil) -> [UInt8] {
-        var out: [UInt8] = [version, code.rawValue, 0]
-        switch bound {
+        [version, code.rawValue, 0] + encodeAddress(bound)
+    }
+
+    /// ATYP, address and port of `address` (IPv4 zeros for nil).
+    static func encodeAddress(_ address: SocketAddress?) -> [UInt8] {
+        var out: [UInt8] = []
+        switch address {
         case .v6(let a)?:
             out.append(0x04)
             withUnsafeBytes(of: a.sin6_addr) { out += $0 }
@@ -154,8 +179,32 @@ public enum Socks5 {
         case nil:
             out += [0x01, 0, 0, 0, 0]
         }
-        let port = bound?.port ?? 0
+        let port = address?.port ?? 0
         out += [UInt8(port >> 8), UInt8(port & 0xFF)]
         return out
+    }
+
+    /// The header of a UDP ASSOCIATE datagram (RFC 1928 §7): where it goes, and whether
+    /// it is one fragment of several (culvert does not reassemble those).
+    public struct DatagramHeader: Equatable, Sendable {
+        public let fragment: UInt8
+        public let destination: ProxyDestination
+        /// Header bytes before the payload.
+        public let length: Int
+    }
+
+    /// The header at the start of a datagram the client sent; nil when it is not one.
+    /// Only the header's bytes are looked at: the payload is never copied.
+    public static func parseDatagramHeader(_ datagram: UnsafeRawBufferPointer) -> DatagramHeader? {
+        // The longest header: 4 bytes, a 255-byte name with its length, 2 bytes of port.
+        let head = Array(datagram.prefix(4 + 256 + 2))
+        guard head.count >= 4, head[0] == 0, head[1] == 0 else { return nil }
+        guard case .done(let destination, let end) = parseAddress(head, at: 3) else { return nil }
+        return DatagramHeader(fragment: head[2], destination: destination, length: end)
+    }
+
+    /// The header culvert puts before a reply: the address it came from.
+    public static func datagramHeader(source: SocketAddress) -> [UInt8] {
+        [0, 0, 0] + encodeAddress(source)
     }
 }
