@@ -165,13 +165,18 @@ struct ClientCommand: ParsableCommand {
             -R [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT exposes LOCAL_HOST:LOCAL_PORT \
             (TCP, or UDP with the udp: prefix) on the server's REMOTE_PORT (0: the server \
             picks). Prints 'exposed tcp|udp ADDR -> LOCAL' once per service when it is \
-            reachable. Reconnects with backoff forever; \
+            reachable. Reconnects with backoff forever; with several servers \
+            (HOST1,HOST2) it moves to the next when one is lost, prints its 'exposed' \
+            lines again naming the new server, and moves back to an earlier one when it \
+            answers again; \
             exits 1 on authentication failure or when a service is refused at first start.
             """)
 
-    @Argument(help: "Server address, HOST[:PORT] (default port 7000; may come from the config file).",
-              transform: parseServerAddress)
-    var server: HostPort?
+    @Argument(help: ArgumentHelp(
+        "Server address, HOST[:PORT] (default port 7000; may come from the config file); several, comma-separated, are tried in order, and the client moves back to an earlier one when it answers again.",
+        valueName: "server"),
+              transform: parseServerAddresses)
+    var servers: [HostPort]?
 
     @Option(name: .customShort("R"), parsing: .singleValue,
             help: "Service to expose: [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT; repeat for several.",
@@ -217,6 +222,10 @@ struct ClientCommand: ParsableCommand {
     @Option(help: "Longest wait between reconnect attempts (default: 30s).", transform: parseDuration)
     var reconnectMax: Duration?
 
+    @Option(help: "With several servers: how often, while a later one serves, the earlier ones are tried to move back (default: 15s).",
+            transform: parseDuration)
+    var failbackInterval: Duration?
+
     @Option(help: "End a UDP visitor's session to the local service after this long without a datagram either way (default: 60s).",
             transform: parseDuration)
     var udpIdleTimeout: Duration?
@@ -236,7 +245,7 @@ struct ClientCommand: ParsableCommand {
 
     var flags: TunnelClientFlags {
         var flags = TunnelClientFlags()
-        flags.server = server
+        flags.servers = servers ?? []
         flags.services = services
         flags.secrets = secrets
         flags.serviceTokenFile = serviceTokenFile
@@ -252,6 +261,7 @@ struct ClientCommand: ParsableCommand {
         flags.mux = mux
         flags.connectTimeout = connectTimeout
         flags.reconnectMax = reconnectMax
+        flags.failbackInterval = failbackInterval
         flags.udpIdleTimeout = udpIdleTimeout
         flags.udpMaxSessions = udpMaxSessions
         flags.maxVisitors = maxVisitors
@@ -290,6 +300,10 @@ func parseSecretSpec(_ text: String) throws -> ServiceSpec {
 
 func parseServerAddress(_ text: String) throws -> HostPort {
     do { return try TunnelConfigFile.parseServer(text) } catch { throw ValidationError(error.description) }
+}
+
+func parseServerAddresses(_ text: String) throws -> [HostPort] {
+    do { return try TunnelConfigFile.parseServers(text) } catch { throw ValidationError(error.description) }
 }
 
 func parseServiceSpec(_ text: String) throws -> ServiceSpec {
