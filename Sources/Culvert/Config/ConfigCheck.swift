@@ -7,14 +7,14 @@ public enum ConfigCheck {
     }
 
     /// The command a file is for, from its keys: `targets` (at the top or in a service
-    /// table) or `protocol` make a forward file; `server`, or services with `local`, a
-    /// client file; anything else a server file.
+    /// table) or `protocol` make a forward file; `server`, `servers`, or services with
+    /// `local`, a client file; anything else a server file.
     public static func detect(_ path: String) throws(ConfigError) -> Kind {
         let file = try ConfigFile(path: path)
         let top = file.keys()
         let inServices = file.keys(under: "services")
         if top.contains("targets") || top.contains("protocol") || inServices.contains("targets") { return .forward }
-        if top.contains("server") || inServices.contains("local") { return .client }
+        if top.contains("server") || top.contains("servers") || inServices.contains("local") { return .client }
         return .server
     }
 

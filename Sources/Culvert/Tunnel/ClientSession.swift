@@ -16,7 +16,7 @@ import Transfer
 ///
 /// With several servers the client may hold two sessions for a moment: the one serving
 /// and a new one with a preferred server, which takes over once it holds every service
-/// (`TunnelClient.servicesExposed`); the old one then leaves, handed over.
+/// (`TunnelClient.servicesExposed`); the old one is then handed over (`handOver`).
 ///
 /// Thread confinement: lives on the client's main loop.
 final class ClientSession {
@@ -31,6 +31,9 @@ final class ClientSession {
     /// Whether this session leaves because another took over its services; its
     /// carriers then drain instead of giving up visitors still being connected.
     private var handedOver = false
+    /// Set while the session is being handed over: its services are unregistered, and
+    /// this timer says goodbye.
+    private var handover: LoopTimer?
     private let loops: [ClientLoop]
     private var nextLoop = 0
     private var heartbeat: HeartbeatTimer?
@@ -53,6 +56,10 @@ final class ClientSession {
     private static let registrationRetry: Duration = .seconds(5)
     /// How long a goodbye waits for the server to close its end.
     private static let goodbyeDeadline: Duration = .seconds(1)
+    /// How long a handed-over session stays after unregistering its services: visitors
+    /// the server accepted just before are waiting for a data channel, whose connect and
+    /// handshake take a few round trips.
+    private static let handoverGrace: Duration = .seconds(2)
 
     init(client: TunnelClient, control: AsyncDuplex, credentials: SessionCredentials, loops: [ClientLoop]) {
         self.client = client
@@ -88,13 +95,13 @@ final class ClientSession {
                 heartbeat?.heard()
                 switch message {
                 case .serviceAccepted(let sid, let address):
-                    guard let spec = client.service(sid), leaving == nil else { continue }
+                    guard let spec = client.service(sid), leaving == nil, handover == nil else { continue }
                     let exposed = client.serviceExposed(spec, address: address, server: server)
                     readyLines[sid] = exposed.line
                     exposedAt[spec.name] = exposed.address
                     client.servicesExposed(by: self)
                 case .serviceRefused(let sid, let refusal):
-                    guard let spec = client.service(sid), leaving == nil else { continue }
+                    guard let spec = client.service(sid), leaving == nil, handover == nil else { continue }
                     if let error = client.serviceRefused(spec, reason: refusal.reason) {
                         fatal = error
                         leave(reason: "exiting: a service was refused")
@@ -121,6 +128,21 @@ final class ClientSession {
         }
     }
 
+    /// Hands the services over to a session with a preferred server at `address`:
+    /// unregisters them, which closes their ports on this server, serves the data
+    /// channels its visitors accepted before still ask for, and says goodbye after
+    /// `handoverGrace`. Visitors relayed through this server go on until they end.
+    func handOver(to address: HostPort) {
+        loop.assertInLoop()
+        guard !ended, leaving == nil, handover == nil else { return }
+        for t in retryTimers { t.cancel() }
+        retryTimers.removeAll()
+        for spec in client.services { control.send(TunnelProtocol.encode(.unregisterService(id: spec.id))) }
+        handover = loop.schedule(after: Self.handoverGrace) { [weak self] in
+            self?.leave(reason: "moving to the preferred server \(address)", handingOver: true)
+        }
+    }
+
     /// Tells the server this client is leaving (a drain, a fatal refusal, or
     /// `handingOver` to a session with a preferred server); the server's close of the
     /// control channel, or the deadline, ends the session.
@@ -128,6 +150,8 @@ final class ClientSession {
         loop.assertInLoop()
         guard !ended, leaving == nil else { return }
         handedOver = handingOver
+        handover?.cancel()
+        handover = nil
         // From now on the server closes this session's channels and carriers: no failure.
         credentials.end()
         for t in retryTimers { t.cancel() }
@@ -146,7 +170,7 @@ final class ClientSession {
     /// unregistered, the added ones registered; the others and their visitors stay.
     func servicesChanged(removed: [ServiceSpec], added: [ServiceSpec]) {
         loop.assertInLoop()
-        guard !ended else { return }
+        guard !ended, handover == nil else { return }
         for spec in removed { control.send(TunnelProtocol.encode(.unregisterService(id: spec.id))) }
         for spec in added { register(spec) }
     }
@@ -213,6 +237,8 @@ final class ClientSession {
         heartbeat = nil
         leaving?.cancel()
         leaving = nil
+        handover?.cancel()
+        handover = nil
         for t in retryTimers { t.cancel() }
         retryTimers.removeAll()
         queuedRequests.removeAll()

@@ -56,6 +56,8 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     /// before it takes over; `candidateDeadline` gives up on it.
     private var candidate: ClientSession?
     private var candidateDeadline: LoopTimer?
+    /// The session that handed its services to the current one, until it has left.
+    private var previous: ClientSession?
     private var failbackTimer: LoopTimer?
     /// Sessions established after the first one.
     private var reconnects: UInt64 = 0
@@ -110,10 +112,19 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
                 continue
             }
             await session.waitUntilEnded()
-            if let fatal = session.fatal { return exit(fatal) }
-            guard current === session else { continue }
+            if let fatal = session.fatal { return giveUp(fatal) }
+            guard current === session else {
+                if previous === session { previous = nil }
+                continue
+            }
             current = nil
             servers.failed(session.server, now: loop.now)
+            // A preferred server's session still registering takes over at once.
+            if let next = candidate {
+                dropCandidate()
+                adopt(next)
+                servicesExposed(by: next)
+            }
         }
     }
 
@@ -129,8 +140,9 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         do {
             guard let session = try await establish(index) else { return }
             adopt(session)
+            session.start()
         } catch let fatal as FatalClientError {
-            exit(fatal)
+            giveUp(fatal)
         } catch {
             logger.warning("cannot reach server", metadata: ["target": "\(servers[index].address)", "error": "\(error)"])
             connectors[index].forgetAddresses()
@@ -139,7 +151,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     }
 
     /// Ends the client on a failure that retrying cannot fix.
-    private func exit(_ fatal: FatalClientError) {
+    private func giveUp(_ fatal: FatalClientError) {
         guard !stopping else { return }
         stopping = true
         logger.critical("\(fatal.message)")
@@ -168,10 +180,10 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         return ClientSession(client: self, control: channel, credentials: credentials, loops: loops)
     }
 
+    /// `session` holds the services from now on.
     private func adopt(_ session: ClientSession) {
         current = session
         servers.served(session.server)
-        session.start()
     }
 
     // MARK: moving back to a preferred server
@@ -195,15 +207,18 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             do {
                 session = try await establish(index)
             } catch let fatal as FatalClientError {
-                return exit(fatal)
+                return giveUp(fatal)
             } catch {
                 logger.debug("preferred server still unreachable", metadata: ["target": "\(servers[index].address)", "error": "\(error)"])
                 connectors[index].forgetAddresses()
                 continue
             }
             guard let session else { return }
-            // The serving session may have been lost meanwhile; the new one then serves.
-            guard let still = current, still.server > index else { return adopt(session) }
+            // The serving session may have been lost or replaced meanwhile: the reconnect
+            // loop has that in hand.
+            guard let still = current, still.server > index else {
+                return session.leave(reason: "not needed: another session serves")
+            }
             candidate = session
             candidateDeadline = loop.schedule(after: config.handshakeTimeout) { [weak self, weak session] in
                 guard let self, let session, self.candidate === session else { return }
@@ -225,16 +240,6 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         candidate = nil
         candidateDeadline?.cancel()
         candidateDeadline = nil
-    }
-
-    /// The candidate holds every service: it serves from now on, and the old session
-    /// leaves (its running relays go on).
-    private func takeOver(_ session: ClientSession) {
-        dropCandidate()
-        let old = current
-        adopt(session)
-        let address = servers[session.server].address
-        old?.leave(reason: "moving to the preferred server \(address)", handingOver: true)
     }
 
     // MARK: ready lines
@@ -266,6 +271,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         if session === candidate {
             guard services.allSatisfy({ lines[$0.id] != nil }) else { return }
             takeOver(session)
+            return
         }
         guard session === current else { return }
         if ready {
@@ -284,6 +290,17 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             announced.insert(spec.id)
             ReadyLine.print(lines[spec.id]!)
         }
+    }
+
+    /// The candidate holds every service: it serves from now on and prints the ready
+    /// lines; then the old session is handed over, so that a script has the new
+    /// addresses before the old ones close (its running relays go on).
+    private func takeOver(_ session: ClientSession) {
+        dropCandidate()
+        previous = current
+        adopt(session)
+        servicesExposed(by: session)
+        previous?.handOver(to: servers[session.server].address)
     }
 
     /// The ready lines from now on name server `index`.
@@ -390,7 +407,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         stopping = true
         failbackTimer?.cancel()
         failbackTimer = nil
-        let sessions = [current, candidate].compactMap { $0 }
+        let sessions = [current, candidate, previous].compactMap { $0 }
         dropCandidate()
         for session in sessions { session.leave(reason: "stopped") }
         for session in sessions { await session.waitUntilEnded() }
