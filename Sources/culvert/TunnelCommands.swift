@@ -178,11 +178,16 @@ struct ClientCommand: ParsableCommand {
             -R [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT exposes LOCAL_HOST:LOCAL_PORT \
             (TCP, or UDP with the udp: prefix) on the server's REMOTE_PORT (0: the server \
             picks). Prints 'exposed tcp|udp ADDR -> LOCAL' once per service when it is \
-            reachable. Reconnects with backoff forever; \
+            reachable. Reconnects with backoff forever; with several servers \
+            (HOST1,HOST2) it moves to the next when one is lost, prints its 'exposed' \
+            lines again naming the new server, and moves back to an earlier one when it \
+            answers again; \
             exits 1 on authentication failure or when a service is refused at first start.
             """)
 
-    @Argument(help: "Server address, HOST[:PORT] (default port 7000; may come from the config file), or ws://HOST[:PORT]/PATH or wss://… for a server on --transport ws/wss.",
+    @Argument(help: ArgumentHelp(
+        "Server address, HOST[:PORT] (default port 7000; may come from the config file); several, comma-separated, are tried in order, and the client moves back to an earlier one when it answers again. Or ws://HOST[:PORT]/PATH or wss://… for a server on --transport ws/wss.",
+        valueName: "server"),
               transform: parseServerArgument)
     var server: ServerArgument?
 
@@ -233,6 +238,10 @@ struct ClientCommand: ParsableCommand {
     @Option(help: "Longest wait between reconnect attempts (default: 30s).", transform: parseDuration)
     var reconnectMax: Duration?
 
+    @Option(help: "With several servers: how often, while a later one serves, the earlier ones are tried to move back (default: 15s).",
+            transform: parseDuration)
+    var failbackInterval: Duration?
+
     @Option(help: "End a UDP visitor's session to the local service after this long without a datagram either way (default: 60s).",
             transform: parseDuration)
     var udpIdleTimeout: Duration?
@@ -272,7 +281,7 @@ struct ClientCommand: ParsableCommand {
     var flags: TunnelClientFlags {
         var flags = TunnelClientFlags()
         switch server {
-        case .address(let address)?: flags.server = address
+        case .addresses(let addresses)?: flags.servers = addresses
         case .webSocket(let url)?: flags.webSocketURL = url
         case nil: break
         }
@@ -303,6 +312,7 @@ struct ClientCommand: ParsableCommand {
         flags.mux = mux
         flags.connectTimeout = connectTimeout
         flags.reconnectMax = reconnectMax
+        flags.failbackInterval = failbackInterval
         flags.udpIdleTimeout = udpIdleTimeout
         flags.udpMaxSessions = udpMaxSessions
         flags.maxVisitors = maxVisitors
@@ -340,8 +350,10 @@ func parseSecretSpec(_ text: String) throws -> ServiceSpec {
 }
 
 /// The client's <server>: HOST[:PORT], or a ws:// or wss:// URL (which picks the transport).
+/// The client's SERVER argument: HOST[:PORT] or several of them, comma-separated, or
+/// one ws:// or wss:// URL.
 enum ServerArgument {
-    case address(HostPort)
+    case addresses([HostPort])
     case webSocket(WebSocketURL)
 }
 
@@ -353,7 +365,7 @@ func parseServerArgument(_ text: String) throws -> ServerArgument {
     if WebSocketURL.looksLikeURL(text) {
         do { return .webSocket(try WebSocketURL.parse(text)) } catch { throw ValidationError(error.description) }
     }
-    do { return .address(try TunnelConfigFile.parseServer(text)) } catch { throw ValidationError(error.description) }
+    do { return .addresses(try TunnelConfigFile.parseServers(text)) } catch { throw ValidationError(error.description) }
 }
 
 func parseServiceSpec(_ text: String) throws -> ServiceSpec {

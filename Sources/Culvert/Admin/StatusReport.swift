@@ -18,7 +18,7 @@ enum StatusReport {
             return "{" + fields.joined(separator: ",") + "}"
         }
         let all = m.services.values
-        let fields = [
+        var fields = [
             "\"command\":\(q(command))", "\"version\":\(q(ProcessMetrics.version))",
             "\"uptime_seconds\":\(PrometheusText.format(ProcessMetrics.uptimeSeconds))",
             "\"config_generation\":\(ProcessMetrics.configGeneration)",
@@ -27,6 +27,7 @@ enum StatusReport {
             "\"bytes\":{\"up\":\(all.reduce(0) { $0 + $1.bytesUp }),\"down\":\(all.reduce(0) { $0 + $1.bytesDown })}",
             "\"services\":[" + services.joined(separator: ",") + "]",
         ]
+        if let server = m.tunnelServer { fields.append("\"server\":\(q(server))") }
         return "{" + fields.joined(separator: ",") + "}"
     }
 }

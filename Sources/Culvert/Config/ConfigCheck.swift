@@ -7,14 +7,14 @@ public enum ConfigCheck {
     }
 
     /// The command a file is for, from its keys: `targets` (at the top or in a service
-    /// table) or `protocol` make a forward file; `server`, or services with `local`, a
-    /// client file; anything else a server file.
+    /// table) or `protocol` make a forward file; `server`, `servers`, or services with
+    /// `local`, a client file; anything else a server file.
     public static func detect(_ path: String) throws(ConfigError) -> Kind {
         let file = try ConfigFile(path: path)
         let top = file.keys()
         let inServices = file.keys(under: "services")
         if top.contains("targets") || top.contains("protocol") || inServices.contains("targets") { return .forward }
-        if top.contains("server") || inServices.contains("local") { return .client }
+        if top.contains("server") || top.contains("servers") || inServices.contains("local") { return .client }
         return .server
     }
 
@@ -35,7 +35,7 @@ public enum ConfigCheck {
 
     public static func summary(_ config: TunnelClientConfig) -> [String] {
         var lines = [
-            "client: server \(config.server), transport \(config.transport.rawValue), \(config.services.count) service(s)",
+            "client: server \(config.servers.map(\.description).joined(separator: ",")), transport \(config.transport.rawValue), \(config.services.count) service(s)",
             "  pool \(config.pool), mux \(config.mux), connect_timeout \(DurationSpec.format(config.connectTimeout)), drain_timeout \(DurationSpec.format(config.drainTimeout)), threads \(config.threads)",
         ]
         for s in config.services { lines.append("  " + describe(s)) }

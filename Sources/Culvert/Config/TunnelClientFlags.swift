@@ -1,7 +1,13 @@
 /// What `culvert client` was given on the command line; nil or empty when a flag was not
 /// given, so that the config file, and then `TunnelClientConfig`'s defaults, apply.
 public struct TunnelClientFlags: Sendable {
-    public var server: HostPort?
+    /// The servers in order of preference (`HOST1[:PORT],HOST2[:PORT]`); empty: not given.
+    public var servers: [HostPort] = []
+    /// The preferred server, when any is given; setting it makes it the only one.
+    public var server: HostPort? {
+        get { servers.first }
+        set { servers = newValue.map { [$0] } ?? [] }
+    }
     /// `-R`, in command line order.
     public var services: [ServiceSpec] = []
     /// `--secret`, in command line order.
@@ -23,6 +29,7 @@ public struct TunnelClientFlags: Sendable {
     public var mux: Int?
     public var connectTimeout: Duration?
     public var reconnectMax: Duration?
+    public var failbackInterval: Duration?
     public var udpIdleTimeout: Duration?
     public var udpMaxSessions: Int?
     public var maxVisitors: Int?
@@ -48,6 +55,9 @@ public struct TunnelClientFlags: Sendable {
         try common.check()
         if let pool, pool < 0 || pool > 64 { throw ConfigError(setting: "--pool", "--pool must be between 0 and 64, got \(pool)") }
         if let mux, mux < 0 || mux > 16 { throw ConfigError(setting: "--mux", "--mux must be between 0 and 16, got \(mux)") }
+        if let failbackInterval, failbackInterval <= .zero {
+            throw ConfigError(setting: "--failback-interval", "--failback-interval must be more than 0")
+        }
         if let udpIdleTimeout, udpIdleTimeout <= .zero {
             throw ConfigError(setting: "--udp-idle-timeout", "--udp-idle-timeout must be more than 0")
         }
@@ -67,6 +77,7 @@ public struct TunnelClientFlags: Sendable {
             if !services.isEmpty || !secrets.isEmpty {
                 throw ConfigError(setting: "--visit", "--visit cannot be combined with -R or --secret")
             }
+            if servers.count > 1 { throw ConfigError(setting: "<server>", "--visit goes through one server; give one HOST[:PORT]") }
         } else if localListen != nil {
             throw ConfigError(setting: "-L", "-L only works with --visit NAME")
         }
@@ -74,7 +85,7 @@ public struct TunnelClientFlags: Sendable {
             throw ConfigError(setting: "--send-proxy", "--send-proxy applies to TCP -R services, and every -R given is UDP")
         }
         if !withFile {
-            if server == nil && webSocketURL == nil {
+            if servers.isEmpty && webSocketURL == nil {
                 throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT], ws://HOST[:PORT]/PATH or wss://… of the culvert server")
             }
             if services.isEmpty && secrets.isEmpty && visit == nil {
@@ -125,8 +136,8 @@ extension TunnelClientConfig {
             config.server = url.target
             config.transport = url.secure ? .wss : .ws
             config.webSocket.path = url.path
-        } else if let server = flags.server {
-            config.server = server
+        } else if !flags.servers.isEmpty {
+            config.servers = flags.servers
         } else if fromFile?.hasServer != true {
             throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] or server = \"HOST:PORT\" in the config file")
         }
@@ -148,6 +159,9 @@ extension TunnelClientConfig {
         for i in config.services.indices { config.services[i].id = UInt32(i) }
         try checkDistinct(config.services)
         if let name = flags.visit, let listen = flags.localListen {
+            if config.servers.count > 1 {
+                throw ConfigError(setting: "servers", "--visit goes through one server; the config file names \(config.servers.count)")
+            }
             config.visit = VisitSpec(name: name, listen: listen, serviceToken: serviceToken)
         } else if config.services.isEmpty {
             throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret or [services.NAME] in the config file")
@@ -160,6 +174,7 @@ extension TunnelClientConfig {
         if let mux = flags.mux { config.mux = mux }
         if let connectTimeout = flags.connectTimeout { config.connectTimeout = connectTimeout }
         if let reconnectMax = flags.reconnectMax { config.reconnectMax = reconnectMax }
+        if let failbackInterval = flags.failbackInterval { config.failbackInterval = failbackInterval }
         if let udpIdleTimeout = flags.udpIdleTimeout { config.udpIdleTimeout = udpIdleTimeout }
         if let udpMaxSessions = flags.udpMaxSessions { config.udpMaxSessions = udpMaxSessions }
         if let maxVisitors = flags.maxVisitors { config.maxVisitors = maxVisitors }

@@ -4,8 +4,8 @@
 /// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
 /// max_clients, max_services, max_unauthenticated, max_unauthenticated_per_source, handshake_timeout,
 /// heartbeat_interval, heartbeat_misses, drain_timeout, threads, accept_proxy, log_level, log_format.
-/// Client keys: server, token, token_file, transport, ca, fingerprint, pool, mux,
-/// connect_timeout, reconnect_max, handshake_timeout, heartbeat_interval,
+/// Client keys: server (or servers, a list), token, token_file, transport, ca, fingerprint, pool, mux,
+/// connect_timeout, reconnect_max, failback_interval, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, max_visitors, log_level,
 /// log_format, and `[services.NAME]` tables
 /// with remote_port, local, bind, compress, proxy_protocol (v1 or v2, tcp only), protocol (tcp or udp) — or secret = true, local, and optionally token or
@@ -65,11 +65,18 @@ public enum TunnelConfigFile {
     public static func loadClient(_ path: String, into config: inout TunnelClientConfig) throws(ConfigError) -> Common {
         let file = try ConfigFile(path: path)
         let hasServer: Bool
-        if let server = try file.string("server") {
-            config.server = try file.parse("server", server, parseServer)!
+        switch (try file.string("server"), try file.strings("servers")) {
+        case (let server?, nil):
+            config.servers = try file.parse("server", server, parseServers)!
             hasServer = true
-        } else {
+        case (nil, let servers?):
+            guard !servers.isEmpty else { throw file.error("servers", "empty: give at least one \"HOST[:PORT]\"") }
+            config.servers = try file.parse("servers", servers.joined(separator: ","), parseServers)!
+            hasServer = true
+        case (nil, nil):
             hasServer = false
+        case (_?, _?):
+            throw file.error("servers", "give server or servers, not both")
         }
         if let t = try file.parse("transport", try file.string("transport"), parseTransport) { config.transport = t }
         config.caFile = try file.string("ca") ?? config.caFile
@@ -78,6 +85,10 @@ public enum TunnelConfigFile {
         config.mux = try file.int("mux", range: 0...16) ?? config.mux
         config.connectTimeout = try file.duration("connect_timeout") ?? config.connectTimeout
         config.reconnectMax = try file.duration("reconnect_max") ?? config.reconnectMax
+        if let interval = try file.duration("failback_interval") {
+            guard interval > .zero else { throw file.error("failback_interval", "must be more than 0") }
+            config.failbackInterval = interval
+        }
         config.handshakeTimeout = try file.duration("handshake_timeout") ?? config.handshakeTimeout
         config.drainTimeout = try file.duration("drain_timeout") ?? config.drainTimeout
         config.threads = try file.int("threads", range: 1...1024) ?? config.threads
@@ -157,7 +168,20 @@ public enum TunnelConfigFile {
         return t
     }
 
-    /// `HOST[:PORT]` with 7000 as the default port; IPv6 in brackets.
+    /// `HOST[:PORT],HOST[:PORT],…`: the client's servers in order of preference, each
+    /// as `parseServer` reads it; one server may not be named twice.
+    public static func parseServers(_ text: String) throws(InvalidValue) -> [HostPort] {
+        var servers: [HostPort] = []
+        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let server = try parseServer(String(part).trimmingWhitespace())
+            if servers.contains(server) { throw InvalidValue(description: "server '\(server)' is named twice") }
+            servers.append(server)
+        }
+        return servers
+    }
+
+    /// `HOST[:PORT]` with 7000 as the default port; IPv6 in brackets. The one place that
+    /// reads a server address (the command line and both config keys come here).
     public static func parseServer(_ text: String) throws(InvalidValue) -> HostPort {
         if text.hasPrefix("[") && text.hasSuffix("]") { return HostPort(host: String(text.dropFirst().dropLast()), port: 7000) }
         if text.contains(":") {

@@ -75,6 +75,9 @@ public struct MetricsSnapshot: Sendable, Equatable {
     public var tunnelSessions = 0
     /// Times the client connected again after losing or failing to reach its server.
     public var tunnelReconnects: UInt64 = 0
+    /// The server whose session holds the client's services now (`HOST:PORT` as given);
+    /// nil on a server, or while no server serves.
+    public var tunnelServer: String?
 
     public init() {}
 
@@ -87,6 +90,7 @@ public struct MetricsSnapshot: Sendable, Equatable {
         connectDuration.add(other.connectDuration)
         tunnelSessions += other.tunnelSessions
         tunnelReconnects += other.tunnelReconnects
+        tunnelServer = tunnelServer ?? other.tunnelServer
     }
 
     /// The sum of every loop's share.

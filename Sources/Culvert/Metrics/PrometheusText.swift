@@ -52,6 +52,10 @@ enum PrometheusText {
         sample("culvert_tunnel_sessions", [], "\(m.tunnelSessions)")
         family("culvert_tunnel_reconnects_total", "counter", "Times the client connected to its server again.")
         sample("culvert_tunnel_reconnects_total", [], "\(m.tunnelReconnects)")
+        if let server = m.tunnelServer {
+            family("culvert_tunnel_server_info", "gauge", "1, labelled with the server that holds the client's services now.")
+            sample("culvert_tunnel_server_info", [("server", server)], "1")
+        }
         family("culvert_auth_failures_total", "counter", "Tunnel connections refused in authentication, by reason.")
         for (reason, count) in m.authFailures.sorted(by: { $0.key < $1.key }) {
             sample("culvert_auth_failures_total", [("reason", reason)], "\(count)")

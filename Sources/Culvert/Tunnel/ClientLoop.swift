@@ -3,17 +3,20 @@ import Reactor
 import Synchronization
 import Transfer
 
-/// The identity a data channel proves to the server: its session's id and key. `isEnded`
-/// is set (on the session's loop) before the loops hear of the end, so a channel still
-/// on its way for an ended session is closed instead of pooled.
+/// The identity a data channel proves to the server: its session's id and key, and
+/// which of the client's servers (by index) the session is with. `isEnded` is set (on
+/// the session's loop) before the loops hear of the end, so a channel still on its way
+/// for an ended session is closed instead of pooled.
 final class SessionCredentials: Sendable {
     let id: [UInt8]
     let key: [UInt8]
+    let server: Int
     private let ended = Atomic<Bool>(false)
 
-    init(id: [UInt8], key: [UInt8]) {
+    init(id: [UInt8], key: [UInt8], server: Int) {
         self.id = id
         self.key = key
+        self.server = server
     }
 
     var isEnded: Bool { ended.load(ordering: .relaxed) }
@@ -25,12 +28,18 @@ final class SessionCredentials: Sendable {
 /// the relays, one relay set per service. The control session hands each data-channel
 /// request to the next loop in turn, so one busy client uses every core.
 ///
+/// Channels, carriers and UDP relays are kept with the session they belong to: while
+/// the client moves back to a preferred server, two sessions overlap, and the end of the
+/// old one must leave the new one's alone. Relays are per service, not per session:
+/// a visitor relayed over an ended session's data channel or draining carrier goes on.
+///
 /// Thread confinement: everything but `loop` and `run` is touched on `loop` only.
 final class ClientLoop: @unchecked Sendable {
     let loop: EventLoop
     private let config: TunnelClientConfig
     private let logger: Logger
-    private let connector: TunnelConnector
+    /// One per server of the client, by index (`SessionCredentials.server`).
+    private let connectors: [TunnelConnector]
     let relays: RelayGroup
     let meters: LoopMeters
     /// The services by id; a reload replaces them (`servicesChanged`).
@@ -40,13 +49,13 @@ final class ClientLoop: @unchecked Sendable {
     /// Local service addresses resolved so far, by service id.
     private var resolvedLocal: [UInt32: [SocketAddress]] = [:]
     /// Data channels opened and waiting for the server's command.
-    private var pooled: [ObjectIdentifier: AsyncDuplex] = [:]
+    private var pooled: [ObjectIdentifier: (channel: AsyncDuplex, session: SessionCredentials)] = [:]
     /// Data channels carrying multiplexed TCP visitors.
-    private var carriers: [ObjectIdentifier: MuxConnection] = [:]
-    /// Local connections being made for multiplexed visitors.
-    private var connecting: [ObjectIdentifier: Connector] = [:]
+    private var carriers: [ObjectIdentifier: (carrier: MuxConnection, session: SessionCredentials)] = [:]
+    /// Local connections being made for multiplexed visitors, with their carrier's session.
+    private var connecting: [ObjectIdentifier: (connector: Connector, session: SessionCredentials)] = [:]
     /// Data channels carrying UDP services.
-    private var udpRelays: [ObjectIdentifier: ClientUDPRelay] = [:]
+    private var udpRelays: [ObjectIdentifier: (relay: ClientUDPRelay, session: SessionCredentials)] = [:]
     /// Data channels that failed since the last summary line, by session, and the timer
     /// that writes it.
     private var channelFailures: [ObjectIdentifier: (session: SessionCredentials, count: Int, reason: String)] = [:]
@@ -73,7 +82,7 @@ final class ClientLoop: @unchecked Sendable {
         self.visitorLimits = visitorLimits
         self.refusals = refusals
         self.logger = logger
-        connector = try TunnelConnector(loop: loop, config: config)
+        connectors = try config.servers.map { try TunnelConnector(loop: loop, config: config.reaching($0)) }
         relays = RelayGroup(loop: loop, logger: logger)
         meters = LoopMeters(loop: loop)
         services = Dictionary(config.services.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
@@ -113,7 +122,7 @@ final class ClientLoop: @unchecked Sendable {
         }
         guard !session.isEnded else { return channel.close() }
         let key = ObjectIdentifier(channel)
-        pooled[key] = channel
+        pooled[key] = (channel, session)
         defer { pooled[key] = nil }
         let serviceID: UInt32
         let visitor: String
@@ -147,7 +156,7 @@ final class ClientLoop: @unchecked Sendable {
         }
         switch spec.kind {
         case .udp:
-            await startUDPRelay(channel, spec: spec)
+            await startUDPRelay(channel, spec: spec, session: session)
         case .tcp:
             await serveVisitor(channel, spec: spec, visitor: visitor)
         case .secret:
@@ -171,6 +180,7 @@ final class ClientLoop: @unchecked Sendable {
     /// lost on the way then costs the visitor that moment instead of the server's request
     /// deadline, which by default is as long as a visitor waits.
     private func openChannel(for session: SessionCredentials) async throws -> AsyncDuplex {
+        let connector = connectors[session.server]
         do {
             return try await connector.openChannel()
         } catch {
@@ -302,7 +312,7 @@ final class ClientLoop: @unchecked Sendable {
         let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false, pipes: relays.resources.pipes)
         carrier.onOpen = { [weak self] stream, payload in
             guard let self else { return stream.close(reset: true) }
-            self.streamOpened(stream, payload)
+            self.streamOpened(stream, payload, session: session)
         }
         var started = false
         carrier.onClose = { [weak self] carrier, error in
@@ -320,11 +330,11 @@ final class ClientLoop: @unchecked Sendable {
         // A carrier whose first read failed closed inside start(): nothing to keep.
         guard !carrier.isClosed else { return }
         started = true
-        carriers[ObjectIdentifier(carrier)] = carrier
+        carriers[ObjectIdentifier(carrier)] = (carrier, session)
     }
 
     /// A visitor arrived on a carrier: connect to its local service and relay.
-    private func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer) {
+    private func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer, session: SessionCredentials) {
         let serviceID: UInt32
         let visitor: String
         do {
@@ -339,12 +349,12 @@ final class ClientLoop: @unchecked Sendable {
         }
         guard admit(spec) else { return stream.close(reset: true) }
         if let addresses = resolvedLocal[serviceID] {
-            return dial(stream, spec: spec, visitor: visitor, addresses: addresses)
+            return dial(stream, spec: spec, visitor: visitor, addresses: addresses, session: session)
         }
         Task(executorPreference: loop.tasks) {
             do {
                 let addresses = try await self.localAddresses(of: spec)
-                self.dial(stream, spec: spec, visitor: visitor, addresses: addresses)
+                self.dial(stream, spec: spec, visitor: visitor, addresses: addresses, session: session)
             } catch {
                 self.visitorLimits[spec.id]?.release()
                 self.logger.warning("local service unreachable", metadata: ["peer": "\(visitor)", "target": "\(spec.localDescription)", "error": "\(error)"])
@@ -356,7 +366,7 @@ final class ClientLoop: @unchecked Sendable {
     /// Connects a multiplexed visitor to its local service (callbacks on the loop, no
     /// task per visitor), then relays. The visitor holds a place under its service's
     /// limit, given back here unless a relay starts.
-    private func dial(_ stream: MuxStream, spec: ServiceSpec, visitor: String, addresses: [SocketAddress]) {
+    private func dial(_ stream: MuxStream, spec: ServiceSpec, visitor: String, addresses: [SocketAddress], session: SessionCredentials) {
         let limit = visitorLimits[spec.id]
         let dialStarted = loop.now
         let connector = Connector(loop: loop, addresses: addresses, timeout: config.connectTimeout) { [weak self] connector, outcome in
@@ -387,7 +397,7 @@ final class ClientLoop: @unchecked Sendable {
                 stream.close(reset: true)
             }
         }
-        connecting[ObjectIdentifier(connector)] = connector
+        connecting[ObjectIdentifier(connector)] = (connector, session)
         connector.start()
     }
 
@@ -416,7 +426,7 @@ final class ClientLoop: @unchecked Sendable {
 
     /// A UDP service's data channel: per-visitor sessions to the local service until the
     /// channel closes (the server then asks for a new one).
-    private func startUDPRelay(_ channel: AsyncDuplex, spec: ServiceSpec) async {
+    private func startUDPRelay(_ channel: AsyncDuplex, spec: ServiceSpec, session: SessionCredentials) async {
         let target: [SocketAddress]
         do {
             target = try await Resolver.resolve(host: spec.localHost, port: spec.localPort, passive: false, on: loop)
@@ -429,7 +439,7 @@ final class ClientLoop: @unchecked Sendable {
                                    idleTimeout: config.udpIdleTimeout, maxSessions: udpMaxSessions) { [weak self] relay in
             self?.udpRelays[ObjectIdentifier(relay)] = nil
         }
-        udpRelays[ObjectIdentifier(relay)] = relay
+        udpRelays[ObjectIdentifier(relay)] = (relay, session)
         do {
             try relay.start()
         } catch {
@@ -485,17 +495,28 @@ final class ClientLoop: @unchecked Sendable {
 
     // MARK: ending
 
-    /// The session ended: closes pooled channels and UDP relays, gives up local
-    /// connections still being made, and lets each carrier close after its last stream.
-    /// Visitors already relayed go on (a drain waits for them).
-    func sessionEnded() {
+    /// `session` ended: closes its pooled channels and UDP relays and lets each of its
+    /// carriers close after its last stream; another session's are left alone. Visitors
+    /// already relayed go on (a drain waits for them). Local connections still being made
+    /// for its carriers' visitors are given up, unless the session was handed over to a
+    /// preferred server (`handedOver`): then its carriers drain and those visitors are
+    /// relayed too.
+    func sessionEnded(_ session: SessionCredentials, handedOver: Bool) {
         loop.assertInLoop()
-        for c in pooled.values { c.fail(.closed) }
-        pooled.removeAll()
-        for c in Array(connecting.values) { c.cancel() }
-        connecting.removeAll()
-        for c in Array(carriers.values) { c.closeWhenIdle() }
-        carriers.removeAll()
-        for r in Array(udpRelays.values) { r.closeAll() }
+        for (key, entry) in pooled where entry.session === session {
+            pooled[key] = nil
+            entry.channel.fail(.closed)
+        }
+        if !handedOver {
+            for (key, entry) in connecting where entry.session === session {
+                connecting[key] = nil
+                entry.connector.cancel()
+            }
+        }
+        for (key, entry) in carriers where entry.session === session {
+            carriers[key] = nil
+            entry.carrier.closeWhenIdle()
+        }
+        for entry in udpRelays.values where entry.session === session { entry.relay.closeAll() }
     }
 }

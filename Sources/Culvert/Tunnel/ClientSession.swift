@@ -14,11 +14,26 @@ import Transfer
 /// Requests beyond the cap wait in a bounded queue, oldest dropped first (the server
 /// forgets a request at its deadline and asks again).
 ///
+/// With several servers the client may hold two sessions for a moment: the one serving
+/// and a new one with a preferred server, which takes over once it holds every service
+/// (`TunnelClient.servicesExposed`); the old one is then handed over (`handOver`).
+///
 /// Thread confinement: lives on the client's main loop.
 final class ClientSession {
     private unowned let client: TunnelClient
     private let control: AsyncDuplex
     private let credentials: SessionCredentials
+    /// The index of this session's server among the client's servers.
+    var server: Int { credentials.server }
+    /// Set when the session ended on a service refused before the client was ready:
+    /// the client then exits with it.
+    private(set) var fatal: FatalClientError?
+    /// Whether this session leaves because another took over its services; its
+    /// carriers then drain instead of giving up visitors still being connected.
+    private var handedOver = false
+    /// Set while the session is being handed over: its services are unregistered, and
+    /// this timer says goodbye.
+    private var handover: LoopTimer?
     private let loops: [ClientLoop]
     private var nextLoop = 0
     private var heartbeat: HeartbeatTimer?
@@ -32,13 +47,19 @@ final class ClientSession {
     private var leaving: LoopTimer?
     private var endWaiters: [CheckedContinuation<Void, Never>] = []
     /// The ready line of each service the server accepted in this session.
-    private var readyLines: [UInt32: String] = [:]
+    private(set) var readyLines: [UInt32: String] = [:]
+    /// Where the server exposed each service, by name, as its ready line says.
+    private(set) var exposedAt: [String: String] = [:]
     private var logger: Logger { client.logger }
     private var loop: EventLoop { client.loop }
     /// Seconds between retries of a service the server refused after a reconnect.
     private static let registrationRetry: Duration = .seconds(5)
     /// How long a goodbye waits for the server to close its end.
     private static let goodbyeDeadline: Duration = .seconds(1)
+    /// How long a handed-over session stays after unregistering its services: visitors
+    /// the server accepted just before are waiting for a data channel, whose connect and
+    /// handshake take a few round trips.
+    private static let handoverGrace: Duration = .seconds(2)
 
     init(client: TunnelClient, control: AsyncDuplex, credentials: SessionCredentials, loops: [ClientLoop]) {
         self.client = client
@@ -56,25 +77,31 @@ final class ClientSession {
             })
     }
 
-    /// Serves the control channel until it dies or either end leaves. Throws
-    /// `FatalClientError`, after saying goodbye, when a service is refused before the
-    /// client is ready.
-    func run() async throws {
+    /// Registers the services and serves the control channel, in a task of its own,
+    /// until it dies or either end leaves (`waitUntilEnded`). A service refused before
+    /// the client is ready sets `fatal` and leaves, saying goodbye.
+    func start() {
+        loop.assertInLoop()
+        Task(executorPreference: loop.tasks) { await self.serve() }
+    }
+
+    private func serve() async {
         for spec in client.services { register(spec) }
         heartbeat?.start()
         defer { end() }
-        var fatal: FatalClientError?
         do {
             while !ended {
                 let message = try await TunnelProtocol.read(TunnelProtocol.ServerControl.self, from: control)
                 heartbeat?.heard()
                 switch message {
                 case .serviceAccepted(let sid, let address):
-                    guard let spec = client.service(sid), leaving == nil else { continue }
-                    readyLines[sid] = client.serviceExposed(spec, address: address)
-                    client.servicesExposed(readyLines)
+                    guard let spec = client.service(sid), leaving == nil, handover == nil else { continue }
+                    let exposed = client.serviceExposed(spec, address: address, server: server)
+                    readyLines[sid] = exposed.line
+                    exposedAt[spec.name] = exposed.address
+                    client.servicesExposed(by: self)
                 case .serviceRefused(let sid, let refusal):
-                    guard let spec = client.service(sid), leaving == nil else { continue }
+                    guard let spec = client.service(sid), leaving == nil, handover == nil else { continue }
                     if let error = client.serviceRefused(spec, reason: refusal.reason) {
                         fatal = error
                         leave(reason: "exiting: a service was refused")
@@ -99,14 +126,32 @@ final class ClientSession {
         } catch {
             if !ended && leaving == nil { logger.warning("control channel lost", metadata: ["error": "\(error)"]) }
         }
-        if let fatal { throw fatal }
     }
 
-    /// Tells the server this client is leaving (a drain, or a fatal refusal); the
-    /// server's close of the control channel, or the deadline, ends the session.
-    func leave(reason: String) {
+    /// Hands the services over to a session with a preferred server at `address`:
+    /// unregisters them, which closes their ports on this server, serves the data
+    /// channels its visitors accepted before still ask for, and says goodbye after
+    /// `handoverGrace`. Visitors relayed through this server go on until they end.
+    func handOver(to address: HostPort) {
+        loop.assertInLoop()
+        guard !ended, leaving == nil, handover == nil else { return }
+        for t in retryTimers { t.cancel() }
+        retryTimers.removeAll()
+        for spec in client.services { control.send(TunnelProtocol.encode(.unregisterService(id: spec.id))) }
+        handover = loop.schedule(after: Self.handoverGrace) { [weak self] in
+            self?.leave(reason: "moving to the preferred server \(address)", handingOver: true)
+        }
+    }
+
+    /// Tells the server this client is leaving (a drain, a fatal refusal, or
+    /// `handingOver` to a session with a preferred server); the server's close of the
+    /// control channel, or the deadline, ends the session.
+    func leave(reason: String, handingOver: Bool = false) {
         loop.assertInLoop()
         guard !ended, leaving == nil else { return }
+        handedOver = handingOver
+        handover?.cancel()
+        handover = nil
         // From now on the server closes this session's channels and carriers: no failure.
         credentials.end()
         for t in retryTimers { t.cancel() }
@@ -125,7 +170,7 @@ final class ClientSession {
     /// unregistered, the added ones registered; the others and their visitors stay.
     func servicesChanged(removed: [ServiceSpec], added: [ServiceSpec]) {
         loop.assertInLoop()
-        guard !ended else { return }
+        guard !ended, handover == nil else { return }
         for spec in removed { control.send(TunnelProtocol.encode(.unregisterService(id: spec.id))) }
         for spec in added { register(spec) }
     }
@@ -192,11 +237,14 @@ final class ClientSession {
         heartbeat = nil
         leaving?.cancel()
         leaving = nil
+        handover?.cancel()
+        handover = nil
         for t in retryTimers { t.cancel() }
         retryTimers.removeAll()
         queuedRequests.removeAll()
         credentials.end()
-        for l in loops { l.run { l.sessionEnded() } }
+        let (credentials, handedOver) = (self.credentials, self.handedOver)
+        for l in loops { l.run { l.sessionEnded(credentials, handedOver: handedOver) } }
         control.close()
         let waiters = endWaiters
         endWaiters.removeAll()

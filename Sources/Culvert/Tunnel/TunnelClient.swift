@@ -11,10 +11,19 @@ struct FatalClientError: Error, CustomStringConvertible {
     var description: String { message }
 }
 
-/// `culvert client`: keeps a control channel to the server (reconnecting with
-/// exponential backoff and jitter, forever), registers the services, and answers each
-/// data-channel request with a fresh, authenticated connection that is later paired
-/// with a visitor and relayed to the local service.
+/// `culvert client`: keeps a control channel to a server (reconnecting with exponential
+/// backoff and jitter, forever), registers the services, and answers each data-channel
+/// request with a fresh, authenticated connection that is later paired with a visitor
+/// and relayed to the local service.
+///
+/// With several servers (`ServerList`) it uses the first that answers and, when that one
+/// is lost, the next that is not backing off, registering the same services there.
+/// While a later server serves, the earlier ones are tried every `failbackInterval`
+/// with a full handshake; one that answers gets a session of its own (the candidate),
+/// which takes over once it holds every service: the old session then says goodbye,
+/// and what runs over it (dedicated data channels, streams of its carriers) goes on
+/// until it ends. The `exposed` lines are printed again whenever another server holds
+/// the services.
 ///
 /// Thread confinement: everything runs on `loop`.
 public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Sendable {
@@ -22,28 +31,39 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     let config: TunnelClientConfig
     /// The services exposed now: `config.services` until a reload changes them.
     private(set) var services: [ServiceSpec]
-    /// Services whose ready line is out (a reload adds more after the first set).
+    /// Services whose ready line is out for the server `announcedOn` (a reload adds more
+    /// after the first set; a move to another server prints them all again).
     private var announced: Set<UInt32> = []
+    /// The server (index) that the printed ready lines name.
+    private var announcedOn: Int?
     private var nextServiceID: UInt32
     public let configPath: String?
     private let reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?
     let loop: EventLoop
     let logger: Logger
-    private let connector: TunnelConnector
+    private var servers: ServerList
+    /// One per server, by index.
+    private let connectors: [TunnelConnector]
     private let control: ServiceControl
     /// The data plane, one share per loop; data channels go to them in turn.
     private let loops: [ClientLoop]
     /// Whether the ready lines are out: until then, a refused service ends the client.
     private var ready = false
     private var stopping = false
+    /// The session that holds the services.
     private var current: ClientSession?
+    /// A session with a server preferred to the current one, registering the services
+    /// before it takes over; `candidateDeadline` gives up on it.
+    private var candidate: ClientSession?
+    private var candidateDeadline: LoopTimer?
+    /// The session that handed its services to the current one, until it has left.
+    private var previous: ClientSession?
+    private var failbackTimer: LoopTimer?
     /// Sessions established after the first one.
     private var reconnects: UInt64 = 0
     private var everConnected = false
-    /// Where the server exposed each service, by name, as its ready line says.
-    private var exposedAt: [String: String] = [:]
 
-    private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connector: TunnelConnector, control: ServiceControl,
+    private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connectors: [TunnelConnector], control: ServiceControl,
                  loops: [ClientLoop], configPath: String?, reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
         self.config = config
         services = config.services
@@ -52,7 +72,8 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         self.reread = reread
         self.loop = loop
         self.logger = logger
-        self.connector = connector
+        servers = ServerList(config.servers, initial: config.reconnectInitial, max: config.reconnectMax)
+        self.connectors = connectors
         self.control = control
         self.loops = loops
     }
@@ -61,8 +82,8 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     public static func start(config: TunnelClientConfig, group: LoopGroup, logger: Logger, control: ServiceControl,
                              configPath: String? = nil,
                              reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)? = nil) async throws -> TunnelClient {
-        let connector = try TunnelConnector(loop: group.main, config: config)
-        if let warning = connector.transport.warning {
+        let connectors = try config.servers.map { try TunnelConnector(loop: group.main, config: config.reaching($0)) }
+        if let warning = connectors[0].transport.warning {
             logger.warning("\(warning)")
         }
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
@@ -72,7 +93,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, visitorLimits: visitorLimits,
                            refusals: refusals, logger: logger)
         }
-        let client = TunnelClient(config: config, loop: group.main, logger: logger, connector: connector, control: control, loops: loops,
+        let client = TunnelClient(config: config, loop: group.main, logger: logger, connectors: connectors, control: control, loops: loops,
                                   configPath: configPath, reread: reread)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client
@@ -80,34 +101,69 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
 
     // MARK: the reconnect loop
 
+    /// Keeps a session with some server until the client stops: waits for the current
+    /// one to end, and when it was lost (not handed over to a preferred server), connects
+    /// to the next server.
     private func run() async {
-        var failures = 0
+        if servers.count > 1 { scheduleFailback() }
         while !stopping {
-            do {
-                let established = try await runSession()
-                if established { failures = 0 }
-            } catch let fatal as FatalClientError {
-                logger.critical("\(fatal.message)")
-                FatalOutput.write(fatal.message)
-                control.exit(status: 1)
-                return
-            } catch {
-                logger.warning("cannot reach server", metadata: ["target": "\(config.server)", "error": "\(error)"])
-                connector.forgetAddresses()
+            guard let session = current else {
+                await connectNext()
+                continue
             }
-            if stopping { return }
-            failures += 1
-            let base = config.reconnectInitial.nanoseconds << UInt64(min(failures - 1, 20))
-            let capped = min(base, config.reconnectMax.nanoseconds)
-            let delay = Duration.nanoseconds(Int64(Double(capped) * Double.random(in: 0.5...1.0)))
-            logger.info("reconnecting", metadata: ["delay": "\(DurationSpec.format(delay))", "attempt": .stringConvertible(failures)])
-            await loop.sleep(for: delay)
+            await session.waitUntilEnded()
+            if let fatal = session.fatal { return giveUp(fatal) }
+            guard current === session else {
+                if previous === session { previous = nil }
+                continue
+            }
+            current = nil
+            servers.failed(session.server, now: loop.now)
+            // A preferred server's session still registering takes over at once.
+            if let next = candidate {
+                dropCandidate()
+                adopt(next)
+                servicesExposed(by: next)
+            }
         }
     }
 
-    /// One control session: handshake, service registration, then serving requests until
-    /// the channel dies. Returns whether the session got as far as authentication.
-    private func runSession() async throws -> Bool {
+    /// One attempt at the server `ServerList` picks, after its backoff.
+    private func connectNext() async {
+        let (index, wait) = servers.next(now: loop.now)
+        if wait > .zero {
+            logger.info("reconnecting", metadata: ["delay": "\(DurationSpec.format(wait))",
+                                                   "attempt": .stringConvertible(servers[index].failures)])
+            await loop.sleep(for: wait)
+            if stopping { return }
+        }
+        do {
+            guard let session = try await establish(index) else { return }
+            adopt(session)
+            session.start()
+        } catch let fatal as FatalClientError {
+            giveUp(fatal)
+        } catch {
+            logger.warning("cannot reach server", metadata: ["target": "\(servers[index].address)", "error": "\(error)"])
+            connectors[index].forgetAddresses()
+            servers.failed(index, now: loop.now)
+        }
+    }
+
+    /// Ends the client on a failure that retrying cannot fix.
+    private func giveUp(_ fatal: FatalClientError) {
+        guard !stopping else { return }
+        stopping = true
+        logger.critical("\(fatal.message)")
+        FatalOutput.write(fatal.message)
+        control.exit(status: 1)
+    }
+
+    /// A control session with server `index`: connection, transport handshake and
+    /// authentication; started (registering the services) unless the client began to
+    /// stop meanwhile (then nil).
+    private func establish(_ index: Int) async throws -> ClientSession? {
+        let connector = connectors[index]
         let channel = try await connector.openChannel()
         // With multiplexing, pooled dedicated channels serve only secret services' visitors.
         let pool = config.mux > 0 && !services.contains(where: { $0.kind == .secret }) ? 0 : config.pool
@@ -115,40 +171,111 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         // A drain that began while this session was being set up ends it here.
         guard !stopping else {
             channel.close()
-            return true
+            return nil
         }
-        logger.info("connected to server", metadata: ["target": "\(config.server)"])
-        let session = ClientSession(client: self, control: channel, credentials: SessionCredentials(id: auth.id, key: auth.key),
-                                    loops: loops)
-        current = session
+        logger.info("connected to server", metadata: ["target": "\(servers[index].address)"])
         if everConnected { reconnects += 1 }
         everConnected = true
-        defer { current = nil }
-        try await session.run()
-        return true
+        let credentials = SessionCredentials(id: auth.id, key: auth.key, server: index)
+        return ClientSession(client: self, control: channel, credentials: credentials, loops: loops)
     }
 
-    /// Logs a service the server accepted; returns its ready line.
-    func serviceExposed(_ spec: ServiceSpec, address: String) -> String {
+    /// `session` holds the services from now on.
+    private func adopt(_ session: ClientSession) {
+        current = session
+        servers.served(session.server)
+    }
+
+    // MARK: moving back to a preferred server
+
+    private func scheduleFailback() {
+        failbackTimer = loop.schedule(after: config.failbackInterval) { [weak self] in
+            guard let self else { return }
+            Task(executorPreference: self.loop.tasks) {
+                await self.tryPreferred()
+                if !self.stopping { self.scheduleFailback() }
+            }
+        }
+    }
+
+    /// While a later server serves, tries the earlier ones in order; the first that
+    /// answers gets a candidate session.
+    private func tryPreferred() async {
+        guard ready, let serving = current, candidate == nil else { return }
+        for index in 0..<serving.server {
+            let session: ClientSession?
+            do {
+                session = try await establish(index)
+            } catch let fatal as FatalClientError {
+                return giveUp(fatal)
+            } catch {
+                logger.debug("preferred server still unreachable", metadata: ["target": "\(servers[index].address)", "error": "\(error)"])
+                connectors[index].forgetAddresses()
+                continue
+            }
+            guard let session else { return }
+            // The serving session may have been lost or replaced meanwhile: the reconnect
+            // loop has that in hand.
+            guard let still = current, still.server > index else {
+                return session.leave(reason: "not needed: another session serves")
+            }
+            candidate = session
+            candidateDeadline = loop.schedule(after: config.handshakeTimeout) { [weak self, weak session] in
+                guard let self, let session, self.candidate === session else { return }
+                self.logger.warning("preferred server did not accept every service; staying", metadata: [
+                    "target": "\(self.servers[session.server].address)"])
+                self.dropCandidate()
+                session.leave(reason: "not every service was accepted")
+            }
+            session.start()
+            Task(executorPreference: loop.tasks) { [weak self] in
+                await session.waitUntilEnded()
+                if self?.candidate === session { self?.dropCandidate() }
+            }
+            return
+        }
+    }
+
+    private func dropCandidate() {
+        candidate = nil
+        candidateDeadline?.cancel()
+        candidateDeadline = nil
+    }
+
+    // MARK: ready lines
+
+    /// Logs a service the server `server` (index) accepted; returns its ready line and
+    /// the address it shows (nil for a secret service).
+    func serviceExposed(_ spec: ServiceSpec, address: String, server: Int) -> (line: String, address: String?) {
         if spec.kind == .secret {
             logger.info("secret service registered", metadata: ["service": "\(spec.name)", "target": "\(spec.localDescription)"])
-            return "exposed secret \(spec.name) -> \(spec.localDescription)"
+            return ("exposed secret \(spec.name) -> \(spec.localDescription)", nil)
         }
         var shown = address
         if let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" {
-            shown = HostPort(host: config.server.host, port: bound.port).description
+            shown = HostPort(host: servers[server].address.host, port: bound.port).description
         }
-        exposedAt[spec.name] = shown
         logger.info("service exposed", metadata: ["listen": "\(shown)", "target": "\(spec.localDescription)"])
-        return "exposed \(spec.kindName) \(shown) -> \(spec.localDescription)"
+        return ("exposed \(spec.kindName) \(shown) -> \(spec.localDescription)", shown)
     }
 
-    /// A session's accepted services so far: once every current service is among them,
-    /// the ready lines, in the order the services were given, the first time only (a
-    /// script that reads them can rely on every service being reachable); after that, a
-    /// service a reload added gets its line when the server accepts it.
-    func servicesExposed(_ lines: [UInt32: String]) {
+    /// A session's accepted services so far. For the current session: once every
+    /// current service is among them, the ready lines, in the order the services were
+    /// given, the first time only (a script that reads them can rely on every service
+    /// being reachable); after that, a service a reload added gets its line when the
+    /// server accepts it, and when another server holds the services (after a loss),
+    /// each line is printed again as that server accepts the service. A candidate takes
+    /// over once it holds every service, and then prints them all.
+    func servicesExposed(by session: ClientSession) {
+        let lines = session.readyLines
+        if session === candidate {
+            guard services.allSatisfy({ lines[$0.id] != nil }) else { return }
+            takeOver(session)
+            return
+        }
+        guard session === current else { return }
         if ready {
+            if announcedOn != session.server { announce(on: session.server) }
             for spec in services where !announced.contains(spec.id) {
                 guard let line = lines[spec.id] else { continue }
                 announced.insert(spec.id)
@@ -158,10 +285,29 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         }
         guard services.allSatisfy({ lines[$0.id] != nil }) else { return }
         ready = true
+        announce(on: session.server)
         for spec in services {
             announced.insert(spec.id)
             ReadyLine.print(lines[spec.id]!)
         }
+    }
+
+    /// The candidate holds every service: it serves from now on and prints the ready
+    /// lines; then the old session is handed over, so that a script has the new
+    /// addresses before the old ones close (its running relays go on).
+    private func takeOver(_ session: ClientSession) {
+        dropCandidate()
+        previous = current
+        adopt(session)
+        servicesExposed(by: session)
+        previous?.handOver(to: servers[session.server].address)
+    }
+
+    /// The ready lines from now on name server `index`.
+    private func announce(on index: Int) {
+        announcedOn = index
+        announced = []
+        logger.info("services held by server", metadata: ["server": "\(servers[index].address)"])
     }
 
     /// What a refused service means: before the ready lines, the error that ends the
@@ -220,6 +366,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         let specs = services
         for l in loops { l.run { l.servicesChanged(specs) } }
         current?.servicesChanged(removed: removed, added: added)
+        candidate?.servicesChanged(removed: removed, added: added)
         return report
     }
 
@@ -233,7 +380,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     /// The settings other than the services that differ: a live client cannot change them.
     private static func restartOnly(_ a: TunnelClientConfig, _ b: TunnelClientConfig) -> [String] {
         let checks: [(String, Bool)] = [
-            ("server", a.server == b.server), ("token", a.token == b.token), ("transport", a.transport == b.transport),
+            ("server", a.servers == b.servers), ("failback_interval", a.failbackInterval == b.failbackInterval), ("token", a.token == b.token), ("transport", a.transport == b.transport),
             ("ca", a.caFile == b.caFile), ("fingerprint", a.fingerprint == b.fingerprint), ("pool", a.pool == b.pool),
             ("mux", a.mux == b.mux), ("heartbeat_interval", a.heartbeat.interval == b.heartbeat.interval),
             ("heartbeat_misses", a.heartbeat.misses == b.heartbeat.misses), ("handshake_timeout", a.handshakeTimeout == b.handshakeTimeout),
@@ -246,20 +393,24 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
 
     public func gatherMetrics() async -> MetricsSnapshot {
         var all = MetricsSnapshot.merged(await onEachLoop(loops, loop: \.loop) { $0.meters.sample() })
+        let exposedAt = current?.exposedAt ?? [:]
         for spec in config.services {
             all.services[spec.name, default: ServiceSample(kind: spec.kindName)].ports = exposedAt[spec.name].map { [$0] } ?? []
         }
         all.tunnelSessions = current == nil ? 0 : 1
         all.tunnelReconnects = reconnects
+        all.tunnelServer = current.map { servers[$0.server].address.description }
         return all
     }
 
     public func drain(timeout: Duration) async {
         stopping = true
-        if let session = current {
-            session.leave(reason: "stopped")
-            await session.waitUntilEnded()
-        }
+        failbackTimer?.cancel()
+        failbackTimer = nil
+        let sessions = [current, candidate, previous].compactMap { $0 }
+        dropCandidate()
+        for session in sessions { session.leave(reason: "stopped") }
+        for session in sessions { await session.waitUntilEnded() }
         let running = await onEachLoop(loops, loop: \.loop) { $0.relayCount }.reduce(0, +)
         if running == 0 { return }
         logger.notice("draining", metadata: ["connections": .stringConvertible(running)])

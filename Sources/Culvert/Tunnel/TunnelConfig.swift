@@ -237,7 +237,14 @@ public struct TunnelServerConfig: Sendable {
 
 /// Everything `culvert client` needs, from flags or a config file.
 public struct TunnelClientConfig: Sendable {
-    public var server: HostPort = HostPort(host: "127.0.0.1", port: 7000)
+    /// The servers in order of preference: the client uses the first that answers and
+    /// moves back to an earlier one when it answers again. Never empty.
+    public var servers: [HostPort] = [HostPort(host: "127.0.0.1", port: 7000)]
+    /// The preferred server; setting it makes it the only one.
+    public var server: HostPort {
+        get { servers[0] }
+        set { servers = [newValue] }
+    }
     public var token: String = ""
     public var transport: TunnelTransport = .tls
     /// The path, inner layer, keepalive and request details with a ws:// or wss:// server.
@@ -259,6 +266,9 @@ public struct TunnelClientConfig: Sendable {
     public var connectTimeout: Duration = .seconds(5)
     public var reconnectInitial: Duration = .milliseconds(500)
     public var reconnectMax: Duration = .seconds(30)
+    /// With several servers, how often the client, served by a later one, tries the
+    /// earlier ones with a full handshake to move back.
+    public var failbackInterval: Duration = .seconds(15)
     public var drainTimeout: Duration = .seconds(30)
     /// Event loop threads; sessions, carriers and data channels spread over them.
     public var threads: Int = LoopGroup.coreCount
@@ -271,4 +281,14 @@ public struct TunnelClientConfig: Sendable {
     /// from the descriptors free at start; 0: no limit.
     public var maxVisitors: Int?
     public init() {}
+}
+
+extension TunnelClientConfig {
+    /// These settings with `server` as the only server: what one server's connector
+    /// needs (the transport checks that server's name).
+    func reaching(_ server: HostPort) -> TunnelClientConfig {
+        var one = self
+        one.server = server
+        return one
+    }
 }
