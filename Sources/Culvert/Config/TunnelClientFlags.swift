@@ -24,6 +24,12 @@ public struct TunnelClientFlags: Sendable {
     public var udpIdleTimeout: Duration?
     public var udpMaxSessions: Int?
     public var maxVisitors: Int?
+    /// `-D`, in command line order.
+    public var dynamic: [HostPort] = []
+    public var proxyAuthFile: String?
+    public var noAuth = false
+    public var exitAllow: [String] = []
+    public var exitDeny: [String] = []
 
     public init() {}
 
@@ -47,7 +53,13 @@ public struct TunnelClientFlags: Sendable {
         if (ca != nil || fingerprint != nil) && common.transport == .plain {
             throw ConfigError(setting: ca != nil ? "--ca" : "--fingerprint", "--ca and --fingerprint need --transport tls")
         }
+        if proxyAuthFile != nil && noAuth {
+            throw ConfigError(setting: "--no-auth", "--no-auth and --proxy-auth-file contradict each other: give one")
+        }
+        _ = try ProxyRule.parseAll(exitAllow, flag: "--exit-allow")
+        _ = try ProxyRule.parseAll(exitDeny, flag: "--exit-deny")
         if visit != nil {
+            if !dynamic.isEmpty { throw ConfigError(setting: "-D", "--visit cannot be combined with -D") }
             if localListen == nil { throw ConfigError(setting: "-L", "--visit needs -L [BIND:]PORT to listen on") }
             if !services.isEmpty || !secrets.isEmpty {
                 throw ConfigError(setting: "--visit", "--visit cannot be combined with -R or --secret")
@@ -57,8 +69,8 @@ public struct TunnelClientFlags: Sendable {
         }
         if !withFile {
             if server == nil { throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] of the culvert server") }
-            if services.isEmpty && secrets.isEmpty && visit == nil {
-                throw ConfigError(setting: "-R", "nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT or --secret NAME=HOST:PORT")
+            if services.isEmpty && secrets.isEmpty && visit == nil && dynamic.isEmpty {
+                throw ConfigError(setting: "-R", "nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT, --secret NAME=HOST:PORT or -D [BIND:]PORT")
             }
         }
     }
@@ -90,7 +102,7 @@ extension TunnelClientConfig {
         }
         config.services += flags.services.map { spec in
             var s = spec
-            s.compress = flags.compress
+            s.compress = flags.compress && spec.kind != .proxy
             return s
         }
         config.services += flags.secrets.map { spec in
@@ -102,9 +114,10 @@ extension TunnelClientConfig {
         try checkDistinct(config.services)
         if let name = flags.visit, let listen = flags.localListen {
             config.visit = VisitSpec(name: name, listen: listen, serviceToken: serviceToken)
-        } else if config.services.isEmpty {
-            throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret or [services.NAME] in the config file")
+        } else if config.services.isEmpty && flags.dynamic.isEmpty && config.dynamic.isEmpty {
+            throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret, -D or [services.NAME] in the config file")
         }
+        try config.applyProxyFlags(flags)
         flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
                            handshake: &config.handshakeTimeout, drain: &config.drainTimeout, threads: &config.threads)
         if let ca = flags.ca { config.caFile = ca; config.fingerprint = nil }
@@ -135,9 +148,9 @@ private func checkDistinct(_ services: [ServiceSpec]) throws(ConfigError) {
             guard secrets.insert(s.name).inserted else {
                 throw ConfigError(setting: "--secret", "two secret services are named '\(s.name)'; give each its own name")
             }
-        case .tcp, .udp:
+        case .tcp, .udp, .proxy:
             guard s.remotePort != 0 else { continue }
-            let key = "\(s.kind.rawValue) \(s.bindHost ?? "*") \(s.remotePort)"
+            let key = "\(s.kind == .udp ? "udp" : "tcp") \(s.bindHost ?? "*") \(s.remotePort)"
             if let first = ports[key] {
                 throw ConfigError(setting: "-R", "services '\(first)' and '\(s.name)' both ask for \(s.kind.rawValue) port \(s.remotePort); give each service its own remote port (0 lets the server pick)")
             }

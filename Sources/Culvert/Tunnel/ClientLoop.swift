@@ -64,10 +64,18 @@ final class ClientLoop: @unchecked Sendable {
     /// service id, and the timer that writes it.
     private var refusedAtLimit: [UInt32: Int] = [:]
     private var refusalReport: LoopTimer?
+    /// The proxies through the tunnel (`-D`, `-R proxy:`), shared by every loop.
+    private let proxies: ClientProxies
+    /// This loop's `-D` sockets, once watched.
+    var dynamicListeners: Listeners?
+    /// Carriers up on this loop, read by other loops placing `-D` connections.
+    private let carriersUp = Atomic<Int>(0)
+    var carrierCount: Int { carriersUp.load(ordering: .relaxed) }
 
     init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, visitorLimits: [UInt32: VisitorLimit],
-         refusals: RefusalSummary, logger: Logger) throws {
+         refusals: RefusalSummary, proxies: ClientProxies, logger: Logger) throws {
         self.loop = loop
+        self.proxies = proxies
         self.config = config
         self.udpMaxSessions = udpMaxSessions
         self.visitorLimits = visitorLimits
@@ -146,6 +154,8 @@ final class ClientLoop: @unchecked Sendable {
             return channel.fail(.protocolViolation("unknown service \(serviceID)"))
         }
         switch spec.kind {
+        case .proxy:
+            serveProxyVisitor(channel.detach(), spec: spec, visitor: visitor)
         case .udp:
             await startUDPRelay(channel, spec: spec)
         case .tcp:
@@ -302,7 +312,9 @@ final class ClientLoop: @unchecked Sendable {
         var started = false
         carrier.onClose = { [weak self] carrier, error in
             guard let self else { return }
-            self.carriers[ObjectIdentifier(carrier)] = nil
+            if self.carriers.removeValue(forKey: ObjectIdentifier(carrier)) != nil {
+                self.carriersUp.wrappingSubtract(1, ordering: .relaxed)
+            }
             if started, !session.isEnded, let error {
                 self.logger.warning("multiplexed data channel lost", metadata: ["error": "\(error)"])
             }
@@ -316,6 +328,21 @@ final class ClientLoop: @unchecked Sendable {
         guard !carrier.isClosed else { return }
         started = true
         carriers[ObjectIdentifier(carrier)] = carrier
+        carriersUp.wrappingAdd(1, ordering: .relaxed)
+        proxies.carrierUp(on: self)
+    }
+
+    /// A `-D` request's exit stream, on this loop's least busy carrier; nil when none is up.
+    func openExitStream(_ payload: [UInt8]) -> MuxStream? {
+        loop.assertInLoop()
+        return carriers.values.filter { !$0.isClosed }.min { $0.streamCount < $1.streamCount }?.open(payload)
+    }
+
+    /// A visitor of a `-R proxy:` service: it speaks SOCKS5 or HTTP proxy to this
+    /// client, which is its exit.
+    private func serveProxyVisitor(_ stream: Duplex, spec: ServiceSpec, visitor: String) {
+        guard let context = proxies.reverse else { return stream.close(reset: true) }
+        ProxyConnection.serve(stream, peer: visitor, context: context, relays: relaySet(for: spec))
     }
 
     /// A visitor arrived on a carrier: connect to its local service and relay.
@@ -327,6 +354,9 @@ final class ClientLoop: @unchecked Sendable {
         } catch {
             logger.warning("malformed stream on a multiplexed data channel", metadata: ["error": "\(error)"])
             return stream.close(reset: true)
+        }
+        if let spec = services[serviceID], spec.kind == .proxy {
+            return serveProxyVisitor(stream, spec: spec, visitor: visitor)
         }
         guard let spec = services[serviceID], spec.kind == .tcp else {
             logger.warning("multiplexed stream for an unknown service", metadata: ["service": .stringConvertible(serviceID)])
@@ -428,14 +458,7 @@ final class ClientLoop: @unchecked Sendable {
 
     /// Relays a visitor admitted under its service's limit; its place is given back when the relay ends.
     private func startRelay(_ data: Duplex, localFD: Int32, adopting registration: Registration? = nil, visitor: String, spec: ServiceSpec) {
-        let set: RelaySet
-        if let known = serviceRelays[spec.id] {
-            set = known
-        } else {
-            set = relays.makeSet()
-            serviceRelays[spec.id] = set
-            meter(of: spec).watch(set)
-        }
+        let set = relaySet(for: spec)
         let logger = self.logger
         let target = spec.localDescription
         let limit = visitorLimits[spec.id]
@@ -445,6 +468,15 @@ final class ClientLoop: @unchecked Sendable {
         }
         // A relay that could not start never calls its close callback.
         if relay == nil { limit?.release() }
+    }
+
+    /// This loop's relay set of a service, made (and metered) on first use.
+    private func relaySet(for spec: ServiceSpec) -> RelaySet {
+        if let known = serviceRelays[spec.id] { return known }
+        let set = relays.makeSet()
+        serviceRelays[spec.id] = set
+        meter(of: spec).watch(set)
+        return set
     }
 
     private func meter(of spec: ServiceSpec) -> ServiceMeter {
@@ -464,6 +496,7 @@ final class ClientLoop: @unchecked Sendable {
         connecting.removeAll()
         for c in Array(carriers.values) { c.closeWhenIdle() }
         carriers.removeAll()
+        carriersUp.store(0, ordering: .relaxed)
         for r in Array(udpRelays.values) { r.closeAll() }
     }
 }

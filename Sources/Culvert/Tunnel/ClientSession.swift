@@ -33,6 +33,9 @@ final class ClientSession {
     private var endWaiters: [CheckedContinuation<Void, Never>] = []
     /// The ready line of each service the server accepted in this session.
     private var readyLines: [UInt32: String] = [:]
+    /// `useExit` went out and its answer has not come: a server that predates exits
+    /// closes the control channel instead of answering.
+    private var awaitingExitAnswer = false
     private var logger: Logger { client.logger }
     private var loop: EventLoop { client.loop }
     /// Seconds between retries of a service the server refused after a reconnect.
@@ -61,6 +64,10 @@ final class ClientSession {
     /// client is ready.
     func run() async throws {
         for spec in client.services { register(spec) }
+        if !client.config.dynamic.isEmpty {
+            control.send(TunnelProtocol.encode(.useExit))
+            awaitingExitAnswer = true
+        }
         heartbeat?.start()
         defer { end() }
         var fatal: FatalClientError?
@@ -85,6 +92,12 @@ final class ClientSession {
                         guard client?.service(spec.id) != nil else { return }
                         self?.register(spec)
                     })
+                case .exitAccepted:
+                    awaitingExitAnswer = false
+                    client.exitAnswered(.accepted, lines: readyLines)
+                case .exitRefused(let refusal):
+                    awaitingExitAnswer = false
+                    client.exitAnswered(.refused(refusal.reason), lines: readyLines)
                 case .openData(let nonce):
                     openData(nonce)
                 case .ping(let x):
@@ -97,7 +110,11 @@ final class ClientSession {
                 }
             }
         } catch {
-            if !ended && leaving == nil { logger.warning("control channel lost", metadata: ["error": "\(error)"]) }
+            if awaitingExitAnswer && !ended && leaving == nil {
+                fatal = client.exitUnsupported(error)
+            } else if !ended && leaving == nil {
+                logger.warning("control channel lost", metadata: ["error": "\(error)"])
+            }
         }
         if let fatal { throw fatal }
     }
@@ -135,7 +152,7 @@ final class ClientSession {
         switch spec.kind {
         case .secret:
             control.send(TunnelProtocol.encode(.registerSecret(id: spec.id, name: spec.name)))
-        case .tcp, .udp:
+        case .tcp, .udp, .proxy:
             control.send(TunnelProtocol.encode(.registerService(TunnelProtocol.ServiceRequest(
                 id: spec.id, kind: spec.kind == .udp ? .udp : .tcp, bindHost: spec.bindHost ?? "",
                 port: spec.remotePort, compress: spec.compress))))
