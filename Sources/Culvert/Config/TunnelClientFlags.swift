@@ -117,7 +117,6 @@ extension TunnelClientConfig {
         } else if config.services.isEmpty && flags.dynamic.isEmpty && config.dynamic.isEmpty {
             throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret, -D or [services.NAME] in the config file")
         }
-        try config.applyProxyFlags(flags)
         flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
                            handshake: &config.handshakeTimeout, drain: &config.drainTimeout, threads: &config.threads)
         if let ca = flags.ca { config.caFile = ca; config.fingerprint = nil }
@@ -132,6 +131,7 @@ extension TunnelClientConfig {
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")
         }
+        try config.applyProxyFlags(flags)
         return Resolved(config: config, log: log, warnings: warnings)
     }
 }
