@@ -70,7 +70,7 @@ public struct TunnelClientFlags: Sendable {
         if !withFile {
             if server == nil { throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] of the culvert server") }
             if services.isEmpty && secrets.isEmpty && visit == nil && dynamic.isEmpty {
-                throw ConfigError(setting: "-R", "nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT, --secret NAME=HOST:PORT or -D [BIND:]PORT")
+                throw ConfigError(setting: "-R", "nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT or --secret NAME=HOST:PORT (or -D [BIND:]PORT for a proxy through the server)")
             }
         }
     }
@@ -115,7 +115,7 @@ extension TunnelClientConfig {
         if let name = flags.visit, let listen = flags.localListen {
             config.visit = VisitSpec(name: name, listen: listen, serviceToken: serviceToken)
         } else if config.services.isEmpty && flags.dynamic.isEmpty && config.dynamic.isEmpty {
-            throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret, -D or [services.NAME] in the config file")
+            throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret or [services.NAME] in the config file (or -D for a proxy through the server)")
         }
         flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
                            handshake: &config.handshakeTimeout, drain: &config.drainTimeout, threads: &config.threads)
