@@ -42,7 +42,14 @@ public final class AsyncDuplex: EventHandler {
     /// The most bytes `send` may leave queued (beyond what the socket took).
     public let sendLimit: Int
     public private(set) var duplex: Duplex
-    private var registration: Registration?
+    /// How the loop tells this channel about readiness.
+    private enum Watch {
+        case registered(Registration)
+        /// A stream without a descriptor (a multiplexed stream) wakes this channel itself.
+        case virtual
+        case released
+    }
+    private var watch: Watch
     private var readWaiter: CheckedContinuation<Void, Error>?
     private var writeWaiter: CheckedContinuation<Void, Error>?
     private var outgoing: [UInt8] = []
@@ -53,10 +60,19 @@ public final class AsyncDuplex: EventHandler {
         self.loop = loop
         self.duplex = duplex
         self.sendLimit = sendLimit
-        registration = try loop.register(fd: duplex.fd, interest: .readWrite, handler: self)
+        watch = .released
+        if duplex.attachVirtual(self, tag: 0) {
+            watch = .virtual
+        } else {
+            watch = .registered(try loop.register(fd: duplex.fd, interest: .readWrite, handler: self))
+        }
     }
 
-    public var isOpen: Bool { failure == nil && registration != nil }
+    public var isOpen: Bool {
+        guard failure == nil else { return false }
+        if case .released = watch { return false }
+        return true
+    }
 
     /// Bytes given to `send` that the socket has not taken yet.
     public var hasPendingOutput: Bool { outgoingOffset < outgoing.count }
@@ -198,9 +214,9 @@ public final class AsyncDuplex: EventHandler {
     }
 
     private func release() {
-        if let r = registration {
-            loop.deregister(fd: duplex.fd, registration: r)
-            registration = nil
-        }
+        // A virtual stream keeps a weak reference to its handler; whoever attaches next
+        // (a relay) replaces it.
+        if case .registered(let r) = watch { loop.deregister(fd: duplex.fd, registration: r) }
+        watch = .released
     }
 }

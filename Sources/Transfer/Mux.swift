@@ -10,7 +10,9 @@ import Reactor
 ///
 /// Frame (docs/PROTOCOL.md, "Multiplexed data channels"): u8 type, u32 stream id,
 /// u32 payload length (big-endian), payload. Types:
-/// - `open` (opener → acceptor): a new stream; the payload says what it is for.
+/// - `open`: a new stream; the payload says what it is for. The opener (the tunnel
+///   server) numbers its streams below 2^31, the acceptor above, so both may open
+///   (`acceptsPeerStreams` lets the opener take the acceptor's).
 /// - `data`: stream bytes, at most `maxPayload`, never more than the receiver's window.
 /// - `eof`: the sender will send no more on this stream (half-close).
 /// - `reset`: the stream is aborted both ways.
@@ -116,7 +118,10 @@ public final class MuxConnection: EventHandler {
     /// Streams whose writes wait for the outgoing queue to drain.
     private var blockedWriters: [MuxStream] = []
 
-    /// Acceptor side: a stream was opened; the payload of its `open` frame.
+    /// Opener side: whether the peer may open streams too (ids 2^31 and above); when
+    /// false such an `open` closes the carrier, as it did before both sides opened.
+    public var acceptsPeerStreams = false
+    /// A stream was opened by the peer; the payload of its `open` frame.
     public var onOpen: ((MuxStream, UnsafeRawBufferPointer) -> Void)?
     /// Called once when the carrier ends (nil: closed by `close()`).
     public var onClose: ((MuxConnection, Error?) -> Void)?
@@ -161,17 +166,30 @@ public final class MuxConnection: EventHandler {
         readFrames()
     }
 
-    /// Opener side: a new stream whose `open` frame carries `payload`.
+    /// A new stream whose `open` frame carries `payload`. The acceptor opens streams
+    /// only once its peer said it takes them (an older opener closes the carrier on one).
     public func open(_ payload: [UInt8]) -> MuxStream? {
         loop.debugAssertInLoop()
-        guard isOpener, case .open = lifecycle else { return nil }
+        guard case .open = lifecycle else { return nil }
         var id = nextID
-        while streams[id] != nil || id == 0 { id &+= 1 }
-        nextID = id &+ 1
+        while streams[id] != nil || !Self.isOwnID(id, opener: isOpener) { id = Self.wrapID(id &+ 1, opener: isOpener) }
+        nextID = Self.wrapID(id &+ 1, opener: isOpener)
         let stream = MuxStream(id: id, connection: self, pipes: pipes)
         streams[id] = stream
         payload.withUnsafeBytes { enqueue(.open, id, $0.baseAddress, $0.count) }
         return stream
+    }
+
+    /// Ids the opener gives its streams: 1 ..< 2^31; the acceptor's are 2^31 and above.
+    private static let acceptorIDs: UInt32 = 1 << 31
+
+    private static func isOwnID(_ id: UInt32, opener: Bool) -> Bool {
+        opener ? (id != 0 && id < acceptorIDs) : id >= acceptorIDs
+    }
+
+    /// The next id in the side's half, wrapping within it.
+    private static func wrapID(_ id: UInt32, opener: Bool) -> UInt32 {
+        isOwnID(id, opener: opener) ? id : (opener ? 1 : acceptorIDs)
     }
 
     /// Ends the carrier and resets every stream on it.
@@ -356,7 +374,13 @@ public final class MuxConnection: EventHandler {
     private func dispatch(_ type: FrameType, _ id: UInt32, _ payload: UnsafeRawBufferPointer) {
         switch type {
         case .open:
-            guard !isOpener else { return fail(MuxError("mux peer opened a stream on the opening side")) }
+            // The acceptor takes any fresh id (an opener of an older version numbers
+            // past 2^31 after enough streams); the opener only the acceptor's half, and
+            // only when it takes the acceptor's streams at all.
+            if isOpener {
+                guard acceptsPeerStreams else { return fail(MuxError("mux peer opened a stream on the opening side")) }
+                guard id >= Self.acceptorIDs else { return fail(MuxError("mux peer opened stream \(id), an id of the opening side")) }
+            }
             guard streams[id] == nil, id != 0 else { return fail(MuxError("mux stream \(id) opened twice")) }
             let stream = MuxStream(id: id, connection: self, pipes: pipes)
             streams[id] = stream

@@ -80,7 +80,9 @@ struct ServerCommand: ParsableCommand {
             Clients authenticate with the shared token (never sent: both sides prove it \
             with HMAC-SHA256 over fresh nonces). Prints 'listening tunnel ADDR' per \
             listening address. The token comes from --token-file, CULVERT_TOKEN, --token \
-            or the config file.
+            or the config file. With --allow-exit, clients' -D proxies connect out from \
+            here: not to loopback, link-local or this host's addresses unless an \
+            --exit-allow network names them; --exit-deny always wins.
             """)
 
     @Option(name: .customLong("listen"), parsing: .singleValue,
@@ -125,6 +127,15 @@ struct ServerCommand: ParsableCommand {
     @Flag(help: "Visitors of exposed ports must start with a PROXY protocol header (v1 or v2, e.g. haproxy send-proxy in front of the server), read within the handshake timeout; its source is the visitor's address that clients see and pass on.")
     var acceptProxy = false
 
+    @Flag(help: "Be the exit of clients' -D proxies (off: their requests are refused).")
+    var allowExit = false
+
+    @Option(parsing: .singleValue, help: ArgumentHelp("Destination -D requests may reach from here (repeatable; forms as culvert proxy --allow).", valueName: "DEST"))
+    var exitAllow: [String] = []
+
+    @Option(parsing: .singleValue, help: ArgumentHelp("Destination -D requests may not reach from here (repeatable; wins).", valueName: "DEST"))
+    var exitDeny: [String] = []
+
     @OptionGroup var logging: LoggingOptions
     @OptionGroup var admin: AdminOptions
 
@@ -145,6 +156,9 @@ struct ServerCommand: ParsableCommand {
         flags.wsPath = wsPath
         flags.inner = inner
         flags.acceptProxy = acceptProxy
+        flags.allowExit = allowExit
+        flags.exitAllow = exitAllow
+        flags.exitDeny = exitDeny
         return flags
     }
 
@@ -178,7 +192,10 @@ struct ClientCommand: ParsableCommand {
             -R [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT exposes LOCAL_HOST:LOCAL_PORT \
             (TCP, or UDP with the udp: prefix) on the server's REMOTE_PORT (0: the server \
             picks). Prints 'exposed tcp|udp ADDR -> LOCAL' once per service when it is \
-            reachable. Reconnects with backoff forever; with several servers \
+            reachable. -D [BIND:]PORT runs a SOCKS5 and HTTP proxy here whose connections \
+            leave at the server (which needs --allow-exit); -R proxy:[BIND:]REMOTE_PORT runs \
+            one on the server's port whose connections leave here. Ready lines: \
+            'listening proxy ADDR', 'exposed proxy ADDR'. Reconnects with backoff forever; with several servers \
             (HOST1,HOST2) it moves to the next when one is lost, prints its 'exposed' \
             lines again naming the new server, and moves back to an earlier one when it \
             answers again; \
@@ -192,7 +209,7 @@ struct ClientCommand: ParsableCommand {
     var server: ServerArgument?
 
     @Option(name: .customShort("R"), parsing: .singleValue,
-            help: "Service to expose: [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT; repeat for several.",
+            help: "Service to expose: [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT, or proxy:[BIND:]REMOTE_PORT; repeat for several.",
             transform: parseServiceSpec)
     var services: [ServiceSpec] = []
 
@@ -200,6 +217,23 @@ struct ClientCommand: ParsableCommand {
             help: "Secret service with no public port: NAME=LOCAL_HOST:LOCAL_PORT; visitors reach it with --visit NAME. Repeat for several.",
             transform: parseSecretSpec)
     var secrets: [ServiceSpec] = []
+
+    @Option(name: .customShort("D"), parsing: .singleValue,
+            help: ArgumentHelp("SOCKS5 and HTTP proxy here whose connections leave at the server, [BIND:]PORT (default bind: 127.0.0.1); repeat for several.", valueName: "[BIND:]PORT"),
+            transform: parseHostPort)
+    var dynamic: [HostPort] = []
+
+    @Option(help: "File of 'user:password' lines: clients of the -D and -R proxy: proxies must authenticate.")
+    var proxyAuthFile: String?
+
+    @Flag(help: "Allow an unauthenticated -D or -R proxy: proxy on a non-loopback address.")
+    var noAuth = false
+
+    @Option(parsing: .singleValue, help: ArgumentHelp("Destination -R proxy: connections may reach from here (repeatable; forms as culvert proxy --allow).", valueName: "DEST"))
+    var exitAllow: [String] = []
+
+    @Option(parsing: .singleValue, help: ArgumentHelp("Destination -R proxy: connections may not reach from here (repeatable; wins).", valueName: "DEST"))
+    var exitDeny: [String] = []
 
     @Option(help: "File with the token of the secret services (--secret) or of the visited one (--visit); default: the client's token.")
     var serviceTokenFile: String?
@@ -316,6 +350,11 @@ struct ClientCommand: ParsableCommand {
         flags.udpIdleTimeout = udpIdleTimeout
         flags.udpMaxSessions = udpMaxSessions
         flags.maxVisitors = maxVisitors
+        flags.dynamic = dynamic
+        flags.proxyAuthFile = proxyAuthFile
+        flags.noAuth = noAuth
+        flags.exitAllow = exitAllow
+        flags.exitDeny = exitDeny
         return flags
     }
 

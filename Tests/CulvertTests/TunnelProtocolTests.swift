@@ -28,11 +28,12 @@ final class TunnelProtocolTests: XCTestCase {
             .registerService(.init(id: 7, kind: .udp, bindHost: "::1", port: 0, compress: true)),
             .registerService(.init(id: 1, kind: .tcp, bindHost: "", port: 2222)),
             .registerSecret(id: 3, name: "home-ssh"), .visit(name: "home-ssh"), .unregisterService(id: 3), .ping(1), .pong(42),
-            .goodbye(reason: "stopped"),
+            .goodbye(reason: "stopped"), .useExit,
         ]
         let serverControl: [P.ServerControl] = [
             .serviceAccepted(id: 7, address: "[::]:20001"), .serviceRefused(id: 1, .init(.portInUse, "port 2222 is already in use")),
             .openData(channelNonce: short), .ping(.max), .pong(0), .goodbye(reason: "server shutting down"),
+            .exitAccepted, .exitRefused(.init(.exitNotAllowed, "the server is no exit")),
         ]
         let data: [P.DataCommand] = [.connect(serviceID: 3, visitor: "127.0.0.1:5000"), .mux]
         let visitor: [P.VisitorFrame] = [.serviceHello(visitorNonce: nonce), .serviceProof(visitorProof: proof)]
@@ -105,7 +106,7 @@ final class TunnelProtocolTests: XCTestCase {
             nameOf[code] = name
             codeOf[name] = code
         }
-        XCTAssertEqual(nameOf.count, 23)
+        XCTAssertEqual(nameOf.count, 26)
     }
 
     func testMalformedFramesAreRejected() {
@@ -156,6 +157,21 @@ final class TunnelProtocolTests: XCTestCase {
 
     private func decodeOpen(_ payload: [UInt8]) throws -> (serviceID: UInt32, visitor: String) {
         try payload.withUnsafeBytes { bytes -> (serviceID: UInt32, visitor: String) in try P.decodeOpen(bytes) }
+    }
+
+    func testExitOpenPayloadRoundTripsEveryAddressType() throws {
+        let destinations: [ProxyDestination] = [
+            .name("example.com", port: 443),
+            .address(SocketAddress(numericHost: "192.0.2.7", port: 80)!),
+            .address(SocketAddress(numericHost: "2001:db8::1", port: 8080)!),
+        ]
+        for destination in destinations {
+            let payload = P.encodeExitOpen(destination)
+            XCTAssertEqual(try payload.withUnsafeBytes { try P.decodeExitOpen($0) }, destination)
+            XCTAssertThrowsError(try (payload + [0]).withUnsafeBytes { try P.decodeExitOpen($0) }, "trailing bytes")
+        }
+        XCTAssertThrowsError(try [UInt8]([2, 0, 80]).withUnsafeBytes { try P.decodeExitOpen($0) }, "unknown address type")
+        XCTAssertThrowsError(try ([3] + [0, 3] + Array("a b".utf8) + [0, 80]).withUnsafeBytes { try P.decodeExitOpen($0) }, "not a host name")
     }
 
     func testMuxOpenPayloadRoundTrips() throws {

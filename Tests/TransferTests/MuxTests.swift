@@ -754,6 +754,26 @@ final class MuxTests: XCTestCase {
         XCTAssertEqual(got.end, .wouldBlock)
     }
 
+    func testAcceptorOpensStreamsAboveTwoToThe31WhenTheOpenerTakesThem() throws {
+        let pair = try MuxPair()
+        var opened: [(MuxStream, [UInt8])] = []
+        pair.sync {
+            pair.opener.acceptsPeerStreams = true
+            pair.opener.onOpen = { stream, payload in opened.append((stream, Array(payload))) }
+        }
+        let fromAcceptor = try XCTUnwrap(pair.sync { pair.acceptor.open([9, 9]) })
+        XCTAssertGreaterThanOrEqual(fromAcceptor.id, 1 << 31)
+        XCTAssertTrue(eventually("the opener's onOpen") { pair.sync { opened.count } == 1 })
+        let (atOpener, payload) = pair.sync { opened[0] }
+        XCTAssertEqual(payload, [9, 9])
+        XCTAssertEqual(atOpener.id, fromAcceptor.id)
+        let got = pair.transfer(Array("both ways".utf8), from: atOpener, to: fromAcceptor, shutdown: true)
+        XCTAssertEqual(got.received, Array("both ways".utf8))
+        // The opener's own streams stay below 2^31 next to the acceptor's.
+        let (a, _) = try XCTUnwrap(pair.openStream())
+        XCTAssertLessThan(a.id, 1 << 31)
+    }
+
     func testOpenSentToTheOpenerClosesCarrier() throws {
         try assertViolationClosesCarrier(isOpener: true, frame(1, 7, [0, 0, 0, 0]), mentioning: "opened a stream on the opening side")
     }

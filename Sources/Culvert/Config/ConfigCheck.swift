@@ -47,6 +47,9 @@ public enum ConfigCheck {
         switch s.kind {
         case .secret:
             return "secret \(s.name) -> \(s.localDescription)"
+        case .proxy:
+            let port = s.remotePort == 0 ? "any port" : "port \(s.remotePort)"
+            return "proxy \(port)\(s.bindHost.map { " on \($0)" } ?? "") exits here (\(s.name))"
         case .tcp, .udp:
             let port = s.remotePort == 0 ? "any port" : "port \(s.remotePort)"
             return "\(s.kindName) \(port)\(s.bindHost.map { " on \($0)" } ?? "") -> \(s.localDescription) (\(s.name)\(s.compress ? ", compressed" : ""))"

@@ -45,6 +45,12 @@ public struct TunnelClientFlags: Sendable {
     /// `--proxy` as given, and the environment `--proxy env` reads.
     public var proxy: String?
     public var proxyEnvironment: [String: String] = [:]
+    /// `-D`, in command line order.
+    public var dynamic: [HostPort] = []
+    public var proxyAuthFile: String?
+    public var noAuth = false
+    public var exitAllow: [String] = []
+    public var exitDeny: [String] = []
 
     public init() {}
 
@@ -72,7 +78,13 @@ public struct TunnelClientFlags: Sendable {
             throw ConfigError(setting: ca != nil ? "--ca" : "--fingerprint", "--ca and --fingerprint need --transport tls")
         }
         try checkWebSocket()
+        if proxyAuthFile != nil && noAuth {
+            throw ConfigError(setting: "--no-auth", "--no-auth and --proxy-auth-file contradict each other: give one")
+        }
+        _ = try ProxyRule.parseAll(exitAllow, flag: "--exit-allow")
+        _ = try ProxyRule.parseAll(exitDeny, flag: "--exit-deny")
         if visit != nil {
+            if !dynamic.isEmpty { throw ConfigError(setting: "-D", "--visit cannot be combined with -D") }
             if localListen == nil { throw ConfigError(setting: "-L", "--visit needs -L [BIND:]PORT to listen on") }
             if !services.isEmpty || !secrets.isEmpty {
                 throw ConfigError(setting: "--visit", "--visit cannot be combined with -R or --secret")
@@ -88,8 +100,8 @@ public struct TunnelClientFlags: Sendable {
             if servers.isEmpty && webSocketURL == nil {
                 throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT], ws://HOST[:PORT]/PATH or wss://… of the culvert server")
             }
-            if services.isEmpty && secrets.isEmpty && visit == nil {
-                throw ConfigError(setting: "-R", "nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT or --secret NAME=HOST:PORT")
+            if services.isEmpty && secrets.isEmpty && visit == nil && dynamic.isEmpty {
+                throw ConfigError(setting: "-R", "nothing to expose: give at least one -R [BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT or --secret NAME=HOST:PORT (or -D [BIND:]PORT for a proxy through the server)")
             }
         }
     }
@@ -147,7 +159,7 @@ extension TunnelClientConfig {
         }
         config.services += flags.services.map { spec in
             var s = spec
-            s.compress = flags.compress
+            s.compress = flags.compress && spec.kind != .proxy
             if s.kind == .tcp { s.proxyProtocol = flags.sendProxy }
             return s
         }
@@ -163,8 +175,8 @@ extension TunnelClientConfig {
                 throw ConfigError(setting: "servers", "--visit goes through one server; the config file names \(config.servers.count)")
             }
             config.visit = VisitSpec(name: name, listen: listen, serviceToken: serviceToken)
-        } else if config.services.isEmpty {
-            throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret or [services.NAME] in the config file")
+        } else if config.services.isEmpty && flags.dynamic.isEmpty && config.dynamic.isEmpty {
+            throw ConfigError(setting: "-R", "nothing to expose: give -R, --secret or [services.NAME] in the config file (or -D for a proxy through the server)")
         }
         flags.common.apply(transport: &config.transport, heartbeat: &config.heartbeat,
                            handshake: &config.handshakeTimeout, drain: &config.drainTimeout, threads: &config.threads)
@@ -189,6 +201,7 @@ extension TunnelClientConfig {
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")
         }
+        try config.applyProxyFlags(flags)
         return Resolved(config: config, log: log, warnings: warnings)
     }
 }
@@ -205,9 +218,9 @@ private func checkDistinct(_ services: [ServiceSpec]) throws(ConfigError) {
             guard secrets.insert(s.name).inserted else {
                 throw ConfigError(setting: "--secret", "two secret services are named '\(s.name)'; give each its own name")
             }
-        case .tcp, .udp:
+        case .tcp, .udp, .proxy:
             guard s.remotePort != 0 else { continue }
-            let key = "\(s.kind.rawValue) \(s.bindHost ?? "*") \(s.remotePort)"
+            let key = "\(s.kind == .udp ? "udp" : "tcp") \(s.bindHost ?? "*") \(s.remotePort)"
             if let first = ports[key] {
                 throw ConfigError(setting: "-R", "services '\(first)' and '\(s.name)' both ask for \(s.kind.rawValue) port \(s.remotePort); give each service its own remote port (0 lets the server pick)")
             }

@@ -2,11 +2,13 @@
 /// models the flags fill; flags given on the command line override the file.
 ///
 /// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
-/// max_clients, max_services, max_unauthenticated, max_unauthenticated_per_source, handshake_timeout,
+/// max_clients, max_services, max_unauthenticated, max_unauthenticated_per_source, allow_exit,
+/// exit_allow, exit_deny, handshake_timeout,
 /// heartbeat_interval, heartbeat_misses, drain_timeout, threads, accept_proxy, log_level, log_format.
 /// Client keys: server (or servers, a list), token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, failback_interval, handshake_timeout, heartbeat_interval,
-/// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, max_visitors, log_level,
+/// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, max_visitors,
+/// dynamic, proxy_auth_file, no_auth, exit_allow, exit_deny, log_level,
 /// log_format, and `[services.NAME]` tables
 /// with remote_port, local, bind, compress, proxy_protocol (v1 or v2, tcp only), protocol (tcp or udp) — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
@@ -48,6 +50,9 @@ public enum TunnelConfigFile {
         config.maxServicesPerClient = try file.int("max_services", range: 1...10_000) ?? config.maxServicesPerClient
         config.maxUnauthenticated = try file.int("max_unauthenticated", range: 1...100_000) ?? config.maxUnauthenticated
         config.maxUnauthenticatedPerSource = try file.int("max_unauthenticated_per_source", range: 1...100_000) ?? config.maxUnauthenticatedPerSource
+        config.allowExit = try file.bool("allow_exit") ?? config.allowExit
+        if let rules = try file.strings("exit_allow") { config.exitAllow = try file.rules("exit_allow", rules) }
+        if let rules = try file.strings("exit_deny") { config.exitDeny = try file.rules("exit_deny", rules) }
         config.handshakeTimeout = try file.duration("handshake_timeout") ?? config.handshakeTimeout
         config.drainTimeout = try file.duration("drain_timeout") ?? config.drainTimeout
         config.threads = try file.int("threads", range: 1...1024) ?? config.threads
@@ -100,6 +105,15 @@ public enum TunnelConfigFile {
         }
         config.udpMaxSessions = try file.int("udp_max_sessions", range: 0...Int(Int32.max)) ?? config.udpMaxSessions
         config.maxVisitors = try file.int("max_visitors", range: 0...Int(Int32.max)) ?? config.maxVisitors
+        if let dynamic = try file.strings("dynamic") {
+            var listens: [HostPort] = []
+            for d in dynamic { if let listen = try file.parse("dynamic", d, HostPort.parse) { listens.append(listen) } }
+            config.dynamic = listens
+        }
+        config.proxyAuthFile = try file.string("proxy_auth_file") ?? config.proxyAuthFile
+        config.proxyNoAuth = try file.bool("no_auth") ?? config.proxyNoAuth
+        if let rules = try file.strings("exit_allow") { config.exitAllow = try file.rules("exit_allow", rules) }
+        if let rules = try file.strings("exit_deny") { config.exitDeny = try file.rules("exit_deny", rules) }
         var services: [ServiceSpec] = []
         var warnings: [String] = []
         let compressAll = try file.bool("compress") ?? false

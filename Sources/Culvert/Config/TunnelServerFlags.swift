@@ -17,6 +17,9 @@ public struct TunnelServerFlags: Sendable {
     public var wsPath: String?
     public var inner: TunnelWebSocket.Inner?
     public var acceptProxy = false
+    public var allowExit = false
+    public var exitAllow: [String] = []
+    public var exitDeny: [String] = []
 
     public init() {}
 
@@ -47,6 +50,8 @@ public struct TunnelServerFlags: Sendable {
                                  ("--max-unauthenticated-per-source", maxUnauthenticatedPerSource)] {
             if let v = value, v < 1 { throw ConfigError(setting: name, "\(name) must be at least 1, got \(v)") }
         }
+        _ = try ProxyRule.parseAll(exitAllow, flag: "--exit-allow")
+        _ = try ProxyRule.parseAll(exitDeny, flag: "--exit-deny")
     }
 }
 
@@ -83,6 +88,9 @@ extension TunnelServerConfig {
         if let maxUnauthenticated = flags.maxUnauthenticated { config.maxUnauthenticated = maxUnauthenticated }
         if let perSource = flags.maxUnauthenticatedPerSource { config.maxUnauthenticatedPerSource = perSource }
         if flags.acceptProxy { config.acceptProxy = true }
+        if flags.allowExit { config.allowExit = true }
+        if !flags.exitAllow.isEmpty { config.exitAllow = try ProxyRule.parseAll(flags.exitAllow, flag: "--exit-allow") }
+        if !flags.exitDeny.isEmpty { config.exitDeny = try ProxyRule.parseAll(flags.exitDeny, flag: "--exit-deny") }
         return Resolved(config: config, log: log, warnings: warnings)
     }
 }

@@ -25,13 +25,49 @@ final class ProxyConnection {
     var loop: EventLoop { relays.loop }
     var config: ProxyConfig { context.config }
 
-    init(client fd: Int32, peer: SocketAddress?, context: ProxyContext, relays: RelaySet, idleClients: IdleClients) throws(SystemError) {
+    /// - Parameters:
+    ///   - stream: the client's connection (a socket, or a tunnel stream whose visitor is
+    ///     the client).
+    ///   - peerAddress: the client's socket address; nil for a tunnel stream, which then
+    ///     gets no UDP association (it has no address for datagrams to come from).
+    init(client stream: Duplex, peer: String, peerAddress: SocketAddress?, context: ProxyContext, relays: RelaySet,
+         idleClients: IdleClients) throws(SystemError) {
         self.context = context
         self.relays = relays
-        self.peer = peer.logDescription
-        peerAddress = peer
+        self.peer = peer
+        self.peerAddress = peerAddress
         self.idleClients = idleClients
-        client = try ProxyChannel(loop: relays.loop, stream: TCPStream(fd: fd, noDelay: false))
+        client = try ProxyChannel(loop: relays.loop, stream: stream)
+    }
+
+    /// Serves one client from its handshake on, in `relays` (pending until its relay
+    /// starts); a client beyond the context's limit is closed at once.
+    static func serve(_ stream: Duplex, peer: String, peerAddress: SocketAddress?, context: ProxyContext, relays: RelaySet,
+                      idleClients: IdleClients) {
+        guard context.admit() else {
+            stream.close(reset: true)
+            context.refused("limit", "connection refused: limit reached", peer, ["max": .stringConvertible(context.maxConnections)])
+            return
+        }
+        let connection: ProxyConnection
+        do {
+            connection = try ProxyConnection(client: stream, peer: peer, peerAddress: peerAddress, context: context, relays: relays,
+                                             idleClients: idleClients)
+        } catch {
+            stream.close(reset: true)
+            context.release()
+            context.logger.warning("cannot set up connection", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            return
+        }
+        let outcome = PendingOutcome()
+        let task = Task(executorPreference: relays.loop.tasks) {
+            if await !connection.run() { context.release() }
+            if let pending = outcome.pending { relays.remove(pending: pending) }
+        }
+        outcome.pending = relays.add {
+            connection.abort()
+            task.cancel()
+        }
     }
 
     /// Runs the handshake; true when a relay now owns the connection (its end releases
@@ -147,4 +183,10 @@ final class ProxyConnection {
         }
         return started != nil
     }
+}
+
+/// The relay-set entry of a connection in its handshake, set right after the task that
+/// removes it is made (the task runs later on the same loop).
+private final class PendingOutcome: @unchecked Sendable {
+    var pending: RelaySet.Pending?
 }

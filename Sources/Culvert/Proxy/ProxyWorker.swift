@@ -28,31 +28,10 @@ final class ProxyWorker {
         }
     }
 
-    private func accepted(_ fd: Int32, peer: SocketAddress?) {
-        guard context.admit() else {
-            Net.closeWithReset(fd)
-            context.refused("limit", "connection refused: limit reached", peer.logDescription,
-                            ["max": .stringConvertible(context.maxConnections)])
-            return
-        }
-        let connection: ProxyConnection
-        do {
-            connection = try ProxyConnection(client: fd, peer: peer, context: context, relays: relays, idleClients: idleClients)
-        } catch {
-            Posix.close(fd)
-            context.release()
-            context.logger.warning("cannot set up connection", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
-            return
-        }
-        let outcome = PendingOutcome()
-        let task = Task(executorPreference: loop.tasks) { [relays, context] in
-            if await !connection.run() { context.release() }
-            if let pending = outcome.pending { relays.remove(pending: pending) }
-        }
-        outcome.pending = relays.add {
-            connection.abort()
-            task.cancel()
-        }
+    /// A client connection accepted here, or handed to this loop by the one that accepted it.
+    func accepted(_ fd: Int32, peer: SocketAddress?) {
+        ProxyConnection.serve(TCPStream(fd: fd, noDelay: false), peer: peer.logDescription, peerAddress: peer, context: context,
+                              relays: relays, idleClients: idleClients)
     }
 
     /// Stops accepting and ends the idle clients; `onIdle` runs (on this loop) once the last connection has ended.
@@ -66,10 +45,4 @@ final class ProxyWorker {
     func abortAll(_ reason: CloseReason) {
         relays.abortAll(reason)
     }
-}
-
-/// The relay-set entry of a connection in its handshake, set right after the task that
-/// removes it is made (the task runs later on the same loop).
-private final class PendingOutcome: @unchecked Sendable {
-    var pending: RelaySet.Pending?
 }

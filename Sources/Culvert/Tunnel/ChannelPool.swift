@@ -234,7 +234,7 @@ final class ChannelPool {
     /// Turns a fresh channel into a carrier on the next loop in turn (the session's first).
     private func startCarrier(_ stream: Duplex) {
         carriersStarting += 1
-        let carrier = Carrier(home: context.loop(after: home, step: carriersPlaced))
+        let carrier = Carrier(home: context.loop(after: home, step: carriersPlaced), peer: peer)
         carriersPlaced += 1
         let session = Handoff(self)
         let sessionLoop = home
@@ -371,10 +371,13 @@ final class ChannelPool {
 /// `closeWhenIdle` run there (`closeWhenIdle` gets there by itself).
 final class Carrier: @unchecked Sendable {
     let home: ServerLoop
+    /// The client's address, for the logs of its exit streams.
+    private let peer: String
     private var mux: MuxConnection?
 
-    init(home: ServerLoop) {
+    init(home: ServerLoop, peer: String) {
         self.home = home
+        self.peer = peer
     }
 
     /// Sends the `mux` frame and starts multiplexing, on `home`. Exactly one of
@@ -410,6 +413,10 @@ final class Carrier: @unchecked Sendable {
         // start, not a carrier that was up.
         var up = false
         var diedStarting = false
+        // The client's streams are exit streams (`-D`); the exit answers them, refusing
+        // when the server is none.
+        mux.acceptsPeerStreams = true
+        mux.onOpen = { [home, peer] stream, payload in home.context.exit.streamOpened(stream, payload, peer: peer, on: home) }
         mux.onClose = { _, error in
             if up { onClosed(error) } else { diedStarting = true }
         }

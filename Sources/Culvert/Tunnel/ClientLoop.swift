@@ -73,10 +73,20 @@ final class ClientLoop: @unchecked Sendable {
     /// service id, and the timer that writes it.
     private var refusedAtLimit: [UInt32: Int] = [:]
     private var refusalReport: LoopTimer?
+    /// The proxies through the tunnel (`-D`, `-R proxy:`), shared by every loop.
+    private let proxies: ClientProxies
+    /// `-R proxy:` visitors idle between HTTP requests, ended when a drain begins.
+    let proxyIdleClients = IdleClients()
+    /// This loop's `-D` sockets, once watched.
+    var dynamicListeners: Listeners?
+    /// Carriers up on this loop, read by other loops placing `-D` connections.
+    private let carriersUp = Atomic<Int>(0)
+    var carrierCount: Int { carriersUp.load(ordering: .relaxed) }
 
     init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, visitorLimits: [UInt32: VisitorLimit],
-         refusals: RefusalSummary, logger: Logger) throws {
+         refusals: RefusalSummary, proxies: ClientProxies, logger: Logger) throws {
         self.loop = loop
+        self.proxies = proxies
         self.config = config
         self.udpMaxSessions = udpMaxSessions
         self.visitorLimits = visitorLimits
@@ -155,6 +165,8 @@ final class ClientLoop: @unchecked Sendable {
             return channel.fail(.protocolViolation("unknown service \(serviceID)"))
         }
         switch spec.kind {
+        case .proxy:
+            serveProxyVisitor(channel.detach(), spec: spec, visitor: visitor)
         case .udp:
             await startUDPRelay(channel, spec: spec, session: session)
         case .tcp:
@@ -317,7 +329,9 @@ final class ClientLoop: @unchecked Sendable {
         var started = false
         carrier.onClose = { [weak self] carrier, error in
             guard let self else { return }
-            self.carriers[ObjectIdentifier(carrier)] = nil
+            if self.carriers.removeValue(forKey: ObjectIdentifier(carrier)) != nil {
+                self.carriersUp.wrappingSubtract(1, ordering: .relaxed)
+            }
             if started, !session.isEnded, let error {
                 self.logger.warning("multiplexed data channel lost", metadata: ["error": "\(error)"])
             }
@@ -331,6 +345,24 @@ final class ClientLoop: @unchecked Sendable {
         guard !carrier.isClosed else { return }
         started = true
         carriers[ObjectIdentifier(carrier)] = (carrier, session)
+        carriersUp.wrappingAdd(1, ordering: .relaxed)
+        proxies.carrierUp(on: self)
+    }
+
+    /// A `-D` request's exit stream, on this loop's least busy carrier of a live session;
+    /// nil when none is up.
+    func openExitStream(_ payload: [UInt8]) -> MuxStream? {
+        loop.assertInLoop()
+        return carriers.values.filter { !$0.carrier.isClosed && !$0.session.isEnded }
+            .min { $0.carrier.streamCount < $1.carrier.streamCount }?.carrier.open(payload)
+    }
+
+    /// A visitor of a `-R proxy:` service: it speaks SOCKS5 or HTTP proxy to this
+    /// client, which is its exit.
+    private func serveProxyVisitor(_ stream: Duplex, spec: ServiceSpec, visitor: String) {
+        guard let context = proxies.reverse else { return stream.close(reset: true) }
+        ProxyConnection.serve(stream, peer: visitor, peerAddress: nil, context: context, relays: relaySet(for: spec),
+                              idleClients: proxyIdleClients)
     }
 
     /// A visitor arrived on a carrier: connect to its local service and relay.
@@ -342,6 +374,9 @@ final class ClientLoop: @unchecked Sendable {
         } catch {
             logger.warning("malformed stream on a multiplexed data channel", metadata: ["error": "\(error)"])
             return stream.close(reset: true)
+        }
+        if let spec = services[serviceID], spec.kind == .proxy {
+            return serveProxyVisitor(stream, spec: spec, visitor: visitor)
         }
         guard let spec = services[serviceID], spec.kind == .tcp else {
             logger.warning("multiplexed stream for an unknown service", metadata: ["service": .stringConvertible(serviceID)])
@@ -470,14 +505,7 @@ final class ClientLoop: @unchecked Sendable {
 
     /// Relays a visitor admitted under its service's limit; its place is given back when the relay ends.
     private func startRelay(_ data: Duplex, localFD: Int32, adopting registration: Registration? = nil, visitor: String, spec: ServiceSpec) {
-        let set: RelaySet
-        if let known = serviceRelays[spec.id] {
-            set = known
-        } else {
-            set = relays.makeSet()
-            serviceRelays[spec.id] = set
-            meter(of: spec).watch(set)
-        }
+        let set = relaySet(for: spec)
         let logger = self.logger
         let target = spec.localDescription
         let limit = visitorLimits[spec.id]
@@ -487,6 +515,15 @@ final class ClientLoop: @unchecked Sendable {
         }
         // A relay that could not start never calls its close callback.
         if relay == nil { limit?.release() }
+    }
+
+    /// This loop's relay set of a service, made (and metered) on first use.
+    private func relaySet(for spec: ServiceSpec) -> RelaySet {
+        if let known = serviceRelays[spec.id] { return known }
+        let set = relays.makeSet()
+        serviceRelays[spec.id] = set
+        meter(of: spec).watch(set)
+        return set
     }
 
     private func meter(of spec: ServiceSpec) -> ServiceMeter {
@@ -515,6 +552,7 @@ final class ClientLoop: @unchecked Sendable {
         }
         for (key, entry) in carriers where entry.session === session {
             carriers[key] = nil
+            carriersUp.wrappingSubtract(1, ordering: .relaxed)
             entry.carrier.closeWhenIdle()
         }
         for entry in udpRelays.values where entry.session === session { entry.relay.closeAll() }

@@ -50,6 +50,9 @@ final class ClientSession {
     private(set) var readyLines: [UInt32: String] = [:]
     /// Where the server exposed each service, by name, as its ready line says.
     private(set) var exposedAt: [String: String] = [:]
+    /// `useExit` went out and its answer has not come: a server that predates exits
+    /// closes the control channel instead of answering.
+    private var awaitingExitAnswer = false
     private var logger: Logger { client.logger }
     private var loop: EventLoop { client.loop }
     /// Seconds between retries of a service the server refused after a reconnect.
@@ -87,6 +90,10 @@ final class ClientSession {
 
     private func serve() async {
         for spec in client.services { register(spec) }
+        if !client.config.dynamic.isEmpty {
+            control.send(TunnelProtocol.encode(.useExit))
+            awaitingExitAnswer = true
+        }
         heartbeat?.start()
         defer { end() }
         do {
@@ -112,6 +119,12 @@ final class ClientSession {
                         guard client?.service(spec.id) != nil else { return }
                         self?.register(spec)
                     })
+                case .exitAccepted:
+                    awaitingExitAnswer = false
+                    client.exitAnswered(.accepted, by: self)
+                case .exitRefused(let refusal):
+                    awaitingExitAnswer = false
+                    client.exitAnswered(.refused(refusal.reason), by: self)
                 case .openData(let nonce):
                     openData(nonce)
                 case .ping(let x):
@@ -124,7 +137,11 @@ final class ClientSession {
                 }
             }
         } catch {
-            if !ended && leaving == nil { logger.warning("control channel lost", metadata: ["error": "\(error)"]) }
+            if awaitingExitAnswer && !ended && leaving == nil {
+                fatal = client.exitUnsupported(error)
+            } else if !ended && leaving == nil {
+                logger.warning("control channel lost", metadata: ["error": "\(error)"])
+            }
         }
     }
 
@@ -180,7 +197,7 @@ final class ClientSession {
         switch spec.kind {
         case .secret:
             control.send(TunnelProtocol.encode(.registerSecret(id: spec.id, name: spec.name)))
-        case .tcp, .udp:
+        case .tcp, .udp, .proxy:
             control.send(TunnelProtocol.encode(.registerService(TunnelProtocol.ServiceRequest(
                 id: spec.id, kind: spec.kind == .udp ? .udp : .tcp, bindHost: spec.bindHost ?? "",
                 port: spec.remotePort, compress: spec.compress))))

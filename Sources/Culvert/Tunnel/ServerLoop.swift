@@ -22,6 +22,8 @@ final class ServerLoop: @unchecked Sendable {
     private var sessions: [ObjectIdentifier: ServerSession] = [:]
     /// This loop's relay set of each service whose visitors ride channels here.
     private var serviceRelays: [UInt64: RelaySet] = [:]
+    /// The exit streams of carriers here (`ServerExit`), dialing or relayed.
+    private(set) lazy var exitRelays: RelaySet = relays.makeSet()
     private var logger: Logger { context.logger }
 
     init(loop: EventLoop, index: Int, logger: Logger, refusals: RefusalSummary) {

@@ -63,6 +63,9 @@ final class ServerSession {
                     answer(sid, port: 0, await registerSecret(sid, name: name))
                 case .unregisterService(let sid):
                     services.unregister(sid, session: self)
+                case .useExit:
+                    control.send(TunnelProtocol.encode(context.exit.enabled ? .exitAccepted
+                        : .exitRefused(.init(.exitNotAllowed, "the server is no exit: it runs without --allow-exit"))))
                 case .visit(let name):
                     try await visit(name)
                     return

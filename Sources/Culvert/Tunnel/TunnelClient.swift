@@ -62,10 +62,19 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     /// Sessions established after the first one.
     private var reconnects: UInt64 = 0
     private var everConnected = false
+    /// The proxies through the tunnel (`-D`, `-R proxy:`).
+    private let proxies: ClientProxies
+    /// The `-D` addresses bound, for their ready lines.
+    private var dynamicBound: [SocketAddress] = []
+    /// Whether the server answered `useExit` (or no `-D` needs it): part of being ready.
+    private var exitAnswered: Bool
 
     private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connectors: [TunnelConnector], control: ServiceControl,
-                 loops: [ClientLoop], configPath: String?, reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
+                 loops: [ClientLoop], proxies: ClientProxies, configPath: String?,
+                 reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
         self.config = config
+        self.proxies = proxies
+        exitAnswered = config.dynamic.isEmpty
         services = config.services
         nextServiceID = (config.services.map(\.id).max() ?? 0) &+ 1
         self.configPath = configPath
@@ -89,12 +98,15 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
         let refusals = RefusalSummary(logger: logger, message: "visitors refused", loop: group.main)
         let visitorLimits = VisitorLimit.make(config: config, udpMaxSessions: udpMaxSessions, logger: logger)
+        let proxies = ClientProxies(config: config, logger: logger, loop: group.main)
         let loops = try group.loops.map {
             try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, visitorLimits: visitorLimits,
-                           refusals: refusals, logger: logger)
+                           refusals: refusals, proxies: proxies, logger: logger)
         }
+        proxies.loops = loops
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connectors: connectors, control: control, loops: loops,
-                                  configPath: configPath, reread: reread)
+                                  proxies: proxies, configPath: configPath, reread: reread)
+        client.dynamicBound = try await proxies.startDynamic(config.dynamic, group: group)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client
     }
@@ -247,16 +259,44 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     /// Logs a service the server `server` (index) accepted; returns its ready line and
     /// the address it shows (nil for a secret service).
     func serviceExposed(_ spec: ServiceSpec, address: String, server: Int) -> (line: String, address: String?) {
+        if spec.kind == .proxy {
+            let shown = publicAddress(address, server: server)
+            logger.info("reverse proxy exposed", metadata: ["listen": "\(shown)"])
+            return ("exposed proxy \(shown)", shown)
+        }
         if spec.kind == .secret {
             logger.info("secret service registered", metadata: ["service": "\(spec.name)", "target": "\(spec.localDescription)"])
             return ("exposed secret \(spec.name) -> \(spec.localDescription)", nil)
         }
-        var shown = address
-        if let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" {
-            shown = HostPort(host: servers[server].address.host, port: bound.port).description
-        }
+        let shown = publicAddress(address, server: server)
         logger.info("service exposed", metadata: ["listen": "\(shown)", "target": "\(spec.localDescription)"])
         return ("exposed \(spec.kindName) \(shown) -> \(spec.localDescription)", shown)
+    }
+
+    /// Where visitors reach a service the server `server` (index) bound at `address`: a
+    /// wildcard shows as that server's host.
+    private func publicAddress(_ address: String, server: Int) -> String {
+        guard let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" else { return address }
+        return HostPort(host: servers[server].address.host, port: bound.port).description
+    }
+
+    /// The server answered `useExit`: the `-D` proxies serve accordingly, and the ready
+    /// lines may be complete.
+    func exitAnswered(_ answer: ClientProxies.ExitAnswer, by session: ClientSession) {
+        proxies.exitAnswered(answer)
+        exitAnswered = true
+        servicesExposed(by: session)
+    }
+
+    /// The server closed the session instead of answering `useExit`: it predates exits.
+    /// Before the ready lines that ends the client; after them it is logged, and the
+    /// session is tried again.
+    func exitUnsupported(_ error: Error) -> FatalClientError? {
+        let message = "the server closed the session when asked to be the exit of -D (\(error)): "
+            + "it predates exits through the tunnel; upgrade the server, or drop -D"
+        if !ready { return FatalClientError(message: message) }
+        logger.error("\(message)")
+        return nil
     }
 
     /// A session's accepted services so far. For the current session: once every
@@ -283,13 +323,14 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             }
             return
         }
-        guard services.allSatisfy({ lines[$0.id] != nil }) else { return }
+        guard exitAnswered, services.allSatisfy({ lines[$0.id] != nil }) else { return }
         ready = true
         announce(on: session.server)
         for spec in services {
             announced.insert(spec.id)
             ReadyLine.print(lines[spec.id]!)
         }
+        for address in dynamicBound { ReadyLine.print("listening proxy \(address)") }
     }
 
     /// The candidate holds every service: it serves from now on and prints the ready
@@ -405,6 +446,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
 
     public func drain(timeout: Duration) async {
         stopping = true
+        await proxies.drainDynamic(timeout: timeout, main: loop)
         failbackTimer?.cancel()
         failbackTimer = nil
         let sessions = [current, candidate, previous].compactMap { $0 }
@@ -414,7 +456,10 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         let running = await onEachLoop(loops, loop: \.loop) { $0.relayCount }.reduce(0, +)
         if running == 0 { return }
         logger.notice("draining", metadata: ["connections": .stringConvertible(running)])
-        _ = await onEachLoop(loops, loop: \.loop) { await $0.relays.drain(timeout: timeout) }
+        _ = await onEachLoop(loops, loop: \.loop) {
+            $0.proxyIdleClients.drain()
+            await $0.relays.drain(timeout: timeout)
+        }
     }
 }
 

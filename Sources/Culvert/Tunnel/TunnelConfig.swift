@@ -66,6 +66,10 @@ public struct ServiceSpec: Equatable, Sendable {
         case udp
         /// TCP with no public port, reached only by visitors proving `serviceToken`.
         case secret
+        /// A SOCKS5 and HTTP proxy on a public port whose connections leave through this
+        /// client (`-R proxy:[BIND:]REMOTE_PORT`): the server relays the visitor's bytes
+        /// like a TCP service's, the client runs the proxy handshake and is the exit.
+        case proxy
     }
 
     /// The service's id on the wire between client and server. Resolution numbers the
@@ -104,6 +108,7 @@ public struct ServiceSpec: Equatable, Sendable {
 
     /// Parses ssh's -R form, optionally prefixed `udp:` or `tcp:`; IPv6 hosts go in brackets.
     public static func parse(_ text: String) throws(ParseError) -> ServiceSpec {
+        if text.hasPrefix("proxy:") { return try parseProxy(text) }
         for kind in [Kind.udp, .tcp] where text.hasPrefix("\(kind.rawValue):") {
             do {
                 var spec = try parse(String(text.dropFirst(kind.rawValue.count + 1)))
@@ -147,6 +152,31 @@ public struct ServiceSpec: Equatable, Sendable {
         return ServiceSpec(name: text, bindHost: bind, remotePort: remote, localHost: rest[1], localPort: local)
     }
 
+    /// `proxy:[BIND:]REMOTE_PORT`; IPv6 BIND in brackets.
+    private static func parseProxy(_ text: String) throws(ParseError) -> ServiceSpec {
+        let rest = String(text.dropFirst("proxy:".count))
+        func fail(_ reason: String) -> ParseError {
+            ParseError(input: text, reason: reason + "; a reverse proxy is proxy:[BIND:]REMOTE_PORT")
+        }
+        var bind: String?
+        var portText = rest
+        if rest.hasPrefix("["), let close = rest.firstIndex(of: "]") {
+            bind = String(rest[rest.index(after: rest.startIndex)..<close])
+            portText = String(rest[close...].dropFirst())
+            guard portText.hasPrefix(":") else { throw fail("expected ':' after ']'") }
+            portText.removeFirst()
+        } else if let colon = rest.lastIndex(of: ":") {
+            bind = String(rest[..<colon])
+            portText = String(rest[rest.index(after: colon)...])
+        }
+        if bind == "" || bind == "*" { bind = nil }
+        if let bind, !SocketAddressCheck.isNumeric(bind) {
+            throw fail("BIND '\(bind)' is not a numeric IP address (the server binds it as given)")
+        }
+        guard let port = UInt16(portText) else { throw fail("remote port '\(portText)' is not a number 0-65535") }
+        return ServiceSpec(name: text, kind: .proxy, bindHost: bind, remotePort: port, localHost: "", localPort: 0)
+    }
+
     public struct SecretParseError: Error, CustomStringConvertible {
         public let input: String
         public var description: String { "invalid --secret '\(input)': expected NAME=LOCAL_HOST:LOCAL_PORT" }
@@ -165,10 +195,16 @@ public struct ServiceSpec: Equatable, Sendable {
     }
 
     /// `tcp` or `udp`, as ready lines and logs name the kind.
-    public var kindName: String { kind == .udp ? "udp" : "tcp" }
+    public var kindName: String {
+        switch kind {
+        case .udp: return "udp"
+        case .proxy: return "proxy"
+        case .tcp, .secret: return "tcp"
+        }
+    }
 
-    /// `127.0.0.1:22`, as the exposed line shows the local end.
-    public var localDescription: String { HostPort(host: localHost, port: localPort).description }
+    /// `127.0.0.1:22`, as the exposed line shows the local end; `proxy` for a reverse proxy.
+    public var localDescription: String { kind == .proxy ? "proxy" : HostPort(host: localHost, port: localPort).description }
 }
 
 /// `culvert client --visit NAME -L [BIND:]PORT`: a local port whose connections reach a
@@ -232,6 +268,14 @@ public struct TunnelServerConfig: Sendable {
     public var drainTimeout: Duration = .seconds(30)
     /// Event loop threads; sessions, carriers and data channels spread over them.
     public var threads: Int = LoopGroup.coreCount
+    /// Whether clients' `-D` streams leave here (`--allow-exit`).
+    public var allowExit = false
+    /// `--exit-allow` / `--exit-deny`: the exit's policy, over its default denial of
+    /// loopback, link-local and this host's addresses.
+    public var exitAllow: [ProxyRule] = []
+    public var exitDeny: [ProxyRule] = []
+    /// Time an exit gets to connect to a destination (all its addresses).
+    public var exitConnectTimeout: Duration = .seconds(10)
     public init() {}
 }
 
@@ -280,6 +324,17 @@ public struct TunnelClientConfig: Sendable {
     /// Visitors each TCP or secret service relays at once; nil: `VisitorLimit`'s default,
     /// from the descriptors free at start; 0: no limit.
     public var maxVisitors: Int?
+    /// `-D [BIND:]PORT`: proxies here whose connections leave through the server.
+    public var dynamic: [HostPort] = []
+    /// `--proxy-auth-file` (`proxy_auth_file`), read into `proxyCredentials`.
+    public var proxyAuthFile: String?
+    /// `--no-auth` (`no_auth`): unauthenticated proxies on non-loopback addresses on purpose.
+    public var proxyNoAuth = false
+    /// Users of the `-D` and `-R proxy:` proxies; nil: none needed.
+    public var proxyCredentials: ProxyCredentials?
+    /// `--exit-allow` / `--exit-deny`: where `-R proxy:` connections may go from here.
+    public var exitAllow: [ProxyRule] = []
+    public var exitDeny: [ProxyRule] = []
     public init() {}
 }
 

@@ -114,7 +114,7 @@ final class TunnelConnector {
         case .transportMismatch:
             return FatalClientError(message: TransportMismatch.serverUsesTLS)
         case .serverFull, .tooManyServices, .duplicateService, .nameTaken, .bindNotAllowed, .portNotAllowed, .portInUse,
-             .noFreePort, .listenFailed, .noSuchService, .wrongServiceToken, .localUnreachable:
+             .noFreePort, .listenFailed, .noSuchService, .wrongServiceToken, .localUnreachable, .exitNotAllowed:
             return ChannelError.protocolViolation("server refused: \(refusal.reason)")
         }
     }

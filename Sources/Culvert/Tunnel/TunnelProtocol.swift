@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Transfer
 
 /// The culvert tunnel wire protocol, version 4 (docs/PROTOCOL.md): the frames of the
@@ -86,6 +89,8 @@ enum TunnelProtocol {
         case localUnreachable = 13
         /// One end uses `--transport plain`, the other TLS; sent in plain by the server.
         case transportMismatch = 14
+        /// The server is not an exit (`--allow-exit` not given).
+        case exitNotAllowed = 15
     }
 
     /// A refusal as it travels (in `refused` and `serviceRefused`): reason str, then the
@@ -238,9 +243,14 @@ enum TunnelProtocol {
         /// The client is leaving on purpose (stopped, or exiting); the server ends the
         /// session and closes the control channel, which tells the client it may go.
         case goodbye(reason: String)
+        /// The client wants to open exit streams on its carriers (`-D`); answered with
+        /// `exitAccepted` or `exitRefused`. A server that predates exits closes the
+        /// control channel on it, which the client reports as such.
+        case useExit
 
         enum Code: UInt8, CaseIterable {
-            case registerService = 0x10, registerSecret = 0x13, visit = 0x14, unregisterService = 0x16, ping = 0x30, pong = 0x31, goodbye = 0x32
+            case registerService = 0x10, registerSecret = 0x13, visit = 0x14, unregisterService = 0x16, useExit = 0x17,
+                 ping = 0x30, pong = 0x31, goodbye = 0x32
         }
         static let reader = "the server's control channel"
 
@@ -254,6 +264,7 @@ enum TunnelProtocol {
             case .ping(let x): return (.ping, be(x))
             case .pong(let x): return (.pong, be(x))
             case .goodbye(let reason): return (.goodbye, string(reason))
+            case .useExit: return (.useExit, [])
             }
         }
 
@@ -272,6 +283,7 @@ enum TunnelProtocol {
             case .ping: return .ping(try r.u64())
             case .pong: return .pong(try r.u64())
             case .goodbye: return .goodbye(reason: try r.string())
+            case .useExit: return .useExit
             }
         }
     }
@@ -287,9 +299,15 @@ enum TunnelProtocol {
         /// The server is shutting down; the client ends the session, closes the control
         /// channel (which tells the server it may go) and reconnects as after any end.
         case goodbye(reason: String)
+        /// The answer to `useExit`: the client may open exit streams on its carriers.
+        case exitAccepted
+        /// The answer to `useExit`: this server is no exit; the client answers its
+        /// proxy clients itself and opens no exit streams.
+        case exitRefused(Refusal)
 
         enum Code: UInt8, CaseIterable {
-            case serviceAccepted = 0x11, serviceRefused = 0x12, openData = 0x20, ping = 0x30, pong = 0x31, goodbye = 0x32
+            case serviceAccepted = 0x11, serviceRefused = 0x12, exitAccepted = 0x18, exitRefused = 0x19, openData = 0x20,
+                 ping = 0x30, pong = 0x31, goodbye = 0x32
         }
         static let reader = "the client's control channel"
 
@@ -301,6 +319,8 @@ enum TunnelProtocol {
             case .ping(let x): return (.ping, be(x))
             case .pong(let x): return (.pong, be(x))
             case .goodbye(let reason): return (.goodbye, string(reason))
+            case .exitAccepted: return (.exitAccepted, [])
+            case .exitRefused(let refusal): return (.exitRefused, refusal.body)
             }
         }
 
@@ -312,6 +332,8 @@ enum TunnelProtocol {
             case .ping: return .ping(try r.u64())
             case .pong: return .pong(try r.u64())
             case .goodbye: return .goodbye(reason: try r.string())
+            case .exitAccepted: return .exitAccepted
+            case .exitRefused: return .exitRefused(try Refusal.read(&r))
             }
         }
     }
@@ -480,6 +502,80 @@ enum TunnelProtocol {
         let visitor = try r.string()
         guard r.isAtEnd else { throw ChannelError.protocolViolation("trailing bytes in a mux open frame") }
         return (id, visitor)
+    }
+
+    /// The payload of a mux `open` frame from the client (an exit stream, `-D`): where
+    /// the exit connects, as SOCKS5 writes it: type u8 (1 IPv4, 3 name, 4 IPv6), the
+    /// address (4 bytes, str, 16 bytes), port u16.
+    static func encodeExitOpen(_ destination: ProxyDestination) -> [UInt8] {
+        switch destination {
+        case .name(let host, let port):
+            return [3] + string(host) + be(port)
+        case .address(let address):
+            let bytes = ProxyRule.addressBytes(address)
+            return [bytes.count == 4 ? 1 : 4] + bytes + be(address.port)
+        }
+    }
+
+    static func decodeExitOpen(_ payload: UnsafeRawBufferPointer) throws(ChannelError) -> ProxyDestination {
+        var r = Reader(bytes: ArraySlice(payload))
+        let destination: ProxyDestination
+        switch try r.u8() {
+        case 1:
+            let bytes = try r.bytes(4)
+            var a = sockaddr_in()
+            a.sin_family = sa_family_t(AF_INET)
+            withUnsafeMutableBytes(of: &a.sin_addr) { $0.copyBytes(from: bytes) }
+            destination = .address(.v4(a).withPort(try r.u16()))
+        case 3:
+            let host = try r.string()
+            let port = try r.u16()
+            guard !host.isEmpty, Socks5.hostName(ArraySlice(host.utf8)) != nil else {
+                throw ChannelError.protocolViolation("exit stream names no valid host")
+            }
+            destination = .name(host, port: port)
+        case 4:
+            let bytes = try r.bytes(16)
+            var a = sockaddr_in6()
+            a.sin6_family = sa_family_t(AF_INET6)
+            withUnsafeMutableBytes(of: &a.sin6_addr) { $0.copyBytes(from: bytes) }
+            destination = .address(.v6(a).withPort(try r.u16()))
+        case let other:
+            throw ChannelError.protocolViolation("unknown address type \(other) in an exit stream")
+        }
+        guard r.isAtEnd else { throw ChannelError.protocolViolation("trailing bytes in an exit stream's open frame") }
+        return destination
+    }
+
+    /// The first bytes the exit sends on an exit stream: status u8, reason str. After
+    /// `connected` the stream carries the destination's bytes; after any other status
+    /// the exit ends the stream.
+    enum ExitStatus: UInt8 {
+        case connected = 0
+        case notAllowed = 1
+        /// The server is no exit (a client that opened one anyway, or a race with a reload).
+        case exitsDisabled = 2
+        case networkUnreachable = 3
+        case hostUnreachable = 4
+        case nameNotFound = 5
+        case connectionRefused = 6
+        case timedOut = 7
+        case failed = 8
+    }
+
+    static func encodeExitReply(_ status: ExitStatus, reason: String = "") -> [UInt8] {
+        [status.rawValue] + string(reason)
+    }
+
+    /// Reads the exit's reply off an exit stream.
+    static func readExitReply(from channel: AsyncDuplex) async throws -> (ExitStatus, String) {
+        let head = try await channel.readExactly(3)
+        guard let status = ExitStatus(rawValue: head[0]) else {
+            throw ChannelError.protocolViolation("unknown exit status \(head[0])")
+        }
+        let length = Int(head[1]) << 8 | Int(head[2])
+        let text = length == 0 ? [] : try await channel.readExactly(length)
+        return (status, String(decoding: text, as: UTF8.self))
     }
 
     // MARK: primitives

@@ -86,6 +86,8 @@ public final class TunnelServer: ReloadableService, MetricsSource, @unchecked Se
             ("heartbeat_interval", old.heartbeat.interval != new.heartbeat.interval),
             ("heartbeat_misses", old.heartbeat.misses != new.heartbeat.misses),
             ("drain_timeout", old.drainTimeout != new.drainTimeout), ("threads", old.threads != new.threads),
+            ("allow_exit", old.allowExit != new.allowExit), ("exit_allow", old.exitAllow != new.exitAllow),
+            ("exit_deny", old.exitDeny != new.exitDeny),
         ]
         report.needsRestart = restartOnly.filter(\.1).map(\.0)
         context.apply(ServerContext.Reloadable(new))
@@ -129,6 +131,8 @@ final class ServerContext: @unchecked Sendable {
     /// Visitors of exposed services dropped because no data channel came in time: a
     /// client that cannot keep up with a flood of visitors would log one line each.
     let visitorDrops: RefusalSummary
+    /// The exit for clients' `-D` streams (refusing them without `--allow-exit`).
+    let exit: ServerExit
     let draining = Atomic<Bool>(false)
     private let serviceSerial = Atomic<UInt64>(0)
 
@@ -163,6 +167,7 @@ final class ServerContext: @unchecked Sendable {
         unauthenticated = UnauthenticatedBudget(max: config.maxUnauthenticated, perSource: config.maxUnauthenticatedPerSource)
         refusals = RefusalSummary(logger: logger, message: "unauthenticated connections refused", loop: loops[0])
         visitorDrops = RefusalSummary(logger: logger, message: "visitors dropped", loop: loops[0])
+        exit = ServerExit(config: config, logger: logger, loop: loops[0])
         self.loops = loops.enumerated().map { [refusals] in ServerLoop(loop: $1, index: $0, logger: logger, refusals: refusals) }
         for l in self.loops { l.context = self }
     }

@@ -1,0 +1,181 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import Reactor
+import Synchronization
+import Transfer
+
+/// The server's end of `culvert client -D`: each exit stream a client opens on one of
+/// its carriers names a destination; the server, when it is an exit (`--allow-exit`),
+/// resolves and dials it under its exit policy, answers the stream with an
+/// `ExitStatus`, and relays. Without `--allow-exit` every exit stream is answered
+/// `exitsDisabled` (a client is told at `useExit` and opens none).
+///
+/// Thread confinement: shared by every loop; its state is immutable but for the atomic
+/// count. Each stream is served on the loop of its carrier.
+final class ServerExit: Sendable {
+    let enabled: Bool
+    private let exit: LocalExit
+    private let logger: Logger
+    private let refusals: RefusalSummary
+    private let maxStreams: Int
+    private let active = Atomic<Int>(0)
+
+    init(config: TunnelServerConfig, logger: Logger, loop: EventLoop) {
+        enabled = config.allowExit
+        let guarded = config.allowExit ? Self.guardedNetworks() : []
+        exit = LocalExit(policy: ProxyPolicy(allow: config.exitAllow, deny: config.exitDeny, guarded: guarded),
+                         resolver: CachingResolver(), connectTimeout: config.exitConnectTimeout)
+        self.logger = logger
+        refusals = RefusalSummary(logger: logger, message: "exit requests refused", loop: loop)
+        // An exit stream holds one socket, and two pipe ends while it splices.
+        maxStreams = max(1, UDPSessionBudget.freeDescriptors() / 4)
+    }
+
+    /// Networks an exit does not reach unless an `--exit-allow` network names them: the
+    /// loopback, link-local and unspecified networks and every address of this host, so
+    /// that `-D` does not turn the server's own local services into public ones.
+    static func guardedNetworks() -> [ProxyRule] {
+        var texts = ["127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "[::1/128]", "[::/128]", "[fe80::/10]"]
+        texts += HostAddresses.all().map { $0.description.hasPrefix("[") ? "[\($0.host)]" : $0.host }
+        return texts.compactMap { try? ProxyRule.parse($0) }
+    }
+
+    /// An exit stream opened by the client of `peer` on a carrier of `home`.
+    func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer, peer: String, on home: ServerLoop) {
+        let destination: ProxyDestination
+        do {
+            destination = try TunnelProtocol.decodeExitOpen(payload)
+        } catch {
+            refused("bad_request", peer, "malformed exit stream: \(error)")
+            return stream.close(reset: true)
+        }
+        guard active.wrappingAdd(1, ordering: .relaxed).newValue <= maxStreams else {
+            active.wrappingSubtract(1, ordering: .relaxed)
+            refused("limit", peer, "exit streams at their limit (\(maxStreams))")
+            return answer(stream, .failed, "exit at its connection limit", on: home.loop)
+        }
+        let relays = home.exitRelays
+        let outcome = ExitPending()
+        let task = Task(executorPreference: home.loop.tasks) { [self] in
+            await serve(stream, to: destination, peer: peer, relays: relays)
+            if let pending = outcome.pending { relays.remove(pending: pending) }
+        }
+        outcome.pending = relays.add { task.cancel() }
+    }
+
+    private func serve(_ stream: MuxStream, to destination: ProxyDestination, peer: String, relays: RelaySet) async {
+        let loop = relays.loop
+        guard enabled else {
+            active.wrappingSubtract(1, ordering: .relaxed)
+            refused("exits_disabled", peer, "exit stream refused: the server runs without --allow-exit", destination)
+            return answer(stream, .exitsDisabled, "this server is no exit (--allow-exit)", on: loop)
+        }
+        switch await exit.connect(to: destination, on: loop) {
+        case .failure(let failure):
+            active.wrappingSubtract(1, ordering: .relaxed)
+            refused(failure.label, peer, "exit request refused: \(failure)", destination)
+            answer(stream, ExitStatusMapping.status(of: failure), failure.description, on: loop)
+        case .success(let upstream):
+            let channel: AsyncDuplex
+            do {
+                channel = try AsyncDuplex(loop: loop, duplex: stream)
+                channel.send(TunnelProtocol.encodeExitReply(.connected))
+                try await channel.flush()
+            } catch {
+                active.wrappingSubtract(1, ordering: .relaxed)
+                upstream.stream.close(reset: true)
+                stream.close(reset: true)
+                return
+            }
+            let logger = logger
+            let started = relays.start(a: channel.detach(), b: upstream.stream, peer: peer) { [self] relay, reason in
+                active.wrappingSubtract(1, ordering: .relaxed)
+                logger.connectionClosed(peer: peer, ("exit", "\(destination)"), relay: relay, reason: reason)
+            }
+            if started == nil { active.wrappingSubtract(1, ordering: .relaxed) }
+        }
+    }
+
+    /// Answers a refused exit stream and ends it: the answer, then `eof`, and the stream
+    /// closes when the client has closed its side. Closing at once would reset the
+    /// stream, and a reset may overtake the answer in the client's stream.
+    private func answer(_ stream: MuxStream, _ status: TunnelProtocol.ExitStatus, _ reason: String, on loop: EventLoop) {
+        guard let channel = try? AsyncDuplex(loop: loop, duplex: stream) else { return stream.close(reset: true) }
+        channel.send(TunnelProtocol.encodeExitReply(status, reason: reason))
+        let deadline = loop.schedule(after: Self.closingWait) { channel.fail(.timedOut("exit answer")) }
+        Task(executorPreference: loop.tasks) {
+            do {
+                try await channel.flush()
+                _ = stream.shutdownWrite()
+                while true { _ = try await channel.read(max: 4096) }
+            } catch {
+                deadline.cancel()
+                channel.close()
+            }
+        }
+    }
+
+    /// How long a refused exit stream waits for the client to close its side.
+    private static let closingWait: Duration = .seconds(5)
+
+    private func refused(_ reason: String, _ peer: String, _ message: String, _ destination: ProxyDestination? = nil) {
+        guard refusals.record(reason) else { return }
+        var metadata: Logger.Metadata = ["peer": "\(peer)", "reason": "\(reason)"]
+        if let destination { metadata["destination"] = "\(destination)" }
+        logger.warning("\(message)", metadata: metadata)
+    }
+}
+
+/// How exit failures travel: the exit sends an `ExitStatus`, the client's proxy turns it
+/// back into the `ProxyFailure` its front ends answer with.
+enum ExitStatusMapping {
+    static func status(of failure: ProxyFailure) -> TunnelProtocol.ExitStatus {
+        switch failure {
+        case .notAllowed: return .notAllowed
+        case .networkUnreachable: return .networkUnreachable
+        case .hostUnreachable: return .hostUnreachable
+        case .nameNotFound: return .nameNotFound
+        case .connectionRefused: return .connectionRefused
+        case .timedOut: return .timedOut
+        case .general: return .failed
+        }
+    }
+
+    /// nil for `connected`.
+    static func failure(of status: TunnelProtocol.ExitStatus, reason: String) -> ProxyFailure? {
+        switch status {
+        case .connected: return nil
+        case .notAllowed, .exitsDisabled: return .notAllowed
+        case .networkUnreachable: return .networkUnreachable
+        case .hostUnreachable: return .hostUnreachable
+        case .nameNotFound: return .nameNotFound(reason)
+        case .connectionRefused: return .connectionRefused
+        case .timedOut: return .timedOut
+        case .failed: return .general(reason)
+        }
+    }
+}
+
+/// The addresses of this host's interfaces (getifaddrs), for the exit's default denial.
+enum HostAddresses {
+    static func all() -> [SocketAddress] {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0 else { return [] }
+        defer { freeifaddrs(list) }
+        var out: [SocketAddress] = []
+        var next = list
+        while let entry = next {
+            if let addr = entry.pointee.ifa_addr, let address = SocketAddress(storage: addr) { out.append(address) }
+            next = entry.pointee.ifa_next
+        }
+        return out
+    }
+}
+
+/// The relay-set entry of an exit stream being dialed, set right after the task that
+/// removes it is made (the task runs later on the same loop).
+private final class ExitPending: @unchecked Sendable {
+    var pending: RelaySet.Pending?
+}

@@ -1,0 +1,200 @@
+"""Proxies through the tunnel (issue 14, "Through the tunnel"): `culvert client -D`
+(the proxy on the client, the server as exit with --allow-exit and its exit policy) and
+`-R proxy:` (the proxy on the server's public port, the client as exit), driven by curl.
+UDP ASSOCIATE through the tunnel is not covered (not built yet)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import re
+import socket
+import struct
+import subprocess
+import threading
+
+import pytest
+
+from conftest import parse_addr, run_culvert
+from tunnel_support import settle_fd_count
+
+PROXY_RE = re.compile(r"^listening proxy (\S+)$")
+EXPOSED_PROXY_RE = re.compile(r"^exposed proxy (\S+)$")
+BLOB = os.urandom(16 * 1024 * 1024)
+BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
+
+
+class Origin(http.server.ThreadingHTTPServer):
+    """An HTTP origin on `host` serving /blob (16 MiB) and / (a short text)."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str = "127.0.0.1"):
+        super().__init__((host, 0), OriginHandler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class OriginHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = BLOB if self.path == "/blob" else b"hello\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def origin():
+    o = Origin()
+    yield o
+    o.close()
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", "30", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+
+
+def http_status(proxy: tuple[str, int], url: str, user: str | None = None) -> int:
+    auth = f"{user}@" if user else ""
+    r = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://{auth}{proxy[0]}:{proxy[1]}", url)
+    return int(r.stdout or b"0")
+
+
+def socks_reply(proxy: tuple[str, int], host: str, port: int, auth: tuple[bytes, bytes] | None = None) -> int:
+    """The reply code of a raw SOCKS5 CONNECT by name (or the failed auth status + 0x100)."""
+    with socket.create_connection(proxy, timeout=15) as s:
+        s.sendall(b"\x05\x01" + (b"\x02" if auth else b"\x00"))
+        choice = recv_exactly(s, 2)
+        if auth:
+            user, password = auth
+            s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+            status = recv_exactly(s, 2)
+            if status[1] != 0:
+                return 0x100 + status[1]
+        assert choice[1] in (0, 2)
+        name = host.encode()
+        s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port))
+        return recv_exactly(s, 4)[1]
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        assert chunk, f"closed after {len(out)} of {n} bytes"
+        out += chunk
+    return out
+
+
+def fetch_sha(args: list[str], url: str) -> str:
+    r = curl(*args, url)
+    assert r.returncode == 0, r.stderr
+    return hashlib.sha256(r.stdout).hexdigest()
+
+
+def start_dynamic(kit, server_opts: list[str], client_opts: list[str] = ()):
+    server = kit.start_server("plain", opts=server_opts)
+    client = kit.start_client(server.server_addr, [], mode="plain", opts=["-D", "0", *client_opts], ready=False)
+    proxy = parse_addr(client.wait_stdout(PROXY_RE)[0].group(1))
+    return server, client, proxy
+
+
+def test_dynamic_proxy_carries_16_mib_by_name_and_over_http(kit, origin):
+    server, client, proxy = start_dynamic(kit, ["--allow-exit", "--exit-allow", "127.0.0.0/8"])
+    url = f"http://localhost:{origin.port}/blob"
+    # One transfer first: the loops' pipe pools keep the pipes a splicing relay took.
+    assert fetch_sha(["--socks5-hostname", f"{proxy[0]}:{proxy[1]}"], url) == BLOB_SHA
+    base = {p: settle_fd_count(p.pid) for p in (server, client)}
+    assert fetch_sha(["--socks5-hostname", f"{proxy[0]}:{proxy[1]}"], url) == BLOB_SHA
+    assert fetch_sha(["-x", f"http://{proxy[0]}:{proxy[1]}"], f"http://127.0.0.1:{origin.port}/blob") == BLOB_SHA
+    assert fetch_sha(["-p", "-x", f"http://{proxy[0]}:{proxy[1]}"], url) == BLOB_SHA
+    # The exit dialed: its close line names the destination.
+    server.wait_stderr(r"connection closed.*exit=localhost:%d" % origin.port)
+    for p, before in base.items():
+        assert settle_fd_count(p.pid) <= before, p.describe()
+
+
+def test_server_without_allow_exit_refuses_and_client_says_so_once(kit, origin):
+    _, client, proxy = start_dynamic(kit, [])
+    assert http_status(proxy, f"http://127.0.0.1:{origin.port}/") == 403
+    assert socks_reply(proxy, "localhost", origin.port) == 0x02
+    assert socks_reply(proxy, "localhost", origin.port) == 0x02
+    assert client.count_stderr("the server does not allow exits") == 1, client.describe()
+
+
+def test_exit_denies_loopback_by_default(kit, origin):
+    server, _, proxy = start_dynamic(kit, ["--allow-exit"])
+    assert http_status(proxy, f"http://127.0.0.1:{origin.port}/") == 403
+    assert socks_reply(proxy, "localhost", origin.port) == 0x02
+    server.wait_stderr(r"exit request refused.*destination=localhost:%d" % origin.port)
+
+
+def test_exit_deny_wins_over_exit_allow(kit, origin):
+    _, _, proxy = start_dynamic(kit, ["--allow-exit", "--exit-allow", "127.0.0.0/8",
+                                      "--exit-deny", f"127.0.0.1:{origin.port}"])
+    assert http_status(proxy, f"http://127.0.0.1:{origin.port}/") == 403
+    assert socks_reply(proxy, "localhost", origin.port) == 0x02
+    other = Origin()
+    try:
+        assert http_status(proxy, f"http://127.0.0.1:{other.port}/") == 200
+    finally:
+        other.close()
+
+
+def test_exit_failures_map_to_reply_codes(kit):
+    _, _, proxy = start_dynamic(kit, ["--allow-exit", "--exit-allow", "127.0.0.0/8"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    assert socks_reply(proxy, "127.0.0.1", closed_port) == 0x05
+    assert http_status(proxy, f"http://127.0.0.1:{closed_port}/") == 502
+    assert socks_reply(proxy, "no-such-host.invalid", 80) == 0x04
+
+
+def test_reverse_proxy_reaches_a_service_only_the_client_sees(kit, tmp_path):
+    hidden = Origin("127.0.0.5")
+    try:
+        auth = tmp_path / "users"
+        auth.write_text("alice:s3cret\n")
+        server = kit.start_server("plain")
+        client = kit.start_client(server.server_addr, ["proxy:127.0.0.1:0"], mode="plain", ready=False,
+                                  opts=["--proxy-auth-file", str(auth), "--exit-allow", "127.0.0.5"])
+        public = parse_addr(client.wait_stdout(EXPOSED_PROXY_RE)[0].group(1))
+        url = f"http://127.0.0.5:{hidden.port}/blob"
+        # Warm-up as above: the relay of a SOCKS connection splices, with pooled pipes.
+        assert fetch_sha(["--socks5-hostname", f"{public[0]}:{public[1]}", "--proxy-user", "alice:s3cret"], url) == BLOB_SHA
+        base = {p: settle_fd_count(p.pid) for p in (server, client)}
+        assert fetch_sha(["-x", f"http://alice:s3cret@{public[0]}:{public[1]}"], url) == BLOB_SHA
+        assert fetch_sha(["--socks5-hostname", f"{public[0]}:{public[1]}", "--proxy-user", "alice:s3cret"], url) == BLOB_SHA
+        assert http_status(public, url) == 407
+        assert socks_reply(public, "127.0.0.5", hidden.port, auth=(b"alice", b"wrong")) == 0x101
+        # The client's exit policy: only what --exit-allow names.
+        assert socks_reply(public, "127.0.0.1", hidden.port, auth=(b"alice", b"s3cret")) == 0x02
+        for p, before in base.items():
+            assert settle_fd_count(p.pid) <= before, p.describe()
+    finally:
+        hidden.close()
+
+
+def test_unauthenticated_public_proxies_need_no_auth(culvert_path, kit):
+    r = run_culvert(culvert_path, ["client", "127.0.0.1:1", "--token-file", kit.token_file, "-R", "proxy:0"])
+    assert r.returncode == 2 and "--no-auth" in r.stderr, r.stderr
+    r = run_culvert(culvert_path, ["client", "127.0.0.1:1", "--token-file", kit.token_file, "-D", "0.0.0.0:0"])
+    assert r.returncode == 2 and "--no-auth" in r.stderr, r.stderr
+    r = run_culvert(culvert_path, ["client", "127.0.0.1:1", "--token-file", kit.token_file, "-D", "0", "--mux", "0"])
+    assert r.returncode == 2 and "-D needs" in r.stderr, r.stderr
