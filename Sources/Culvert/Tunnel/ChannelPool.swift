@@ -116,7 +116,7 @@ final class ChannelPool {
         guard expiredUnreported > 0 else { return }
         logger.warning("data channel requests expired", metadata: [
             "peer": "\(peer)", "count": .stringConvertible(expiredUnreported),
-            "deadline": "\(DurationSpec.format(requestDeadline))",
+            "deadline": .seconds(requestDeadline),
         ])
         expiredUnreported = 0
     }
@@ -326,7 +326,7 @@ final class ChannelPool {
             return
         }
         waiter.stream.close(reset: true)
-        logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": "\(DurationSpec.format(context.config.visitorTimeout))"])
+        logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": .seconds(context.config.visitorTimeout)])
     }
 
     // MARK: ending

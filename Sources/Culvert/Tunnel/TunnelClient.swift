@@ -100,7 +100,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             let base = config.reconnectInitial.nanoseconds << UInt64(min(failures - 1, 20))
             let capped = min(base, config.reconnectMax.nanoseconds)
             let delay = Duration.nanoseconds(Int64(Double(capped) * Double.random(in: 0.5...1.0)))
-            logger.info("reconnecting", metadata: ["delay": "\(DurationSpec.format(delay))", "attempt": .stringConvertible(failures)])
+            logger.info("reconnecting", metadata: ["delay": .seconds(delay), "attempt": .stringConvertible(failures)])
             await loop.sleep(for: delay)
         }
     }
