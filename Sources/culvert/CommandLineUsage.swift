@@ -59,8 +59,9 @@ enum CommandLineUsage {
         case let missing as MissingSubcommand:
             FileHandleStderr.write(CulvertCommand.helpMessage(for: missing.group))
             Glibc.exit(2)
-        case let error as ValidationError where command != nil:
-            FileHandleStderr.write("Error: \(error.message)\n" + usage(of: command!))
+        case let error as ValidationError:
+            guard let command else { fallthrough }
+            FileHandleStderr.write("Error: \(error.message)\n" + usage(of: command))
             Glibc.exit(2)
         default:
             if CulvertCommand.exitCode(for: error) == .success {
