@@ -18,6 +18,8 @@ struct CulvertCommand: ParsableCommand {
         version: ProcessMetrics.version,
         subcommands: [ForwardCommand.self, ProxyCommand.self, ServerCommand.self, ClientCommand.self, PipeCommand.self, TokenCommand.self, CheckCommand.self]
     )
+
+    func run() throws { throw CommandLineUsage.MissingSubcommand(group: Self.self) }
 }
 
 /// `culvert forward`: layer-4 forwarders.
@@ -27,6 +29,8 @@ struct ForwardCommand: ParsableCommand {
         abstract: "Listen here and relay to one or more targets.",
         subcommands: [ForwardTCPCommand.self, ForwardUDPCommand.self, ForwardWSCommand.self]
     )
+
+    func run() throws { throw CommandLineUsage.MissingSubcommand(group: Self.self) }
 }
 
 /// Logging flags every long-running command shares. Optional, so a config file's

@@ -199,7 +199,11 @@ public enum TunnelConfigFile {
     public static func parseServer(_ text: String) throws(InvalidValue) -> HostPort {
         if text.hasPrefix("[") && text.hasSuffix("]") { return HostPort(host: String(text.dropFirst().dropLast()), port: 7000) }
         if text.contains(":") {
-            do { return try HostPort.parse(text) } catch { throw InvalidValue(description: error.description) }
+            do {
+                let server = try HostPort.parse(text)
+                try server.checkConnectable()
+                return server
+            } catch { throw InvalidValue(description: error.description) }
         }
         guard !text.isEmpty, text.allSatisfy({ $0.isLetter || $0.isNumber || ".-_".contains($0) }) else {
             throw InvalidValue(description: "invalid server address '\(text)'")

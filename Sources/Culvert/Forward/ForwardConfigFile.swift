@@ -86,7 +86,11 @@ enum ForwardConfigFile {
         layer.listen = try file.parse(prefix + "listen", try file.string("listen", in: table, prefix: prefix), HostPort.parse)
         if let targets = try file.strings("targets", in: table, prefix: prefix) {
             var parsed: [HostPort] = []
-            for t in targets { if let p = try file.parse(prefix + "targets", t, HostPort.parse) { parsed.append(p.asTarget) } }
+            for t in targets {
+                guard let target = try file.parse(prefix + "targets", t, HostPort.parse)?.asTarget else { continue }
+                do { try target.checkConnectable() } catch { throw file.error(prefix + "targets", error.description) }
+                parsed.append(target)
+            }
             if parsed.isEmpty { throw file.error(prefix + "targets", "give at least one target address") }
             layer.targets = parsed
         }

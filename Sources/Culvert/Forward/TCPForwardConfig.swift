@@ -148,6 +148,9 @@ func checkForwardListen(_ listen: HostPort?, targets: [HostPort], threads: Int?,
     if listen != nil && targets.isEmpty {
         throw ConfigError(setting: "<targets>", "missing <targets>: give at least one TARGET address to relay to")
     }
+    for target in targets {
+        do { try target.asTarget.checkConnectable() } catch { throw ConfigError(setting: "<targets>", error.description) }
+    }
     if let threads, threads < 1 || threads > 1024 {
         throw ConfigError(setting: "--threads", "--threads must be between 1 and 1024, got \(threads)")
     }

@@ -70,7 +70,7 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
     /// left when `timeout` passes. Runs on the main loop; returns once every loop is idle.
     public func drain(timeout: Duration) async {
         let main = group.main
-        logger.notice("draining", metadata: ["connections": .stringConvertible(activeConnections), "deadline": "\(DurationSpec.format(timeout))"])
+        logger.notice("draining", metadata: ["connections": .stringConvertible(activeConnections), "deadline": .seconds(timeout)])
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             var deadline: LoopTimer?
             let barrier = Barrier(count: workers.count) {
@@ -115,7 +115,7 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
         let level: Logger.Level = wasDown ? .debug : .warning
         logger.log(level: level, "target unreachable", metadata: [
             "target": "\(attempt.address)", "error": "\(error)",
-            "backoff": "\(DurationSpec.format(.nanoseconds(Int64(backoff))))",
+            "backoff": .seconds(.nanoseconds(Int64(backoff))),
         ])
     }
 

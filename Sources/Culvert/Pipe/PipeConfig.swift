@@ -27,7 +27,9 @@ public struct PipeFlags: Sendable {
     /// The rules the flags must follow; `resolve` checks them first, and a command line
     /// parser may check them early to report them as usage.
     public func check() throws(ConfigError) {
-        _ = try route()
+        if case .address(let target) = try route() {
+            do { try target.checkConnectable() } catch { throw ConfigError(setting: "<target>", error.description) }
+        }
     }
 
     /// Where the flags point: exactly one of a target address or a server and a service.
@@ -54,6 +56,7 @@ extension PipeConfig {
     /// The pipe's settings from `flags`, checked; logs at warning and above unless told
     /// otherwise, since stdout carries the connection's bytes.
     public static func resolve(flags: PipeFlags) throws(ConfigError) -> Resolved<PipeConfig> {
+        try flags.check()
         let route = try flags.route()
         var defaultLog = LogSettings()
         defaultLog.level = .warning

@@ -60,7 +60,7 @@ public final class ProxyServer: DrainableService, @unchecked Sendable {
     public func drain(timeout: Duration) async {
         let main = group.main
         let logger = context.logger
-        logger.notice("draining", metadata: ["connections": .stringConvertible(activeConnections), "deadline": "\(DurationSpec.format(timeout))"])
+        logger.notice("draining", metadata: ["connections": .stringConvertible(activeConnections), "deadline": .seconds(timeout)])
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             var deadline: LoopTimer?
             let barrier = Barrier(count: workers.count) {

@@ -61,6 +61,14 @@ public struct HostPort: Equatable, CustomStringConvertible, Sendable {
     /// PORT does.
     public var asTarget: HostPort { host == nil ? HostPort(host: "127.0.0.1", port: port) : self }
 
+    /// Refuses port 0 in an address culvert connects to: 0 asks the kernel for any free
+    /// port when binding, and connecting to it can only fail later, far from the typo.
+    public func checkConnectable() throws(ParseError) {
+        if port == 0 {
+            throw ParseError(input: description, reason: "port 0 is for listening only: give the port to connect to (1-65535)")
+        }
+    }
+
     public var description: String {
         guard let host else { return "*:\(port)" }
         return host.contains(":" as Character) ? "[\(host)]:\(port)" : "\(host):\(port)"

@@ -80,7 +80,7 @@ public final class RefusalSummary: Sendable {
         }
         guard let counts else { return }
         if !counts.isEmpty {
-            var metadata: Logger.Metadata = ["interval": "\(DurationSpec.format(interval))"]
+            var metadata: Logger.Metadata = ["interval": .seconds(interval)]
             for (reason, n) in counts { metadata[reason] = .stringConvertible(n) }
             logger.warning("\(message)", metadata: metadata)
         }

@@ -116,7 +116,7 @@ final class ChannelPool {
         guard expiredUnreported > 0 else { return }
         logger.warning("data channel requests expired", metadata: [
             "peer": "\(peer)", "count": .stringConvertible(expiredUnreported),
-            "deadline": "\(DurationSpec.format(requestDeadline))",
+            "deadline": .seconds(requestDeadline),
         ])
         expiredUnreported = 0
     }
@@ -327,7 +327,7 @@ final class ChannelPool {
         }
         waiter.stream.close(reset: true)
         guard context.visitorDrops.record("no_data_channel") else { return }
-        logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": "\(DurationSpec.format(context.config.visitorTimeout))"])
+        logger.warning("visitor dropped: no data channel in time", metadata: ["peer": "\(waiter.peer)", "timeout": .seconds(context.config.visitorTimeout)])
     }
 
     // MARK: ending

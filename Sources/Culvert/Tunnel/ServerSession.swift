@@ -139,7 +139,7 @@ final class ServerSession {
             guard !answered else { return released(false) }
             let waited = DurationSpec.format(deadline)
             self.logger.warning("client did not answer a ping; its services go to a new client", metadata: [
-                "peer": "\(self.peer)", "claimant": "\(claimant)", "wants": "\(what)", "deadline": "\(waited)",
+                "peer": "\(self.peer)", "claimant": "\(claimant)", "wants": "\(what)", "deadline": .seconds(deadline),
             ])
             self.end(reason: "no answer to a ping within \(waited) while another client asked for \(what)")
             released(true)

@@ -144,7 +144,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     private func connectNext() async {
         let (index, wait) = servers.next(now: loop.now)
         if wait > .zero {
-            logger.info("reconnecting", metadata: ["delay": "\(DurationSpec.format(wait))",
+            logger.info("reconnecting", metadata: ["delay": .seconds(wait),
                                                    "attempt": .stringConvertible(servers[index].failures)])
             await loop.sleep(for: wait)
             if stopping { return }
