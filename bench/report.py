@@ -301,10 +301,37 @@ def targets(doc):
             _target(rows, f"{t}: ≤ 4 KiB RSS (server + client) per idle connection at 5,000",
                     f"{_fmt(c)} KiB at {n}", None if c is None or n != 5000 else c <= 4,
                     "n/a (not measured at 5,000)" if c is not None and n != 5000 else None)
+    ws = secs.get("ws")
+    if ws:
+        _ws_targets(rows, ws)
     prx = secs.get("proxy")
     if prx:
         _proxy_targets(rows, prx)
     return rows
+
+
+# Issue 15: (tool, reference, metric keys, goal) for "tool ≥ goal × reference"
+WS_TARGETS = [
+    ("culvert tunnel wss", "culvert tunnel tls", ("tput1_gbps", "tput8_gbps"), 0.9),
+    ("culvert tunnel ws --inner plain", "culvert tunnel plain", ("tput1_gbps", "tput8_gbps"),
+     0.8),
+    ("culvert tunnel ws", "culvert tunnel tls", ("conn_per_s",), 0.9),
+    ("culvert tunnel wss", "culvert tunnel tls", ("conn_per_s",), 0.9),
+]
+
+
+def _ws_targets(rows, ws):
+    """Issue 15's targets: the WebSocket rows against the TLS and plain tunnels measured
+    in the same run. The nginx row is shown in the tables and judged by none."""
+    for tool, ref, keys, goal in WS_TARGETS:
+        for key in keys:
+            m = ws["metrics"][key]
+            c, r0 = _med(ws, tool, key), _med(ws, ref, key)
+            r = ratio(c, r0)
+            f = "{:.0f}" if key == "conn_per_s" else "{:.2f}"
+            _target(rows, f"{tool}: {m['label']} ≥ {goal:g}× {ref}",
+                    f"{_fmt(c, f)} vs {_fmt(r0, f)} {m['unit']} = {_fmt(r, '{:.2f}×')}",
+                    None if r is None else r >= goal)
 
 
 PROXY_PEERS = ("dante", "microsocks", "ssh -D")

@@ -240,8 +240,8 @@ def main(argv=None):
     ap.add_argument("--culvert", default=os.environ.get(
         "CULVERT_BIN", os.path.join(ROOT, ".build", "release", "culvert")))
     ap.add_argument("--budget", type=float, help="seconds; later measurements are FAILED "
-                    "as 'skipped' past it (default 880, QUICK 170, plus what the proxy "
-                    "and admin sections add when they run: "
+                    "as 'skipped' past it (default 880, QUICK 170, plus what the newer "
+                    "sections add when they run: "
                     + ", ".join(f"{s.name} {s.budget[0]}/{s.budget[1]}" for s in SECTIONS
                                 if any(s.budget)) + ")")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get missing peers")

@@ -7,6 +7,8 @@ groups (measures.py), reported in its own tables. `run.py --only NAME,...` picks
                 --threads 1 vs 2 with two clients of one server and one TLS client
     compress    256 MiB text / random through the plain tunnel with and without --compress
     tunnel-udp  iperf3 -u through the plain tunnel (-R udp:...)
+    ws          the tunnel over WebSocket (ws, ws --inner plain, wss, wss via nginx) beside
+                the plain and TLS tunnels
     proxy       culvert proxy vs dante, microsocks, ssh -D; culvert forward tcp as reference
     admin       forward tcp without and with --admin (scraped once a second), alternating
 
@@ -214,6 +216,8 @@ PROXY_GROUPS = [
 
 # --------------------------------------------------------------------------- admin
 
+WS_KEYS = ["tput1_gbps", "tput8_gbps", "rtt_p50_us", "rtt_p99_us", "conn_per_s", "cpu_s_per_gb"]
+
 _AB_ROWS = [("throughput", ["tput1_gbps", "tput8_gbps", "cpu_s_per_gb"]),
             ("latency", ["rtt_p50_us", "rtt_p99_us"]),
             ("connection rate", ["conn_per_s"])]
@@ -230,6 +234,10 @@ ADMIN_GROUPS = [
 ]
 ADMIN_TABLE = ABTable("forward tcp without and with --admin 127.0.0.1:0, /metrics scraped "
                       "once a second", T.ADMIN_TOOLS[0].name, T.ADMIN_TOOLS[1].name, _AB_ROWS)
+
+# --------------------------------------------------------------------------- ws
+
+WS_GROUPS = [_G["throughput"], _G["latency"], _G["connrate"]]
 
 # --------------------------------------------------------------------------- the list
 
@@ -300,6 +308,26 @@ SECTIONS = [
         intro="culvert client exposes the iperf3 server twice on one fixed public port P: "
               "`-R 127.0.0.1:P:127.0.0.1:T` (control) and `-R udp:127.0.0.1:P:127.0.0.1:T` "
               "(data); `iperf3 -u -t {udp_seconds}` to P."),
+    Section(
+        "ws", "Tunnels over WebSocket: ws, wss and behind nginx, with the TLS and plain "
+              "tunnels", T.WS_TOOLS, WS_GROUPS, [METRIC_BY_KEY[k] for k in WS_KEYS],
+        [("Throughput, latency, connection rate",
+          ["tput1_gbps", "tput8_gbps", "rtt_p50_us", "rtt_p99_us", "conn_per_s"]),
+         ("Resources (server + client processes, and nginx in its row)", ["cpu_s_per_gb"])],
+        intro="Visitors connect to the client's public port (`-R 127.0.0.1:0:127.0.0.1:T`), "
+              "all tunnels with the defaults (`--mux 1`). culvert tunnel plain / tls: "
+              "`server --transport plain|tls`. ws: `server --transport ws --ws-path "
+              "/tunnel` + `client ws://127.0.0.1:P/tunnel` (the token's TLS-PSK inside the "
+              "WebSocket, `--inner tls`, the default); ws --inner plain: both ends "
+              "`--inner plain`; wss: `--transport wss --cert/--key` (a throwaway CA made "
+              "with openssl) + `client wss://localhost:P/tunnel --ca CA` (TLS outside, "
+              "TLS-PSK inside); wss via nginx: nginx (own config, `worker_processes 1`, "
+              "TLS terminated with the same certificate, `proxy_http_version 1.1` and the "
+              "Upgrade/Connection headers) in front of a `--transport ws` server, the client "
+              "dialing `wss://localhost:NGINX/tunnel --ca CA`; its CPU per GB counts nginx "
+              "too. iperf3 {tput_seconds} s, sockperf {lat_seconds} s, wrk -c{wrk_conns} "
+              "{wrk_seconds} s as in the TCP table.",
+        budget=(420, 110)),
     Section(
         "proxy", "Proxies: culvert proxy vs dante, microsocks and ssh -D", T.PROXY_TOOLS,
         PROXY_GROUPS, PROXY_METRICS,

@@ -5,6 +5,7 @@ the report. Runs in seconds, starts no real benchmark (only tiny sh/python proce
 """
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -1262,3 +1263,121 @@ def test_proxy_and_admin_sections_select_and_budget():
     assert speaks_http == ["culvert forward tcp", "culvert proxy"]
     assert {"danted": "dante-server", "microsocks": "microsocks",
             "proxychains4": "proxychains4"}.items() <= run.PEERS.items()
+
+
+# --------------------------------------------------------------------------- ws (issue 15)
+
+def _args_recording_culvert(tmp_path):
+    """A fake culvert whose server comes up on port 40000 and whose client never exposes;
+    every invocation's arguments are appended, one line each, to args.txt."""
+    fake = tmp_path / "culvert"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/args.txt\ncase \"$1\" in\n"
+                    " token) echo tok ;;\n"
+                    " server) echo 'listening tunnel 127.0.0.1:40000'; exec sleep 30 ;;\n"
+                    " client) exec sleep 30 ;;\nesac\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return tmp_path / "args.txt"
+
+
+@pytest.mark.parametrize("start, server_has, client_has", [
+    (tools.start_tunnel_ws, ["--transport ws", "--ws-path /tunnel", "--inner tls"],
+     ["client ws://127.0.0.1:40000/tunnel ", "--inner tls"]),
+    (tools.start_tunnel_ws_inner_plain, ["--transport ws", "--inner plain"],
+     ["client ws://127.0.0.1:40000/tunnel ", "--inner plain"]),
+    (tools.start_tunnel_wss, ["--transport wss", "--cert ", "--key "],
+     ["client wss://localhost:40000/tunnel ", "--ca "]),
+])
+def test_ws_tunnel_commands(ctx, tmp_path, start, server_has, client_has):
+    """The server gets the transport and path, the client the URL (and no --transport,
+    which it does not take); a client that never exposes is a StartError, all killed."""
+    if start is tools.start_tunnel_wss and not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    ctx.start_timeout = 1.0
+    args = _args_recording_culvert(tmp_path)
+    with pytest.raises(StartError, match="no ready line"):
+        start(ctx, 9)
+    assert not benchlib._LIVE
+    server = next(x for x in args.read_text().splitlines() if x.startswith("server "))
+    client = next(x for x in args.read_text().splitlines() if x.startswith("client "))
+    assert all(s in server for s in server_has), server
+    assert all(s in client for s in client_has), client
+    assert "--transport" not in client
+
+
+@pytest.mark.skipif(not (shutil.which("nginx") and shutil.which("openssl")),
+                    reason="needs nginx and openssl")
+def test_ws_tunnel_behind_nginx_starts_nginx_in_front_and_kills_it(ctx, tmp_path):
+    ctx.start_timeout = 1.0
+    args = _args_recording_culvert(tmp_path)
+    with pytest.raises(StartError, match="no ready line"):
+        tools.start_tunnel_ws_nginx(ctx, 9)
+    assert not benchlib._LIVE  # nginx too
+    lines = args.read_text().splitlines()
+    client = next(x for x in lines if x.startswith("client "))
+    assert re.search(r"^client wss://localhost:\d+/tunnel .*--ca \S+ca\.pem", client), client
+    assert "--transport ws " in next(x for x in lines if x.startswith("server "))
+    conf = (tmp_path / "culvert_tunnel_wss_via_nginx_nginx" / "nginx.conf").read_text()
+    assert "proxy_pass http://127.0.0.1:40000;" in conf
+
+
+@pytest.mark.skipif(not (shutil.which("nginx") and shutil.which("openssl")),
+                    reason="needs nginx and openssl")
+def test_nginx_ws_conf_passes_the_upgrade_and_nginx_accepts_it(ctx, tmp_path):
+    ca, cert, key = tools._certs(ctx)
+    assert tools._certs(ctx) == (ca, cert, key)  # made once per temp dir
+    d = tmp_path / "ng"
+    d.mkdir()
+    text = tools.nginx_ws_conf(str(d), 40001, 40002, cert, key, root=os.geteuid() == 0)
+    for line in ("listen 127.0.0.1:40001 ssl", "location /tunnel {",
+                 "proxy_pass http://127.0.0.1:40002;", "proxy_http_version 1.1;",
+                 "proxy_set_header Upgrade $http_upgrade;",
+                 'proxy_set_header Connection "upgrade";', f"ssl_certificate {cert};"):
+        assert line in text
+    (d / "nginx.conf").write_text(text)
+    rc, out, err = benchlib.run_cmd(["nginx", "-t", "-c", str(d / "nginx.conf"), "-p", str(d)],
+                                    timeout=20)
+    assert rc == 0, err
+    rc, out, err = benchlib.run_cmd(["openssl", "verify", "-CAfile", ca, cert], timeout=20)
+    assert rc == 0 and "OK" in out
+
+
+def _ws_raw(wss8=1.0):
+    tput = {"direct": (10.0, 12.0, 20000.0), "culvert tunnel plain": (5.0, 6.0, 9000.0),
+            "culvert tunnel tls": (4.0, 5.0, 8000.0), "culvert tunnel ws": (3.5, 4.0, 7500.0),
+            "culvert tunnel ws --inner plain": (4.5, 4.0, 8500.0),
+            "culvert tunnel wss": (3.6, wss8, 7000.0),
+            "culvert tunnel wss via nginx": (3.0, 3.0, 5000.0)}
+    return {t: {"tput1_gbps": [a, a], "tput8_gbps": [b, b], "conn_per_s": [c, c]}
+            for t, (a, b, c) in tput.items()}
+
+
+def test_ws_targets_against_the_tls_and_plain_tunnels():
+    names = [t.name for t in sections.SECTION_BY_NAME["ws"].tools]
+    raw = _ws_raw(Failed("iperf3 timed out"))
+    doc = report.build_all([_sec("ws", raw, names)], META)
+    t = {r["target"]: r for r in doc["targets"]}
+    r = t["culvert tunnel wss: throughput 1 stream ≥ 0.9× culvert tunnel tls"]
+    assert r["holds"] is True and "3.60 vs 4.00 Gbit/s = 0.90×" in r["measured"]
+    assert t["culvert tunnel wss: throughput 8 streams ≥ 0.9× culvert tunnel tls"]["holds"] is None
+    assert t["culvert tunnel ws --inner plain: throughput 1 stream ≥ 0.8× "
+             "culvert tunnel plain"]["holds"] is True
+    r = t["culvert tunnel ws --inner plain: throughput 8 streams ≥ 0.8× culvert tunnel plain"]
+    assert r["holds"] is False and "0.67×" in r["measured"]
+    label = sections.METRIC_BY_KEY["conn_per_s"].label
+    assert t[f"culvert tunnel ws: {label} ≥ 0.9× culvert tunnel tls"]["holds"] is True
+    r = t[f"culvert tunnel wss: {label} ≥ 0.9× culvert tunnel tls"]
+    assert r["holds"] is False and "7000 vs 8000" in r["measured"]
+    assert not any("nginx" in r["target"] for r in doc["targets"])
+    md = report.markdown(doc)
+    assert "| culvert tunnel wss via nginx | 3.00 " in md
+    json.dumps(doc)
+
+
+def test_ws_section_select_and_budget():
+    ap = run.argparse.ArgumentParser()
+    got = run.select(SimpleNamespace(only="ws", tools=None, groups=None, quick=True), ap)
+    (sec, tl, gl), = got
+    assert [g.name for g in gl] == ["throughput", "latency", "connrate"]
+    assert {"culvert tunnel tls", "culvert tunnel plain"} <= {t.name for t in tl}
+    assert run.default_budget(got, quick=True) == 170 + 110
+    assert run.default_budget(got, quick=False) == 880 + 420

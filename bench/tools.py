@@ -311,38 +311,48 @@ def _tunnel_common(ctx, transport, threads):
 
 
 def start_tunnel(ctx, target_port, name, transport="plain", client_args=(), udp=False,
-                 server_log_level="warning"):
+                 server_log_level="warning", server_args=(), front=None):
     """`culvert server` + `culvert client -R` on loopback; visitors connect to the
     server's public port (the returned Forwarder's port). With udp=True the client
-    exposes the target both as TCP and as UDP on one fixed port (iperf3 -u)."""
+    exposes the target both as TCP and as UDP on one fixed port (iperf3 -u).
+    `front(server_port) -> (address the client dials, [processes started])` puts
+    something between them (a ws:// URL, nginx); by default the client dials the server."""
     _check_culvert(ctx)
     common = _tunnel_common(ctx, transport, None)
-    srv, sport = _tunnel_server(ctx, name, common, server_log_level)
+    srv, sport = _tunnel_server(ctx, name, [*common, *server_args], server_log_level)
+    middle = []
     try:
+        addr, middle = front(sport) if front else (f"127.0.0.1:{sport}", [])
+        client_common = common
+        if transport in ("ws", "wss"):  # the client takes it from its URL's scheme
+            i = common.index("--transport")
+            client_common = common[:i] + common[i + 2:]
         if udp:
             pub = free_port_tcp_udp()
             rs = ["-R", f"127.0.0.1:{pub}:127.0.0.1:{target_port}",
                   "-R", f"udp:127.0.0.1:{pub}:127.0.0.1:{target_port}"]
         else:
             rs = ["-R", f"127.0.0.1:0:127.0.0.1:{target_port}"]
-        cli = spawn([ctx.culvert, "client", f"127.0.0.1:{sport}", *common,
+        cli = spawn([ctx.culvert, "client", addr, *client_common,
                      "--log-level", "warning", *client_args, *rs],
                     _log(ctx, name + " client"), stdout_pipe=True)
     except BaseException:
-        kill_proc(srv)
+        for p in reversed([srv, *middle]):
+            kill_proc(p)
         raise
+    procs = [srv, *middle, cli]
     try:
         exposed = [parse_exposed(x) for x in read_lines(cli, 2 if udp else 1,
                                                          ctx.start_timeout)]
         port = next(p for proto, p in exposed if proto == "tcp")
-        wait_listening(port, [srv, cli], ctx.start_timeout)
+        wait_listening(port, procs, ctx.start_timeout)
         if udp:
-            wait_udp_bound(port, [srv, cli], ctx.start_timeout)
+            wait_udp_bound(port, procs, ctx.start_timeout)
     except BaseException:
-        kill_proc(cli)
-        kill_proc(srv)
+        for p in reversed(procs):
+            kill_proc(p)
         raise
-    fwd = Forwarder(name, port, [srv, cli])
+    fwd = Forwarder(name, port, procs)
     fwd.server_log = srv.log_path
     return fwd
 
@@ -413,6 +423,135 @@ def start_tunnel_compress(ctx, target_port):
 
 def start_tunnel_udp(ctx, target_port):
     return start_tunnel(ctx, target_port, "culvert tunnel plain", "plain", udp=True)
+
+
+# --------------------------------------------------------------------------- WebSocket tunnels
+# Issue 15: the tunnel inside a WebSocket, straight (ws, wss) and behind nginx
+# terminating TLS. The server's --ws-path and the URL's path agree.
+
+WS_PATH = "/tunnel"
+
+
+def _certs(ctx):
+    """A throwaway CA and a server certificate for localhost / 127.0.0.1 signed by it, made
+    once per temp dir -> (ca, cert, key) paths. The client trusts the CA with --ca."""
+    d = os.path.join(ctx.tmp, "certs")
+    ca, cert, key = (os.path.join(d, n) for n in ("ca.pem", "server.pem", "server.key"))
+    if os.path.exists(cert):
+        return ca, cert, key
+    os.makedirs(d, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    with open(os.path.join(d, "ext.cnf"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    for cmd in (
+            ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=culvert bench ca", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ["req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=localhost"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.pem.tmp", "-days", "2", "-extfile", "ext.cnf"]):
+        rc, _, err = run_cmd(["openssl", *cmd], timeout=30, cwd=d)
+        if rc != 0:
+            raise StartError(f"openssl {cmd[0]} failed: {err.strip()[-200:]}")
+    os.rename(os.path.join(d, "server.pem.tmp"), cert)  # last: its presence means done
+    return ca, cert, key
+
+
+NGINX_WS_CONF = """\
+{user}
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {d}/nginx.pid;
+error_log {d}/error.log error;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl backlog=4096;
+        server_name localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location {path} {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 300s;
+            proxy_send_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_ws_conf(d, port, upstream, cert, key, path=WS_PATH, root=False):
+    """nginx as the TLS-terminating reverse proxy of a `--transport ws` server: HTTP/1.1
+    to the upstream with the Upgrade/Connection headers passed, which a WebSocket needs."""
+    return NGINX_WS_CONF.format(d=d, port=port, upstream=upstream, cert=cert, key=key,
+                                path=path, user="user root;" if root else "")
+
+
+def _start_nginx_front(ctx, name, upstream):
+    """nginx on a free port in front of the ws server on `upstream` -> (wss URL, [nginx])."""
+    ca, cert, key = _certs(ctx)
+    d = os.path.join(ctx.tmp, name.replace(" ", "_") + "_nginx")
+    os.makedirs(d, exist_ok=True)
+    port = free_port()
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(nginx_ws_conf(d, port, upstream, cert, key, root=os.geteuid() == 0))
+    p = _start_listening(ctx, name + " nginx", ["nginx", "-c", conf, "-p", d], port)
+    return f"wss://localhost:{port}{WS_PATH}", [p]
+
+
+def _ws_tunnel(ctx, target_port, name, transport, inner="tls", behind_nginx=False):
+    server = ["--ws-path", WS_PATH, "--inner", inner]
+    client = ["--inner", inner]
+    if transport == "wss" or behind_nginx:
+        ca, cert, key = _certs(ctx)
+        client += ["--ca", ca]
+        if transport == "wss":
+            server += ["--cert", cert, "--key", key]
+    if behind_nginx:
+        def front(sport):
+            return _start_nginx_front(ctx, name, sport)
+    else:
+        host = "localhost" if transport == "wss" else "127.0.0.1"
+
+        def front(sport):
+            return f"{transport}://{host}:{sport}{WS_PATH}", []
+    return start_tunnel(ctx, target_port, name, transport, client, server_args=server,
+                        front=front)
+
+
+def start_tunnel_ws(ctx, target_port):
+    """Plain HTTP WebSocket, the token's TLS-PSK inside (the default --inner tls)."""
+    return _ws_tunnel(ctx, target_port, "culvert tunnel ws", "ws")
+
+
+def start_tunnel_ws_inner_plain(ctx, target_port):
+    return _ws_tunnel(ctx, target_port, "culvert tunnel ws --inner plain", "ws", "plain")
+
+
+def start_tunnel_wss(ctx, target_port):
+    """culvert terminates TLS itself; the TLS-PSK layer rides inside as well."""
+    return _ws_tunnel(ctx, target_port, "culvert tunnel wss", "wss")
+
+
+def start_tunnel_ws_nginx(ctx, target_port):
+    """wss:// to nginx, which terminates TLS and passes the upgrade to a ws server."""
+    return _ws_tunnel(ctx, target_port, "culvert tunnel wss via nginx", "ws",
+                      behind_nginx=True)
 
 
 # --------------------------------------------------------------------------- proxies
@@ -564,6 +703,18 @@ COMPRESS_TOOLS = [
 TUNNEL_UDP_TOOLS = [
     Tool("direct", start_direct, baseline=True),
     Tool("culvert tunnel plain", start_tunnel_udp),
+]
+
+# The ws section (issue 15): the TLS and plain tunnels the targets compare with, and the
+# WebSocket variants, in one run.
+WS_TOOLS = [
+    Tool("direct", start_direct, baseline=True),
+    Tool("culvert tunnel plain", start_tunnel_plain),
+    Tool("culvert tunnel tls", start_tunnel_tls),
+    Tool("culvert tunnel ws", start_tunnel_ws),
+    Tool("culvert tunnel ws --inner plain", start_tunnel_ws_inner_plain),
+    Tool("culvert tunnel wss", start_tunnel_wss),
+    Tool("culvert tunnel wss via nginx", start_tunnel_ws_nginx),
 ]
 
 # The proxy section: culvert's forward tcp as the reference, then the proxies. Only
