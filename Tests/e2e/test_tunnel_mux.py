@@ -81,6 +81,10 @@ def test_concurrent_bulk_echo_verified(kit, mode, mux):
     srv = kit.start_server(mode)
     cli = kit.start_client(srv.server_addr, [f"0:{local_of(echo)}"], mode, opts=["--mux", str(mux)])
     addr = cli.exposed_map[local_of(echo)]
+    if mux:
+        # The carriers open after the ready line: on a loaded machine visitors that come
+        # first all ride the one carrier up so far, which is right but not what is checked.
+        tunnel_connections(srv, 1 + mux)
 
     n = 20
     results = echo_many(addr, [payload(i) for i in range(n)], timeout=30)
