@@ -68,6 +68,14 @@ final class TunnelDatagramExit: DatagramExit, @unchecked Sendable {
         self.logger = logger
     }
 
+    var unavailable: ProxyFailure? {
+        switch proxies.exitAnswer {
+        case .refused: return .notAllowed
+        case .unknown: return .general("the tunnel is not connected")
+        case .accepted: return nil
+        }
+    }
+
     func openRoute(on loop: EventLoop, reply: @escaping (SocketAddress, UnsafeRawBufferPointer) -> Void,
                    drop: @escaping (DatagramDrop) -> Void) -> DatagramRoute {
         var stream: MuxStream?
