@@ -76,6 +76,8 @@ public final class AsyncDuplex: EventHandler {
 
     /// Bytes given to `send` that the socket has not taken yet.
     public var hasPendingOutput: Bool { outgoingOffset < outgoing.count }
+    /// Bytes sent and not yet written: a datagram carrier drops rather than pass `sendLimit`.
+    public var queuedOutput: Int { outgoing.count - outgoingOffset }
 
     public func handleEvents(_ events: UInt32, tag: UInt8) {
         // Any readiness may unblock either side of a layered stream; retrying is cheap.

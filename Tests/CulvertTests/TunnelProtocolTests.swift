@@ -174,6 +174,29 @@ final class TunnelProtocolTests: XCTestCase {
         XCTAssertThrowsError(try ([3] + [0, 3] + Array("a b".utf8) + [0, 80]).withUnsafeBytes { try P.decodeExitOpen($0) }, "not a host name")
     }
 
+    func testUDPExitStreamFramesCarryTheirDestination() throws {
+        let open: [UInt8] = [P.datagramsKind]
+        XCTAssertTrue(open.withUnsafeBytes { P.isDatagramsOpen($0) })
+        // A server that predates UDP exit streams takes the kind byte for an address type and refuses it.
+        XCTAssertThrowsError(try open.withUnsafeBytes { try P.decodeExitOpen($0) })
+        let destinations: [ProxyDestination] = [
+            .name("example.com", port: 53),
+            .address(SocketAddress(numericHost: "192.0.2.7", port: 5353)!),
+            .address(SocketAddress(numericHost: "2001:db8::1", port: 9)!),
+        ]
+        let payload: [UInt8] = [1, 2, 3]
+        for destination in destinations {
+            let frame = payload.withUnsafeBytes { P.datagramFrame(header: Socks5.datagramHeader(destination: destination), $0) }
+            let length = Int(frame[0]) << 24 | Int(frame[1]) << 16 | Int(frame[2]) << 8 | Int(frame[3])
+            XCTAssertEqual(length, frame.count - 4)
+            let body = Array(frame[4...])
+            let header = try XCTUnwrap(body.withUnsafeBytes { Socks5.parseDatagramHeader($0) })
+            XCTAssertEqual(header.destination, destination)
+            XCTAssertEqual(header.fragment, 0)
+            XCTAssertEqual(Array(body[header.length...]), payload)
+        }
+    }
+
     func testMuxOpenPayloadRoundTrips() throws {
         let payload = P.encodeOpen(serviceID: 12, visitor: "[::1]:4000")
         let (id, visitor) = try decodeOpen(payload)

@@ -1,7 +1,7 @@
 """Proxies through the tunnel (issue 14, "Through the tunnel"): `culvert client -D`
 (the proxy on the client, the server as exit with --allow-exit and its exit policy) and
 `-R proxy:` (the proxy on the server's public port, the client as exit), driven by curl.
-UDP ASSOCIATE through the tunnel is not covered (not built yet)."""
+UDP ASSOCIATE through the tunnel is in test_proxy_tunnel_udp.py."""
 
 from __future__ import annotations
 

@@ -11,6 +11,13 @@ protocol DatagramExit: AnyObject, Sendable {
     /// Both are called on `loop`, and never after `close()`.
     func openRoute(on loop: EventLoop, reply: @escaping (SocketAddress, UnsafeRawBufferPointer) -> Void,
                    drop: @escaping (DatagramDrop) -> Void) -> DatagramRoute
+    /// Why no association can go through this exit now (a tunnel exit the server
+    /// refused); nil when routes can open. The request is then answered with it.
+    var unavailable: ProxyFailure? { get }
+}
+
+extension DatagramExit {
+    var unavailable: ProxyFailure? { nil }
 }
 
 /// The datagram path of one association through an exit.

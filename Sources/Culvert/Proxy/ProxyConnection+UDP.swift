@@ -13,6 +13,11 @@ extension ProxyConnection {
             await answerAndClose(Socks5.reply(.commandNotSupported))
             return false
         }
+        if let failure = udp.exit.unavailable {
+            context.refused(failure.label, "proxy request refused", peer, ["error": "\(failure)", "destination": "\(request.destination)"])
+            await answerAndClose(Socks5.reply(failure.socksReply))
+            return false
+        }
         guard let peerAddress, let local = try? Net.localAddress(client.channel.duplex.fd) else {
             await answerAndClose(Socks5.reply(.generalFailure))
             return false

@@ -7,7 +7,8 @@ import Transfer
 /// - `-D [BIND:]PORT` (`dynamic`): proxies on this host whose connections leave at the
 ///   server. Each request becomes an exit stream on a carrier (`TunnelExit`); a
 ///   connection accepted before a carrier is up waits for one (`park`), at most the
-///   connect timeout.
+///   connect timeout. A UDP ASSOCIATE gets its relay socket here and a UDP exit stream
+///   (`TunnelDatagramExit`) that carries its datagrams to the server.
 /// - `-R proxy:` (`reverse`): the server relays its visitors' bytes to this client like a
 ///   TCP service's, and the client runs the proxy on them with a `LocalExit` under its
 ///   `--exit-allow`/`--exit-deny`. The handshake runs here, where the auth file and the
@@ -51,7 +52,8 @@ final class ClientProxies: @unchecked Sendable {
     /// answered "not connected").
     private static let parkedMax = 256
 
-    init(config: TunnelClientConfig, logger: Logger, loop: EventLoop) {
+    /// - Parameter loopCount: the loops of the group, for the `-D` proxy's datagram batches.
+    init(config: TunnelClientConfig, logger: Logger, loop: EventLoop, loopCount: Int) {
         self.logger = logger
         connectTimeout = config.connectTimeout
         // A proxied connection holds a socket and a stream; a quarter of what is free,
@@ -74,9 +76,14 @@ final class ClientProxies: @unchecked Sendable {
             reverse = nil
         }
         if let first = config.dynamic.first {
-            dynamic = ProxyContext(config: settings(listen: first), exit: TunnelExit(proxies: self), logger: logger,
+            let c = settings(listen: first)
+            // An association holds its relay socket here; its destinations' sockets are at the exit.
+            let udp = ProxyUDP(exit: TunnelDatagramExit(proxies: self, logger: logger), batches: DatagramBatches(loops: loopCount),
+                               idleTimeout: c.udpIdleTimeout,
+                               maxAssociations: Swift.max(1, Swift.min(UDPSessionBudget.ceiling, UDPSessionBudget.freeDescriptors() / 8)))
+            dynamic = ProxyContext(config: c, exit: TunnelExit(proxies: self), logger: logger,
                                    refusals: RefusalSummary(logger: logger, message: "proxy requests refused", loop: loop),
-                                   maxConnections: max)
+                                   maxConnections: max, udp: udp)
         }
     }
 

@@ -98,7 +98,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
         let refusals = RefusalSummary(logger: logger, message: "visitors refused", loop: group.main)
         let visitorLimits = VisitorLimit.make(config: config, udpMaxSessions: udpMaxSessions, logger: logger)
-        let proxies = ClientProxies(config: config, logger: logger, loop: group.main)
+        let proxies = ClientProxies(config: config, logger: logger, loop: group.main, loopCount: group.loops.count)
         let loops = try group.loops.map {
             try ClientLoop(loop: $0, config: config, udpMaxSessions: udpMaxSessions, visitorLimits: visitorLimits,
                            refusals: refusals, proxies: proxies, logger: logger)

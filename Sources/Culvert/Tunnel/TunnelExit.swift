@@ -17,16 +17,25 @@ import Transfer
 final class ServerExit: Sendable {
     let enabled: Bool
     private let exit: LocalExit
+    private let datagrams: LocalDatagramExit
     private let logger: Logger
     private let refusals: RefusalSummary
     private let maxStreams: Int
     private let active = Atomic<Int>(0)
 
-    init(config: TunnelServerConfig, logger: Logger, loop: EventLoop) {
+    /// Destinations one UDP exit stream talks to at once, a socket each (the least
+    /// recently used makes room for a new one), as `culvert proxy` does by default.
+    static let socketsPerAssociation = 16
+
+    /// - Parameter loopCount: the loops of the group, for the datagram batches.
+    init(config: TunnelServerConfig, logger: Logger, loop: EventLoop, loopCount: Int) {
         enabled = config.allowExit
         let guarded = config.allowExit ? Self.guardedNetworks() : []
-        exit = LocalExit(policy: ProxyPolicy(allow: config.exitAllow, deny: config.exitDeny, guarded: guarded),
-                         resolver: CachingResolver(), connectTimeout: config.exitConnectTimeout)
+        let policy = ProxyPolicy(allow: config.exitAllow, deny: config.exitDeny, guarded: guarded)
+        let resolver = CachingResolver()
+        exit = LocalExit(policy: policy, resolver: resolver, connectTimeout: config.exitConnectTimeout)
+        datagrams = LocalDatagramExit(policy: policy, resolver: resolver, maxSockets: Self.socketsPerAssociation,
+                                      batches: DatagramBatches(loops: loopCount))
         self.logger = logger
         refusals = RefusalSummary(logger: logger, message: "exit requests refused", loop: loop)
         // An exit stream holds one socket, and two pipe ends while it splices.
@@ -44,6 +53,7 @@ final class ServerExit: Sendable {
 
     /// An exit stream opened by the client of `peer` on a carrier of `home`.
     func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer, peer: String, on home: ServerLoop) {
+        if TunnelProtocol.isDatagramsOpen(payload) { return datagramsOpened(stream, peer: peer, on: home) }
         let destination: ProxyDestination
         do {
             destination = try TunnelProtocol.decodeExitOpen(payload)
@@ -96,6 +106,84 @@ final class ServerExit: Sendable {
             }
             if started == nil { active.wrappingSubtract(1, ordering: .relaxed) }
         }
+    }
+
+    /// A UDP exit stream (a `-D` client's UDP ASSOCIATE): counted as an exit stream,
+    /// served until either side ends it. Its sockets weigh on the descriptors too, so it
+    /// counts `1 + socketsPerAssociation` against the limit.
+    private func datagramsOpened(_ stream: MuxStream, peer: String, on home: ServerLoop) {
+        let weight = 1 + Self.socketsPerAssociation
+        guard active.wrappingAdd(weight, ordering: .relaxed).newValue <= maxStreams else {
+            active.wrappingSubtract(weight, ordering: .relaxed)
+            refused("limit", peer, "exit streams at their limit (\(maxStreams))")
+            return answer(stream, .failed, "exit at its connection limit", on: home.loop)
+        }
+        let relays = home.exitRelays
+        let outcome = ExitPending()
+        let task = Task(executorPreference: home.loop.tasks) { [self] in
+            await serveDatagrams(stream, peer: peer, loop: relays.loop)
+            active.wrappingSubtract(weight, ordering: .relaxed)
+            if let pending = outcome.pending { relays.remove(pending: pending) }
+        }
+        outcome.pending = relays.add { task.cancel() }
+    }
+
+    private func serveDatagrams(_ stream: MuxStream, peer: String, loop: EventLoop) async {
+        guard enabled else {
+            refused("exits_disabled", peer, "UDP exit stream refused: the server runs without --allow-exit")
+            return answer(stream, .exitsDisabled, "this server is no exit (--allow-exit)", on: loop)
+        }
+        let channel: AsyncDuplex
+        do {
+            channel = try AsyncDuplex(loop: loop, duplex: stream, sendLimit: TunnelProtocol.datagramQueueLimit * 2)
+        } catch {
+            return stream.close(reset: true)
+        }
+        channel.send(TunnelProtocol.encodeExitReply(.connected))
+        var counts = (up: 0, down: 0, full: 0)
+        var drops: [DatagramDrop: Int] = [:]
+        let route = datagrams.openRoute(on: loop, reply: { source, payload in
+            guard channel.queuedOutput < TunnelProtocol.datagramQueueLimit else { return counts.full += 1 }
+            counts.down += 1
+            channel.send(TunnelProtocol.datagramFrame(header: Socks5.datagramHeader(source: source), payload))
+        }, drop: { [self] reason in
+            drops[reason, default: 0] += 1
+            if reason == .denied { refused("denied", peer, "exit datagram dropped: destination not allowed by policy") }
+        })
+        // Reading ends only by an error: the frame loop has no other way out.
+        var reason = "shutdown"
+        do {
+            try await withTaskCancellationHandler {
+                while true {
+                    let frame = try await TunnelProtocol.readDatagramFrame(from: channel)
+                    frame.withUnsafeBytes { raw in
+                        guard let header = Socks5.parseDatagramHeader(raw), header.fragment == 0 else {
+                            drops[.malformed, default: 0] += 1
+                            return
+                        }
+                        counts.up += 1
+                        route.send(UnsafeRawBufferPointer(rebasing: raw[header.length...]), to: header.destination)
+                    }
+                }
+            } onCancel: {
+                loop.execute { channel.fail(.closed) }
+            }
+        } catch ChannelError.eof {
+            reason = "client closed"
+        } catch ChannelError.closed {
+            reason = "shutdown"
+        } catch {
+            reason = "\(error)"
+        }
+        route.close()
+        channel.close()
+        var metadata: Logger.Metadata = [
+            "peer": "\(peer)", "reason": "\(reason)",
+            "datagrams_up": .stringConvertible(counts.up), "datagrams_down": .stringConvertible(counts.down),
+        ]
+        if counts.full > 0 { drops[.full, default: 0] += counts.full }
+        for (drop, count) in drops { metadata["dropped_\(drop.rawValue)"] = .stringConvertible(count) }
+        logger.info("exit udp association closed", metadata: metadata)
     }
 
     /// Answers a refused exit stream and ends it: the answer, then `eof`, and the stream

@@ -167,7 +167,7 @@ final class ServerContext: @unchecked Sendable {
         unauthenticated = UnauthenticatedBudget(max: config.maxUnauthenticated, perSource: config.maxUnauthenticatedPerSource)
         refusals = RefusalSummary(logger: logger, message: "unauthenticated connections refused", loop: loops[0])
         visitorDrops = RefusalSummary(logger: logger, message: "visitors dropped", loop: loops[0])
-        exit = ServerExit(config: config, logger: logger, loop: loops[0])
+        exit = ServerExit(config: config, logger: logger, loop: loops[0], loopCount: loops.count)
         self.loops = loops.enumerated().map { [refusals] in ServerLoop(loop: $1, index: $0, logger: logger, refusals: refusals) }
         for l in self.loops { l.context = self }
     }

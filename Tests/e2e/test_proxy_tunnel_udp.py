@@ -1,0 +1,140 @@
+"""SOCKS5 UDP ASSOCIATE through the tunnel (issue 14, "Through the tunnel"): `culvert
+client -D` keeps the relay socket on the client and carries each association's
+datagrams in one UDP exit stream to the server, which sends them under its exit policy.
+PySocks is the independent client; raw sockets check drops and the association's end.
+`-R proxy:` still refuses UDP ASSOCIATE (command not supported).
+
+Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+
+import pytest
+
+from conftest import parse_addr
+from test_proxy_tunnel import EXPOSED_PROXY_RE, recv_exactly, start_dynamic
+from tunnel_support import UdpServer, settle_fd_count
+
+socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
+
+EXIT = ["--allow-exit", "--exit-allow", "127.0.0.0/8"]
+
+
+@pytest.fixture
+def echo():
+    server = UdpServer(lambda data: data)
+    yield server
+    server.close()
+
+
+def associate(proxy: tuple[str, int]) -> tuple[socket.socket, int, tuple[str, int] | None]:
+    """A raw UDP ASSOCIATE: the TCP connection, the reply code and the relay address."""
+    s = socket.create_connection(proxy, timeout=10)
+    s.sendall(b"\x05\x01\x00")
+    assert recv_exactly(s, 2) == b"\x05\x00"
+    s.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("0.0.0.0") + struct.pack(">H", 0))
+    reply = recv_exactly(s, 10)
+    relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0]) if reply[1] == 0 else None
+    return s, reply[1], relay
+
+
+def wrap(payload: bytes, port: int, host: str = "127.0.0.1") -> bytes:
+    return bytes([0, 0, 0, 1]) + socket.inet_aton(host) + struct.pack(">H", port) + payload
+
+
+def test_pysocks_echoes_200_datagrams_and_one_of_60000_bytes_through_the_exit(kit, echo):
+    server, client, proxy = start_dynamic(kit, EXIT)
+    u = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.set_proxy(socks.SOCKS5, proxy[0], proxy[1])
+    u.settimeout(5)
+    sent, got = hashlib.sha256(), {}
+    window = 20
+    for start in range(0, 200, window):
+        for i in range(start, start + window):
+            payload = struct.pack(">I", i) + hashlib.sha256(str(i).encode()).digest() * (1 + i % 40)
+            sent.update(payload)
+            u.sendto(payload, ("127.0.0.1", echo.port))
+        while len(got) < start + window:
+            data, source = u.recvfrom(65535)
+            assert source == ("127.0.0.1", echo.port)
+            got[struct.unpack(">I", data[:4])[0]] = data
+    back = hashlib.sha256()
+    for i in range(200):
+        back.update(got[i])
+    assert back.hexdigest() == sent.hexdigest()
+    big = bytes(range(256)) * 234 + bytes(96)
+    assert len(big) == 60000
+    u.sendto(big, ("127.0.0.1", echo.port))
+    data, _ = u.recvfrom(65535)
+    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(big).hexdigest()
+    u.close()
+    line = client.wait_stderr(r"udp association closed")[0]
+    assert "datagrams_up=201" in line and "datagrams_down=201" in line, line
+    line = server.wait_stderr(r"exit udp association closed")[0]
+    assert "datagrams_up=201" in line and "datagrams_down=201" in line, line
+
+
+def test_names_resolve_at_the_exit_and_denied_destinations_are_dropped(kit, echo):
+    server, client, proxy = start_dynamic(kit, [*EXIT, "--exit-deny", f"127.0.0.2:{echo.port}"])
+    tcp, code, relay = associate(proxy)
+    assert code == 0
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    u.settimeout(5)
+    u.sendto(bytes([0, 0, 0, 3, 9]) + b"localhost" + struct.pack(">H", echo.port) + b"by name", relay)
+    assert u.recv(1000).endswith(b"by name")
+    u.sendto(wrap(b"denied", echo.port, host="127.0.0.2"), relay)
+    u.sendto(wrap(b"after", echo.port), relay)
+    assert u.recv(1000).endswith(b"after")
+    assert echo.received == 2
+    server.wait_stderr(r"exit datagram dropped")
+    tcp.close()
+    assert "dropped_denied=1" in server.wait_stderr(r"exit udp association closed")[0]
+    client.wait_stderr(r"udp association closed")
+    u.close()
+
+
+def test_association_ends_with_its_tcp_connection_and_gives_descriptors_back(kit, echo):
+    server, client, proxy = start_dynamic(kit, EXIT)
+    # One association first, so that what is made once (datagram batches) is in place.
+    tcp, _, relay = associate(proxy)
+    tcp.close()
+    client.wait_stderr(r"udp association closed")
+    base = {p: settle_fd_count(p.pid) for p in (server, client)}
+    tcp, code, relay = associate(proxy)
+    assert code == 0
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.connect(relay)
+    u.send(wrap(b"ping", echo.port))
+    assert u.recv(1000).endswith(b"ping")
+    tcp.close()
+    assert "reason=client closed" in client.wait_stderr(r"udp association closed", count=2)[-1].replace('"', "")
+    server.wait_stderr(r"exit udp association closed", count=2)
+    # The relay socket is gone: the kernel answers port unreachable.
+    u.send(wrap(b"late", echo.port))
+    with pytest.raises(ConnectionRefusedError):
+        u.recv(1000)
+    u.close()
+    for p, before in base.items():
+        assert settle_fd_count(p.pid) <= before, p.describe()
+
+
+def test_server_without_allow_exit_refuses_udp_associate(kit):
+    _, client, proxy = start_dynamic(kit, [])
+    tcp, code, _ = associate(proxy)
+    assert code == 0x02
+    tcp.close()
+    client.wait_stderr(r"proxy request refused|proxy requests refused")
+
+
+def test_reverse_proxy_still_refuses_udp_associate(kit):
+    server = kit.start_server("plain")
+    client = kit.start_client(server.server_addr, ["proxy:127.0.0.1:0"], mode="plain", ready=False, opts=["--no-auth"])
+    public = parse_addr(client.wait_stdout(EXPOSED_PROXY_RE)[0].group(1))
+    tcp, code, _ = associate(public)
+    assert code == 0x07
+    tcp.close()
