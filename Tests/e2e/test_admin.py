@@ -213,6 +213,49 @@ def test_tunnel_metrics_sessions_visitors_and_auth_failures(kit, mode="tls-psk",
          10, "the failed authentication counted")
 
 
+UDP_EXPOSED_RE = re.compile(r"^exposed udp (\S+) -> \S+$")
+
+
+def test_tunnel_udp_metrics_count_datagrams_bytes_and_drops(kit):
+    upstream = UdpServer(lambda d: d)
+    kit.servers.append(upstream)
+    server = kit.start_server(mode="plain", opts=["--admin", "0"])
+    server_admin = admin_url(server)
+    client = kit.start_client(server.server_addr, [f"udp:127.0.0.1:0:127.0.0.1:{upstream.port}"], mode="plain",
+                              opts=["--admin", "0", "--udp-max-sessions", "1"], ready=False)
+    public = parse_addr(client.wait_stdout(UDP_EXPOSED_RE)[0].group(1))
+    client_admin = admin_url(client)
+    sizes = [100 + 37 * i for i in range(10)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        for i, size in enumerate(sizes):
+            s.sendto(bytes([i]) * size, public)
+            assert s.recv(2000) == bytes([i]) * size
+        # A second visitor finds the client's one session taken: dropped and counted there.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.sendto(b"late", public)
+
+            def both_counted():
+                m = scrape(server_admin), scrape(client_admin)
+                return total(m[0], "culvert_udp_datagrams_total", direction="up") == 11 and \
+                    total(m[1], "culvert_udp_dropped_total", reason="session_limit") == 1 and m
+
+            server_samples, client_samples = poll(both_counted, 10, "the datagrams in both ends' metrics")
+    service = f"127.0.0.1:{public[1]}"
+    assert value(server_samples, "culvert_udp_datagrams_total", service=service, direction="down") == 10
+    assert value(server_samples, "culvert_transfer_bytes_total", service=service, direction="up") == sum(sizes) + 4
+    assert value(server_samples, "culvert_transfer_bytes_total", service=service, direction="down") == sum(sizes)
+    assert total(server_samples, "culvert_udp_dropped_total") == 0
+    assert total(client_samples, "culvert_udp_datagrams_total", direction="up") == 10
+    assert total(client_samples, "culvert_udp_datagrams_total", direction="down") == 10
+    assert total(client_samples, "culvert_transfer_bytes_total", direction="up") == sum(sizes)
+    assert total(client_samples, "culvert_transfer_bytes_total", direction="down") == sum(sizes)
+    assert total(client_samples, "culvert_connections_active") == 1
+    assert total(client_samples, "culvert_udp_dropped_total") == 1
+    status = json.loads(get(server_admin + "/status")[2])
+    assert [(s["name"], s["kind"], s["ports"]) for s in status["services"]] == [(service, "udp", [service])]
+
+
 def test_healthz_and_http_errors(culvert_path, servers, procs):
     echo = servers(EchoServer())
     fwd = start(culvert_path, ["forward", "tcp", "0", f"127.0.0.1:{echo.port}", "--admin", "0"], TCP_RE)

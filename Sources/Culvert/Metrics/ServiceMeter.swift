@@ -59,6 +59,18 @@ final class ServiceMeter {
         totals.datagramsDown += datagramsDown
     }
 
+    /// A datagram relayed by a service that counts each one as it passes (the tunnel's UDP
+    /// services, whose datagrams ride a shared data channel): two additions on this loop.
+    func countDatagram(up: Bool, bytes: Int) {
+        if up {
+            totals.datagramsUp += 1
+            totals.bytesUp += UInt64(bytes)
+        } else {
+            totals.datagramsDown += 1
+            totals.bytesDown += UInt64(bytes)
+        }
+    }
+
     func countDropped(_ count: Int, reason: String) {
         guard count > 0 else { return }
         totals.dropped[reason, default: 0] += UInt64(count)
