@@ -197,6 +197,7 @@ def test_tunnel_metrics_sessions_visitors_and_auth_failures(kit, mode="tls-psk",
     samples = poll(server_counted, 10, "the visitor in the server's metrics")
     assert value(samples, "culvert_tunnel_sessions") == 1
     assert total(samples, "culvert_transfer_bytes_total", direction="up") == 7000
+    assert value(samples, "culvert_connect_duration_seconds_count") == 1
     client_samples = poll(lambda: (m := scrape(client_admin)) and total(m, "culvert_connections_total") == 1 and m,
                           10, "the visitor in the client's metrics")
     assert value(client_samples, "culvert_tunnel_sessions") == 1

@@ -122,9 +122,11 @@ final class LoopMeters: @unchecked Sendable {
         authFailures[reason, default: 0] += 1
     }
 
-    /// A dial that started at `since` (the loop's clock) has just connected.
+    /// A dial that started at `since` has just connected. `since` may be another loop's
+    /// reading of the same clock, taken in a turn that began after this loop's.
     func observeConnect(since: UInt64) {
-        connectDuration.observe(nanoseconds: loop.now &- since)
+        let now = loop.now
+        connectDuration.observe(nanoseconds: now > since ? now - since : 0)
     }
 
     /// This loop's share of the command's metrics.
