@@ -257,6 +257,35 @@ def test_tunnel_udp_metrics_count_datagrams_bytes_and_drops(kit):
     assert [(s["name"], s["kind"], s["ports"]) for s in status["services"]] == [(service, "udp", [service])]
 
 
+def test_proxy_metrics_count_connections_and_bytes(culvert_path, servers, procs):
+    echo = servers(EchoServer())
+    proxy = start(culvert_path, ["proxy", "0", "--admin", "0"], re.compile(r"^listening proxy (\S+)$"))
+    procs.append(proxy)
+    listen = parse_addr(proxy.wait_stdout(re.compile(r"^listening proxy (\S+)$"))[0].group(1))
+    base = admin_url(proxy)
+    sizes = [10, 70_000]
+    for size in sizes:
+        with connect(listen) as s:
+            s.sendall(f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\nHost: 127.0.0.1:{echo.port}\r\n\r\n".encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += s.recv(1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            s.sendall(b"p" * size)
+            s.shutdown(socket.SHUT_WR)
+            assert recv_exactly(s, size) == b"p" * size
+
+    service = f"127.0.0.1:{listen[1]}"
+    samples = poll(lambda: (m := scrape(base)) and total(m, "culvert_connections_total", service=service) == 2 and m,
+                   10, "two proxied connections in the metrics")
+    assert value(samples, "culvert_build_info", version="0.1.0", command="proxy") == 1
+    assert value(samples, "culvert_connections_active", service=service) == 0
+    assert value(samples, "culvert_transfer_bytes_total", service=service, direction="up") == sum(sizes)
+    assert value(samples, "culvert_transfer_bytes_total", service=service, direction="down") == sum(sizes)
+    status = json.loads(get(base + "/status")[2])
+    assert [(s["name"], s["ports"]) for s in status["services"]] == [(service, [service])]
+
+
 def test_healthz_and_http_errors(culvert_path, servers, procs):
     echo = servers(EchoServer())
     fwd = start(culvert_path, ["forward", "tcp", "0", f"127.0.0.1:{echo.port}", "--admin", "0"], TCP_RE)
