@@ -102,7 +102,7 @@ struct ProxyCommand: ParsableCommand {
     func run() throws {
         let (flags, file) = (self.flags, self.config)
         var resolved = try usage { try ProxyConfig.resolve(flags: flags, file: file) }
-        let (adminSettings, adminWarnings) = try admin.settings(command: "proxy")
+        let (adminSettings, adminWarnings) = try admin.settings(command: "proxy", file: resolved.admin)
         resolved.warnings += adminWarnings
         let config = resolved.config
         let logger = resolved.makeLogger()

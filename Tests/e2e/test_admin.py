@@ -326,6 +326,51 @@ def test_token_file_requires_bearer_token(culvert_path, servers, procs, tmp_path
         assert get(base + path, token=token)[0] == 200
 
 
+def test_config_files_set_the_admin_endpoint(culvert_path, servers, procs, tmp_path):
+    echo = servers(EchoServer())
+    token = new_token()
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    tunnel_token = tmp_path / "tunnel-token"
+    tunnel_token.write_text(new_token() + "\n")
+    tunnel_token.chmod(0o600)
+    files = {
+        "forward": f'listen = "0"\ntargets = ["127.0.0.1:{echo.port}"]\n',
+        "proxy": 'listen = "0"\n',
+        "server": f'listen = "127.0.0.1:0"\ntransport = "plain"\ntoken_file = "{tunnel_token}"\n',
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.toml").write_text(text + f'admin = "127.0.0.1:0"\nadmin_token_file = "{token_file}"\n')
+    fwd = start(culvert_path, ["forward", "tcp", "-c", str(tmp_path / "forward.toml")], TCP_RE)
+    proxy = start(culvert_path, ["proxy", "-c", str(tmp_path / "proxy.toml")], re.compile(r"^listening proxy "))
+    server = start(culvert_path, ["server", "-c", str(tmp_path / "server.toml")], re.compile(r"^listening tunnel "))
+    procs.extend([fwd, proxy, server])
+    for proc, command in ((fwd, "forward tcp"), (proxy, "proxy"), (server, "server")):
+        base = admin_url(proc)
+        assert get(base + "/metrics")[0] == 401, command
+        assert value(scrape(base, token=token), "culvert_build_info", version="0.1.0", command=command) == 1
+
+    # The command line's --admin wins over the file's; the file's token file still applies.
+    fwd_port = free_port()
+    overridden = start(culvert_path, ["forward", "tcp", "-c", str(tmp_path / "forward.toml"), "--admin", str(fwd_port)], TCP_RE)
+    procs.append(overridden)
+    assert admin_url(overridden) == f"http://127.0.0.1:{fwd_port}"
+    assert get(admin_url(overridden) + "/healthz", token=token)[0] == 200
+
+    # A reachable address in the file needs a token file, as on the command line.
+    (tmp_path / "open.toml").write_text(files["proxy"] + 'admin = ":0"\n')
+    r = run_culvert(culvert_path, ["proxy", "-c", str(tmp_path / "open.toml")])
+    assert r.returncode == 2
+    assert "is reachable from other hosts: add --admin-token-file FILE" in r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class NotifySocket:
     """A stand-in for systemd's notification socket: an AF_UNIX datagram socket."""
 
