@@ -14,12 +14,10 @@ struct AdminOptions: ParsableArguments {
 
     var flags: AdminFlags { AdminFlags(address: admin, tokenFile: adminTokenFile) }
 
-    func validate() throws {
-        try usage { try flags.check() }
-    }
-
-    /// The endpoint's settings, its token read (exit 2 when it cannot be); nil without --admin.
-    func settings(command: String) throws -> (AdminSettings?, warnings: [String]) {
-        try usage { try AdminSettings.resolve(flags: flags, command: command) }
+    /// The endpoint's settings: these options over the config file's `admin` keys
+    /// (`file`), checked together (a file may hold what an option needs), the token read
+    /// (exit 2 when it cannot be); nil without an address.
+    func settings(command: String, file: AdminFlags) throws -> (AdminSettings?, warnings: [String]) {
+        try usage { try AdminSettings.resolve(flags: flags.over(file), command: command) }
     }
 }

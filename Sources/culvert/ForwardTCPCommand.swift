@@ -130,7 +130,7 @@ struct ForwardTCPCommand: ParsableCommand {
     func run() throws {
         let (flags, file) = (try self.flags, config)
         var resolved = try usage { try TCPForwardConfig.resolve(flags: flags, file: file) }
-        let (adminSettings, adminWarnings) = try admin.settings(command: "forward tcp")
+        let (adminSettings, adminWarnings) = try admin.settings(command: "forward tcp", file: resolved.admin)
         resolved.warnings += adminWarnings
         let configs = resolved.config
         let logger = resolved.makeLogger()

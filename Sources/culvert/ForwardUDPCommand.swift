@@ -69,7 +69,7 @@ struct ForwardUDPCommand: ParsableCommand {
     func run() throws {
         let (flags, file) = (self.flags, config)
         var resolved = try usage { try UDPForwardConfig.resolve(flags: flags, file: file) }
-        let (adminSettings, adminWarnings) = try admin.settings(command: "forward udp")
+        let (adminSettings, adminWarnings) = try admin.settings(command: "forward udp", file: resolved.admin)
         resolved.warnings += adminWarnings
         let configs = resolved.config
         let logger = resolved.makeLogger()

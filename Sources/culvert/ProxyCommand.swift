@@ -74,6 +74,8 @@ struct ProxyCommand: ParsableCommand {
 
     @OptionGroup var logging: LoggingOptions
 
+    @OptionGroup var admin: AdminOptions
+
     var flags: ProxyFlags {
         var flags = ProxyFlags(listen: listen)
         flags.authFile = authFile
@@ -99,10 +101,13 @@ struct ProxyCommand: ParsableCommand {
 
     func run() throws {
         let (flags, file) = (self.flags, self.config)
-        let resolved = try usage { try ProxyConfig.resolve(flags: flags, file: file) }
+        var resolved = try usage { try ProxyConfig.resolve(flags: flags, file: file) }
+        let (adminSettings, adminWarnings) = try admin.settings(command: "proxy", file: resolved.admin)
+        resolved.warnings += adminWarnings
         let config = resolved.config
         let logger = resolved.makeLogger()
-        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger) { group, _ in
+        let status = ServiceRunner.run(threads: config.threads, drainTimeout: config.drainTimeout, logger: logger,
+                                       admin: adminSettings) { group, _ in
             try await ProxyServer.start(config: config, group: group, logger: logger)
         }
         if status != 0 { throw ExitCode(status) }

@@ -169,7 +169,7 @@ struct ServerCommand: ParsableCommand {
     func run() throws {
         let (flags, file) = (self.flags, common.config)
         var resolved = try usage { try TunnelServerConfig.resolve(flags: flags, file: file) }.holdingToken()
-        let (adminSettings, adminWarnings) = try admin.settings(command: "server")
+        let (adminSettings, adminWarnings) = try admin.settings(command: "server", file: resolved.admin)
         resolved.warnings += adminWarnings
         let config = resolved.config
         let logger = resolved.makeLogger()
@@ -365,7 +365,7 @@ struct ClientCommand: ParsableCommand {
     func run() throws {
         let (flags, file) = (self.flags, common.config)
         var resolved = try usage { try TunnelClientConfig.resolve(flags: flags, file: file) }.holdingToken()
-        let (adminSettings, adminWarnings) = try admin.settings(command: "client")
+        let (adminSettings, adminWarnings) = try admin.settings(command: "client", file: resolved.admin)
         resolved.warnings += adminWarnings
         let config = resolved.config
         let logger = resolved.makeLogger()

@@ -197,6 +197,7 @@ def test_tunnel_metrics_sessions_visitors_and_auth_failures(kit, mode="tls-psk",
     samples = poll(server_counted, 10, "the visitor in the server's metrics")
     assert value(samples, "culvert_tunnel_sessions") == 1
     assert total(samples, "culvert_transfer_bytes_total", direction="up") == 7000
+    assert value(samples, "culvert_connect_duration_seconds_count") == 1
     client_samples = poll(lambda: (m := scrape(client_admin)) and total(m, "culvert_connections_total") == 1 and m,
                           10, "the visitor in the client's metrics")
     assert value(client_samples, "culvert_tunnel_sessions") == 1
@@ -211,6 +212,78 @@ def test_tunnel_metrics_sessions_visitors_and_auth_failures(kit, mode="tls-psk",
     assert intruder.wait_exit_code(15) == 1
     poll(lambda: value(scrape(server_admin), "culvert_auth_failures_total", reason=reason) == 1,
          10, "the failed authentication counted")
+
+
+UDP_EXPOSED_RE = re.compile(r"^exposed udp (\S+) -> \S+$")
+
+
+def test_tunnel_udp_metrics_count_datagrams_bytes_and_drops(kit):
+    upstream = UdpServer(lambda d: d)
+    kit.servers.append(upstream)
+    server = kit.start_server(mode="plain", opts=["--admin", "0"])
+    server_admin = admin_url(server)
+    client = kit.start_client(server.server_addr, [f"udp:127.0.0.1:0:127.0.0.1:{upstream.port}"], mode="plain",
+                              opts=["--admin", "0", "--udp-max-sessions", "1"], ready=False)
+    public = parse_addr(client.wait_stdout(UDP_EXPOSED_RE)[0].group(1))
+    client_admin = admin_url(client)
+    sizes = [100 + 37 * i for i in range(10)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        for i, size in enumerate(sizes):
+            s.sendto(bytes([i]) * size, public)
+            assert s.recv(2000) == bytes([i]) * size
+        # A second visitor finds the client's one session taken: dropped and counted there.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.sendto(b"late", public)
+
+            def both_counted():
+                m = scrape(server_admin), scrape(client_admin)
+                return total(m[0], "culvert_udp_datagrams_total", direction="up") == 11 and \
+                    total(m[1], "culvert_udp_dropped_total", reason="session_limit") == 1 and m
+
+            server_samples, client_samples = poll(both_counted, 10, "the datagrams in both ends' metrics")
+    service = f"127.0.0.1:{public[1]}"
+    assert value(server_samples, "culvert_udp_datagrams_total", service=service, direction="down") == 10
+    assert value(server_samples, "culvert_transfer_bytes_total", service=service, direction="up") == sum(sizes) + 4
+    assert value(server_samples, "culvert_transfer_bytes_total", service=service, direction="down") == sum(sizes)
+    assert total(server_samples, "culvert_udp_dropped_total") == 0
+    assert total(client_samples, "culvert_udp_datagrams_total", direction="up") == 10
+    assert total(client_samples, "culvert_udp_datagrams_total", direction="down") == 10
+    assert total(client_samples, "culvert_transfer_bytes_total", direction="up") == sum(sizes)
+    assert total(client_samples, "culvert_transfer_bytes_total", direction="down") == sum(sizes)
+    assert total(client_samples, "culvert_connections_active") == 1
+    assert total(client_samples, "culvert_udp_dropped_total") == 1
+    status = json.loads(get(server_admin + "/status")[2])
+    assert [(s["name"], s["kind"], s["ports"]) for s in status["services"]] == [(service, "udp", [service])]
+
+
+def test_proxy_metrics_count_connections_and_bytes(culvert_path, servers, procs):
+    echo = servers(EchoServer())
+    proxy = start(culvert_path, ["proxy", "0", "--admin", "0"], re.compile(r"^listening proxy (\S+)$"))
+    procs.append(proxy)
+    listen = parse_addr(proxy.wait_stdout(re.compile(r"^listening proxy (\S+)$"))[0].group(1))
+    base = admin_url(proxy)
+    sizes = [10, 70_000]
+    for size in sizes:
+        with connect(listen) as s:
+            s.sendall(f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\nHost: 127.0.0.1:{echo.port}\r\n\r\n".encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += s.recv(1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            s.sendall(b"p" * size)
+            s.shutdown(socket.SHUT_WR)
+            assert recv_exactly(s, size) == b"p" * size
+
+    service = f"127.0.0.1:{listen[1]}"
+    samples = poll(lambda: (m := scrape(base)) and total(m, "culvert_connections_total", service=service) == 2 and m,
+                   10, "two proxied connections in the metrics")
+    assert value(samples, "culvert_build_info", version="0.1.0", command="proxy") == 1
+    assert value(samples, "culvert_connections_active", service=service) == 0
+    assert value(samples, "culvert_transfer_bytes_total", service=service, direction="up") == sum(sizes)
+    assert value(samples, "culvert_transfer_bytes_total", service=service, direction="down") == sum(sizes)
+    status = json.loads(get(base + "/status")[2])
+    assert [(s["name"], s["ports"]) for s in status["services"]] == [(service, [service])]
 
 
 def test_healthz_and_http_errors(culvert_path, servers, procs):
@@ -251,6 +324,51 @@ def test_token_file_requires_bearer_token(culvert_path, servers, procs, tmp_path
         assert get(base + path)[0] == 401
         assert get(base + path, token="wrong-token-of-some-length")[0] == 401
         assert get(base + path, token=token)[0] == 200
+
+
+def test_config_files_set_the_admin_endpoint(culvert_path, servers, procs, tmp_path):
+    echo = servers(EchoServer())
+    token = new_token()
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    tunnel_token = tmp_path / "tunnel-token"
+    tunnel_token.write_text(new_token() + "\n")
+    tunnel_token.chmod(0o600)
+    files = {
+        "forward": f'listen = "0"\ntargets = ["127.0.0.1:{echo.port}"]\n',
+        "proxy": 'listen = "0"\n',
+        "server": f'listen = "127.0.0.1:0"\ntransport = "plain"\ntoken_file = "{tunnel_token}"\n',
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.toml").write_text(text + f'admin = "127.0.0.1:0"\nadmin_token_file = "{token_file}"\n')
+    fwd = start(culvert_path, ["forward", "tcp", "-c", str(tmp_path / "forward.toml")], TCP_RE)
+    proxy = start(culvert_path, ["proxy", "-c", str(tmp_path / "proxy.toml")], re.compile(r"^listening proxy "))
+    server = start(culvert_path, ["server", "-c", str(tmp_path / "server.toml")], re.compile(r"^listening tunnel "))
+    procs.extend([fwd, proxy, server])
+    for proc, command in ((fwd, "forward tcp"), (proxy, "proxy"), (server, "server")):
+        base = admin_url(proc)
+        assert get(base + "/metrics")[0] == 401, command
+        assert value(scrape(base, token=token), "culvert_build_info", version="0.1.0", command=command) == 1
+
+    # The command line's --admin wins over the file's; the file's token file still applies.
+    fwd_port = free_port()
+    overridden = start(culvert_path, ["forward", "tcp", "-c", str(tmp_path / "forward.toml"), "--admin", str(fwd_port)], TCP_RE)
+    procs.append(overridden)
+    assert admin_url(overridden) == f"http://127.0.0.1:{fwd_port}"
+    assert get(admin_url(overridden) + "/healthz", token=token)[0] == 200
+
+    # A reachable address in the file needs a token file, as on the command line.
+    (tmp_path / "open.toml").write_text(files["proxy"] + 'admin = ":0"\n')
+    r = run_culvert(culvert_path, ["proxy", "-c", str(tmp_path / "open.toml")])
+    assert r.returncode == 2
+    assert "is reachable from other hosts: add --admin-token-file FILE" in r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class NotifySocket:

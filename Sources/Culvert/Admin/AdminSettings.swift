@@ -8,6 +8,11 @@ public struct AdminFlags: Sendable {
         self.tokenFile = tokenFile
     }
 
+    /// These flags (the command line's) laid over `file`'s: each one given wins.
+    public func over(_ file: AdminFlags) -> AdminFlags {
+        AdminFlags(address: address ?? file.address, tokenFile: tokenFile ?? file.tokenFile)
+    }
+
     /// The rules that need no file: a token file needs `--admin`; an address other
     /// people can reach needs a token file.
     public func check() throws(ConfigError) {

@@ -202,7 +202,7 @@ extension TunnelClientConfig {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")
         }
         try config.applyProxyFlags(flags)
-        return Resolved(config: config, log: log, warnings: warnings)
+        return Resolved(config: config, log: log, warnings: warnings, admin: fromFile?.admin ?? AdminFlags())
     }
 }
 

@@ -4,12 +4,13 @@
 /// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
 /// max_clients, max_services, max_unauthenticated, max_unauthenticated_per_source, allow_exit,
 /// exit_allow, exit_deny, handshake_timeout,
-/// heartbeat_interval, heartbeat_misses, drain_timeout, threads, accept_proxy, log_level, log_format.
+/// heartbeat_interval, heartbeat_misses, drain_timeout, threads, accept_proxy, log_level, log_format,
+/// admin, admin_token_file.
 /// Client keys: server (or servers, a list), token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, failback_interval, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, max_visitors,
 /// dynamic, proxy_auth_file, no_auth, exit_allow, exit_deny, log_level,
-/// log_format, and `[services.NAME]` tables
+/// log_format, admin, admin_token_file, and `[services.NAME]` tables
 /// with remote_port, local, bind, compress, proxy_protocol (v1 or v2, tcp only), protocol (tcp or udp) — or secret = true, local, and optionally token or
 /// token_file (the service's own token; default: the client's token).
 public enum TunnelConfigFile {
@@ -22,6 +23,7 @@ public enum TunnelConfigFile {
         public var tokenFile: String?
         public var logLevel: String?
         public var logFormat: String?
+        public var admin = AdminFlags()
         /// Whether the file named the server (client files).
         public var hasServer = false
         /// Advice found while reading, logged once there is a logger (a service token
@@ -168,8 +170,11 @@ public enum TunnelConfigFile {
     }
 
     private static func readCommon(_ file: ConfigFile) throws(ConfigError) -> Common {
-        Common(path: file.path, token: try file.string("token"), tokenFile: try file.string("token_file"),
-               logLevel: try file.string("log_level"), logFormat: try file.string("log_format"))
+        var common = Common(path: file.path, token: try file.string("token"), tokenFile: try file.string("token_file"),
+                            logLevel: try file.string("log_level"), logFormat: try file.string("log_format"))
+        common.admin = AdminFlags(address: try file.parse("admin", try file.string("admin"), HostPort.parse),
+                                  tokenFile: try file.string("admin_token_file"))
+        return common
     }
 
     /// A value that does not parse; the text names the value and the fix.

@@ -91,6 +91,6 @@ extension TunnelServerConfig {
         if flags.allowExit { config.allowExit = true }
         if !flags.exitAllow.isEmpty { config.exitAllow = try ProxyRule.parseAll(flags.exitAllow, flag: "--exit-allow") }
         if !flags.exitDeny.isEmpty { config.exitDeny = try ProxyRule.parseAll(flags.exitDeny, flag: "--exit-deny") }
-        return Resolved(config: config, log: log, warnings: warnings)
+        return Resolved(config: config, log: log, warnings: warnings, admin: fromFile?.admin ?? AdminFlags())
     }
 }

@@ -9,7 +9,7 @@ import TOMLKit
 ///
 /// Per-listener keys, tcp: balance, connect_timeout, idle_timeout, max_connections,
 /// no_splice, send_proxy, accept_proxy; udp: balance, idle_timeout, max_sessions, socket_buffer. Process keys (top
-/// level only): drain_timeout (tcp), threads, log_level, log_format.
+/// level only): drain_timeout (tcp), threads, log_level, log_format, admin, admin_token_file.
 enum ForwardConfigFile {
     /// One listener's settings from the file: `listen` and `targets` when this table gave
     /// them, and the per-listener keys it set, each nil when not set here.
@@ -45,6 +45,7 @@ enum ForwardConfigFile {
         var drainTimeout: Duration?
         var threads: Int?
         var log: LogSettings
+        var admin: AdminFlags
     }
 
     /// Which forward command a file is for, by its `protocol` key, without reading the rest.
@@ -77,8 +78,10 @@ enum ForwardConfigFile {
         var log = LogSettings()
         if let level = try file.parse("log_level", try file.string("log_level"), parseLogLevel) { log.level = level }
         if let format = try file.parse("log_format", try file.string("log_format"), parseLogFormat) { log.format = format }
+        let admin = AdminFlags(address: try file.parse("admin", try file.string("admin"), HostPort.parse),
+                               tokenFile: try file.string("admin_token_file"))
         try file.rejectUnknownKeys()
-        return Contents(path: path, top: top, services: services, drainTimeout: drain, threads: threads, log: log)
+        return Contents(path: path, top: top, services: services, drainTimeout: drain, threads: threads, log: log, admin: admin)
     }
 
     private static func layer(_ file: ConfigFile, table: TOMLTable?, prefix: String, udp: Bool) throws(ConfigError) -> Layer {

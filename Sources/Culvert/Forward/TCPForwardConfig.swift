@@ -133,7 +133,7 @@ extension TCPForwardConfig {
             }
             configs.append(config)
         }
-        return Resolved(config: configs, log: flags.log.over(contents?.log ?? LogSettings()))
+        return Resolved(config: configs, log: flags.log.over(contents?.log ?? LogSettings()), admin: contents?.admin ?? AdminFlags())
     }
 }
 

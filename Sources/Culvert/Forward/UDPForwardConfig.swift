@@ -71,6 +71,6 @@ extension UDPForwardConfig {
             if let threads = flags.threads ?? contents?.threads { config.threads = threads }
             configs.append(config)
         }
-        return Resolved(config: configs, log: flags.log.over(contents?.log ?? LogSettings()))
+        return Resolved(config: configs, log: flags.log.over(contents?.log ?? LogSettings()), admin: contents?.admin ?? AdminFlags())
     }
 }

@@ -59,6 +59,18 @@ final class ServiceMeter {
         totals.datagramsDown += datagramsDown
     }
 
+    /// A datagram relayed by a service that counts each one as it passes (the tunnel's UDP
+    /// services, whose datagrams ride a shared data channel): two additions on this loop.
+    func countDatagram(up: Bool, bytes: Int) {
+        if up {
+            totals.datagramsUp += 1
+            totals.bytesUp += UInt64(bytes)
+        } else {
+            totals.datagramsDown += 1
+            totals.bytesDown += UInt64(bytes)
+        }
+    }
+
     func countDropped(_ count: Int, reason: String) {
         guard count > 0 else { return }
         totals.dropped[reason, default: 0] += UInt64(count)
@@ -110,9 +122,11 @@ final class LoopMeters: @unchecked Sendable {
         authFailures[reason, default: 0] += 1
     }
 
-    /// A dial that started at `since` (the loop's clock) has just connected.
+    /// A dial that started at `since` has just connected. `since` may be another loop's
+    /// reading of the same clock, taken in a turn that began after this loop's.
     func observeConnect(since: UInt64) {
-        connectDuration.observe(nanoseconds: loop.now &- since)
+        let now = loop.now
+        connectDuration.observe(nanoseconds: now > since ? now - since : 0)
     }
 
     /// This loop's share of the command's metrics.

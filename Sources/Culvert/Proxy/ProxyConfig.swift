@@ -56,6 +56,8 @@ public struct ProxyFlags: Sendable {
     public var threads: Int?
     public var noSplice = false
     public var log = LogFlags()
+    /// The config file's admin keys (the command line's are the command's own options).
+    var admin = AdminFlags()
 
     public init(listen: HostPort?) {
         self.listen = listen
@@ -80,6 +82,7 @@ public struct ProxyFlags: Sendable {
         out.threads = threads ?? base.threads
         out.noSplice = noSplice || base.noSplice
         out.log = LogFlags(level: log.level ?? base.log.level, format: log.format ?? base.log.format)
+        out.admin = admin.over(base.admin)
         return out
     }
 
@@ -152,7 +155,7 @@ extension ProxyConfig {
         if let v = flags.drainTimeout { config.drainTimeout = v }
         if let v = flags.threads { config.threads = v }
         config.splice = !flags.noSplice
-        return Resolved(config: config, log: flags.log.over(LogSettings()))
+        return Resolved(config: config, log: flags.log.over(LogSettings()), admin: flags.admin)
     }
 
     /// Whether a listen host reaches this machine only: 127.0.0.0/8, ::1, `localhost`.

@@ -3,7 +3,7 @@
 /// file's). Keys: listen, auth_file, no_auth, allow, deny (a string or an array),
 /// connect_timeout, handshake_timeout, idle_timeout ("off" or a duration),
 /// max_connections, udp_idle_timeout, max_udp_associations, drain_timeout, threads,
-/// no_splice, log_level, log_format. Durations are a number of seconds or a string like
+/// no_splice, log_level, log_format, admin, admin_token_file. Durations are a number of seconds or a string like
 /// "500ms"; `auth_file` is read relative to the working directory.
 enum ProxyConfigFile {
     /// The file's settings as the flags they stand for (`listen` nil when not set).
@@ -29,6 +29,8 @@ enum ProxyConfigFile {
         flags.noSplice = try file.bool("no_splice") ?? false
         flags.log.level = try file.parse("log_level", try file.string("log_level"), ForwardConfigFile.parseLogLevel)
         flags.log.format = try file.parse("log_format", try file.string("log_format"), ForwardConfigFile.parseLogFormat)
+        flags.admin = AdminFlags(address: try file.parse("admin", try file.string("admin"), HostPort.parse),
+                                 tokenFile: try file.string("admin_token_file"))
         try file.rejectUnknownKeys()
         return flags
     }

@@ -4,10 +4,12 @@ import Transfer
 
 /// `culvert proxy`: SOCKS5 and HTTP proxy on one port (one SO_REUSEPORT socket per loop,
 /// like the forwarders), connecting out through a `LocalExit`.
-public final class ProxyServer: DrainableService, @unchecked Sendable {
+public final class ProxyServer: DrainableService, MetricsSource, @unchecked Sendable {
     private let context: ProxyContext
     private let group: LoopGroup
     private var workers: [ProxyWorker] = []
+    /// Each loop's counters, the proxy's connections under `serviceName`.
+    private var meters: [LoopMeters] = []
     /// The addresses actually bound (port 0 resolved).
     public private(set) var boundAddresses: [SocketAddress] = []
 
@@ -39,8 +41,10 @@ public final class ProxyServer: DrainableService, @unchecked Sendable {
                                    refusals: RefusalSummary(logger: logger, message: "proxy requests refused", loop: main),
                                    maxConnections: maxConnections, udp: udp)
         let server = ProxyServer(context: context, group: group)
-        server.workers = group.loops.map { ProxyWorker(loop: $0, context: context) }
         server.boundAddresses = listeners.bound
+        let name = server.serviceName
+        server.meters = group.loops.map { LoopMeters(loop: $0) }
+        server.workers = server.meters.map { ProxyWorker(loop: $0.loop, context: context, meter: $0.service(name, kind: "tcp")) }
         for (worker, mine) in zip(server.workers, listeners.perLoop) {
             worker.loop.execute { worker.startAccepting(listeners: mine) }
         }
@@ -51,6 +55,17 @@ public final class ProxyServer: DrainableService, @unchecked Sendable {
         ])
         for address in server.boundAddresses { ReadyLine.print("listening proxy \(address)") }
         return server
+    }
+
+    /// The listen address with its bound port: the name the proxy's metrics carry.
+    var serviceName: String {
+        HostPort(host: context.config.listen.host, port: boundAddresses.first?.port ?? context.config.listen.port).description
+    }
+
+    public func gatherMetrics() async -> MetricsSnapshot {
+        var all = MetricsSnapshot.merged(await onEachLoop(meters, loop: \.loop) { $0.sample() })
+        all.services[serviceName]?.ports = boundAddresses.map(\.description)
+        return all
     }
 
     /// Client connections open now, across all loops.

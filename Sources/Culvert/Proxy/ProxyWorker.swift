@@ -3,7 +3,8 @@ import Reactor
 import Transfer
 
 /// The part of `culvert proxy` that lives on one loop: its listening socket, the
-/// clients in their handshake (pending work of the relay set) and the running relays.
+/// clients in their handshake (pending work of the relay set) and the running relays,
+/// counted on `meter` (of this loop).
 ///
 /// Thread confinement: every method runs on `loop`.
 final class ProxyWorker {
@@ -13,10 +14,11 @@ final class ProxyWorker {
     private let listeners: Listeners
     private let idleClients = IdleClients()
 
-    init(loop: EventLoop, context: ProxyContext) {
+    init(loop: EventLoop, context: ProxyContext, meter: ServiceMeter) {
         self.loop = loop
         self.context = context
         relays = RelaySet(loop: loop, resources: LoopResources(), logger: context.logger)
+        meter.watch(relays)
         listeners = Listeners(loop: loop, logger: context.logger)
     }
 

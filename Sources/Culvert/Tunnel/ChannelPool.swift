@@ -27,11 +27,14 @@ final class ChannelPool {
         let stream: Duplex
         let peer: String
         let service: ExposedService
+        /// When it arrived (the session loop's clock), for the connect duration.
+        let arrivedAt: UInt64
         var timer: LoopTimer?
-        init(stream: Duplex, peer: String, service: ExposedService) {
+        init(stream: Duplex, peer: String, service: ExposedService, arrivedAt: UInt64) {
             self.stream = stream
             self.peer = peer
             self.service = service
+            self.arrivedAt = arrivedAt
         }
     }
 
@@ -152,24 +155,25 @@ final class ChannelPool {
         } else {
             let visitor = waiting.removeFirst()
             visitor.timer?.cancel()
-            pair(stream, on: channelHome, visitor.stream, peer: visitor.peer, service: visitor.service)
+            pair(stream, on: channelHome, visitor.stream, peer: visitor.peer, service: visitor.service, arrivedAt: visitor.arrivedAt)
         }
     }
 
     func visitorArrived(_ stream: Duplex, peer visitor: String, service: ExposedService) {
         loop.assertInLoop()
         guard !ended else { return stream.close(reset: true) }
+        let arrivedAt = loop.now
         if muxChannels > 0, case .tcp = service.kind {
             if let carrier = pickCarrier() {
-                return openStream(on: carrier, stream, peer: visitor, service: service)
+                return openStream(on: carrier, stream, peer: visitor, service: service, arrivedAt: arrivedAt)
             }
-            muxWaiting.append(makeWaiter(stream, peer: visitor, service: service))
+            muxWaiting.append(makeWaiter(stream, peer: visitor, service: service, arrivedAt: arrivedAt))
             return requestChannels()
         }
         if let (channel, channelHome) = idle.popLast() {
-            pair(channel, on: channelHome, stream, peer: visitor, service: service)
+            pair(channel, on: channelHome, stream, peer: visitor, service: service, arrivedAt: arrivedAt)
         } else {
-            waiting.append(makeWaiter(stream, peer: visitor, service: service))
+            waiting.append(makeWaiter(stream, peer: visitor, service: service, arrivedAt: arrivedAt))
         }
         requestChannels()
     }
@@ -189,12 +193,13 @@ final class ChannelPool {
 
     /// Tells the client which service the visitor wants, then relays raw bytes, on the
     /// channel's loop.
-    private func pair(_ channel: Duplex, on channelHome: ServerLoop, _ visitor: Duplex, peer: String, service: ExposedService) {
+    private func pair(_ channel: Duplex, on channelHome: ServerLoop, _ visitor: Duplex, peer: String, service: ExposedService,
+                      arrivedAt: UInt64) {
         let frame = TunnelProtocol.encode(.connect(serviceID: service.id, visitor: peer))
         let handoff = Handoff((channel, visitor))
         channelHome.run {
             let (channel, visitor) = handoff.value
-            channelHome.startDedicated(channel, frame: frame, visitor: visitor, service: service, peer: peer)
+            channelHome.startDedicated(channel, frame: frame, visitor: visitor, service: service, peer: peer, arrivedAt: arrivedAt)
         }
     }
 
@@ -255,7 +260,7 @@ final class ChannelPool {
         muxWaiting.removeAll()
         for v in queued {
             v.timer?.cancel()
-            openStream(on: carrier, v.stream, peer: v.peer, service: v.service)
+            openStream(on: carrier, v.stream, peer: v.peer, service: v.service, arrivedAt: v.arrivedAt)
         }
     }
 
@@ -281,7 +286,8 @@ final class ChannelPool {
 
     /// Hands the visitor to the carrier's loop. A carrier that closed before the visitor
     /// got there sends it back once, to wait for another (its close report is on the way).
-    private func openStream(on carrier: Carrier, _ visitor: Duplex, peer: String, service: ExposedService, retry: Bool = true) {
+    private func openStream(on carrier: Carrier, _ visitor: Duplex, peer: String, service: ExposedService, arrivedAt: UInt64,
+                            retry: Bool = true) {
         let payload = TunnelProtocol.encodeOpen(serviceID: service.id, visitor: peer)
         let handoff = Handoff(visitor)
         let carrierHome = carrier.home
@@ -290,27 +296,29 @@ final class ChannelPool {
         carrierHome.run {
             guard let stream = carrier.open(payload) else {
                 guard retry else { return handoff.value.close(reset: true) }
-                return sessionLoop.run { pool.value.carrierGone(carrier, handoff.value, peer: peer, service: service) }
+                return sessionLoop.run {
+                    pool.value.carrierGone(carrier, handoff.value, peer: peer, service: service, arrivedAt: arrivedAt)
+                }
             }
-            carrierHome.startRelay(visitor: handoff.value, data: stream, service: service, peer: peer)
+            carrierHome.startRelay(visitor: handoff.value, data: stream, service: service, peer: peer, arrivedAt: arrivedAt)
         }
     }
 
     /// A visitor came back from a carrier that had closed: it goes to another carrier
     /// that is up, or waits for the replacement (the carrier's close report, on its way,
     /// removes it and asks for one).
-    private func carrierGone(_ carrier: Carrier, _ visitor: Duplex, peer: String, service: ExposedService) {
+    private func carrierGone(_ carrier: Carrier, _ visitor: Duplex, peer: String, service: ExposedService, arrivedAt: UInt64) {
         guard !ended else { return visitor.close(reset: true) }
         if let other = carriers.first(where: { $0 !== carrier }) {
-            return openStream(on: other, visitor, peer: peer, service: service, retry: false)
+            return openStream(on: other, visitor, peer: peer, service: service, arrivedAt: arrivedAt, retry: false)
         }
-        muxWaiting.append(makeWaiter(visitor, peer: peer, service: service))
+        muxWaiting.append(makeWaiter(visitor, peer: peer, service: service, arrivedAt: arrivedAt))
     }
 
     // MARK: waiting visitors
 
-    private func makeWaiter(_ stream: Duplex, peer visitor: String, service: ExposedService) -> Waiter {
-        let waiter = Waiter(stream: stream, peer: visitor, service: service)
+    private func makeWaiter(_ stream: Duplex, peer visitor: String, service: ExposedService, arrivedAt: UInt64) -> Waiter {
+        let waiter = Waiter(stream: stream, peer: visitor, service: service, arrivedAt: arrivedAt)
         waiter.timer = loop.schedule(after: context.config.visitorTimeout) { [weak self, unowned waiter] in
             self?.visitorTimedOut(waiter)
         }

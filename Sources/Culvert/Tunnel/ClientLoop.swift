@@ -471,7 +471,8 @@ final class ClientLoop: @unchecked Sendable {
         }
         guard channel.isOpen, let data = wrap(channel.detach(), compress: spec.compress) else { return }
         let relay = ClientUDPRelay(loop: loop, logger: logger, service: spec.name, stream: data, target: target,
-                                   idleTimeout: config.udpIdleTimeout, maxSessions: udpMaxSessions) { [weak self] relay in
+                                   idleTimeout: config.udpIdleTimeout, maxSessions: udpMaxSessions,
+                                   meter: meter(of: spec)) { [weak self] relay in
             self?.udpRelays[ObjectIdentifier(relay)] = nil
         }
         udpRelays[ObjectIdentifier(relay)] = (relay, session)

@@ -94,7 +94,9 @@ final class ClientProxies: @unchecked Sendable {
     /// `loops` is set.
     func startDynamic(_ listen: [HostPort], group: LoopGroup) async throws -> [SocketAddress] {
         guard let dynamic else { return [] }
-        workers = loops.map { ProxyWorker(loop: $0.loop, context: dynamic) }
+        // The -D connections count in the client's metrics as one service named by its addresses.
+        let name = listen.map(\.description).joined(separator: ",")
+        workers = loops.map { ProxyWorker(loop: $0.loop, context: dynamic, meter: $0.meters.service(name, kind: "tcp")) }
         var bound: [SocketAddress] = []
         var perLoop: [[LoopListeners.Listener]] = Array(repeating: [], count: loops.count)
         do {

@@ -77,9 +77,11 @@ final class ServerLoop: @unchecked Sendable {
     // MARK: visitor relays
 
     /// Relays a visitor over the data stream it rides (a multiplexed stream or a
-    /// dedicated channel on this loop), in this loop's set for its service.
-    func startRelay(visitor: Duplex, data channel: Duplex, service: ExposedService, peer: String) {
+    /// dedicated channel on this loop), in this loop's set for its service. The wait
+    /// since the visitor arrived (`arrivedAt`) is its connect duration.
+    func startRelay(visitor: Duplex, data channel: Duplex, service: ExposedService, peer: String, arrivedAt: UInt64) {
         loop.assertInLoop()
+        meters.observeConnect(since: arrivedAt)
         var data = channel
         var zlib: ZlibStream?
         if service.compress {
@@ -109,7 +111,7 @@ final class ServerLoop: @unchecked Sendable {
 
     /// Sends a dedicated channel its `connect` frame, then relays the visitor over it.
     /// The frame nearly always fits the socket at once; only when it does not, a task waits.
-    func startDedicated(_ stream: Duplex, frame: [UInt8], visitor: Duplex, service: ExposedService, peer: String) {
+    func startDedicated(_ stream: Duplex, frame: [UInt8], visitor: Duplex, service: ExposedService, peer: String, arrivedAt: UInt64) {
         loop.assertInLoop()
         let channel: AsyncDuplex
         do {
@@ -121,7 +123,7 @@ final class ServerLoop: @unchecked Sendable {
         }
         channel.send(frame)
         guard channel.hasPendingOutput else {
-            return startRelay(visitor: visitor, data: channel.detach(), service: service, peer: peer)
+            return startRelay(visitor: visitor, data: channel.detach(), service: service, peer: peer, arrivedAt: arrivedAt)
         }
         Task(executorPreference: loop.tasks) {
             do {
@@ -131,7 +133,7 @@ final class ServerLoop: @unchecked Sendable {
                 self.logger.warning("data channel failed before use", metadata: ["peer": "\(peer)", "error": "\(error)"])
                 return
             }
-            self.startRelay(visitor: visitor, data: channel.detach(), service: service, peer: peer)
+            self.startRelay(visitor: visitor, data: channel.detach(), service: service, peer: peer, arrivedAt: arrivedAt)
         }
     }
 

@@ -81,7 +81,10 @@ final class ServiceRegistry {
             // Weak both ways round: the service holds the UDP sockets, whose callback
             // must not keep the service alive once the session lets go of it.
             weak var service: ExposedService?
-            let udp = ServerUDPService(id: request.id, loop: home.loop, logger: logger, batch: home.datagramBatch) { [weak self] lost in
+            let ports = bound.map { "\($0.1)" }
+            let meter = home.meters.service(ports.joined(separator: ","), kind: "udp")
+            meter.ports = ports
+            let udp = ServerUDPService(id: request.id, loop: home.loop, logger: logger, batch: home.datagramBatch, meter: meter) { [weak self] lost in
                 guard let self, let service, self.services[service.id] === service else { return }
                 self.onUDPNeedsChannel(service, lost)
             }

@@ -7,7 +7,7 @@ import Transfer
 
 /// Server side of a UDP service exposed through the tunnel: the public UDP sockets and
 /// the data channel that carries their datagrams, framed with each visitor's address,
-/// to the client and back.
+/// to the client and back. Every datagram and drop counts on the service's meter.
 ///
 /// Thread confinement: lives on the server's loop.
 final class ServerUDPService: EventHandler {
@@ -15,6 +15,7 @@ final class ServerUDPService: EventHandler {
     private let loop: EventLoop
     private let logger: Logger
     private let batch: DatagramBatch
+    private let meter: ServiceMeter
     private var listeners: [(fd: Int32, address: SocketAddress, registration: Registration?)] = []
     private var channel: DatagramChannel?
     /// Datagrams that arrive while no data channel is attached (right after the service
@@ -26,11 +27,13 @@ final class ServerUDPService: EventHandler {
     private(set) var droppedWithoutChannel = 0
     private let onChannelLost: (ServerUDPService) -> Void
 
-    init(id: UInt32, loop: EventLoop, logger: Logger, batch: DatagramBatch, onChannelLost: @escaping (ServerUDPService) -> Void) {
+    init(id: UInt32, loop: EventLoop, logger: Logger, batch: DatagramBatch, meter: ServiceMeter,
+         onChannelLost: @escaping (ServerUDPService) -> Void) {
         self.id = id
         self.loop = loop
         self.logger = logger
         self.batch = batch
+        self.meter = meter
         self.onChannelLost = onChannelLost
     }
 
@@ -60,7 +63,7 @@ final class ServerUDPService: EventHandler {
             return
         }
         for (peer, payload) in waiting {
-            payload.withUnsafeBytes { _ = channel.send($0, peer: peer) }
+            payload.withUnsafeBytes { sendUp($0, from: peer, on: channel) }
         }
         waiting.removeAll()
         waitingBytes = 0
@@ -73,14 +76,17 @@ final class ServerUDPService: EventHandler {
         for _ in 0..<8 {
             guard let n = try? batch.receive(from: fd), n > 0 else { return }
             for i in 0..<n {
-                guard let peer = batch.address(i), !batch.isTruncated(i) else { continue }
-                if let channel {
-                    channel.send(batch.payload(i), peer: peer)
+                guard let peer = batch.address(i) else { continue }
+                if batch.isTruncated(i) {
+                    meter.countDropped(1, reason: "oversized")
+                } else if let channel {
+                    sendUp(batch.payload(i), from: peer, on: channel)
                 } else if waiting.count < Self.waitingLimit.count && waitingBytes < Self.waitingLimit.bytes {
                     waiting.append((peer, Array(batch.payload(i))))
                     waitingBytes += batch.length(i)
                 } else {
                     droppedWithoutChannel += 1
+                    meter.countDropped(1, reason: "no_channel")
                 }
             }
             if n < batch.capacity { return }
@@ -88,10 +94,23 @@ final class ServerUDPService: EventHandler {
         loop.deferTask { [weak self] in self?.handleEvents(0, tag: tag) }
     }
 
+    private func sendUp(_ payload: UnsafeRawBufferPointer, from peer: SocketAddress, on channel: DatagramChannel) {
+        if channel.send(payload, peer: peer) {
+            meter.countDatagram(up: true, bytes: payload.count)
+        } else {
+            meter.countDropped(1, reason: "channel_full")
+        }
+    }
+
     private func reply(_ payload: UnsafeRawBufferPointer, to peer: SocketAddress) {
         guard let listener = listeners.first(where: { $0.address.family == peer.family }) else { return }
-        _ = try? peer.withSockAddr { (sa, len) throws(SystemError) in
+        let sent = try? peer.withSockAddr { (sa, len) throws(SystemError) in
             sendto(listener.fd, payload.baseAddress, payload.count, Int32(MSG_DONTWAIT), sa, len)
+        }
+        if let sent, sent >= 0 {
+            meter.countDatagram(up: false, bytes: payload.count)
+        } else {
+            meter.countDropped(1, reason: "socket_full")
         }
     }
 
@@ -121,7 +140,8 @@ final class ServerUDPService: EventHandler {
 /// (`maxSessions`, 0: no cap): datagrams from new visitors beyond the cap, or whose
 /// session socket finds no descriptor, are dropped and counted, and the counts are
 /// logged at most once per `reportInterval`, so a flood takes neither the descriptors the
-/// other services need nor the log.
+/// other services need nor the log. Datagrams, sessions and drops count on the
+/// service's meter as they happen.
 ///
 /// Thread confinement: lives on the client's loop.
 final class ClientUDPRelay {
@@ -162,6 +182,7 @@ final class ClientUDPRelay {
     private let target: [SocketAddress]
     private let idleTimeout: Duration
     private let maxSessions: Int
+    private let meter: ServiceMeter
     private var channel: DatagramChannel!
     private var sessions: [SocketAddress: Session] = [:]
     private var sweep: LoopTimer?
@@ -173,8 +194,9 @@ final class ClientUDPRelay {
     private let onClose: (ClientUDPRelay) -> Void
 
     init(loop: EventLoop, logger: Logger, service: String, stream: Duplex, target: [SocketAddress], idleTimeout: Duration,
-         maxSessions: Int, onClose: @escaping (ClientUDPRelay) -> Void) {
+         maxSessions: Int, meter: ServiceMeter, onClose: @escaping (ClientUDPRelay) -> Void) {
         self.loop = loop
+        self.meter = meter
         self.logger = logger
         self.service = service
         self.target = target
@@ -213,12 +235,17 @@ final class ClientUDPRelay {
     private func forward(_ payload: UnsafeRawBufferPointer, from visitor: SocketAddress) {
         guard let session = sessions[visitor] ?? open(visitor) else { return }
         session.lastActivity = loop.now
-        _ = send(session.fd, payload.baseAddress, payload.count, Int32(MSG_DONTWAIT))
+        if send(session.fd, payload.baseAddress, payload.count, Int32(MSG_DONTWAIT)) >= 0 {
+            meter.countDatagram(up: true, bytes: payload.count)
+        } else {
+            meter.countDropped(1, reason: "socket_full")
+        }
     }
 
     private func open(_ visitor: SocketAddress) -> Session? {
         if maxSessions > 0 && sessions.count >= maxSessions {
             drops.sessionLimit += 1
+            meter.countDropped(1, reason: "session_limit")
             report()
             return nil
         }
@@ -234,6 +261,7 @@ final class ClientUDPRelay {
                     throw error
                 }
                 sessions[visitor] = session
+                meter.sessionOpened()
                 return session
             } catch {
                 failure = error
@@ -242,9 +270,11 @@ final class ClientUDPRelay {
         }
         if let failure, UDPSessionBudget.isOutOfResources(failure.errno) {
             drops.noDescriptor += 1
+            meter.countDropped(1, reason: "no_descriptor")
         } else {
             drops.unreachable += 1
             drops.unreachableError = failure
+            meter.countDropped(1, reason: "unreachable")
         }
         report()
         return nil
@@ -256,19 +286,25 @@ final class ClientUDPRelay {
             if n < 0 {
                 if errno == EAGAIN || errno == EINTR { return }
                 // ICMP from the local service (ECONNREFUSED): end this visitor's session.
-                return close(session)
+                return close(session, .targetError)
             }
             session.lastActivity = loop.now
-            _ = buffer.withUnsafeBytes { channel.send(UnsafeRawBufferPointer(rebasing: $0[0..<n]), peer: session.visitor) }
+            if buffer.withUnsafeBytes({ channel.send(UnsafeRawBufferPointer(rebasing: $0[0..<n]), peer: session.visitor) }) {
+                meter.countDatagram(up: false, bytes: n)
+            } else {
+                meter.countDropped(1, reason: "channel_full")
+            }
         }
     }
 
-    private func close(_ session: Session) {
+    private func close(_ session: Session, _ end: UDPSessionEnd) {
         guard let r = session.registration else { return }
         loop.deregister(fd: session.fd, registration: r)
         session.registration = nil
         Posix.close(session.fd)
         sessions[session.visitor] = nil
+        // Its datagrams and bytes counted as they passed.
+        meter.sessionClosed(result: end.rawValue, bytesUp: 0, bytesDown: 0, datagramsUp: 0, datagramsDown: 0)
     }
 
     private func scheduleSweep() {
@@ -276,7 +312,7 @@ final class ClientUDPRelay {
         sweep = loop.schedule(after: interval) { [weak self] in
             guard let self else { return }
             for s in Array(self.sessions.values) where self.loop.now &- s.lastActivity >= self.idleTimeout.nanoseconds {
-                self.close(s)
+                self.close(s, .idleTimeout)
             }
             self.scheduleSweep()
         }
@@ -327,7 +363,7 @@ final class ClientUDPRelay {
         reportTimer?.cancel()
         reportTimer = nil
         writeReport()
-        for s in Array(sessions.values) { close(s) }
+        for s in Array(sessions.values) { close(s, .shutdown) }
         if !channel.isClosed { channel.close() }
         onClose(self)
     }
