@@ -124,6 +124,10 @@ struct ServerCommand: ParsableCommand {
     @Option(help: "With --transport ws/wss: tls (default; the token's TLS-PSK inside the WebSocket, end to end) or plain.")
     var inner: TunnelWebSocket.Inner?
 
+    @Option(help: "With --transport ws/wss: ping each tunnel WebSocket this often and drop it when a ping goes unanswered until the next (default: 20s; off).",
+            transform: parseWebSocketPing)
+    var wsPing: WebSocketPing?
+
     @Flag(help: "Visitors of exposed ports must start with a PROXY protocol header (v1 or v2, e.g. haproxy send-proxy in front of the server), read within the handshake timeout; its source is the visitor's address that clients see and pass on.")
     var acceptProxy = false
 
@@ -155,6 +159,7 @@ struct ServerCommand: ParsableCommand {
         flags.maxUnauthenticatedPerSource = maxUnauthenticatedPerSource
         flags.wsPath = wsPath
         flags.inner = inner
+        flags.wsPing = wsPing.map { $0.interval }
         flags.acceptProxy = acceptProxy
         flags.allowExit = allowExit
         flags.exitAllow = exitAllow

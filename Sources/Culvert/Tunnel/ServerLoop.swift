@@ -80,6 +80,10 @@ final class ServerLoop: @unchecked Sendable {
     /// dedicated channel on this loop), in this loop's set for its service.
     func startRelay(visitor: Duplex, data channel: Duplex, service: ExposedService, peer: String) {
         loop.assertInLoop()
+        // Both may be WebSockets (a secret service's visitor is one); their pings start
+        // here, on the loop that keeps them.
+        (channel as? LayerKeepalive)?.startLayerKeepalive(on: loop)
+        (visitor as? LayerKeepalive)?.startLayerKeepalive(on: loop)
         var data = channel
         var zlib: ZlibStream?
         if service.compress {
@@ -218,6 +222,7 @@ final class ServerLoop: @unchecked Sendable {
                 leaveBudget()
                 budget.sessionStarted(pending.source)
                 sessions[ObjectIdentifier(session)] = session
+                (channel.duplex as? LayerKeepalive)?.startLayerKeepalive(on: loop)
                 await session.run()
                 sessions[ObjectIdentifier(session)] = nil
                 budget.sessionEnded(pending.source)
