@@ -117,13 +117,14 @@ struct TLSTransport: Transport {
     }
 
     /// Stops the handshake when the peer's first bytes are a frame: a plain client's hello
-    /// (answered with a plain refusal), or a plain server's refusal of our ClientHello.
+    /// (answered with a plain refusal), or a plain or ws server's refusal of our ClientHello.
     private static func refusePlain(_ head: [UInt8], on fd: Int32, role: Role) throws {
         if case .server = role {
             guard TransportMismatch.isFrame(head, of: TunnelProtocol.Hello.self) else { return }
             throw TransportMismatch.refuse(fd, .clientSpeaksPlain)
         }
         guard TransportMismatch.isFrame(head, of: TunnelProtocol.ServerHandshake.self) else { return }
-        throw FatalClientError(message: TransportMismatch.serverUsesPlain)
+        let webSocket = TransportMismatch.peekedRefusalFromWebSocketServer(fd)
+        throw FatalClientError(message: webSocket ? TransportMismatch.serverUsesWebSocket : TransportMismatch.serverUsesPlain)
     }
 }

@@ -19,6 +19,20 @@ struct TransportMismatch: Error, CustomStringConvertible {
         description: "the client uses --transport plain; this server uses TLS (drop --transport plain on the client, or give it to the server too)")
     static let serverUsesTLS = "the server uses TLS; drop --transport plain"
     static let serverUsesPlain = "the server uses --transport plain; give --transport plain on the client too"
+    static let serverUsesWebSocket = "the server speaks WebSocket (--transport ws/wss); give the server as ws://HOST:PORT/PATH (or wss://…) and drop --transport"
+
+    /// Whether a `transportMismatch` refusal's reason comes from a ws/wss server, which
+    /// refuses tls and plain clients alike (`clientSpeaksTunnel`).
+    static func fromWebSocketServer(_ reason: String) -> Bool { reason.contains("--transport ws/wss") }
+
+    /// Whether the refusal frame at the head of `fd`'s input (peeked, not consumed) comes
+    /// from a ws/wss server. The server sends its refusal in one write, so it has arrived
+    /// whole once its first bytes have.
+    static func peekedRefusalFromWebSocketServer(_ fd: Int32) -> Bool {
+        var bytes = [UInt8](repeating: 0, count: 1024)
+        let n = bytes.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_PEEK | MSG_DONTWAIT)) }
+        return n > 0 && fromWebSocketServer(String(decoding: bytes[..<n], as: UTF8.self))
+    }
 
     /// A TLS record header: handshake (ClientHello, ServerHello) or alert, version 3.0 to 3.4.
     static func isTLSRecord(_ head: [UInt8]) -> Bool {
