@@ -34,6 +34,19 @@ struct TransportMismatch: Error, CustomStringConvertible {
         return n > 0 && fromWebSocketServer(String(decoding: bytes[..<n], as: UTF8.self))
     }
 
+    /// The start of an HTTP request: a ws:// client's upgrade.
+    static func isHTTPRequest(_ head: [UInt8]) -> Bool { head.starts(with: "GET ".utf8) }
+
+    /// Answers a ws:// client that reached a plain or TLS server with an HTTP 400 that
+    /// names the server's transport (`Culvert-Transport`, which the client's upgrade
+    /// check turns into the fix), and returns the error that ends the connection.
+    static func refuseHTTP(_ fd: Int32, serverTransport: String) -> TransportMismatch {
+        let answer = "HTTP/1.1 400 Bad Request\r\nCulvert-Transport: \(serverTransport)\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        send(Array(answer.utf8), to: fd)
+        return TransportMismatch(description: "the client speaks WebSocket (a ws:// URL); this server uses --transport \(serverTransport) "
+            + "(give the client HOST:PORT, or run the server with --transport ws)")
+    }
+
     /// A TLS record header: handshake (ClientHello, ServerHello) or alert, version 3.0 to 3.4.
     static func isTLSRecord(_ head: [UInt8]) -> Bool {
         head.count >= 3 && (head[0] == 0x16 || head[0] == 0x15) && head[1] == 0x03 && head[2] <= 0x04
@@ -70,12 +83,16 @@ struct TransportMismatch: Error, CustomStringConvertible {
     /// that ends the connection. What the client sent is read and dropped first, so the
     /// close that follows sends FIN, not a reset that could discard the answer.
     static func refuse(_ fd: Int32, _ mismatch: TransportMismatch) -> TransportMismatch {
+        send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.transportMismatch, mismatch.description))), to: fd)
+        return mismatch
+    }
+
+    /// Reads and drops what the client sent, then sends `answer`.
+    private static func send(_ answer: [UInt8], to fd: Int32) {
         var sink = [UInt8](repeating: 0, count: 4096)
         for _ in 0..<16 {
             guard sink.withUnsafeMutableBytes({ recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) > 0 else { break }
         }
-        let frame = TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.transportMismatch, mismatch.description)))
-        _ = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
-        return mismatch
+        _ = answer.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
     }
 }
