@@ -330,10 +330,9 @@ struct ClientCommand: ParsableCommand {
         flags.inner = inner
         flags.wsPing = wsPing.map { $0.interval }
         flags.proxy = proxy
-        if proxy == "env" {
-            for name in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
-                flags.proxyEnvironment[name] = getenv(name).map { String(cString: $0) }
-            }
+        // Read always: `proxy = "env"` may come from the config file.
+        for name in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+            flags.proxyEnvironment[name] = getenv(name).map { String(cString: $0) }
         }
         flags.services = services
         flags.secrets = secrets

@@ -84,6 +84,9 @@ extension TunnelServerConfig {
         if let wsPath = flags.wsPath { config.webSocket.path = wsPath }
         if let inner = flags.inner { config.webSocket.inner = inner }
         if let wsPing = flags.wsPing { config.webSocket.ping = wsPing }
+        if !config.transport.isWebSocket && config.webSocket != TunnelWebSocket() {
+            throw ConfigError(setting: "transport", "ws_path, inner and ws_ping need transport ws or wss")
+        }
         if let allowPorts = flags.allowPorts { config.allowPorts = allowPorts }
         if !flags.bindAddresses.isEmpty { config.bindAddresses = flags.bindAddresses }
         if let maxClients = flags.maxClients { config.maxClients = maxClients }
