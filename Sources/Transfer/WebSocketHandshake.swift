@@ -145,10 +145,6 @@ public enum WebSocketHandshake {
         guard let head, head.startLine.0.hasPrefix("HTTP/1.") else {
             throw WebSocketHandshakeError("the server did not answer with HTTP: is this a WebSocket endpoint (wss:// for TLS, ws:// for plain)?")
         }
-        if let transport = head.field("culvert-transport") {
-            let flag = transport == "plain" ? " with --transport plain" : ""
-            throw WebSocketHandshakeError("the server is a culvert tunnel server on --transport \(transport), not WebSocket: give it as HOST:PORT\(flag) instead of a ws:// URL, or run it with --transport ws")
-        }
         let status = Int(head.startLine.1) ?? 0
         let said = "the server answered HTTP \(head.startLine.1) \(head.startLine.2)"
         switch status {
@@ -190,7 +186,7 @@ public enum WebSocketHandshake {
         } catch is HeadTooLong {
             throw WebSocketHandshakeError("the server's answer head is longer than \(maxHeadLength) bytes; not a WebSocket endpoint?")
         } catch ChannelError.eof {
-            throw WebSocketHandshakeError("the server closed the connection without answering the WebSocket upgrade (ws:// to a TLS port, or a proxy that drops upgrades?)")
+            throw WebSocketHandshakeError("the server closed the connection without answering the WebSocket upgrade: a culvert server on --transport tls or plain (give it as HOST:PORT, or run it with --transport ws), ws:// to a TLS port, or a proxy that drops upgrades")
         }
         try check(response: head, key: key)
         return leftover

@@ -22,6 +22,6 @@ struct PlainTransport: Transport {
     private static func refuseTLS(_ channel: AsyncDuplex) async throws {
         guard let head = try await TransportMismatch.firstBytes(of: channel) else { return }
         if TransportMismatch.isTLSRecord(head) { throw TransportMismatch.refuse(channel.duplex.fd, .clientSpeaksTLS) }
-        if TransportMismatch.isHTTPRequest(head) { throw TransportMismatch.refuseHTTP(channel.duplex.fd, serverTransport: "plain") }
+        if TransportMismatch.isHTTPRequest(head) { throw TransportMismatch.refuseWebSocket(channel.duplex.fd, serverTransport: "plain") }
     }
 }

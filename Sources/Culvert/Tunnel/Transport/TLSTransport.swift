@@ -118,10 +118,10 @@ struct TLSTransport: Transport {
 
     /// Stops the handshake when the peer's first bytes are a frame: a plain client's hello
     /// (answered with a plain refusal), or a plain or ws server's refusal of our ClientHello;
-    /// or an HTTP request: a ws:// client's upgrade (answered with HTTP 400).
+    /// or an HTTP request: a ws:// client's upgrade (closed unanswered).
     private static func refusePlain(_ head: [UInt8], on fd: Int32, role: Role) throws {
         if case .server = role {
-            if TransportMismatch.isHTTPRequest(head) { throw TransportMismatch.refuseHTTP(fd, serverTransport: "tls") }
+            if TransportMismatch.isHTTPRequest(head) { throw TransportMismatch.refuseWebSocket(fd, serverTransport: "tls") }
             guard TransportMismatch.isFrame(head, of: TunnelProtocol.Hello.self) else { return }
             throw TransportMismatch.refuse(fd, .clientSpeaksPlain)
         }

@@ -37,12 +37,11 @@ struct TransportMismatch: Error, CustomStringConvertible {
     /// The start of an HTTP request: a ws:// client's upgrade.
     static func isHTTPRequest(_ head: [UInt8]) -> Bool { head.starts(with: "GET ".utf8) }
 
-    /// Answers a ws:// client that reached a plain or TLS server with an HTTP 400 that
-    /// names the server's transport (`Culvert-Transport`, which the client's upgrade
-    /// check turns into the fix), and returns the error that ends the connection.
-    static func refuseHTTP(_ fd: Int32, serverTransport: String) -> TransportMismatch {
-        let answer = "HTTP/1.1 400 Bad Request\r\nCulvert-Transport: \(serverTransport)\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        send(Array(answer.utf8), to: fd)
+    /// Ends a ws:// client's upgrade on a plain or TLS server without an answer (a plain
+    /// server never answers garbage) but with FIN, not a reset, which the client's error
+    /// explains; returns the error the server logs.
+    static func refuseWebSocket(_ fd: Int32, serverTransport: String) -> TransportMismatch {
+        drain(fd)
         return TransportMismatch(description: "the client speaks WebSocket (a ws:// URL); this server uses --transport \(serverTransport) "
             + "(give the client HOST:PORT, or run the server with --transport ws)")
     }
@@ -83,16 +82,17 @@ struct TransportMismatch: Error, CustomStringConvertible {
     /// that ends the connection. What the client sent is read and dropped first, so the
     /// close that follows sends FIN, not a reset that could discard the answer.
     static func refuse(_ fd: Int32, _ mismatch: TransportMismatch) -> TransportMismatch {
-        send(TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.transportMismatch, mismatch.description))), to: fd)
+        drain(fd)
+        let frame = TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.transportMismatch, mismatch.description)))
+        _ = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
         return mismatch
     }
 
-    /// Reads and drops what the client sent, then sends `answer`.
-    private static func send(_ answer: [UInt8], to fd: Int32) {
+    /// Reads and drops what the client sent, so that closing sends FIN, not a reset.
+    private static func drain(_ fd: Int32) {
         var sink = [UInt8](repeating: 0, count: 4096)
         for _ in 0..<16 {
             guard sink.withUnsafeMutableBytes({ recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) > 0 else { break }
         }
-        _ = answer.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
     }
 }
