@@ -92,7 +92,7 @@ public final class TLSStream: Duplex {
     /// Plaintext encrypted per write call at most.
     private static let batch = 64 * 1024
     /// The stream the records travel in when it is not the socket itself.
-    private let carrier: Duplex?
+    let carrier: Duplex?
     /// Received carrier bytes on their way into OpenSSL's read buffer.
     private var carrierInput: UnsafeMutableRawPointer?
 

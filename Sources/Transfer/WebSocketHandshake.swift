@@ -186,7 +186,7 @@ public enum WebSocketHandshake {
         } catch is HeadTooLong {
             throw WebSocketHandshakeError("the server's answer head is longer than \(maxHeadLength) bytes; not a WebSocket endpoint?")
         } catch ChannelError.eof {
-            throw WebSocketHandshakeError("the server closed the connection without answering the WebSocket upgrade (ws:// to a TLS port, or a proxy that drops upgrades?)")
+            throw WebSocketHandshakeError("the server closed the connection without answering the WebSocket upgrade: a culvert server on --transport tls or plain (give it as HOST:PORT, or run it with --transport ws), ws:// to a TLS port, or a proxy that drops upgrades")
         }
         try check(response: head, key: key)
         return leftover

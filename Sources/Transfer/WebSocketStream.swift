@@ -89,6 +89,8 @@ public final class WebSocketStream: Duplex {
     private var keyPoolUsed = 256
 
     private var keepalive: LoopTimer?
+    /// The interval `startLayerKeepalive` uses (nil: none).
+    private let pingInterval: Duration?
     private var awaitingPong = false
     private var isClosed = false
 
@@ -102,6 +104,7 @@ public final class WebSocketStream: Duplex {
         self.inner = inner
         self.role = role
         maxMessage = settings.maxMessage
+        pingInterval = settings.pingInterval
         input = .allocate(byteCount: inputCapacity, alignment: 16)
         out = .allocate(byteCount: outCapacity, alignment: 16)
         precondition(leftover.count <= inputCapacity, "more bytes after the upgrade than one read takes")
@@ -354,6 +357,7 @@ public final class WebSocketStream: Duplex {
     /// handshake or `close`.
     public func startKeepalive(on loop: EventLoop, interval: Duration, onTimeout: @escaping () -> Void) {
         loop.assertInLoop()
+        awaitingPong = false
         keepalive = loop.schedule(after: interval) { [weak self] in self?.tick(loop: loop, interval: interval, onTimeout: onTimeout) }
     }
 
@@ -408,4 +412,14 @@ public final class WebSocketStream: Duplex {
         _ = flushOut()
         inner.close(reset: false)
     }
+}
+
+extension WebSocketStream: LayerKeepalive {
+    public func startLayerKeepalive(on loop: EventLoop) {
+        guard keepalive == nil, !isClosed, let interval = pingInterval else { return }
+        let fd = self.fd
+        startKeepalive(on: loop, interval: interval) { _ = shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
+    public func stopLayerKeepalive() { stopKeepalive() }
 }

@@ -124,6 +124,10 @@ struct ServerCommand: ParsableCommand {
     @Option(help: "With --transport ws/wss: tls (default; the token's TLS-PSK inside the WebSocket, end to end) or plain.")
     var inner: TunnelWebSocket.Inner?
 
+    @Option(help: "With --transport ws/wss: ping each tunnel WebSocket this often and drop it when a ping goes unanswered until the next (default: 20s; off).",
+            transform: parseWebSocketPing)
+    var wsPing: WebSocketPing?
+
     @Flag(help: "Visitors of exposed ports must start with a PROXY protocol header (v1 or v2, e.g. haproxy send-proxy in front of the server), read within the handshake timeout; its source is the visitor's address that clients see and pass on.")
     var acceptProxy = false
 
@@ -155,6 +159,7 @@ struct ServerCommand: ParsableCommand {
         flags.maxUnauthenticatedPerSource = maxUnauthenticatedPerSource
         flags.wsPath = wsPath
         flags.inner = inner
+        flags.wsPing = wsPing.map { $0.interval }
         flags.acceptProxy = acceptProxy
         flags.allowExit = allowExit
         flags.exitAllow = exitAllow
@@ -325,10 +330,9 @@ struct ClientCommand: ParsableCommand {
         flags.inner = inner
         flags.wsPing = wsPing.map { $0.interval }
         flags.proxy = proxy
-        if proxy == "env" {
-            for name in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
-                flags.proxyEnvironment[name] = getenv(name).map { String(cString: $0) }
-            }
+        // Read always: `proxy = "env"` may come from the config file.
+        for name in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+            flags.proxyEnvironment[name] = getenv(name).map { String(cString: $0) }
         }
         flags.services = services
         flags.secrets = secrets

@@ -195,7 +195,10 @@ extension TunnelClientConfig {
         if let sni = flags.sni { config.webSocket.serverName = sni }
         if let inner = flags.inner { config.webSocket.inner = inner }
         if let wsPing = flags.wsPing { config.webSocket.ping = wsPing }
-        if let proxy = flags.proxy {
+        if !config.transport.isWebSocket && config.webSocket != TunnelWebSocket() {
+            throw ConfigError(setting: "server", "headers, host_header, sni, inner and ws_ping need the server as a ws:// or wss:// URL")
+        }
+        if let proxy = flags.proxy ?? fromFile?.proxy {
             config.proxy = try ProxyRoute.parse(proxy, environment: flags.proxyEnvironment, server: config.server)
         }
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {

@@ -4,9 +4,10 @@
 /// Server keys: listen, token, token_file, transport, cert, key, allow_ports, bind_addr,
 /// max_clients, max_services, max_unauthenticated, max_unauthenticated_per_source, allow_exit,
 /// exit_allow, exit_deny, handshake_timeout,
-/// heartbeat_interval, heartbeat_misses, drain_timeout, threads, accept_proxy, log_level, log_format,
-/// admin, admin_token_file.
-/// Client keys: server (or servers, a list), token, token_file, transport, ca, fingerprint, pool, mux,
+/// heartbeat_interval, heartbeat_misses, drain_timeout, threads, accept_proxy, ws_path, inner, ws_ping,
+/// log_level, log_format, admin, admin_token_file.
+/// Client keys: server (or servers, a list; or one ws:// or wss:// URL), headers, host_header, sni,
+/// inner, ws_ping, proxy, token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, failback_interval, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, max_visitors,
 /// dynamic, proxy_auth_file, no_auth, exit_allow, exit_deny, log_level,
@@ -26,6 +27,8 @@ public enum TunnelConfigFile {
         public var admin = AdminFlags()
         /// Whether the file named the server (client files).
         public var hasServer = false
+        /// `proxy` (client files), resolved with the flags' environment.
+        public var proxy: String?
         /// Advice found while reading, logged once there is a logger (a service token
         /// file that others can open).
         public var warnings: [String] = []
@@ -61,6 +64,9 @@ public enum TunnelConfigFile {
         config.heartbeat.interval = try file.duration("heartbeat_interval") ?? config.heartbeat.interval
         config.heartbeat.misses = try file.int("heartbeat_misses", range: 1...1000) ?? config.heartbeat.misses
         config.acceptProxy = try file.bool("accept_proxy") ?? config.acceptProxy
+        if let path = try file.parse("ws_path", try file.string("ws_path"), parseWebSocketPath) { config.webSocket.path = path }
+        if let inner = try file.parse("inner", try file.string("inner"), parseInner) { config.webSocket.inner = inner }
+        if (try? file.string("ws_ping")) == "off" { config.webSocket.ping = nil } else if let ping = try file.duration("ws_ping") { config.webSocket.ping = ping }
         let common = try readCommon(file)
         try file.rejectUnknownKeys()
         if (config.certFile == nil) != (config.keyFile == nil) {
@@ -73,6 +79,13 @@ public enum TunnelConfigFile {
         let file = try ConfigFile(path: path)
         let hasServer: Bool
         switch (try file.string("server"), try file.strings("servers")) {
+        case (let server?, nil) where server.lowercased().hasPrefix("ws://") || server.lowercased().hasPrefix("wss://"):
+            let url: WebSocketURL
+            do { url = try WebSocketURL.parse(server) } catch { throw file.error("server", error.message) }
+            config.server = url.target
+            config.transport = url.secure ? .wss : .ws
+            config.webSocket.path = url.path
+            hasServer = true
         case (let server?, nil):
             config.servers = try file.parse("server", server, parseServers)!
             hasServer = true
@@ -116,6 +129,14 @@ public enum TunnelConfigFile {
         config.proxyNoAuth = try file.bool("no_auth") ?? config.proxyNoAuth
         if let rules = try file.strings("exit_allow") { config.exitAllow = try file.rules("exit_allow", rules) }
         if let rules = try file.strings("exit_deny") { config.exitDeny = try file.rules("exit_deny", rules) }
+        for h in try file.strings("headers") ?? [] {
+            do { config.webSocket.headers.append(try WebSocketEgress.parseHeader(h)) } catch { throw file.error("headers", error.message) }
+        }
+        config.webSocket.hostHeader = try file.string("host_header") ?? config.webSocket.hostHeader
+        config.webSocket.serverName = try file.string("sni") ?? config.webSocket.serverName
+        if let inner = try file.parse("inner", try file.string("inner"), parseInner) { config.webSocket.inner = inner }
+        if (try? file.string("ws_ping")) == "off" { config.webSocket.ping = nil } else if let ping = try file.duration("ws_ping") { config.webSocket.ping = ping }
+        let proxy = try file.string("proxy")
         var services: [ServiceSpec] = []
         var warnings: [String] = []
         let compressAll = try file.bool("compress") ?? false
@@ -162,6 +183,7 @@ public enum TunnelConfigFile {
         var common = try readCommon(file)
         common.hasServer = hasServer
         common.warnings = warnings
+        common.proxy = proxy
         try file.rejectUnknownKeys()
         if config.caFile != nil && config.fingerprint != nil {
             throw ConfigError(file: path, key: "fingerprint", message: "give ca or fingerprint, not both")
@@ -180,6 +202,20 @@ public enum TunnelConfigFile {
     /// A value that does not parse; the text names the value and the fix.
     public struct InvalidValue: Error, CustomStringConvertible {
         public let description: String
+    }
+
+    /// `ws_path`: as `--ws-path`.
+    static func parseWebSocketPath(_ text: String) throws(InvalidValue) -> String {
+        guard text.hasPrefix("/"), !text.contains(where: { !$0.isASCII || $0.isWhitespace || $0 == "?" }) else {
+            throw InvalidValue(description: "'\(text)' must start with / and be ASCII without spaces or '?'")
+        }
+        return text
+    }
+
+    /// `inner`: tls or plain.
+    static func parseInner(_ text: String) throws(InvalidValue) -> TunnelWebSocket.Inner {
+        guard let inner = TunnelWebSocket.Inner(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not tls or plain") }
+        return inner
     }
 
     static func parseTransport(_ text: String) throws(InvalidValue) -> TunnelTransport {

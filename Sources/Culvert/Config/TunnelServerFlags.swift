@@ -16,6 +16,8 @@ public struct TunnelServerFlags: Sendable {
     /// `--ws-path` and `--inner`, with `--transport ws` or `wss`.
     public var wsPath: String?
     public var inner: TunnelWebSocket.Inner?
+    /// `--ws-ping`: nil not given, `.some(nil)` off.
+    public var wsPing: Duration??
     public var acceptProxy = false
     public var allowExit = false
     public var exitAllow: [String] = []
@@ -39,7 +41,7 @@ public struct TunnelServerFlags: Sendable {
             throw ConfigError(setting: "--ws-path", "--ws-path '\(wsPath)' must start with / and be ASCII without spaces or '?'")
         }
         if common.transport?.isWebSocket != true {
-            for (name, given) in [("--ws-path", wsPath != nil), ("--inner", inner != nil)] where given {
+            for (name, given) in [("--ws-path", wsPath != nil), ("--inner", inner != nil), ("--ws-ping", wsPing != nil)] where given {
                 throw ConfigError(setting: name, "\(name) needs --transport ws or wss")
             }
         }
@@ -81,6 +83,10 @@ extension TunnelServerConfig {
         }
         if let wsPath = flags.wsPath { config.webSocket.path = wsPath }
         if let inner = flags.inner { config.webSocket.inner = inner }
+        if let wsPing = flags.wsPing { config.webSocket.ping = wsPing }
+        if !config.transport.isWebSocket && config.webSocket != TunnelWebSocket() {
+            throw ConfigError(setting: "transport", "ws_path, inner and ws_ping need transport ws or wss")
+        }
         if let allowPorts = flags.allowPorts { config.allowPorts = allowPorts }
         if !flags.bindAddresses.isEmpty { config.bindAddresses = flags.bindAddresses }
         if let maxClients = flags.maxClients { config.maxClients = maxClients }

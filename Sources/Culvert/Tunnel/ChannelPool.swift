@@ -416,6 +416,7 @@ final class Carrier: @unchecked Sendable {
     }
 
     private func begin(_ stream: Duplex, onUp: @escaping () -> Void, onFailed: @escaping () -> Void, onClosed: @escaping (Error?) -> Void) {
+        (stream as? LayerKeepalive)?.startLayerKeepalive(on: home.loop)
         let mux = MuxConnection(loop: home.loop, carrier: stream, isOpener: true, pipes: home.relays.resources.pipes)
         // A carrier whose first read fails closes inside start(): that is a failed
         // start, not a carrier that was up.

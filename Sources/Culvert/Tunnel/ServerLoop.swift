@@ -82,6 +82,10 @@ final class ServerLoop: @unchecked Sendable {
     func startRelay(visitor: Duplex, data channel: Duplex, service: ExposedService, peer: String, arrivedAt: UInt64) {
         loop.assertInLoop()
         meters.observeConnect(since: arrivedAt)
+        // Both may be WebSockets (a secret service's visitor is one); their pings start
+        // here, on the loop that keeps them.
+        (channel as? LayerKeepalive)?.startLayerKeepalive(on: loop)
+        (visitor as? LayerKeepalive)?.startLayerKeepalive(on: loop)
         var data = channel
         var zlib: ZlibStream?
         if service.compress {
@@ -220,6 +224,7 @@ final class ServerLoop: @unchecked Sendable {
                 leaveBudget()
                 budget.sessionStarted(pending.source)
                 sessions[ObjectIdentifier(session)] = session
+                (channel.duplex as? LayerKeepalive)?.startLayerKeepalive(on: loop)
                 await session.run()
                 sessions[ObjectIdentifier(session)] = nil
                 budget.sessionEnded(pending.source)

@@ -181,7 +181,9 @@ final class ServerSession {
             throw error
         }
         logger.info("visitor connected", metadata: ["peer": "\(peer)", "service": "\(name)"])
-        let handoff = Handoff(control.detach())
+        let stream = control.detach()
+        (stream as? LayerKeepalive)?.stopLayerKeepalive()
+        let handoff = Handoff(stream)
         let peer = self.peer
         exposer.loop.execute { exposer.session.visitorArrived(handoff.value, peer: peer, service: sid) }
     }

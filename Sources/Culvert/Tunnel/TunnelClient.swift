@@ -428,6 +428,10 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             ("connect_timeout", a.connectTimeout == b.connectTimeout), ("reconnect_max", a.reconnectMax == b.reconnectMax),
             ("drain_timeout", a.drainTimeout == b.drainTimeout), ("threads", a.threads == b.threads),
             ("udp_idle_timeout", a.udpIdleTimeout == b.udpIdleTimeout), ("udp_max_sessions", a.udpMaxSessions == b.udpMaxSessions),
+            ("headers", a.webSocket.headers.elementsEqual(b.webSocket.headers, by: { $0.name == $1.name && $0.value == $1.value })),
+            ("host_header", a.webSocket.hostHeader == b.webSocket.hostHeader), ("sni", a.webSocket.serverName == b.webSocket.serverName),
+            ("inner", a.webSocket.inner == b.webSocket.inner), ("ws_ping", a.webSocket.ping == b.webSocket.ping),
+            ("proxy", a.proxy == b.proxy), ("ws_path", a.webSocket.path == b.webSocket.path),
         ]
         return checks.filter { !$0.1 }.map(\.0)
     }

@@ -103,8 +103,8 @@ final class TunnelConnector {
 
     /// What a refusal of the handshake means for the client: a wrong token, another
     /// protocol version or another transport stays wrong however often it retries; the
-    /// rest may pass later. Only a TLS server refuses our transport: a plain one
-    /// refuses a TLS client's ClientHello, which `TLSTransport` recognises.
+    /// rest may pass later. Only a TLS or ws/wss server refuses our transport: a plain
+    /// one refuses a TLS client's ClientHello, which `TLSTransport` recognises.
     private static func failure(_ refusal: TunnelProtocol.Refusal) -> Error {
         switch refusal.code {
         case .authFailed:
@@ -112,7 +112,8 @@ final class TunnelConnector {
         case .version:
             return FatalClientError(message: "server refused: \(refusal.reason)")
         case .transportMismatch:
-            return FatalClientError(message: TransportMismatch.serverUsesTLS)
+            let webSocket = TransportMismatch.fromWebSocketServer(refusal.reason)
+            return FatalClientError(message: webSocket ? TransportMismatch.serverUsesWebSocket : TransportMismatch.serverUsesTLS)
         case .serverFull, .tooManyServices, .duplicateService, .nameTaken, .bindNotAllowed, .portNotAllowed, .portInUse,
              .noFreePort, .listenFailed, .noSuchService, .wrongServiceToken, .localUnreachable, .exitNotAllowed:
             return ChannelError.protocolViolation("server refused: \(refusal.reason)")

@@ -87,7 +87,8 @@ public final class TunnelServer: ReloadableService, MetricsSource, @unchecked Se
             ("heartbeat_misses", old.heartbeat.misses != new.heartbeat.misses),
             ("drain_timeout", old.drainTimeout != new.drainTimeout), ("threads", old.threads != new.threads),
             ("allow_exit", old.allowExit != new.allowExit), ("exit_allow", old.exitAllow != new.exitAllow),
-            ("exit_deny", old.exitDeny != new.exitDeny),
+            ("exit_deny", old.exitDeny != new.exitDeny), ("ws_path", old.webSocket.path != new.webSocket.path),
+            ("inner", old.webSocket.inner != new.webSocket.inner), ("ws_ping", old.webSocket.ping != new.webSocket.ping),
         ]
         report.needsRestart = restartOnly.filter(\.1).map(\.0)
         context.apply(ServerContext.Reloadable(new))

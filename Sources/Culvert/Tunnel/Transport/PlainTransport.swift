@@ -18,9 +18,10 @@ struct PlainTransport: Transport {
         return (TCPStream(fd: fd, noDelay: false), Self.refuseTLS)
     }
 
-    /// Waits for the client's first bytes and refuses a TLS ClientHello.
+    /// Waits for the client's first bytes and refuses a TLS ClientHello or a WebSocket upgrade.
     private static func refuseTLS(_ channel: AsyncDuplex) async throws {
-        guard let head = try await TransportMismatch.firstBytes(of: channel), TransportMismatch.isTLSRecord(head) else { return }
-        throw TransportMismatch.refuse(channel.duplex.fd, .clientSpeaksTLS)
+        guard let head = try await TransportMismatch.firstBytes(of: channel) else { return }
+        if TransportMismatch.isTLSRecord(head) { throw TransportMismatch.refuse(channel.duplex.fd, .clientSpeaksTLS) }
+        if TransportMismatch.isHTTPRequest(head) { throw TransportMismatch.refuseWebSocket(channel.duplex.fd, serverTransport: "plain") }
     }
 }

@@ -117,13 +117,16 @@ struct TLSTransport: Transport {
     }
 
     /// Stops the handshake when the peer's first bytes are a frame: a plain client's hello
-    /// (answered with a plain refusal), or a plain server's refusal of our ClientHello.
+    /// (answered with a plain refusal), or a plain or ws server's refusal of our ClientHello;
+    /// or an HTTP request: a ws:// client's upgrade (closed unanswered).
     private static func refusePlain(_ head: [UInt8], on fd: Int32, role: Role) throws {
         if case .server = role {
+            if TransportMismatch.isHTTPRequest(head) { throw TransportMismatch.refuseWebSocket(fd, serverTransport: "tls") }
             guard TransportMismatch.isFrame(head, of: TunnelProtocol.Hello.self) else { return }
             throw TransportMismatch.refuse(fd, .clientSpeaksPlain)
         }
         guard TransportMismatch.isFrame(head, of: TunnelProtocol.ServerHandshake.self) else { return }
-        throw FatalClientError(message: TransportMismatch.serverUsesPlain)
+        let webSocket = TransportMismatch.peekedRefusalFromWebSocketServer(fd)
+        throw FatalClientError(message: webSocket ? TransportMismatch.serverUsesWebSocket : TransportMismatch.serverUsesPlain)
     }
 }

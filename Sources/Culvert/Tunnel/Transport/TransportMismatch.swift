@@ -19,6 +19,32 @@ struct TransportMismatch: Error, CustomStringConvertible {
         description: "the client uses --transport plain; this server uses TLS (drop --transport plain on the client, or give it to the server too)")
     static let serverUsesTLS = "the server uses TLS; drop --transport plain"
     static let serverUsesPlain = "the server uses --transport plain; give --transport plain on the client too"
+    static let serverUsesWebSocket = "the server speaks WebSocket (--transport ws/wss); give the server as ws://HOST:PORT/PATH (or wss://…) and drop --transport"
+
+    /// Whether a `transportMismatch` refusal's reason comes from a ws/wss server, which
+    /// refuses tls and plain clients alike (`clientSpeaksTunnel`).
+    static func fromWebSocketServer(_ reason: String) -> Bool { reason.contains("--transport ws/wss") }
+
+    /// Whether the refusal frame at the head of `fd`'s input (peeked, not consumed) comes
+    /// from a ws/wss server. The server sends its refusal in one write, so it has arrived
+    /// whole once its first bytes have.
+    static func peekedRefusalFromWebSocketServer(_ fd: Int32) -> Bool {
+        var bytes = [UInt8](repeating: 0, count: 1024)
+        let n = bytes.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_PEEK | MSG_DONTWAIT)) }
+        return n > 0 && fromWebSocketServer(String(decoding: bytes[..<n], as: UTF8.self))
+    }
+
+    /// The start of an HTTP request: a ws:// client's upgrade.
+    static func isHTTPRequest(_ head: [UInt8]) -> Bool { head.starts(with: "GET ".utf8) }
+
+    /// Ends a ws:// client's upgrade on a plain or TLS server without an answer (a plain
+    /// server never answers garbage) but with FIN, not a reset, which the client's error
+    /// explains; returns the error the server logs.
+    static func refuseWebSocket(_ fd: Int32, serverTransport: String) -> TransportMismatch {
+        drain(fd)
+        return TransportMismatch(description: "the client speaks WebSocket (a ws:// URL); this server uses --transport \(serverTransport) "
+            + "(give the client HOST:PORT, or run the server with --transport ws)")
+    }
 
     /// A TLS record header: handshake (ClientHello, ServerHello) or alert, version 3.0 to 3.4.
     static func isTLSRecord(_ head: [UInt8]) -> Bool {
@@ -56,12 +82,17 @@ struct TransportMismatch: Error, CustomStringConvertible {
     /// that ends the connection. What the client sent is read and dropped first, so the
     /// close that follows sends FIN, not a reset that could discard the answer.
     static func refuse(_ fd: Int32, _ mismatch: TransportMismatch) -> TransportMismatch {
+        drain(fd)
+        let frame = TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.transportMismatch, mismatch.description)))
+        _ = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+        return mismatch
+    }
+
+    /// Reads and drops what the client sent, so that closing sends FIN, not a reset.
+    private static func drain(_ fd: Int32) {
         var sink = [UInt8](repeating: 0, count: 4096)
         for _ in 0..<16 {
             guard sink.withUnsafeMutableBytes({ recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) > 0 else { break }
         }
-        let frame = TunnelProtocol.encode(TunnelProtocol.ServerHandshake.refused(.init(.transportMismatch, mismatch.description)))
-        _ = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
-        return mismatch
     }
 }

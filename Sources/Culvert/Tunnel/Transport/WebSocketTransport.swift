@@ -18,7 +18,7 @@ public struct TunnelWebSocket: Equatable, Sendable {
     /// The path the server upgrades (any other gets 404) and the client asks for.
     public var path = "/"
     public var inner = Inner.tls
-    /// The client's ping interval on each tunnel WebSocket (and the pong deadline); nil: none.
+    /// This end's ping interval on each tunnel WebSocket (and the pong deadline); nil: none.
     public var ping: Duration? = WebSocketStream.Settings.defaultPingInterval
     /// Extra request headers the client sends (`--header`).
     public var headers: [(name: String, value: String)] = []
@@ -65,9 +65,9 @@ struct WebSocketTransport: Transport {
             outerTLS = nil
         }
         innerTLS = config.webSocket.inner == .tls ? try TLSTransport(psk: keys, server: true) : nil
-        // The server answers the client's pings; its own would run on the loop that
-        // accepted the connection, which is not the loop a data channel moves to.
-        settings = WebSocketStream.Settings(pingInterval: nil)
+        // The stream carries the interval; its owner starts the pings on the loop the
+        // connection ends up on (a data channel moves on from the accepting loop).
+        settings = WebSocketStream.Settings(pingInterval: config.webSocket.ping)
     }
 
     init(client config: TunnelClientConfig, keys: TokenKeys) throws {
@@ -134,11 +134,8 @@ struct WebSocketTransport: Transport {
             channel.layer(tls)
             try await handshake(channel)
         }
-        if let interval = settings.pingInterval {
-            // A peer that stopped answering: whoever owns the connection by then sees it end.
-            let fd = ws.fd
-            ws.startKeepalive(on: channel.loop, interval: interval) { _ = shutdown(fd, Int32(SHUT_RDWR)) }
-        }
+        // A client's connection stays on the loop that made it.
+        if case .client = role { ws.startLayerKeepalive(on: channel.loop) }
     }
 
     private func outerHandshake(_ tls: TLSStream, on channel: AsyncDuplex) async throws {
