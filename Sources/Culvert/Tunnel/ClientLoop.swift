@@ -67,8 +67,9 @@ final class ClientLoop: @unchecked Sendable {
     /// Secret-service visitors turned away: anyone with the server's token can send them
     /// by the thousand, so past the first few they are counted (shared by every loop).
     private let refusals: RefusalSummary
-    /// The visitor limit of each TCP and secret service, shared by every loop.
-    private let visitorLimits: [UInt32: VisitorLimit]
+    /// The visitor limit of each TCP and secret service, shared by every loop; a reload
+    /// adds those of the services it adds (`servicesChanged`).
+    private var visitorLimits: [UInt32: VisitorLimit]
     /// Visitors refused at their service's limit since the last summary line, by
     /// service id, and the timer that writes it.
     private var refusedAtLimit: [UInt32: Int] = [:]
@@ -107,10 +108,12 @@ final class ClientLoop: @unchecked Sendable {
     var relayCount: Int { relays.count }
 
     /// A reload changed the services: visitors of the removed ones are refused from now
-    /// on, while their running relays go on and leave the group when done.
-    func servicesChanged(_ current: [ServiceSpec]) {
+    /// on, while their running relays go on and leave the group when done; the added
+    /// ones come with their visitor limits.
+    func servicesChanged(_ current: [ServiceSpec], limits: [UInt32: VisitorLimit]) {
         loop.assertInLoop()
         services = Dictionary(current.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        visitorLimits = limits
         for id in Array(serviceRelays.keys) where services[id] == nil {
             relays.retire(serviceRelays.removeValue(forKey: id)!)
             resolvedLocal[id] = nil

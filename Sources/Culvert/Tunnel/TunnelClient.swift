@@ -68,11 +68,16 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     private var dynamicBound: [SocketAddress] = []
     /// Whether the server answered `useExit` (or no `-D` needs it): part of being ready.
     private var exitAnswered: Bool
+    /// The visitor limit of each TCP and secret service, shared by the loops.
+    private var visitorLimits: [UInt32: VisitorLimit]
+    private let udpMaxSessions: Int
 
     private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connectors: [TunnelConnector], control: ServiceControl,
-                 loops: [ClientLoop], proxies: ClientProxies, configPath: String?,
-                 reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
+                 loops: [ClientLoop], proxies: ClientProxies, visitorLimits: [UInt32: VisitorLimit], udpMaxSessions: Int,
+                 configPath: String?, reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
         self.config = config
+        self.visitorLimits = visitorLimits
+        self.udpMaxSessions = udpMaxSessions
         self.proxies = proxies
         exitAnswered = config.dynamic.isEmpty
         services = config.services
@@ -105,7 +110,8 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         }
         proxies.loops = loops
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connectors: connectors, control: control, loops: loops,
-                                  proxies: proxies, configPath: configPath, reread: reread)
+                                  proxies: proxies, visitorLimits: visitorLimits, udpMaxSessions: udpMaxSessions,
+                                  configPath: configPath, reread: reread)
         client.dynamicBound = try await proxies.startDynamic(config.dynamic, group: group)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client
@@ -405,7 +411,9 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         let gone = Set(removed.map(\.id))
         services = services.filter { !gone.contains($0.id) } + added
         let specs = services
-        for l in loops { l.run { l.servicesChanged(specs) } }
+        visitorLimits = VisitorLimit.updated(visitorLimits, for: specs, config: config, udpMaxSessions: udpMaxSessions, logger: logger)
+        let limits = visitorLimits
+        for l in loops { l.run { l.servicesChanged(specs, limits: limits) } }
         current?.servicesChanged(removed: removed, added: added)
         candidate?.servicesChanged(removed: removed, added: added)
         return report
