@@ -1,15 +1,21 @@
 """Where two of the merged features meet: a tunnel client's reload with its visitor
-limits.
+limits and its admin endpoint.
 
 Every wait has a deadline; transfers are checked by their bytes.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import socket
+import urllib.request
 
-from conftest import round_trip
+from conftest import parse_addr, round_trip
+from tunnel_support import poll
+
+ADMIN_RE = re.compile(r"^listening admin (\S+)$")
 
 
 def client_file(path, server, token_file: str, services: dict[str, int], extra: str = "") -> None:
@@ -54,3 +60,25 @@ def test_service_added_by_reload_has_the_visitor_limit(kit, tmp_path):
         round_trip(holder, b"the first one goes on")
     finally:
         holder.close()
+
+
+def test_admin_status_shows_the_port_of_a_service_added_by_reload(kit, tmp_path):
+    one, two = kit.echo(), kit.echo()
+    server = kit.start_server()
+    cfg = tmp_path / "client.toml"
+    client_file(cfg, server.server_addr, kit.token_file, {"one": one.port})
+    client = kit.spawn(["client", "-c", str(cfg), "--admin", "127.0.0.1:0"])
+    client.exposed(1)
+    host, port = parse_addr(client.wait_stdout(ADMIN_RE)[0].group(1))
+
+    client_file(cfg, server.server_addr, kit.token_file, {"one": one.port, "two": two.port})
+    reload(client, 1)
+    exposed_two = client.exposed(2)[f"127.0.0.1:{two.port}"]
+
+    def ports():
+        with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as response:
+            status = json.loads(response.read())
+        return {s["name"]: s["ports"] for s in status["services"]}
+
+    assert poll(lambda: ports().get("two") == [f"{exposed_two[0]}:{exposed_two[1]}"], 10,
+                "the added service's port in /status"), ports()

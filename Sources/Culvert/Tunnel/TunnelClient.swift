@@ -443,7 +443,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     public func gatherMetrics() async -> MetricsSnapshot {
         var all = MetricsSnapshot.merged(await onEachLoop(loops, loop: \.loop) { $0.meters.sample() })
         let exposedAt = current?.exposedAt ?? [:]
-        for spec in config.services {
+        for spec in services {
             all.services[spec.name, default: ServiceSample(kind: spec.kindName)].ports = exposedAt[spec.name].map { [$0] } ?? []
         }
         all.tunnelSessions = current == nil ? 0 : 1
