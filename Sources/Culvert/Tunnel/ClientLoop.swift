@@ -6,12 +6,14 @@ import Transfer
 /// The identity a data channel proves to the server: its session's id and key, and
 /// which of the client's servers (by index) the session is with. `isEnded` is set (on
 /// the session's loop) before the loops hear of the end, so a channel still on its way
-/// for an ended session is closed instead of pooled.
+/// for an ended session is closed instead of pooled. `isServing` is set once the session
+/// holds the services (a candidate's is not yet): `-D` exit streams prefer its carriers.
 final class SessionCredentials: Sendable {
     let id: [UInt8]
     let key: [UInt8]
     let server: Int
     private let ended = Atomic<Bool>(false)
+    private let serving = Atomic<Bool>(false)
 
     init(id: [UInt8], key: [UInt8], server: Int) {
         self.id = id
@@ -21,6 +23,8 @@ final class SessionCredentials: Sendable {
 
     var isEnded: Bool { ended.load(ordering: .relaxed) }
     func end() { ended.store(true, ordering: .relaxed) }
+    var isServing: Bool { serving.load(ordering: .relaxed) }
+    func startServing() { serving.store(true, ordering: .relaxed) }
 }
 
 /// One loop's share of a tunnel client's data plane: the data channels the session
@@ -352,11 +356,14 @@ final class ClientLoop: @unchecked Sendable {
         proxies.carrierUp(on: self)
     }
 
-    /// A `-D` request's exit stream, on this loop's least busy carrier of a live session;
-    /// nil when none is up.
+    /// A `-D` request's exit stream, on this loop's least busy carrier of a live session,
+    /// the serving one's when it has one here: a candidate's server may be no exit. Nil
+    /// when none is up.
     func openExitStream(_ payload: [UInt8]) -> MuxStream? {
         loop.assertInLoop()
-        return carriers.values.filter { !$0.carrier.isClosed && !$0.session.isEnded }
+        let live = carriers.values.filter { !$0.carrier.isClosed && !$0.session.isEnded }
+        let serving = live.filter { $0.session.isServing }
+        return (serving.isEmpty ? live : serving)
             .min { $0.carrier.streamCount < $1.carrier.streamCount }?.carrier.open(payload)
     }
 

@@ -198,10 +198,13 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         return ClientSession(client: self, control: channel, credentials: credentials, loops: loops)
     }
 
-    /// `session` holds the services from now on.
+    /// `session` holds the services from now on; the `-D` proxies follow its server's
+    /// answer to `useExit` when it came while the session was a candidate.
     private func adopt(_ session: ClientSession) {
         current = session
         servers.served(session.server)
+        session.credentials.startServing()
+        if let answer = session.exitAnswer { proxies.exitAnswered(answer) }
     }
 
     // MARK: moving back to a preferred server
@@ -287,8 +290,10 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     }
 
     /// The server answered `useExit`: the `-D` proxies serve accordingly, and the ready
-    /// lines may be complete.
+    /// lines may be complete. A candidate's answer waits until it takes over (`adopt`):
+    /// until then the serving server is the exit, whatever the preferred one allows.
     func exitAnswered(_ answer: ClientProxies.ExitAnswer, by session: ClientSession) {
+        guard session === current else { return servicesExposed(by: session) }
         proxies.exitAnswered(answer)
         exitAnswered = true
         servicesExposed(by: session)
