@@ -1,3 +1,4 @@
+import Logging
 import XCTest
 @testable import Culvert
 
@@ -47,5 +48,24 @@ final class ClientVisitorLimitTests: XCTestCase {
         let negative = try scratch.write("max.toml", "server = \"127.0.0.1\"\ntoken = \"\(token)\"\nmax_visitors = -5\n")
         XCTAssertConfigError({ () throws(ConfigError) in try TunnelClientConfig.resolve(flags: TunnelClientFlags(), file: negative) },
                              key: "max_visitors", contains: "out of range")
+    }
+
+    func testServicesAReloadAddsGetTheShareAndRemovedOnesGo() throws {
+        func spec(_ id: UInt32, _ kind: ServiceSpec.Kind) -> ServiceSpec {
+            var s = ServiceSpec(name: "s\(id)", kind: kind, bindHost: nil, remotePort: 0, localHost: "127.0.0.1", localPort: 80)
+            s.id = id
+            return s
+        }
+        var config = TunnelClientConfig()
+        config.maxVisitors = 7
+        let started = [1: VisitorLimit(max: 7), 2: VisitorLimit(max: 7)] as [UInt32: VisitorLimit]
+        let now = [spec(2, .tcp), spec(3, .tcp), spec(4, .udp), spec(5, .secret)]
+        let updated = VisitorLimit.updated(started, for: now, config: config, udpMaxSessions: 0, logger: Logger(label: "test"))
+        XCTAssertEqual(Set(updated.keys), [2, 3, 5], "the removed service's limit goes, UDP services have none")
+        XCTAssertTrue(updated[2] === started[2], "a running service keeps its limit and the places counted in it")
+        XCTAssertEqual(updated[3]?.max, 7)
+        XCTAssertEqual(updated[5]?.max, 7)
+        let fromNone = VisitorLimit.updated([:], for: [spec(9, .tcp)], config: config, udpMaxSessions: 0, logger: Logger(label: "test"))
+        XCTAssertEqual(fromNone[9]?.max, 7, "a client that started with no TCP service computes the limit then")
     }
 }

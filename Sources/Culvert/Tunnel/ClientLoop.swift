@@ -6,12 +6,14 @@ import Transfer
 /// The identity a data channel proves to the server: its session's id and key, and
 /// which of the client's servers (by index) the session is with. `isEnded` is set (on
 /// the session's loop) before the loops hear of the end, so a channel still on its way
-/// for an ended session is closed instead of pooled.
+/// for an ended session is closed instead of pooled. `isServing` is set once the session
+/// holds the services (a candidate's is not yet): `-D` exit streams prefer its carriers.
 final class SessionCredentials: Sendable {
     let id: [UInt8]
     let key: [UInt8]
     let server: Int
     private let ended = Atomic<Bool>(false)
+    private let serving = Atomic<Bool>(false)
 
     init(id: [UInt8], key: [UInt8], server: Int) {
         self.id = id
@@ -21,6 +23,8 @@ final class SessionCredentials: Sendable {
 
     var isEnded: Bool { ended.load(ordering: .relaxed) }
     func end() { ended.store(true, ordering: .relaxed) }
+    var isServing: Bool { serving.load(ordering: .relaxed) }
+    func startServing() { serving.store(true, ordering: .relaxed) }
 }
 
 /// One loop's share of a tunnel client's data plane: the data channels the session
@@ -67,8 +71,9 @@ final class ClientLoop: @unchecked Sendable {
     /// Secret-service visitors turned away: anyone with the server's token can send them
     /// by the thousand, so past the first few they are counted (shared by every loop).
     private let refusals: RefusalSummary
-    /// The visitor limit of each TCP and secret service, shared by every loop.
-    private let visitorLimits: [UInt32: VisitorLimit]
+    /// The visitor limit of each TCP and secret service, shared by every loop; a reload
+    /// adds those of the services it adds (`servicesChanged`).
+    private var visitorLimits: [UInt32: VisitorLimit]
     /// Visitors refused at their service's limit since the last summary line, by
     /// service id, and the timer that writes it.
     private var refusedAtLimit: [UInt32: Int] = [:]
@@ -107,10 +112,12 @@ final class ClientLoop: @unchecked Sendable {
     var relayCount: Int { relays.count }
 
     /// A reload changed the services: visitors of the removed ones are refused from now
-    /// on, while their running relays go on and leave the group when done.
-    func servicesChanged(_ current: [ServiceSpec]) {
+    /// on, while their running relays go on and leave the group when done; the added
+    /// ones come with their visitor limits.
+    func servicesChanged(_ current: [ServiceSpec], limits: [UInt32: VisitorLimit]) {
         loop.assertInLoop()
         services = Dictionary(current.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        visitorLimits = limits
         for id in Array(serviceRelays.keys) where services[id] == nil {
             relays.retire(serviceRelays.removeValue(forKey: id)!)
             resolvedLocal[id] = nil
@@ -349,11 +356,14 @@ final class ClientLoop: @unchecked Sendable {
         proxies.carrierUp(on: self)
     }
 
-    /// A `-D` request's exit stream, on this loop's least busy carrier of a live session;
-    /// nil when none is up.
+    /// A `-D` request's exit stream, on this loop's least busy carrier of a live session,
+    /// the serving one's when it has one here: a candidate's server may be no exit. Nil
+    /// when none is up.
     func openExitStream(_ payload: [UInt8]) -> MuxStream? {
         loop.assertInLoop()
-        return carriers.values.filter { !$0.carrier.isClosed && !$0.session.isEnded }
+        let live = carriers.values.filter { !$0.carrier.isClosed && !$0.session.isEnded }
+        let serving = live.filter { $0.session.isServing }
+        return (serving.isEmpty ? live : serving)
             .min { $0.carrier.streamCount < $1.carrier.streamCount }?.carrier.open(payload)
     }
 

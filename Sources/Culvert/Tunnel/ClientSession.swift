@@ -22,7 +22,7 @@ import Transfer
 final class ClientSession {
     private unowned let client: TunnelClient
     private let control: AsyncDuplex
-    private let credentials: SessionCredentials
+    let credentials: SessionCredentials
     /// The index of this session's server among the client's servers.
     var server: Int { credentials.server }
     /// Set when the session ended on a service refused before the client was ready:
@@ -53,6 +53,8 @@ final class ClientSession {
     /// `useExit` went out and its answer has not come: a server that predates exits
     /// closes the control channel instead of answering.
     private var awaitingExitAnswer = false
+    /// What the server answered to `useExit`, once it did.
+    private(set) var exitAnswer: ClientProxies.ExitAnswer?
     private var logger: Logger { client.logger }
     private var loop: EventLoop { client.loop }
     /// Seconds between retries of a service the server refused after a reconnect.
@@ -121,9 +123,11 @@ final class ClientSession {
                     })
                 case .exitAccepted:
                     awaitingExitAnswer = false
+                    exitAnswer = .accepted
                     client.exitAnswered(.accepted, by: self)
                 case .exitRefused(let refusal):
                     awaitingExitAnswer = false
+                    exitAnswer = .refused(refusal.reason)
                     client.exitAnswered(.refused(refusal.reason), by: self)
                 case .openData(let nonce):
                     openData(nonce)

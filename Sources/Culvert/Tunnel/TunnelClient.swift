@@ -68,11 +68,16 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     private var dynamicBound: [SocketAddress] = []
     /// Whether the server answered `useExit` (or no `-D` needs it): part of being ready.
     private var exitAnswered: Bool
+    /// The visitor limit of each TCP and secret service, shared by the loops.
+    private var visitorLimits: [UInt32: VisitorLimit]
+    private let udpMaxSessions: Int
 
     private init(config: TunnelClientConfig, loop: EventLoop, logger: Logger, connectors: [TunnelConnector], control: ServiceControl,
-                 loops: [ClientLoop], proxies: ClientProxies, configPath: String?,
-                 reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
+                 loops: [ClientLoop], proxies: ClientProxies, visitorLimits: [UInt32: VisitorLimit], udpMaxSessions: Int,
+                 configPath: String?, reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)?) {
         self.config = config
+        self.visitorLimits = visitorLimits
+        self.udpMaxSessions = udpMaxSessions
         self.proxies = proxies
         exitAnswered = config.dynamic.isEmpty
         services = config.services
@@ -105,7 +110,8 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         }
         proxies.loops = loops
         let client = TunnelClient(config: config, loop: group.main, logger: logger, connectors: connectors, control: control, loops: loops,
-                                  proxies: proxies, configPath: configPath, reread: reread)
+                                  proxies: proxies, visitorLimits: visitorLimits, udpMaxSessions: udpMaxSessions,
+                                  configPath: configPath, reread: reread)
         client.dynamicBound = try await proxies.startDynamic(config.dynamic, group: group)
         Task(executorPreference: group.main.tasks) { await client.run() }
         return client
@@ -192,10 +198,13 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         return ClientSession(client: self, control: channel, credentials: credentials, loops: loops)
     }
 
-    /// `session` holds the services from now on.
+    /// `session` holds the services from now on; the `-D` proxies follow its server's
+    /// answer to `useExit` when it came while the session was a candidate.
     private func adopt(_ session: ClientSession) {
         current = session
         servers.served(session.server)
+        session.credentials.startServing()
+        if let answer = session.exitAnswer { proxies.exitAnswered(answer) }
     }
 
     // MARK: moving back to a preferred server
@@ -281,8 +290,10 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     }
 
     /// The server answered `useExit`: the `-D` proxies serve accordingly, and the ready
-    /// lines may be complete.
+    /// lines may be complete. A candidate's answer waits until it takes over (`adopt`):
+    /// until then the serving server is the exit, whatever the preferred one allows.
     func exitAnswered(_ answer: ClientProxies.ExitAnswer, by session: ClientSession) {
+        guard session === current else { return servicesExposed(by: session) }
         proxies.exitAnswered(answer)
         exitAnswered = true
         servicesExposed(by: session)
@@ -405,7 +416,9 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         let gone = Set(removed.map(\.id))
         services = services.filter { !gone.contains($0.id) } + added
         let specs = services
-        for l in loops { l.run { l.servicesChanged(specs) } }
+        visitorLimits = VisitorLimit.updated(visitorLimits, for: specs, config: config, udpMaxSessions: udpMaxSessions, logger: logger)
+        let limits = visitorLimits
+        for l in loops { l.run { l.servicesChanged(specs, limits: limits) } }
         current?.servicesChanged(removed: removed, added: added)
         candidate?.servicesChanged(removed: removed, added: added)
         return report
@@ -439,7 +452,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     public func gatherMetrics() async -> MetricsSnapshot {
         var all = MetricsSnapshot.merged(await onEachLoop(loops, loop: \.loop) { $0.meters.sample() })
         let exposedAt = current?.exposedAt ?? [:]
-        for spec in config.services {
+        for spec in services {
             all.services[spec.name, default: ServiceSample(kind: spec.kindName)].ports = exposedAt[spec.name].map { [$0] } ?? []
         }
         all.tunnelSessions = current == nil ? 0 : 1

@@ -74,4 +74,24 @@ final class VisitorLimit: Sendable {
         }
         return Dictionary(uniqueKeysWithValues: services.map { ($0.id, VisitorLimit(max: limit)) })
     }
+
+    /// `limits` with one for each TCP or secret service of `current` that has none (a
+    /// reload added it under a new id): the share the others got at start, or, when none
+    /// had one, the default for the services running now. Limits of services gone are
+    /// dropped; their running visitors keep theirs.
+    static func updated(_ limits: [UInt32: VisitorLimit], for current: [ServiceSpec], config: TunnelClientConfig,
+                        udpMaxSessions: Int, logger: Logger) -> [UInt32: VisitorLimit] {
+        let missing = current.filter { $0.kind != .udp && limits[$0.id] == nil }
+        var kept = limits.filter { id, _ in current.contains { $0.id == id } }
+        guard !missing.isEmpty else { return kept }
+        if let share = limits.values.first?.max {
+            for spec in missing { kept[spec.id] = VisitorLimit(max: share) }
+            return kept
+        }
+        var now = config
+        now.services = current
+        let fresh = make(config: now, udpMaxSessions: udpMaxSessions, logger: logger)
+        for spec in missing { kept[spec.id] = fresh[spec.id] }
+        return kept
+    }
 }
