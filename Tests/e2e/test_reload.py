@@ -141,6 +141,24 @@ def test_client_reload_exposes_and_removes_services_on_the_live_session(kit, tmp
     assert "client disconnected" not in server.stderr_text()
 
 
+def test_client_reload_reports_proxy_and_limit_keys_as_restart_only(kit, tmp_path):
+    """Keys a live client cannot change (visitor limits, -D, exit policy) are named, not
+    silently ignored."""
+    one = kit.echo()
+    server = kit.start_server()
+    cfg = tmp_path / "client.toml"
+    svc = f'remote_port = 0\nlocal = "127.0.0.1:{one.port}"'
+    client_file(cfg, server.server_addr, kit.token_file, {"one": svc})
+    client = kit.spawn(["client", "-c", str(cfg)])
+    client.exposed(1)
+    text = cfg.read_text()
+    cfg.write_text('max_visitors = 7\nexit_deny = ["10.0.0.0/8"]\n' + text)
+    hup_and_wait(client, r"config reloaded", 1)
+    restart = client.stderr_matching(r"needs a restart")
+    assert any("key=max_visitors" in line for line in restart), client.describe()
+    assert any("key=exit_deny" in line for line in restart), client.describe()
+
+
 def test_server_reload_applies_port_policy_and_reports_restart_only_keys(kit, tmp_path):
     echo = kit.echo()
     allowed, later = free_port(), free_port()

@@ -170,9 +170,14 @@ final class ServerSession {
         // The connection becomes the visitor's end: whatever this session set up as a
         // client (services, channels) goes now, as at any end.
         ended = true
-        heartbeat?.stop()
         services.closeAll(session: self)
+        heartbeat?.stop()
         channels.end()
+        // A drain waiting for this session (`leave`) is done with it: the connection is a
+        // visitor's now, drained with the relays.
+        leaving?.cancel()
+        leaving = nil
+        wakeEndWaiters()
         control.send(TunnelProtocol.encode(.visitAccepted))
         do {
             try await control.flush()
@@ -247,6 +252,10 @@ final class ServerSession {
         channels.end()
         control.close()
         logger.log(level: level, "client disconnected", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
+        wakeEndWaiters()
+    }
+
+    private func wakeEndWaiters() {
         let waiters = endWaiters
         endWaiters.removeAll()
         for w in waiters { w.resume() }

@@ -445,6 +445,9 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             ("host_header", a.webSocket.hostHeader == b.webSocket.hostHeader), ("sni", a.webSocket.serverName == b.webSocket.serverName),
             ("inner", a.webSocket.inner == b.webSocket.inner), ("ws_ping", a.webSocket.ping == b.webSocket.ping),
             ("proxy", a.proxy == b.proxy), ("ws_path", a.webSocket.path == b.webSocket.path),
+            ("dynamic", a.dynamic == b.dynamic), ("exit_allow", a.exitAllow == b.exitAllow), ("exit_deny", a.exitDeny == b.exitDeny),
+            ("proxy_auth_file", a.proxyAuthFile == b.proxyAuthFile), ("no_auth", a.proxyNoAuth == b.proxyNoAuth),
+            ("max_visitors", a.maxVisitors == b.maxVisitors),
         ]
         return checks.filter { !$0.1 }.map(\.0)
     }
