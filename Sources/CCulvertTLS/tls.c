@@ -155,10 +155,11 @@ int culvert_tls_file_fingerprint(const char *cert_file, unsigned char out[32]) {
     return rc;
 }
 
-void culvert_tls_last_error(char *buf, size_t len, int *refused) {
+void culvert_tls_last_error(char *buf, size_t len, int *refused, int *peer_closed) {
     unsigned long e = ERR_get_error();
     int reason = ERR_GET_REASON(e);
     if (refused) *refused = e != 0 && (reason >= SSL_AD_REASON_OFFSET || reason == SSL_R_CERTIFICATE_VERIFY_FAILED);
+    if (peer_closed) *peer_closed = e != 0 && reason == SSL_R_UNEXPECTED_EOF_WHILE_READING;
     if (e == 0) { if (len) buf[0] = 0; }
     else ERR_error_string_n(e, buf, len);
     ERR_clear_error();

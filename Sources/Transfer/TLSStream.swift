@@ -12,16 +12,27 @@ public struct TLSError: Error, CustomStringConvertible, Sendable {
     /// True when the peer answered with a TLS alert (it spoke TLS and refused us), as
     /// opposed to the connection failing underneath.
     public let isRejection: Bool
+    /// True when the peer closed the connection cleanly (a FIN, no alert) before the
+    /// handshake ended: someone who left, not a fault.
+    public let isPeerClose: Bool
     public var description: String { message }
+
+    public init(message: String, isRejection: Bool, isPeerClose: Bool = false) {
+        self.message = message
+        self.isRejection = isRejection
+        self.isPeerClose = isPeerClose
+    }
 
     /// The queued OpenSSL error; a rejection only when the peer sent an alert or its
     /// certificate failed verification (a connection cut mid-handshake is not one).
     static func last(_ context: String) -> TLSError {
         var buf = [CChar](repeating: 0, count: 256)
         var refused: Int32 = 0
-        culvert_tls_last_error(&buf, buf.count, &refused)
+        var peerClosed: Int32 = 0
+        culvert_tls_last_error(&buf, buf.count, &refused, &peerClosed)
         let detail = String(cString: buf)
-        return TLSError(message: detail.isEmpty ? context : "\(context): \(detail)", isRejection: refused != 0)
+        return TLSError(message: detail.isEmpty ? context : "\(context): \(detail)", isRejection: refused != 0,
+                        isPeerClose: peerClosed != 0)
     }
 }
 
@@ -198,7 +209,7 @@ public final class TLSStream: Duplex {
             case nil: continue
             case .wouldBlock?: return .wantRead
             case .failed(let e)?: throw TLSError(message: "TLS handshake: \(e)", isRejection: false)
-            case .eof?, .bytes?: throw TLSError(message: "TLS handshake: connection closed by peer", isRejection: false)
+            case .eof?, .bytes?: throw TLSError(message: "TLS handshake: connection closed by peer", isRejection: false, isPeerClose: true)
             }
         }
     }
@@ -224,7 +235,7 @@ public final class TLSStream: Duplex {
         case SSL_ERROR_SYSCALL:
             let e = errno
             throw TLSError(message: e == 0 ? "TLS handshake: connection closed by peer" : "TLS handshake: \(SystemError("recv", errno: e))",
-                           isRejection: false)
+                           isRejection: false, isPeerClose: e == 0)
         default:
             throw TLSError.last("TLS handshake failed")
         }

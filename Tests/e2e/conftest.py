@@ -648,3 +648,21 @@ def json_lines(lines: list[str]) -> list[dict]:
 def wait_stdout_line(proc: Culvert, pattern: str, timeout: float = 15.0) -> re.Match:
     """The first stdout line of `proc` matching `pattern`, within `timeout`."""
     return proc.wait_stdout(re.compile(pattern), timeout=timeout)[0]
+
+
+@pytest.fixture
+def proxy(culvert_path):
+    """Starts `culvert proxy [opts] LISTEN` (default port 0); killed at the end."""
+    from proxy_support import ProxyProc
+
+    started: list[ProxyProc] = []
+
+    def start(*opts: str, listen: str = "0") -> "ProxyProc":
+        p = ProxyProc(culvert_path, [*opts, listen])
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
+        print(p.describe(tail=60))

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from conftest import Culvert, EchoServer, MiB, expect_closed, ipv6_loopback_available, parse_addr, recv_all, run_culvert
+from conftest import EchoServer, MiB, expect_closed, ipv6_loopback_available, recv_all, run_culvert
+from proxy_support import ProxyProc
 from tunnel_support import fd_count, free_port, poll, settle_fd_count
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
@@ -31,27 +32,6 @@ BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
 # helpers
 
 
-class ProxyProc(Culvert):
-    """A running `culvert proxy`, past its ready line."""
-
-    def __init__(self, path: str, args: list[str]):
-        super().__init__(path, ["proxy", *args])
-        self.address = parse_addr(self.wait_stdout(READY_RE)[0].group(1))
-
-
-@pytest.fixture
-def proxy(culvert_path):
-    started: list[ProxyProc] = []
-
-    def start(*opts: str, listen: str = "0") -> ProxyProc:
-        p = ProxyProc(culvert_path, [*opts, listen])
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
-        print(p.describe(tail=60))
 
 
 class Origin(http.server.ThreadingHTTPServer):

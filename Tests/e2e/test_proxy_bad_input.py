@@ -8,41 +8,15 @@ Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
 import struct
 import threading
 import time
 
-import pytest
+from conftest import recv_all
+from proxy_support import ProxyProc
 
-from conftest import Culvert, parse_addr, recv_all
-
-READY_RE = re.compile(r"^listening proxy (\S+)$")
-
-
-class ProxyProc(Culvert):
-    """A running `culvert proxy`, past its ready line."""
-
-    def __init__(self, path: str, args: list[str]):
-        super().__init__(path, ["proxy", *args])
-        self.address = parse_addr(self.wait_stdout(READY_RE)[0].group(1))
-
-
-@pytest.fixture
-def proxy(culvert_path):
-    started: list[ProxyProc] = []
-
-    def start(*opts: str) -> ProxyProc:
-        p = ProxyProc(culvert_path, [*opts, "0"])
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
-        print(p.describe(tail=60))
 
 
 def exchange(p: ProxyProc, *pieces: bytes, half_close: bool = False) -> bytes:

@@ -8,12 +8,11 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Culvert, EchoServer, TcpServer, free_port, parse_addr
+from conftest import Culvert, EchoServer, TcpServer, free_port
 from tunnel_support import poll
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

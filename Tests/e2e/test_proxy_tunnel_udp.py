@@ -8,13 +8,13 @@ Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import struct
 
 import pytest
 
 from conftest import parse_addr
+from proxy_support import udp_echo_exchange
 from test_proxy_tunnel import EXPOSED_PROXY_RE, recv_exactly, start_dynamic
 from tunnel_support import UdpServer, settle_fd_count
 
@@ -50,26 +50,7 @@ def test_pysocks_echoes_200_datagrams_and_one_of_60000_bytes_through_the_exit(ki
     u = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
     u.set_proxy(socks.SOCKS5, proxy[0], proxy[1])
     u.settimeout(5)
-    sent, got = hashlib.sha256(), {}
-    window = 20
-    for start in range(0, 200, window):
-        for i in range(start, start + window):
-            payload = struct.pack(">I", i) + hashlib.sha256(str(i).encode()).digest() * (1 + i % 40)
-            sent.update(payload)
-            u.sendto(payload, ("127.0.0.1", echo.port))
-        while len(got) < start + window:
-            data, source = u.recvfrom(65535)
-            assert source == ("127.0.0.1", echo.port)
-            got[struct.unpack(">I", data[:4])[0]] = data
-    back = hashlib.sha256()
-    for i in range(200):
-        back.update(got[i])
-    assert back.hexdigest() == sent.hexdigest()
-    big = bytes(range(256)) * 234 + bytes(96)
-    assert len(big) == 60000
-    u.sendto(big, ("127.0.0.1", echo.port))
-    data, _ = u.recvfrom(65535)
-    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(big).hexdigest()
+    udp_echo_exchange(u, ("127.0.0.1", echo.port), count=200, window=20, big=60000)
     u.close()
     line = client.wait_stderr(r"udp association closed")[0]
     assert "datagrams_up=201" in line and "datagrams_down=201" in line, line

@@ -6,8 +6,6 @@ Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
 
 from __future__ import annotations
 
-import hashlib
-import re
 import signal
 import socket
 import struct
@@ -15,35 +13,11 @@ import time
 
 import pytest
 
-from conftest import Culvert, parse_addr
-from tunnel_support import UdpServer, poll
+from proxy_support import ProxyProc, udp_echo_exchange
+from tunnel_support import UdpServer
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
 
-READY_RE = re.compile(r"^listening proxy (\S+)$")
-
-
-class ProxyProc(Culvert):
-    """A running `culvert proxy`, past its ready line."""
-
-    def __init__(self, path: str, args: list[str]):
-        super().__init__(path, ["proxy", *args])
-        self.address = parse_addr(self.wait_stdout(READY_RE)[0].group(1))
-
-
-@pytest.fixture
-def proxy(culvert_path):
-    started: list[ProxyProc] = []
-
-    def start(*opts: str) -> ProxyProc:
-        p = ProxyProc(culvert_path, [*opts, "0"])
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
-        print(p.describe(tail=60))
 
 
 @pytest.fixture
@@ -104,26 +78,7 @@ def pysocks_udp(p: ProxyProc) -> socket.socket:
 def test_pysocks_echoes_1000_datagrams_and_one_of_65000_bytes(proxy, echo):
     p = proxy()
     u = pysocks_udp(p)
-    sent, got = hashlib.sha256(), {}
-    window = 50
-    for start in range(0, 1000, window):
-        for i in range(start, start + window):
-            payload = struct.pack(">I", i) + hashlib.sha256(str(i).encode()).digest() * (1 + i % 40)
-            sent.update(payload)
-            u.sendto(payload, ("127.0.0.1", echo.port))
-        while len(got) < start + window:
-            data, source = u.recvfrom(65535)
-            assert source == ("127.0.0.1", echo.port)
-            got[struct.unpack(">I", data[:4])[0]] = data
-    back = hashlib.sha256()
-    for i in range(1000):
-        back.update(got[i])
-    assert back.hexdigest() == sent.hexdigest()
-    big = bytes(range(256)) * 253 + bytes(232)
-    assert len(big) == 65000
-    u.sendto(big, ("127.0.0.1", echo.port))
-    data, _ = u.recvfrom(65535)
-    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(big).hexdigest()
+    udp_echo_exchange(u, ("127.0.0.1", echo.port), count=1000, window=50, big=65000)
     u.close()
     line = p.wait_stderr(r"udp association closed")[0]
     assert "datagrams_up=1001" in line and "datagrams_down=1001" in line, line

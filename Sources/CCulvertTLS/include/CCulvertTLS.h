@@ -24,7 +24,7 @@ int culvert_tls_file_fingerprint(const char *cert_file, unsigned char out[32]);
 /// The oldest queued OpenSSL error as text (queue cleared); empty when none.
 /// `*refused` is set to 1 when the error means the peer refused us (a TLS alert from
 /// it, or its certificate failing verification), 0 when the connection merely broke.
-void culvert_tls_last_error(char *buf, size_t len, int *refused);
+void culvert_tls_last_error(char *buf, size_t len, int *refused, int *peer_closed);
 /// HMAC-SHA256 of the concatenation of `count` parts. Uses the low-level SHA-256
 /// functions: the EVP_MAC route looks up providers on every call, which costs more than
 /// the hashing itself for the tunnel's short messages.

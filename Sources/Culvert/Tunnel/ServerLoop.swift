@@ -255,7 +255,7 @@ final class ServerLoop: @unchecked Sendable {
                     logger.warning("connection dropped: its place went to one from an address with fewer unauthenticated connections",
                                    metadata: ["peer": "\(peer)"])
                 }
-            } else if error as? ChannelError == .eof {
+            } else if error as? ChannelError == .eof || (error as? TLSError)?.isPeerClose == true {
                 // A clean close before the handshake ended: a leaving client's pooled channel
                 // or a port check, not a fault.
                 if context.refusals.record("closed_early") {
