@@ -139,7 +139,16 @@ public final class ForwardSet<Listener: ForwardListener>: ReloadableService, Met
         let serial = retireSerial
         retiring[serial] = Task(executorPreference: group.main.tasks) { [drainTimeout] in
             await listener.drain(timeout: drainTimeout)
+            await self.settleLoops()
             self.retiring[serial] = nil
+        }
+    }
+
+    /// Returns once every loop has run what it had queued: callbacks of a drained listener
+    /// already on their way (its workers hold it unowned) have run, so it may go.
+    private func settleLoops() async {
+        for loop in group.loops {
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in loop.execute { done.resume() } }
         }
     }
 
@@ -152,8 +161,9 @@ public final class ForwardSet<Listener: ForwardListener>: ReloadableService, Met
 
     /// Drains every listener at once, and waits for those a reload retired.
     public func drain(timeout: Duration) async {
+        // The listeners stay referenced until the process ends: a loop may still run a
+        // late callback of theirs after their drain returned.
         let listeners = running.values.map(\.listener)
-        running.removeAll()
         let retired = Array(retiring.values)
         await withTaskGroup(of: Void.self) { tasks in
             for l in listeners {

@@ -231,6 +231,11 @@ final class ServerLoop: @unchecked Sendable {
                 context.directory.remove(session.id)
             case .dataHello(let version, let sessionID, let nonce, let proof):
                 guard version == TunnelProtocol.version, let entry = context.directory.session(sessionID) else {
+                    if context.directory.hasDeparted(sessionID) {
+                        logger.info("data channel of a client that left, closed", metadata: ["peer": "\(peer)"])
+                        channel.close()
+                        return
+                    }
                     meters.countAuthFailure(reason: "data_rejected")
                     if context.refusals.record("data_rejected") {
                         logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(peer)"])

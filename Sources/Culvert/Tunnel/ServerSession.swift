@@ -75,6 +75,8 @@ final class ServerSession {
                     break
                 case .goodbye(let said):
                     // The client's own end: its channels go with it, nothing was lost.
+                    // Channels it opened just before may still arrive: they are not a fault.
+                    context.directory.departed(id)
                     return end(reason: said)
                 }
             }

@@ -26,6 +26,8 @@ final class SessionDirectory: Sendable {
         var secrets: [String: (entry: Entry, serviceID: UInt32)] = [:]
         /// Several sessions may hold one port number on different bind addresses.
         var ports: [Port: [Entry]] = [:]
+        /// Sessions whose client said goodbye, oldest first.
+        var departed: [TunnelProtocol.Key16] = []
     }
 
     private let state: Mutex<State>
@@ -55,6 +57,22 @@ final class SessionDirectory: Sendable {
     func session(_ id: [UInt8]) -> Entry? {
         state.withLock { $0.sessions[TunnelProtocol.Key16(id)] }
     }
+
+    /// The session's client said goodbye: a data channel of it that arrives late (opened
+    /// before the goodbye, on another connection) is turned away without a warning.
+    /// The last `departedKept` are remembered.
+    func departed(_ id: [UInt8]) {
+        state.withLock {
+            $0.departed.append(TunnelProtocol.Key16(id))
+            if $0.departed.count > Self.departedKept { $0.departed.removeFirst() }
+        }
+    }
+
+    func hasDeparted(_ id: [UInt8]) -> Bool {
+        state.withLock { $0.departed.contains(TunnelProtocol.Key16(id)) }
+    }
+
+    private static let departedKept = 64
 
     /// Claims a secret service name; false when another session holds it.
     func claimSecret(_ name: String, by entry: Entry, serviceID: UInt32) -> Bool {
