@@ -24,21 +24,23 @@ def payload(i: int) -> bytes:
     return _BLOCK[off:off + 3 * MiB + i * 50_021]
 
 
-def thread_ticks(pid: int) -> dict[int, int]:
-    """CPU time (utime + stime, clock ticks) of each thread of a process."""
-    ticks = {}
+def thread_bytes(pid: int) -> dict[int, int]:
+    """Bytes each thread of a process moved through read/write-like calls (rchar + wchar
+    of /proc/PID/task/TID/io): a count of work that, unlike CPU ticks, does not depend on
+    how busy the machine is."""
+    moved = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/io") as f:
+                fields = dict(line.split(": ") for line in f.read().splitlines())
         except FileNotFoundError:
             continue  # a short-lived helper thread (name resolution) already gone
-        ticks[int(tid)] = int(fields[11]) + int(fields[12])
-    return ticks
+        moved[int(tid)] = int(fields["rchar"]) + int(fields["wchar"])
+    return moved
 
 
-def busy_threads(before: dict[int, int], after: dict[int, int], min_ticks: int) -> int:
-    return sum(1 for tid, t in after.items() if t - before.get(tid, 0) >= min_ticks)
+def busy_threads(before: dict[int, int], after: dict[int, int], min_bytes: int) -> int:
+    return sum(1 for tid, t in after.items() if t - before.get(tid, 0) >= min_bytes)
 
 
 def verified_echo(addr, n: int) -> None:
@@ -55,12 +57,12 @@ def test_one_client_spreads_over_loops(kit, mode, mux):
     cli = kit.start_client(srv.server_addr, [f"0:127.0.0.1:{echo.port}"], mode, opts=[*threads, "--mux", str(mux)])
     addr = cli.exposed_map[f"127.0.0.1:{echo.port}"]
     echo_once(addr, b"warm-up")
-    before = {"server": thread_ticks(srv.pid), "client": thread_ticks(cli.pid)}
+    before = {"server": thread_bytes(srv.pid), "client": thread_bytes(cli.pid)}
     n = 24
     verified_echo(addr, n)
-    after = {"server": thread_ticks(srv.pid), "client": thread_ticks(cli.pid)}
+    after = {"server": thread_bytes(srv.pid), "client": thread_bytes(cli.pid)}
     for name in ("server", "client"):
-        busy = busy_threads(before[name], after[name], min_ticks=2)
+        busy = busy_threads(before[name], after[name], min_bytes=4 * MiB)
         assert busy >= 2, f"{name}: only {busy} thread(s) worked: {before[name]} -> {after[name]}"
     srv.wait_stderr(r"connection closed .*reason=eof", count=n + 1, timeout=10)
     assert not srv.stderr_matching(r"multiplexed data channel lost|data channel rejected"), srv.describe()
