@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Culvert, EchoServer, TcpServer, free_port
+from conftest import Culvert, EchoServer, free_port, recv_all, recv_exactly
 from tunnel_support import poll
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -33,11 +33,11 @@ def read_proxy_header(conn: socket.socket) -> tuple[str, dict]:
             return "v1", {"local": True}
         assert len(parts) == 6 and parts[1] in ("TCP4", "TCP6"), line
         return "v1", {"src": (parts[2], int(parts[4])), "dst": (parts[3], int(parts[5]))}
-    fixed = recv_exact(conn, 16)
+    fixed = recv_exactly(conn, 16)
     assert fixed[:12] == V2_SIGNATURE, fixed
     ver_cmd, fam, length = fixed[12], fixed[13], struct.unpack("!H", fixed[14:16])[0]
     assert ver_cmd >> 4 == 2, ver_cmd
-    body = recv_exact(conn, length)
+    body = recv_exactly(conn, length)
     if ver_cmd & 0xF == 0:
         return "v2", {"local": True}
     if fam == 0x11:
@@ -50,16 +50,7 @@ def read_proxy_header(conn: socket.socket) -> tuple[str, dict]:
     return "v2", {"src": (src, sport), "dst": (dst, dport)}
 
 
-def recv_exact(conn: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        b = conn.recv(n - len(out))
-        assert b, f"closed after {len(out)} of {n} bytes"
-        out += b
-    return out
-
-
-class ProxyParsingServer(TcpServer):
+class ProxyParsingServer(EchoServer):
     """Takes a PROXY header, records it, then echoes the connection's bytes."""
 
     def __init__(self):
@@ -70,11 +61,7 @@ class ProxyParsingServer(TcpServer):
         header = read_proxy_header(conn)
         with self._lock:
             self.headers.append(header)
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            conn.sendall(data)
+        super().handle(conn)
 
 
 def connect_from(source_host: str, addr: tuple[str, int]) -> socket.socket:
@@ -93,15 +80,20 @@ def echo_from(source_host: str, addr: tuple[str, int], payload: bytes = b"hello 
     port = s.getsockname()[1]
     s.sendall(payload)
     s.shutdown(socket.SHUT_WR)
-    got = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        got += b
+    got = recv_all(s)
     s.close()
     assert got == payload
     return port
+
+
+def get_from(source_host: str, addr: tuple[str, int]) -> tuple[int, bytes]:
+    """Sends an HTTP/1.0 GET from `source_host`; (source port used, the whole answer)."""
+    s = connect_from(source_host, addr)
+    port = s.getsockname()[1]
+    s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    answer = recv_all(s)
+    s.close()
+    return port, answer
 
 
 def wait_listening(addr: tuple[str, int], what: str) -> None:
@@ -231,7 +223,7 @@ def test_accept_proxy_refuses_a_bare_client_with_one_line_and_keeps_serving(proc
         # Whoever sends a header is served, and logged under the header's source.
         s = socket.create_connection(addr, timeout=10)
         s.sendall(b"PROXY TCP4 198.51.100.20 10.0.0.1 4242 80\r\nping")
-        assert recv_exact(s, 4) == b"ping"
+        assert recv_exactly(s, 4) == b"ping"
         s.close()
         closed_line_for(fwd, "198.51.100.20:4242")
         assert fwd.count_stderr("bad PROXY header") == 2
@@ -253,16 +245,7 @@ frontend fe
     http-request return status 200 content-type text/plain lf-string "%[src]:%[src_port]"
 """, front)
     _, addr = start_forward(processes, "--send-proxy", version, "127.0.0.1:0", f"127.0.0.1:{front}")
-    s = connect_from("127.0.0.6", addr)
-    port = s.getsockname()[1]
-    s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-    answer = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        answer += b
-    s.close()
+    port, answer = get_from("127.0.0.6", addr)
     assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer
     assert answer.split(b"\r\n\r\n", 1)[1] == f"127.0.0.6:{port}".encode()
 
@@ -286,7 +269,7 @@ def test_accept_proxy_and_send_proxy_pass_the_original_client_on(processes):
         _, addr = start_forward(processes, "--accept-proxy", "--send-proxy", "v2", "127.0.0.1:0", target.address)
         s = socket.create_connection(addr, timeout=10)
         s.sendall(b"PROXY TCP6 2001:db8::5 2001:db8::1 5555 443\r\nabc")
-        assert recv_exact(s, 3) == b"abc"
+        assert recv_exactly(s, 3) == b"abc"
         s.close()
         assert target.headers == [("v2", {"src": ("2001:db8::5", 5555), "dst": ("2001:db8::1", 443)})]
     finally:
@@ -317,16 +300,7 @@ http {{
     daemons(["nginx", "-p", str(prefix), "-c", str(cfg), "-g", "daemon off; master_process off;"])
     wait_listening(("127.0.0.1", port), "nginx")
     _, addr = start_forward(processes, "--send-proxy", "v1", "127.0.0.1:0", f"127.0.0.1:{port}")
-    s = connect_from("127.0.0.10", addr)
-    source_port = s.getsockname()[1]
-    s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-    answer = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        answer += b
-    s.close()
+    source_port, answer = get_from("127.0.0.10", addr)
     assert answer.split(b"\r\n\r\n", 1)[1] == f"127.0.0.10:{source_port}".encode(), answer
 
 
@@ -383,7 +357,7 @@ def test_server_refuses_visitors_without_a_header_and_cuts_slow_ones(kit):
     assert echo.accepted == 0
     s = socket.create_connection(public, timeout=10)
     s.sendall(b"PROXY TCP4 203.0.113.30 10.0.0.1 3030 80\r\nstill serving")
-    assert recv_exact(s, 13) == b"still serving"
+    assert recv_exactly(s, 13) == b"still serving"
     s.close()
     closed_line_for(server, "203.0.113.30:3030")
     assert server.count_stderr("bad PROXY header") == 2
