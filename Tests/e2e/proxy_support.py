@@ -1,11 +1,14 @@
 """Shared pieces of the `culvert proxy` tests: the running proxy (its fixture `proxy` is in
-conftest) and the UDP ASSOCIATE echo exchange (local and through the tunnel)."""
+conftest), an HTTP origin to reach through it, and the UDP ASSOCIATE echo exchange (local
+and through the tunnel)."""
 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import re
 import struct
+import threading
 
 from conftest import Culvert, parse_addr
 
@@ -18,6 +21,35 @@ class ProxyProc(Culvert):
     def __init__(self, path: str, args: list[str]):
         super().__init__(path, ["proxy", *args])
         self.address = parse_addr(self.wait_stdout(READY_RE)[0].group(1))
+
+
+class Origin(http.server.ThreadingHTTPServer):
+    """A threaded HTTP origin on `host` (port chosen by the kernel) answering with
+    `handler` until close(); each test file says what its origin serves."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], host: str = "127.0.0.1"):
+        super().__init__((host, 0), handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """An origin's request handler base: HTTP/1.1 (keep-alive), and no access log on the
+    test's stderr."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
 
 
 def udp_echo_exchange(u, target: tuple[str, int], count: int, window: int, big: int) -> None:

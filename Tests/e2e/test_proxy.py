@@ -6,8 +6,6 @@ Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
 from __future__ import annotations
 
 import hashlib
-import http.server
-import re
 import shutil
 import socket
 import struct
@@ -18,12 +16,11 @@ import time
 import pytest
 
 from conftest import EchoServer, MiB, expect_closed, ipv6_loopback_available, recv_all, run_culvert
-from proxy_support import ProxyProc
+from proxy_support import Origin, ProxyProc, QuietHandler
 from tunnel_support import fd_count, free_port, poll, settle_fd_count
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
 
-READY_RE = re.compile(r"^listening proxy (\S+)$")
 BLOB = bytes(range(256)) * (16 * MiB // 256)
 BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
 
@@ -32,34 +29,10 @@ BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
 # helpers
 
 
-
-
-class Origin(http.server.ThreadingHTTPServer):
-    """An HTTP/1.1 origin with keep-alive: /blob (16 MiB, Content-Length), /chunked
-    (chunked body), /peer (the port the request came from), POST /sha (sha256 of the
-    body, either framing)."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), OriginHandler)
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def close(self):
-        self.shutdown()
-        self.server_close()
-
-
-class OriginHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
+class OriginHandler(QuietHandler):
+    """The origin's answers: /blob (16 MiB, Content-Length), /chunked (chunked body),
+    /peer (the port the request came from), POST /sha (sha256 of the body, either
+    framing)."""
 
     def send_body(self, body: bytes, chunked: bool = False):
         self.send_response(200)
@@ -104,7 +77,7 @@ class OriginHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def origin():
-    o = Origin()
+    o = Origin(OriginHandler)
     yield o
     o.close()
 
@@ -247,7 +220,7 @@ def test_socks5_policy_applies_after_resolution(proxy, origin):
 
 
 def test_allow_limits_destinations_to_what_it_names(proxy, origin):
-    other = Origin()
+    other = Origin(OriginHandler)
     try:
         p = proxy("--allow", f"127.0.0.1:{origin.port}", "--allow", "*.example.invalid")
         assert socks_exchange(p, connect_v4("127.0.0.1", origin.port))[1] == 0x00

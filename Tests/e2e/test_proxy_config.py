@@ -5,13 +5,11 @@ Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 
 from conftest import Culvert, EchoServer, parse_addr, run_culvert
-
-READY_RE = re.compile(r"^listening proxy (\S+)$")
+from proxy_support import READY_RE
 
 
 def connect_code(address: tuple[str, int], port: int) -> int:

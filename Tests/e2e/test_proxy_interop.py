@@ -6,7 +6,6 @@ Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
 import struct
@@ -15,9 +14,8 @@ import subprocess
 import pytest
 
 from conftest import Culvert, parse_addr
+from proxy_support import READY_RE
 from tunnel_support import free_port, poll
-
-READY_RE = re.compile(r"^listening proxy (\S+)$")
 
 
 def socks_reply(address: tuple[str, int], request: bytes) -> bytes:

@@ -6,48 +6,25 @@ UDP ASSOCIATE through the tunnel is in test_proxy_tunnel_udp.py."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import re
 import socket
 import struct
 import subprocess
-import threading
 
 import pytest
 
-from conftest import parse_addr, run_culvert
+from conftest import parse_addr, recv_exactly, run_culvert
+from proxy_support import READY_RE, Origin, QuietHandler
 from tunnel_support import settle_fd_count
 
-PROXY_RE = re.compile(r"^listening proxy (\S+)$")
 EXPOSED_PROXY_RE = re.compile(r"^exposed proxy (\S+)$")
 BLOB = os.urandom(16 * 1024 * 1024)
 BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
 
 
-class Origin(http.server.ThreadingHTTPServer):
-    """An HTTP origin on `host` serving /blob (16 MiB) and / (a short text)."""
-
-    daemon_threads = True
-
-    def __init__(self, host: str = "127.0.0.1"):
-        super().__init__((host, 0), OriginHandler)
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def close(self):
-        self.shutdown()
-        self.server_close()
-
-
-class OriginHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
+class OriginHandler(QuietHandler):
+    """The origin's answers: /blob (16 MiB) and anything else a short text."""
 
     def do_GET(self):
         body = BLOB if self.path == "/blob" else b"hello\n"
@@ -59,7 +36,7 @@ class OriginHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def origin():
-    o = Origin()
+    o = Origin(OriginHandler)
     yield o
     o.close()
 
@@ -92,15 +69,6 @@ def socks_reply(proxy: tuple[str, int], host: str, port: int, auth: tuple[bytes,
         return recv_exactly(s, 4)[1]
 
 
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        assert chunk, f"closed after {len(out)} of {n} bytes"
-        out += chunk
-    return out
-
-
 def fetch_sha(args: list[str], url: str) -> str:
     r = curl(*args, url)
     assert r.returncode == 0, r.stderr
@@ -110,7 +78,7 @@ def fetch_sha(args: list[str], url: str) -> str:
 def start_dynamic(kit, server_opts: list[str], client_opts: list[str] = ()):
     server = kit.start_server("plain", opts=server_opts)
     client = kit.start_client(server.server_addr, [], mode="plain", opts=["-D", "0", *client_opts], ready=False)
-    proxy = parse_addr(client.wait_stdout(PROXY_RE)[0].group(1))
+    proxy = parse_addr(client.wait_stdout(READY_RE)[0].group(1))
     return server, client, proxy
 
 
@@ -149,7 +117,7 @@ def test_exit_deny_wins_over_exit_allow(kit, origin):
                                       "--exit-deny", f"127.0.0.1:{origin.port}"])
     assert http_status(proxy, f"http://127.0.0.1:{origin.port}/") == 403
     assert socks_reply(proxy, "localhost", origin.port) == 0x02
-    other = Origin()
+    other = Origin(OriginHandler)
     try:
         assert http_status(proxy, f"http://127.0.0.1:{other.port}/") == 200
     finally:
@@ -167,7 +135,7 @@ def test_exit_failures_map_to_reply_codes(kit):
 
 
 def test_reverse_proxy_reaches_a_service_only_the_client_sees(kit, tmp_path):
-    hidden = Origin("127.0.0.5")
+    hidden = Origin(OriginHandler, "127.0.0.5")
     try:
         auth = tmp_path / "users"
         auth.write_text("alice:s3cret\n")

@@ -13,9 +13,9 @@ import struct
 
 import pytest
 
-from conftest import parse_addr
+from conftest import parse_addr, recv_exactly
 from proxy_support import udp_echo_exchange
-from test_proxy_tunnel import EXPOSED_PROXY_RE, recv_exactly, start_dynamic
+from test_proxy_tunnel import EXPOSED_PROXY_RE, start_dynamic
 from tunnel_support import UdpServer, settle_fd_count
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
