@@ -415,23 +415,29 @@ def make_run_udp(rate, length, prefix):
     return run_udp
 
 
-def run_firstbyte(ctx, fwd, be):
-    """ctx.fb_conns sequential new connections; connect() start -> first byte."""
-    be.check()
-    keys = ("fb_p50_us", "fb_p99_us")
-    cmd = [sys.executable, os.path.join(HERE, "probe.py"), "firstbyte", "--port",
-           str(fwd.port), "--n", str(ctx.fb_conns), "--gap-ms", str(ctx.fb_gap_ms)]
+def firstbyte_values(ctx, tool, cmd):
+    """Runs a `firstbyte` probe (`cmd`, its program named `tool` in errors) of
+    ctx.fb_conns connections -> fb_p50_us and fb_p99_us; both FAILED when the probe
+    failed or any connection missed its byte."""
     rc, out, err = run_cmd(cmd, timeout=ctx.fb_conns * 0.1 + 30)
     try:
         if rc != 0:
-            raise ValueError(f"probe rc={rc}: {(err or out).strip()[-200:]}")
+            raise ValueError(f"{tool} rc={rc}: {(err or out).strip()[-200:]}")
         r = parse_probe_json(out, ("ok", "n"))
         if r["ok"] < r["n"]:
             raise ValueError(f"only {r['ok']}/{r['n']} connections got their byte: "
                              f"{'; '.join(r.get('errors', []))}")
     except ValueError as e:
-        return {k: Failed(e) for k in keys}
+        return {k: Failed(e) for k in ("fb_p50_us", "fb_p99_us")}
     return {"fb_p50_us": r["p50_us"], "fb_p99_us": r["p99_us"]}
+
+
+def run_firstbyte(ctx, fwd, be):
+    """ctx.fb_conns sequential new connections; connect() start -> first byte."""
+    be.check()
+    cmd = [sys.executable, os.path.join(HERE, "probe.py"), "firstbyte", "--port",
+           str(fwd.port), "--n", str(ctx.fb_conns), "--gap-ms", str(ctx.fb_gap_ms)]
+    return firstbyte_values(ctx, "probe", cmd)
 
 
 def make_run_proxy_connrate(key, kind):
@@ -467,22 +473,11 @@ def run_proxy_firstbyte(ctx, fwd, be):
     """ctx.fb_conns sequential new connections through the proxy (SOCKS5) to the
     byte server: connect() start -> its byte, handshake included."""
     be.check()
-    keys = ("fb_p50_us", "fb_p99_us")
     via = "socks5" if getattr(fwd, "via", None) else "none"
     cmd = [sys.executable, os.path.join(HERE, "proxyload.py"), "firstbyte", "--port",
            str(fwd.port), "--via", via, "--target", str(be.port), "--n", str(ctx.fb_conns),
            "--gap-ms", str(ctx.fb_gap_ms)]
-    rc, out, err = run_cmd(cmd, timeout=ctx.fb_conns * 0.1 + 30)
-    try:
-        if rc != 0:
-            raise ValueError(f"proxyload rc={rc}: {(err or out).strip()[-200:]}")
-        r = parse_probe_json(out, ("ok", "n"))
-        if r["ok"] < r["n"]:
-            raise ValueError(f"only {r['ok']}/{r['n']} connections got their byte: "
-                             f"{'; '.join(r.get('errors', []))}")
-    except ValueError as e:
-        return {k: Failed(e) for k in keys}
-    return {"fb_p50_us": r["p50_us"], "fb_p99_us": r["p99_us"]}
+    return firstbyte_values(ctx, "proxyload", cmd)
 
 
 def with_scrape(run):
