@@ -47,15 +47,7 @@ struct ForwardTCPCommand: ParsableCommand {
     @Option(help: "Refuse new connections beyond this many open ones (default 0: no limit).")
     var maxConnections: Int?
 
-    @Option(help: "On SIGINT/SIGTERM, time in-flight connections get to finish before they are reset (default: 30s).",
-            transform: parseDuration)
-    var drainTimeout: Duration?
-
-    @Option(help: "Event loop threads (defaults to the number of cores).")
-    var threads: Int?
-
-    @Flag(help: "Copy through user-space buffers instead of splice(2).")
-    var noSplice = false
+    @OptionGroup var service: RelayServiceOptions
 
     @Option(help: ArgumentHelp("Write a PROXY protocol header (v1 text or v2 binary) naming the client to each target before the client's bytes.", valueName: "v1|v2"))
     var sendProxy: ProxyProtocolVersion?
@@ -114,9 +106,9 @@ struct ForwardTCPCommand: ParsableCommand {
         flags.connectTimeout = connectTimeout
         flags.idleTimeout = idleTimeout
         flags.maxConnections = maxConnections
-        flags.drainTimeout = drainTimeout
-        flags.threads = threads
-        flags.noSplice = noSplice
+        flags.drainTimeout = service.drainTimeout
+        flags.threads = service.threads
+        flags.noSplice = service.noSplice
         flags.sendProxy = sendProxy
         flags.acceptProxy = acceptProxy
         flags.log = logging.flags

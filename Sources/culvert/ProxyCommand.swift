@@ -62,15 +62,7 @@ struct ProxyCommand: ParsableCommand {
     @Option(help: "Refuse UDP ASSOCIATE beyond this many open associations (default: from the free descriptors).")
     var maxUdpAssociations: Int?
 
-    @Option(help: "On SIGINT/SIGTERM, time in-flight connections get to finish before they are reset (default: 30s).",
-            transform: parseDuration)
-    var drainTimeout: Duration?
-
-    @Option(help: "Event loop threads (defaults to the number of cores).")
-    var threads: Int?
-
-    @Flag(help: "Copy through user-space buffers instead of splice(2).")
-    var noSplice = false
+    @OptionGroup var service: RelayServiceOptions
 
     @OptionGroup var logging: LoggingOptions
 
@@ -88,9 +80,9 @@ struct ProxyCommand: ParsableCommand {
         flags.maxConnections = maxConnections
         flags.udpIdleTimeout = udpIdleTimeout
         flags.maxAssociations = maxUdpAssociations
-        flags.drainTimeout = drainTimeout
-        flags.threads = threads
-        flags.noSplice = noSplice
+        flags.drainTimeout = service.drainTimeout
+        flags.threads = service.threads
+        flags.noSplice = service.noSplice
         flags.log = logging.flags
         return flags
     }
