@@ -478,16 +478,7 @@ def udp_ports():
 
 def wait_udp_bound(port, procs, timeout):
     """Wait until a UDP socket is bound to `port`; StartError if a proc exits first."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for p in procs:
-            if p.poll() is not None:
-                raise StartError(f"exited with status {p.returncode} before binding UDP"
-                                 + (f": {tail(p.log_path)}" if tail(p.log_path) else ""))
-        if port in udp_ports():
-            return
-        time.sleep(0.05)
-    raise StartError(f"UDP port {port} not bound after {timeout:g}s")
+    _wait_port(port, procs, timeout, udp_ports, "binding UDP", f"UDP port {port} not bound")
 
 
 def free_port_tcp_udp():
@@ -656,16 +647,22 @@ def tail(path, n=400):
 
 def wait_listening(port, procs, timeout):
     """Wait until `port` is in LISTEN state; StartError if any proc exits first."""
+    _wait_port(port, procs, timeout, listening_ports, "listening", f"port {port} not listening")
+
+
+def _wait_port(port, procs, timeout, ports, doing, missing):
+    """Polls until `port` is among `ports()`; StartError saying a proc exited before
+    `doing`, or `missing` after `timeout`."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         for p in procs:
             if p.poll() is not None:
-                raise StartError(f"exited with status {p.returncode} before listening"
+                raise StartError(f"exited with status {p.returncode} before {doing}"
                                  + (f": {tail(p.log_path)}" if tail(p.log_path) else ""))
-        if port in listening_ports():
+        if port in ports():
             return
         time.sleep(0.05)
-    raise StartError(f"port {port} not listening after {timeout:g}s")
+    raise StartError(f"{missing} after {timeout:g}s")
 
 
 def read_ready_line(p, timeout, parse=parse_ready_line):

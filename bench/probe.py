@@ -80,7 +80,10 @@ def pct(values, p):
     return v[k]
 
 
-def firstbyte(port, n, gap_ms, timeout=5.0):
+def firstbyte_times(port, n, gap_ms, first_byte, timeout=5.0):
+    """`n` connections to 127.0.0.1:`port` one after another, `gap_ms` apart, each timed
+    from connect() to what `first_byte(sock)` returns (empty: closed without a byte) ->
+    the JSON summary both probes print (n, ok, errors, and the percentiles in us)."""
     times, errors = [], []
     for _ in range(n):
         s = socket.socket()
@@ -88,13 +91,13 @@ def firstbyte(port, n, gap_ms, timeout=5.0):
         try:
             t0 = time.perf_counter_ns()
             s.connect(("127.0.0.1", port))
-            b = s.recv(1)
+            b = first_byte(s)
             t1 = time.perf_counter_ns()
             if b:
                 times.append((t1 - t0) / 1000.0)
             else:
                 errors.append("closed without a byte")
-        except OSError as e:
+        except (OSError, ValueError) as e:
             errors.append(f"{type(e).__name__}: {e}")
         finally:
             s.close()
@@ -106,7 +109,11 @@ def firstbyte(port, n, gap_ms, timeout=5.0):
     if times:
         out.update(p50_us=statistics.median(times), p99_us=pct(times, 99),
                    mean_us=statistics.fmean(times))
-    print(json.dumps(out), flush=True)
+    return out
+
+
+def firstbyte(port, n, gap_ms):
+    print(json.dumps(firstbyte_times(port, n, gap_ms, lambda s: s.recv(1))), flush=True)
 
 
 def source(port, kind, nbytes):

@@ -27,12 +27,11 @@ import json
 import os
 import select
 import socket
-import statistics
 import struct
 import sys
 import time
 
-from probe import pct
+from probe import firstbyte_times
 
 # --------------------------------------------------------------------------- messages
 
@@ -262,35 +261,14 @@ def _handshake_blocking(s, steps):
     return rest
 
 
-def firstbyte(port, via, target, n, gap_ms, timeout=5.0):
+def firstbyte(port, via, target, n, gap_ms):
     steps = handshake_steps(via, "127.0.0.1", target)
-    times, errors = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.settimeout(timeout)
-        try:
-            t0 = time.perf_counter_ns()
-            s.connect(("127.0.0.1", port))
-            early = _handshake_blocking(s, steps) if steps else b""
-            b = early or s.recv(1)
-            t1 = time.perf_counter_ns()
-            if b:
-                times.append((t1 - t0) / 1000.0)
-            else:
-                errors.append("closed without a byte")
-        except (OSError, ValueError) as e:
-            errors.append(f"{type(e).__name__}: {e}")
-        finally:
-            s.close()
-        if len(errors) > 20:
-            break
-        if gap_ms:
-            time.sleep(gap_ms / 1000.0)
-    out = {"n": n, "ok": len(times), "errors": sorted(set(errors))[:5]}
-    if times:
-        out.update(p50_us=statistics.median(times), p99_us=pct(times, 99),
-                   mean_us=statistics.fmean(times))
-    return out
+
+    def first_byte(s):
+        early = _handshake_blocking(s, steps) if steps else b""
+        return early or s.recv(1)
+
+    return firstbyte_times(port, n, gap_ms, first_byte)
 
 
 def main(argv=None):
