@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import re
+import socket
 import struct
 import threading
 
@@ -50,6 +51,18 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def recv_up_to(sock: socket.socket, n: int) -> bytes:
+    """`n` bytes, or fewer when the proxy closes first: a refusal ends the connection
+    after its reply, and the tests assert on whatever came."""
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
 
 
 def udp_echo_exchange(u, target: tuple[str, int], count: int, window: int, big: int) -> None:

@@ -35,7 +35,7 @@ from conftest import (
     round_trip,
     run_culvert,
 )
-from tunnel_support import StallServer, StuckUpload
+from tunnel_support import StallServer, StuckUpload, run_threads
 
 COPIERS = [
     pytest.param([], id="splice"),
@@ -47,15 +47,6 @@ COPIERS = [
 def conn_payload(i: int) -> bytes:
     """~3 MiB of per-connection random bytes (sizes differ so log lines are distinguishable)."""
     return random.Random(i).randbytes(3 * MiB + i * 1021)
-
-
-def run_threads(threads: list[threading.Thread], deadline: float) -> None:
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    alive = [t.name for t in threads if t.is_alive()]
-    assert not alive, f"{len(alive)} client thread(s) still running at the deadline: {alive[:5]}"
 
 
 # --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import EchoServer, MiB, expect_closed, ipv6_loopback_available, recv_all, run_culvert
-from proxy_support import Origin, ProxyProc, QuietHandler
+from proxy_support import Origin, ProxyProc, QuietHandler, recv_up_to
 from tunnel_support import fd_count, free_port, poll, settle_fd_count
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
@@ -100,29 +100,19 @@ def socks_exchange(p: ProxyProc, request: bytes, auth: tuple[bytes, bytes] | Non
     try:
         offered = methods if methods is not None else (b"\x02" if auth else b"\x00")
         s.sendall(b"\x05" + bytes([len(offered)]) + offered)
-        choice = recv_exactly(s, 2)
+        choice = recv_up_to(s, 2)
         if choice[1] == 0xFF:
             return choice
         if auth:
             user, password = auth
             s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
-            status = recv_exactly(s, 2)
+            status = recv_up_to(s, 2)
             if status[1] != 0:
                 return status
         s.sendall(request)
-        return recv_exactly(s, 10)
+        return recv_up_to(s, 10)
     finally:
         s.close()
-
-
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            return buf
-        buf += chunk
-    return buf
 
 
 def connect_v4(host: str, port: int, cmd: int = 1) -> bytes:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from proxy_support import ProxyProc, udp_echo_exchange
+from proxy_support import ProxyProc, recv_up_to, udp_echo_exchange
 from tunnel_support import UdpServer
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
@@ -27,23 +27,13 @@ def echo():
     server.close()
 
 
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            return buf
-        buf += chunk
-    return buf
-
-
 def associate(p: ProxyProc, host: str = "0.0.0.0", port: int = 0) -> tuple[socket.socket, bytes, tuple[str, int] | None]:
     """A raw UDP ASSOCIATE: the TCP connection, the reply code and the relay address."""
     s = socket.create_connection(p.address, timeout=10)
     s.sendall(b"\x05\x01\x00")
-    assert recv_exactly(s, 2) == b"\x05\x00"
+    assert recv_up_to(s, 2) == b"\x05\x00"
     s.sendall(b"\x05\x03\x00\x01" + socket.inet_aton(host) + struct.pack(">H", port))
-    reply = recv_exactly(s, 10)
+    reply = recv_up_to(s, 10)
     assert len(reply) == 10, reply
     relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0]) if reply[1] == 0 else None
     return s, reply[1:2], relay
