@@ -159,10 +159,7 @@ def parse_ready_line(line, kind="tcp"):
 
 def parse_tunnel_ready(line):
     """culvert server ready line `listening tunnel 127.0.0.1:PORT` -> port."""
-    m = re.match(r"listening tunnel (\S+):(\d+)\s*$", line)
-    if not m:
-        raise ValueError(f"not a tunnel ready line: {line!r}")
-    return int(m.group(2))
+    return parse_listening(line, "tunnel")
 
 
 def parse_listening(line, kind):
