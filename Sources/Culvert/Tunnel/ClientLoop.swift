@@ -329,9 +329,9 @@ final class ClientLoop: @unchecked Sendable {
     private func startCarrier(_ stream: Duplex, session: SessionCredentials) {
         guard !session.isEnded else { return stream.close(reset: false) }
         let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false, pipes: relays.resources.pipes)
-        carrier.onOpen = { [weak self] stream, payload in
-            guard let self else { return stream.close(reset: true) }
-            self.streamOpened(stream, payload, session: session)
+        carrier.onOpen = { [weak self, weak carrier] stream, payload in
+            guard let self, let carrier else { return stream.close(reset: true) }
+            self.streamOpened(stream, payload, on: carrier, session: session)
         }
         var started = false
         carrier.onClose = { [weak self] carrier, error in
@@ -368,15 +368,20 @@ final class ClientLoop: @unchecked Sendable {
     }
 
     /// A visitor of a `-R proxy:` service: it speaks SOCKS5 or HTTP proxy to this
-    /// client, which is its exit.
-    private func serveProxyVisitor(_ stream: Duplex, spec: ServiceSpec, visitor: String) {
+    /// client, which is its exit. One that came on a carrier may ask for UDP
+    /// associations: their relay sockets are on the server that carrier reaches.
+    private func serveProxyVisitor(_ stream: Duplex, spec: ServiceSpec, visitor: String, carrier: MuxConnection? = nil) {
         guard let context = proxies.reverse else { return stream.close(reset: true) }
-        ProxyConnection.serve(stream, peer: visitor, peerAddress: nil, context: context, relays: relaySet(for: spec),
-                              idleClients: proxyIdleClients)
+        let relays = carrier.flatMap { carrier in
+            context.udp.map { ReverseRelayOpener(carrier: carrier, visitor: visitor, bindHost: spec.bindHost, exit: $0.exit, logger: logger) }
+        }
+        ProxyConnection.serve(stream, peer: visitor, peerAddress: nil, remoteRelays: relays, context: context,
+                              relays: relaySet(for: spec), idleClients: proxyIdleClients)
     }
 
     /// A visitor arrived on a carrier: connect to its local service and relay.
-    private func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer, session: SessionCredentials) {
+    private func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer, on carrier: MuxConnection,
+                              session: SessionCredentials) {
         let serviceID: UInt32
         let visitor: String
         do {
@@ -386,7 +391,7 @@ final class ClientLoop: @unchecked Sendable {
             return stream.close(reset: true)
         }
         if let spec = services[serviceID], spec.kind == .proxy {
-            return serveProxyVisitor(stream, spec: spec, visitor: visitor)
+            return serveProxyVisitor(stream, spec: spec, visitor: visitor, carrier: carrier)
         }
         guard let spec = services[serviceID], spec.kind == .tcp else {
             logger.warning("multiplexed stream for an unknown service", metadata: ["service": .stringConvertible(serviceID)])
