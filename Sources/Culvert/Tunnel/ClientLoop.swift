@@ -84,9 +84,25 @@ final class ClientLoop: @unchecked Sendable {
     let proxyIdleClients = IdleClients()
     /// This loop's `-D` sockets, once watched.
     var dynamicListeners: Listeners?
-    /// Carriers up on this loop, read by other loops placing `-D` connections.
-    private let carriersUp = Atomic<Int>(0)
-    var carrierCount: Int { carriersUp.load(ordering: .relaxed) }
+    /// The sessions with carriers up on this loop, and how many each: read by other
+    /// loops placing `-D` connections, which need a carrier of the serving session.
+    private let carrierSessions = Mutex<[ObjectIdentifier: (session: SessionCredentials, count: Int)]>([:])
+
+    /// Whether a `-D` exit stream can open here: a carrier of a session that serves and
+    /// is not leaving is up. A candidate's carriers do not count (its server's answer to
+    /// `useExit` is not the one in force), nor a leaving session's, which hold on to
+    /// their carriers until the goodbye is answered.
+    var hasExitCarrier: Bool {
+        carrierSessions.withLock { $0.values.contains { $0.session.isServing && !$0.session.isEnded } }
+    }
+
+    private func countCarrier(of session: SessionCredentials, _ delta: Int) {
+        carrierSessions.withLock { sessions in
+            let key = ObjectIdentifier(session)
+            let count = (sessions[key]?.count ?? 0) + delta
+            sessions[key] = count > 0 ? (session, count) : nil
+        }
+    }
 
     init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, visitorLimits: [UInt32: VisitorLimit],
          refusals: RefusalSummary, proxies: ClientProxies, logger: Logger) throws {
@@ -337,7 +353,7 @@ final class ClientLoop: @unchecked Sendable {
         carrier.onClose = { [weak self] carrier, error in
             guard let self else { return }
             if self.carriers.removeValue(forKey: ObjectIdentifier(carrier)) != nil {
-                self.carriersUp.wrappingSubtract(1, ordering: .relaxed)
+                self.countCarrier(of: session, -1)
             }
             if started, !session.isEnded, let error {
                 self.logger.warning("multiplexed data channel lost", metadata: ["error": "\(error)"])
@@ -352,18 +368,15 @@ final class ClientLoop: @unchecked Sendable {
         guard !carrier.isClosed else { return }
         started = true
         carriers[ObjectIdentifier(carrier)] = (carrier, session)
-        carriersUp.wrappingAdd(1, ordering: .relaxed)
+        countCarrier(of: session, 1)
         proxies.carrierUp(on: self)
     }
 
-    /// A `-D` request's exit stream, on this loop's least busy carrier of a live session,
-    /// the serving one's when it has one here: a candidate's server may be no exit. Nil
-    /// when none is up.
+    /// A `-D` request's exit stream, on this loop's least busy carrier of a serving
+    /// session that is not leaving (see `hasExitCarrier`). Nil when none is up.
     func openExitStream(_ payload: [UInt8]) -> MuxStream? {
         loop.assertInLoop()
-        let live = carriers.values.filter { !$0.carrier.isClosed && !$0.session.isEnded }
-        let serving = live.filter { $0.session.isServing }
-        return (serving.isEmpty ? live : serving)
+        return carriers.values.filter { !$0.carrier.isClosed && $0.session.isServing && !$0.session.isEnded }
             .min { $0.carrier.streamCount < $1.carrier.streamCount }?.carrier.open(payload)
     }
 
@@ -568,7 +581,7 @@ final class ClientLoop: @unchecked Sendable {
         }
         for (key, entry) in carriers where entry.session === session {
             carriers[key] = nil
-            carriersUp.wrappingSubtract(1, ordering: .relaxed)
+            countCarrier(of: session, -1)
             entry.carrier.closeWhenIdle()
         }
         for entry in udpRelays.values where entry.session === session { entry.relay.closeAll() }

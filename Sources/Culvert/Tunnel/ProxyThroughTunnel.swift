@@ -142,10 +142,10 @@ final class ClientProxies: @unchecked Sendable {
             switch state.answer {
             case .refused:
                 return index
-            case .accepted where loops[index].carrierCount > 0:
+            case .accepted where loops[index].hasExitCarrier:
                 return index
             case .accepted:
-                if let other = loops.indices.first(where: { loops[$0].carrierCount > 0 }) { return other }
+                if let other = loops.indices.first(where: { loops[$0].hasExitCarrier }) { return other }
                 fallthrough
             case .unknown:
                 guard state.parked.count < Self.parkedMax else { return index }
@@ -185,7 +185,9 @@ final class ClientProxies: @unchecked Sendable {
                 defer { state.parked.removeAll() }
                 return (state.parked, nil)
             case .accepted:
-                guard let at = carrierLoop ?? loops.indices.first(where: { loops[$0].carrierCount > 0 }) else { return ([], nil) }
+                // The carrier that just came up may be a candidate's: only a serving one takes them.
+                let ready = carrierLoop.flatMap { loops[$0].hasExitCarrier ? $0 : nil }
+                guard let at = ready ?? loops.indices.first(where: { loops[$0].hasExitCarrier }) else { return ([], nil) }
                 defer { state.parked.removeAll() }
                 return (state.parked, at)
             }
