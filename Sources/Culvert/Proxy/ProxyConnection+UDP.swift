@@ -3,7 +3,7 @@ import Reactor
 import Transfer
 
 /// SOCKS5 UDP ASSOCIATE: the connection's TCP stream stays open as the association's
-/// lifeline while a `UDPAssociation` relays its datagrams; whatever ends the stream (the
+/// lifeline while a `DatagramRelay` relays its datagrams; whatever ends the stream (the
 /// client, the idle timeout, a drain) ends the association.
 extension ProxyConnection {
     func runAssociation(_ request: Socks5.Request) async -> Bool {
