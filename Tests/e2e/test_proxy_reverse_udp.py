@@ -134,3 +134,14 @@ def test_datagrams_from_another_address_than_the_visitors_are_dropped(kit, echo)
     client.wait_stderr(r"udp association closed")
     stranger.close()
     u.close()
+
+
+def test_a_server_whose_allowed_ports_leave_out_the_ephemeral_range_refuses_the_relay(kit):
+    server = kit.start_server("plain", opts=["--allow-ports", "20000-20999"])
+    client = kit.start_client(server.server_addr, ["proxy:127.0.0.1:0"], mode="plain", ready=False, opts=["--no-auth"])
+    proxy = parse_addr(client.wait_stdout(EXPOSED_PROXY_RE)[0].group(1))
+    tcp, code, _ = associate(proxy)
+    assert code == 0x01
+    tcp.close()
+    assert "ephemeral" in server.wait_stderr(r"UDP relay refused")[0]
+    client.wait_stderr(r"proxy request refused|proxy requests refused")
