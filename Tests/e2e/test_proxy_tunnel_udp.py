@@ -2,7 +2,8 @@
 client -D` keeps the relay socket on the client and carries each association's
 datagrams in one UDP exit stream to the server, which sends them under its exit policy.
 PySocks is the independent client; raw sockets check drops and the association's end.
-`-R proxy:` still refuses UDP ASSOCIATE (command not supported).
+`-R proxy:` over dedicated data channels (--mux 0) refuses UDP ASSOCIATE (command not
+supported); over carriers it works (test_proxy_reverse_udp.py).
 
 Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
 
@@ -112,9 +113,10 @@ def test_server_without_allow_exit_refuses_udp_associate(kit):
     client.wait_stderr(r"proxy request refused|proxy requests refused")
 
 
-def test_reverse_proxy_still_refuses_udp_associate(kit):
+def test_reverse_proxy_on_dedicated_channels_refuses_udp_associate(kit):
     server = kit.start_server("plain")
-    client = kit.start_client(server.server_addr, ["proxy:127.0.0.1:0"], mode="plain", ready=False, opts=["--no-auth"])
+    client = kit.start_client(server.server_addr, ["proxy:127.0.0.1:0"], mode="plain", ready=False,
+                              opts=["--no-auth", "--mux", "0"])
     public = parse_addr(client.wait_stdout(EXPOSED_PROXY_RE)[0].group(1))
     tcp, code, _ = associate(public)
     assert code == 0x07

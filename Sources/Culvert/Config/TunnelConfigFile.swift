@@ -179,6 +179,13 @@ public enum TunnelConfigFile {
             try file.rejectUnknownKeys(in: table, prefix: prefix)
             services.append(spec)
         }
+        for text in try file.strings("reverse_proxy") ?? [] {
+            do throws(ServiceSpec.ParseError) {
+                services.append(try ServiceSpec.parse("proxy:" + text))
+            } catch {
+                throw file.error("reverse_proxy", "'\(text)': \(error.reason)")
+            }
+        }
         config.services += services
         var common = try readCommon(file)
         common.hasServer = hasServer

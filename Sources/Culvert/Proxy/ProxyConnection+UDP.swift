@@ -3,7 +3,7 @@ import Reactor
 import Transfer
 
 /// SOCKS5 UDP ASSOCIATE: the connection's TCP stream stays open as the association's
-/// lifeline while a `UDPAssociation` relays its datagrams; whatever ends the stream (the
+/// lifeline while a `DatagramRelay` relays its datagrams; whatever ends the stream (the
 /// client, the idle timeout, a drain) ends the association.
 extension ProxyConnection {
     func runAssociation(_ request: Socks5.Request) async -> Bool {
@@ -18,8 +18,10 @@ extension ProxyConnection {
             await answerAndClose(Socks5.reply(failure.socksReply))
             return false
         }
-        guard let peerAddress, let local = try? Net.localAddress(client.channel.duplex.fd) else {
-            await answerAndClose(Socks5.reply(.generalFailure))
+        guard peerAddress != nil || remoteRelays != nil else {
+            context.refused("unsupported_command", "proxy request refused", peer,
+                            ["error": "UDP ASSOCIATE needs multiplexed data channels here (--mux 1 or more)", "destination": "\(request.destination)"])
+            await answerAndClose(Socks5.reply(.commandNotSupported))
             return false
         }
         guard udp.admit() else {
@@ -28,19 +30,14 @@ extension ProxyConnection {
             await answerAndClose(Socks5.reply(.generalFailure))
             return false
         }
-        let association: UDPAssociation
-        do {
-            association = try UDPAssociation(loop: loop, local: local, client: peerAddress, requested: request.destination.port,
-                                             exit: udp.exit, batch: udp.batches.batch(for: loop)) { [context, peer] reason in
-                if reason == .denied {
-                    context.refused("denied", "proxy datagram dropped", peer, ["error": "destination not allowed by policy"])
-                }
-            }
-        } catch {
+        let association: DatagramRelay
+        switch await openRelay(request, udp) {
+        case .failure(let failure):
             udp.release()
-            context.logger.warning("cannot open UDP relay socket", metadata: ["peer": "\(peer)", "error": "\(error)"])
-            await answerAndClose(Socks5.reply(.generalFailure))
+            await answerAndClose(Socks5.reply(failure.socksReply))
             return false
+        case .success(let opened):
+            association = opened
         }
         let reason = await serve(association, idleTimeout: udp.idleTimeout)
         client.channel.close()
@@ -57,9 +54,39 @@ extension ProxyConnection {
         return false
     }
 
+    /// The association's relay: a socket here on the address the client reached, or,
+    /// for a client beyond the tunnel server, one there (`remoteRelays`). A failure is
+    /// logged and returned for the reply.
+    private func openRelay(_ request: Socks5.Request, _ udp: ProxyUDP) async -> Result<DatagramRelay, ProxyFailure> {
+        let onDrop = { [context, peer] (reason: DatagramDrop) in
+            if reason == .denied {
+                context.refused("denied", "proxy datagram dropped", peer, ["error": "destination not allowed by policy"])
+            }
+        }
+        if let remoteRelays {
+            let opened = await remoteRelays.open(requested: request.destination.port, on: loop) { [client] why in
+                client.channel.fail(.protocolViolation("UDP relay lost: \(why)"), reset: false)
+            }
+            if case .failure(let failure) = opened {
+                context.refused(failure.label, "proxy request refused", peer, ["error": "\(failure)", "destination": "\(request.destination)"])
+            }
+            return opened
+        }
+        guard let peerAddress, let local = try? Net.localAddress(client.channel.duplex.fd) else {
+            return .failure(.general("no address for the relay socket"))
+        }
+        do {
+            return .success(try UDPAssociation(loop: loop, local: local, client: peerAddress, requested: request.destination.port,
+                                               exit: udp.exit, batch: udp.batches.batch(for: loop), onDrop: onDrop))
+        } catch {
+            context.logger.warning("cannot open UDP relay socket", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            return .failure(.general("cannot open UDP relay socket: \(error)"))
+        }
+    }
+
     /// Answers the request with the relay's address, then waits for whatever ends the
     /// association; returns why it ended.
-    private func serve(_ association: UDPAssociation, idleTimeout: Duration) async -> String {
+    private func serve(_ association: DatagramRelay, idleTimeout: Duration) async -> String {
         client.channel.send(Socks5.reply(.succeeded, bound: association.relayAddress))
         disarm()
         let idle = IdleWatch(loop: loop, timeout: idleTimeout, association: association) { [client] in
@@ -93,11 +120,11 @@ extension ProxyConnection {
 private final class IdleWatch {
     private let loop: EventLoop
     private let timeout: Duration
-    private unowned let association: UDPAssociation
+    private unowned let association: DatagramRelay
     private let expired: () -> Void
     private var timer: LoopTimer?
 
-    init(loop: EventLoop, timeout: Duration, association: UDPAssociation, expired: @escaping () -> Void) {
+    init(loop: EventLoop, timeout: Duration, association: DatagramRelay, expired: @escaping () -> Void) {
         self.loop = loop
         self.timeout = timeout
         self.association = association

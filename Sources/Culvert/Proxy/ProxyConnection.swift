@@ -15,6 +15,9 @@ final class ProxyConnection {
     let peer: String
     /// The client's address (the only one a UDP association takes datagrams from).
     let peerAddress: SocketAddress?
+    /// Where a UDP association's relay goes when it cannot be on this host (a reverse
+    /// proxy's client is on the far side of the tunnel server).
+    let remoteRelays: RemoteRelayOpener?
     /// Where the connection says it may be ended at once by a drain.
     let idleClients: IdleClients
     /// The origin connection an HTTP client's forwarded requests are using, kept for the
@@ -28,22 +31,23 @@ final class ProxyConnection {
     /// - Parameters:
     ///   - stream: the client's connection (a socket, or a tunnel stream whose visitor is
     ///     the client).
-    ///   - peerAddress: the client's socket address; nil for a tunnel stream, which then
-    ///     gets no UDP association (it has no address for datagrams to come from).
-    init(client stream: Duplex, peer: String, peerAddress: SocketAddress?, context: ProxyContext, relays: RelaySet,
-         idleClients: IdleClients) throws(SystemError) {
+    ///   - peerAddress: the client's socket address; nil for a tunnel stream, whose UDP
+    ///     associations then need `remoteRelays` (without, the command is refused).
+    init(client stream: Duplex, peer: String, peerAddress: SocketAddress?, remoteRelays: RemoteRelayOpener? = nil,
+         context: ProxyContext, relays: RelaySet, idleClients: IdleClients) throws(SystemError) {
         self.context = context
         self.relays = relays
         self.peer = peer
         self.peerAddress = peerAddress
+        self.remoteRelays = remoteRelays
         self.idleClients = idleClients
         client = try ProxyChannel(loop: relays.loop, stream: stream)
     }
 
     /// Serves one client from its handshake on, in `relays` (pending until its relay
     /// starts); a client beyond the context's limit is closed at once.
-    static func serve(_ stream: Duplex, peer: String, peerAddress: SocketAddress?, context: ProxyContext, relays: RelaySet,
-                      idleClients: IdleClients) {
+    static func serve(_ stream: Duplex, peer: String, peerAddress: SocketAddress?, remoteRelays: RemoteRelayOpener? = nil,
+                      context: ProxyContext, relays: RelaySet, idleClients: IdleClients) {
         guard context.admit() else {
             stream.close(reset: true)
             context.refused("limit", "connection refused: limit reached", peer, ["max": .stringConvertible(context.maxConnections)])
@@ -51,8 +55,8 @@ final class ProxyConnection {
         }
         let connection: ProxyConnection
         do {
-            connection = try ProxyConnection(client: stream, peer: peer, peerAddress: peerAddress, context: context, relays: relays,
-                                             idleClients: idleClients)
+            connection = try ProxyConnection(client: stream, peer: peer, peerAddress: peerAddress, remoteRelays: remoteRelays,
+                                             context: context, relays: relays, idleClients: idleClients)
         } catch {
             stream.close(reset: true)
             context.release()

@@ -84,9 +84,25 @@ final class ClientLoop: @unchecked Sendable {
     let proxyIdleClients = IdleClients()
     /// This loop's `-D` sockets, once watched.
     var dynamicListeners: Listeners?
-    /// Carriers up on this loop, read by other loops placing `-D` connections.
-    private let carriersUp = Atomic<Int>(0)
-    var carrierCount: Int { carriersUp.load(ordering: .relaxed) }
+    /// The sessions with carriers up on this loop, and how many each: read by other
+    /// loops placing `-D` connections, which need a carrier of the serving session.
+    private let carrierSessions = Mutex<[ObjectIdentifier: (session: SessionCredentials, count: Int)]>([:])
+
+    /// Whether a `-D` exit stream can open here: a carrier of a session that serves and
+    /// is not leaving is up. A candidate's carriers do not count (its server's answer to
+    /// `useExit` is not the one in force), nor a leaving session's, which hold on to
+    /// their carriers until the goodbye is answered.
+    var hasExitCarrier: Bool {
+        carrierSessions.withLock { $0.values.contains { $0.session.isServing && !$0.session.isEnded } }
+    }
+
+    private func countCarrier(of session: SessionCredentials, _ delta: Int) {
+        carrierSessions.withLock { sessions in
+            let key = ObjectIdentifier(session)
+            let count = (sessions[key]?.count ?? 0) + delta
+            sessions[key] = count > 0 ? (session, count) : nil
+        }
+    }
 
     init(loop: EventLoop, config: TunnelClientConfig, udpMaxSessions: Int, visitorLimits: [UInt32: VisitorLimit],
          refusals: RefusalSummary, proxies: ClientProxies, logger: Logger) throws {
@@ -329,15 +345,15 @@ final class ClientLoop: @unchecked Sendable {
     private func startCarrier(_ stream: Duplex, session: SessionCredentials) {
         guard !session.isEnded else { return stream.close(reset: false) }
         let carrier = MuxConnection(loop: loop, carrier: stream, isOpener: false, pipes: relays.resources.pipes)
-        carrier.onOpen = { [weak self] stream, payload in
-            guard let self else { return stream.close(reset: true) }
-            self.streamOpened(stream, payload, session: session)
+        carrier.onOpen = { [weak self, weak carrier] stream, payload in
+            guard let self, let carrier else { return stream.close(reset: true) }
+            self.streamOpened(stream, payload, on: carrier, session: session)
         }
         var started = false
         carrier.onClose = { [weak self] carrier, error in
             guard let self else { return }
             if self.carriers.removeValue(forKey: ObjectIdentifier(carrier)) != nil {
-                self.carriersUp.wrappingSubtract(1, ordering: .relaxed)
+                self.countCarrier(of: session, -1)
             }
             if started, !session.isEnded, let error {
                 self.logger.warning("multiplexed data channel lost", metadata: ["error": "\(error)"])
@@ -352,31 +368,33 @@ final class ClientLoop: @unchecked Sendable {
         guard !carrier.isClosed else { return }
         started = true
         carriers[ObjectIdentifier(carrier)] = (carrier, session)
-        carriersUp.wrappingAdd(1, ordering: .relaxed)
+        countCarrier(of: session, 1)
         proxies.carrierUp(on: self)
     }
 
-    /// A `-D` request's exit stream, on this loop's least busy carrier of a live session,
-    /// the serving one's when it has one here: a candidate's server may be no exit. Nil
-    /// when none is up.
+    /// A `-D` request's exit stream, on this loop's least busy carrier of a serving
+    /// session that is not leaving (see `hasExitCarrier`). Nil when none is up.
     func openExitStream(_ payload: [UInt8]) -> MuxStream? {
         loop.assertInLoop()
-        let live = carriers.values.filter { !$0.carrier.isClosed && !$0.session.isEnded }
-        let serving = live.filter { $0.session.isServing }
-        return (serving.isEmpty ? live : serving)
+        return carriers.values.filter { !$0.carrier.isClosed && $0.session.isServing && !$0.session.isEnded }
             .min { $0.carrier.streamCount < $1.carrier.streamCount }?.carrier.open(payload)
     }
 
     /// A visitor of a `-R proxy:` service: it speaks SOCKS5 or HTTP proxy to this
-    /// client, which is its exit.
-    private func serveProxyVisitor(_ stream: Duplex, spec: ServiceSpec, visitor: String) {
+    /// client, which is its exit. One that came on a carrier may ask for UDP
+    /// associations: their relay sockets are on the server that carrier reaches.
+    private func serveProxyVisitor(_ stream: Duplex, spec: ServiceSpec, visitor: String, carrier: MuxConnection? = nil) {
         guard let context = proxies.reverse else { return stream.close(reset: true) }
-        ProxyConnection.serve(stream, peer: visitor, peerAddress: nil, context: context, relays: relaySet(for: spec),
-                              idleClients: proxyIdleClients)
+        let relays = carrier.flatMap { carrier in
+            context.udp.map { ReverseRelayOpener(carrier: carrier, visitor: visitor, bindHost: spec.bindHost, exit: $0.exit, logger: logger) }
+        }
+        ProxyConnection.serve(stream, peer: visitor, peerAddress: nil, remoteRelays: relays, context: context,
+                              relays: relaySet(for: spec), idleClients: proxyIdleClients)
     }
 
     /// A visitor arrived on a carrier: connect to its local service and relay.
-    private func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer, session: SessionCredentials) {
+    private func streamOpened(_ stream: MuxStream, _ payload: UnsafeRawBufferPointer, on carrier: MuxConnection,
+                              session: SessionCredentials) {
         let serviceID: UInt32
         let visitor: String
         do {
@@ -386,7 +404,7 @@ final class ClientLoop: @unchecked Sendable {
             return stream.close(reset: true)
         }
         if let spec = services[serviceID], spec.kind == .proxy {
-            return serveProxyVisitor(stream, spec: spec, visitor: visitor)
+            return serveProxyVisitor(stream, spec: spec, visitor: visitor, carrier: carrier)
         }
         guard let spec = services[serviceID], spec.kind == .tcp else {
             logger.warning("multiplexed stream for an unknown service", metadata: ["service": .stringConvertible(serviceID)])
@@ -563,7 +581,7 @@ final class ClientLoop: @unchecked Sendable {
         }
         for (key, entry) in carriers where entry.session === session {
             carriers[key] = nil
-            carriersUp.wrappingSubtract(1, ordering: .relaxed)
+            countCarrier(of: session, -1)
             entry.carrier.closeWhenIdle()
         }
         for entry in udpRelays.values where entry.session === session { entry.relay.closeAll() }

@@ -12,7 +12,8 @@ import Transfer
 /// - `-R proxy:` (`reverse`): the server relays its visitors' bytes to this client like a
 ///   TCP service's, and the client runs the proxy on them with a `LocalExit` under its
 ///   `--exit-allow`/`--exit-deny`. The handshake runs here, where the auth file and the
-///   exit are, so the server needs nothing new for it and never sees credentials.
+///   exit are, so the server never sees credentials. A UDP ASSOCIATE gets its relay
+///   socket on the server (a relay stream, `ReverseRelayOpener`) and sends from here.
 ///
 /// Thread confinement: `loops` and `workers` are set once by `TunnelClient.start` before
 /// any loop runs client code; the exit state and the parked connections are behind a
@@ -69,9 +70,16 @@ final class ClientProxies: @unchecked Sendable {
         if config.services.contains(where: { $0.kind == .proxy }) {
             var c = settings(listen: HostPort(host: nil, port: 0))
             c.policy = ProxyPolicy(allow: config.exitAllow, deny: config.exitDeny)
-            reverse = ProxyContext(config: c, exit: LocalExit(policy: c.policy, resolver: CachingResolver(), connectTimeout: c.connectTimeout),
+            let resolver = CachingResolver()
+            // A UDP association's relay socket is on the server (`ServerRelays`); its
+            // destinations' sockets are here.
+            let udp = ProxyUDP(exit: LocalDatagramExit(policy: c.policy, resolver: resolver, maxSockets: ServerExit.socketsPerAssociation,
+                                                       batches: DatagramBatches(loops: loopCount)),
+                               batches: DatagramBatches(loops: loopCount), idleTimeout: c.udpIdleTimeout,
+                               maxAssociations: Swift.max(1, Swift.min(UDPSessionBudget.ceiling, UDPSessionBudget.freeDescriptors() / 8)))
+            reverse = ProxyContext(config: c, exit: LocalExit(policy: c.policy, resolver: resolver, connectTimeout: c.connectTimeout),
                                    logger: logger, refusals: RefusalSummary(logger: logger, message: "reverse proxy requests refused", loop: loop),
-                                   maxConnections: max)
+                                   maxConnections: max, udp: udp)
         } else {
             reverse = nil
         }
@@ -134,10 +142,10 @@ final class ClientProxies: @unchecked Sendable {
             switch state.answer {
             case .refused:
                 return index
-            case .accepted where loops[index].carrierCount > 0:
+            case .accepted where loops[index].hasExitCarrier:
                 return index
             case .accepted:
-                if let other = loops.indices.first(where: { loops[$0].carrierCount > 0 }) { return other }
+                if let other = loops.indices.first(where: { loops[$0].hasExitCarrier }) { return other }
                 fallthrough
             case .unknown:
                 guard state.parked.count < Self.parkedMax else { return index }
@@ -177,7 +185,9 @@ final class ClientProxies: @unchecked Sendable {
                 defer { state.parked.removeAll() }
                 return (state.parked, nil)
             case .accepted:
-                guard let at = carrierLoop ?? loops.indices.first(where: { loops[$0].carrierCount > 0 }) else { return ([], nil) }
+                // The carrier that just came up may be a candidate's: only a serving one takes them.
+                let ready = carrierLoop.flatMap { loops[$0].hasExitCarrier ? $0 : nil }
+                guard let at = ready ?? loops.indices.first(where: { loops[$0].hasExitCarrier }) else { return ([], nil) }
                 defer { state.parked.removeAll() }
                 return (state.parked, at)
             }

@@ -18,6 +18,8 @@ final class ServerExit: Sendable {
     let enabled: Bool
     private let exit: LocalExit
     private let datagrams: LocalDatagramExit
+    /// The relay sockets of `-R proxy:` UDP associations, which need no `--allow-exit`.
+    private let reverseRelays: ServerRelays
     private let logger: Logger
     private let refusals: RefusalSummary
     private let maxStreams: Int
@@ -40,6 +42,7 @@ final class ServerExit: Sendable {
         refusals = RefusalSummary(logger: logger, message: "exit requests refused", loop: loop)
         // An exit stream holds one socket, and two pipe ends while it splices.
         maxStreams = max(1, UDPSessionBudget.freeDescriptors() / 4)
+        reverseRelays = ServerRelays(config: config, logger: logger, maxRelays: max(1, UDPSessionBudget.freeDescriptors() / 8))
     }
 
     /// Networks an exit does not reach unless an `--exit-allow` network names them: the
@@ -56,6 +59,7 @@ final class ServerExit: Sendable {
         if TunnelProtocol.isDatagramsOpen(payload) { return datagramsOpened(stream, peer: peer, on: home) }
         let destination: ProxyDestination
         do {
+            if let relay = try TunnelProtocol.decodeRelayOpen(payload) { return reverseRelays.opened(stream, relay, peer: peer, on: home) }
             destination = try TunnelProtocol.decodeExitOpen(payload)
         } catch {
             refused("bad_request", peer, "malformed exit stream: \(error)")

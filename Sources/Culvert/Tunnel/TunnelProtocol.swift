@@ -547,6 +547,29 @@ enum TunnelProtocol {
         return destination
     }
 
+    // MARK: relay streams (see ReverseDatagrams.swift)
+    static let relayKind: UInt8 = 0x11
+
+    /// What a relay stream asks the server for.
+    struct RelayRequest: Equatable {
+        let visitor: String
+        let port: UInt16
+        let bindHost: String
+    }
+
+    static func encodeRelayOpen(_ request: RelayRequest) -> [UInt8] {
+        [relayKind] + string(request.visitor) + be(request.port) + string(request.bindHost)
+    }
+
+    /// nil when the payload is another kind of exit stream.
+    static func decodeRelayOpen(_ payload: UnsafeRawBufferPointer) throws(ChannelError) -> RelayRequest? {
+        guard payload.first == relayKind else { return nil }
+        var r = Reader(bytes: ArraySlice(payload.dropFirst()))
+        let request = RelayRequest(visitor: try r.string(), port: try r.u16(), bindHost: try r.string())
+        guard r.isAtEnd else { throw ChannelError.protocolViolation("trailing bytes in a relay stream's open frame") }
+        return request
+    }
+
     /// The first bytes the exit sends on an exit stream: status u8, reason str. After
     /// `connected` the stream carries the destination's bytes; after any other status
     /// the exit ends the stream.
