@@ -374,10 +374,22 @@ public final class TLSStream: Duplex {
     public func shutdownWrite() -> SystemError? {
         ERR_clear_error()
         _ = SSL_shutdown(ssl)
+        // Inside a carrier the carrier half-closes its own way (a WebSocket's close
+        // frame), with close_notify in the same send. A FIN under it would end more than
+        // our direction: nginx ends an upgraded connection on the first FIN from either
+        // side, cutting off the answer.
+        if let carrier = carrier as? HalfClosingCarrier {
+            var data: UnsafePointer<UInt8>?
+            let count = culvert_tls_output(ssl, &data)
+            let error = carrier.shutdownWrite(after: UnsafeRawBufferPointer(start: data, count: count))
+            culvert_tls_consume(ssl, count)
+            return error
+        }
         // Best effort: every earlier write is out already (see the write contract), so
         // only the close_notify record can be left when the socket is full.
         _ = sendRecords()
-        return carrier?.shutdownWrite() ?? Net.shutdownWrite(fd)
+        if let carrier { return carrier.shutdownWrite() }
+        return Net.shutdownWrite(fd)
     }
 
     public func close(reset: Bool) {

@@ -395,6 +395,18 @@ public final class WebSocketStream: Duplex {
         return nil
     }
 
+    /// The layer above's last bytes (TLS's close_notify) and the close frame in one send:
+    /// sent apart, a peer that read the first could finish and close before the second
+    /// arrived, and the close frame landing on its closed socket drew a reset.
+    func shutdownWrite(after last: UnsafeRawBufferPointer) -> SystemError? {
+        if case .open = writer, last.count > held {
+            // A held frame carries the first `held` of these bytes already.
+            queue(.binary, UnsafeRawBufferPointer(rebasing: last[held...]))
+        }
+        held = 0
+        return shutdownWrite()
+    }
+
     private func sendClose(_ code: CloseCode) {
         guard case .open = writer else { return }
         queue(.close, WebSocketFrame.closePayload(code))
@@ -410,9 +422,37 @@ public final class WebSocketStream: Duplex {
         if reset && !violated { return inner.close(reset: true) }
         sendClose(.normal)
         _ = flushOut()
+        discardInput()
         inner.close(reset: false)
     }
+
+    /// Reads at most this many buffers' worth when closing; a peer still streaming past
+    /// that gets the reset it asks for.
+    private static let discardReads = 16
+
+    /// Reads and drops what arrived and nobody will read: the peer's close frame, at
+    /// least, waits behind the last record a TLS layer above took as its EOF. Closing a
+    /// socket with unread bytes sends RST instead of FIN, and a peer that gets RST drops
+    /// what it received and has not read yet (a relay aborts on the error it reports):
+    /// the end of an echo never reached its visitor.
+    private func discardInput() {
+        inputStart = 0
+        inputEnd = 0
+        for _ in 0..<Self.discardReads {
+            guard case .bytes = inner.read(into: input, count: inputCapacity) else { return }
+        }
+    }
 }
+
+/// A carrier whose half-close is a message of its own (a WebSocket's close frame),
+/// taking the layer above's last bytes along so that both leave together.
+protocol HalfClosingCarrier: Duplex {
+    /// Sends `last` (bytes the layer above has not had reported written, from the
+    /// start) and then the end of this side; everything of `last` counts as taken.
+    func shutdownWrite(after last: UnsafeRawBufferPointer) -> SystemError?
+}
+
+extension WebSocketStream: HalfClosingCarrier {}
 
 extension WebSocketStream: LayerKeepalive {
     public func startLayerKeepalive(on loop: EventLoop) {

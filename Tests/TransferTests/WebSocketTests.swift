@@ -66,6 +66,20 @@ private func frames(_ bytes: [UInt8]) -> [(WebSocketFrame.Header, [UInt8])] {
 
 private func pattern(_ count: Int) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 8) } }
 
+/// Waits (5 s at most) until `fd` has bytes to read.
+private func waitReadable(_ fd: Int32) -> Bool {
+    var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    return poll(&p, 1, 5000) == 1
+}
+
+/// The kernel's TCP state of `fd` (TCP_ESTABLISHED until this end sends FIN).
+private func tcpState(_ fd: Int32) -> UInt8 {
+    var info = tcp_info()
+    var length = socklen_t(MemoryLayout<tcp_info>.size)
+    _ = getsockopt(fd, Int32(IPPROTO_TCP), TCP_INFO, &info, &length)
+    return info.tcpi_state
+}
+
 final class WebSocketFrameTests: XCTestCase {
     func testLengthsRoundTripInTheirShortestForm() {
         for (length, size) in [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10), (1 << 33, 10)] as [(UInt64, Int)] {
@@ -254,5 +268,44 @@ final class WebSocketStreamTests: XCTestCase {
         XCTAssertNil(server.shutdownWrite())
         XCTAssertEqual(frames(wire.written).map(\.0.opcode), [.binary, .close])
         XCTAssertEqual([9].withUnsafeBytes { server.write(from: $0.baseAddress!, count: 1) }, .failed(SystemError("websocket: write after close", errno: EPIPE)))
+    }
+
+    /// The tunnel's dedicated data channel over ws: the server's close frame arrives
+    /// after the client's last read (TLS above took its close_notify as EOF). Closing
+    /// with it unread sent RST, and the server's relay, seeing the error, dropped the
+    /// echo it had received and not yet read: the visitor got a reset and no bytes.
+    func testClosingReadsThePeersLateCloseFrameSoThePeerGetsFinNotReset() throws {
+        let (peer, fd) = try tcpPair()
+        defer { close(peer) }
+        let client = WebSocketStream(wrapping: TCPStream(fd: fd), role: .client, settings: .init(pingInterval: nil))
+        sendAll(peer, WebSocketFrame.encode(.binary, payload: [1, 2, 3]))
+        XCTAssertTrue(waitReadable(fd))
+        var buffer = [UInt8](repeating: 0, count: 16)
+        XCTAssertEqual(buffer.withUnsafeMutableBytes { client.read(into: $0.baseAddress!, count: $0.count) }, .bytes(3))
+        sendAll(peer, WebSocketFrame.encode(.close, payload: WebSocketFrame.closePayload(.normal)))
+        XCTAssertTrue(waitReadable(fd))
+        client.close(reset: false)
+        let (bytes, error) = readToEnd(peer)
+        XCTAssertEqual(error, 0, "the peer sees FIN, not a reset (errno \(error))")
+        XCTAssertEqual(frames(bytes).map(\.0.opcode), [.close])
+    }
+
+    /// The inner TLS of the tunnel half-closes with close_notify and the WebSocket's
+    /// close frame, never a FIN on the socket: nginx in front of the server ends an
+    /// upgraded connection at the first FIN from either side, so the answer to a
+    /// visitor that half-closed (an echo) never came back.
+    func testTLSInsideAWebSocketHalfClosesWithACloseFrameNotAFin() throws {
+        let (peer, fd) = try tcpPair()
+        defer { close(peer) }
+        let ws = WebSocketStream(wrapping: TCPStream(fd: fd), role: .client, settings: .init(pingInterval: nil))
+        let tls = try TLSStream(over: ws, context: TLSContext.psk(key: [UInt8](repeating: 7, count: 32), server: false))
+        XCTAssertNil(tls.shutdownWrite())
+        XCTAssertEqual(tcpState(fd), UInt8(TCP_ESTABLISHED), "no FIN under the WebSocket")
+        XCTAssertTrue(waitReadable(peer))
+        var buffer = [UInt8](repeating: 0, count: 256)
+        let n = recv(peer, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+        XCTAssertGreaterThan(n, 0)
+        XCTAssertEqual(frames(Array(buffer[0..<max(n, 0)])).map(\.0.opcode), [.close])
+        tls.close(reset: false)
     }
 }
