@@ -33,6 +33,7 @@ final class RelaySetTests: XCTestCase {
                 switch event {
                 case .started: events.append("observer started")
                 case .ended(_, let reason): events.append("observer ended \(reason.label)")
+                case .retired: events.append("observer retired")
                 }
             }
             let pending = set.add()

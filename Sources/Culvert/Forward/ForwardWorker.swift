@@ -229,6 +229,9 @@ final class ForwardWorker {
             forwarder.logClose(peer: peer, target: address, relay: relay, reason: reason)
         }
         guard let relay else { return forwarder.release() }
+        // Plain TCP on both ends (the common case) skips the WebSocket checks: they copy
+        // the settings and cast each end, work a connection should not pay for unused.
+        guard forwarder.webSocket != nil else { return }
         let pings = [(client, forwarder.config.ingress?.settings.pingInterval), (target, forwarder.config.egress?.settings.pingInterval)]
         for case let (ws as WebSocketStream, interval?) in pings {
             ws.startKeepalive(on: loop, interval: interval) { [weak relay] in

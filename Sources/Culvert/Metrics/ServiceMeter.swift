@@ -15,8 +15,15 @@ final class ServiceMeter {
         get { totals.ports }
         set { totals.ports = newValue }
     }
-    /// The sets whose relays count here; weak, as a retired set leaves on its own.
-    private var sets: [WeakRelaySet] = []
+    /// The sets whose relays count here, until a retired set says it is done
+    /// (`RelayEvent.retired`). Held strongly: a weak reference would give each set a
+    /// side table, which sends every retain and release of the set (several per
+    /// connection) down the runtime's slow path.
+    private var sets: [ObjectIdentifier: RelaySet] = [:]
+    /// Relays ended, one slot per kind of `CloseReason`: an array slot per connection
+    /// rather than hashing its label into `totals.results`; `sample` adds them in.
+    private var endedByReason = [UInt64](repeating: 0, count: ServiceMeter.reasonLabels.count)
+    private static let reasonLabels = [CloseReason.eof, .reset(SystemError("", errno: 0)), .idleTimeout, .drainTimeout].map(\.label)
 
     init(kind: String) {
         totals = ServiceSample(kind: kind)
@@ -25,8 +32,7 @@ final class ServiceMeter {
     /// Counts the relays of `set` from now on (it becomes the set's observer).
     func watch(_ set: RelaySet) {
         set.observer = { [unowned self] event in record(event) }
-        sets.removeAll { $0.set == nil }
-        sets.append(WeakRelaySet(set: set))
+        sets[ObjectIdentifier(set)] = set
     }
 
     private func record(_ event: RelayEvent) {
@@ -35,9 +41,20 @@ final class ServiceMeter {
             totals.active += 1
         case .ended(let relay, let reason):
             totals.active -= 1
-            totals.results[reason.label, default: 0] += 1
+            endedByReason[Self.slot(of: reason)] += 1
             totals.bytesUp += relay.bytesAToB
             totals.bytesDown += relay.bytesBToA
+        case .retired(let set):
+            sets[ObjectIdentifier(set)] = nil
+        }
+    }
+
+    private static func slot(of reason: CloseReason) -> Int {
+        switch reason {
+        case .eof: return 0
+        case .reset: return 1
+        case .idleTimeout: return 2
+        case .drainTimeout: return 3
         }
     }
 
@@ -79,19 +96,14 @@ final class ServiceMeter {
     /// The totals so far, with the bytes of relays still running.
     func sample() -> ServiceSample {
         var now = totals
-        for weak in sets {
-            guard let set = weak.set else { continue }
+        for (label, count) in zip(Self.reasonLabels, endedByReason) where count > 0 { now.results[label, default: 0] += count }
+        for set in sets.values {
             let (up, down) = set.bytesInFlight
             now.bytesUp += up
             now.bytesDown += down
         }
         return now
     }
-}
-
-/// A relay set a meter watches without keeping it alive.
-private struct WeakRelaySet {
-    weak var set: RelaySet?
 }
 
 /// The counters of one command on one loop: a `ServiceMeter` per service name (a service

@@ -6,6 +6,8 @@ import Transfer
 enum RelayEvent {
     case started(CopyBidirectional)
     case ended(CopyBidirectional, CloseReason)
+    /// The set's service is gone and its last relay ended: no event follows.
+    case retired(RelaySet)
 }
 
 /// The relays of one service on one loop, and the work that will become relays
@@ -163,7 +165,10 @@ final class RelayGroup {
 
     /// The service is gone: the set leaves the group once its last relay ended.
     func retire(_ set: RelaySet) {
-        set.whenIdle { [weak self] in self?.sets[ObjectIdentifier(set)] = nil }
+        set.whenIdle { [weak self] in
+            self?.sets[ObjectIdentifier(set)] = nil
+            set.observer?(.retired(set))
+        }
     }
 
     /// Relays running in every set.
