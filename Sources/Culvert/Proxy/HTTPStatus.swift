@@ -37,4 +37,7 @@ public enum HTTPStatus: Int, Sendable {
 
     /// The answer to a CONNECT that now tunnels: no body, the connection stays open.
     public static let established: [UInt8] = Array("HTTP/1.1 200 Connection established\r\n\r\n".utf8)
+
+    /// The interim answer to `Expect: 100-continue`: the client sends its body now.
+    public static let continueBody: [UInt8] = Array("HTTP/1.1 100 Continue\r\n\r\n".utf8)
 }

@@ -97,6 +97,13 @@ extension ProxyConnection {
             forwarded = HTTPHead(startLine: (method, path, version), fields: forwarded.fields)
             if forwarded.values("Host").isEmpty { forwarded.fields.insert(("Host", hostHeader(destination)), at: 0) }
             if !keepClient { forwarded.fields.append(("Connection", "close")) }
+            // The body is copied before the response is read, so an origin's 100 Continue
+            // would wait behind a body the client holds back for it (curl waits a second,
+            // then sends anyway). culvert answers the expectation itself, as soon as the
+            // head is on its way, and the origin is not asked (RFC 9110 §10.1.1 lets a
+            // proxy do so; 1.0 clients get no 1xx).
+            var expectsContinue = requestBody != .none && version == "HTTP/1.1" && head.tokens("Expect").contains("100-continue")
+            if expectsContinue { forwarded.fields.removeAll { $0.name.lowercased() == "expect" } }
             // A kept-alive origin connection may have been closed by the origin while it
             // waited; a request that is safe to repeat and got nothing back yet is sent
             // again, once, on a fresh connection.
@@ -130,6 +137,10 @@ extension ProxyConnection {
                 var sent = true
                 do {
                     try await upstream.write(forwarded.encoded())
+                    if expectsContinue {
+                        expectsContinue = false
+                        try await client.write(HTTPStatus.continueBody)
+                    }
                     try await client.copyBody(requestBody, to: upstream, progress: activity)
                 } catch ChannelError.io(let error) where !upstream.channel.isOpen && [ECONNRESET, EPIPE].contains(error.errno) {
                     sent = false

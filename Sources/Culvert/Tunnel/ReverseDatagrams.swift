@@ -74,14 +74,34 @@ final class ServerRelays: Sendable {
         if !config.bindAddresses.isEmpty && !config.bindAddresses.contains(host) {
             return .failure(RelayRefusal(reason: "bind address \(host) is not allowed (allowed: \(config.bindAddresses.joined(separator: ",")))"))
         }
-        guard let local = SocketAddress(numericHost: host, port: 0) else {
+        guard var local = SocketAddress(numericHost: host, port: 0) else {
             return .failure(RelayRefusal(reason: "bind address '\(host)' is not a numeric IP address"))
+        }
+        if ProxyRule.addressBytes(local).allSatisfy({ $0 == 0 }) {
+            switch Self.addressFacing(visitor) {
+            case .success(let facing): local = facing
+            case .failure(let error): return .failure(RelayRefusal(reason: "no local address towards \(visitor): \(error)"))
+            }
         }
         // The relay port is the kernel's choice, like a SOCKS server's.
         guard config.allowPorts.coversEphemeralRange else {
             return .failure(RelayRefusal(reason: "the server's --allow-ports does not cover the ephemeral ports UDP relays use"))
         }
         return .success((local, visitor))
+    }
+
+    /// The address this host sends to `visitor` from. A relay bound on a wildcard would
+    /// answer the SOCKS client with 0.0.0.0 or ::, leaving it to guess where to send;
+    /// bound on this address instead, the reply names a concrete address the visitor can
+    /// reach, and the relay's datagrams come from that same address. The visitor's TCP
+    /// connection is on the server's side of the tunnel while the request comes from the
+    /// client, so the route is asked (a connected UDP socket sends nothing).
+    private static func addressFacing(_ visitor: SocketAddress) -> Result<SocketAddress, SystemError> {
+        Result { () throws(SystemError) -> SocketAddress in
+            let fd = try Net.udpConnect(visitor, bufferSize: 0)
+            defer { Posix.close(fd) }
+            return try Net.localAddress(fd).withPort(0)
+        }
     }
 
     private func serve(_ stream: MuxStream, local: SocketAddress, visitor: SocketAddress, port: UInt16, peer: String,

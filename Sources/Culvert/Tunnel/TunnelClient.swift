@@ -382,7 +382,9 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     /// Applies the re-read file's services by name: added ones are registered on the
     /// live session (their ready lines follow the server's answer), removed ones are
     /// unregistered (their running visitors go on), changed ones are both, under a new
-    /// id. The other settings need a restart and are kept.
+    /// id. A `-R proxy:` the running client cannot serve (`canServeReverseProxy`) is
+    /// left as it runs and reported as `reverse_proxy` needing a restart. The other
+    /// settings need a restart and are kept.
     public func reload() async throws -> ReloadReport {
         guard let reread else { return ReloadReport() }
         let new = try reread()
@@ -395,7 +397,13 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
                 return (spec.name, s)
             }, uniquingKeysWith: { first, _ in first })
         }
-        let diff = ServiceDiff(running: plain(services), new: plain(new.services))
+        let running = plain(services)
+        var wanted = plain(new.services)
+        for (name, spec) in wanted where spec.kind == .proxy && running[name] != spec && !canServeReverseProxy(spec) {
+            wanted[name] = running[name]
+            if !report.needsRestart.contains("reverse_proxy") { report.needsRestart.append("reverse_proxy") }
+        }
+        let diff = ServiceDiff(running: running, new: wanted)
         if diff.isEmpty { return report }
         let byName = Dictionary(services.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         var removed: [ServiceSpec] = []
@@ -422,6 +430,15 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         current?.servicesChanged(removed: removed, added: added)
         candidate?.servicesChanged(removed: removed, added: added)
         return report
+    }
+
+    /// Whether a `-R proxy:` added by a reload can be served now. Its visitors are served
+    /// by the proxy context made at start, under the running credentials: a client that
+    /// started without a reverse proxy has no context (its visitors would be closed
+    /// unanswered), and running auth settings that leave the new bind open (validated
+    /// against the re-read file's, which need a restart) would expose an open proxy.
+    private func canServeReverseProxy(_ spec: ServiceSpec) -> Bool {
+        proxies.reverse != nil && (config.proxyCredentials != nil || config.proxyNoAuth || ProxyConfig.isLoopback(spec.bindHost))
     }
 
     private func withNewID(_ spec: ServiceSpec) -> ServiceSpec {
