@@ -120,6 +120,6 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
     }
 
     func logClose(peer: SocketAddress?, target: SocketAddress, relay: CopyBidirectional, reason: CloseReason) {
-        logger.connectionClosed(peer: peer.logDescription, ("target", "\(target)"), relay: relay, reason: reason)
+        logger.connectionClosed(peer: peer.logDescription, "target", "\(target)", relay: relay, reason: reason)
     }
 }

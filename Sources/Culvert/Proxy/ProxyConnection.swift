@@ -183,7 +183,7 @@ final class ProxyConnection {
         let peer = peer
         let started = relays.start(a: stream, b: target, preferSplice: config.splice, idleTimeout: config.idleTimeout, peer: peer) { relay, reason in
             context.release()
-            context.logger.connectionClosed(peer: peer, ("destination", "\(destination)"), relay: relay, reason: reason)
+            context.logger.connectionClosed(peer: peer, "destination", "\(destination)", relay: relay, reason: reason)
         }
         return started != nil
     }

@@ -540,7 +540,7 @@ final class ClientLoop: @unchecked Sendable {
         let limit = visitorLimits[spec.id]
         let relay = set.start(a: data, b: TCPStream(fd: localFD), adopting: registration, peer: visitor) { relay, reason in
             limit?.release()
-            logger.connectionClosed(peer: visitor, ("target", target), relay: relay, reason: reason)
+            logger.connectionClosed(peer: visitor, "target", target, relay: relay, reason: reason)
         }
         // A relay that could not start never calls its close callback.
         if relay == nil { limit?.release() }

@@ -101,7 +101,7 @@ public final class VisitorListener: DrainableService, @unchecked Sendable {
                 return
             }
             relays.start(a: TCPStream(fd: fd), b: remote, peer: peer) { [logger, name] relay, reason in
-                logger.connectionClosed(peer: peer, ("target", "secret:\(name)"), relay: relay, reason: reason)
+                logger.connectionClosed(peer: peer, "target", "secret:\(name)", relay: relay, reason: reason)
             }
         }
     }

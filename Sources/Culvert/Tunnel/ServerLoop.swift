@@ -107,7 +107,7 @@ final class ServerLoop: @unchecked Sendable {
             let wire: Logger.Metadata = zlib.map {
                 ["wire_up": .stringConvertible($0.compressedOut), "wire_down": .stringConvertible($0.compressedIn)]
             } ?? [:]
-            logger.connectionClosed(peer: peer, ("listen", listen), relay: relay, reason: reason, extra: wire)
+            logger.connectionClosed(peer: peer, "listen", listen, relay: relay, reason: reason, extra: wire)
         }
         // The service may have gone while this visitor was on its way here.
         if service.isRetired { retire(service) }

@@ -106,7 +106,7 @@ final class ServerExit: Sendable {
             let logger = logger
             let started = relays.start(a: channel.detach(), b: upstream.stream, peer: peer) { [self] relay, reason in
                 active.wrappingSubtract(1, ordering: .relaxed)
-                logger.connectionClosed(peer: peer, ("exit", "\(destination)"), relay: relay, reason: reason)
+                logger.connectionClosed(peer: peer, "exit", "\(destination)", relay: relay, reason: reason)
             }
             if started == nil { active.wrappingSubtract(1, ordering: .relaxed) }
         }
