@@ -71,3 +71,20 @@ final class ServerEndpointTests: XCTestCase {
                        "--transport names the transport of the HOST:PORT servers")
     }
 }
+
+/// `--proxy env` with several servers: NO_PROXY decides for each one.
+final class EnvironmentProxyListTests: XCTestCase {
+    func testEachServerIsCheckedAgainstNoProxy() throws {
+        var flags = TunnelClientFlags()
+        flags.token = TokenFlags(token: "client-token-0123456789")
+        flags.services = [try ServiceSpec.parse("0:127.0.0.1:22")]
+        flags.endpoints = try TunnelConfigFile.parseEndpoints("wss://inside.corp/t,wss://outside.example/t")
+        flags.proxy = "env"
+        flags.proxyEnvironment = ["HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": ".corp"]
+        let config = try TunnelClientConfig.resolve(flags: flags, file: nil).config
+        let proxy = ProxyRoute.http(ProxyEndpoint(address: HostPort(host: "proxy.corp", port: 3128), user: nil, password: nil))
+        XCTAssertEqual(config.reaching(config.endpoints[0]).proxy, .direct)
+        XCTAssertEqual(config.reaching(config.endpoints[1]).proxy, proxy)
+        XCTAssertEqual(config.proxy, .direct, "the preferred server's route")
+    }
+}

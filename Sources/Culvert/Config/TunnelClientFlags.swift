@@ -205,6 +205,7 @@ extension TunnelClientConfig {
         }
         if let proxy = flags.proxy ?? fromFile?.proxy {
             config.proxy = try ProxyRoute.parse(proxy, environment: flags.proxyEnvironment, server: config.server)
+            if proxy == "env" { config.environmentProxy = try EnvironmentProxy(flags.proxyEnvironment) }
         }
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")

@@ -324,6 +324,9 @@ public struct TunnelClientConfig: Sendable {
     public var webSocket = TunnelWebSocket()
     /// How the server is reached: straight, or through an HTTP or SOCKS5 proxy.
     public var proxy: ProxyRoute = .direct
+    /// With `--proxy env`: the environment's proxy, which `reaching` applies to each
+    /// server as NO_PROXY says (`proxy` is the preferred server's route).
+    public var environmentProxy: EnvironmentProxy?
     public var caFile: String?
     /// SHA-256 of the server certificate's DER, pinned.
     public var fingerprint: [UInt8]?
@@ -383,6 +386,7 @@ extension TunnelClientConfig {
     func reaching(_ endpoint: ServerEndpoint) -> TunnelClientConfig {
         var one = self
         one.endpoints = [endpoint]
+        if let environmentProxy { one.proxy = environmentProxy.route(to: endpoint.address) }
         if let url = endpoint.webSocket {
             one.transport = url.secure ? .wss : .ws
             one.webSocket.path = url.path
