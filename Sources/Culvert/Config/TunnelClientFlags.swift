@@ -123,7 +123,7 @@ extension TunnelClientFlags {
             return
         }
         if urls.count == endpoints.count, let transport = common.transport,
-           let other = urls.first(where: { transport != ($0.secure ? .wss : .ws) }) {
+           let other = endpoints.first(where: { $0.transport != transport }) {
             throw ConfigError(setting: "--transport", "--transport \(transport.rawValue) contradicts the server URL \(other); the URL's scheme sets the transport")
         }
         if !urls.contains(where: \.secure) {

@@ -375,9 +375,9 @@ extension TunnelClientConfig {
     /// (what a single-server connector, a visitor or a pipe, uses); each connector of a
     /// list takes its own server's from `reaching`.
     mutating func adoptWebSocketTransport() {
-        guard let first = endpoints.first?.webSocket, endpoints.allSatisfy({ $0.webSocket != nil }) else { return }
-        transport = first.secure ? .wss : .ws
-        webSocket.path = first.path
+        guard let first = endpoints.first, endpoints.allSatisfy({ $0.webSocket != nil }) else { return }
+        transport = first.transport ?? transport
+        webSocket.path = first.webSocket?.path ?? webSocket.path
     }
 
     /// These settings with `endpoint` as the only server: what one server's connector
@@ -387,10 +387,8 @@ extension TunnelClientConfig {
         var one = self
         one.endpoints = [endpoint]
         if let environmentProxy { one.proxy = environmentProxy.route(to: endpoint.address) }
-        if let url = endpoint.webSocket {
-            one.transport = url.secure ? .wss : .ws
-            one.webSocket.path = url.path
-        }
+        one.transport = endpoint.transport ?? transport
+        one.webSocket.path = endpoint.webSocket?.path ?? webSocket.path
         return one
     }
 }
