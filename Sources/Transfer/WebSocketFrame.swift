@@ -162,7 +162,7 @@ public enum WebSocketFrame {
     }
 
     /// What a received close frame says: nil code for an empty payload; `.invalid` for a
-    /// one-byte payload or a code no endpoint may send.
+    /// one-byte payload, a code no endpoint may send, or a reason that is not UTF-8.
     public enum ReceivedClose: Equatable, Sendable {
         case code(UInt16?)
         case invalid
@@ -172,7 +172,10 @@ public enum WebSocketFrame {
         if payload.isEmpty { return .code(nil) }
         guard payload.count >= 2 else { return .invalid }
         let code = UInt16(payload[0]) << 8 | UInt16(payload[1])
-        return CloseCode.isSendable(code) ? .code(code) : .invalid
+        // The reason must be UTF-8 (RFC 6455 section 5.5.1); a peer that sends another
+        // encoding is broken, and its close is a protocol error like a bad code.
+        guard CloseCode.isSendable(code), String(validating: payload[2...], as: UTF8.self) != nil else { return .invalid }
+        return .code(code)
     }
 }
 

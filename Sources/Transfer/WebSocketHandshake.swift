@@ -202,10 +202,10 @@ public enum WebSocketHandshake {
         var bytes: [UInt8] = []
         while true {
             bytes += try await channel.read(max: 4096)
-            if let end = HTTPHead.end(in: bytes) {
-                return (HTTPHead.parse(bytes[..<end]), Array(bytes[end...]))
-            }
-            if bytes.count > maxHeadLength { throw HeadTooLong(limit: maxHeadLength) }
+            // The end may arrive in the read that crosses the limit: the head is still too long.
+            let end = HTTPHead.end(in: bytes)
+            if (end ?? bytes.count) > maxHeadLength { throw HeadTooLong(limit: maxHeadLength) }
+            if let end { return (HTTPHead.parse(bytes[..<end]), Array(bytes[end...])) }
         }
     }
 }

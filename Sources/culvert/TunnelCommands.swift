@@ -208,10 +208,10 @@ struct ClientCommand: ParsableCommand {
             """)
 
     @Argument(help: ArgumentHelp(
-        "Server address, HOST[:PORT] (default port 7000; may come from the config file); several, comma-separated, are tried in order, and the client moves back to an earlier one when it answers again. Or ws://HOST[:PORT]/PATH or wss://… for a server on --transport ws/wss.",
+        "Server address, HOST[:PORT] (default port 7000; may come from the config file), or ws://HOST[:PORT]/PATH or wss://… for a server on --transport ws/wss; several, comma-separated (each with its own transport), are tried in order, and the client moves back to an earlier one when it answers again.",
         valueName: "server"),
               transform: parseServerArgument)
-    var server: ServerArgument?
+    var server: [ServerEndpoint]?
 
     @Option(name: .customShort("R"), parsing: .singleValue,
             help: "Service to expose: [udp:][BIND:]REMOTE_PORT:LOCAL_HOST:LOCAL_PORT, or proxy:[BIND:]REMOTE_PORT; repeat for several.",
@@ -319,11 +319,7 @@ struct ClientCommand: ParsableCommand {
 
     var flags: TunnelClientFlags {
         var flags = TunnelClientFlags()
-        switch server {
-        case .addresses(let addresses)?: flags.servers = addresses
-        case .webSocket(let url)?: flags.webSocketURL = url
-        case nil: break
-        }
+        flags.endpoints = server ?? []
         flags.headers = headers
         flags.hostHeader = hostHeader
         flags.sni = sni
@@ -392,23 +388,14 @@ func parseSecretSpec(_ text: String) throws -> ServiceSpec {
     do { return try ServiceSpec.parseSecret(text) } catch { throw ValidationError(error.description) }
 }
 
-/// The client's <server>: HOST[:PORT], or a ws:// or wss:// URL (which picks the transport).
-/// The client's SERVER argument: HOST[:PORT] or several of them, comma-separated, or
-/// one ws:// or wss:// URL.
-enum ServerArgument {
-    case addresses([HostPort])
-    case webSocket(WebSocketURL)
-}
-
 func parseServerAddress(_ text: String) throws -> HostPort {
     do { return try TunnelConfigFile.parseServer(text) } catch { throw ValidationError(error.description) }
 }
 
-func parseServerArgument(_ text: String) throws -> ServerArgument {
-    if WebSocketURL.looksLikeURL(text) {
-        do { return .webSocket(try WebSocketURL.parse(text)) } catch { throw ValidationError(error.description) }
-    }
-    do { return .addresses(try TunnelConfigFile.parseServers(text)) } catch { throw ValidationError(error.description) }
+/// The client's <server>: HOST[:PORT] or a ws:// or wss:// URL (which picks that server's
+/// transport), or several, comma-separated, in order of preference.
+func parseServerArgument(_ text: String) throws -> [ServerEndpoint] {
+    do { return try TunnelConfigFile.parseEndpoints(text) } catch { throw ValidationError(error.description) }
 }
 
 func parseServiceSpec(_ text: String) throws -> ServiceSpec {

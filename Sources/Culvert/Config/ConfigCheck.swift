@@ -35,7 +35,7 @@ public enum ConfigCheck {
 
     public static func summary(_ config: TunnelClientConfig) -> [String] {
         var lines = [
-            "client: server \(config.servers.map(\.description).joined(separator: ",")), transport \(config.transport.rawValue), \(config.services.count) service(s)",
+            "client: server \(config.endpoints.map(\.description).joined(separator: ",")), transport \(config.transport.rawValue), \(config.services.count) service(s)",
             "  pool \(config.pool), mux \(config.mux), connect_timeout \(DurationSpec.format(config.connectTimeout)), drain_timeout \(DurationSpec.format(config.drainTimeout)), threads \(config.threads)",
         ]
         for s in config.services { lines.append("  " + describe(s)) }

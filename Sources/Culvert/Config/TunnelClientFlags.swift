@@ -1,8 +1,13 @@
 /// What `culvert client` was given on the command line; nil or empty when a flag was not
 /// given, so that the config file, and then `TunnelClientConfig`'s defaults, apply.
 public struct TunnelClientFlags: Sendable {
-    /// The servers in order of preference (`HOST1[:PORT],HOST2[:PORT]`); empty: not given.
-    public var servers: [HostPort] = []
+    /// The servers in order of preference (`HOST1[:PORT],ws://HOST2/PATH,…`); empty: not given.
+    public var endpoints: [ServerEndpoint] = []
+    /// The servers' addresses; setting them makes each a HOST:PORT server.
+    public var servers: [HostPort] {
+        get { endpoints.map(\.address) }
+        set { endpoints = newValue.map(ServerEndpoint.init) }
+    }
     /// The preferred server, when any is given; setting it makes it the only one.
     public var server: HostPort? {
         get { servers.first }
@@ -33,9 +38,7 @@ public struct TunnelClientFlags: Sendable {
     public var udpIdleTimeout: Duration?
     public var udpMaxSessions: Int?
     public var maxVisitors: Int?
-    /// The server given as a ws:// or wss:// URL (then `server` is nil).
-    public var webSocketURL: WebSocketURL?
-    /// `--header`, `--host-header`, `--sni`, `--inner`: with a WebSocket URL only.
+    /// `--header`, `--host-header`, `--sni`, `--inner`: with a WebSocket URL among the servers only.
     public var headers: [String] = []
     public var hostHeader: String?
     public var sni: String?
@@ -97,7 +100,7 @@ public struct TunnelClientFlags: Sendable {
             throw ConfigError(setting: "--send-proxy", "--send-proxy applies to TCP -R services, and every -R given is UDP")
         }
         if !withFile {
-            if servers.isEmpty && webSocketURL == nil {
+            if endpoints.isEmpty {
                 throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT], ws://HOST[:PORT]/PATH or wss://… of the culvert server")
             }
             if services.isEmpty && secrets.isEmpty && visit == nil && dynamic.isEmpty {
@@ -108,20 +111,25 @@ public struct TunnelClientFlags: Sendable {
 }
 
 extension TunnelClientFlags {
-    /// The WebSocket options go with a ws:// or wss:// server, which names the transport.
+    /// The WebSocket options go with a ws:// or wss:// server, whose scheme names its
+    /// transport; `--transport` is for the servers given as HOST:PORT.
     private func checkWebSocket() throws(ConfigError) {
-        guard let url = webSocketURL else {
+        let urls = endpoints.compactMap(\.webSocket)
+        guard !urls.isEmpty else {
             for (name, given) in [("--header", !headers.isEmpty), ("--host-header", hostHeader != nil), ("--sni", sni != nil),
                                   ("--inner", inner != nil), ("--ws-ping", wsPing != nil)] where given {
                 throw ConfigError(setting: name, "\(name) needs the server as a ws:// or wss:// URL")
             }
             return
         }
-        if let transport = common.transport, transport != (url.secure ? .wss : .ws) {
-            throw ConfigError(setting: "--transport", "--transport \(transport.rawValue) contradicts the server URL \(url); the URL's scheme sets the transport")
+        if urls.count == endpoints.count, let transport = common.transport,
+           let other = endpoints.first(where: { $0.transport != transport }) {
+            throw ConfigError(setting: "--transport", "--transport \(transport.rawValue) contradicts the server URL \(other); the URL's scheme sets the transport")
         }
-        if !url.secure {
-            for (name, given) in [("--sni", sni != nil), ("--ca", ca != nil), ("--fingerprint", fingerprint != nil)] where given {
+        if !urls.contains(where: \.secure) {
+            // With HOST:PORT servers too, --ca and --fingerprint are theirs (transport tls).
+            let forTLS = urls.count < endpoints.count
+            for (name, given) in [("--sni", sni != nil), ("--ca", ca != nil && !forTLS), ("--fingerprint", fingerprint != nil && !forTLS)] where given {
                 throw ConfigError(setting: name, "\(name) needs a wss:// server URL (ws:// has no TLS of its own)")
             }
         }
@@ -144,12 +152,9 @@ extension TunnelClientConfig {
             throw ConfigError(setting: "--token-file", "no token: give --token-file FILE or set CULVERT_TOKEN")
         }
         config.token = token
-        if let url = flags.webSocketURL {
-            config.server = url.target
-            config.transport = url.secure ? .wss : .ws
-            config.webSocket.path = url.path
-        } else if !flags.servers.isEmpty {
-            config.servers = flags.servers
+        if !flags.endpoints.isEmpty {
+            config.endpoints = flags.endpoints
+            config.adoptWebSocketTransport()
         } else if fromFile?.hasServer != true {
             throw ConfigError(setting: "<server>", "missing <server>: give HOST[:PORT] or server = \"HOST:PORT\" in the config file")
         }
@@ -195,11 +200,12 @@ extension TunnelClientConfig {
         if let sni = flags.sni { config.webSocket.serverName = sni }
         if let inner = flags.inner { config.webSocket.inner = inner }
         if let wsPing = flags.wsPing { config.webSocket.ping = wsPing }
-        if !config.transport.isWebSocket && config.webSocket != TunnelWebSocket() {
+        if !config.transport.isWebSocket && !config.endpoints.contains(where: { $0.webSocket != nil }) && config.webSocket != TunnelWebSocket() {
             throw ConfigError(setting: "server", "headers, host_header, sni, inner and ws_ping need the server as a ws:// or wss:// URL")
         }
         if let proxy = flags.proxy ?? fromFile?.proxy {
             config.proxy = try ProxyRoute.parse(proxy, environment: flags.proxyEnvironment, server: config.server)
+            if proxy == "env" { config.environmentProxy = try EnvironmentProxy(flags.proxyEnvironment) }
         }
         if config.transport == .plain && (config.caFile != nil || config.fingerprint != nil) {
             throw ConfigError(setting: "transport", "ca and fingerprint need transport tls")

@@ -6,7 +6,7 @@
 /// exit_allow, exit_deny, handshake_timeout,
 /// heartbeat_interval, heartbeat_misses, drain_timeout, threads, accept_proxy, ws_path, inner, ws_ping,
 /// log_level, log_format, admin, admin_token_file.
-/// Client keys: server (or servers, a list; or one ws:// or wss:// URL), headers, host_header, sni,
+/// Client keys: server (or servers, a list; each HOST[:PORT] or a ws:// or wss:// URL), headers, host_header, sni,
 /// inner, ws_ping, proxy, token, token_file, transport, ca, fingerprint, pool, mux,
 /// connect_timeout, reconnect_max, failback_interval, handshake_timeout, heartbeat_interval,
 /// heartbeat_misses, drain_timeout, threads, udp_idle_timeout, udp_max_sessions, max_visitors,
@@ -79,25 +79,19 @@ public enum TunnelConfigFile {
         let file = try ConfigFile(path: path)
         let hasServer: Bool
         switch (try file.string("server"), try file.strings("servers")) {
-        case (let server?, nil) where server.lowercased().hasPrefix("ws://") || server.lowercased().hasPrefix("wss://"):
-            let url: WebSocketURL
-            do { url = try WebSocketURL.parse(server) } catch { throw file.error("server", error.message) }
-            config.server = url.target
-            config.transport = url.secure ? .wss : .ws
-            config.webSocket.path = url.path
-            hasServer = true
         case (let server?, nil):
-            config.servers = try file.parse("server", server, parseServers)!
+            config.endpoints = try file.parse("server", server, { (text) throws(InvalidValue) in try parseEndpoints(text) })!
             hasServer = true
         case (nil, let servers?):
-            guard !servers.isEmpty else { throw file.error("servers", "empty: give at least one \"HOST[:PORT]\"") }
-            config.servers = try file.parse("servers", servers.joined(separator: ","), parseServers)!
+            guard !servers.isEmpty else { throw file.error("servers", "empty: give at least one \"HOST[:PORT]\" or ws:// or wss:// URL") }
+            do { config.endpoints = try parseEndpoints(servers) } catch { throw file.error("servers", error.description) }
             hasServer = true
         case (nil, nil):
             hasServer = false
         case (_?, _?):
             throw file.error("servers", "give server or servers, not both")
         }
+        config.adoptWebSocketTransport()
         if let t = try file.parse("transport", try file.string("transport"), parseTransport) { config.transport = t }
         config.caFile = try file.string("ca") ?? config.caFile
         if let fp = try file.parse("fingerprint", try file.string("fingerprint"), parseFingerprint) { config.fingerprint = fp }
@@ -233,13 +227,35 @@ public enum TunnelConfigFile {
     /// `HOST[:PORT],HOST[:PORT],…`: the client's servers in order of preference, each
     /// as `parseServer` reads it; one server may not be named twice.
     public static func parseServers(_ text: String) throws(InvalidValue) -> [HostPort] {
-        var servers: [HostPort] = []
-        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
-            let server = try parseServer(String(part).trimmingWhitespace())
-            if servers.contains(server) { throw InvalidValue(description: "server '\(server)' is named twice") }
-            servers.append(server)
+        try parseEndpoints(text).map { (endpoint) throws(InvalidValue) in
+            guard endpoint.webSocket == nil else { throw InvalidValue(description: "'\(endpoint)' is a URL; expected HOST[:PORT]") }
+            return endpoint.address
         }
-        return servers
+    }
+
+    /// `SERVER,SERVER,…` (the command line's <server> and the `server` key): the client's
+    /// servers in order of preference; a comma in a URL's path is written %2C.
+    public static func parseEndpoints(_ text: String) throws(InvalidValue) -> [ServerEndpoint] {
+        try parseEndpoints(text.split(separator: ",", omittingEmptySubsequences: false).map(String.init))
+    }
+
+    /// The client's servers, each `HOST[:PORT]` as `parseServer` reads it or a ws:// or
+    /// wss:// URL (its own transport and path); one address may not be named twice.
+    public static func parseEndpoints(_ entries: [String]) throws(InvalidValue) -> [ServerEndpoint] {
+        var endpoints: [ServerEndpoint] = []
+        for entry in entries.map({ $0.trimmingWhitespace() }) {
+            let endpoint: ServerEndpoint
+            if WebSocketURL.looksLikeURL(entry) {
+                do { endpoint = ServerEndpoint(try WebSocketURL.parse(entry)) } catch { throw InvalidValue(description: error.message) }
+            } else {
+                endpoint = ServerEndpoint(try parseServer(entry))
+            }
+            if endpoints.contains(where: { $0.address == endpoint.address }) {
+                throw InvalidValue(description: "server '\(endpoint.address)' is named twice")
+            }
+            endpoints.append(endpoint)
+        }
+        return endpoints
     }
 
     /// `HOST[:PORT]` with 7000 as the default port; IPv6 in brackets. The one place that

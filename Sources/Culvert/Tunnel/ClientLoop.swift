@@ -113,7 +113,7 @@ final class ClientLoop: @unchecked Sendable {
         self.visitorLimits = visitorLimits
         self.refusals = refusals
         self.logger = logger
-        connectors = try config.servers.map { try TunnelConnector(loop: loop, config: config.reaching($0)) }
+        connectors = try config.endpoints.map { try TunnelConnector(loop: loop, config: config.reaching($0)) }
         relays = RelayGroup(loop: loop, logger: logger)
         meters = LoopMeters(loop: loop)
         services = Dictionary(config.services.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })

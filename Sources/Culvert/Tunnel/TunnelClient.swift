@@ -96,8 +96,11 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     public static func start(config: TunnelClientConfig, group: LoopGroup, logger: Logger, control: ServiceControl,
                              configPath: String? = nil,
                              reread: (@Sendable () throws(ConfigError) -> TunnelClientConfig)? = nil) async throws -> TunnelClient {
-        let connectors = try config.servers.map { try TunnelConnector(loop: group.main, config: config.reaching($0)) }
-        if let warning = connectors[0].transport.warning {
+        let connectors = try config.endpoints.map { try TunnelConnector(loop: group.main, config: config.reaching($0)) }
+        // Servers of a list may differ in transport: each distinct warning once.
+        var warned: [String] = []
+        for warning in connectors.compactMap(\.transport.warning) where !warned.contains(warning) {
+            warned.append(warning)
             logger.warning("\(warning)")
         }
         let udpMaxSessions = ClientUDPRelay.sessionLimit(config: config, logger: logger)
@@ -451,7 +454,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     /// The settings other than the services that differ: a live client cannot change them.
     private static func restartOnly(_ a: TunnelClientConfig, _ b: TunnelClientConfig) -> [String] {
         let checks: [(String, Bool)] = [
-            ("server", a.servers == b.servers), ("failback_interval", a.failbackInterval == b.failbackInterval), ("token", a.token == b.token), ("transport", a.transport == b.transport),
+            ("server", a.endpoints == b.endpoints), ("failback_interval", a.failbackInterval == b.failbackInterval), ("token", a.token == b.token), ("transport", a.transport == b.transport),
             ("ca", a.caFile == b.caFile), ("fingerprint", a.fingerprint == b.fingerprint), ("pool", a.pool == b.pool),
             ("mux", a.mux == b.mux), ("heartbeat_interval", a.heartbeat.interval == b.heartbeat.interval),
             ("heartbeat_misses", a.heartbeat.misses == b.heartbeat.misses), ("handshake_timeout", a.handshakeTimeout == b.handshakeTimeout),

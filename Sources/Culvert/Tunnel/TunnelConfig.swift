@@ -279,11 +279,40 @@ public struct TunnelServerConfig: Sendable {
     public init() {}
 }
 
+/// One of the client's servers: its address and, when it was given as a ws:// or wss://
+/// URL, that URL, whose scheme is this server's transport and whose path its upgrade asks
+/// for. A server given as HOST:PORT travels on the client's `transport`; so in one list
+/// a WebSocket server behind a proxy can back up a direct TLS one, or the other way round.
+public struct ServerEndpoint: Equatable, CustomStringConvertible, Sendable {
+    public let address: HostPort
+    public let webSocket: WebSocketURL?
+
+    public init(_ address: HostPort) {
+        self.address = address
+        webSocket = nil
+    }
+
+    public init(_ url: WebSocketURL) {
+        address = url.target
+        webSocket = url
+    }
+
+    /// ws or wss for a URL; nil: the client's transport.
+    public var transport: TunnelTransport? { webSocket.map { $0.secure ? .wss : .ws } }
+
+    public var description: String { webSocket?.description ?? address.description }
+}
+
 /// Everything `culvert client` needs, from flags or a config file.
 public struct TunnelClientConfig: Sendable {
     /// The servers in order of preference: the client uses the first that answers and
     /// moves back to an earlier one when it answers again. Never empty.
-    public var servers: [HostPort] = [HostPort(host: "127.0.0.1", port: 7000)]
+    public var endpoints = [ServerEndpoint(HostPort(host: "127.0.0.1", port: 7000))]
+    /// The servers' addresses; setting them makes each a HOST:PORT server.
+    public var servers: [HostPort] {
+        get { endpoints.map(\.address) }
+        set { endpoints = newValue.map(ServerEndpoint.init) }
+    }
     /// The preferred server; setting it makes it the only one.
     public var server: HostPort {
         get { servers[0] }
@@ -295,6 +324,9 @@ public struct TunnelClientConfig: Sendable {
     public var webSocket = TunnelWebSocket()
     /// How the server is reached: straight, or through an HTTP or SOCKS5 proxy.
     public var proxy: ProxyRoute = .direct
+    /// With `--proxy env`: the environment's proxy, which `reaching` applies to each
+    /// server as NO_PROXY says (`proxy` is the preferred server's route).
+    public var environmentProxy: EnvironmentProxy?
     public var caFile: String?
     /// SHA-256 of the server certificate's DER, pinned.
     public var fingerprint: [UInt8]?
@@ -339,11 +371,24 @@ public struct TunnelClientConfig: Sendable {
 }
 
 extension TunnelClientConfig {
-    /// These settings with `server` as the only server: what one server's connector
-    /// needs (the transport checks that server's name).
-    func reaching(_ server: HostPort) -> TunnelClientConfig {
+    /// When every server is a URL, the first one's transport and path are the client's
+    /// (what a single-server connector, a visitor or a pipe, uses); each connector of a
+    /// list takes its own server's from `reaching`.
+    mutating func adoptWebSocketTransport() {
+        guard let first = endpoints.first, endpoints.allSatisfy({ $0.webSocket != nil }) else { return }
+        transport = first.transport ?? transport
+        webSocket.path = first.webSocket?.path ?? webSocket.path
+    }
+
+    /// These settings with `endpoint` as the only server: what one server's connector
+    /// needs (the transport checks that server's name; a URL brings its own transport
+    /// and path).
+    func reaching(_ endpoint: ServerEndpoint) -> TunnelClientConfig {
         var one = self
-        one.server = server
+        one.endpoints = [endpoint]
+        if let environmentProxy { one.proxy = environmentProxy.route(to: endpoint.address) }
+        one.transport = endpoint.transport ?? transport
+        one.webSocket.path = endpoint.webSocket?.path ?? webSocket.path
         return one
     }
 }

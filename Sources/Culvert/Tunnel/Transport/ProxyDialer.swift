@@ -17,13 +17,10 @@ public enum ProxyRoute: Equatable, Sendable {
     /// https_proxy) and NO_PROXY from `environment` for the connection to `server`.
     public static func parse(_ text: String, environment: [String: String], server: HostPort) throws(ConfigError) -> ProxyRoute {
         guard text == "env" else { return try parseURL(text, setting: "--proxy") }
-        guard let url = environment["HTTPS_PROXY"] ?? environment["https_proxy"], !url.isEmpty else { return .direct }
-        let exempt = environment["NO_PROXY"] ?? environment["no_proxy"] ?? ""
-        if isExempt(server.host ?? "", by: exempt) { return .direct }
-        return try parseURL(url, setting: "HTTPS_PROXY")
+        return try EnvironmentProxy(environment).route(to: server)
     }
 
-    private static func parseURL(_ text: String, setting: String) throws(ConfigError) -> ProxyRoute {
+    fileprivate static func parseURL(_ text: String, setting: String) throws(ConfigError) -> ProxyRoute {
         func bad(_ why: String) -> ConfigError {
             ConfigError(setting: "--proxy", "\(setting) '\(text)': \(why); write http://[USER:PASS@]HOST:PORT, socks5://[USER:PASS@]HOST:PORT or env")
         }
@@ -88,6 +85,26 @@ public enum ProxyRoute: Equatable, Sendable {
         case .direct: return server
         case .http(let p), .socks5(let p): return p.address
         }
+    }
+}
+
+/// `--proxy env`: HTTPS_PROXY (or https_proxy) for the servers NO_PROXY does not name,
+/// kept whole so that each of several servers gets its own answer.
+public struct EnvironmentProxy: Equatable, Sendable {
+    let proxy: ProxyRoute
+    let exempt: String
+
+    public init(_ environment: [String: String]) throws(ConfigError) {
+        if let url = environment["HTTPS_PROXY"] ?? environment["https_proxy"], !url.isEmpty {
+            proxy = try ProxyRoute.parseURL(url, setting: "HTTPS_PROXY")
+        } else {
+            proxy = .direct
+        }
+        exempt = environment["NO_PROXY"] ?? environment["no_proxy"] ?? ""
+    }
+
+    func route(to server: HostPort) -> ProxyRoute {
+        ProxyRoute.isExempt(server.host ?? "", by: exempt) ? .direct : proxy
     }
 }
 
