@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 from conftest import parse_addr
-from test_proxy_tunnel import BLOB_SHA, PROXY_RE, fetch_sha, origin  # noqa: F401 (fixture)
+from proxy_support import READY_RE as PROXY_RE
+from test_proxy_tunnel import BLOB_SHA, fetch_sha, origin  # noqa: F401 (fixture)
 from test_ws_tunnel import kit, nginx, ws_server  # noqa: F401 (fixtures)
 
 
