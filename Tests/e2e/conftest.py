@@ -25,6 +25,10 @@ import pytest
 # Do not drop __pycache__ directories into the repository.
 sys.dont_write_bytecode = True
 
+# Fixtures shared by several test files live in these support modules (their helpers are
+# imported from them by name); test modules never import one another.
+pytest_plugins = ["netns_support", "proxy_support", "ws_support"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_BIN = REPO_ROOT / ".build" / "release" / "culvert"
 

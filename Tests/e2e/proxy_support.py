@@ -1,19 +1,27 @@
 """Shared pieces of the `culvert proxy` tests: the running proxy (its fixture `proxy` is in
-conftest), an HTTP origin to reach through it, and the UDP ASSOCIATE echo exchange (local
-and through the tunnel)."""
+conftest), an HTTP origin to reach through it (`blob_origin` serves 16 MiB), `-D` through
+a tunnel, raw SOCKS5 requests, and the UDP ASSOCIATE echo exchange (local and through the
+tunnel).  Its fixtures reach every test through `pytest_plugins` in conftest.py."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import re
 import socket
 import struct
+import subprocess
 import threading
 
-from conftest import Culvert, parse_addr
+import pytest
+
+from conftest import Culvert, parse_addr, recv_exactly
 
 READY_RE = re.compile(r"^listening proxy (\S+)$")
+EXPOSED_PROXY_RE = re.compile(r"^exposed proxy (\S+)$")
+BLOB = os.urandom(16 * 1024 * 1024)
+BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
 
 
 class ProxyProc(Culvert):
@@ -51,6 +59,70 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class BlobHandler(QuietHandler):
+    """The tunnel tests' origin answers: /blob (16 MiB) and anything else a short text."""
+
+    def do_GET(self):
+        body = BLOB if self.path == "/blob" else b"hello\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def blob_origin():
+    """An Origin serving BlobHandler on 127.0.0.1."""
+    o = Origin(BlobHandler)
+    yield o
+    o.close()
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", "30", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+
+
+def fetch_sha(args: list[str], url: str) -> str:
+    r = curl(*args, url)
+    assert r.returncode == 0, r.stderr
+    return hashlib.sha256(r.stdout).hexdigest()
+
+
+def start_dynamic(kit, server_opts: list[str], client_opts: list[str] = ()):
+    """A plain tunnel server with `server_opts` and a client of it with `-D 0`: the two
+    processes and the client proxy's address."""
+    server = kit.start_server("plain", opts=server_opts)
+    client = kit.start_client(server.server_addr, [], mode="plain", opts=["-D", "0", *client_opts], ready=False)
+    proxy = parse_addr(client.wait_stdout(READY_RE)[0].group(1))
+    return server, client, proxy
+
+
+def connect_code(address: tuple[str, int], port: int) -> int:
+    """The reply code of a raw SOCKS5 CONNECT (no auth) to 127.0.0.1:`port`."""
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", port))
+        return s.recv(10)[1]
+
+
+def associate(proxy: tuple[str, int]) -> tuple[socket.socket, int, tuple[str, int] | None]:
+    """A raw UDP ASSOCIATE: the TCP connection, the reply code and the relay address."""
+    s = socket.create_connection(proxy, timeout=10)
+    s.sendall(b"\x05\x01\x00")
+    assert recv_exactly(s, 2) == b"\x05\x00"
+    s.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("0.0.0.0") + struct.pack(">H", 0))
+    reply = recv_exactly(s, 10)
+    relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0]) if reply[1] == 0 else None
+    return s, reply[1], relay
+
+
+def wrap(payload: bytes, port: int, host: str = "127.0.0.1") -> bytes:
+    """A SOCKS5 UDP request header for host:port (IPv4) before `payload`."""
+    return bytes([0, 0, 0, 1]) + socket.inet_aton(host) + struct.pack(">H", port) + payload
 
 
 def recv_up_to(sock: socket.socket, n: int) -> bytes:

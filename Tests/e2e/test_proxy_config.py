@@ -5,19 +5,8 @@ Loopback only; every wait is bounded (ready lines, socket timeouts, polls)."""
 
 from __future__ import annotations
 
-import socket
-import struct
-
 from conftest import Culvert, EchoServer, parse_addr, run_culvert
-from proxy_support import READY_RE
-
-
-def connect_code(address: tuple[str, int], port: int) -> int:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(b"\x05\x01\x00")
-        assert s.recv(2) == b"\x05\x00"
-        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", port))
-        return s.recv(10)[1]
+from proxy_support import READY_RE, connect_code
 
 
 def test_config_file_sets_the_options_and_flags_override_it(culvert_path, tmp_path):

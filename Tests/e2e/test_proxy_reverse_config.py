@@ -10,8 +10,7 @@ from __future__ import annotations
 import socket
 
 from conftest import parse_addr, round_trip, run_culvert
-from test_proxy_config import connect_code
-from test_proxy_tunnel import EXPOSED_PROXY_RE
+from proxy_support import EXPOSED_PROXY_RE, connect_code
 
 
 def client_file(kit, tmp_path, server, extra: str):

@@ -2,7 +2,7 @@
 topology"): the client in the private namespace exposes `-R proxy:` on the server's
 public address; curl on the public side, through that port, fetches a page from an HTTP
 server only the private namespace can see (bound to its loopback, named `localhost`,
-which the client resolves). The topology is test_tunnel_netns.py's: namespaces made by
+which the client resolves). The topology is netns_support.py's: namespaces made by
 the test (random names), root, `ip netns` and `nft`.
 """
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 
-from test_tunnel_netns import PUB_IP, SERVER_PORT, sh, topo  # noqa: F401 (topo is the fixture)
+from netns_support import PUB_IP, SERVER_PORT
 from tunnel_support import new_token
 
 PAGE_PORT = 8081
@@ -41,7 +41,7 @@ def curl(topo, ns: str, url: str, proxy: str | None, user: str | None = None, ti
     return subprocess.run([*topo.exec_prefix(ns), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
 
 
-def test_reverse_proxy_reaches_a_service_only_the_private_namespace_sees(topo, tmp_path):  # noqa: F811
+def test_reverse_proxy_reaches_a_service_only_the_private_namespace_sees(topo, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(new_token() + "\n")
     os.chmod(token_file, 0o600)

@@ -14,9 +14,7 @@ import socket
 import pytest
 
 from conftest import parse_addr
-from proxy_support import udp_echo_exchange
-from test_proxy_tunnel import EXPOSED_PROXY_RE
-from test_proxy_tunnel_udp import associate, wrap
+from proxy_support import EXPOSED_PROXY_RE, associate, udp_echo_exchange, wrap
 from tunnel_support import UdpServer, settle_fd_count
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")

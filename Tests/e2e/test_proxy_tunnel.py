@@ -5,45 +5,12 @@ UDP ASSOCIATE through the tunnel is in test_proxy_tunnel_udp.py."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 import socket
 import struct
-import subprocess
-
-import pytest
 
 from conftest import parse_addr, recv_exactly, run_culvert
-from proxy_support import READY_RE, Origin, QuietHandler
+from proxy_support import BLOB_SHA, EXPOSED_PROXY_RE, BlobHandler, Origin, curl, fetch_sha, start_dynamic
 from tunnel_support import settle_fd_count
-
-EXPOSED_PROXY_RE = re.compile(r"^exposed proxy (\S+)$")
-BLOB = os.urandom(16 * 1024 * 1024)
-BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
-
-
-class OriginHandler(QuietHandler):
-    """The origin's answers: /blob (16 MiB) and anything else a short text."""
-
-    def do_GET(self):
-        body = BLOB if self.path == "/blob" else b"hello\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def origin():
-    o = Origin(OriginHandler)
-    yield o
-    o.close()
-
-
-def curl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["curl", "-sS", "--max-time", "30", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=60)
 
 
 def http_status(proxy: tuple[str, int], url: str, user: str | None = None) -> int:
@@ -69,55 +36,42 @@ def socks_reply(proxy: tuple[str, int], host: str, port: int, auth: tuple[bytes,
         return recv_exactly(s, 4)[1]
 
 
-def fetch_sha(args: list[str], url: str) -> str:
-    r = curl(*args, url)
-    assert r.returncode == 0, r.stderr
-    return hashlib.sha256(r.stdout).hexdigest()
-
-
-def start_dynamic(kit, server_opts: list[str], client_opts: list[str] = ()):
-    server = kit.start_server("plain", opts=server_opts)
-    client = kit.start_client(server.server_addr, [], mode="plain", opts=["-D", "0", *client_opts], ready=False)
-    proxy = parse_addr(client.wait_stdout(READY_RE)[0].group(1))
-    return server, client, proxy
-
-
-def test_dynamic_proxy_carries_16_mib_by_name_and_over_http(kit, origin):
+def test_dynamic_proxy_carries_16_mib_by_name_and_over_http(kit, blob_origin):
     server, client, proxy = start_dynamic(kit, ["--allow-exit", "--exit-allow", "127.0.0.0/8"])
-    url = f"http://localhost:{origin.port}/blob"
+    url = f"http://localhost:{blob_origin.port}/blob"
     # One transfer first: the loops' pipe pools keep the pipes a splicing relay took.
     assert fetch_sha(["--socks5-hostname", f"{proxy[0]}:{proxy[1]}"], url) == BLOB_SHA
     base = {p: settle_fd_count(p.pid) for p in (server, client)}
     assert fetch_sha(["--socks5-hostname", f"{proxy[0]}:{proxy[1]}"], url) == BLOB_SHA
-    assert fetch_sha(["-x", f"http://{proxy[0]}:{proxy[1]}"], f"http://127.0.0.1:{origin.port}/blob") == BLOB_SHA
+    assert fetch_sha(["-x", f"http://{proxy[0]}:{proxy[1]}"], f"http://127.0.0.1:{blob_origin.port}/blob") == BLOB_SHA
     assert fetch_sha(["-p", "-x", f"http://{proxy[0]}:{proxy[1]}"], url) == BLOB_SHA
     # The exit dialed: its close line names the destination.
-    server.wait_stderr(r"connection closed.*exit=localhost:%d" % origin.port)
+    server.wait_stderr(r"connection closed.*exit=localhost:%d" % blob_origin.port)
     for p, before in base.items():
         assert settle_fd_count(p.pid) <= before, p.describe()
 
 
-def test_server_without_allow_exit_refuses_and_client_says_so_once(kit, origin):
+def test_server_without_allow_exit_refuses_and_client_says_so_once(kit, blob_origin):
     _, client, proxy = start_dynamic(kit, [])
-    assert http_status(proxy, f"http://127.0.0.1:{origin.port}/") == 403
-    assert socks_reply(proxy, "localhost", origin.port) == 0x02
-    assert socks_reply(proxy, "localhost", origin.port) == 0x02
+    assert http_status(proxy, f"http://127.0.0.1:{blob_origin.port}/") == 403
+    assert socks_reply(proxy, "localhost", blob_origin.port) == 0x02
+    assert socks_reply(proxy, "localhost", blob_origin.port) == 0x02
     assert client.count_stderr("the server does not allow exits") == 1, client.describe()
 
 
-def test_exit_denies_loopback_by_default(kit, origin):
+def test_exit_denies_loopback_by_default(kit, blob_origin):
     server, _, proxy = start_dynamic(kit, ["--allow-exit"])
-    assert http_status(proxy, f"http://127.0.0.1:{origin.port}/") == 403
-    assert socks_reply(proxy, "localhost", origin.port) == 0x02
-    server.wait_stderr(r"exit request refused.*destination=localhost:%d" % origin.port)
+    assert http_status(proxy, f"http://127.0.0.1:{blob_origin.port}/") == 403
+    assert socks_reply(proxy, "localhost", blob_origin.port) == 0x02
+    server.wait_stderr(r"exit request refused.*destination=localhost:%d" % blob_origin.port)
 
 
-def test_exit_deny_wins_over_exit_allow(kit, origin):
+def test_exit_deny_wins_over_exit_allow(kit, blob_origin):
     _, _, proxy = start_dynamic(kit, ["--allow-exit", "--exit-allow", "127.0.0.0/8",
-                                      "--exit-deny", f"127.0.0.1:{origin.port}"])
-    assert http_status(proxy, f"http://127.0.0.1:{origin.port}/") == 403
-    assert socks_reply(proxy, "localhost", origin.port) == 0x02
-    other = Origin(OriginHandler)
+                                      "--exit-deny", f"127.0.0.1:{blob_origin.port}"])
+    assert http_status(proxy, f"http://127.0.0.1:{blob_origin.port}/") == 403
+    assert socks_reply(proxy, "localhost", blob_origin.port) == 0x02
+    other = Origin(BlobHandler)
     try:
         assert http_status(proxy, f"http://127.0.0.1:{other.port}/") == 200
     finally:
@@ -135,7 +89,7 @@ def test_exit_failures_map_to_reply_codes(kit):
 
 
 def test_reverse_proxy_reaches_a_service_only_the_client_sees(kit, tmp_path):
-    hidden = Origin(OriginHandler, "127.0.0.5")
+    hidden = Origin(BlobHandler, "127.0.0.5")
     try:
         auth = tmp_path / "users"
         auth.write_text("alice:s3cret\n")

@@ -14,9 +14,8 @@ import struct
 
 import pytest
 
-from conftest import parse_addr, recv_exactly
-from proxy_support import udp_echo_exchange
-from test_proxy_tunnel import EXPOSED_PROXY_RE, start_dynamic
+from conftest import parse_addr
+from proxy_support import EXPOSED_PROXY_RE, associate, start_dynamic, udp_echo_exchange, wrap
 from tunnel_support import UdpServer, settle_fd_count
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
@@ -29,21 +28,6 @@ def echo():
     server = UdpServer(lambda data: data)
     yield server
     server.close()
-
-
-def associate(proxy: tuple[str, int]) -> tuple[socket.socket, int, tuple[str, int] | None]:
-    """A raw UDP ASSOCIATE: the TCP connection, the reply code and the relay address."""
-    s = socket.create_connection(proxy, timeout=10)
-    s.sendall(b"\x05\x01\x00")
-    assert recv_exactly(s, 2) == b"\x05\x00"
-    s.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("0.0.0.0") + struct.pack(">H", 0))
-    reply = recv_exactly(s, 10)
-    relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0]) if reply[1] == 0 else None
-    return s, reply[1], relay
-
-
-def wrap(payload: bytes, port: int, host: str = "127.0.0.1") -> bytes:
-    return bytes([0, 0, 0, 1]) + socket.inet_aton(host) + struct.pack(">H", port) + payload
 
 
 def test_pysocks_echoes_200_datagrams_and_one_of_60000_bytes_through_the_exit(kit, echo):

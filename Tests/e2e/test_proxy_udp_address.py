@@ -16,8 +16,7 @@ import threading
 import pytest
 
 from conftest import parse_addr, recv_exactly
-from proxy_support import READY_RE
-from test_proxy_tunnel import EXPOSED_PROXY_RE
+from proxy_support import EXPOSED_PROXY_RE, READY_RE
 
 
 class UdpEcho:

@@ -16,7 +16,7 @@ import socket
 import struct
 
 from conftest import parse_addr, recv_exactly, round_trip
-from test_proxy_tunnel import EXPOSED_PROXY_RE
+from proxy_support import EXPOSED_PROXY_RE
 from tunnel_support import connect_refused, free_port, poll
 
 

@@ -6,72 +6,24 @@ well-behaved library will not send."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import os
 import re
 import socket
 import ssl
-import struct
 import threading
 import time
 
 import pytest
 
-from conftest import MiB, Culvert, EchoServer, RespondAfterEofServer, TcpServer, recv_all, run_culvert
-from tunnel_support import fd_count, half_close_exchange, make_certs, poll, settle_fd_count, wait_for_binary
+from conftest import MiB, EchoServer, RespondAfterEofServer, TcpServer, recv_all, run_culvert
+from tunnel_support import fd_count, half_close_exchange, make_certs, poll, settle_fd_count
+from ws_support import addr_of, close_code, frame, raw_upgrade, read_frames, run
 
 websockets = pytest.importorskip("websockets")
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 from websockets.asyncio.server import serve as ws_serve  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
-
-READY_RE = re.compile(r"^listening (?:ws|wss|tcp) (\S+) -> (\S+)$")
-
-
-class Bridge(Culvert):
-    """A running `culvert forward ws|tcp`, past its ready line."""
-
-    ready_re = READY_RE
-
-    def stderr_text(self) -> str:
-        with self._cond:
-            return "\n".join(self.stderr_lines)
-
-
-@pytest.fixture
-def bridge():
-    procs: list[Bridge] = []
-    path = wait_for_binary()
-
-    def start(kind: str, listen: str, *targets: str, opts=()) -> Bridge:
-        b = Bridge(path, ["forward", kind, "--threads", "2", *opts, listen, *targets])
-        procs.append(b)
-        b.wait_ready(1)
-        return b
-
-    yield start
-    for b in procs:
-        b.kill()
-        print(b.describe(tail=40))
-
-
-@pytest.fixture
-def servers():
-    made: list = []
-    yield made
-    for s in made:
-        s.close()
-
-
-def addr_of(b: Bridge) -> str:
-    host, port = b.addr
-    return f"{host}:{port}"
-
-
-def run(coro, timeout: float = 60.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
 
 async def ws_echo_roundtrip(url: str, data: bytes, message: int = 256 * 1024, **kw) -> bytes:
     """Sends `data` as binary messages while reading the echo; returns what came back."""
@@ -141,22 +93,6 @@ def tcp_echo_exchange(addr: tuple[str, int], data: bytes, timeout: float = 60.0)
 # -- raw WebSocket client (for what libraries will not send) ----------------
 
 
-def raw_upgrade(addr: tuple[str, int], path: str = "/", extra: str = "") -> tuple[socket.socket, bytes]:
-    """Opens a socket, sends an upgrade request; returns it and the answer's head (and
-    whatever followed it)."""
-    s = socket.create_connection(addr, timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return s, head
-
-
 def closed_without_data(s: socket.socket) -> bool:
     """The bridge closed a connection whose upgrade failed: no byte, then FIN or RST."""
     try:
@@ -171,63 +107,12 @@ def raw_http(addr: tuple[str, int], request: bytes) -> bytes:
         return recv_all(s, limit=1 * MiB)
 
 
-def frame(opcode: int, payload: bytes, mask: bytes | None = None, fin: bool = True) -> bytes:
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    m = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([m | n])
-    elif n < 65536:
-        head += bytes([m | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([m | 127]) + struct.pack("!Q", n)
-    if mask:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        head += mask
-    return head + payload
-
-
-def read_frames(s: socket.socket, buffered: bytes, timeout: float) -> tuple[list[tuple[int, bytes]], bool]:
-    """Server frames until the connection ends (or `timeout`); True when it ended."""
-    data = bytearray(buffered)
-    s.settimeout(timeout)
-    ended = False
-    try:
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                ended = True
-                break
-            data += chunk
-    except socket.timeout:
-        pass
-    except ConnectionResetError:
-        ended = True
-    frames = []
-    i = 0
-    while i + 2 <= len(data):
-        op, n = data[i] & 0x0F, data[i + 1] & 0x7F
-        j = i + 2
-        if n == 126:
-            n, j = struct.unpack("!H", data[j:j + 2])[0], j + 2
-        elif n == 127:
-            n, j = struct.unpack("!Q", data[j:j + 8])[0], j + 8
-        frames.append((op, bytes(data[j:j + n])))
-        i = j + n
-    return frames, ended
-
-
-def close_code(frames: list[tuple[int, bytes]]) -> int | None:
-    closes = [p for op, p in frames if op == 8]
-    return struct.unpack("!H", closes[0][:2])[0] if closes and len(closes[0]) >= 2 else None
-
-
 # -- forward ws -------------------------------------------------------------
 
 
 def test_forward_ws_echoes_16mib_from_a_websockets_client(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}", opts=["--ws-path", "/vnc"])
     assert b.ready[0][1] == f"127.0.0.1:{echo.port}"
     data = os.urandom(16 * MiB)
@@ -237,7 +122,7 @@ def test_forward_ws_echoes_16mib_from_a_websockets_client(bridge, servers):
 
 def test_forward_ws_takes_fragmented_messages_and_answers_pings(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}")
 
     async def go():
@@ -257,7 +142,7 @@ def test_forward_ws_takes_fragmented_messages_and_answers_pings(bridge, servers)
 
 def test_forward_ws_refuses_wrong_path_and_missing_upgrade(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}", opts=["--ws-path", "/secret"])
     addr = b.addr
 
@@ -287,7 +172,7 @@ def test_forward_ws_refuses_wrong_path_and_missing_upgrade(bridge, servers):
 
 def test_forward_ws_summarises_a_flood_of_wrong_paths(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}", opts=["--ws-path", "/secret"])
     for _ in range(40):
         s, head = raw_upgrade(b.addr, "/wrong")
@@ -303,7 +188,7 @@ def test_forward_ws_summarises_a_flood_of_wrong_paths(bridge, servers):
 
 def test_forward_ws_rejects_unmasked_frames_with_1002(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}")
     s, head = raw_upgrade(b.addr)
     assert head.startswith(b"HTTP/1.1 101 ")
@@ -316,7 +201,7 @@ def test_forward_ws_rejects_unmasked_frames_with_1002(bridge, servers):
 
 def test_forward_ws_closes_an_oversize_message_with_1009(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}", opts=["--ws-max-message", "65536"])
 
     async def go():
@@ -334,7 +219,7 @@ def test_forward_ws_closes_an_oversize_message_with_1009(bridge, servers):
 
 def test_forward_ws_drops_a_client_that_does_not_answer_pings(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}", opts=["--ws-ping", "300ms"])
 
     async def answering():
@@ -358,7 +243,7 @@ def test_forward_ws_drops_a_client_that_does_not_answer_pings(bridge, servers):
 
 def test_forward_tcp_to_a_websockets_server_moves_16mib_with_headers(bridge, servers):
     server = WSEchoServer()
-    servers.append(server)
+    servers(server)
     b = bridge("tcp", "127.0.0.1:0", f"ws://127.0.0.1:{server.port}/tunnel?v=1",
                opts=["--header", "X-Token: abc", "--host-header", "edge.example"])
     assert b.ready[0][1] == f"ws://127.0.0.1:{server.port}/tunnel?v=1"
@@ -376,7 +261,7 @@ def test_forward_tcp_names_the_cause_when_the_server_does_not_upgrade(bridge, se
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     http = PlainHTTP()
-    servers.append(http)
+    servers(http)
     b = bridge("tcp", "127.0.0.1:0", f"ws://127.0.0.1:{http.port}/")
     with socket.create_connection(b.addr, timeout=10) as s:
         assert closed_without_data(s)
@@ -388,7 +273,8 @@ def test_chain_through_both_bridges_keeps_bytes_half_close_and_descriptors(bridg
     echo = EchoServer()
     answer = os.urandom(3 * MiB)
     responder = RespondAfterEofServer(answer)
-    servers.extend([echo, responder])
+    servers(echo)
+    servers(responder)
     ws_side = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}", opts=["--ws-path", "/a"])
     tcp_side = bridge("tcp", "127.0.0.1:0", f"ws://{addr_of(ws_side)}/a")
     baseline = {p.pid: settle_fd_count(p.pid) for p in (ws_side, tcp_side)}
@@ -408,7 +294,7 @@ def test_chain_through_both_bridges_keeps_bytes_half_close_and_descriptors(bridg
 def test_wss_with_a_ca_file_and_without_a_trusted_ca(bridge, servers, tmp_path):
     certs = make_certs(tmp_path / "certs")
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     wss = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}", opts=["--cert", certs.cert, "--key", certs.key])
     assert wss.stdout_lines[0].startswith("listening wss ")
     port = wss.addr[1]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 
 from conftest import MiB
-from test_ws_tunnel import http_proxy, kit, ws_client, ws_server  # noqa: F401 (fixtures)
 from tunnel_support import assert_echoed, poll
+from ws_support import ws_client, ws_server
 
 PROXY_AUTH_ERROR = "refused the user name or password given in --proxy"
 

@@ -12,29 +12,13 @@ from __future__ import annotations
 import os
 import re
 
-import pytest
-
 from conftest import MiB, parse_addr
-from tunnel_support import TunnelKit, assert_echoed, free_port, make_certs, poll
+from tunnel_support import TunnelKit, assert_echoed, free_port, poll
 
 HEARTBEAT = ["--heartbeat-interval", "500ms", "--heartbeat-misses", "2"]
 CLIENT_OPTS = [*HEARTBEAT, "--reconnect-max", "1s", "--failback-interval", "1s", "--threads", "2"]
 BIND = {"127.0.0.2": "A", "127.0.0.3": "B"}
 EXPOSED_RE = re.compile(r"^exposed tcp (\S+) -> (\S+)$")
-
-
-@pytest.fixture
-def kit(tmp_path):
-    cache = {}
-
-    def certs():
-        if "c" not in cache:
-            cache["c"] = make_certs(tmp_path / "certs")
-        return cache["c"]
-
-    k = TunnelKit(tmp_path, certs)
-    yield k
-    k.close()
 
 
 def start_server(kit: TunnelKit, port: int, bind: str, transport: str, path: str | None = None):

@@ -12,9 +12,9 @@ import subprocess
 
 import pytest
 
-from test_ws_bridge import EchoServer, bridge, close_code, frame, raw_upgrade, read_frames, servers  # noqa: F401 (fixtures)
-from test_ws_tunnel import kit, nginx, ws_client, ws_server  # noqa: F401 (fixtures)
+from conftest import EchoServer
 from tunnel_support import make_certs, poll
+from ws_support import close_code, frame, raw_upgrade, read_frames, ws_client, ws_server
 
 MASK = b"\x01\x02\x03\x04"
 
@@ -40,7 +40,7 @@ def test_wss_tunnel_server_refuses_tls_1_2(kit):
 def test_forward_wss_refuses_tls_1_2(bridge, servers, tmp_path):
     certs = make_certs(tmp_path / "certs")
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}", opts=["--cert", certs.cert, "--key", certs.key])
     assert_tls13_only(b.addr[1])
 
@@ -105,7 +105,7 @@ def check_bad_heads(addr: tuple[str, int], log, line: str) -> None:
 
 def test_forward_ws_closes_bad_input_with_its_code_and_one_line(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}")
     check_bad_frames(b.addr, "/", b.stderr_text)
     check_bad_heads(b.addr, b.stderr_text, "websocket upgrade refused")

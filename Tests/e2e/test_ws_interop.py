@@ -9,14 +9,14 @@ import os
 import socket
 import threading
 
-from test_ws_bridge import EchoServer, addr_of, bridge, run, servers  # noqa: F401 (fixtures)
-
 import pytest
+
+from conftest import EchoServer
+from ws_support import addr_of, run
 
 websockets = pytest.importorskip("websockets")
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 from websockets.asyncio.server import serve as ws_serve  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 
 class ScriptedServer:
@@ -65,7 +65,7 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
 def test_forward_tcp_takes_fragments_pings_and_a_close_code_from_a_websockets_server(bridge, servers):
     parts = [os.urandom(70000) for _ in range(4)]
     server = ScriptedServer(parts)
-    servers.append(server)
+    servers(server)
     b = bridge("tcp", "127.0.0.1:0", f"ws://127.0.0.1:{server.port}/")
     with socket.create_connection(b.addr, timeout=15) as s:
         assert recv_exactly(s, sum(map(len, parts))) == b"".join(parts), "the fragmented message, whole"
@@ -78,7 +78,7 @@ def test_forward_tcp_takes_fragments_pings_and_a_close_code_from_a_websockets_se
 
 def test_forward_ws_maps_close_codes_to_half_close_and_back(bridge, servers):
     echo = EchoServer()
-    servers.append(echo)
+    servers(echo)
     b = bridge("ws", "127.0.0.1:0", f"127.0.0.1:{echo.port}")
 
     async def go():

@@ -14,7 +14,6 @@ both ends must show no connection that ended in a reset."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -22,16 +21,9 @@ from pathlib import Path
 import pytest
 
 from tunnel_support import TunnelKit, assert_echoed, free_port, poll
+from ws_support import NGINX
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 ROUNDS = 8
-
-
-@pytest.fixture
-def kit(tmp_path):
-    k = TunnelKit(tmp_path, lambda: None)
-    yield k
-    k.close()
 
 
 class PlainNginx:
@@ -81,7 +73,7 @@ http {{
 
 
 @pytest.fixture
-def nginx(tmp_path):
+def plain_nginx(tmp_path):
     if NGINX is None:
         pytest.skip("nginx not installed")
     started: list[PlainNginx] = []
@@ -116,8 +108,8 @@ def ws_server(kit: TunnelKit) -> int:
 
 
 @pytest.mark.parametrize("mux", [["--mux", "0"], []], ids=["dedicated", "mux"])
-def test_echoes_behind_nginx_come_back_whole(kit, nginx, mux):
-    front = nginx(ws_server(kit))
+def test_echoes_behind_nginx_come_back_whole(kit, plain_nginx, mux):
+    front = plain_nginx(ws_server(kit))
     echo_rounds(kit, front.port, mux)
 
 

@@ -9,7 +9,7 @@ import os
 import time
 
 from tunnel_support import assert_echoed, poll
-from test_ws_tunnel import kit, nginx, ws_client, ws_server  # noqa: F401 (fixtures)
+from ws_support import ws_client, ws_server
 
 
 def start_idle_tunnel(kit, nginx, server_ping: str):

@@ -8,47 +8,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import socket
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import Culvert, MiB
-from tunnel_support import TunnelKit, UdpServer, assert_echoed, free_port, make_certs, poll, wait_for_binary
+from conftest import MiB
+from tunnel_support import TunnelKit, UdpServer, assert_echoed, poll
+from ws_support import ws_client, ws_server
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 UDP_RE = re.compile(r"^exposed udp 127\.0\.0\.1:(\d+) -> ")
-
-
-@pytest.fixture
-def kit(tmp_path):
-    cache = {}
-
-    def certs():
-        if "c" not in cache:
-            cache["c"] = make_certs(tmp_path / "certs")
-        return cache["c"]
-
-    k = TunnelKit(tmp_path, certs)
-    yield k
-    k.close()
-
-
-def ws_server(kit: TunnelKit, transport: str, opts=()) -> tuple[str, int]:
-    args = ["--transport", transport, "--ws-path", "/tunnel", "--threads", "2", *opts]
-    if transport == "wss":
-        args += ["--cert", kit.certs.cert, "--key", kit.certs.key]
-    return kit.start_server("tls-psk", args).server_addr
-
-
-def ws_client(kit: TunnelKit, url: str, services: list[str], opts=(), ready: bool = True):
-    client = kit.start_client(url, services, mode_args=[], opts=["--threads", "2", *opts], ready=False)
-    if ready:
-        client.exposed_map = client.exposed(sum(not s.startswith("udp:") for s in services))
-    return client
 
 
 def udp_port(client) -> int:
@@ -127,76 +96,6 @@ def test_wrong_path_gets_404_and_one_log_line(kit):
 # behind nginx
 
 
-class Nginx:
-    """nginx in the foreground with a generated config, TLS on 127.0.0.1:`port` in front
-    of the ws tunnel server on `upstream`."""
-
-    def __init__(self, tmp: Path, certs, upstream: int, upgrade: bool = True, read_timeout: str = "60s"):
-        self.prefix = tmp / f"nginx-{upstream}-{int(upgrade)}-{read_timeout}"
-        (self.prefix / "logs").mkdir(parents=True)
-        self.port = free_port()
-        headers = ("proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection \"upgrade\";"
-                   if upgrade else "")
-        conf = self.prefix / "nginx.conf"
-        conf.write_text(f"""
-worker_processes 1;
-error_log {self.prefix}/logs/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {self.prefix}/body;
-    proxy_temp_path {self.prefix}/proxy;
-    server {{
-        listen 127.0.0.1:{self.port} ssl;
-        server_name localhost;
-        ssl_certificate {certs.cert};
-        ssl_certificate_key {certs.key};
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location /tunnel {{
-            proxy_pass http://127.0.0.1:{upstream};
-            proxy_http_version 1.1;
-            {headers}
-            proxy_read_timeout {read_timeout};
-            proxy_send_timeout {read_timeout};
-        }}
-    }}
-}}
-""")
-        self.proc = subprocess.Popen([NGINX, "-p", str(self.prefix), "-c", str(conf),
-                                      "-g", f"daemon off; pid {self.prefix}/nginx.pid;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-        def listening():
-            assert self.proc.poll() is None, f"nginx exited: {self.proc.stderr.read().decode(errors='replace')}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return True
-            except OSError:
-                return False
-
-        poll(listening, 10, "nginx listening")
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(5)
-
-
-@pytest.fixture
-def nginx(tmp_path, kit):
-    if NGINX is None:
-        pytest.skip("nginx not installed")
-    started: list[Nginx] = []
-
-    def start(upstream: int, **kw) -> Nginx:
-        n = Nginx(tmp_path, kit.certs, upstream, **kw)
-        started.append(n)
-        return n
-
-    yield start
-    for n in started:
-        n.close()
-
-
 def test_behind_nginx_terminating_tls(kit, nginx, udp_targets):
     _, port = ws_server(kit, "ws")
     front = nginx(port)
@@ -228,17 +127,6 @@ def test_idle_tunnel_survives_a_short_proxy_read_timeout_with_pings(kit, nginx):
 
 # --------------------------------------------------------------------------
 # through a corporate proxy
-
-
-@pytest.fixture
-def http_proxy(tmp_path):
-    auth = tmp_path / "proxy-users"
-    auth.write_text("alice:s3cret\n")
-    os.chmod(auth, 0o600)
-    p = Culvert(wait_for_binary(), ["proxy", "--auth-file", str(auth), "127.0.0.1:0"])
-    m = p.wait_stdout(re.compile(r"^listening proxy (\S+):(\d+)$"), 1, 15.0)[0]
-    yield int(m.group(2))
-    p.kill()
 
 
 def test_through_an_http_proxy_with_basic_auth(kit, http_proxy):
