@@ -109,8 +109,11 @@ public final class WebSocketStream: Duplex {
     /// Where the held frame lies in `out` (empty when it is not queued here): what
     /// `bufferedOutput` leaves out, since those bytes are not reported written yet.
     private var heldFrame = 0..<0
-    /// A frame header encoded for a frame that leaves without a copy.
-    private let header = UnsafeMutableRawPointer.allocate(byteCount: WebSocketFrame.maxHeaderLength, alignment: 8)
+    /// A frame header encoded for a frame that leaves without a copy, followed by the
+    /// header of the layer above when it hands one over (`writeThrough`).
+    private let header = UnsafeMutableRawPointer.allocate(byteCount: WebSocketStream.headerRoom, alignment: 8)
+    /// Room for our header and one of the layer above (a multiplexer's frame header).
+    private static let headerRoom = 64
 
     /// Random bytes for masking keys, drawn in batches (a client draws one key per frame).
     private var keyPool = [UInt8](repeating: 0, count: 256)
@@ -363,6 +366,14 @@ public final class WebSocketStream: Duplex {
             return nil
         }
         let headerCount = WebSocketFrame.Header(opcode: .binary, length: UInt64(payload.count)).encode(into: header)
+        return sendDirect(headerCount, base, payload.count) { queueFrame(payload) }
+    }
+
+    /// Sends the frame whose header (ours, and the layer above's if any) is in `header`
+    /// and whose payload, without the layer's header, is `body`; queues the rest. `queueAll`
+    /// queues the whole frame when the inner stream takes none of it its own way.
+    private func sendDirect(_ headerCount: Int, _ base: UnsafeRawPointer, _ count: Int, queueAll: () -> Void) -> IOResult? {
+        let payload = UnsafeRawBufferPointer(start: base, count: count)
         if inner.isSpliceable {
             switch Net.write(inner.writeFD, header: header, headerCount, body: base, payload.count) {
             case .bytes(let n) where n < headerCount:
@@ -382,13 +393,37 @@ public final class WebSocketStream: Duplex {
             return nil
         }
         // The frame is in the layer's buffer now; `flushOut` waits until it has left.
-        switch inner.writeThrough(header: header, headerCount, body: base, payload.count) {
+        switch inner.writeThrough(header: header, headerCount, body: base, count) {
         case .failed(let e)?: return .failed(e)
         case .some: return nil
         case nil: break
         }
-        queueFrame(payload)
+        queueAll()
         return nil
+    }
+
+    /// A frame of the layer above (a multiplexer's), header and body, as one data frame:
+    /// its body is not copied into the layer's queue first. What the inner stream does
+    /// not take waits here (`bufferedOutput`), as the protocol asks.
+    public func writeThrough(header layerHeader: UnsafeRawPointer, _ layerHeaderCount: Int, body: UnsafeRawPointer,
+                             _ bodyCount: Int) -> IOResult? {
+        guard case .open = writer, held == 0, layerHeaderCount <= Self.headerRoom - WebSocketFrame.maxHeaderLength else { return nil }
+        let layerPart = UnsafeRawBufferPointer(start: layerHeader, count: layerHeaderCount)
+        let bodyPart = UnsafeRawBufferPointer(start: body, count: bodyCount)
+        let total = layerHeaderCount + bodyCount
+        if role == .server && outStart == outEnd {
+            let ours = WebSocketFrame.Header(opcode: .binary, length: UInt64(total)).encode(into: header)
+            (header + ours).copyMemory(from: layerHeader, byteCount: layerHeaderCount)
+            let early = sendDirect(ours + layerHeaderCount, body, bodyCount) { queue(.binary, layerPart, bodyPart) }
+            // Nothing is held here: what is queued counts as buffered output.
+            heldFrame = 0..<0
+            if case .failed(let e)? = early { return .failed(e) }
+            if early == nil, case .failed(let e) = flushOut() { return .failed(e) }
+            return .bytes(total)
+        }
+        queue(.binary, layerPart, bodyPart)
+        if case .failed(let e) = flushOut() { return .failed(e) }
+        return .bytes(total)
     }
 
     /// Queues the held frame whole: a binary frame of `payload`.
@@ -413,21 +448,27 @@ public final class WebSocketStream: Duplex {
         payload.withUnsafeBytes { queue(opcode, $0) }
     }
 
-    /// Appends one whole frame behind what is queued: frames never interleave inside
-    /// each other. A client's payload is masked on its way in.
-    private func queue(_ opcode: WebSocketFrame.Opcode, _ payload: UnsafeRawBufferPointer) {
+    /// Appends one whole frame, its payload `first` then `second`, behind what is
+    /// queued: frames never interleave inside each other. A client's payload is masked
+    /// on its way in.
+    private func queue(_ opcode: WebSocketFrame.Opcode, _ first: UnsafeRawBufferPointer,
+                       _ second: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)) {
         let mask = role == .client ? nextMaskKey() : nil
-        let frameHeader = WebSocketFrame.Header(opcode: opcode, mask: mask, length: UInt64(payload.count))
-        makeRoom(frameHeader.encodedLength + payload.count)
+        let length = first.count + second.count
+        let frameHeader = WebSocketFrame.Header(opcode: opcode, mask: mask, length: UInt64(length))
+        makeRoom(frameHeader.encodedLength + length)
         outEnd += frameHeader.encode(into: out + outEnd)
-        if let base = payload.baseAddress {
+        var phase = 0
+        for part in [first, second] {
+            guard let base = part.baseAddress else { continue }
             if let mask {
-                WebSocketFrame.copyMasked(mask, from: base, to: out + outEnd, count: payload.count)
+                WebSocketFrame.copyMasked(mask, from: base, to: out + outEnd, count: part.count, phase: phase)
             } else {
-                (out + outEnd).copyMemory(from: base, byteCount: payload.count)
+                (out + outEnd).copyMemory(from: base, byteCount: part.count)
             }
+            outEnd += part.count
+            phase = (phase + part.count) & 3
         }
-        outEnd += payload.count
     }
 
     /// Room for `needed` more bytes at `outEnd`: what is gone moves out of the way first.

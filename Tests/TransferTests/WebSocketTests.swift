@@ -409,4 +409,45 @@ final class WebSocketStreamTests: XCTestCase {
         XCTAssertGreaterThan(received.count, 1)
         XCTAssertTrue(received.dropLast().allSatisfy { $0.0.opcode == .binary && $0.1 == data }, "whole frames, as written")
     }
+
+    /// A multiplexer's frame handed over whole (`writeThrough`) is one data frame of its
+    /// header and body, reported taken at once; what the socket did not take waits as
+    /// buffered output until `flushBuffered`.
+    func testWriteThroughSendsTheLayersHeaderAndBodyAsOneFrame() throws {
+        for role in [WebSocketStream.Role.client, .server] {
+            let (peer, fd) = try tcpPair()
+            defer { close(peer) }
+            var small: Int32 = 4096
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+            let stream = WebSocketStream(wrapping: TCPStream(fd: fd), role: role, settings: .init(pingInterval: nil))
+            let layerHeader: [UInt8] = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+            let body = pattern(300_000)
+            let r = layerHeader.withUnsafeBytes { h in
+                body.withUnsafeBytes { b in stream.writeThrough(header: h.baseAddress!, 9, body: b.baseAddress!, b.count) }
+            }
+            XCTAssertEqual(r, .bytes(300_009))
+            XCTAssertGreaterThan(stream.bufferedOutput, 0, "the socket took only part of it")
+            let expected = 300_009 + (role == .client ? 14 : 10)
+            var got: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            let deadline = Date().addingTimeInterval(10)
+            while got.count < expected && Date() < deadline {
+                _ = stream.flushBuffered()
+                let n = recv(peer, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                if n > 0 {
+                    got += buffer[0..<n]
+                } else {
+                    // Room in our send buffer or bytes for the peer, whichever comes first.
+                    var fds = [pollfd(fd: peer, events: Int16(POLLIN), revents: 0), pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)]
+                    _ = poll(&fds, 2, 100)
+                }
+            }
+            XCTAssertEqual(stream.bufferedOutput, 0)
+            let sent = frames(got)
+            XCTAssertEqual(sent.count, 1)
+            XCTAssertEqual(sent.first?.1, layerHeader + body)
+            XCTAssertEqual(sent.first?.0.mask != nil, role == .client)
+            stream.close(reset: true)
+        }
+    }
 }
