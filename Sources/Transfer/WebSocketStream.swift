@@ -418,7 +418,6 @@ public final class WebSocketStream: Duplex {
             // Nothing is held here: what is queued counts as buffered output.
             heldFrame = 0..<0
             if case .failed(let e)? = early { return .failed(e) }
-            if early == nil, case .failed(let e) = flushOut() { return .failed(e) }
             return .bytes(total)
         }
         queue(.binary, layerPart, bodyPart)
