@@ -402,7 +402,16 @@ public final class TLSStream: Duplex {
             ERR_clear_error()
             _ = SSL_shutdown(ssl)
             ERR_clear_error()
-            _ = sendRecords()
+            if let carrier = carrier as? HalfClosingCarrier {
+                // Into the carrier's queue with its close frame, which its close flushes
+                // even when the socket is full right now.
+                var data: UnsafePointer<UInt8>?
+                let count = culvert_tls_output(ssl, &data)
+                _ = carrier.shutdownWrite(after: UnsafeRawBufferPointer(start: data, count: count))
+                culvert_tls_consume(ssl, count)
+            } else {
+                _ = sendRecords()
+            }
             if let carrier { carrier.close(reset: false) } else { Posix.close(fd) }
         }
     }

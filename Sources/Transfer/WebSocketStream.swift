@@ -13,10 +13,19 @@ import Reactor
 ///   text, 1009 for a message over `maxMessage`), then fails reads; closing afterwards
 ///   ends the connection with FIN, not RST, so the peer gets the close frame.
 /// - Fragmented messages are taken; pings are answered with pongs between frames.
+/// - A data frame leaves straight from the writer's bytes when nothing needs masking
+///   (header and payload in one sendmsg, or encrypted in place by a TLS layer under it);
+///   a client's frames are masked while copied into the send queue, in one pass.
 /// - Half-close maps to the close handshake: `shutdownWrite` sends a close frame
 ///   (1000) and reading goes on; the peer's close frame is EOF to the reader.
 /// - Keepalive (`startKeepalive`): a ping every interval; a ping unanswered by the
-///   next tick calls the owner's timeout.
+///   next tick calls the owner's timeout, unless received bytes wait unread: a reader
+///   held back by a slow destination cannot see the pong, nor the peer's pings, so it
+///   sends an unsolicited pong (RFC 6455 5.5.3, a heartbeat) to keep the peer's
+///   keepalive content instead.
+/// - A graceful close that finds the socket full keeps the connection a short while
+///   (`lingerLimit`, retried on the loop's timer, never blocking it) so the last frames
+///   and the close frame still leave; a reset close drops them.
 ///
 /// Write contract, as for `TLSStream` and `ZlibStream`: a write whose frame the inner
 /// stream did not take whole answers `wouldBlock` and holds it; the caller calls again
@@ -58,8 +67,19 @@ public final class WebSocketStream: Duplex {
     /// Where the writer stands: open, or its close frame queued (nothing may follow it).
     private enum Writer { case open, closeSent }
 
-    /// Payload bytes per data frame at most (a write call's worth of the copier).
-    static let maxFramePayload = 64 * 1024
+    /// Payload bytes per data frame at most: a write call's worth of the copier, or the
+    /// records a TLS layer above flushes at once, go out as one frame.
+    static let maxFramePayload = 256 * 1024
+    /// Received bytes one read of the inner stream takes at most.
+    static let inputCapacity = 64 * 1024 + WebSocketFrame.maxHeaderLength
+    /// After a data frame this long, the next header is read on its own (with at most a
+    /// control frame's worth behind it), so the bulk of the next payload is read
+    /// straight into the caller's buffer instead of through the input buffer.
+    static let bulkFrame: UInt64 = 16 * 1024
+    /// What a header read takes after a bulk frame: the longest header and control frame.
+    static let headerRead = WebSocketFrame.maxHeaderLength + WebSocketFrame.maxControlPayload
+    /// How long a graceful close may wait for a full socket to take the last frames.
+    static let lingerLimit = Duration.seconds(2)
 
     private let inner: Duplex
     private let role: Role
@@ -72,23 +92,37 @@ public final class WebSocketStream: Duplex {
     private var violated = false
 
     private var input: UnsafeMutableRawPointer
-    private let inputCapacity = WebSocketStream.maxFramePayload + WebSocketFrame.maxHeaderLength
+    private let inputCapacity = WebSocketStream.inputCapacity
     private var inputStart = 0
     private var inputEnd = 0
+    /// The last data frame was long: read the next header on its own.
+    private var bulk = false
 
     /// Whole frames waiting for the inner stream, `outStart` of them gone already.
     private var out: UnsafeMutableRawPointer
-    private var outCapacity = WebSocketStream.maxFramePayload + 64
+    private var outCapacity = 64 * 1024
     private var outStart = 0
     private var outEnd = 0
-    /// Payload bytes of a queued data frame not yet reported written.
+    /// Payload bytes of a data frame on its way (queued here or in the inner stream's
+    /// buffer) not yet reported written.
     private var held = 0
+    /// Where the held frame lies in `out` (empty when it is not queued here): what
+    /// `bufferedOutput` leaves out, since those bytes are not reported written yet.
+    private var heldFrame = 0..<0
+    /// A frame header encoded for a frame that leaves without a copy, followed by the
+    /// header of the layer above when it hands one over (`writeThrough`).
+    private let header = UnsafeMutableRawPointer.allocate(byteCount: WebSocketStream.headerRoom, alignment: 8)
+    /// Room for our header and one of the layer above (a multiplexer's frame header).
+    private static let headerRoom = 64
 
     /// Random bytes for masking keys, drawn in batches (a client draws one key per frame).
     private var keyPool = [UInt8](repeating: 0, count: 256)
     private var keyPoolUsed = 256
 
     private var keepalive: LoopTimer?
+    /// The loop the owner runs the stream on, once it said (`startLayerKeepalive`): a
+    /// lingering close retries on its timer.
+    private var home: EventLoop?
     /// The interval `startLayerKeepalive` uses (nil: none).
     private let pingInterval: Duration?
     private var awaitingPong = false
@@ -105,9 +139,9 @@ public final class WebSocketStream: Duplex {
         self.role = role
         maxMessage = settings.maxMessage
         pingInterval = settings.pingInterval
-        input = .allocate(byteCount: inputCapacity, alignment: 16)
+        input = .allocate(byteCount: Self.inputCapacity, alignment: 16)
         out = .allocate(byteCount: outCapacity, alignment: 16)
-        precondition(leftover.count <= inputCapacity, "more bytes after the upgrade than one read takes")
+        precondition(leftover.count <= Self.inputCapacity, "more bytes after the upgrade than one read takes")
         leftover.withUnsafeBytes { if let base = $0.baseAddress { input.copyMemory(from: base, byteCount: $0.count) } }
         inputEnd = leftover.count
     }
@@ -116,6 +150,7 @@ public final class WebSocketStream: Duplex {
         keepalive?.cancel()
         input.deallocate()
         out.deallocate()
+        header.deallocate()
     }
 
     public var fd: Int32 { inner.fd }
@@ -154,20 +189,29 @@ public final class WebSocketStream: Duplex {
                     continue
                 }
                 let want = Int(min(left, UInt64(count)))
-                let n: Int
+                var n = 0
                 if inputEnd > inputStart {
                     n = min(want, inputEnd - inputStart)
-                    buffer.copyMemory(from: input + inputStart, byteCount: n)
+                    if let mask {
+                        WebSocketFrame.copyMasked(mask, from: input + inputStart, to: buffer, count: n, phase: phase)
+                    } else {
+                        buffer.copyMemory(from: input + inputStart, byteCount: n)
+                    }
                     inputStart += n
-                } else {
-                    // Payload straight into the caller's buffer, no staging copy.
-                    switch inner.read(into: buffer, count: want) {
-                    case .bytes(let got): n = got
-                    case .eof: return fail(SystemError("websocket: connection closed without a close frame", errno: ECONNRESET))
-                    case let other: return other
+                }
+                if n < want {
+                    // The rest straight into the caller's buffer, no staging copy.
+                    switch inner.read(into: buffer + n, count: want - n) {
+                    case .bytes(let got):
+                        if let mask { WebSocketFrame.applyMask(mask, to: buffer + n, count: got, phase: phase + n) }
+                        n += got
+                    case .eof:
+                        return fail(SystemError("websocket: connection closed without a close frame", errno: ECONNRESET))
+                    case let other:
+                        // What came from the buffer is reported now; the stream says the rest next time.
+                        if n == 0 { return other }
                     }
                 }
-                if let mask { WebSocketFrame.applyMask(mask, to: buffer, count: n, phase: phase) }
                 reader = .payload(left: left - UInt64(n), mask: mask, phase: (phase + n) & 3, fin: fin)
                 return .bytes(n)
             case .header:
@@ -217,6 +261,7 @@ public final class WebSocketStream: Duplex {
         }
         message = total
         inputStart += size
+        bulk = header.length >= Self.bulkFrame
         reader = .payload(left: header.length, mask: header.mask, phase: 0, fin: header.fin)
         return nil
     }
@@ -253,7 +298,8 @@ public final class WebSocketStream: Duplex {
             inputEnd -= inputStart
             inputStart = 0
         }
-        switch inner.read(into: input + inputEnd, count: inputCapacity - inputEnd) {
+        let room = inputCapacity - inputEnd
+        switch inner.read(into: input + inputEnd, count: bulk && inputStart == inputEnd ? min(room, Self.headerRead) : room) {
         case .bytes(let n):
             inputEnd += n
             return nil
@@ -288,42 +334,157 @@ public final class WebSocketStream: Duplex {
         guard case .open = writer else { return .failed(SystemError("websocket: write after close", errno: EPIPE)) }
         if held == 0 {
             let n = min(count, Self.maxFramePayload)
-            queue(.binary, UnsafeRawBufferPointer(start: buffer, count: n))
             held = n
+            if let early = send(UnsafeRawBufferPointer(start: buffer, count: n)) {
+                if case .failed = early { released() }
+                return early
+            }
         }
         precondition(count >= held, "a retried write must offer the bytes it held")
         switch flushOut() {
         case .bytes:
-            defer { held = 0 }
+            defer { released() }
             return .bytes(held)
         case let other:
             return other
         }
     }
 
+    /// The held frame is out (or its write failed): nothing is held any more.
+    private func released() {
+        held = 0
+        heldFrame = 0..<0
+    }
+
+    /// Puts the data frame of `payload` on its way. Unmasked and with nothing queued
+    /// ahead, it leaves without a copy: header and payload in one sendmsg on a socket,
+    /// or encrypted straight from the caller's bytes by a TLS layer under us; what a
+    /// socket does not take is queued. nil: go on flushing; else what the write answers.
+    private func send(_ payload: UnsafeRawBufferPointer) -> IOResult? {
+        guard role == .server, outStart == outEnd, let base = payload.baseAddress else {
+            queueFrame(payload)
+            return nil
+        }
+        let headerCount = WebSocketFrame.Header(opcode: .binary, length: UInt64(payload.count)).encode(into: header)
+        return sendDirect(headerCount, base, payload.count) { queueFrame(payload) }
+    }
+
+    /// Sends the frame whose header (ours, and the layer above's if any) is in `header`
+    /// and whose payload, without the layer's header, is `body`; queues the rest. `queueAll`
+    /// queues the whole frame when the inner stream takes none of it its own way.
+    private func sendDirect(_ headerCount: Int, _ base: UnsafeRawPointer, _ count: Int, queueAll: () -> Void) -> IOResult? {
+        let payload = UnsafeRawBufferPointer(start: base, count: count)
+        if inner.isSpliceable {
+            switch Net.write(inner.writeFD, header: header, headerCount, body: base, payload.count) {
+            case .bytes(let n) where n < headerCount:
+                queueRest(UnsafeRawBufferPointer(start: header + n, count: headerCount - n), payload)
+            case .bytes(let n) where n < headerCount + payload.count:
+                queueRest(UnsafeRawBufferPointer(rebasing: payload[(n - headerCount)...]))
+            case .bytes:
+                break
+            case .wouldBlock:
+                queueRest(UnsafeRawBufferPointer(start: header, count: headerCount), payload)
+                return .wouldBlock
+            case .eof:
+                return .failed(SystemError("sendmsg", errno: EPIPE))
+            case .failed(let e):
+                return .failed(e)
+            }
+            return nil
+        }
+        // The frame is in the layer's buffer now; `flushOut` waits until it has left.
+        switch inner.writeThrough(header: header, headerCount, body: base, count) {
+        case .failed(let e)?: return .failed(e)
+        case .some: return nil
+        case nil: break
+        }
+        queueAll()
+        return nil
+    }
+
+    /// A frame of the layer above (a multiplexer's), header and body, as one data frame:
+    /// its body is not copied into the layer's queue first. What the inner stream does
+    /// not take waits here (`bufferedOutput`), as the protocol asks.
+    public func writeThrough(header layerHeader: UnsafeRawPointer, _ layerHeaderCount: Int, body: UnsafeRawPointer,
+                             _ bodyCount: Int) -> IOResult? {
+        guard case .open = writer, held == 0, layerHeaderCount <= Self.headerRoom - WebSocketFrame.maxHeaderLength else { return nil }
+        let layerPart = UnsafeRawBufferPointer(start: layerHeader, count: layerHeaderCount)
+        let bodyPart = UnsafeRawBufferPointer(start: body, count: bodyCount)
+        let total = layerHeaderCount + bodyCount
+        if role == .server && outStart == outEnd {
+            let ours = WebSocketFrame.Header(opcode: .binary, length: UInt64(total)).encode(into: header)
+            (header + ours).copyMemory(from: layerHeader, byteCount: layerHeaderCount)
+            let early = sendDirect(ours + layerHeaderCount, body, bodyCount) { queue(.binary, layerPart, bodyPart) }
+            // Nothing is held here: what is queued counts as buffered output.
+            heldFrame = 0..<0
+            if case .failed(let e)? = early { return .failed(e) }
+            return .bytes(total)
+        }
+        queue(.binary, layerPart, bodyPart)
+        if case .failed(let e) = flushOut() { return .failed(e) }
+        return .bytes(total)
+    }
+
+    /// Queues the held frame whole: a binary frame of `payload`.
+    private func queueFrame(_ payload: UnsafeRawBufferPointer) {
+        let start = outEnd - outStart
+        queue(.binary, payload)
+        heldFrame = outStart + start..<outEnd
+    }
+
+    /// Queues the unsent rest of the held frame: `parts`, bytes framed already.
+    private func queueRest(_ parts: UnsafeRawBufferPointer...) {
+        makeRoom(parts.reduce(0) { $0 + $1.count })
+        let start = outEnd
+        for part in parts where part.count > 0 {
+            (out + outEnd).copyMemory(from: part.baseAddress!, byteCount: part.count)
+            outEnd += part.count
+        }
+        heldFrame = start..<outEnd
+    }
+
     private func queue(_ opcode: WebSocketFrame.Opcode, _ payload: [UInt8]) {
         payload.withUnsafeBytes { queue(opcode, $0) }
     }
 
-    /// Appends one whole frame behind what is queued: frames never interleave inside each other.
-    private func queue(_ opcode: WebSocketFrame.Opcode, _ payload: UnsafeRawBufferPointer) {
+    /// Appends one whole frame, its payload `first` then `second`, behind what is
+    /// queued: frames never interleave inside each other. A client's payload is masked
+    /// on its way in.
+    private func queue(_ opcode: WebSocketFrame.Opcode, _ first: UnsafeRawBufferPointer,
+                       _ second: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)) {
         let mask = role == .client ? nextMaskKey() : nil
-        let header = WebSocketFrame.Header(opcode: opcode, mask: mask, length: UInt64(payload.count))
-        let needed = header.encodedLength + payload.count
+        let length = first.count + second.count
+        let frameHeader = WebSocketFrame.Header(opcode: opcode, mask: mask, length: UInt64(length))
+        makeRoom(frameHeader.encodedLength + length)
+        outEnd += frameHeader.encode(into: out + outEnd)
+        var phase = 0
+        for part in [first, second] {
+            guard let base = part.baseAddress else { continue }
+            if let mask {
+                WebSocketFrame.copyMasked(mask, from: base, to: out + outEnd, count: part.count, phase: phase)
+            } else {
+                (out + outEnd).copyMemory(from: base, byteCount: part.count)
+            }
+            outEnd += part.count
+            phase = (phase + part.count) & 3
+        }
+    }
+
+    /// Room for `needed` more bytes at `outEnd`: what is gone moves out of the way first.
+    private func makeRoom(_ needed: Int) {
         if outStart == outEnd {
             outStart = 0
             outEnd = 0
+            heldFrame = 0..<0
         }
-        if outEnd + needed > outCapacity {
+        guard outEnd + needed > outCapacity else { return }
+        if outStart > 0 {
             out.copyMemory(from: out + outStart, byteCount: outEnd - outStart)
+            heldFrame = max(heldFrame.lowerBound - outStart, 0)..<max(heldFrame.upperBound - outStart, 0)
             outEnd -= outStart
             outStart = 0
-            if outEnd + needed > outCapacity { growBuffer(&out, capacity: &outCapacity, keeping: outEnd, toFit: outEnd + needed) }
         }
-        outEnd += header.encode(into: out + outEnd)
-        if let base = payload.baseAddress { (out + outEnd).copyMemory(from: base, byteCount: payload.count) }
-        if let mask { WebSocketFrame.applyMask(mask, to: out + outEnd, count: payload.count) }
-        outEnd += payload.count
+        if outEnd + needed > outCapacity { growBuffer(&out, capacity: &outCapacity, keeping: outEnd, toFit: outEnd + needed) }
     }
 
     private func nextMaskKey() -> UInt32 {
@@ -335,7 +496,8 @@ public final class WebSocketStream: Duplex {
         return keyPool[keyPoolUsed..<keyPoolUsed + 4].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
     }
 
-    /// Writes queued frames; `.bytes(0)` once all are out.
+    /// Writes queued frames, then what the inner stream buffered of them (or of a frame
+    /// it encrypted in place); `.bytes(0)` once all are out.
     private func flushOut() -> IOResult {
         while outStart < outEnd {
             switch inner.write(from: out + outStart, count: outEnd - outStart) {
@@ -343,10 +505,16 @@ public final class WebSocketStream: Duplex {
             case let other: return other
             }
         }
+        if inner.bufferedOutput > 0 { return inner.flushBuffered() }
         return .bytes(0)
     }
 
-    public var bufferedOutput: Int { held == 0 ? outEnd - outStart : 0 }
+    /// Queued bytes that were reported written (pongs, a close frame), not those of a
+    /// held frame; and, with nothing held, what the inner stream buffered.
+    public var bufferedOutput: Int {
+        let heldUnsent = max(0, heldFrame.upperBound - max(heldFrame.lowerBound, outStart))
+        return outEnd - outStart - heldUnsent + (held == 0 ? inner.bufferedOutput : 0)
+    }
 
     public func flushBuffered() -> IOResult { flushOut() }
 
@@ -357,20 +525,34 @@ public final class WebSocketStream: Duplex {
     /// handshake or `close`.
     public func startKeepalive(on loop: EventLoop, interval: Duration, onTimeout: @escaping () -> Void) {
         loop.assertInLoop()
+        home = loop
         awaitingPong = false
         keepalive = loop.schedule(after: interval) { [weak self] in self?.tick(loop: loop, interval: interval, onTimeout: onTimeout) }
     }
 
     private func tick(loop: EventLoop, interval: Duration, onTimeout: @escaping () -> Void) {
         guard let timer = keepalive, case .open = writer, isReading else { return stopKeepalive() }
-        if awaitingPong {
+        if hasUnreadInput {
+            // Our reader is held back: the pong may wait among the unread bytes, and the
+            // peer's pings do, so tell the peer we live (bounded: one small frame a tick,
+            // only when nothing else waits to be sent).
+            if bufferedOutput == 0 && held == 0 { queue(.pong, []) }
+        } else if awaitingPong {
             stopKeepalive()
             return onTimeout()
+        } else {
+            awaitingPong = true
+            queue(.ping, [])
         }
-        awaitingPong = true
-        queue(.ping, [])
         _ = flushOut()
         loop.reschedule(timer, after: interval)
+    }
+
+    /// Whether received bytes wait for a reader: frames here, or bytes in the socket.
+    private var hasUnreadInput: Bool {
+        if inputEnd > inputStart { return true }
+        var waiting: Int32 = 0
+        return ioctl(inner.fd, UInt(FIONREAD), &waiting) == 0 && waiting > 0
     }
 
     /// Whether the peer may still send frames (no close from it, no failure).
@@ -403,7 +585,7 @@ public final class WebSocketStream: Duplex {
             // A held frame carries the first `held` of these bytes already.
             queue(.binary, UnsafeRawBufferPointer(rebasing: last[held...]))
         }
-        held = 0
+        released()
         return shutdownWrite()
     }
 
@@ -421,9 +603,27 @@ public final class WebSocketStream: Duplex {
         stopKeepalive()
         if reset && !violated { return inner.close(reset: true) }
         sendClose(.normal)
-        _ = flushOut()
+        let flushed = flushOut()
         discardInput()
+        if case .wouldBlock = flushed, let home {
+            return linger(on: home, left: Self.lingerLimit, pause: .milliseconds(5))
+        }
         inner.close(reset: false)
+    }
+
+    /// Retries the last frames on the loop's timer, pausing longer each time, until they
+    /// are out or `left` is spent; the timer holds the stream meanwhile. Reading on
+    /// meanwhile keeps a peer that is itself blocked writing to us from waiting on us.
+    private func linger(on loop: EventLoop, left: Duration, pause: Duration) {
+        loop.schedule(after: pause) { [self] in
+            let flushed = flushOut()
+            discardInput()
+            let rest = left - pause
+            if case .wouldBlock = flushed, rest > .zero {
+                return linger(on: loop, left: rest, pause: min(pause * 2, .milliseconds(200)))
+            }
+            inner.close(reset: false)
+        }
     }
 
     /// Reads at most this many buffers' worth when closing; a peer still streaming past
@@ -456,10 +656,15 @@ extension WebSocketStream: HalfClosingCarrier {}
 
 extension WebSocketStream: LayerKeepalive {
     public func startLayerKeepalive(on loop: EventLoop) {
-        guard keepalive == nil, !isClosed, let interval = pingInterval else { return }
+        guard keepalive == nil, !isClosed else { return }
+        home = loop
+        guard let interval = pingInterval else { return }
         let fd = self.fd
         startKeepalive(on: loop, interval: interval) { _ = shutdown(fd, Int32(SHUT_RDWR)) }
     }
 
-    public func stopLayerKeepalive() { stopKeepalive() }
+    public func stopLayerKeepalive() {
+        stopKeepalive()
+        home = nil
+    }
 }

@@ -1,5 +1,6 @@
 import Glibc
 import Reactor
+import Synchronization
 import XCTest
 @testable import Transfer
 
@@ -54,6 +55,10 @@ private func frames(_ bytes: [UInt8]) -> [(WebSocketFrame.Header, [UInt8])] {
     while at < bytes.count {
         guard case .header(let h, let size) = bytes[at...].withUnsafeBytes({ WebSocketFrame.parse($0) }) else {
             XCTFail("undecodable frame at \(at)")
+            return out
+        }
+        guard at + size + Int(h.length) <= bytes.count else {
+            XCTFail("frame at \(at) runs past the end")
             return out
         }
         var payload = Array(bytes[(at + size)..<(at + size + Int(h.length))])
@@ -307,5 +312,142 @@ final class WebSocketStreamTests: XCTestCase {
         XCTAssertGreaterThan(n, 0)
         XCTAssertEqual(frames(Array(buffer[0..<max(n, 0)])).map(\.0.opcode), [.close])
         tls.close(reset: false)
+    }
+
+    /// A pong answering a ping read while a data frame is held waits in the queue too:
+    /// the owner must see it as output still to send.
+    func testBufferedOutputCountsControlFramesQueuedBehindAHeldFrame() {
+        let wire = MemoryDuplex()
+        wire.blocked = true
+        let server = WebSocketStream(wrapping: wire, role: .server, settings: .init(pingInterval: nil))
+        XCTAssertEqual(pattern(1000).withUnsafeBytes { server.write(from: $0.baseAddress!, count: 1000) }, .wouldBlock)
+        XCTAssertEqual(server.bufferedOutput, 0, "the held frame is not reported written")
+        wire.incoming = WebSocketFrame.encode(.ping, payload: [7, 8], mask: 0x0102_0304)
+        XCTAssertEqual(drain(server).1, .wouldBlock)
+        XCTAssertEqual(server.bufferedOutput, 4, "the pong waits behind the held frame")
+        wire.blocked = false
+        XCTAssertEqual(pattern(1000).withUnsafeBytes { server.write(from: $0.baseAddress!, count: 1000) }, .bytes(1000))
+        XCTAssertEqual(server.bufferedOutput, 0)
+        XCTAssertEqual(frames(wire.written).map(\.0.opcode), [.binary, .pong])
+    }
+
+    /// Large payloads leave as one frame per write, masked by a client and unmasked by
+    /// a server, and read back whole across frame and buffer boundaries.
+    func testLargeWritesRoundTripBothWays() throws {
+        for role in [WebSocketStream.Role.client, .server] {
+            let wire = MemoryDuplex()
+            let sender = WebSocketStream(wrapping: wire, role: role, settings: .init(pingInterval: nil))
+            let data = pattern(700_001)
+            var offset = 0
+            while offset < data.count {
+                let offered = data.count - offset
+                guard case .bytes(let n) = data[offset...].withUnsafeBytes({ sender.write(from: $0.baseAddress!, count: offered) }) else {
+                    return XCTFail("write failed")
+                }
+                offset += n
+            }
+            let sent = frames(wire.written)
+            XCTAssertEqual(sent.count, 3, "frames as long as the writes allow")
+            XCTAssertTrue(sent.allSatisfy { ($0.0.mask != nil) == (role == .client) })
+            let back = MemoryDuplex()
+            back.incoming = wire.written
+            let receiver = WebSocketStream(wrapping: back, role: role == .client ? .server : .client, settings: .init(pingInterval: nil))
+            XCTAssertEqual(drain(receiver).0, data)
+        }
+    }
+
+    /// A reader held back by a slow destination leaves frames unread: the pong to our
+    /// ping waits among them. The keepalive must not end the connection for that, and
+    /// the peer, whose pings we cannot see, gets unsolicited pongs instead.
+    func testKeepaliveSurvivesAReaderThatStoppedReading() throws {
+        let (peer, fd) = try tcpPair()
+        defer { close(peer) }
+        let runner = try LoopThread()
+        defer { runner.stop() }
+        let timedOut = Mutex(false)
+        let client = WebSocketStream(wrapping: TCPStream(fd: fd), role: .client, settings: .init(pingInterval: nil))
+        sendAll(peer, WebSocketFrame.encode(.binary, payload: pattern(10_000)))
+        XCTAssertTrue(waitReadable(fd))
+        runner.sync {
+            client.startKeepalive(on: runner.loop, interval: .milliseconds(50)) { timedOut.withLock { $0 = true } }
+        }
+        var got: [UInt8] = []
+        let deadline = Date().addingTimeInterval(5)
+        while frames(got).filter({ $0.0.opcode == .pong }).count < 3 && Date() < deadline {
+            var buffer = [UInt8](repeating: 0, count: 256)
+            var p = pollfd(fd: peer, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 100) == 1 {
+                let n = recv(peer, &buffer, buffer.count, 0)
+                if n > 0 { got += buffer[0..<n] }
+            }
+        }
+        XCTAssertEqual(frames(got).filter { $0.0.opcode == .pong }.count, 3, "a heartbeat pong each tick")
+        XCTAssertFalse(timedOut.withLock { $0 }, "no timeout while received frames wait unread")
+        runner.sync { client.close(reset: true) }
+    }
+
+    /// A graceful close that finds the socket full keeps the stream until its frames and
+    /// the close frame are out, on the loop's timer.
+    func testGracefulCloseFlushesWhatTheFullSocketHasNotTakenYet() throws {
+        let (peer, fd) = try tcpPair()
+        defer { close(peer) }
+        var small: Int32 = 4096
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        let runner = try LoopThread()
+        defer { runner.stop() }
+        let server = WebSocketStream(wrapping: TCPStream(fd: fd), role: .server, settings: .init(pingInterval: nil))
+        let data = pattern(200_000)
+        runner.sync {
+            server.startLayerKeepalive(on: runner.loop)
+            while case .bytes = data.withUnsafeBytes({ server.write(from: $0.baseAddress!, count: data.count) }) {}
+            server.close(reset: false)
+        }
+        let (bytes, error) = readToEnd(peer)
+        XCTAssertEqual(error, 0)
+        XCTAssertEqual(Array(bytes.suffix(4)), [0x88, 0x02, 0x03, 0xE8], "the close frame (1000) reached the peer, after the held frame")
+        let received = frames(bytes)
+        XCTAssertGreaterThan(received.count, 1)
+        XCTAssertTrue(received.dropLast().allSatisfy { $0.0.opcode == .binary && $0.1 == data }, "whole frames, as written")
+    }
+
+    /// A multiplexer's frame handed over whole (`writeThrough`) is one data frame of its
+    /// header and body, reported taken at once; what the socket did not take waits as
+    /// buffered output until `flushBuffered`.
+    func testWriteThroughSendsTheLayersHeaderAndBodyAsOneFrame() throws {
+        for role in [WebSocketStream.Role.client, .server] {
+            let (peer, fd) = try tcpPair()
+            defer { close(peer) }
+            var small: Int32 = 4096
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+            let stream = WebSocketStream(wrapping: TCPStream(fd: fd), role: role, settings: .init(pingInterval: nil))
+            let layerHeader: [UInt8] = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+            let body = pattern(300_000)
+            let r = layerHeader.withUnsafeBytes { h in
+                body.withUnsafeBytes { b in stream.writeThrough(header: h.baseAddress!, 9, body: b.baseAddress!, b.count) }
+            }
+            XCTAssertEqual(r, .bytes(300_009))
+            XCTAssertGreaterThan(stream.bufferedOutput, 0, "the socket took only part of it")
+            let expected = 300_009 + (role == .client ? 14 : 10)
+            var got: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            let deadline = Date().addingTimeInterval(10)
+            while got.count < expected && Date() < deadline {
+                _ = stream.flushBuffered()
+                let n = recv(peer, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                if n > 0 {
+                    got += buffer[0..<n]
+                } else {
+                    // Room in our send buffer or bytes for the peer, whichever comes first.
+                    var fds = [pollfd(fd: peer, events: Int16(POLLIN), revents: 0), pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)]
+                    _ = poll(&fds, 2, 100)
+                }
+            }
+            XCTAssertEqual(stream.bufferedOutput, 0)
+            let sent = frames(got)
+            XCTAssertEqual(sent.count, 1)
+            XCTAssertEqual(sent.first?.1, layerHeader + body)
+            XCTAssertEqual(sent.first?.0.mask != nil, role == .client)
+            stream.close(reset: true)
+        }
     }
 }
