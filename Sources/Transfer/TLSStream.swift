@@ -227,18 +227,21 @@ public final class TLSStream: Duplex {
             }
         }
         if rc == 1 { return .done }
-        // A failed handshake may have queued an alert for the peer: send it if we can.
-        if error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE { _ = sendRecords() }
+        let failure: TLSError
         switch error {
         case SSL_ERROR_WANT_READ: return .wantRead
         case SSL_ERROR_WANT_WRITE: return .wantWrite
         case SSL_ERROR_SYSCALL:
             let e = errno
-            throw TLSError(message: e == 0 ? "TLS handshake: connection closed by peer" : "TLS handshake: \(SystemError("recv", errno: e))",
-                           isRejection: false, isPeerClose: e == 0)
+            failure = TLSError(message: e == 0 ? "TLS handshake: connection closed by peer" : "TLS handshake: \(SystemError("recv", errno: e))",
+                               isRejection: false, isPeerClose: e == 0)
         default:
-            throw TLSError.last("TLS handshake failed")
+            failure = TLSError.last("TLS handshake failed")
         }
+        // A failed handshake may have queued an alert for the peer: send it if we can,
+        // once errno and OpenSSL's error queue are read (a carrier's write changes them).
+        _ = sendRecords()
+        throw failure
     }
 
     /// Whether the finished handshake authenticated with the external PSK. A PSK client
@@ -273,9 +276,11 @@ public final class TLSStream: Duplex {
                 ERR_clear_error()
                 continue
             }
-            // A failed read may have queued an alert for the peer.
+            let failure = result(of: error, call: "SSL_read")
+            // A failed read may have queued an alert for the peer; sent after the failure
+            // is read off errno and OpenSSL's error queue, which a carrier's write changes.
             if error != SSL_ERROR_WANT_READ && held == 0 { _ = sendRecords() }
-            return result(of: error, call: "SSL_read")
+            return failure
         }
         total = n
         while total < count && SSL_has_pending(ssl) == 1 {
@@ -338,8 +343,7 @@ public final class TLSStream: Duplex {
                 var n = 0
                 // Into memory: only a broken connection makes this fail.
                 guard SSL_write_ex(ssl, part + total, count - total, &n) == 1 else {
-                    ERR_clear_error()
-                    return .failed(SystemError("SSL_write", errno: EPROTO))
+                    return .failed(Self.protocolFailure("SSL_write"))
                 }
                 total += n
             }
@@ -366,9 +370,19 @@ public final class TLSStream: Duplex {
             let e = errno
             return e == 0 ? .eof : .failed(SystemError(call, errno: e))
         default:
-            ERR_clear_error()
-            return .failed(SystemError(call, errno: EPROTO))
+            return .failed(Self.protocolFailure(call))
         }
+    }
+
+    /// A TLS-level failure (SSL_ERROR_SSL) as EPROTO with OpenSSL's reason in it, so the
+    /// log tells a peer gone without close_notify ("unexpected eof while reading") from a
+    /// record that failed to decrypt ("decryption failed or bad record mac") or an alert
+    /// the peer sent ("sslv3 alert bad record mac"). Clears OpenSSL's error queue.
+    private static func protocolFailure(_ call: String) -> SystemError {
+        let code = ERR_get_error()
+        ERR_clear_error()
+        guard code != 0, let reason = ERR_reason_error_string(code) else { return SystemError(call, errno: EPROTO) }
+        return SystemError("\(call): \(String(cString: reason))", errno: EPROTO)
     }
 
     public func shutdownWrite() -> SystemError? {
