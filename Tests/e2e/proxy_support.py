@@ -17,6 +17,7 @@ import threading
 import pytest
 
 from conftest import Culvert, parse_addr, recv_exactly
+from tunnel_support import settle_fd_count
 
 READY_RE = re.compile(r"^listening proxy (\S+)$")
 EXPOSED_PROXY_RE = re.compile(r"^exposed proxy (\S+)$")
@@ -123,6 +124,36 @@ def associate(proxy: tuple[str, int]) -> tuple[socket.socket, int, tuple[str, in
 def wrap(payload: bytes, port: int, host: str = "127.0.0.1") -> bytes:
     """A SOCKS5 UDP request header for host:port (IPv4) before `payload`."""
     return bytes([0, 0, 0, 1]) + socket.inet_aton(host) + struct.pack(">H", port) + payload
+
+
+def check_association_ends_with_its_tcp(proxy: tuple[str, int], echo_port: int, server, client,
+                                        server_closed: str) -> None:
+    """An association through the tunnel echoes, then ends with its TCP connection on both
+    ends: its relay socket is gone (the kernel answers port unreachable) and server and
+    client are back to their descriptor counts. One association is made and closed first,
+    so that what is built once (datagram batches) is in place before the count.
+    `server_closed` is the server's log line for an ended association."""
+    tcp, _, _ = associate(proxy)
+    tcp.close()
+    client.wait_stderr(r"udp association closed")
+    server.wait_stderr(server_closed)
+    base = {p: settle_fd_count(p.pid) for p in (server, client)}
+    tcp, code, relay = associate(proxy)
+    assert code == 0
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.connect(relay)
+    u.send(wrap(b"ping", echo_port))
+    assert u.recv(1000).endswith(b"ping")
+    tcp.close()
+    assert "reason=client closed" in client.wait_stderr(r"udp association closed", count=2)[-1].replace('"', "")
+    server.wait_stderr(server_closed, count=2)
+    u.send(wrap(b"late", echo_port))
+    with pytest.raises(ConnectionRefusedError):
+        u.recv(1000)
+    u.close()
+    for p, before in base.items():
+        assert settle_fd_count(p.pid) <= before, p.describe()
 
 
 def recv_up_to(sock: socket.socket, n: int) -> bytes:

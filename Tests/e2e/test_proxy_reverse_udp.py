@@ -14,8 +14,8 @@ import socket
 import pytest
 
 from conftest import parse_addr
-from proxy_support import EXPOSED_PROXY_RE, associate, udp_echo_exchange, wrap
-from tunnel_support import UdpServer, settle_fd_count
+from proxy_support import EXPOSED_PROXY_RE, associate, check_association_ends_with_its_tcp, udp_echo_exchange, wrap
+from tunnel_support import UdpServer
 
 socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
 
@@ -92,28 +92,7 @@ def udp_ports(pid: int) -> set[int]:
 
 def test_association_ends_with_its_tcp_connection_and_gives_descriptors_back(kit, echo):
     server, client, proxy = start_reverse(kit)
-    tcp, _, relay = associate(proxy)
-    tcp.close()
-    client.wait_stderr(r"udp association closed")
-    server.wait_stderr(r"reverse udp relay closed")
-    base = {p: settle_fd_count(p.pid) for p in (server, client)}
-    tcp, code, relay = associate(proxy)
-    assert code == 0
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.settimeout(5)
-    u.connect(relay)
-    u.send(wrap(b"ping", echo.port))
-    assert u.recv(1000).endswith(b"ping")
-    tcp.close()
-    assert "reason=client closed" in client.wait_stderr(r"udp association closed", count=2)[-1].replace('"', "")
-    server.wait_stderr(r"reverse udp relay closed", count=2)
-    # The relay socket on the server is gone: the kernel answers port unreachable.
-    u.send(wrap(b"late", echo.port))
-    with pytest.raises(ConnectionRefusedError):
-        u.recv(1000)
-    u.close()
-    for p, before in base.items():
-        assert settle_fd_count(p.pid) <= before, p.describe()
+    check_association_ends_with_its_tcp(proxy, echo.port, server, client, r"reverse udp relay closed")
 
 
 def test_datagrams_from_another_address_than_the_visitors_are_dropped(kit, echo):
