@@ -46,15 +46,19 @@ def ws_client(kit: TunnelKit, url: str, services: list[str], opts=(), ready: boo
 
 
 class Nginx:
-    """nginx in the foreground with a generated config, TLS on 127.0.0.1:`port` in front
-    of the ws tunnel server on `upstream`."""
+    """nginx in the foreground with a generated config on 127.0.0.1:`port` in front of the
+    ws tunnel server on `upstream`: TLS with `certs`, or plain HTTP with `tls=False`."""
 
-    def __init__(self, tmp: Path, certs, upstream: int, upgrade: bool = True, read_timeout: str = "60s"):
-        self.prefix = tmp / f"nginx-{upstream}-{int(upgrade)}-{read_timeout}"
+    def __init__(self, tmp: Path, certs, upstream: int, upgrade: bool = True, read_timeout: str = "60s",
+                 tls: bool = True):
+        self.prefix = tmp / f"nginx-{upstream}-{int(upgrade)}-{read_timeout}-{int(tls)}"
         (self.prefix / "logs").mkdir(parents=True)
         self.port = free_port()
         headers = ("proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection \"upgrade\";"
                    if upgrade else "")
+        listen = (f"listen 127.0.0.1:{self.port} ssl;\n        server_name localhost;\n"
+                  f"        ssl_certificate {certs.cert};\n        ssl_certificate_key {certs.key};\n"
+                  f"        ssl_protocols TLSv1.2 TLSv1.3;" if tls else f"listen 127.0.0.1:{self.port};")
         conf = self.prefix / "nginx.conf"
         conf.write_text(f"""
 worker_processes 1;
@@ -65,11 +69,7 @@ http {{
     client_body_temp_path {self.prefix}/body;
     proxy_temp_path {self.prefix}/proxy;
     server {{
-        listen 127.0.0.1:{self.port} ssl;
-        server_name localhost;
-        ssl_certificate {certs.cert};
-        ssl_certificate_key {certs.key};
-        ssl_protocols TLSv1.2 TLSv1.3;
+        {listen}
         location /tunnel {{
             proxy_pass http://127.0.0.1:{upstream};
             proxy_http_version 1.1;
@@ -101,7 +101,8 @@ http {{
 
 @pytest.fixture
 def nginx(tmp_path, kit):
-    """Factory: nginx(upstream, upgrade=..., read_timeout=...) -> Nginx, TLS with kit's certificates."""
+    """Factory: nginx(upstream, upgrade=..., read_timeout=..., tls=...) -> Nginx, TLS with kit's
+    certificates unless tls=False."""
     if NGINX is None:
         pytest.skip("nginx not installed")
     started: list[Nginx] = []
