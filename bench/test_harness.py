@@ -1280,17 +1280,20 @@ def _args_recording_culvert(tmp_path):
 
 
 @pytest.mark.parametrize("start, server_has, client_has", [
-    (tools.start_tunnel_ws, ["--transport ws", "--ws-path /tunnel", "--inner tls"],
-     ["client ws://127.0.0.1:40000/tunnel ", "--inner tls"]),
+    (tools.start_tunnel_ws, ["--transport ws", "--ws-path /tunnel"],
+     ["client ws://127.0.0.1:40000/tunnel "]),
     (tools.start_tunnel_ws_inner_plain, ["--transport ws", "--inner plain"],
      ["client ws://127.0.0.1:40000/tunnel ", "--inner plain"]),
     (tools.start_tunnel_wss, ["--transport wss", "--cert ", "--key "],
      ["client wss://localhost:40000/tunnel ", "--ca "]),
+    (tools.start_tunnel_wss_inner_tls, ["--transport wss", "--inner tls", "--cert "],
+     ["client wss://localhost:40000/tunnel ", "--inner tls", "--ca "]),
 ])
 def test_ws_tunnel_commands(ctx, tmp_path, start, server_has, client_has):
     """The server gets the transport and path, the client the URL (and no --transport,
-    which it does not take); a client that never exposes is a StartError, all killed."""
-    if start is tools.start_tunnel_wss and not shutil.which("openssl"):
+    which it does not take); a client that never exposes is a StartError, all killed.
+    Only the rows named for an --inner pass one: the others run the default."""
+    if start in (tools.start_tunnel_wss, tools.start_tunnel_wss_inner_tls) and not shutil.which("openssl"):
         pytest.skip("openssl not installed")
     ctx.start_timeout = 1.0
     args = _args_recording_culvert(tmp_path)
@@ -1302,6 +1305,8 @@ def test_ws_tunnel_commands(ctx, tmp_path, start, server_has, client_has):
     assert all(s in server for s in server_has), server
     assert all(s in client for s in client_has), client
     assert "--transport" not in client
+    if "--inner" not in " ".join(client_has):
+        assert "--inner" not in server and "--inner" not in client
 
 
 @pytest.mark.skipif(not (shutil.which("nginx") and shutil.which("openssl")),
@@ -1346,6 +1351,7 @@ def _ws_raw(wss8=1.0):
             "culvert tunnel tls": (4.0, 5.0, 8000.0), "culvert tunnel ws": (3.5, 4.0, 7500.0),
             "culvert tunnel ws --inner plain": (4.5, 4.0, 8500.0),
             "culvert tunnel wss": (3.6, wss8, 7000.0),
+            "culvert tunnel wss --inner tls": (2.8, 3.2, 7000.0),
             "culvert tunnel wss via nginx": (3.0, 3.0, 5000.0)}
     return {t: {"tput1_gbps": [a, a], "tput8_gbps": [b, b], "conn_per_s": [c, c]}
             for t, (a, b, c) in tput.items()}

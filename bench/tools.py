@@ -514,9 +514,10 @@ def _start_nginx_front(ctx, name, upstream):
     return f"wss://localhost:{port}{WS_PATH}", [p]
 
 
-def _ws_tunnel(ctx, target_port, name, transport, inner="tls", behind_nginx=False):
-    server = ["--ws-path", WS_PATH, "--inner", inner]
-    client = ["--inner", inner]
+def _ws_tunnel(ctx, target_port, name, transport, inner=None, behind_nginx=False):
+    """`inner`: the --inner both ends get; None leaves the default (auto)."""
+    server = ["--ws-path", WS_PATH] + (["--inner", inner] if inner else [])
+    client = ["--inner", inner] if inner else []
     if transport == "wss" or behind_nginx:
         ca, cert, key = _certs(ctx)
         client += ["--ca", ca]
@@ -535,7 +536,7 @@ def _ws_tunnel(ctx, target_port, name, transport, inner="tls", behind_nginx=Fals
 
 
 def start_tunnel_ws(ctx, target_port):
-    """Plain HTTP WebSocket, the token's TLS-PSK inside (the default --inner tls)."""
+    """Plain HTTP WebSocket, the token's TLS-PSK inside (what --inner auto does on ws)."""
     return _ws_tunnel(ctx, target_port, "culvert tunnel ws", "ws")
 
 
@@ -544,8 +545,14 @@ def start_tunnel_ws_inner_plain(ctx, target_port):
 
 
 def start_tunnel_wss(ctx, target_port):
-    """culvert terminates TLS itself; the TLS-PSK layer rides inside as well."""
+    """culvert terminates TLS itself; nothing in between, so the ends bind the token to
+    the outer TLS and leave the TLS-PSK out (--inner auto, the default)."""
     return _ws_tunnel(ctx, target_port, "culvert tunnel wss", "wss")
+
+
+def start_tunnel_wss_inner_tls(ctx, target_port):
+    """wss with the TLS-PSK kept inside as well: every byte encrypted twice."""
+    return _ws_tunnel(ctx, target_port, "culvert tunnel wss --inner tls", "wss", "tls")
 
 
 def start_tunnel_ws_nginx(ctx, target_port):
@@ -714,6 +721,7 @@ WS_TOOLS = [
     Tool("culvert tunnel ws", start_tunnel_ws),
     Tool("culvert tunnel ws --inner plain", start_tunnel_ws_inner_plain),
     Tool("culvert tunnel wss", start_tunnel_wss),
+    Tool("culvert tunnel wss --inner tls", start_tunnel_wss_inner_tls),
     Tool("culvert tunnel wss via nginx", start_tunnel_ws_nginx),
 ]
 

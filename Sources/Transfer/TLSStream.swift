@@ -263,6 +263,16 @@ public final class TLSStream: Duplex {
         return culvert_tls_peer_fingerprint(ssl, &out) == 0 ? out : nil
     }
 
+    /// `count` bytes of keying material exported under `label` (RFC 8446 section 7.5),
+    /// once the handshake is done: equal at both ends only when they share this TLS
+    /// session, so a proof over it binds a secret to this connection end to end
+    /// (channel binding as in RFC 9266). Nil before the handshake or on failure.
+    public func keyingMaterial(label: String, count: Int = 32) -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: count)
+        let ok = label.withCString { SSL_export_keying_material(ssl, &out, count, $0, strlen($0), nil, 0, 0) }
+        return ok == 1 ? out : nil
+    }
+
     /// Reads as many records as are already buffered (read-ahead) into `buffer`, so the
     /// copier writes 64 KiB at a time rather than one 16 KiB record.
     public func read(into buffer: UnsafeMutableRawPointer, count: Int) -> IOResult {

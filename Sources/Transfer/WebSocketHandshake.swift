@@ -54,7 +54,9 @@ public enum WebSocketHandshake {
     /// The answer to `head` for a server that upgrades requests for `path` only (the
     /// query string is ignored). Any other path gets 404 before the upgrade is even
     /// looked at, so the path can serve as a shared secret.
-    public static func answer(_ head: HTTPHead?, path: String) -> Answer {
+    /// `extra` gives the header lines a 101 answer to that request carries beyond the
+    /// upgrade's own; it is asked only when the request upgrades.
+    public static func answer(_ head: HTTPHead?, path: String, extra: (HTTPHead) -> [String] = { _ in [] }) -> Answer {
         guard let head else { return refusal(400, "not an HTTP/1.1 request") }
         let (method, target, version) = head.startLine
         guard version == "HTTP/1.1" else { return refusal(400, "not an HTTP/1.1 request (\(version))") }
@@ -76,9 +78,10 @@ public enum WebSocketHandshake {
         guard let key = head.field("sec-websocket-key"), isValidKey(key) else {
             return refusal(400, "Sec-WebSocket-Key missing or not 16 bytes of base64")
         }
-        let response = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + "Sec-WebSocket-Accept: \(acceptValue(forKey: key))\r\n\r\n"
-        return .upgrade(response: Array(response.utf8))
+        var response = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + "Sec-WebSocket-Accept: \(acceptValue(forKey: key))\r\n"
+        for line in extra(head) { response += line + "\r\n" }
+        return .upgrade(response: Array((response + "\r\n").utf8))
     }
 
     private static func refusal(_ status: Int, _ reason: String, extra: [String] = []) -> Answer {
@@ -94,7 +97,9 @@ public enum WebSocketHandshake {
 
     /// Reads the request on `channel` and answers it. Returns the bytes that followed the
     /// head; throws `WebSocketRefusal` after sending the refusal (the caller closes).
-    public static func accept(on channel: AsyncDuplex, path: String) async throws -> [UInt8] {
+    /// `extra` as for `answer`.
+    public static func accept(on channel: AsyncDuplex, path: String,
+                              extra: (HTTPHead) -> [String] = { _ in [] }) async throws -> [UInt8] {
         let (head, leftover): (HTTPHead?, [UInt8])
         do {
             (head, leftover) = try await readHead(from: channel)
@@ -104,7 +109,7 @@ public enum WebSocketHandshake {
             try await channel.flush()
             throw WebSocketRefusal(status: 431, reason: "request head longer than \(tooLong.limit) bytes")
         }
-        switch answer(head, path: path) {
+        switch answer(head, path: path, extra: extra) {
         case .upgrade(let response):
             channel.send(response)
             try await channel.flush()
@@ -140,8 +145,10 @@ public enum WebSocketHandshake {
         }
     }
 
-    /// Checks a server's answer to a request sent with `key`; the error names the likely cause.
-    public static func check(response head: HTTPHead?, key: String) throws(WebSocketHandshakeError) {
+    /// Checks a server's answer to a request sent with `key` and returns it; the error
+    /// names the likely cause.
+    @discardableResult
+    public static func check(response head: HTTPHead?, key: String) throws(WebSocketHandshakeError) -> HTTPHead {
         guard let head, head.startLine.0.hasPrefix("HTTP/1.") else {
             throw WebSocketHandshakeError("the server did not answer with HTTP: is this a WebSocket endpoint (wss:// for TLS, ws:// for plain)?")
         }
@@ -172,11 +179,12 @@ public enum WebSocketHandshake {
         if let ext = head.field("sec-websocket-extensions") {
             throw WebSocketHandshakeError("\(said) with extensions we did not ask for (\(ext))")
         }
+        return head
     }
 
     /// Sends the upgrade request on `channel` and checks the answer; returns the bytes
-    /// that followed the answer's head.
-    public static func connect(on channel: AsyncDuplex, request: Request) async throws -> [UInt8] {
+    /// that followed the answer's head, and the head for fields beyond the upgrade's.
+    public static func connect(on channel: AsyncDuplex, request: Request) async throws -> (leftover: [UInt8], answer: HTTPHead) {
         let key = newKey()
         channel.send(request.encoded(key: key))
         try await channel.flush()
@@ -188,8 +196,7 @@ public enum WebSocketHandshake {
         } catch ChannelError.eof {
             throw WebSocketHandshakeError("the server closed the connection without answering the WebSocket upgrade: a culvert server on --transport tls or plain (give it as HOST:PORT, or run it with --transport ws), ws:// to a TLS port, or a proxy that drops upgrades")
         }
-        try check(response: head, key: key)
-        return leftover
+        return (leftover, try check(response: head, key: key))
     }
 
     // MARK: reading a head

@@ -121,7 +121,7 @@ struct ServerCommand: ParsableCommand {
     @Option(help: "With --transport ws/wss: the path that upgrades (default: /); any other gets 404.")
     var wsPath: String?
 
-    @Option(help: "With --transport ws/wss: tls (default; the token's TLS-PSK inside the WebSocket, end to end) or plain.")
+    @Option(help: "With --transport ws/wss: auto (default: the token's TLS-PSK inside the WebSocket, left out when a client proves the wss TLS reaches this server unbroken), tls (always) or plain.")
     var inner: TunnelWebSocket.Inner?
 
     @Option(help: "With --transport ws/wss: ping each tunnel WebSocket this often and drop it when a ping goes unanswered until the next (default: 20s; off).",
@@ -304,7 +304,7 @@ struct ClientCommand: ParsableCommand {
     @Option(help: "TLS server name (SNI and certificate check) instead of the URL's host (wss:// servers).")
     var sni: String?
 
-    @Option(help: "With a ws:// or wss:// server: tls (default; the token's TLS-PSK inside the WebSocket) or plain (the server must agree).")
+    @Option(help: "With a ws:// or wss:// server: auto (default: the token's TLS-PSK inside the WebSocket, left out when the wss TLS provably reaches the server unbroken), tls (always) or plain (the server must agree).")
     var inner: TunnelWebSocket.Inner?
 
     @Option(help: "Ping each tunnel WebSocket this often and drop it when a ping goes unanswered until the next (default: 20s; off).",

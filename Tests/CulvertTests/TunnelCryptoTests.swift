@@ -29,4 +29,18 @@ final class TunnelCryptoTests: XCTestCase {
         XCTAssertNotEqual(client, TunnelProtocol.clientProof(key: TokenKeys(token: "u").auth, clientNonce: a, serverNonce: b))
         XCTAssertEqual(client, TunnelProtocol.clientProof(key: key, clientNonce: a, serverNonce: b))
     }
+
+    func testChannelBindingProofsDependOnSignerSessionAndToken() {
+        let binding = ChannelBinding(keys: TokenKeys(token: "t"))
+        let session = TunnelCrypto.random(32)
+        let client = binding.proof(by: .client, session: session)
+        XCTAssertTrue(binding.verify(client, by: .client, session: session))
+        // The server's proof is not the client's echoed back, and neither carries over to
+        // another session or holds under another token.
+        XCTAssertFalse(binding.verify(client, by: .server, session: session))
+        XCTAssertFalse(binding.verify(client, by: .client, session: TunnelCrypto.random(32)))
+        XCTAssertFalse(ChannelBinding(keys: TokenKeys(token: "u")).verify(client, by: .client, session: session))
+        XCTAssertFalse(binding.verify(client + ", " + client, by: .client, session: session))
+        XCTAssertNotEqual(TokenKeys(token: "t").channelBinding, TokenKeys(token: "t").auth)
+    }
 }

@@ -70,4 +70,19 @@ final class TLSStreamErrorTests: XCTestCase {
         XCTAssertEqual(alerted.errno, EPROTO)
         XCTAssertEqual(alerted.call, "SSL_read: sslv3 alert bad record mac")
     }
+
+    func testExportedKeyingMaterialIsSharedBySessionAndDiffersAcrossSessions() throws {
+        let first = try handshakenPair()
+        let second = try handshakenPair()
+        defer {
+            for stream in [first.client, first.server, second.client, second.server] { stream.close(reset: true) }
+        }
+        let label = "EXPORTER-test"
+        let a = try XCTUnwrap(first.client.keyingMaterial(label: label))
+        XCTAssertEqual(a.count, 32)
+        XCTAssertEqual(first.server.keyingMaterial(label: label), a)
+        XCTAssertNotEqual(first.client.keyingMaterial(label: "EXPORTER-other"), a)
+        // Same key, same peers, a new handshake: fresh randoms and key shares, new material.
+        XCTAssertNotEqual(second.client.keyingMaterial(label: label), a)
+    }
 }

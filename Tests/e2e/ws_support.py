@@ -47,11 +47,13 @@ def ws_client(kit: TunnelKit, url: str, services: list[str], opts=(), ready: boo
 
 class Nginx:
     """nginx in the foreground with a generated config on 127.0.0.1:`port` in front of the
-    ws tunnel server on `upstream`: TLS with `certs`, or plain HTTP with `tls=False`."""
+    ws tunnel server on `upstream`: TLS with `certs`, or plain HTTP with `tls=False`;
+    `upstream_tls=True` dials the upstream with TLS of its own (a wss server), as a CDN
+    that re-encrypts to the origin does."""
 
     def __init__(self, tmp: Path, certs, upstream: int, upgrade: bool = True, read_timeout: str = "60s",
-                 tls: bool = True):
-        self.prefix = tmp / f"nginx-{upstream}-{int(upgrade)}-{read_timeout}-{int(tls)}"
+                 tls: bool = True, upstream_tls: bool = False):
+        self.prefix = tmp / f"nginx-{upstream}-{int(upgrade)}-{read_timeout}-{int(tls)}-{int(upstream_tls)}"
         (self.prefix / "logs").mkdir(parents=True)
         self.port = free_port()
         headers = ("proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection \"upgrade\";"
@@ -71,7 +73,8 @@ http {{
     server {{
         {listen}
         location /tunnel {{
-            proxy_pass http://127.0.0.1:{upstream};
+            proxy_pass {"https" if upstream_tls else "http"}://127.0.0.1:{upstream};
+            {"proxy_ssl_protocols TLSv1.3;" if upstream_tls else ""}
             proxy_http_version 1.1;
             {headers}
             proxy_read_timeout {read_timeout};

@@ -213,9 +213,9 @@ public enum TunnelConfigFile {
         return text
     }
 
-    /// `inner`: tls or plain.
+    /// `inner`: auto, tls or plain.
     static func parseInner(_ text: String) throws(InvalidValue) -> TunnelWebSocket.Inner {
-        guard let inner = TunnelWebSocket.Inner(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not tls or plain") }
+        guard let inner = TunnelWebSocket.Inner(rawValue: text) else { throw InvalidValue(description: "'\(text)' is not auto, tls or plain") }
         return inner
     }
 

@@ -191,7 +191,7 @@ final class WebSocketLayers: @unchecked Sendable {
             throw WebSocketHandshakeError("TLS with \(egress.url.authority) failed: \(error.message); check the certificate (--ca FILE, --sni NAME) or use ws:// for a plain endpoint")
         }
         let request = WebSocketHandshake.Request(host: egress.hostHeader ?? egress.url.authority, path: egress.url.path, headers: egress.headers)
-        let leftover = try await WebSocketHandshake.connect(on: channel, request: request)
+        let (leftover, _) = try await WebSocketHandshake.connect(on: channel, request: request)
         return WebSocketStream(wrapping: channel.detach(), role: .client, settings: egress.settings, leftover: leftover)
     }
 

@@ -334,7 +334,9 @@ final class ServerLoop: @unchecked Sendable {
             return nil
         }
         channel.send(TunnelProtocol.encode(.welcome(sessionID: id)))
-        logger.info("client connected", metadata: ["peer": "\(peer)"])
+        var about: Logger.Metadata = ["peer": "\(peer)"]
+        if context.config.transport.isWebSocket { about["inner"] = "\(context.config.webSocket.innerLayer(of: channel.duplex))" }
+        logger.info("client connected", metadata: about)
         return session
     }
 }

@@ -194,7 +194,9 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             channel.close()
             return nil
         }
-        logger.info("connected to server", metadata: ["target": "\(servers[index].address)"])
+        var about: Logger.Metadata = ["target": "\(servers[index].address)"]
+        if let webSocket = connector.webSocket { about["inner"] = "\(webSocket.innerLayer(of: channel.duplex))" }
+        logger.info("connected to server", metadata: about)
         if everConnected { reconnects += 1 }
         everConnected = true
         let credentials = SessionCredentials(id: auth.id, key: auth.key, server: index)

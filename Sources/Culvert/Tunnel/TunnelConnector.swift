@@ -13,6 +13,8 @@ final class TunnelConnector {
     private let proxy: ProxyRoute
     private let keys: TokenKeys
     let transport: any Transport
+    /// The WebSocket settings when the transport is ws or wss.
+    let webSocket: TunnelWebSocket?
     let connectTimeout: Duration
     let handshakeTimeout: Duration
     private var addresses: [SocketAddress] = []
@@ -29,6 +31,7 @@ final class TunnelConnector {
         proxy = config.proxy
         keys = TokenKeys(token: config.token)
         transport = try config.transport.implementation.init(client: config, keys: keys)
+        webSocket = config.transport.isWebSocket ? config.webSocket : nil
         connectTimeout = config.connectTimeout
         handshakeTimeout = config.handshakeTimeout
     }

@@ -57,16 +57,18 @@ enum TunnelCrypto {
     }
 }
 
-/// The secrets one token gives: an auth key for the handshake proofs and a TLS PSK,
-/// derived apart so neither reveals the other.
+/// The secrets one token gives: an auth key for the handshake proofs, a TLS PSK and a
+/// key for wss channel binding, derived apart so none reveals another.
 struct TokenKeys: Sendable {
     let auth: [UInt8]
     let tlsPSK: [UInt8]
+    let channelBinding: [UInt8]
 
     init(token: String) {
         let secret = Array(token.utf8)
         auth = TunnelCrypto.hkdf(secret: secret, info: "culvert/1 auth")
         tlsPSK = TunnelCrypto.hkdf(secret: secret, info: "culvert/1 tls external psk")
+        channelBinding = TunnelCrypto.hkdf(secret: secret, info: "culvert/1 ws channel binding")
     }
 }
 

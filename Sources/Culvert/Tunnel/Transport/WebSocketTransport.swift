@@ -9,15 +9,26 @@ import Transfer
 public struct TunnelWebSocket: Equatable, Sendable {
     /// The layer inside the WebSocket, under the tunnel's frames.
     public enum Inner: String, CaseIterable, Sendable {
-        /// The token's TLS-PSK end to end: a proxy that terminates the outer TLS sees ciphertext.
+        /// The token's TLS-PSK, unless the outer TLS of wss provably runs from client to
+        /// server (`ChannelBinding`): then it already protects the tunnel end to end.
+        case auto
+        /// The token's TLS-PSK end to end always: a proxy that terminates the outer TLS sees ciphertext.
         case tls
         /// Nothing: the hop is trusted, or wss alone protects it.
         case plain
     }
 
+    /// What protects the tunnel inside the WebSocket of a connection whose handshake is
+    /// done, for its log line: `tls` (the token's TLS-PSK), `bound` (the outer TLS,
+    /// proven end to end) or `plain`.
+    func innerLayer(of stream: Duplex) -> String {
+        if stream is TLSStream { return "tls" }
+        return inner == .plain ? "plain" : "bound"
+    }
+
     /// The path the server upgrades (any other gets 404) and the client asks for.
     public var path = "/"
-    public var inner = Inner.tls
+    public var inner = Inner.auto
     /// This end's ping interval on each tunnel WebSocket (and the pong deadline); nil: none.
     public var ping: Duration? = WebSocketStream.Settings.defaultPingInterval
     /// Extra request headers the client sends (`--header`).
@@ -38,9 +49,10 @@ public struct TunnelWebSocket: Equatable, Sendable {
 /// The tunnel inside a WebSocket (RFC 6455), for networks where only HTTP(S) gets out
 /// or a reverse proxy owns the port. Stack per connection: TCP, TLS for `wss` (the
 /// server's certificate, or the client's check of one), the HTTP upgrade and
-/// `WebSocketStream`, then the token's TLS-PSK (`--inner tls`, the default) and the
-/// tunnel's frames as on any transport. Every connection (control channel, carrier,
-/// data channel) is one WebSocket; none splices.
+/// `WebSocketStream`, then the token's TLS-PSK (left out when `ChannelBinding` proves
+/// the outer TLS end to end, or with `--inner plain`) and the tunnel's frames as on any
+/// transport. Every connection (control channel, carrier, data channel) is one
+/// WebSocket; none splices.
 struct WebSocketTransport: Transport {
     /// Which end this is, and what it puts in or expects of the upgrade.
     private enum Role {
@@ -55,6 +67,9 @@ struct WebSocketTransport: Transport {
     private let outerTLS: TLSContext?
     /// The token's TLS-PSK inside the WebSocket; nil with `--inner plain`.
     private let innerTLS: TLSTransport?
+    /// The proofs over the outer TLS that let a connection leave the inner TLS out; nil
+    /// without outer TLS, and on a client unless `--inner auto` or a server with `--inner tls`.
+    private let binding: ChannelBinding?
     private let settings: WebSocketStream.Settings
 
     init(server config: TunnelServerConfig, keys: TokenKeys) throws {
@@ -64,7 +79,9 @@ struct WebSocketTransport: Transport {
         } else {
             outerTLS = nil
         }
-        innerTLS = config.webSocket.inner == .tls ? try TLSTransport(psk: keys, server: true) : nil
+        innerTLS = config.webSocket.inner == .plain ? nil : try TLSTransport(psk: keys, server: true)
+        // A server on `--inner plain` answers too: the client then leaves its TLS-PSK out as well.
+        binding = outerTLS != nil && config.webSocket.inner != .tls ? ChannelBinding(keys: keys) : nil
         // The stream carries the interval; its owner starts the pings on the loop the
         // connection ends up on (a data channel moves on from the accepting loop).
         settings = WebSocketStream.Settings(pingInterval: config.webSocket.ping)
@@ -85,7 +102,8 @@ struct WebSocketTransport: Transport {
         } else {
             outerTLS = try TLSContext.clientWithSystemCAs()
         }
-        innerTLS = ws.inner == .tls ? try TLSTransport(psk: keys, server: false) : nil
+        innerTLS = ws.inner == .plain ? nil : try TLSTransport(psk: keys, server: false)
+        binding = secure && ws.inner == .auto ? ChannelBinding(keys: keys) : nil
         settings = WebSocketStream.Settings(pingInterval: ws.ping)
     }
 
@@ -117,19 +135,39 @@ struct WebSocketTransport: Transport {
     /// Outer TLS, the upgrade, the inner TLS; each layer goes over the channel's stream
     /// once its own handshake is done.
     private func handshake(_ channel: AsyncDuplex) async throws {
-        if let tls = channel.duplex as? TLSStream { try await outerHandshake(tls, on: channel) }
+        var session: [UInt8]?
+        if let tls = channel.duplex as? TLSStream {
+            try await outerHandshake(tls, on: channel)
+            session = binding.flatMap { _ in tls.keyingMaterial(label: ChannelBinding.exporterLabel) }
+        }
         let ws: WebSocketStream
+        var bound = false
         switch role {
         case .server(let path):
             if outerTLS == nil { try await refuseOtherTransports(channel) }
-            let leftover = try await WebSocketHandshake.accept(on: channel, path: path)
+            let leftover = try await WebSocketHandshake.accept(on: channel, path: path) { request in
+                guard let binding, let session, let claim = request.field(ChannelBinding.header),
+                      binding.verify(claim, by: .client, session: session) else { return [] }
+                bound = true
+                return ["\(ChannelBinding.header): \(binding.proof(by: .server, session: session))"]
+            }
             ws = WebSocketStream(wrapping: channel.duplex, role: .server, settings: settings, leftover: leftover)
-        case .client(let request, _, _):
-            let leftover = try await WebSocketHandshake.connect(on: channel, request: request)
+        case .client(var request, _, _):
+            if let binding, let session {
+                request.headers.append((ChannelBinding.header, binding.proof(by: .client, session: session)))
+            }
+            let (leftover, answer) = try await WebSocketHandshake.connect(on: channel, request: request)
+            if let binding, let session, let claim = answer.field(ChannelBinding.header) {
+                // Only a server with the token sends a proof, and only over this very session.
+                guard binding.verify(claim, by: .server, session: session) else {
+                    throw WebSocketHandshakeError("the server's channel binding proof does not match this TLS session: something on the way rewrote the upgrade's answer")
+                }
+                bound = true
+            }
             ws = WebSocketStream(wrapping: channel.duplex, role: .client, settings: settings, leftover: leftover)
         }
         channel.layer(ws)
-        if let innerTLS {
+        if let innerTLS, !bound {
             let (tls, handshake) = try innerTLS.layer(over: ws)
             channel.layer(tls)
             try await handshake(channel)
@@ -166,4 +204,37 @@ struct WebSocketTransport: Transport {
 extension TransportMismatch {
     static let clientSpeaksTunnel = TransportMismatch(
         description: "the client connects with --transport tls or plain; this server uses --transport ws/wss (give the client the server as ws://HOST:PORT/PATH or wss://…)")
+}
+
+/// Proof that a wss connection's TLS runs from the client to the server with nothing
+/// that terminates it on the way (channel binding, as RFC 9266 does for SCRAM). Each end
+/// sends an HMAC, keyed from the token, of keying material exported from its TLS
+/// session, in a header of the upgrade: the client's request, and the server's 101
+/// answer when the client's proof matches its own session. A proxy or CDN that ends the
+/// outer TLS holds two sessions with different material, and cannot make a proof for
+/// either without the token, so the proofs only check where the outer TLS reaches the
+/// server; then both ends leave the inner TLS-PSK out. A missing or failing proof keeps
+/// the inner layer: tampering can only add encryption, never remove it.
+struct ChannelBinding {
+    /// The upgrade header both proofs travel in.
+    static let header = "Culvert-Channel-Binding"
+    /// The exporter label (RFC 8446 section 7.5) of the material the proofs cover.
+    static let exporterLabel = "EXPORTER-culvert/1 ws channel binding"
+
+    /// Which end a proof speaks for: each end's proof differs, so neither can be echoed back.
+    enum Signer: String { case client, server }
+
+    private let key: [UInt8]
+
+    init(keys: TokenKeys) { key = keys.channelBinding }
+
+    /// The proof `signer` sends for a TLS session's exported material, base64.
+    func proof(by signer: Signer, session: [UInt8]) -> String {
+        WebSocketHandshake.base64(TunnelCrypto.hmacSHA256(key: key, Array("culvert/1 \(signer.rawValue) binding".utf8), session))
+    }
+
+    /// Whether `claim` is the proof `signer` makes over `session`.
+    func verify(_ claim: String, by signer: Signer, session: [UInt8]) -> Bool {
+        TunnelCrypto.constantTimeEqual(Array(claim.utf8), Array(proof(by: signer, session: session).utf8))
+    }
 }

@@ -1,0 +1,149 @@
+"""wss channel binding (`--inner auto`, the default): the token's TLS-PSK inside the
+WebSocket is left out only when both ends prove, with the token, that they share one
+outer TLS session.  Straight to the server the proofs check and both ends log
+`inner=bound`; through an nginx that ends the outer TLS and opens its own to the server
+(as a CDN re-encrypting to the origin does, passing every header both ways) they cannot,
+and both ends keep `inner=tls`.  A forged proof in the server's answer is refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import socket
+import ssl
+import threading
+
+import pytest
+
+from conftest import MiB
+from tunnel_support import TunnelKit, assert_echoed, free_port
+from ws_support import ws_client
+
+CONNECTED = r"connected to server .*inner=(\w+)"
+ACCEPTED = r"client connected .*inner=(\w+)"
+
+
+def start_server(kit: TunnelKit, transport: str, opts=()):
+    args = ["--transport", transport, "--ws-path", "/tunnel", "--threads", "2", *opts]
+    if transport == "wss":
+        args += ["--cert", kit.certs.cert, "--key", kit.certs.key]
+    return kit.start_server("tls-psk", args)
+
+
+def inner_layers(server, client) -> tuple[str, str]:
+    """What each end logged as the layer inside the WebSocket of the control channel."""
+    seen_by_client = re.search(CONNECTED, client.wait_stderr(CONNECTED)[0]).group(1)
+    seen_by_server = re.search(ACCEPTED, server.wait_stderr(ACCEPTED)[0]).group(1)
+    return seen_by_server, seen_by_client
+
+
+def check_echo(client) -> None:
+    (addr,) = client.exposed_map.values()
+    assert_echoed(addr, [os.urandom(4 * MiB), os.urandom(100_000), b"x"], timeout=30)
+
+
+@pytest.mark.parametrize("mux", [[], ["--mux", "0"]], ids=["mux", "dedicated"])
+def test_straight_wss_binds_and_leaves_the_inner_tls_out(kit, mux):
+    server = start_server(kit, "wss")
+    port = server.server_addr[1]
+    client = ws_client(kit, f"wss://localhost:{port}/tunnel", [f"127.0.0.1:0:127.0.0.1:{kit.echo().port}"],
+                       opts=["--ca", kit.certs.ca, *mux])
+    assert inner_layers(server, client) == ("bound", "bound")
+    check_echo(client)
+    assert server.count_stderr("error") == 0, server.describe()
+
+
+def test_through_a_tls_terminating_proxy_the_inner_tls_stays(kit, nginx):
+    server = start_server(kit, "wss")
+    edge = nginx(server.server_addr[1], upstream_tls=True)
+    client = ws_client(kit, f"wss://localhost:{edge.port}/tunnel", [f"127.0.0.1:0:127.0.0.1:{kit.echo().port}"],
+                       opts=["--ca", kit.certs.ca])
+    # nginx passed the client's proof to the server and would pass an answer back, but the
+    # proof covers the client's session with nginx, not nginx's session with the server.
+    assert inner_layers(server, client) == ("tls", "tls")
+    check_echo(client)
+
+
+@pytest.mark.parametrize("server_opts,client_opts,expected", [
+    ([], ["--inner", "tls"], ("tls", "tls")),
+    (["--inner", "tls"], [], ("tls", "tls")),
+    (["--inner", "plain"], [], ("plain", "bound")),
+], ids=["client-forces-tls", "server-forces-tls", "plain-server"])
+def test_either_end_decides_for_the_inner_tls(kit, server_opts, client_opts, expected):
+    server = start_server(kit, "wss", server_opts)
+    port = server.server_addr[1]
+    client = ws_client(kit, f"wss://localhost:{port}/tunnel", [f"127.0.0.1:0:127.0.0.1:{kit.echo().port}"],
+                       opts=["--ca", kit.certs.ca, *client_opts])
+    assert inner_layers(server, client) == expected
+    check_echo(client)
+
+
+def test_plain_ws_never_binds(kit):
+    server = start_server(kit, "ws")
+    port = server.server_addr[1]
+    client = ws_client(kit, f"ws://127.0.0.1:{port}/tunnel", [f"127.0.0.1:0:127.0.0.1:{kit.echo().port}"])
+    assert inner_layers(server, client) == ("tls", "tls")
+    check_echo(client)
+
+
+class ForgingEdge:
+    """A TLS endpoint with the kit's certificate that answers every upgrade with 101 and a
+    made-up channel binding proof, and records the requests."""
+
+    def __init__(self, certs):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(certs.cert, certs.key)
+        self.sock = socket.create_server(("127.0.0.1", free_port()))
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.stop = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop and len(self.requests) < 20:
+            try:
+                raw, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            try:
+                with self.ctx.wrap_socket(raw, server_side=True) as s:
+                    s.settimeout(5)
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                    self.requests.append(head)
+                    key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head).group(1)
+                    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                    forged = base64.b64encode(os.urandom(32))
+                    s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              b"Sec-WebSocket-Accept: " + accept + b"\r\nCulvert-Channel-Binding: " + forged + b"\r\n\r\n")
+                    s.recv(4096)
+            except (OSError, AttributeError):
+                pass
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_a_forged_server_proof_is_refused(kit):
+    edge = ForgingEdge(kit.certs)
+    try:
+        client = ws_client(kit, f"wss://localhost:{edge.port}/tunnel", ["127.0.0.1:0:127.0.0.1:9"],
+                           opts=["--ca", kit.certs.ca], ready=False)
+        line = client.wait_stderr("cannot reach server", timeout=15)[0]
+        assert "channel binding proof does not match" in line, line
+        assert client.count_stderr("connected to server") == 0
+        # The client sent its own proof: base64 of 32 bytes.
+        proofs = [re.search(rb"(?i)culvert-channel-binding: *(\S+)", r) for r in edge.requests]
+        assert proofs and all(p and len(base64.b64decode(p.group(1))) == 32 for p in proofs), edge.requests
+    finally:
+        edge.close()
