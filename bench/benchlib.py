@@ -453,24 +453,23 @@ def sockstat_tcp_mem_kib():
     return parse_sockstat_tcp_mem(_read("/proc/net/sockstat")) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
-def listening_ports():
+def _proc_net_ports(table, parse):
+    """The ports `parse` finds in /proc/net/`table` and its IPv6 twin (one may be absent)."""
     ports = set()
-    for p in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for p in (f"/proc/net/{table}", f"/proc/net/{table}6"):
         try:
-            ports |= parse_listening_ports(_read(p))
+            ports |= parse(_read(p))
         except OSError:
             pass
     return ports
+
+
+def listening_ports():
+    return _proc_net_ports("tcp", parse_listening_ports)
 
 
 def udp_ports():
-    ports = set()
-    for p in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            ports |= parse_udp_ports(_read(p))
-        except OSError:
-            pass
-    return ports
+    return _proc_net_ports("udp", parse_udp_ports)
 
 
 def wait_udp_bound(port, procs, timeout):

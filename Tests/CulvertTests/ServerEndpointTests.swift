@@ -21,6 +21,14 @@ final class ServerEndpointTests: XCTestCase {
         XCTAssertThrowsError(try TunnelConfigFile.parseServers("ws://a.example/t"), "a URL where only addresses go")
     }
 
+    func testAURLIsNamedAsWrittenAndComparedByWhatItReaches() throws {
+        let written = try TunnelConfigFile.parseEndpoints("wss://edge.example:443/tunnel, edge.example")
+        XCTAssertEqual(written.map(\.description), ["wss://edge.example:443/tunnel", "edge.example:7000"])
+        let respelt = try TunnelConfigFile.parseEndpoints("WSS://edge.example/tunnel,edge.example:7000")
+        XCTAssertEqual(written, respelt, "a reload that only respells the list changes nothing that runs")
+        XCTAssertNotEqual(written, try TunnelConfigFile.parseEndpoints("wss://edge.example/other,edge.example"))
+    }
+
     func testEachConnectorReachesItsServerOnItsOwnTransport() throws {
         var config = TunnelClientConfig()
         config.endpoints = try TunnelConfigFile.parseEndpoints("wss://a.example/one,b.example,ws://c.example:8080/two")

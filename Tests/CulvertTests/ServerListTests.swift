@@ -9,7 +9,7 @@ final class ServerListTests: XCTestCase {
     private let second: UInt64 = 1_000_000_000
 
     private func list() -> ServerList {
-        ServerList([a, b], initial: .milliseconds(500), max: .seconds(4))
+        ServerList([a, b].map(ServerEndpoint.init), initial: .milliseconds(500), max: .seconds(4))
     }
 
     func testTheFirstServerNotBackingOffIsTriedAtOnce() {

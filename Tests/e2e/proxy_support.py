@@ -1,7 +1,8 @@
 """Shared pieces of the `culvert proxy` tests: the running proxy (its fixture `proxy` is in
 conftest), an HTTP origin to reach through it (`blob_origin` serves 16 MiB), `-D` through
-a tunnel, raw SOCKS5 requests, and the UDP ASSOCIATE echo exchange (local and through the
-tunnel).  Its fixtures reach every test through `pytest_plugins` in conftest.py."""
+a tunnel, raw SOCKS5 requests, and UDP ASSOCIATE: a UDP echo (`udp_echo`), PySocks as
+the independent client, and the echo exchange (local and through the tunnel).  Its
+fixtures reach every test through `pytest_plugins` in conftest.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import threading
 import pytest
 
 from conftest import Culvert, parse_addr, recv_exactly
-from tunnel_support import settle_fd_count
+from tunnel_support import UdpServer, settle_fd_count
 
 READY_RE = re.compile(r"^listening proxy (\S+)$")
 EXPOSED_PROXY_RE = re.compile(r"^exposed proxy (\S+)$")
@@ -166,6 +167,39 @@ def recv_up_to(sock: socket.socket, n: int) -> bytes:
             return buf
         buf += chunk
     return buf
+
+
+@pytest.fixture
+def udp_echo():
+    """A UDP echo server on 127.0.0.1, closed at the end."""
+    server = UdpServer(lambda data: data)
+    yield server
+    server.close()
+
+
+def pysocks_udp(proxy: tuple[str, int]) -> socket.socket:
+    """A UDP socket of PySocks through the SOCKS5 proxy at `proxy` (names go to the proxy
+    to resolve); the test is skipped without PySocks."""
+    socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
+    u = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.set_proxy(socks.SOCKS5, proxy[0], proxy[1], rdns=True)
+    u.settimeout(5)
+    return u
+
+
+def check_pysocks_echo_through_tunnel(proxy: tuple[str, int], echo_port: int, server, client,
+                                      server_closed: str) -> None:
+    """PySocks through a proxy of the tunnel (`-D` or `-R proxy:`): 200 datagrams and one
+    of 60000 bytes echoed whole, and when the association closes, client and server each
+    count 201 datagrams each way. `server_closed` is the server's log line for an ended
+    association."""
+    u = pysocks_udp(proxy)
+    udp_echo_exchange(u, ("127.0.0.1", echo_port), count=200, window=20, big=60000)
+    u.close()
+    line = client.wait_stderr(r"udp association closed")[0]
+    assert "datagrams_up=201" in line and "datagrams_down=201" in line, line
+    line = server.wait_stderr(server_closed)[0]
+    assert "datagrams_up=201" in line and "datagrams_down=201" in line, line
 
 
 def udp_echo_exchange(u, target: tuple[str, int], count: int, window: int, big: int) -> None:

@@ -11,20 +11,8 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
-
 from conftest import parse_addr
-from proxy_support import EXPOSED_PROXY_RE, associate, check_association_ends_with_its_tcp, udp_echo_exchange, wrap
-from tunnel_support import UdpServer
-
-socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
-
-
-@pytest.fixture
-def echo():
-    server = UdpServer(lambda data: data)
-    yield server
-    server.close()
+from proxy_support import EXPOSED_PROXY_RE, associate, check_association_ends_with_its_tcp, check_pysocks_echo_through_tunnel, wrap
 
 
 def start_reverse(kit, client_opts: list[str] = ()):
@@ -36,21 +24,13 @@ def start_reverse(kit, client_opts: list[str] = ()):
     return server, client, parse_addr(client.wait_stdout(EXPOSED_PROXY_RE)[0].group(1))
 
 
-def test_pysocks_echoes_200_datagrams_and_one_of_60000_bytes_through_the_reverse_proxy(kit, echo):
+def test_pysocks_echoes_200_datagrams_and_one_of_60000_bytes_through_the_reverse_proxy(kit, udp_echo):
     server, client, proxy = start_reverse(kit)
-    u = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.set_proxy(socks.SOCKS5, proxy[0], proxy[1])
-    u.settimeout(5)
-    udp_echo_exchange(u, ("127.0.0.1", echo.port), count=200, window=20, big=60000)
-    u.close()
-    line = client.wait_stderr(r"udp association closed")[0]
-    assert "datagrams_up=201" in line and "datagrams_down=201" in line, line
-    line = server.wait_stderr(r"reverse udp relay closed")[0]
-    assert "datagrams_up=201" in line and "datagrams_down=201" in line, line
+    check_pysocks_echo_through_tunnel(proxy, udp_echo.port, server, client, r"reverse udp relay closed")
 
 
-def test_relay_is_on_the_server_and_the_clients_exit_policy_drops_denied_destinations(kit, echo):
-    server, client, proxy = start_reverse(kit, ["--exit-deny", f"127.0.0.2:{echo.port}"])
+def test_relay_is_on_the_server_and_the_clients_exit_policy_drops_denied_destinations(kit, udp_echo):
+    server, client, proxy = start_reverse(kit, ["--exit-deny", f"127.0.0.2:{udp_echo.port}"])
     tcp, code, relay = associate(proxy)
     assert code == 0
     # The relay socket the reply names is the server's, not the client's.
@@ -58,12 +38,12 @@ def test_relay_is_on_the_server_and_the_clients_exit_policy_drops_denied_destina
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.bind(("127.0.0.1", 0))
     u.settimeout(5)
-    u.sendto(bytes([0, 0, 0, 3, 9]) + b"localhost" + (echo.port).to_bytes(2, "big") + b"by name", relay)
+    u.sendto(bytes([0, 0, 0, 3, 9]) + b"localhost" + (udp_echo.port).to_bytes(2, "big") + b"by name", relay)
     assert u.recv(1000).endswith(b"by name")
-    u.sendto(wrap(b"denied", echo.port, host="127.0.0.2"), relay)
-    u.sendto(wrap(b"after", echo.port), relay)
+    u.sendto(wrap(b"denied", udp_echo.port, host="127.0.0.2"), relay)
+    u.sendto(wrap(b"after", udp_echo.port), relay)
     assert u.recv(1000).endswith(b"after")
-    assert echo.received == 2
+    assert udp_echo.received == 2
     tcp.close()
     assert "dropped_denied=1" in client.wait_stderr(r"udp association closed")[0]
     server.wait_stderr(r"reverse udp relay closed")
@@ -90,23 +70,23 @@ def udp_ports(pid: int) -> set[int]:
     return ports
 
 
-def test_association_ends_with_its_tcp_connection_and_gives_descriptors_back(kit, echo):
+def test_association_ends_with_its_tcp_connection_and_gives_descriptors_back(kit, udp_echo):
     server, client, proxy = start_reverse(kit)
-    check_association_ends_with_its_tcp(proxy, echo.port, server, client, r"reverse udp relay closed")
+    check_association_ends_with_its_tcp(proxy, udp_echo.port, server, client, r"reverse udp relay closed")
 
 
-def test_datagrams_from_another_address_than_the_visitors_are_dropped(kit, echo):
+def test_datagrams_from_another_address_than_the_visitors_are_dropped(kit, udp_echo):
     _, client, proxy = start_reverse(kit)
     tcp, code, relay = associate(proxy)
     assert code == 0
     stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     stranger.bind(("127.0.0.5", 0))
-    stranger.sendto(wrap(b"foreign", echo.port), relay)
+    stranger.sendto(wrap(b"foreign", udp_echo.port), relay)
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.settimeout(5)
-    u.sendto(wrap(b"mine", echo.port), relay)
+    u.sendto(wrap(b"mine", udp_echo.port), relay)
     assert u.recv(1000).endswith(b"mine")
-    assert echo.received == 1
+    assert udp_echo.received == 1
     tcp.close()
     client.wait_stderr(r"udp association closed")
     stranger.close()

@@ -12,50 +12,30 @@ from __future__ import annotations
 import socket
 import struct
 
-import pytest
-
 from conftest import parse_addr
-from proxy_support import EXPOSED_PROXY_RE, associate, check_association_ends_with_its_tcp, start_dynamic, udp_echo_exchange, wrap
-from tunnel_support import UdpServer
-
-socks = pytest.importorskip("socks", reason="PySocks is needed: pip install PySocks (make deps)")
+from proxy_support import EXPOSED_PROXY_RE, associate, check_association_ends_with_its_tcp, check_pysocks_echo_through_tunnel, start_dynamic, wrap
 
 EXIT = ["--allow-exit", "--exit-allow", "127.0.0.0/8"]
 
 
-@pytest.fixture
-def echo():
-    server = UdpServer(lambda data: data)
-    yield server
-    server.close()
-
-
-def test_pysocks_echoes_200_datagrams_and_one_of_60000_bytes_through_the_exit(kit, echo):
+def test_pysocks_echoes_200_datagrams_and_one_of_60000_bytes_through_the_exit(kit, udp_echo):
     server, client, proxy = start_dynamic(kit, EXIT)
-    u = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.set_proxy(socks.SOCKS5, proxy[0], proxy[1])
-    u.settimeout(5)
-    udp_echo_exchange(u, ("127.0.0.1", echo.port), count=200, window=20, big=60000)
-    u.close()
-    line = client.wait_stderr(r"udp association closed")[0]
-    assert "datagrams_up=201" in line and "datagrams_down=201" in line, line
-    line = server.wait_stderr(r"exit udp association closed")[0]
-    assert "datagrams_up=201" in line and "datagrams_down=201" in line, line
+    check_pysocks_echo_through_tunnel(proxy, udp_echo.port, server, client, r"exit udp association closed")
 
 
-def test_names_resolve_at_the_exit_and_denied_destinations_are_dropped(kit, echo):
-    server, client, proxy = start_dynamic(kit, [*EXIT, "--exit-deny", f"127.0.0.2:{echo.port}"])
+def test_names_resolve_at_the_exit_and_denied_destinations_are_dropped(kit, udp_echo):
+    server, client, proxy = start_dynamic(kit, [*EXIT, "--exit-deny", f"127.0.0.2:{udp_echo.port}"])
     tcp, code, relay = associate(proxy)
     assert code == 0
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.bind(("127.0.0.1", 0))
     u.settimeout(5)
-    u.sendto(bytes([0, 0, 0, 3, 9]) + b"localhost" + struct.pack(">H", echo.port) + b"by name", relay)
+    u.sendto(bytes([0, 0, 0, 3, 9]) + b"localhost" + struct.pack(">H", udp_echo.port) + b"by name", relay)
     assert u.recv(1000).endswith(b"by name")
-    u.sendto(wrap(b"denied", echo.port, host="127.0.0.2"), relay)
-    u.sendto(wrap(b"after", echo.port), relay)
+    u.sendto(wrap(b"denied", udp_echo.port, host="127.0.0.2"), relay)
+    u.sendto(wrap(b"after", udp_echo.port), relay)
     assert u.recv(1000).endswith(b"after")
-    assert echo.received == 2
+    assert udp_echo.received == 2
     server.wait_stderr(r"exit datagram dropped")
     tcp.close()
     assert "dropped_denied=1" in server.wait_stderr(r"exit udp association closed")[0]
@@ -63,9 +43,9 @@ def test_names_resolve_at_the_exit_and_denied_destinations_are_dropped(kit, echo
     u.close()
 
 
-def test_association_ends_with_its_tcp_connection_and_gives_descriptors_back(kit, echo):
+def test_association_ends_with_its_tcp_connection_and_gives_descriptors_back(kit, udp_echo):
     server, client, proxy = start_dynamic(kit, EXIT)
-    check_association_ends_with_its_tcp(proxy, echo.port, server, client, r"exit udp association closed")
+    check_association_ends_with_its_tcp(proxy, udp_echo.port, server, client, r"exit udp association closed")
 
 
 def test_server_without_allow_exit_refuses_udp_associate(kit):

@@ -246,7 +246,7 @@ public enum TunnelConfigFile {
         for entry in entries.map({ $0.trimmingWhitespace() }) {
             let endpoint: ServerEndpoint
             if WebSocketURL.looksLikeURL(entry) {
-                do { endpoint = ServerEndpoint(try WebSocketURL.parse(entry)) } catch { throw InvalidValue(description: error.message) }
+                do { endpoint = ServerEndpoint(try WebSocketURL.parse(entry), written: entry) } catch { throw InvalidValue(description: error.message) }
             } else {
                 endpoint = ServerEndpoint(try parseServer(entry))
             }

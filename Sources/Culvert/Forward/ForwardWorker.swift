@@ -10,7 +10,7 @@ import Transfer
 /// other loops except the forwarder's atomic counters and target health.
 ///
 /// Thread confinement: every method runs on `loop`.
-final class ForwardWorker {
+final class ForwardWorker: ServiceShare {
     let loop: EventLoop
     private unowned let forwarder: TCPForwarder
     private let relays: RelaySet

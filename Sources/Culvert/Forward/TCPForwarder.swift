@@ -69,24 +69,7 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
     /// Stops accepting, waits for in-flight connections to finish, and resets whatever is
     /// left when `timeout` passes. Runs on the main loop; returns once every loop is idle.
     public func drain(timeout: Duration) async {
-        let main = group.main
-        logger.notice("draining", metadata: ["connections": .stringConvertible(activeConnections), "deadline": .seconds(timeout)])
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            var deadline: LoopTimer?
-            let barrier = Barrier(count: workers.count) {
-                deadline?.cancel()
-                done.resume()
-            }
-            deadline = main.schedule(after: timeout) { [workers, logger, self] in
-                guard activeConnections > 0 else { return }
-                logger.warning("drain deadline passed, closing remaining connections",
-                               metadata: ["connections": .stringConvertible(activeConnections)])
-                for w in workers { w.loop.execute { w.abortAll(.drainTimeout) } }
-            }
-            for w in workers {
-                w.loop.execute { w.beginDrain { main.execute { barrier.arrive() } } }
-            }
-        }
+        await Culvert.drain(workers, main: group.main, timeout: timeout, logger: logger) { [self] in activeConnections }
     }
 
     public func gatherMetrics() async -> MetricsSnapshot {

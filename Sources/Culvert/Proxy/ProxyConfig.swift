@@ -118,20 +118,8 @@ public struct ProxyFlags: Sendable {
         if authFile != nil && noAuth {
             throw ConfigError(setting: "--no-auth", "--no-auth and --auth-file contradict each other: give one")
         }
-        _ = try rules(allow, flag: "--allow")
-        _ = try rules(deny, flag: "--deny")
-    }
-
-    fileprivate func rules(_ texts: [String], flag: String) throws(ConfigError) -> [ProxyRule] {
-        var out: [ProxyRule] = []
-        for text in texts {
-            do throws(ProxyRule.ParseError) {
-                out.append(try ProxyRule.parse(text))
-            } catch {
-                throw ConfigError(setting: flag, "\(flag): \(error)")
-            }
-        }
-        return out
+        _ = try ProxyRule.parseAll(allow, flag: "--allow")
+        _ = try ProxyRule.parseAll(deny, flag: "--deny")
     }
 }
 
@@ -145,7 +133,7 @@ extension ProxyConfig {
         guard let listen = flags.listen else { throw ConfigError(setting: "<listen>", "missing <listen>") }
         var config = ProxyConfig(listen: listen)
         config.credentials = try flags.authFile.map { (path) throws(ConfigError) in try ProxyCredentials.load(path) }
-        config.policy = ProxyPolicy(allow: try flags.rules(flags.allow, flag: "--allow"), deny: try flags.rules(flags.deny, flag: "--deny"))
+        config.policy = ProxyPolicy(allow: try ProxyRule.parseAll(flags.allow, flag: "--allow"), deny: try ProxyRule.parseAll(flags.deny, flag: "--deny"))
         if let v = flags.connectTimeout { config.connectTimeout = v }
         if let v = flags.handshakeTimeout { config.handshakeTimeout = v }
         config.idleTimeout = flags.idleTimeout ?? nil

@@ -129,3 +129,18 @@ public struct ProxyRule: Equatable, Sendable, CustomStringConvertible {
         }
     }
 }
+
+extension ProxyRule {
+    /// Parses each of `texts`; the error names `flag`.
+    static func parseAll(_ texts: [String], flag: String) throws(ConfigError) -> [ProxyRule] {
+        var out: [ProxyRule] = []
+        for text in texts {
+            do throws(ProxyRule.ParseError) {
+                out.append(try ProxyRule.parse(text))
+            } catch {
+                throw ConfigError(setting: flag, "\(flag): \(error)")
+            }
+        }
+        return out
+    }
+}

@@ -73,24 +73,6 @@ public final class ProxyServer: DrainableService, MetricsSource, @unchecked Send
 
     /// Stops accepting, lets connections finish, and resets what is left at `timeout`.
     public func drain(timeout: Duration) async {
-        let main = group.main
-        let logger = context.logger
-        logger.notice("draining", metadata: ["connections": .stringConvertible(activeConnections), "deadline": .seconds(timeout)])
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            var deadline: LoopTimer?
-            let barrier = Barrier(count: workers.count) {
-                deadline?.cancel()
-                done.resume()
-            }
-            deadline = main.schedule(after: timeout) { [workers, self] in
-                guard activeConnections > 0 else { return }
-                logger.warning("drain deadline passed, closing remaining connections",
-                               metadata: ["connections": .stringConvertible(activeConnections)])
-                for w in workers { w.loop.execute { w.abortAll(.drainTimeout) } }
-            }
-            for w in workers {
-                w.loop.execute { w.beginDrain { main.execute { barrier.arrive() } } }
-            }
-        }
+        await Culvert.drain(workers, main: group.main, timeout: timeout, logger: context.logger) { [self] in activeConnections }
     }
 }

@@ -7,7 +7,7 @@ import Transfer
 /// counted on `meter` (of this loop).
 ///
 /// Thread confinement: every method runs on `loop`.
-final class ProxyWorker {
+final class ProxyWorker: ServiceShare {
     let loop: EventLoop
     private let context: ProxyContext
     private let relays: RelaySet

@@ -149,18 +149,18 @@ final class ClientSession {
         }
     }
 
-    /// Hands the services over to a session with a preferred server at `address`:
+    /// Hands the services over to a session with the preferred `server`:
     /// unregisters them, which closes their ports on this server, serves the data
     /// channels its visitors accepted before still ask for, and says goodbye after
     /// `handoverGrace`. Visitors relayed through this server go on until they end.
-    func handOver(to address: HostPort) {
+    func handOver(to server: ServerEndpoint) {
         loop.assertInLoop()
         guard !ended, leaving == nil, handover == nil else { return }
         for t in retryTimers { t.cancel() }
         retryTimers.removeAll()
         for spec in client.services { control.send(TunnelProtocol.encode(.unregisterService(id: spec.id))) }
         handover = loop.schedule(after: Self.handoverGrace) { [weak self] in
-            self?.leave(reason: "moving to the preferred server \(address)", handingOver: true)
+            self?.leave(reason: "moving to the preferred server \(server)", handingOver: true)
         }
     }
 

@@ -296,21 +296,6 @@ final class TunnelExit: ProxyExit, @unchecked Sendable {
     }
 }
 
-extension ProxyRule {
-    /// Parses each of `texts`; the error names `flag`.
-    static func parseAll(_ texts: [String], flag: String) throws(ConfigError) -> [ProxyRule] {
-        var out: [ProxyRule] = []
-        for text in texts {
-            do throws(ProxyRule.ParseError) {
-                out.append(try ProxyRule.parse(text))
-            } catch {
-                throw ConfigError(setting: flag, "\(flag): \(error)")
-            }
-        }
-        return out
-    }
-}
-
 extension ConfigFile {
     /// A list of `--allow`-style destinations under `key`.
     func rules(_ key: String, _ texts: [String]) throws(ConfigError) -> [ProxyRule] {

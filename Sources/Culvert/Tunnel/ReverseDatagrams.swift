@@ -120,7 +120,7 @@ final class ServerRelays: Sendable {
                                              batch: home.datagramBatch) { _ in }
         } catch {
             logger.warning("cannot open UDP relay socket", metadata: ["peer": "\(peer)", "error": "\(error)"])
-            return await Self.end(channel, stream, refusal: "cannot open UDP relay socket: \(error)", on: loop)
+            return await StreamRefusal.end(channel, stream, .failed, "cannot open UDP relay socket: \(error)", on: loop)
         }
         channel.send(TunnelProtocol.encodeExitReply(.connected, reason: association.relayAddress.description))
         let reason = await link.deliverFrames(cancel: { loop.execute { channel.fail(.closed) } })
@@ -138,27 +138,8 @@ final class ServerRelays: Sendable {
     /// Answers a relay stream that gets no relay, and ends it.
     private func refuse(_ stream: MuxStream, _ reason: String, peer: String, on loop: EventLoop) {
         logger.warning("UDP relay refused", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
-        guard let channel = try? AsyncDuplex(loop: loop, duplex: stream) else { return stream.close(reset: true) }
-        Task(executorPreference: loop.tasks) { await Self.end(channel, stream, refusal: reason, on: loop) }
+        StreamRefusal.answer(stream, .failed, reason, on: loop)
     }
-
-    /// Sends the refusal, then `eof`, and closes once the client has closed its side (at
-    /// most `closingWait`): closing at once would reset the stream, and the reset could
-    /// overtake the answer, as `ServerExit` explains for exit streams.
-    private static func end(_ channel: AsyncDuplex, _ stream: MuxStream, refusal: String, on loop: EventLoop) async {
-        channel.send(TunnelProtocol.encodeExitReply(.failed, reason: refusal))
-        let deadline = loop.schedule(after: closingWait) { channel.fail(.timedOut("relay refusal")) }
-        do {
-            try await channel.flush()
-            _ = stream.shutdownWrite()
-            while true { _ = try await channel.read(max: 4096) }
-        } catch {
-            deadline.cancel()
-            channel.close()
-        }
-    }
-
-    private static let closingWait: Duration = .seconds(5)
 }
 
 /// Why a relay stream gets no relay, for its answer.

@@ -10,7 +10,7 @@
 struct ServerList {
     /// One server and what its failures cost it.
     struct Server {
-        let address: HostPort
+        let endpoint: ServerEndpoint
         /// Failures in a row since it last served.
         var failures = 0
         /// Loop time (nanoseconds) before which it is not tried; 0: at once.
@@ -21,9 +21,9 @@ struct ServerList {
     let initial: Duration
     let max: Duration
 
-    init(_ addresses: [HostPort], initial: Duration, max: Duration) {
-        precondition(!addresses.isEmpty, "a client has at least one server")
-        servers = addresses.map { Server(address: $0) }
+    init(_ endpoints: [ServerEndpoint], initial: Duration, max: Duration) {
+        precondition(!endpoints.isEmpty, "a client has at least one server")
+        servers = endpoints.map { Server(endpoint: $0) }
         self.initial = initial
         self.max = max
     }

@@ -86,7 +86,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         self.reread = reread
         self.loop = loop
         self.logger = logger
-        servers = ServerList(config.servers, initial: config.reconnectInitial, max: config.reconnectMax)
+        servers = ServerList(config.endpoints, initial: config.reconnectInitial, max: config.reconnectMax)
         self.connectors = connectors
         self.control = control
         self.loops = loops
@@ -165,7 +165,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         } catch let fatal as FatalClientError {
             giveUp(fatal)
         } catch {
-            logger.warning("cannot reach server", metadata: ["target": "\(servers[index].address)", "error": "\(error)"])
+            logger.warning("cannot reach server", metadata: ["target": "\(servers[index].endpoint)", "error": "\(error)"])
             connectors[index].forgetAddresses()
             servers.failed(index, now: loop.now)
         }
@@ -194,7 +194,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             channel.close()
             return nil
         }
-        var about: Logger.Metadata = ["target": "\(servers[index].address)"]
+        var about: Logger.Metadata = ["target": "\(servers[index].endpoint)"]
         if let webSocket = connector.webSocket { about["inner"] = "\(webSocket.innerLayer(of: channel.duplex))" }
         logger.info("connected to server", metadata: about)
         if everConnected { reconnects += 1 }
@@ -235,7 +235,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             } catch let fatal as FatalClientError {
                 return giveUp(fatal)
             } catch {
-                logger.debug("preferred server still unreachable", metadata: ["target": "\(servers[index].address)", "error": "\(error)"])
+                logger.debug("preferred server still unreachable", metadata: ["target": "\(servers[index].endpoint)", "error": "\(error)"])
                 connectors[index].forgetAddresses()
                 continue
             }
@@ -249,7 +249,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
             candidateDeadline = loop.schedule(after: config.handshakeTimeout) { [weak self, weak session] in
                 guard let self, let session, self.candidate === session else { return }
                 self.logger.warning("preferred server did not accept every service; staying", metadata: [
-                    "target": "\(self.servers[session.server].address)"])
+                    "target": "\(self.servers[session.server].endpoint)"])
                 self.dropCandidate()
                 session.leave(reason: "not every service was accepted")
             }
@@ -291,7 +291,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
     /// wildcard shows as that server's host.
     private func publicAddress(_ address: String, server: Int) -> String {
         guard let bound = try? HostPort.parse(address), let host = bound.host, host == "0.0.0.0" || host == "::" else { return address }
-        return HostPort(host: servers[server].address.host, port: bound.port).description
+        return HostPort(host: servers[server].endpoint.address.host, port: bound.port).description
     }
 
     /// The server answered `useExit`: the `-D` proxies serve accordingly, and the ready
@@ -357,14 +357,14 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         previous = current
         adopt(session)
         servicesExposed(by: session)
-        previous?.handOver(to: servers[session.server].address)
+        previous?.handOver(to: servers[session.server].endpoint)
     }
 
     /// The ready lines from now on name server `index`.
     private func announce(on index: Int) {
         announcedOn = index
         announced = []
-        logger.info("services held by server", metadata: ["server": "\(servers[index].address)"])
+        logger.info("services held by server", metadata: ["server": "\(servers[index].endpoint)"])
     }
 
     /// What a refused service means: before the ready lines, the error that ends the
@@ -482,7 +482,7 @@ public final class TunnelClient: ReloadableService, MetricsSource, @unchecked Se
         }
         all.tunnelSessions = current == nil ? 0 : 1
         all.tunnelReconnects = reconnects
-        all.tunnelServer = current.map { servers[$0.server].address.description }
+        all.tunnelServer = current.map { servers[$0.server].endpoint.description }
         return all
     }
 

@@ -283,24 +283,36 @@ public struct TunnelServerConfig: Sendable {
 /// URL, that URL, whose scheme is this server's transport and whose path its upgrade asks
 /// for. A server given as HOST:PORT travels on the client's `transport`; so in one list
 /// a WebSocket server behind a proxy can back up a direct TLS one, or the other way round.
+///
+/// Its `description` is how logs, `/status` and `/metrics` name it: a URL as the user
+/// wrote it, so that two URLs on one HOST:PORT that differ in path stay apart (a URL
+/// holds no credentials: `WebSocketURL.parse` refuses userinfo), else HOST:PORT.
 public struct ServerEndpoint: Equatable, CustomStringConvertible, Sendable {
     public let address: HostPort
     public let webSocket: WebSocketURL?
+    public let description: String
 
     public init(_ address: HostPort) {
         self.address = address
         webSocket = nil
+        description = address.description
     }
 
-    public init(_ url: WebSocketURL) {
+    /// - Parameter written: the entry the URL was parsed from.
+    public init(_ url: WebSocketURL, written: String) {
         address = url.target
         webSocket = url
+        description = written
     }
 
     /// ws or wss for a URL; nil: the client's transport.
     public var transport: TunnelTransport? { webSocket.map { $0.secure ? .wss : .ws } }
 
-    public var description: String { webSocket?.description ?? address.description }
+    /// By what is reached, not how it is spelt: a reload that only respells a URL (case,
+    /// the scheme's default port) changes nothing that runs.
+    public static func == (a: ServerEndpoint, b: ServerEndpoint) -> Bool {
+        a.address == b.address && a.webSocket == b.webSocket
+    }
 }
 
 /// Everything `culvert client` needs, from flags or a config file.

@@ -9,6 +9,8 @@ import Transfer
 final class TunnelConnector {
     let loop: EventLoop
     let server: HostPort
+    /// The server as the user gave it (`ServerEndpoint.description`), for messages.
+    private let serverName: String
     /// Straight to the server, or through a proxy (`--proxy`).
     private let proxy: ProxyRoute
     private let keys: TokenKeys
@@ -28,6 +30,7 @@ final class TunnelConnector {
     init(loop: EventLoop, config: TunnelClientConfig) throws {
         self.loop = loop
         server = config.server
+        serverName = config.endpoints[0].description
         proxy = config.proxy
         keys = TokenKeys(token: config.token)
         transport = try config.transport.implementation.init(client: config, keys: keys)
@@ -84,7 +87,7 @@ final class TunnelConnector {
             }
             let expected = TunnelProtocol.serverProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce)
             guard TunnelCrypto.constantTimeEqual(serverProof, expected) else {
-                throw FatalClientError(message: "authentication failed: the server's token is not this client's; give both ends the same token (--token-file, CULVERT_TOKEN or token_file), and check that \(server) is the culvert server meant")
+                throw FatalClientError(message: "authentication failed: the server's token is not this client's; give both ends the same token (--token-file, CULVERT_TOKEN or token_file), and check that \(serverName) is the culvert server meant")
             }
             channel.send(TunnelProtocol.encode(TunnelProtocol.ClientAuth(
                 clientProof: TunnelProtocol.clientProof(key: keys.auth, clientNonce: clientNonce, serverNonce: serverNonce),

@@ -68,7 +68,7 @@ final class ServerExit: Sendable {
         guard active.wrappingAdd(1, ordering: .relaxed).newValue <= maxStreams else {
             active.wrappingSubtract(1, ordering: .relaxed)
             refused("limit", peer, "exit streams at their limit (\(maxStreams))")
-            return answer(stream, .failed, "exit at its connection limit", on: home.loop)
+            return StreamRefusal.answer(stream, .failed, "exit at its connection limit", on: home.loop)
         }
         let relays = home.exitRelays
         let outcome = ExitPending()
@@ -84,13 +84,13 @@ final class ServerExit: Sendable {
         guard enabled else {
             active.wrappingSubtract(1, ordering: .relaxed)
             refused("exits_disabled", peer, "exit stream refused: the server runs without --allow-exit", destination)
-            return answer(stream, .exitsDisabled, "this server is no exit (--allow-exit)", on: loop)
+            return StreamRefusal.answer(stream, .exitsDisabled, "this server is no exit (--allow-exit)", on: loop)
         }
         switch await exit.connect(to: destination, on: loop) {
         case .failure(let failure):
             active.wrappingSubtract(1, ordering: .relaxed)
             refused(failure.label, peer, "exit request refused: \(failure)", destination)
-            answer(stream, ExitStatusMapping.status(of: failure), failure.description, on: loop)
+            StreamRefusal.answer(stream, ExitStatusMapping.status(of: failure), failure.description, on: loop)
         case .success(let upstream):
             let channel: AsyncDuplex
             do {
@@ -120,7 +120,7 @@ final class ServerExit: Sendable {
         guard active.wrappingAdd(weight, ordering: .relaxed).newValue <= maxStreams else {
             active.wrappingSubtract(weight, ordering: .relaxed)
             refused("limit", peer, "exit streams at their limit (\(maxStreams))")
-            return answer(stream, .failed, "exit at its connection limit", on: home.loop)
+            return StreamRefusal.answer(stream, .failed, "exit at its connection limit", on: home.loop)
         }
         let relays = home.exitRelays
         let outcome = ExitPending()
@@ -135,7 +135,7 @@ final class ServerExit: Sendable {
     private func serveDatagrams(_ stream: MuxStream, peer: String, loop: EventLoop) async {
         guard enabled else {
             refused("exits_disabled", peer, "UDP exit stream refused: the server runs without --allow-exit")
-            return answer(stream, .exitsDisabled, "this server is no exit (--allow-exit)", on: loop)
+            return StreamRefusal.answer(stream, .exitsDisabled, "this server is no exit (--allow-exit)", on: loop)
         }
         let channel: AsyncDuplex
         do {
@@ -189,28 +189,6 @@ final class ServerExit: Sendable {
         for (drop, count) in drops { metadata["dropped_\(drop.rawValue)"] = .stringConvertible(count) }
         logger.info("exit udp association closed", metadata: metadata)
     }
-
-    /// Answers a refused exit stream and ends it: the answer, then `eof`, and the stream
-    /// closes when the client has closed its side. Closing at once would reset the
-    /// stream, and a reset may overtake the answer in the client's stream.
-    private func answer(_ stream: MuxStream, _ status: TunnelProtocol.ExitStatus, _ reason: String, on loop: EventLoop) {
-        guard let channel = try? AsyncDuplex(loop: loop, duplex: stream) else { return stream.close(reset: true) }
-        channel.send(TunnelProtocol.encodeExitReply(status, reason: reason))
-        let deadline = loop.schedule(after: Self.closingWait) { channel.fail(.timedOut("exit answer")) }
-        Task(executorPreference: loop.tasks) {
-            do {
-                try await channel.flush()
-                _ = stream.shutdownWrite()
-                while true { _ = try await channel.read(max: 4096) }
-            } catch {
-                deadline.cancel()
-                channel.close()
-            }
-        }
-    }
-
-    /// How long a refused exit stream waits for the client to close its side.
-    private static let closingWait: Duration = .seconds(5)
 
     private func refused(_ reason: String, _ peer: String, _ message: String, _ destination: ProxyDestination? = nil) {
         guard refusals.record(reason) else { return }
