@@ -263,13 +263,16 @@ public final class TLSStream: Duplex {
         return culvert_tls_peer_fingerprint(ssl, &out) == 0 ? out : nil
     }
 
-    /// `count` bytes of keying material exported under `label` (RFC 8446 section 7.5),
-    /// once the handshake is done: equal at both ends only when they share this TLS
-    /// session, so a proof over it binds a secret to this connection end to end
-    /// (channel binding as in RFC 9266). Nil before the handshake or on failure.
+    /// `count` bytes of keying material exported under `label` with an empty context
+    /// (RFC 8446 section 7.5), once a TLS 1.3 handshake is done: equal at both ends only
+    /// when they share this TLS session, so a proof over it binds a secret to this
+    /// connection end to end (channel binding, RFC 9266). Nil before the handshake, on
+    /// failure, and below TLS 1.3, whose exporter RFC 9266 does not trust for binding.
     public func keyingMaterial(label: String, count: Int = 32) -> [UInt8]? {
+        guard SSL_version(ssl) == TLS1_3_VERSION else { return nil }
         var out = [UInt8](repeating: 0, count: count)
-        let ok = label.withCString { SSL_export_keying_material(ssl, &out, count, $0, strlen($0), nil, 0, 0) }
+        let context: [UInt8] = []
+        let ok = label.withCString { SSL_export_keying_material(ssl, &out, count, $0, strlen($0), context, 0, 1) }
         return ok == 1 ? out : nil
     }
 

@@ -43,4 +43,13 @@ final class TunnelCryptoTests: XCTestCase {
         XCTAssertFalse(binding.verify(client + ", " + client, by: .client, session: session))
         XCTAssertNotEqual(TokenKeys(token: "t").channelBinding, TokenKeys(token: "t").auth)
     }
+
+    func testChannelBindingProofsMatchTheWireFormat() {
+        // Computed apart (Python hmac/hashlib) from PROTOCOL.md: K = HKDF-SHA256("t", info
+        // "culvert/1 ws channel binding"), proof = base64(HMAC(K, "culvert/1 ROLE binding" || E)).
+        let binding = ChannelBinding(keys: TokenKeys(token: "t"))
+        let session = (0..<32).map { UInt8($0) }
+        XCTAssertEqual(binding.proof(by: .client, session: session), "rO4Zdja9Z85lmowGQ9uuT5SOrF6K8ajwRLgAfe5boac=")
+        XCTAssertEqual(binding.proof(by: .server, session: session), "47mIZMbXKg60X7mPWmv+kJmAKBFS59SfQdlOiYwabN0=")
+    }
 }

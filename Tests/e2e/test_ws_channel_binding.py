@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import re
+import select
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
+import time
 
 import pytest
 
 from conftest import MiB
-from tunnel_support import TunnelKit, assert_echoed, free_port
+from tunnel_support import TunnelKit, assert_echoed, free_port, run_cli
 from ws_support import ws_client
 
 CONNECTED = r"connected to server .*inner=(\w+)"
@@ -80,6 +85,122 @@ def test_either_end_decides_for_the_inner_tls(kit, server_opts, client_opts, exp
     check_echo(client)
 
 
+def test_binding_holds_through_a_connect_proxy(kit, http_proxy):
+    """CONNECT passes the TLS through untouched, so the two ends still share one session."""
+    server = start_server(kit, "wss")
+    port = server.server_addr[1]
+    client = ws_client(kit, f"wss://localhost:{port}/tunnel", [f"127.0.0.1:0:127.0.0.1:{kit.echo().port}"],
+                       opts=["--ca", kit.certs.ca, "--proxy", f"http://alice:s3cret@127.0.0.1:{http_proxy}"])
+    assert inner_layers(server, client) == ("bound", "bound")
+    check_echo(client)
+
+
+@pytest.mark.parametrize("server_inner,client_inner,behind_nginx,says", [
+    ("plain", "auto", True, "the server runs --inner plain and the proof that would let this client "
+                            "leave its TLS-PSK out did not check"),
+    ("plain", "tls", False, "the server runs --inner plain and this client keeps the token's TLS-PSK"),
+    ("auto", "plain", False, "the server keeps the token's TLS-PSK inside the WebSocket and this client "
+                             "runs --inner plain"),
+], ids=["plain-server-behind-proxy", "plain-server-tls-client", "plain-client"])
+def test_ends_that_disagree_stop_the_client_with_both_settings_named(kit, nginx, server_inner, client_inner,
+                                                                     behind_nginx, says):
+    server = start_server(kit, "wss", ["--inner", server_inner])
+    port = server.server_addr[1]
+    if behind_nginx:
+        port = nginx(port, upstream_tls=True).port
+    client = ws_client(kit, f"wss://localhost:{port}/tunnel", ["127.0.0.1:0:127.0.0.1:9"],
+                       opts=["--ca", kit.certs.ca, "--inner", client_inner], ready=False)
+    assert client.wait_exit(15) == 1
+    assert says in client.stderr_text(), client.describe()
+    assert "give both ends the same --inner" in client.stderr_text()
+
+
+def test_reserved_binding_headers_are_refused_in_header(kit):
+    for name in ("Culvert-Channel-Binding", "culvert-inner"):
+        r = run_cli(["client", "wss://localhost:1/tunnel", "-R", "0:127.0.0.1:9", "--token-file", kit.token_file,
+                     "--header", f"{name}: x"])
+        assert r.returncode == 2, r.stderr
+        assert f"--header '{name}' is set by the upgrade itself" in r.stderr, r.stderr
+
+
+OPENSSL = shutil.which("openssl")
+
+
+class OpenSSLClient:
+    """`openssl s_client` on a wss server, which prints the session's RFC 9266 exporter
+    (`-keymatexport EXPORTER-Channel-Binding`): an implementation of the exporter we did
+    not write, for proofs made here from PROTOCOL.md alone."""
+
+    def __init__(self, port: int, ca: str):
+        self.proc = subprocess.Popen(
+            [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", "-CAfile", ca,
+             "-tls1_3", "-keymatexport", "EXPORTER-Channel-Binding", "-keymatexportlen", "32", "-ign_eof"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buffered = b""
+        found = self.read_until(rb"Keying material: *([0-9A-Fa-f]{64})")
+        assert found, self.buffered[-500:]
+        self.session = bytes.fromhex(found.group(1).decode())
+
+    def read_until(self, pattern: bytes, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.buffered)
+            if found:
+                return found
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    return None
+                self.buffered += chunk
+        return None
+
+    def upgrade(self, claim: str) -> str:
+        self.proc.stdin.write(("GET /tunnel HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                               f"Sec-WebSocket-Version: 13\r\nCulvert-Channel-Binding: {claim}\r\n\r\n").encode())
+        self.proc.stdin.flush()
+        found = self.read_until(rb"HTTP/1\.1 101[^\r]*\r\n(?:[^\r]+\r\n)*\r\n")
+        assert found, self.buffered[-500:]
+        return found.group(0).decode()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+def proof(token: str, signer: str, session: bytes) -> str:
+    """The proof of PROTOCOL.md, computed with Python's own HKDF and HMAC."""
+    prk = hmac.new(bytes(32), token.encode(), hashlib.sha256).digest()
+    key = hmac.new(prk, b"culvert/1 ws channel binding\x01", hashlib.sha256).digest()
+    return base64.b64encode(hmac.new(key, f"culvert/1 {signer} binding".encode() + session,
+                                     hashlib.sha256).digest()).decode()
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl not installed")
+def test_proofs_made_from_the_spec_over_openssl_sessions(kit):
+    """A fresh proof gets the server's; one replayed from another session, or made with the
+    server's label (a reflection), gets a plain 101 that says the TLS-PSK stays."""
+    server = start_server(kit, "wss")
+    port = server.server_addr[1]
+    first = OpenSSLClient(port, kit.certs.ca)
+    try:
+        answer = first.upgrade(proof(kit.token, "client", first.session))
+        got = re.search(r"(?i)culvert-channel-binding: *(\S+)", answer)
+        assert got and got.group(1) == proof(kit.token, "server", first.session), answer
+    finally:
+        first.close()
+    for claim_for in (lambda s: proof(kit.token, "client", first.session), lambda s: proof(kit.token, "server", s)):
+        other = OpenSSLClient(port, kit.certs.ca)
+        try:
+            assert other.session != first.session
+            answer = other.upgrade(claim_for(other.session))
+            assert not re.search(r"(?i)culvert-channel-binding", answer), answer
+            assert re.search(r"(?i)culvert-inner: *tls", answer), answer
+        finally:
+            other.close()
+
+
 def test_plain_ws_never_binds(kit):
     server = start_server(kit, "ws")
     port = server.server_addr[1]
@@ -132,6 +253,18 @@ class ForgingEdge:
         self.stop = True
         self.thread.join(5)
         self.sock.close()
+
+
+def test_a_client_on_inner_tls_sends_no_proof_and_ignores_one(kit):
+    edge = ForgingEdge(kit.certs)
+    try:
+        client = ws_client(kit, f"wss://localhost:{edge.port}/tunnel", ["127.0.0.1:0:127.0.0.1:9"],
+                           opts=["--ca", kit.certs.ca, "--inner", "tls"], ready=False)
+        line = client.wait_stderr("cannot reach server", timeout=15)[0]
+        assert "channel binding" not in line, line  # it went on to its TLS-PSK, which the edge cannot speak
+        assert edge.requests and not any(b"culvert-channel-binding" in r.lower() for r in edge.requests)
+    finally:
+        edge.close()
 
 
 def test_a_forged_server_proof_is_refused(kit):

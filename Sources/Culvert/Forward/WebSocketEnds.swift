@@ -116,7 +116,8 @@ public struct WebSocketEgress: Equatable, Sendable {
         guard !value.contains("\r") && !value.contains("\n") else {
             throw ConfigError(setting: "--header", "--header '\(text)': the value may not contain line breaks")
         }
-        let reserved = ["host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version"]
+        let reserved = ["host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+                        ChannelBinding.header.lowercased(), ChannelBinding.innerHeader.lowercased()]
         guard !reserved.contains(name.lowercased()) else {
             throw ConfigError(setting: "--header", "--header '\(name)' is set by the upgrade itself\(name.lowercased() == "host" ? "; use --host-header" : "")")
         }

@@ -147,7 +147,9 @@ struct WebSocketTransport: Transport {
             if outerTLS == nil { try await refuseOtherTransports(channel) }
             let leftover = try await WebSocketHandshake.accept(on: channel, path: path) { request in
                 guard let binding, let session, let claim = request.field(ChannelBinding.header),
-                      binding.verify(claim, by: .client, session: session) else { return [] }
+                      binding.verify(claim, by: .client, session: session) else {
+                    return ["\(ChannelBinding.innerHeader): \(innerTLS == nil ? "plain" : "tls")"]
+                }
                 bound = true
                 return ["\(ChannelBinding.header): \(binding.proof(by: .server, session: session))"]
             }
@@ -164,6 +166,7 @@ struct WebSocketTransport: Transport {
                 }
                 bound = true
             }
+            if !bound, let stated = answer.field(ChannelBinding.innerHeader) { try expectSameInner(as: stated) }
             ws = WebSocketStream(wrapping: channel.duplex, role: .client, settings: settings, leftover: leftover)
         }
         channel.layer(ws)
@@ -174,6 +177,20 @@ struct WebSocketTransport: Transport {
         }
         // A client's connection stays on the loop that made it.
         if case .client = role { ws.startLayerKeepalive(on: channel.loop) }
+    }
+
+    /// Fails at once when the server says it runs another inner layer than this client
+    /// will: the hint is not authenticated, so it may only ever stop a connection, never
+    /// change what this end runs.
+    private func expectSameInner(as stated: String) throws {
+        let mine = innerTLS == nil ? "plain" : "tls"
+        guard stated != mine else { return }
+        let why = switch (stated, binding != nil) {
+        case ("plain", true): "the server runs --inner plain and the proof that would let this client leave its TLS-PSK out did not check (a proxy between them terminates TLS)"
+        case ("plain", false): "the server runs --inner plain and this client keeps the token's TLS-PSK inside the WebSocket"
+        default: "the server keeps the token's TLS-PSK inside the WebSocket and this client runs --inner plain"
+        }
+        throw FatalClientError(message: "\(why); give both ends the same --inner (auto, the default, on both works straight and behind proxies)")
     }
 
     private func outerHandshake(_ tls: TLSStream, on channel: AsyncDuplex) async throws {
@@ -218,8 +235,12 @@ extension TransportMismatch {
 struct ChannelBinding {
     /// The upgrade header both proofs travel in.
     static let header = "Culvert-Channel-Binding"
-    /// The exporter label (RFC 8446 section 7.5) of the material the proofs cover.
-    static let exporterLabel = "EXPORTER-culvert/1 ws channel binding"
+    /// The 101 header in which a server that did not bind states its inner layer (`tls`
+    /// or `plain`), so a client on the other one fails with a clear reason.
+    static let innerHeader = "Culvert-Inner"
+    /// The exporter label RFC 9266 registers for TLS 1.3 channel bindings (32 bytes, no
+    /// context); the proofs' own labels and key keep this use apart from any other.
+    static let exporterLabel = "EXPORTER-Channel-Binding"
 
     /// Which end a proof speaks for: each end's proof differs, so neither can be echoed back.
     enum Signer: String { case client, server }
