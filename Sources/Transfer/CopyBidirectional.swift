@@ -31,9 +31,11 @@ public enum CloseReason: Equatable, CustomStringConvertible, Sendable {
 ///
 /// Half-close passes through (EOF one way shuts down the write side of the other end
 /// while the opposite direction keeps going); a reset or error on either side aborts
-/// both; each direction reads only while its carrier has room, so a slow reader slows
-/// the writer (backpressure). Plain sockets on both ends splice through a pooled pipe;
-/// any layered stream uses the buffered copier behind the same `CopyDirection`.
+/// both, once the bytes already received are passed on as far as the ends take them
+/// without waiting; each direction reads only while its carrier has room, so a slow
+/// reader slows the writer (backpressure). Plain sockets on both ends splice through a
+/// pooled pipe; any layered stream uses the buffered copier behind the same
+/// `CopyDirection`.
 ///
 /// Thread confinement: created, driven and closed on one event loop.
 public final class CopyBidirectional: EventHandler {
@@ -144,7 +146,7 @@ public final class CopyBidirectional: EventHandler {
             // A reset while this side's direction waits for room (or the other side
             // waits for it to read) would otherwise go unseen until the other end moves.
             let e = side.pendingError()
-            if e != 0 { return finish(.reset(SystemError("socket", errno: e)), reset: true) }
+            if e != 0 { return fail(SystemError("socket", errno: e)) }
         }
         if events & (EventBits.readable | EventBits.readHangup | EventBits.hangup | EventBits.error) != 0 {
             side.readReady = true
@@ -166,10 +168,10 @@ public final class CopyBidirectional: EventHandler {
         guard !isClosed else { return }
         let before = aToB.bytes &+ bToA.bytes
         let first = aToB.pump(from: a, to: b, resources: resources, budget: Self.budget, closingAfter: bToA.isDone)
-        if case .failed(let e) = first { return finish(.reset(e), reset: true) }
+        if case .failed(let e) = first { return fail(e) }
         let second = bToA.pump(from: b, to: a, resources: resources, budget: Self.budget,
                                closingAfter: aToB.isDone || endsWithBToA)
-        if case .failed(let e) = second { return finish(.reset(e), reset: true) }
+        if case .failed(let e) = second { return fail(e) }
         if aToB.bytes &+ bToA.bytes != before { lastActivity = loop.now }
         if bToA.isDone && (aToB.isDone || endsWithBToA) { return finish(.eof, reset: false) }
         if (first == .yielded || second == .yielded) && !pumpScheduled {
@@ -189,6 +191,28 @@ public final class CopyBidirectional: EventHandler {
         } else {
             loop.reschedule(timer, after: .nanoseconds(Int64(idleTimeout.nanoseconds - idleFor)))
         }
+    }
+
+    /// Ends the relay after a reset or error on one side, resetting both.
+    ///
+    /// A peer's last bytes often arrive together with its RST, and Linux still hands
+    /// them to recv (or splice) before it reports the error, as a direct connection would
+    /// deliver them. So before the reset each direction moves once more what it can
+    /// without waiting (one budget at most; a failing side just fails again), and the
+    /// reset follows them. Both ends count as done when they end, so an EOF read here
+    /// (the error was already taken by SO_ERROR or a failed write) sends no FIN that
+    /// would hide the reset. Bytes the kernel still queues toward an end when it is reset
+    /// are dropped, as they are for a peer that aborts its own connection.
+    private func fail(_ error: SystemError) {
+        for side in [a, b] {
+            // Readiness may be stale: this batch's events for the other side are not
+            // handled yet, and trying once more costs one EAGAIN.
+            side.readReady = true
+            side.writeReady = true
+        }
+        _ = aToB.pump(from: a, to: b, resources: resources, budget: Self.budget, closingAfter: true)
+        _ = bToA.pump(from: b, to: a, resources: resources, budget: Self.budget, closingAfter: true)
+        finish(.reset(error), reset: true)
     }
 
     private func finish(_ reason: CloseReason, reset: Bool) {

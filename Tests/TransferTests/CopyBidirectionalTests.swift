@@ -69,6 +69,15 @@ final class LoopThread {
         return box.value!
     }
     func stop() { loop.stop(); done.wait() }
+    /// Keeps the loop thread busy until the returned closure is called, so events
+    /// pile up and reach the handler together.
+    func hold() -> () -> Void {
+        let held = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        loop.execute { held.signal(); release.wait() }
+        held.wait()
+        return { release.signal() }
+    }
 }
 
 final class Box<T>: @unchecked Sendable { var value: T? }
@@ -77,7 +86,7 @@ final class CopyBidirectionalTests: XCTestCase {
     /// Relays x <-> y through a <-> b and returns what the close callback reported.
     /// `exercise` owns x and y and closes them.
     private func relay(splice: Bool, idleTimeout: Duration? = nil,
-                       exercise: (_ x: Int32, _ y: Int32) -> Void) throws -> (CloseReason, UInt64, UInt64, LoopResources) {
+                       exercise: (_ x: Int32, _ y: Int32, _ runner: LoopThread) -> Void) throws -> (CloseReason, UInt64, UInt64, LoopResources) {
         let (x, a) = try tcpPair()
         let (y, b) = try tcpPair()
         let runner = try LoopThread()
@@ -95,7 +104,7 @@ final class CopyBidirectionalTests: XCTestCase {
             XCTAssertEqual(relay.usesSplice, splice)
             try! relay.start()
         }
-        exercise(x, y)
+        exercise(x, y, runner)
         wait(for: [closed], timeout: 30)
         let r = result.withLock { $0 }!
         XCTAssertEqual(runner.sync { runner.loop.registrationCount }, 0)
@@ -108,7 +117,7 @@ final class CopyBidirectionalTests: XCTestCase {
         let down = randomBytes(5 << 20, seed: 2)
         let gotAtY = Box<[UInt8]>()
         let gotAtX = Box<[UInt8]>()
-        let (reason, aToB, bToA, resources) = try relay(splice: splice) { x, y in
+        let (reason, aToB, bToA, resources) = try relay(splice: splice) { x, y, _ in
             let g = DispatchGroup()
             DispatchQueue.global().async(group: g) { sendAll(x, up); shutdown(x, Int32(SHUT_WR)) }
             DispatchQueue.global().async(group: g) { gotAtY.value = readToEnd(y).bytes; sendAll(y, down); shutdown(y, Int32(SHUT_WR)) }
@@ -133,7 +142,7 @@ final class CopyBidirectionalTests: XCTestCase {
     func testBufferedRelayCarriesBothWaysAndHalfClose() throws { try bothWaysWithHalfClose(splice: false) }
 
     func testSmallExchangesCopyThroughBuffersEvenWhenSpliceIsPreferred() throws {
-        let (reason, aToB, bToA, resources) = try relay(splice: true) { x, y in
+        let (reason, aToB, bToA, resources) = try relay(splice: true) { x, y, _ in
             sendAll(x, Array("GET / HTTP/1.1\r\n\r\n".utf8))
             shutdown(x, Int32(SHUT_WR))
             XCTAssertEqual(readToEnd(y).bytes.count, 18)
@@ -152,7 +161,7 @@ final class CopyBidirectionalTests: XCTestCase {
 
     private func resetPropagates(splice: Bool) throws {
         var peerError: Int32 = 0
-        let (reason, _, _, resources) = try relay(splice: splice) { x, y in
+        let (reason, _, _, resources) = try relay(splice: splice) { x, y, _ in
             sendAll(x, [1, 2, 3])
             var buf = [UInt8](repeating: 0, count: 3)
             XCTAssertEqual(read(y, &buf, 3), 3)
@@ -173,10 +182,54 @@ final class CopyBidirectionalTests: XCTestCase {
 
     func testBufferedRelayEndsWhenOneSideGoesAway() throws { try resetPropagates(splice: false) }
 
+    /// A peer's last bytes and its RST reach the relay's socket in one batch of events
+    /// (the loop is held meanwhile): the bytes are passed on first, then the reset.
+    /// - Parameter fromB: y sends and resets, while x's bytes wait for the relay too, so
+    ///   writing toward the reset side is what fails first.
+    private func bytesBeforeResetArriveFirst(splice: Bool, fromB: Bool) throws {
+        let last = randomBytes(100_000, seed: 3)
+        var atPeer: (bytes: [UInt8], error: Int32) = ([], 0)
+        let (reason, _, _, resources) = try relay(splice: splice) { x, y, runner in
+            let (sender, receiver) = fromB ? (y, x) : (x, y)
+            let release = runner.hold()
+            if fromB { sendAll(x, [1, 2, 3]) }
+            sendAll(sender, last)
+            var l = linger(l_onoff: 1, l_linger: 0)
+            setsockopt(sender, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
+            close(sender)
+            release()
+            atPeer = readToEnd(receiver)
+            close(receiver)
+        }
+        guard case .reset(let e) = reason else { return XCTFail("expected reset, got \(reason)") }
+        XCTAssertEqual(e.errno, ECONNRESET)
+        XCTAssertEqual(atPeer.bytes.count, last.count)
+        XCTAssertTrue(atPeer.bytes == last, "the bytes sent before the reset arrive intact")
+        XCTAssertEqual(atPeer.error, ECONNRESET, "after them, the reset is passed on")
+        XCTAssertEqual(resources.pipes.outstanding, 0)
+        XCTAssertEqual(resources.buffers.outstanding, 0)
+    }
+
+    func testSpliceRelayPassesOnBytesSentJustBeforeAReset() throws {
+        try bytesBeforeResetArriveFirst(splice: true, fromB: false)
+    }
+
+    func testBufferedRelayPassesOnBytesSentJustBeforeAReset() throws {
+        try bytesBeforeResetArriveFirst(splice: false, fromB: false)
+    }
+
+    func testSpliceRelayPassesOnBytesSentJustBeforeAResetWhileTheOtherWayWrites() throws {
+        try bytesBeforeResetArriveFirst(splice: true, fromB: true)
+    }
+
+    func testBufferedRelayPassesOnBytesSentJustBeforeAResetWhileTheOtherWayWrites() throws {
+        try bytesBeforeResetArriveFirst(splice: false, fromB: true)
+    }
+
     func testIdleTimeoutClosesQuietRelay() throws {
         let start = MonotonicClock.now()
         var xError: Int32 = -1
-        let (reason, _, _, _) = try relay(splice: true, idleTimeout: .milliseconds(200)) { x, y in
+        let (reason, _, _, _) = try relay(splice: true, idleTimeout: .milliseconds(200)) { x, y, _ in
             xError = readToEnd(x).error
             close(x)
             close(y)
