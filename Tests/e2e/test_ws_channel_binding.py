@@ -24,7 +24,7 @@ import pytest
 
 from conftest import MiB
 from tunnel_support import TunnelKit, assert_echoed, free_port, run_cli
-from ws_support import ws_client
+from ws_support import read_head, ws_client
 
 CONNECTED = r"connected to server .*inner=(\w+)"
 ACCEPTED = r"client connected .*inner=(\w+)"
@@ -233,12 +233,7 @@ class ForgingEdge:
             try:
                 with self.ctx.wrap_socket(raw, server_side=True) as s:
                     s.settimeout(5)
-                    head = b""
-                    while b"\r\n\r\n" not in head:
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        head += chunk
+                    head = read_head(s)
                     self.requests.append(head)
                     key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head).group(1)
                     accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())

@@ -185,13 +185,18 @@ def raw_upgrade(addr: tuple[str, int], path: str = "/", extra: str = "") -> tupl
     key = base64.b64encode(os.urandom(16)).decode()
     s.sendall((f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
+    return s, read_head(s)
+
+
+def read_head(s: socket.socket) -> bytes:
+    """Reads until the blank line that ends an HTTP head (or EOF); returns all it read."""
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = s.recv(4096)
         if not chunk:
             break
         head += chunk
-    return s, head
+    return head
 
 
 def frame(opcode: int, payload: bytes, mask: bytes | None = None, fin: bool = True) -> bytes:
