@@ -82,7 +82,9 @@ public final class Connector: EventHandler {
                     Posix.close(fd)
                     throw error
                 }
-                let timer = loop.schedule(after: timeout) { [unowned self] in
+                // Strong: the one capture is then the closure's context (no allocation),
+                // and every path out of `.connecting` cancels the timer, dropping it.
+                let timer = loop.schedule(after: timeout) { [self] in
                     attemptFailed(SystemError("connect", errno: ETIMEDOUT))
                 }
                 state = .connecting(fd: fd, registration: registration, timer: timer, index: index)
