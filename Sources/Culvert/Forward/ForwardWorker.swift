@@ -150,7 +150,8 @@ final class ForwardWorker {
             onAttemptFailed: { [connection] index, error in
                 connection.worker.targetFailed(connection.plan.attempts[index], error: error)
             },
-            onDone: { [connection] _, outcome in
+            onDone: { [connection] connector, outcome in
+                connection.connectedQuietly = connector.connectedQuietly
                 connection.worker.connectFinished(connection, outcome: outcome)
             })
         connection.pending = relays.add(pending: connector.cancel)
@@ -240,7 +241,8 @@ final class ForwardWorker {
     private func startRelay(_ connection: ForwardedConnection, target: Duplex, registration: Registration?) {
         let client = connection.client
         let relay = relays.start(a: client, b: target, preferSplice: config.splice, idleTimeout: config.idleTimeout,
-                                 adopting: registration, peer: connection.peer.logDescription) { [connection] relay, reason in
+                                 adopting: registration, adoptedQuiet: connection.connectedQuietly,
+                                 peer: connection.peer.logDescription) { [connection] relay, reason in
             connection.worker.relayEnded(connection, relay: relay, reason: reason)
         }
         guard let relay else { return forwarder.release() }
@@ -287,6 +289,8 @@ private final class ForwardedConnection {
     var pending: RelaySet.Pending?
     /// The address that answered; nil until then.
     var target: SocketAddress?
+    /// `Connector.connectedQuietly` of the dial, for the relay that adopts its registration.
+    var connectedQuietly = false
 
     init(worker: ForwardWorker, client: Duplex, peer: SocketAddress?, plan: TargetSet.Plan, acceptedAt: UInt64,
          proxyHeader: (ProxyProtocolVersion, ProxyHeader)?) {

@@ -68,10 +68,11 @@ final class RelaySet {
 
     /// Starts relaying between `a` and `b`. `onClose` runs once the relay has ended and
     /// left the set (log its close line there). When the relay cannot start, both ends
-    /// are closed, a warning names `peer`, and the result is nil.
+    /// are closed, a warning names `peer`, and the result is nil. `registration` and
+    /// `adoptedQuiet` are `CopyBidirectional.start`'s.
     @discardableResult
     func start(a: Duplex, b: Duplex, preferSplice: Bool = true, idleTimeout: Duration? = nil,
-               adopting registration: Registration? = nil, peer: @autoclosure () -> String,
+               adopting registration: Registration? = nil, adoptedQuiet: Bool = false, peer: @autoclosure () -> String,
                onClose: @escaping (CopyBidirectional, CloseReason) -> Void) -> CopyBidirectional? {
         loop.assertInLoop()
         let slot = freeRelaySlots.popLast() ?? relays.count
@@ -85,7 +86,7 @@ final class RelaySet {
         if slot == relays.count { relays.append(relay) } else { relays[slot] = relay }
         count += 1
         do {
-            try relay.start(adopting: registration)
+            try relay.start(adopting: registration, adoptedQuiet: adoptedQuiet)
         } catch {
             // start() closed both ends; onClose is not called for a relay that never ran.
             removeRelay(at: slot)
