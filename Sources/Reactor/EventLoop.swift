@@ -306,9 +306,11 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     private func runInbox() {
+        // Swapping in the empty array allocates nothing; removeAll(keepingCapacity:) on
+        // the shared storage allocated a copy on every loop iteration, tasks or not.
         let tasks = inbox.withLock { queue -> [() -> Void] in
             let taken = queue
-            queue.removeAll(keepingCapacity: true)
+            queue = []
             return taken
         }
         for task in tasks { task() }

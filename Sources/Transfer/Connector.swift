@@ -39,6 +39,10 @@ public final class Connector: EventHandler {
     private var next = 0
     private var lastError: SystemError?
     private var state = State.idle
+    /// Set when `connected` came with a registration whose connect event showed nothing
+    /// to read and no hang-up: whatever the peer sends next brings an event of its own,
+    /// so the new owner need not read before the loop says so.
+    public private(set) var connectedQuietly = false
 
     /// - Parameters:
     ///   - onAttemptFailed: called for each address that failed (its index), before the next is tried.
@@ -82,7 +86,9 @@ public final class Connector: EventHandler {
                     Posix.close(fd)
                     throw error
                 }
-                let timer = loop.schedule(after: timeout) { [unowned self] in
+                // Strong: the one capture is then the closure's context (no allocation),
+                // and every path out of `.connecting` cancels the timer, dropping it.
+                let timer = loop.schedule(after: timeout) { [self] in
                     attemptFailed(SystemError("connect", errno: ETIMEDOUT))
                 }
                 state = .connecting(fd: fd, registration: registration, timer: timer, index: index)
@@ -103,6 +109,7 @@ public final class Connector: EventHandler {
         if err == 0 {
             timer.cancel()
             state = .idle
+            connectedQuietly = events & (EventBits.readable | EventBits.readHangup) == 0
             finish(.connected(fd: fd, registration: registration, index: index))
         } else if err != EINPROGRESS && err != EALREADY {
             attemptFailed(SystemError("connect", errno: err))

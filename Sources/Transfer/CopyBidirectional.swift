@@ -59,6 +59,12 @@ public final class CopyBidirectional: EventHandler {
     private let idleTimeout: Duration?
     private var lastActivity: UInt64
     private var pumpScheduled = false
+    /// Per side: a short read empties the socket (see `CopyDirection.pump`). True for a
+    /// plain socket this relay registered itself (epoll reports what was already
+    /// pending) and after an event without a hang-up; false after one with a hang-up,
+    /// and for an adopted registration, whose earlier events someone else consumed.
+    private var shortReadDrainsA = false
+    private var shortReadDrainsB = false
     public private(set) var isClosed = false
     public let startedAt: UInt64
     private let onClose: (CopyBidirectional, CloseReason) -> Void
@@ -93,16 +99,26 @@ public final class CopyBidirectional: EventHandler {
     }
 
     /// Registers both ends and starts moving bytes. On failure both ends are closed.
-    /// - Parameter registrationOfB: `b`'s fd is already registered for reading and
-    ///   writing (by the code that connected it); the relay takes that registration over.
-    public func start(adopting registrationOfB: Registration? = nil) throws(SystemError) {
+    /// - Parameters:
+    ///   - registrationOfB: `b`'s fd is already registered for reading and writing (by
+    ///     the code that connected it); the relay takes that registration over.
+    ///   - adoptedQuiet: the events consumed on that registration showed nothing to read
+    ///     and no hang-up (`Connector.connectedQuietly`): `b` is read once the loop
+    ///     reports it, not before.
+    public func start(adopting registrationOfB: Registration? = nil, adoptedQuiet: Bool = false) throws(SystemError) {
         loop.assertInLoop()
         do {
             try register(a, tag: Self.tagA, other: b)
+            shortReadDrainsA = a.isSpliceable
             if let registrationOfB {
                 registrations.append((b.fd, loop.transfer(registration: registrationOfB, to: self, tag: Self.tagB)))
+                if adoptedQuiet && b.isSpliceable {
+                    b.readReady = false
+                    shortReadDrainsB = true
+                }
             } else {
                 try register(b, tag: Self.tagB, other: a)
+                shortReadDrainsB = b.isSpliceable
             }
         } catch {
             if let r = registrationOfB, !registrations.contains(where: { $0.1 == r }) {
@@ -151,6 +167,10 @@ public final class CopyBidirectional: EventHandler {
         if events & (EventBits.readable | EventBits.readHangup | EventBits.hangup | EventBits.error) != 0 {
             side.readReady = true
         }
+        // The event shows the socket's state when it was fetched: without a hang-up in
+        // it, a FIN that comes later brings an event of its own.
+        let drains = side.isSpliceable && events & (EventBits.readHangup | EventBits.hangup | EventBits.error) == 0
+        if tag == Self.tagA { shortReadDrainsA = drains } else { shortReadDrainsB = drains }
         if events & (EventBits.writable | EventBits.hangup | EventBits.error) != 0 {
             side.writeReady = true
         }
@@ -167,10 +187,11 @@ public final class CopyBidirectional: EventHandler {
     private func pump() {
         guard !isClosed else { return }
         let before = aToB.bytes &+ bToA.bytes
-        let first = aToB.pump(from: a, to: b, resources: resources, budget: Self.budget, closingAfter: bToA.isDone)
+        let first = aToB.pump(from: a, to: b, resources: resources, budget: Self.budget, closingAfter: bToA.isDone,
+                              shortReadDrains: shortReadDrainsA)
         if case .failed(let e) = first { return fail(e) }
         let second = bToA.pump(from: b, to: a, resources: resources, budget: Self.budget,
-                               closingAfter: aToB.isDone || endsWithBToA)
+                               closingAfter: aToB.isDone || endsWithBToA, shortReadDrains: shortReadDrainsB)
         if case .failed(let e) = second { return fail(e) }
         if aToB.bytes &+ bToA.bytes != before { lastActivity = loop.now }
         if bToA.isDone && (aToB.isDone || endsWithBToA) { return finish(.eof, reset: false) }

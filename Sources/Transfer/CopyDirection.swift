@@ -57,10 +57,14 @@ struct CopyDirection {
     var isDone: Bool { state == .done }
 
     /// Moves bytes until both ends would block, the budget runs out, or the direction ends.
-    /// - Parameter closingAfter: the relay closes both ends as soon as this direction is
-    ///   done (the other one already is), so the FIN that close sends replaces shutdown.
+    /// - Parameters:
+    ///   - closingAfter: the relay closes both ends as soon as this direction is done
+    ///     (the other one already is), so the FIN that close sends replaces shutdown.
+    ///   - shortReadDrains: the source is a plain socket whose hang-up, if any, has not
+    ///     been reported yet, so a read that returns less than asked has emptied it and
+    ///     the next bytes or FIN bring a new edge: no read is spent to hear EAGAIN.
     mutating func pump(from source: Duplex, to destination: Duplex, resources: LoopResources, budget: Int,
-                       closingAfter: Bool = false) -> Step {
+                       closingAfter: Bool = false, shortReadDrains: Bool = false) -> Step {
         if state == .done { return .waiting }
         var moved = 0
         // Set when a splice into the pipe said EAGAIN while the pipe held bytes: the pipe
@@ -127,7 +131,7 @@ struct CopyDirection {
                 if case .none = carrier {
                     do { try takeCarrier(resources) } catch { return .failed(error) }
                 }
-                switch readIn(from: source) {
+                switch readIn(from: source, shortReadDrains: shortReadDrains) {
                 case .bytes(let n):
                     pending += n
                     continue
@@ -188,7 +192,7 @@ struct CopyDirection {
         }
     }
 
-    private mutating func readIn(from source: Duplex) -> IOResult {
+    private mutating func readIn(from source: Duplex, shortReadDrains: Bool) -> IOResult {
         switch carrier {
         case .none:
             return .wouldBlock
@@ -197,7 +201,9 @@ struct CopyDirection {
         case .buffer(let b, let size):
             offset = 0
             let r = source.read(into: b, count: size)
-            if case .bytes(size) = r { bulk = true }
+            if case .bytes(let n) = r {
+                if n == size { bulk = true } else if shortReadDrains { source.readReady = false }
+            }
             return r
         }
     }

@@ -13,6 +13,12 @@ import Transfer
 final class ForwardWorker: ServiceShare {
     let loop: EventLoop
     private unowned let forwarder: TCPForwarder
+    // The forwarder's immutable parts the connection path reads, held here: each read
+    // through the unowned reference above is a strong retain and release.
+    private let config: TCPForwardConfig
+    private let targets: TargetSet
+    private let webSocket: WebSocketLayers?
+    private let logger: Logger
     private let relays: RelaySet
     private let listeners: Listeners
     private var lastLimitLog: UInt64 = 0
@@ -22,8 +28,12 @@ final class ForwardWorker: ServiceShare {
     init(loop: EventLoop, forwarder: TCPForwarder) {
         self.loop = loop
         self.forwarder = forwarder
+        config = forwarder.config
+        targets = forwarder.targets
+        webSocket = forwarder.webSocket
+        logger = forwarder.logger
         relays = RelaySet(loop: loop, resources: LoopResources(), logger: forwarder.logger)
-        listeners = Listeners(loop: loop, logger: forwarder.logger)
+        listeners = Listeners(loop: loop, logger: logger)
         meters = LoopMeters(loop: loop)
         meter = meters.service(forwarder.serviceName, kind: "tcp")
         meter.watch(relays)
@@ -33,7 +43,7 @@ final class ForwardWorker: ServiceShare {
         do {
             try listeners.start(bound) { [unowned self] fd, peer in accepted(fd, peer: peer) }
         } catch {
-            forwarder.logger.error("cannot watch listener", metadata: ["listen": "\(bound.map { "\($0.address)" }.joined(separator: ","))", "error": "\(error)"])
+            logger.error("cannot watch listener", metadata: ["listen": "\(bound.map { "\($0.address)" }.joined(separator: ","))", "error": "\(error)"])
         }
     }
 
@@ -45,12 +55,12 @@ final class ForwardWorker: ServiceShare {
             meter.count(result: "refused")
             if loop.now &- lastLimitLog >= 1_000_000_000 {
                 lastLimitLog = loop.now
-                forwarder.logger.warning("connection refused: limit reached",
-                    metadata: ["peer": "\(peer.logDescription)", "max": .stringConvertible(forwarder.config.maxConnections), "reason": "limit"])
+                logger.warning("connection refused: limit reached",
+                    metadata: ["peer": "\(peer.logDescription)", "max": .stringConvertible(config.maxConnections), "reason": "limit"])
             }
             return
         }
-        if forwarder.config.acceptProxy { return readProxyHeader(fd, peer: peer) }
+        if config.acceptProxy { return readProxyHeader(fd, peer: peer) }
         admitted(fd, peer: peer, origin: nil)
     }
 
@@ -59,7 +69,7 @@ final class ForwardWorker: ServiceShare {
     /// connection before a target is dialled.
     private func readProxyHeader(_ fd: Int32, peer: SocketAddress?) {
         var pending: RelaySet.Pending?
-        let reader = ProxyHeaderReader(loop: loop, fd: fd, timeout: forwarder.config.proxyHeaderTimeout) { [unowned self] outcome in
+        let reader = ProxyHeaderReader(loop: loop, fd: fd, timeout: config.proxyHeaderTimeout) { [unowned self] outcome in
             if let pending { relays.remove(pending: pending) }
             switch outcome {
             case .success(let header):
@@ -70,7 +80,7 @@ final class ForwardWorker: ServiceShare {
                 guard error != .cancelled else { return meter.count(result: CloseReason.drainTimeout.label) }
                 meter.count(result: "refused")
                 guard forwarder.proxyRefusals.record(error.label) else { return }
-                forwarder.logger.warning("connection refused: bad PROXY header", metadata: [
+                logger.warning("connection refused: bad PROXY header", metadata: [
                     "peer": "\(peer.logDescription)", "reason": "\(error.label)", "error": "\(error)"])
             }
         }
@@ -81,8 +91,8 @@ final class ForwardWorker: ServiceShare {
     /// A client taken in (past the limit and any PROXY header); `origin` is the header it
     /// sent, nil without `--accept-proxy`.
     private func admitted(_ fd: Int32, peer: SocketAddress?, origin: ProxyHeader?) {
-        let outgoing = forwarder.config.sendProxy.map { ($0, origin ?? Self.origin(of: fd, peer: peer)) }
-        if let layers = forwarder.webSocket, layers.ingress != nil {
+        let outgoing = config.sendProxy.map { ($0, origin ?? Self.origin(of: fd, peer: peer)) }
+        if let layers = webSocket, layers.ingress != nil {
             return acceptUpgrade(fd, peer: peer, layers: layers, proxyHeader: outgoing)
         }
         dial(client: TCPStream(fd: fd, noDelay: false), peer: peer, proxyHeader: outgoing)
@@ -103,7 +113,7 @@ final class ForwardWorker: ServiceShare {
             channel = try layers.incomingChannel(fd, on: loop)
         } catch {
             forwarder.release()
-            forwarder.logger.warning("cannot set up connection", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
+            logger.warning("cannot set up connection", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
             return
         }
         let pending = relays.add { channel.fail(.closed) }
@@ -122,56 +132,61 @@ final class ForwardWorker: ServiceShare {
                     // Its answer is in flight: FIN, not a reset that could drop it.
                     channel.close()
                     guard forwarder.refusals.record("http_\(refusal.status)") else { return }
-                    forwarder.logger.warning("websocket upgrade refused", metadata: [
+                    logger.warning("websocket upgrade refused", metadata: [
                         "peer": "\(peer.logDescription)", "status": .stringConvertible(refusal.status), "reason": "\(refusal.reason)"])
                 } else {
                     channel.fail(error as? ChannelError ?? .closed)
                     guard forwarder.refusals.record("handshake_failed") else { return }
-                    forwarder.logger.warning("websocket handshake failed", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
+                    logger.warning("websocket handshake failed", metadata: ["peer": "\(peer.logDescription)", "error": "\(error)"])
                 }
             }
         }
     }
 
     private func dial(client: Duplex, peer: SocketAddress?, proxyHeader: (ProxyProtocolVersion, ProxyHeader)? = nil) {
-        let attempts = forwarder.targets.attempts(now: loop.now)
-        let acceptedAt = loop.now
-        var pending: RelaySet.Pending?
-        let connector = Connector(loop: loop, addresses: attempts.map(\.address), timeout: forwarder.config.connectTimeout,
-            onAttemptFailed: { [unowned self] index, error in
-                forwarder.targetFailed(attempts[index], error: error, now: loop.now)
+        let connection = ForwardedConnection(worker: self, client: client, peer: peer, plan: targets.plan(now: loop.now),
+                                             acceptedAt: loop.now, proxyHeader: proxyHeader)
+        let connector = Connector(loop: loop, addresses: connection.plan.addresses, timeout: config.connectTimeout,
+            onAttemptFailed: { [connection] index, error in
+                connection.worker.targetFailed(connection.plan.attempts[index], error: error)
             },
-            onDone: { [unowned self] _, outcome in
-                if let pending { relays.remove(pending: pending) }
-                connectFinished(client: client, peer: peer, attempts: attempts, acceptedAt: acceptedAt, outcome: outcome, proxyHeader: proxyHeader)
+            onDone: { [connection] connector, outcome in
+                connection.connectedQuietly = connector.connectedQuietly
+                connection.worker.connectFinished(connection, outcome: outcome)
             })
-        pending = relays.add(pending: connector.cancel)
+        connection.pending = relays.add(pending: connector.cancel)
         connector.start()
     }
 
-    private func connectFinished(client: Duplex, peer: SocketAddress?, attempts: [TargetSet.Attempt], acceptedAt: UInt64,
-                                 outcome: Connector.Outcome, proxyHeader: (ProxyProtocolVersion, ProxyHeader)?) {
+    private func targetFailed(_ attempt: TargetSet.Attempt, error: SystemError) {
+        forwarder.targetFailed(attempt, error: error, now: loop.now)
+    }
+
+    private func connectFinished(_ connection: ForwardedConnection, outcome: Connector.Outcome) {
+        if let pending = connection.pending { relays.remove(pending: pending) }
+        let client = connection.client, peer = connection.peer
         switch outcome {
         case .exhausted(let tried, _):
             client.close(reset: true)
             forwarder.release()
             meter.count(result: "connect-failed")
-            forwarder.logger.error("no target reachable", metadata: ["peer": "\(peer.logDescription)", "tried": .stringConvertible(tried), "reason": "connect-failed"])
+            logger.error("no target reachable", metadata: ["peer": "\(peer.logDescription)", "tried": .stringConvertible(tried), "reason": "connect-failed"])
         case .cancelled:
             client.close(reset: true)
             forwarder.release()
             meter.count(result: CloseReason.drainTimeout.label)
-            forwarder.logger.info("connection closed", metadata: ["peer": "\(peer.logDescription)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
+            logger.info("connection closed", metadata: ["peer": "\(peer.logDescription)", "up": .stringConvertible(0), "down": .stringConvertible(0), "reason": "\(CloseReason.drainTimeout.label)"])
         case .connected(let fd, let registration, let index):
-            let attempt = attempts[index]
-            meters.observeConnect(since: acceptedAt)
-            forwarder.targets.markUp(attempt.target)
-            if let layers = forwarder.webSocket, layers.egress != nil {
+            let attempt = connection.plan.attempts[index]
+            connection.target = attempt.address
+            meters.observeConnect(since: connection.acceptedAt)
+            targets.markUp(attempt.target)
+            if let layers = webSocket, layers.egress != nil {
                 // The upgrade runs on a channel of its own; the relay registers afresh.
                 if let registration { loop.deregister(fd: fd, registration: registration) }
-                return connectUpgrade(client: client, target: fd, address: attempt.address, peer: peer, layers: layers)
+                return connectUpgrade(connection, target: fd, layers: layers)
             }
-            if let (version, header) = proxyHeader {
+            if let (version, header) = connection.proxyHeader {
                 // Before the relay, so the header precedes every client byte; the relay
                 // still splices, the header being one small write of its own.
                 do {
@@ -182,23 +197,24 @@ final class ForwardWorker: ServiceShare {
                     client.close(reset: true)
                     forwarder.release()
                     meter.count(result: "connect-failed")
-                    forwarder.logger.error("cannot send PROXY header", metadata: ["peer": "\(peer.logDescription)", "target": "\(attempt.address)", "error": "\(error)"])
+                    logger.error("cannot send PROXY header", metadata: ["peer": "\(peer.logDescription)", "target": "\(attempt.address)", "error": "\(error)"])
                     return
                 }
             }
-            startRelay(client: client, target: TCPStream(fd: fd), address: attempt.address, registration: registration, peer: peer)
+            startRelay(connection, target: TCPStream(fd: fd), registration: registration)
         }
     }
 
     /// A `ws://`/`wss://` target: TLS and the upgrade on the new connection, then the relay.
-    private func connectUpgrade(client: Duplex, target fd: Int32, address: SocketAddress, peer: SocketAddress?, layers: WebSocketLayers) {
+    private func connectUpgrade(_ connection: ForwardedConnection, target fd: Int32, layers: WebSocketLayers) {
+        let client = connection.client, peer = connection.peer, address = connection.target
         let channel: AsyncDuplex
         do {
             channel = try layers.outgoingChannel(fd, on: loop)
         } catch {
             client.close(reset: true)
             forwarder.release()
-            forwarder.logger.warning("cannot set up connection", metadata: ["target": "\(address)", "error": "\(error)"])
+            logger.warning("cannot set up connection", metadata: ["target": "\(address.logDescription)", "error": "\(error)"])
             return
         }
         let pending = relays.add { channel.fail(.closed) }
@@ -210,34 +226,40 @@ final class ForwardWorker: ServiceShare {
             }
             do {
                 let stream = try await layers.connectUpgrade(on: channel)
-                startRelay(client: client, target: stream, address: address, registration: nil, peer: peer)
+                startRelay(connection, target: stream, registration: nil)
             } catch {
                 channel.fail(error as? ChannelError ?? .closed)
                 client.close(reset: true)
                 forwarder.release()
                 guard forwarder.refusals.record("upgrade_failed") else { return }
-                forwarder.logger.error("websocket upgrade failed", metadata: [
-                    "peer": "\(peer.logDescription)", "target": "\(layers.egress.map { "\($0.url)" } ?? "\(address)")", "error": "\(error)"])
+                logger.error("websocket upgrade failed", metadata: [
+                    "peer": "\(peer.logDescription)", "target": "\(layers.egress.map { "\($0.url)" } ?? address.logDescription)", "error": "\(error)"])
             }
         }
     }
 
-    private func startRelay(client: Duplex, target: Duplex, address: SocketAddress, registration: Registration?, peer: SocketAddress?) {
-        let relay = relays.start(a: client, b: target, preferSplice: forwarder.config.splice, idleTimeout: forwarder.config.idleTimeout,
-                                 adopting: registration, peer: peer.logDescription) { [unowned self] relay, reason in
-            forwarder.release()
-            forwarder.logClose(peer: peer, target: address, relay: relay, reason: reason)
+    private func startRelay(_ connection: ForwardedConnection, target: Duplex, registration: Registration?) {
+        let client = connection.client
+        let relay = relays.start(a: client, b: target, preferSplice: config.splice, idleTimeout: config.idleTimeout,
+                                 adopting: registration, adoptedQuiet: connection.connectedQuietly,
+                                 peer: connection.peer.logDescription) { [connection] relay, reason in
+            connection.worker.relayEnded(connection, relay: relay, reason: reason)
         }
         guard let relay else { return forwarder.release() }
         // Plain TCP on both ends (the common case) skips the WebSocket checks: they copy
         // the settings and cast each end, work a connection should not pay for unused.
-        guard forwarder.webSocket != nil else { return }
-        let pings = [(client, forwarder.config.ingress?.settings.pingInterval), (target, forwarder.config.egress?.settings.pingInterval)]
+        guard webSocket != nil else { return }
+        let pings = [(client, config.ingress?.settings.pingInterval), (target, config.egress?.settings.pingInterval)]
         for case let (ws as WebSocketStream, interval?) in pings {
             ws.startKeepalive(on: loop, interval: interval) { [weak relay] in
                 relay?.abort(.reset(SystemError("websocket: no pong within \(DurationSpec.format(interval))", errno: ETIMEDOUT)))
             }
         }
+    }
+
+    private func relayEnded(_ connection: ForwardedConnection, relay: CopyBidirectional, reason: CloseReason) {
+        forwarder.release()
+        logger.connectionClosed(peer: connection.peer.logDescription, "target", connection.target.logDescription, relay: relay, reason: reason)
     }
 
     /// Stops accepting; `onIdle` runs (on this loop) once the last connection has ended.
@@ -249,5 +271,34 @@ final class ForwardWorker: ServiceShare {
     /// Ends every connection now (drain deadline passed).
     func abortAll(_ reason: CloseReason) {
         relays.abortAll(reason)
+    }
+}
+
+/// One client from its dial to the end of its relay: everything the connect callbacks
+/// and the close line need, in the one object those closures capture (a closure that
+/// captures a single object needs no context of its own, and the pending token needs
+/// no box). It holds its worker strongly; the worker's relay set drops it when the
+/// dial or the relay ends, on every path.
+private final class ForwardedConnection {
+    let worker: ForwardWorker
+    let client: Duplex
+    let peer: SocketAddress?
+    let plan: TargetSet.Plan
+    let acceptedAt: UInt64
+    let proxyHeader: (ProxyProtocolVersion, ProxyHeader)?
+    var pending: RelaySet.Pending?
+    /// The address that answered; nil until then.
+    var target: SocketAddress?
+    /// `Connector.connectedQuietly` of the dial, for the relay that adopts its registration.
+    var connectedQuietly = false
+
+    init(worker: ForwardWorker, client: Duplex, peer: SocketAddress?, plan: TargetSet.Plan, acceptedAt: UInt64,
+         proxyHeader: (ProxyProtocolVersion, ProxyHeader)?) {
+        self.worker = worker
+        self.client = client
+        self.peer = peer
+        self.plan = plan
+        self.acceptedAt = acceptedAt
+        self.proxyHeader = proxyHeader
     }
 }

@@ -101,8 +101,4 @@ public final class TCPForwarder: DrainableService, MetricsSource, @unchecked Sen
             "backoff": .seconds(.nanoseconds(Int64(backoff))),
         ])
     }
-
-    func logClose(peer: SocketAddress?, target: SocketAddress, relay: CopyBidirectional, reason: CloseReason) {
-        logger.connectionClosed(peer: peer.logDescription, "target", "\(target)", relay: relay, reason: reason)
-    }
 }

@@ -24,9 +24,21 @@ public final class TargetSet: Sendable {
     }
 
     /// One address to try, with the target it belongs to.
-    public struct Attempt {
+    public struct Attempt: Sendable {
         public let target: Int
         public let address: SocketAddress
+    }
+
+    /// The addresses one new connection tries, best first: `addresses[i]` is
+    /// `attempts[i].address`, the list a `Connector` takes.
+    public struct Plan: Sendable {
+        public let attempts: [Attempt]
+        public let addresses: [SocketAddress]
+
+        init(_ attempts: [Attempt]) {
+            self.attempts = attempts
+            addresses = attempts.map(\.address)
+        }
     }
 
     private final class Health: Sendable {
@@ -38,6 +50,11 @@ public final class TargetSet: Sendable {
     public let strategy: BalanceStrategy
     private let health: [Health]
     private let cursor = Atomic<Int>(0)
+    /// The plan for each first target while every target is up (the usual case), built
+    /// once so that a connection does not build two arrays; empty for target lists too
+    /// long to keep every rotation of.
+    private let healthyPlans: [Plan]
+    static let maxPrecomputedAttempts = 1024
     static let baseBackoff: UInt64 = 1_000_000_000
     static let maxBackoff: UInt64 = 60_000_000_000
 
@@ -46,16 +63,25 @@ public final class TargetSet: Sendable {
         self.targets = targets
         self.strategy = strategy
         health = targets.map { _ in Health() }
+        let addressCount = targets.reduce(0) { $0 + $1.addresses.count }
+        healthyPlans = targets.count * addressCount > Self.maxPrecomputedAttempts ? []
+            : (0..<targets.count).map { start in Plan(Self.rotation(of: targets, from: start)) }
     }
 
     /// The addresses to try for one new connection, best first.
-    public func attempts(now: UInt64) -> [Attempt] {
+    public func attempts(now: UInt64) -> [Attempt] { plan(now: now).attempts }
+
+    /// `attempts(now:)` with the addresses alongside.
+    public func plan(now: UInt64) -> Plan {
         let n = targets.count
         let start: Int
         switch strategy {
         case .first: start = 0
         case .roundRobin: start = cursor.wrappingAdd(1, ordering: .relaxed).oldValue % n
         case .random: start = Int.random(in: 0..<n)
+        }
+        if !healthyPlans.isEmpty && !health.contains(where: { $0.downUntil.load(ordering: .relaxed) > now }) {
+            return healthyPlans[start]
         }
         var up: [Attempt] = []
         var down: [Attempt] = []
@@ -67,7 +93,15 @@ public final class TargetSet: Sendable {
                 else { up.append(Attempt(target: i, address: address)) }
             }
         }
-        return up + down
+        return Plan(up + down)
+    }
+
+    /// Every address, targets taken in order from `start`.
+    private static func rotation(of targets: [Target], from start: Int) -> [Attempt] {
+        (0..<targets.count).flatMap { k in
+            let i = (start + k) % targets.count
+            return targets[i].addresses.map { Attempt(target: i, address: $0) }
+        }
     }
 
     /// Records a failed connect; returns the backoff the target is now down for.

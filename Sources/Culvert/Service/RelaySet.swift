@@ -19,15 +19,30 @@ enum RelayEvent {
 final class RelaySet {
     /// One unit of pending work; `remove(pending:)` with it once it ended.
     struct Pending: Hashable {
-        fileprivate let raw: Int
+        fileprivate let slot: Int
+        fileprivate let generation: UInt64
+    }
+
+    /// A pending unit's cancel action. A struct so that a table of them stores each
+    /// closure as it is; a table of bare closures wraps every one it takes in a thunk
+    /// (an allocation per connection).
+    private struct PendingWork {
+        var generation: UInt64 = 0
+        var cancel: (() -> Void)?
     }
 
     let loop: EventLoop
     let resources: LoopResources
     private let logger: Logger
-    private var relays: [ObjectIdentifier: CopyBidirectional] = [:]
-    private var pending: [Pending: () -> Void] = [:]
-    private var nextPending = 0
+    // Slot tables with free lists rather than dictionaries: a relay or pending unit
+    // comes and goes with every connection, and a slot costs no hashing.
+    private var relays: [CopyBidirectional?] = []
+    private var freeRelaySlots: [Int] = []
+    /// Relays running now.
+    private(set) var count = 0
+    private var pending: [PendingWork] = []
+    private var freePendingSlots: [Int] = []
+    private var pendingCount = 0
     private var idleWaiters: [() -> Void] = []
     /// Sees every relay start and end (after the relay's own `onClose`).
     var observer: ((RelayEvent) -> Void)?
@@ -38,39 +53,43 @@ final class RelaySet {
         self.logger = logger
     }
 
-    /// Relays running now.
-    var count: Int { relays.count }
     /// Relays plus pending work.
-    var load: Int { relays.count + pending.count }
-    var isIdle: Bool { relays.isEmpty && pending.isEmpty }
+    var load: Int { count + pendingCount }
+    var isIdle: Bool { count == 0 && pendingCount == 0 }
 
     /// Bytes moved so far by the relays running now: a scrape adds them to what ended
     /// relays moved, so long connections show up before they end.
     var bytesInFlight: (up: UInt64, down: UInt64) {
-        relays.values.reduce((0, 0)) { ($0.0 + $1.bytesAToB, $0.1 + $1.bytesBToA) }
+        relays.reduce((0, 0)) { sum, relay in
+            guard let relay else { return sum }
+            return (sum.0 + relay.bytesAToB, sum.1 + relay.bytesBToA)
+        }
     }
 
     /// Starts relaying between `a` and `b`. `onClose` runs once the relay has ended and
     /// left the set (log its close line there). When the relay cannot start, both ends
-    /// are closed, a warning names `peer`, and the result is nil.
+    /// are closed, a warning names `peer`, and the result is nil. `registration` and
+    /// `adoptedQuiet` are `CopyBidirectional.start`'s.
     @discardableResult
     func start(a: Duplex, b: Duplex, preferSplice: Bool = true, idleTimeout: Duration? = nil,
-               adopting registration: Registration? = nil, peer: @autoclosure () -> String,
+               adopting registration: Registration? = nil, adoptedQuiet: Bool = false, peer: @autoclosure () -> String,
                onClose: @escaping (CopyBidirectional, CloseReason) -> Void) -> CopyBidirectional? {
         loop.assertInLoop()
+        let slot = freeRelaySlots.popLast() ?? relays.count
         let relay = CopyBidirectional(loop: loop, resources: resources, a: a, b: b, preferSplice: preferSplice,
                                       idleTimeout: idleTimeout) { [unowned self] relay, reason in
-            relays[ObjectIdentifier(relay)] = nil
+            removeRelay(at: slot)
             onClose(relay, reason)
             observer?(.ended(relay, reason))
             checkIdle()
         }
-        relays[ObjectIdentifier(relay)] = relay
+        if slot == relays.count { relays.append(relay) } else { relays[slot] = relay }
+        count += 1
         do {
-            try relay.start(adopting: registration)
+            try relay.start(adopting: registration, adoptedQuiet: adoptedQuiet)
         } catch {
             // start() closed both ends; onClose is not called for a relay that never ran.
-            relays[ObjectIdentifier(relay)] = nil
+            removeRelay(at: slot)
             logger.warning("cannot start relay", metadata: ["peer": "\(peer())", "error": "\(error)"])
             checkIdle()
             return nil
@@ -79,18 +98,31 @@ final class RelaySet {
         return relay
     }
 
+    private func removeRelay(at slot: Int) {
+        relays[slot] = nil
+        freeRelaySlots.append(slot)
+        count -= 1
+    }
+
     /// Counts work that will become a relay (or fail); `cancel` ends it at a drain deadline.
     func add(pending cancel: @escaping () -> Void = {}) -> Pending {
         loop.assertInLoop()
-        nextPending += 1
-        let token = Pending(raw: nextPending)
-        pending[token] = cancel
-        return token
+        let slot = freePendingSlots.popLast() ?? pending.count
+        if slot == pending.count { pending.append(PendingWork()) }
+        pending[slot].cancel = cancel
+        pendingCount += 1
+        return Pending(slot: slot, generation: pending[slot].generation)
     }
 
     func remove(pending token: Pending) {
         loop.assertInLoop()
-        guard pending.removeValue(forKey: token) != nil else { return }
+        guard token.slot < pending.count, pending[token.slot].generation == token.generation,
+              pending[token.slot].cancel != nil else { return }
+        // A new generation makes a second remove with the same token a no-op.
+        pending[token.slot].generation &+= 1
+        pending[token.slot].cancel = nil
+        freePendingSlots.append(token.slot)
+        pendingCount -= 1
         checkIdle()
     }
 
@@ -104,8 +136,8 @@ final class RelaySet {
     /// Cancels pending work and resets every running relay.
     func abortAll(_ reason: CloseReason) {
         loop.assertInLoop()
-        for cancel in Array(pending.values) { cancel() }
-        for relay in Array(relays.values) { relay.abort(reason) }
+        for cancel in pending.compactMap(\.cancel) { cancel() }
+        for relay in relays.compactMap({ $0 }) { relay.abort(reason) }
     }
 
     private func checkIdle() {
