@@ -55,6 +55,7 @@ public final class EventLoop: @unchecked Sendable {
     private var tags: [UInt8] = []
     private var freeSlots: [UInt32] = []
     private let timers = TimerHeap()
+    private var deadlineQueues: [DeadlineQueue] = []
     private var deferred: [() -> Void] = []
     private let inbox = Mutex<[() -> Void]>([])
     private let stopRequested = Atomic<Bool>(false)
@@ -132,7 +133,9 @@ public final class EventLoop: @unchecked Sendable {
     /// Live registrations, for tests and leak checks.
     public var registrationCount: Int { handlers.count - freeSlots.count }
     /// Pending timers, for tests and leak checks.
-    public var timerCount: Int { timers.count }
+    public var timerCount: Int {
+        deadlineQueues.reduce(timers.count) { $0 + $1.waiting - ($1.isArmed ? 1 : 0) }
+    }
 
     // MARK: registrations
 
@@ -218,6 +221,28 @@ public final class EventLoop: @unchecked Sendable {
         let timer = LoopTimer(deadline: MonotonicClock.now() &+ delay.nanoseconds, action: action)
         timers.insert(timer)
         return timer
+    }
+
+    /// Runs `action` on this loop after `delay`, like `schedule(after:)`, for a delay that
+    /// many timers share (a service's connect timeout): they wait in a `DeadlineQueue`,
+    /// so starting and cancelling one touches no heap and allocates nothing. Cancel with
+    /// `cancel(_:)`. Loop thread only.
+    public func scheduleQueued(after delay: Duration, _ action: @escaping () -> Void) -> QueuedTimer {
+        assertInLoop()
+        let queue = deadlineQueues.first { $0.delay == delay } ?? addDeadlineQueue(delay)
+        return queue.add(now: now, action)
+    }
+
+    /// Stops a timer of `scheduleQueued`; a no-op once it fired or was cancelled.
+    public func cancel(_ timer: QueuedTimer) {
+        assertInLoop()
+        deadlineQueues[timer.queue].cancel(timer)
+    }
+
+    private func addDeadlineQueue(_ delay: Duration) -> DeadlineQueue {
+        let queue = DeadlineQueue(delay: delay, index: deadlineQueues.count, heap: timers)
+        deadlineQueues.append(queue)
+        return queue
     }
 
     /// Moves a pending timer to `delay` from now (or schedules it again if it fired).
