@@ -282,9 +282,15 @@ public final class EventLoop: @unchecked Sendable {
     // MARK: running
 
     /// Runs the loop on the calling thread until `stop()`.
+    ///
+    /// One clock reading per iteration, right after `epoll_wait`, serves the whole
+    /// iteration: the due timers and the next wait's timeout are measured from it. A
+    /// timer then fires no earlier than its deadline and at most one iteration's work
+    /// later, which is within the millisecond the timeout is rounded up to anyway.
     public func run() {
         owner.store(UInt(pthread_self()), ordering: .releasing)
         defer { owner.store(0, ordering: .releasing) }
+        now = MonotonicClock.now()
         while !stopRequested.load(ordering: .acquiring) {
             let timeout = nextTimeoutMillis()
             let n = epoll_wait(epollFD, events, maxEvents, timeout)
@@ -293,12 +299,16 @@ public final class EventLoop: @unchecked Sendable {
                 if errno == EINTR { continue }
                 fatalError("epoll_wait: \(SystemError("epoll_wait", errno: errno))")
             }
+            // `execute` wakes the loop whenever it fills an empty inbox, so an iteration
+            // without a wake-up has nothing there: no lock to take.
+            var woken = false
             for i in 0..<Int(n) {
                 let ev = events[i]
                 let token = ev.data.u64
                 if token == EventLoop.wakeToken {
                     var value: UInt64 = 0
                     _ = read(wakeFD, &value, 8)
+                    woken = true
                     continue
                 }
                 let slot = Int(token & 0xffff_ffff)
@@ -307,7 +317,7 @@ public final class EventLoop: @unchecked Sendable {
                 handler.handleEvents(ev.events, tag: tags[slot])
             }
             runDueTimers()
-            runInbox()
+            if woken { runInbox() }
             runDeferred()
         }
     }
@@ -315,15 +325,13 @@ public final class EventLoop: @unchecked Sendable {
     private func nextTimeoutMillis() -> Int32 {
         if !deferred.isEmpty { return 0 }
         guard let first = timers.earliest else { return -1 }
-        let current = MonotonicClock.now()
-        if first.deadline <= current { return 0 }
-        let ms = (first.deadline - current + 999_999) / 1_000_000
+        if first.deadline <= now { return 0 }
+        let ms = (first.deadline - now + 999_999) / 1_000_000
         return Int32(min(ms, UInt64(Int32.max)))
     }
 
     private func runDueTimers() {
-        let current = MonotonicClock.now()
-        while let timer = timers.popDue(now: current) {
+        while let timer = timers.popDue(now: now) {
             timer.action?()
             // Release what the closure holds unless it rescheduled its own timer.
             if !timer.isPending { timer.action = nil }
@@ -342,6 +350,7 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     private func runDeferred() {
+        if deferred.isEmpty { return }
         // Tasks deferred while running these run in the next iteration, after new events.
         let batch = deferred
         deferred = []
