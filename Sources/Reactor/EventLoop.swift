@@ -55,6 +55,7 @@ public final class EventLoop: @unchecked Sendable {
     private var tags: [UInt8] = []
     private var freeSlots: [UInt32] = []
     private let timers = TimerHeap()
+    private var deadlineQueues: [DeadlineQueue] = []
     private var deferred: [() -> Void] = []
     private let inbox = Mutex<[() -> Void]>([])
     private let stopRequested = Atomic<Bool>(false)
@@ -132,7 +133,9 @@ public final class EventLoop: @unchecked Sendable {
     /// Live registrations, for tests and leak checks.
     public var registrationCount: Int { handlers.count - freeSlots.count }
     /// Pending timers, for tests and leak checks.
-    public var timerCount: Int { timers.count }
+    public var timerCount: Int {
+        deadlineQueues.reduce(timers.count) { $0 + $1.waiting - ($1.isArmed ? 1 : 0) }
+    }
 
     // MARK: registrations
 
@@ -220,6 +223,28 @@ public final class EventLoop: @unchecked Sendable {
         return timer
     }
 
+    /// Runs `action` on this loop after `delay`, like `schedule(after:)`, for a delay that
+    /// many timers share (a service's connect timeout): they wait in a `DeadlineQueue`,
+    /// so starting and cancelling one touches no heap and allocates nothing. Cancel with
+    /// `cancel(_:)`. Loop thread only.
+    public func scheduleQueued(after delay: Duration, _ action: @escaping () -> Void) -> QueuedTimer {
+        assertInLoop()
+        let queue = deadlineQueues.first { $0.delay == delay } ?? addDeadlineQueue(delay)
+        return queue.add(now: now, action)
+    }
+
+    /// Stops a timer of `scheduleQueued`; a no-op once it fired or was cancelled.
+    public func cancel(_ timer: QueuedTimer) {
+        assertInLoop()
+        deadlineQueues[timer.queue].cancel(timer)
+    }
+
+    private func addDeadlineQueue(_ delay: Duration) -> DeadlineQueue {
+        let queue = DeadlineQueue(delay: delay, index: deadlineQueues.count, heap: timers)
+        deadlineQueues.append(queue)
+        return queue
+    }
+
     /// Moves a pending timer to `delay` from now (or schedules it again if it fired).
     public func reschedule(_ timer: LoopTimer, after delay: Duration) {
         assertInLoop()
@@ -257,9 +282,15 @@ public final class EventLoop: @unchecked Sendable {
     // MARK: running
 
     /// Runs the loop on the calling thread until `stop()`.
+    ///
+    /// One clock reading per iteration, right after `epoll_wait`, serves the whole
+    /// iteration: the due timers and the next wait's timeout are measured from it. A
+    /// timer then fires no earlier than its deadline and at most one iteration's work
+    /// later, which is within the millisecond the timeout is rounded up to anyway.
     public func run() {
         owner.store(UInt(pthread_self()), ordering: .releasing)
         defer { owner.store(0, ordering: .releasing) }
+        now = MonotonicClock.now()
         while !stopRequested.load(ordering: .acquiring) {
             let timeout = nextTimeoutMillis()
             let n = epoll_wait(epollFD, events, maxEvents, timeout)
@@ -268,12 +299,16 @@ public final class EventLoop: @unchecked Sendable {
                 if errno == EINTR { continue }
                 fatalError("epoll_wait: \(SystemError("epoll_wait", errno: errno))")
             }
+            // `execute` wakes the loop whenever it fills an empty inbox, so an iteration
+            // without a wake-up has nothing there: no lock to take.
+            var woken = false
             for i in 0..<Int(n) {
                 let ev = events[i]
                 let token = ev.data.u64
                 if token == EventLoop.wakeToken {
                     var value: UInt64 = 0
                     _ = read(wakeFD, &value, 8)
+                    woken = true
                     continue
                 }
                 let slot = Int(token & 0xffff_ffff)
@@ -282,7 +317,7 @@ public final class EventLoop: @unchecked Sendable {
                 handler.handleEvents(ev.events, tag: tags[slot])
             }
             runDueTimers()
-            runInbox()
+            if woken { runInbox() }
             runDeferred()
         }
     }
@@ -290,15 +325,13 @@ public final class EventLoop: @unchecked Sendable {
     private func nextTimeoutMillis() -> Int32 {
         if !deferred.isEmpty { return 0 }
         guard let first = timers.earliest else { return -1 }
-        let current = MonotonicClock.now()
-        if first.deadline <= current { return 0 }
-        let ms = (first.deadline - current + 999_999) / 1_000_000
+        if first.deadline <= now { return 0 }
+        let ms = (first.deadline - now + 999_999) / 1_000_000
         return Int32(min(ms, UInt64(Int32.max)))
     }
 
     private func runDueTimers() {
-        let current = MonotonicClock.now()
-        while let timer = timers.popDue(now: current) {
+        while let timer = timers.popDue(now: now) {
             timer.action?()
             // Release what the closure holds unless it rescheduled its own timer.
             if !timer.isPending { timer.action = nil }
@@ -317,6 +350,7 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     private func runDeferred() {
+        if deferred.isEmpty { return }
         // Tasks deferred while running these run in the next iteration, after new events.
         let batch = deferred
         deferred = []

@@ -27,7 +27,7 @@ public final class Connector: EventHandler {
     private enum State {
         case idle
         /// Waiting for the socket of `addresses[index]` to become writable.
-        case connecting(fd: Int32, registration: Registration, timer: LoopTimer, index: Int)
+        case connecting(fd: Int32, registration: Registration, timer: QueuedTimer, index: Int)
         case finished
     }
 
@@ -88,7 +88,8 @@ public final class Connector: EventHandler {
                 }
                 // Strong: the one capture is then the closure's context (no allocation),
                 // and every path out of `.connecting` cancels the timer, dropping it.
-                let timer = loop.schedule(after: timeout) { [self] in
+                // Queued: every attempt of a loop waits the same timeout.
+                let timer = loop.scheduleQueued(after: timeout) { [self] in
                     attemptFailed(SystemError("connect", errno: ETIMEDOUT))
                 }
                 state = .connecting(fd: fd, registration: registration, timer: timer, index: index)
@@ -107,7 +108,7 @@ public final class Connector: EventHandler {
         let failed = events & (EventBits.error | EventBits.hangup) != 0
         let err = failed ? Net.pendingError(fd) : (events & EventBits.writable != 0 ? 0 : EINPROGRESS)
         if err == 0 {
-            timer.cancel()
+            loop.cancel(timer)
             state = .idle
             connectedQuietly = events & (EventBits.readable | EventBits.readHangup) == 0
             finish(.connected(fd: fd, registration: registration, index: index))
@@ -128,7 +129,7 @@ public final class Connector: EventHandler {
     private func releaseAttempt() {
         guard case .connecting(let fd, let registration, let timer, _) = state else { return }
         state = .idle
-        timer.cancel()
+        loop.cancel(timer)
         loop.forget(registration: registration)
         Posix.close(fd)
     }
