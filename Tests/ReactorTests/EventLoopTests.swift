@@ -112,6 +112,31 @@ final class EventLoopTests: XCTestCase {
         XCTAssertFalse(loop.inEventLoop)
     }
 
+    /// The loop takes its inbox only in an iteration that saw the wake-up, so every task
+    /// must bring one: a task sent to a loop that sleeps, and a chain of tasks each
+    /// executed from the one before on the loop thread, all run without a stall.
+    func testEveryTaskWakesTheLoopWhetherSentFromOutsideOrFromTheLoop() throws {
+        let runner = try LoopRunner()
+        defer { runner.stop() }
+        let loop = runner.loop
+        let ran = DispatchSemaphore(value: 0)
+        for _ in 0..<3_000 {
+            loop.execute { ran.signal() }
+            XCTAssertEqual(ran.wait(timeout: .now() + 5), .success, "a task sent to a sleeping loop did not run")
+        }
+        let chainDone = expectation(description: "chain of loop-executed tasks finished")
+        let left = Mutex<Int>(3_000)
+        @Sendable func step() {
+            let more = left.withLock { n -> Bool in
+                n -= 1
+                return n > 0
+            }
+            if more { loop.execute(step) } else { chainDone.fulfill() }
+        }
+        loop.execute(step)
+        wait(for: [chainDone], timeout: 10)
+    }
+
     func testAsyncCodeRunsOnTheLoopAsItsExecutor() throws {
         let runner = try LoopRunner()
         defer { runner.stop() }
