@@ -409,7 +409,7 @@ def test_sd_notify_ready_watchdog_stopping(culvert_path, servers, procs, tmp_pat
         before_ready = notify.expect("READY=1")
         assert before_ready == ["READY=1"]
         # READY=1 follows the ready line's write; the test's reader of stdout may lag it.
-        poll(lambda: fwd.stdout_lines, 2, "the ready line")
+        poll(lambda: fwd.stdout_lines, 5, "the ready line")
         assert TCP_RE.match(fwd.stdout_lines[0])
         notify.expect("WATCHDOG=1")
         notify.expect("WATCHDOG=1", timeout=1)

@@ -233,7 +233,7 @@ def test_carrier_cut_in_its_handshake(rig, mode):
     cut = poll(lambda: link.fault_at, 5, "the cut of the new carrier", step=0.01)
     victim = Transfer(r.addr, 256 * 1024)
     outcome = served_or_closed(victim, cut + deadline, "carrier")
-    r.srv.wait_stderr(r"multiplexed data channel lost", timeout=1)
+    r.srv.wait_stderr(r"multiplexed data channel lost", timeout=5)
     took = r.assert_recovered(cut + deadline, "the carrier cut in its hello")
     print(f"{mode}: visitor after the cut: {outcome}; next visitor served {took:.2f}s after the fault ended")
 

@@ -745,7 +745,7 @@ def test_failover_first_balance(start_udp, udp_servers):
     with udp_client(addr) as s:
         me = local_addr(s)
         got = None
-        for _ in range(10):  # bounded: 10 tries, 0.2 s apart
+        for _ in range(25):  # bounded: 25 tries, 0.2 s apart (a loaded machine may lag)
             s.sendto(b"query", addr)
             s.settimeout(0.2)
             try:
@@ -753,7 +753,7 @@ def test_failover_first_balance(start_udp, udp_servers):
                 break
             except socket.timeout:
                 continue
-        assert got == b"live:query", f"no answer from the live target after 10 tries\n{c.describe()}"
+        assert got == b"live:query", f"no answer from the live target after 25 tries\n{c.describe()}"
     recs = c.wait_record("target unreachable", level="warning", target=dead, peer=me, timeout=2)
     assert "ECONNREFUSED" in recs[0].get("error", ""), recs
     c.wait_record("session closed", peer=me, target=dead, reason="target-error", timeout=2)

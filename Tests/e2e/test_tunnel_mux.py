@@ -319,7 +319,9 @@ def test_sigterm_lets_running_mux_streams_finish(kit, who):
 
     t = threading.Thread(target=download, daemon=True)
     t.start()
-    poll(lambda: slow.finished == 0 and len(connections_to(srv.server_addr[1])) == 2, 5, "the download to start")
+    # the local service has the download's connection: the stream is relayed end to end
+    poll(lambda: slow.accepted == 1 and slow.finished == 0 and len(connections_to(srv.server_addr[1])) == 2, 5,
+         "the download to start")
     time.sleep(0.3)
     end = cli if who == "client" else srv
     end.send_signal(signal.SIGTERM)

@@ -93,10 +93,12 @@ def tcp_echo_exchange(addr: tuple[str, int], data: bytes, timeout: float = 60.0)
 # -- raw WebSocket client (for what libraries will not send) ----------------
 
 
-def closed_without_data(s: socket.socket) -> bool:
-    """The bridge closed a connection whose upgrade failed: no byte, then FIN or RST."""
+def closed_without_data(addr: tuple[str, int]) -> bool:
+    """The bridge closed a visitor to `addr` whose upgrade failed: no byte, then FIN or
+    RST. The reset may come before connect() returns: the refusal can beat it back."""
     try:
-        return recv_all(s) == b""
+        with socket.create_connection(addr, timeout=10) as s:
+            return recv_all(s) == b""
     except ConnectionResetError:
         return True
 
@@ -263,8 +265,7 @@ def test_forward_tcp_names_the_cause_when_the_server_does_not_upgrade(bridge, se
     http = PlainHTTP()
     servers(http)
     b = bridge("tcp", "127.0.0.1:0", f"ws://127.0.0.1:{http.port}/")
-    with socket.create_connection(b.addr, timeout=10) as s:
-        assert closed_without_data(s)
+    assert closed_without_data(b.addr)
     poll(lambda: "websocket upgrade failed" in b.stderr_text(), 5, "the upgrade error")
     assert "the reverse proxy did not pass the WebSocket upgrade; it needs HTTP/1.1 and the Upgrade/Connection headers" in b.stderr_text()
 
@@ -309,8 +310,7 @@ def test_wss_with_a_ca_file_and_without_a_trusted_ca(bridge, servers, tmp_path):
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
 
     system = bridge("tcp", "127.0.0.1:0", f"wss://localhost:{port}/")
-    with socket.create_connection(system.addr, timeout=10) as s:
-        assert closed_without_data(s)
+    assert closed_without_data(system.addr)
     poll(lambda: "websocket upgrade failed" in system.stderr_text(), 5, "the certificate error")
     assert "certificate" in system.stderr_text() and "--ca FILE" in system.stderr_text()
 

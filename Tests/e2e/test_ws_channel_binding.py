@@ -23,7 +23,7 @@ import time
 import pytest
 
 from conftest import MiB
-from tunnel_support import TunnelKit, assert_echoed, free_port, run_cli
+from tunnel_support import TunnelKit, assert_echoed, run_cli
 from ws_support import read_head, ws_client
 
 CONNECTED = r"connected to server .*inner=(\w+)"
@@ -216,7 +216,7 @@ class ForgingEdge:
     def __init__(self, certs):
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(certs.cert, certs.key)
-        self.sock = socket.create_server(("127.0.0.1", free_port()))
+        self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.requests: list[bytes] = []
         self.stop = False
