@@ -205,6 +205,12 @@ final class ServerSession {
     /// A data channel for this session, from whichever loop accepted it.
     func dataChannelArrived(_ arrival: DataChannelArrival) {
         loop.assertInLoop()
+        if ended && context.directory.hasDeparted(id) {
+            // Opened by the client just before its goodbye, and routed here while this
+            // session was still listed: not a fault, as on the accepting loop.
+            logger.info("data channel of a client that left, closed", metadata: ["peer": "\(arrival.peer)"])
+            return arrival.stream.close(reset: false)
+        }
         guard !ended, channels.accept(nonce: arrival.nonce, proof: arrival.proof) else {
             if context.refusals.record("data_rejected") {
                 logger.warning("data channel rejected: unknown session, used nonce or bad proof", metadata: ["peer": "\(arrival.peer)"])
