@@ -13,6 +13,7 @@ import os
 import re
 import select
 import socket
+import struct
 import threading
 import time
 
@@ -28,7 +29,7 @@ SERVED_AFTER_FAULT = 2.0  # a visitor is served this long after the lost request
 class FaultRelay:
     """A loopback TCP relay between a client and the server. The first connection (the
     control channel) and every one after the fault pass through; connections 1..count
-    meet the fault: `cut` accepts and closes them, `hold` accepts and leaves them unread
+    meet the fault: `cut` accepts and resets them, `hold` accepts and leaves them unread
     and unanswered until `release` forwards them (with what the client sent) late, and
     `hello-only` passes the client's first frame (its data-channel hello) to the server,
     then ends the connection (FIN to the server, close to the client): the server finds
@@ -60,6 +61,10 @@ class FaultRelay:
                 return
             if 1 <= index <= self.count:
                 if self.fault == "cut":
+                    # A reset, as a connection lost on the way ends: a plain close could
+                    # reach the client as a clean FIN before its hello went out, which
+                    # it cannot tell from the server letting a pooled channel go.
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     conn.close()
                 elif self.fault == "hello-only":
                     threading.Thread(target=self._hello_only, args=(conn,), daemon=True).start()
